@@ -1,0 +1,243 @@
+"""One interface for every chat backend: messages with text and images in, n completions out.
+
+Messages use the shape transformers chat templates and TRL use::
+
+    {"role": "user", "content": [{"type": "image", "image": <PIL.Image | bytes | path>},
+                                 {"type": "text", "text": "What is the total?"}]}
+
+``content`` may also be a plain string. Backends are registered by scheme and built from a
+spec string: ``openai:gpt-4o-mini``, ``local:/path/or/hub-id``.
+"""
+
+from __future__ import annotations
+
+import abc
+import base64
+import hashlib
+import io
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from tracetune.schema import Usage
+
+ChatMessage = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling parameters shared by every backend."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 512
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stop"] = list(self.stop)
+        return d
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclass
+class Generation:
+    """The result of one ``generate`` call: n completions and what they cost."""
+
+    completions: list[Completion]
+    usage: Usage = field(default_factory=Usage)
+    latency_s: float = 0.0
+    cached: bool = False
+
+    @property
+    def text(self) -> str:
+        return self.completions[0].text if self.completions else ""
+
+    @property
+    def texts(self) -> list[str]:
+        return [c.text for c in self.completions]
+
+
+class BackendError(RuntimeError):
+    """A backend failed for good (after retries), or was configured wrongly."""
+
+
+class ModelOptions(BaseModel):
+    """Options any backend may use; each ignores what does not apply to it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str | None = Field(
+        default=None, description="OpenAI-compatible endpoint; default $OPENAI_BASE_URL."
+    )
+    api_key_env: str = Field(
+        default="OPENAI_API_KEY", description="Environment variable holding the API key."
+    )
+    concurrency: int = Field(default=16, ge=1, description="Max requests in flight.")
+    max_retries: int = Field(default=6, ge=0, description="Retries on 429/5xx/timeouts.")
+    timeout_s: float = Field(default=120.0, gt=0, description="Per-request timeout.")
+    price_input_per_mtok: float | None = Field(
+        default=None, description="USD per million prompt tokens (overrides the built-in table)."
+    )
+    price_output_per_mtok: float | None = Field(
+        default=None, description="USD per million completion tokens."
+    )
+    adapter: str | None = Field(default=None, description="LoRA adapter directory (local:).")
+    device: str | None = Field(default=None, description="torch device for local: (auto).")
+    dtype: str = Field(default="auto", description="torch dtype for local: (auto/bf16/fp32).")
+    max_pixels: int | None = Field(
+        default=None, description="Cap on image pixels for local: processors (e.g. 1003520)."
+    )
+
+
+class ChatModel(abc.ABC):
+    """A chat backend. ``generate`` is async so many episodes can share one backend."""
+
+    spec: str = ""
+
+    def __init__(self) -> None:
+        self.cache: Any = None  # a tracetune.store.RunState, set by the runner
+
+    @abc.abstractmethod
+    async def generate(
+        self,
+        messages: list[ChatMessage],
+        *,
+        n: int = 1,
+        sampling: Sampling = Sampling(),
+        tools: list[dict[str, Any]] | None = None,
+    ) -> Generation:
+        """Return ``n`` completions of the conversation."""
+
+    async def aclose(self) -> None:
+        """Release connections, models or servers."""
+
+
+# -- helpers for messages ----------------------------------------------------------------
+def text_message(role: str, text: str, images: list[Any] | None = None) -> ChatMessage:
+    """A message with images first, then text (the order VLM chat templates expect)."""
+    if not images:
+        return {"role": role, "content": text}
+    parts: list[dict[str, Any]] = [{"type": "image", "image": img} for img in images]
+    parts.append({"type": "text", "text": text})
+    return {"role": role, "content": parts}
+
+
+def image_bytes(image: Any) -> bytes:
+    """PNG/JPEG bytes of an image given as PIL image, bytes, or a path."""
+    if isinstance(image, bytes):
+        return image
+    if isinstance(image, str | os.PathLike):
+        return Path(image).read_bytes()
+    if isinstance(image, Image.Image):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return buf.getvalue()
+    raise TypeError(f"unsupported image type {type(image).__name__}")
+
+
+def load_image(image: Any) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    with Image.open(io.BytesIO(image_bytes(image))) as img:
+        img.load()
+        return img.convert("RGB")
+
+
+def data_url(image: Any) -> str:
+    data = image_bytes(image)
+    mime = "image/jpeg" if data[:3] == b"\xff\xd8\xff" else "image/png"
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def message_images(messages: list[ChatMessage]) -> list[Any]:
+    return [
+        p["image"]
+        for m in messages
+        if isinstance(m.get("content"), list)
+        for p in m["content"]
+        if p.get("type") == "image"
+    ]
+
+
+def canonical_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages with images replaced by their SHA-256, for cache keys."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            content = [
+                {"type": "image", "sha256": hashlib.sha256(image_bytes(p["image"])).hexdigest()}
+                if p.get("type") == "image"
+                else p
+                for p in content
+            ]
+        out.append({**m, "content": content})
+    return out
+
+
+def cache_key(
+    model: str,
+    endpoint: str,
+    messages: list[ChatMessage],
+    n: int,
+    sampling: Sampling,
+    tools: list[dict[str, Any]] | None,
+) -> str:
+    """Key of a response in the cache: (model, endpoint, messages, sampling, tools)."""
+    payload = {
+        "model": model,
+        "endpoint": endpoint,
+        "messages": canonical_messages(messages),
+        "n": n,
+        "sampling": sampling.to_dict(),
+        "tools": tools,
+    }
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# -- registry of backends ------------------------------------------------------------------
+BackendFactory = Callable[[str, ModelOptions], ChatModel]
+_BACKENDS: dict[str, BackendFactory] = {}
+
+
+def register_backend(scheme: str) -> Callable[[BackendFactory], BackendFactory]:
+    def wrap(factory: BackendFactory) -> BackendFactory:
+        _BACKENDS[scheme] = factory
+        return factory
+
+    return wrap
+
+
+def load_model(spec: str, options: ModelOptions | None = None, **overrides: Any) -> ChatModel:
+    """Build a backend from ``scheme:name`` (``openai:gpt-4o-mini``, ``local:DIR``)."""
+    import tracetune.models.local  # noqa: F401  (registers 'local')
+    import tracetune.models.openai_backend  # noqa: F401  (registers 'openai')
+
+    if ":" not in spec:
+        raise BackendError(
+            f"model spec {spec!r} has no backend; write 'openai:{spec}' for an "
+            f"OpenAI-compatible endpoint or 'local:{spec}' for a transformers model"
+        )
+    scheme, name = spec.split(":", 1)
+    if scheme not in _BACKENDS:
+        raise BackendError(
+            f"unknown backend {scheme!r} in {spec!r}; known: {', '.join(sorted(_BACKENDS))}"
+        )
+    opts = (options or ModelOptions()).model_copy(update=overrides)
+    model = _BACKENDS[scheme](name, opts)
+    model.spec = spec
+    return model

@@ -1,0 +1,131 @@
+"""Content-addressed storage of images and files inside a dataset directory."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import mimetypes
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from pydantic import BaseModel
+
+from tracetune.schema import FileRef
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def guess_mime(name: str) -> str:
+    mime, _ = mimetypes.guess_type(name)
+    return mime or "application/octet-stream"
+
+
+class AssetStore:
+    """The ``assets/`` folder of a dataset: bytes stored once under their SHA-256."""
+
+    def __init__(self, dataset_root: str | os.PathLike[str]) -> None:
+        self.root = Path(dataset_root)
+
+    def path(self, ref: FileRef) -> Path:
+        """Local path of ``ref``'s bytes; raises if this dataset does not hold them."""
+        path = self.root / ref.asset_path
+        if not path.exists():
+            raise FileNotFoundError(
+                f"asset {ref.name!r} ({ref.sha256[:12]}) is missing from {self.root / 'assets'}; "
+                "was the dataset copied without its assets/ folder?"
+            )
+        return path
+
+    def has(self, ref: FileRef) -> bool:
+        return (self.root / ref.asset_path).exists()
+
+    def put_bytes(
+        self,
+        data: bytes,
+        name: str,
+        mime: str | None = None,
+        description: str | None = None,
+    ) -> FileRef:
+        mime = mime or guess_mime(name)
+        width = height = None
+        if mime.startswith("image/"):
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+        ref = FileRef(
+            sha256=sha256_bytes(data),
+            name=name,
+            mime=mime,
+            size=len(data),
+            width=width,
+            height=height,
+            description=description,
+        )
+        target = self.root / ref.asset_path
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        return ref
+
+    def put_file(
+        self, path: str | os.PathLike[str], name: str | None = None, description: str | None = None
+    ) -> FileRef:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such file: {path}")
+        return self.put_bytes(path.read_bytes(), name or path.name, description=description)
+
+    def put_image(
+        self, image: Image.Image, name: str, description: str | None = None
+    ) -> FileRef:
+        """Store a PIL image; PNG unless ``name`` ends in .jpg/.jpeg/.webp."""
+        fmt = {"jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}.get(
+            name.rsplit(".", 1)[-1].lower(), "PNG"
+        )
+        if fmt == "PNG" and not name.lower().endswith(".png"):
+            name = f"{name}.png"
+        buf = io.BytesIO()
+        img = image.convert("RGB") if fmt == "JPEG" and image.mode not in ("RGB", "L") else image
+        img.save(buf, format=fmt)
+        return self.put_bytes(buf.getvalue(), name, description=description)
+
+    def read_bytes(self, ref: FileRef) -> bytes:
+        return self.path(ref).read_bytes()
+
+    def open_image(self, ref: FileRef) -> Image.Image:
+        with Image.open(self.path(ref)) as img:
+            img.load()
+            return img
+
+    def import_from(self, other: AssetStore, ref: FileRef) -> None:
+        """Make ``ref`` available here, hard-linking from ``other`` when possible."""
+        target = self.root / ref.asset_path
+        if target.exists():
+            return
+        source = other.path(ref)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+
+
+def iter_file_refs(obj: Any) -> Iterator[FileRef]:
+    """Every ``FileRef`` inside a record, however deeply nested."""
+    if isinstance(obj, FileRef):
+        yield obj
+    elif isinstance(obj, BaseModel):
+        for name in type(obj).model_fields:
+            yield from iter_file_refs(getattr(obj, name))
+    elif isinstance(obj, list | tuple):
+        for item in obj:
+            yield from iter_file_refs(item)

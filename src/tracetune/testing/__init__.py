@@ -1,0 +1,5 @@
+"""Test doubles for unit tests of logic. Never a product default."""
+
+from tracetune.testing.scripted import ScriptedChatModel
+
+__all__ = ["ScriptedChatModel"]

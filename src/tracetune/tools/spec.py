@@ -1,0 +1,404 @@
+"""One tool specification, derived from type hints and a docstring.
+
+The same ``Tool`` renders into the agent prompt (JSON and code action formats), into an
+OpenAI ``tools`` array, and into the ``tools`` column of training data, so training and
+evaluation always see the same tools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import inspect
+import json
+import re
+import types
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+from PIL import Image
+
+OutputType = Literal["text", "number", "json", "image", "file"]
+
+
+class ToolError(Exception):
+    """A tool could not do what was asked; the message is shown to the model."""
+
+
+class ToolUnavailable(ToolError):
+    """A tool's optional dependency or model is missing; the message names the fix."""
+
+
+@dataclass
+class ToolResult:
+    """What a tool returns: text for the model, images, structured data, files written."""
+
+    text: str = ""
+    images: list[Image.Image] = field(default_factory=list)
+    data: Any = None
+    files: list[Path] = field(default_factory=list)
+    final: bool = False  # set by final_answer
+
+
+@dataclass
+class ToolContext:
+    """What a tool may touch during an episode: its working directory and the chat model."""
+
+    workdir: Path
+    model: Any = None  # a tracetune.models.ChatModel, for visual_qa / inspect_file questions
+    options: dict[str, Any] = field(default_factory=dict)  # per-tool settings, e.g. corpus path
+
+    def resolve(self, path: str) -> Path:
+        """A path inside the working directory; anything outside it is refused."""
+        if not isinstance(path, str) or not path:
+            raise ToolError(f"expected a file name in the working directory, got {path!r}")
+        root = self.workdir.resolve()
+        full = (root / path).resolve()
+        if full != root and root not in full.parents:
+            raise ToolError(f"{path!r} is outside the working directory")
+        if not full.exists():
+            names = sorted(p.name for p in root.iterdir()) if root.exists() else []
+            raise ToolError(f"no file {path!r}; files available: {', '.join(names) or 'none'}")
+        return full
+
+    def image(self, path: str) -> Image.Image:
+        try:
+            with Image.open(self.resolve(path)) as img:
+                img.load()
+                return img.convert("RGB") if img.mode not in ("RGB", "L", "RGBA") else img
+        except (OSError, ValueError) as exc:
+            raise ToolError(f"{path!r} is not a readable image: {exc}") from exc
+
+
+_JSON_TYPES: dict[Any, str] = {
+    str: "string",
+    int: "integer",
+    float: "number",
+    bool: "boolean",
+    dict: "object",
+    list: "array",
+}
+
+
+def _json_schema(annotation: Any) -> dict[str, Any]:
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        return _json_schema(args[0]) if len(args) == 1 else {}
+    if origin is Literal:
+        values = list(get_args(annotation))
+        return {"type": _JSON_TYPES.get(type(values[0]), "string"), "enum": values}
+    if origin is list:
+        args = get_args(annotation)
+        return {"type": "array", **({"items": _json_schema(args[0])} if args else {})}
+    if origin is dict:
+        return {"type": "object"}
+    if annotation in _JSON_TYPES:
+        return {"type": _JSON_TYPES[annotation]}
+    return {}
+
+
+def parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
+    """Split a Google-style docstring into its description and per-argument help."""
+    doc = inspect.cleandoc(doc or "")
+    parts = re.split(r"^\s*(?:Args|Arguments|Parameters):\s*$", doc, maxsplit=1, flags=re.M)
+    description = parts[0].strip()
+    args: dict[str, str] = {}
+    if len(parts) == 2:
+        section = re.split(r"^\s*(?:Returns|Raises|Yields|Examples?):\s*$", parts[1], flags=re.M)[0]
+        current = None
+        for line in section.splitlines():
+            m = re.match(r"^\s*(\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)$", line)
+            if m:
+                current = m.group(1)
+                args[current] = m.group(2).strip()
+            elif current and line.strip():
+                args[current] += " " + line.strip()
+    return description, args
+
+
+def _output_type(annotation: Any) -> OutputType:
+    if annotation in (int, float):
+        return "number"
+    if annotation in (dict, list) or get_origin(annotation) in (dict, list):
+        return "json"
+    if isinstance(annotation, type) and issubclass(annotation, Image.Image):
+        return "image"
+    if annotation is Path:
+        return "file"
+    return "text"
+
+
+class Tool:
+    """A named capability with a JSON-schema input and a typed output.
+
+    Subclass and override ``forward`` (and ``setup`` for heavy resources, loaded once per
+    process on first use), or build one from a function with ``@tool``.
+    """
+
+    name: str = ""
+    description: str = ""
+    parameters: dict[str, Any] = {"type": "object", "properties": {}, "required": []}
+    output_type: OutputType = "text"
+    requires: tuple[str, ...] = ()  # importable modules this tool needs
+    extra: str | None = None  # the pip extra that provides them
+
+    def __init__(self) -> None:
+        self._ready = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def setup(self) -> None:
+        """Load heavy resources (models, indexes). Called once, lazily."""
+
+    def available(self) -> tuple[bool, str]:
+        """Whether this tool can run here, and if not, what to install."""
+        missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        if missing:
+            hint = f"pip install 'tracetune[{self.extra}]'" if self.extra else "pip install " + (
+                " ".join(missing)
+            )
+            return False, f"needs {', '.join(missing)}: {hint}"
+        return True, "ok"
+
+    def ensure_ready(self) -> None:
+        if self._ready:
+            return
+        ok, why = self.available()
+        if not ok:
+            raise ToolUnavailable(f"tool {self.name!r} is not available: {why}")
+        self.setup()
+        self._ready = True
+
+    # -- calling -----------------------------------------------------------------------
+    def forward(self, ctx: ToolContext, **kwargs: Any) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must implement forward()")
+
+    def validate_arguments(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """Check arguments against the schema, coercing numbers given as strings."""
+        if not isinstance(arguments, dict):
+            raise ToolError(f"{self.name} expects a JSON object of arguments, got {arguments!r}")
+        props = self.parameters.get("properties", {})
+        unknown = sorted(set(arguments) - set(props))
+        if unknown:
+            raise ToolError(
+                f"{self.name} got unknown argument(s) {', '.join(unknown)}; "
+                f"it takes: {', '.join(props) or 'no arguments'}"
+            )
+        missing = [k for k in self.parameters.get("required", []) if k not in arguments]
+        if missing:
+            raise ToolError(f"{self.name} is missing required argument(s) {', '.join(missing)}")
+        out = dict(arguments)
+        for key, value in arguments.items():
+            out[key] = _coerce(self.name, key, value, props[key].get("type"))
+        return out
+
+    async def acall(self, ctx: ToolContext, arguments: dict[str, Any]) -> ToolResult:
+        """Validate, run (in a worker thread unless async) and normalize the result."""
+        kwargs = self.validate_arguments(arguments)
+        self.ensure_ready()
+        if inspect.iscoroutinefunction(self.forward):
+            value = await self.forward(ctx, **kwargs)
+        else:
+            value = await asyncio.to_thread(self.forward, ctx, **kwargs)
+        return to_result(value)
+
+    def __call__(self, ctx: ToolContext, **kwargs: Any) -> ToolResult:
+        """Synchronous call, for scripts and ``tracetune tools run``."""
+        return asyncio.run(self.acall(ctx, kwargs))
+
+    # -- rendering ---------------------------------------------------------------------
+    def openai_schema(self) -> dict[str, Any]:
+        """This tool as an entry of an OpenAI/TRL ``tools`` array."""
+        return {
+            "type": "function",
+            "function": {
+                "name": self.name,
+                "description": self.description,
+                "parameters": self.parameters,
+            },
+        }
+
+    def signature(self) -> str:
+        """A Python signature line for the code action format, e.g. ``ocr(image: str) -> str``."""
+        names = {"string": "str", "integer": "int", "number": "float", "boolean": "bool",
+                 "object": "dict", "array": "list"}
+        required = set(self.parameters.get("required", []))
+        args = []
+        for key, prop in self.parameters.get("properties", {}).items():
+            arg = f"{key}: {names.get(prop.get('type', ''), 'Any')}"
+            if key not in required:
+                arg += f" = {prop.get('default')!r}"
+            args.append(arg)
+        returns = {"text": "str", "number": "float", "json": "dict", "image": "str",
+                   "file": "str"}[self.output_type]
+        return f"{self.name}({', '.join(args)}) -> {returns}"
+
+    def describe(self) -> str:
+        """Multi-line description with per-argument help, for prompts and ``tools list``."""
+        lines = [f"{self.signature()}", f"    {self.description}"]
+        for key, prop in self.parameters.get("properties", {}).items():
+            if prop.get("description"):
+                lines.append(f"    {key}: {prop['description']}")
+        return "\n".join(lines)
+
+
+def _coerce(tool: str, key: str, value: Any, kind: str | None) -> Any:
+    try:
+        if kind == "integer" and isinstance(value, str | float) and not isinstance(value, bool):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value))
+        if kind == "number" and isinstance(value, str):
+            return float(value)
+        if kind == "boolean" and isinstance(value, str):
+            if value.lower() not in ("true", "false"):
+                raise ValueError
+            return value.lower() == "true"
+        if kind in ("array", "object") and isinstance(value, str):
+            return json.loads(value)
+    except (ValueError, json.JSONDecodeError):
+        raise ToolError(f"{tool}: argument {key!r} should be of type {kind}, got {value!r}") from None
+    expected = {"string": str, "integer": int, "number": (int, float), "boolean": bool,
+                "array": list, "object": dict}.get(kind or "")
+    if expected is not None and not isinstance(value, expected):  # type: ignore[arg-type]
+        raise ToolError(f"{tool}: argument {key!r} should be of type {kind}, got {value!r}")
+    return value
+
+
+def to_result(value: Any) -> ToolResult:
+    """Normalize whatever a tool returned into a ``ToolResult``."""
+    if isinstance(value, ToolResult):
+        return value
+    if isinstance(value, Image.Image):
+        return ToolResult(text="", images=[value])
+    if isinstance(value, bool | int | float):
+        return ToolResult(text=_format_number(value), data=value)
+    if isinstance(value, dict | list):
+        return ToolResult(text=json.dumps(value, ensure_ascii=False), data=value)
+    if isinstance(value, Path):
+        return ToolResult(text=value.name, files=[value])
+    return ToolResult(text="" if value is None else str(value))
+
+
+def _format_number(value: bool | int | float) -> str:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return str(value)
+
+
+class FunctionTool(Tool):
+    """A tool built by ``@tool`` from a typed, documented function."""
+
+    def __init__(self, fn: Callable[..., Any], name: str | None, output_type: OutputType | None,
+                 requires: tuple[str, ...], extra: str | None) -> None:
+        super().__init__()
+        self.fn = fn
+        self.name = name or fn.__name__
+        description, arg_help = parse_docstring(fn.__doc__ or "")
+        if not description:
+            raise ValueError(f"tool {self.name!r} needs a docstring: it is the model-facing description")
+        self.description = description
+        hints = get_type_hints(fn)
+        sig = inspect.signature(fn)
+        properties: dict[str, Any] = {}
+        required: list[str] = []
+        self._wants_ctx = False
+        for pname, param in sig.parameters.items():
+            annotation = hints.get(pname, str)
+            if annotation is ToolContext:
+                self._wants_ctx = True
+                continue
+            prop = _json_schema(annotation)
+            if pname in arg_help:
+                prop["description"] = arg_help[pname]
+            if param.default is inspect.Parameter.empty:
+                required.append(pname)
+            else:
+                prop["default"] = param.default
+            properties[pname] = prop
+        self.parameters = {"type": "object", "properties": properties, "required": required}
+        self.output_type = output_type or _output_type(hints.get("return", str))
+        self.requires = requires
+        self.extra = extra
+        if inspect.iscoroutinefunction(fn):
+            self.forward = self._aforward  # type: ignore[method-assign]
+
+    def forward(self, ctx: ToolContext, **kwargs: Any) -> Any:
+        return self.fn(ctx, **kwargs) if self._wants_ctx else self.fn(**kwargs)
+
+    async def _aforward(self, ctx: ToolContext, **kwargs: Any) -> Any:
+        coro: Awaitable[Any] = self.fn(ctx, **kwargs) if self._wants_ctx else self.fn(**kwargs)
+        return await coro
+
+
+def tool(
+    fn: Callable[..., Any] | None = None,
+    *,
+    name: str | None = None,
+    output_type: OutputType | None = None,
+    requires: tuple[str, ...] = (),
+    extra: str | None = None,
+    register: bool = True,
+) -> Any:
+    """Make a ``Tool`` from a typed function whose docstring describes it and its Args.
+
+    A parameter annotated ``ToolContext`` receives the episode context and is not shown to
+    the model. The tool is registered by name unless ``register=False``.
+    """
+
+    def wrap(f: Callable[..., Any]) -> Tool:
+        t = FunctionTool(f, name, output_type, requires, extra)
+        if register:
+            register_tool(t)
+        return t
+
+    return wrap(fn) if fn is not None else wrap
+
+
+# -- registry ------------------------------------------------------------------------------
+_REGISTRY: dict[str, Tool] = {}
+
+
+def register_tool(t: Tool) -> Tool:
+    """Make ``t`` nameable in configs; a later registration under the same name wins."""
+    if not t.name or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", t.name):
+        raise ValueError(f"tool name {t.name!r} must be a Python identifier")
+    _REGISTRY[t.name] = t
+    return t
+
+
+def registered_tools() -> dict[str, Tool]:
+    _load_builtins()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def _load_builtins() -> None:
+    importlib.import_module("tracetune.tools.builtin")
+
+
+def get_tool(name: str) -> Tool:
+    """A tool by registered name, or ``package.module:attr`` for a user's tool."""
+    _load_builtins()
+    if ":" in name:
+        module, attr = name.split(":", 1)
+        obj = getattr(importlib.import_module(module), attr)
+        t = obj if isinstance(obj, Tool) else obj()
+        if not isinstance(t, Tool):
+            raise ValueError(f"{name} is not a Tool (got {type(obj).__name__})")
+        return register_tool(t)
+    if name not in _REGISTRY:
+        raise KeyError(
+            f"unknown tool {name!r}; known tools: {', '.join(sorted(_REGISTRY))}. "
+            "User tools are named 'package.module:tool_name'"
+        )
+    return _REGISTRY[name]
+
+
+def load_tools(names: list[str], modules: list[str] = ()) -> list[Tool]:  # type: ignore[assignment]
+    """Import user tool modules (which register tools on import), then look tools up."""
+    for module in modules:
+        importlib.import_module(module)
+    return [get_tool(n) for n in names]
