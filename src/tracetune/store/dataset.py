@@ -166,6 +166,11 @@ class DatasetWriter(Generic[R]):
             stale.unlink()  # a chunk in flight when a previous writer was killed
 
     @property
+    def buffered(self) -> int:
+        """Records queued but not yet on disk."""
+        return len(self._buffer)
+
+    @property
     def written_ids(self) -> set[str]:
         return self._seen
 

@@ -1,0 +1,178 @@
+"""Action formats: how a controller writes an action, and how we read it back.
+
+``json``: a thought and one tool call as a JSON object (OpenAI function-calling shape).
+``code``: a thought and a block of Python that calls tools as functions (the MATRIX style),
+executed in the sandbox.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from tracetune.prompts import prompt_hash, render
+from tracetune.schema import Action, ToolCall
+from tracetune.tools import Tool
+
+ActionFormatName = Literal["json", "code"]
+
+
+class ParseError(ValueError):
+    """The model's output holds no valid action; the message tells the model the fix."""
+
+
+@dataclass(frozen=True)
+class Parsed:
+    thought: str
+    action: Action
+
+
+_THOUGHT = re.compile(r"^\s*(?:Thought\s*:)?\s*", re.I)
+
+
+def _thought(text: str) -> str:
+    return _THOUGHT.sub("", text, count=1).strip()
+
+
+def first_json_object(text: str) -> tuple[dict[str, object], int, int] | None:
+    """The first balanced ``{...}`` in ``text`` that parses as a JSON object."""
+    decoder = json.JSONDecoder()
+    for match in re.finditer(r"\{", text):
+        try:
+            obj, end = decoder.raw_decode(text, match.start())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            return obj, match.start(), end
+    return None
+
+
+class JsonFormat:
+    """``Thought: ...`` then ``Action: {"name": ..., "arguments": {...}}``."""
+
+    name: ActionFormatName = "json"
+    template = "agent/json.jinja"
+
+    def system_prompt(self, tools: list[Tool]) -> str:
+        return render(self.template, tools=tools)
+
+    @property
+    def prompt_hash(self) -> str:
+        return prompt_hash(self.template)
+
+    def parse(self, text: str) -> Parsed:
+        marker = re.search(r"Action\s*:", text, re.I)
+        search_from = marker.end() if marker else 0
+        found = first_json_object(text[search_from:])
+        if found is None:
+            raise ParseError(
+                "no action found. End your turn with one tool call as JSON, e.g. "
+                'Action: {"name": "calculator", "arguments": {"expression": "2+2"}}'
+            )
+        obj, start, _ = found
+        thought_text = text[: marker.start()] if marker else text[: search_from + start]
+        thought = _thought(re.sub(r"```(?:json)?\s*$", "", thought_text.strip()))
+        name = obj.get("name") or obj.get("tool")
+        if not isinstance(name, str) or not name:
+            raise ParseError('the action JSON needs a "name" field with the tool to call')
+        arguments = obj.get("arguments", obj.get("args", {}))
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                raise ParseError('"arguments" must be a JSON object') from None
+        if not isinstance(arguments, dict):
+            raise ParseError('"arguments" must be a JSON object')
+        if name == "final_answer":
+            answer = arguments.get("answer", next(iter(arguments.values()), ""))
+            return Parsed(thought, Action(type="final_answer", answer=_answer_text(answer)))
+        return Parsed(
+            thought, Action(type="tool_call", tool_call=ToolCall(name=name, arguments=arguments))
+        )
+
+    def render(self, thought: str, action: Action) -> str:
+        """Canonical text of a step, as the controller should have written it."""
+        if action.type == "final_answer":
+            call = {"name": "final_answer", "arguments": {"answer": action.answer or ""}}
+        elif action.tool_call is not None:
+            call = {"name": action.tool_call.name, "arguments": action.tool_call.arguments}
+        else:
+            raise ValueError("json format cannot render a code action")
+        return f"Thought: {thought}\nAction: {json.dumps(call, ensure_ascii=False)}"
+
+
+_CODE_BLOCK = re.compile(r"```(?:py|python)?[ \t]*\n(.*?)(?:```|<end_code>|\Z)", re.S | re.I)
+
+
+class CodeFormat:
+    """``Thought: ...`` then ``Code:`` and a fenced Python block calling tools."""
+
+    name: ActionFormatName = "code"
+    template = "agent/code.jinja"
+
+    def system_prompt(self, tools: list[Tool]) -> str:
+        return render(self.template, tools=tools)
+
+    @property
+    def prompt_hash(self) -> str:
+        return prompt_hash(self.template)
+
+    def parse(self, text: str) -> Parsed:
+        match = _CODE_BLOCK.search(text)
+        if match is None or not match.group(1).strip():
+            raise ParseError(
+                "no code found. Write Code: followed by a ```py fenced block that calls the "
+                "tools, or calls final_answer(...) when you know the answer"
+            )
+        thought_text = text[: match.start()]
+        thought_text = re.sub(r"Code\s*:\s*$", "", thought_text.strip(), flags=re.I)
+        return Parsed(_thought(thought_text), Action(type="code", code=match.group(1).rstrip()))
+
+    def render(self, thought: str, action: Action) -> str:
+        if action.type == "final_answer":
+            code = f"final_answer({json.dumps(action.answer or '', ensure_ascii=False)})"
+        elif action.type == "code" and action.code is not None:
+            code = action.code
+        elif action.tool_call is not None:
+            code = call_as_code(action.tool_call)
+        else:
+            raise ValueError(f"cannot render {action!r} as code")
+        return f"Thought: {thought}\nCode:\n```py\n{code}\n```"
+
+
+def call_as_code(call: ToolCall, assign: str | None = None) -> str:
+    """A tool call as one line of Python with keyword arguments."""
+    args = ", ".join(f"{k}={_py_literal(v)}" for k, v in call.arguments.items())
+    line = f"{call.name}({args})"
+    return f"{assign} = {line}" if assign else line
+
+
+def _py_literal(value: object) -> str:
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    if isinstance(value, str | int | float):
+        return json.dumps(value, ensure_ascii=False) if isinstance(value, str) else repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_py_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_py_literal(k)}: {_py_literal(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def _answer_text(value: object) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, list | dict) else str(value)
+
+
+FORMATS: dict[str, type[JsonFormat] | type[CodeFormat]] = {"json": JsonFormat, "code": CodeFormat}
+
+
+def get_format(name: str) -> JsonFormat | CodeFormat:
+    if name not in FORMATS:
+        raise ValueError(f"unknown action format {name!r}; choose one of: {', '.join(FORMATS)}")
+    return FORMATS[name]()

@@ -1,0 +1,244 @@
+"""The controller loop: a model acts with tools until it answers or runs out of budget.
+
+Every episode yields a ``Trajectory``. Parse errors and tool errors are typed step errors
+that the model reads as its next observation and may recover from; the episode ends on a
+final answer, after ``max_steps`` steps, or after ``max_errors`` failed steps.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from tracetune.agent.formats import CodeFormat, JsonFormat, ParseError, get_format
+from tracetune.agent.render import episode_messages
+from tracetune.agent.toolbox import ToolBox
+from tracetune.models.base import BackendError, ChatMessage, ChatModel, Sampling
+from tracetune.schema import (
+    Action,
+    ErrorKind,
+    FileRef,
+    Observation,
+    Step,
+    StepError,
+    Task,
+    Trajectory,
+    TrajectoryStatus,
+    Usage,
+)
+from tracetune.store import AssetStore
+from tracetune.tools import Tool
+
+DEFAULT_STOP = ("\nObservation:",)
+
+
+@dataclass
+class Outcome:
+    """What executing one action produced."""
+
+    observation: Observation | None
+    error: StepError | None = None
+    final_answer: str | None = None
+
+
+class Executor(Protocol):
+    """Runs a parsed action: tool calls directly, code in the sandbox."""
+
+    async def execute(self, action: Action, step_index: int) -> Outcome: ...
+
+    async def close(self) -> None: ...
+
+
+class ToolCallExecutor:
+    """Executes JSON tool calls with the episode's toolbox."""
+
+    def __init__(self, toolbox: ToolBox) -> None:
+        self.toolbox = toolbox
+
+    async def execute(self, action: Action, step_index: int) -> Outcome:
+        if action.type == "final_answer":
+            return Outcome(Observation(text=action.answer or ""), final_answer=action.answer or "")
+        if action.tool_call is None:
+            return Outcome(None, StepError(kind=ErrorKind.PARSE, message="expected a tool call"))
+        outcome = await self.toolbox.call(action.tool_call, step_index)
+        final = None
+        if outcome.result is not None and outcome.result.final:
+            final = outcome.result.text
+        return Outcome(outcome.observation, outcome.error, final)
+
+    async def close(self) -> None:
+        self.toolbox.cleanup()
+
+
+async def make_executor(fmt: JsonFormat | CodeFormat, toolbox: ToolBox) -> Executor:
+    if fmt.name == "json":
+        return ToolCallExecutor(toolbox)
+    from tracetune.agent.code import CodeExecutor  # needs the sandbox
+
+    return await CodeExecutor.start(toolbox)
+
+
+class Episode:
+    """One task in progress: its messages so far, its steps, and its executor.
+
+    ``Agent.run`` drives an episode to the end; step-wise exploration drives it one
+    ``apply`` at a time, choosing among several candidate outputs.
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        model: ChatModel,
+        fmt: JsonFormat | CodeFormat,
+        tools: list[Tool],
+        executor: Executor,
+        toolbox: ToolBox,
+        source: AssetStore,
+    ) -> None:
+        self.task = task
+        self.model = model
+        self.fmt = fmt
+        self.tools = tools
+        self.executor = executor
+        self.toolbox = toolbox
+        self.source = source
+        self.steps: list[Step] = []
+        self.final_answer: str | None = None
+        self.errors = 0
+        self.system_prompt = fmt.system_prompt(tools)
+
+    def _resolve(self, ref: FileRef) -> Any:
+        for store in (self.toolbox.assets, self.source):
+            if store.has(ref):
+                return store.path(ref)
+        raise FileNotFoundError(f"image {ref.name} is in neither the input nor output assets")
+
+    def messages(self) -> list[ChatMessage]:
+        return episode_messages(self.system_prompt, self.task, self.steps, self._resolve)
+
+    async def apply(self, raw: str, usage: Usage | None = None, latency_s: float = 0.0) -> Step:
+        """Parse a model output, execute its action, and append the step."""
+        index = len(self.steps)
+        step = Step(index=index, raw=raw, usage=usage or Usage(), latency_s=latency_s)
+        try:
+            parsed = self.fmt.parse(raw)
+        except ParseError as exc:
+            step.error = StepError(kind=ErrorKind.PARSE, message=str(exc))
+        else:
+            step.thought, step.action = parsed.thought, parsed.action
+            started = time.monotonic()
+            outcome = await self.executor.execute(parsed.action, index)
+            step.exec_s = time.monotonic() - started
+            step.observation, step.error = outcome.observation, outcome.error
+            if outcome.final_answer is not None and outcome.error is None:
+                self.final_answer = outcome.final_answer
+                if step.action is not None and step.action.type == "tool_call":
+                    step.action = Action(type="final_answer", answer=outcome.final_answer)
+                elif step.action is not None and step.action.type == "code":
+                    step.action = Action(
+                        type="code", code=step.action.code, answer=outcome.final_answer
+                    )
+        if step.error is not None:
+            self.errors += 1
+        self.steps.append(step)
+        return step
+
+    async def close(self) -> None:
+        await self.executor.close()
+
+
+class Agent:
+    """A controller model with tools, an action format, and step/error budgets."""
+
+    def __init__(
+        self,
+        model: ChatModel,
+        tools: list[Tool],
+        action_format: str = "json",
+        max_steps: int = 8,
+        max_errors: int = 3,
+        sampling: Sampling | None = None,
+        tool_options: dict[str, Any] | None = None,
+        tool_model: ChatModel | None = None,
+    ) -> None:
+        if max_steps < 1:
+            raise ValueError("max_steps must be at least 1")
+        if max_errors < 1:
+            raise ValueError("max_errors must be at least 1")
+        if not any(t.name == "final_answer" for t in tools) and action_format == "json":
+            from tracetune.tools import get_tool
+
+            tools = [*tools, get_tool("final_answer")]
+        self.model = model
+        self.tools = tools
+        self.fmt = get_format(action_format)
+        self.max_steps = max_steps
+        self.max_errors = max_errors
+        self.sampling = sampling or Sampling(stop=DEFAULT_STOP)
+        self.tool_options = tool_options or {}
+        self.tool_model = tool_model  # the VLM that visual_qa / inspect_file ask; none by default
+
+    async def start(self, task: Task, source: AssetStore, assets: AssetStore) -> Episode:
+        """Set up an episode: working directory with the task's files, and its executor."""
+        unknown = [n for n in task.tools if n not in {t.name for t in self.tools}]
+        if unknown:
+            raise ValueError(
+                f"task {task.id} needs tools {unknown} that this agent was not given"
+            )
+        toolbox = ToolBox.for_task(
+            task, self.tools, source, assets, model=self.tool_model, options=self.tool_options
+        )
+        executor = await make_executor(self.fmt, toolbox)
+        return Episode(task, self.model, self.fmt, self.tools, executor, toolbox, source)
+
+    async def run(
+        self,
+        task: Task,
+        source: AssetStore,
+        assets: AssetStore,
+        trajectory_id: str | None = None,
+    ) -> Trajectory:
+        """Run ``task`` to a final answer or a budget; images go to ``assets``."""
+        started_at, t0 = time.time(), time.monotonic()
+        episode = await self.start(task, source, assets)
+        status: TrajectoryStatus = "max_steps"
+        error_message = None
+        try:
+            for _ in range(self.max_steps):
+                try:
+                    generation = await self.model.generate(
+                        episode.messages(), n=1, sampling=self.sampling
+                    )
+                except BackendError as exc:
+                    status, error_message = "failed", str(exc)
+                    break
+                step = await episode.apply(
+                    generation.text, generation.usage, generation.latency_s
+                )
+                if episode.final_answer is not None:
+                    status = "completed"
+                    break
+                if step.error is not None and episode.errors >= self.max_errors:
+                    status = "max_errors"
+                    break
+        finally:
+            await episode.close()
+        usage = Usage()
+        for step in episode.steps:
+            usage = usage.add(step.usage)
+        return Trajectory(
+            id=trajectory_id or f"{task.id}-{self.model.spec}",
+            task=task,
+            controller=self.model.spec,
+            action_format=self.fmt.name,
+            steps=episode.steps,
+            final_answer=episode.final_answer,
+            status=status,
+            usage=usage,
+            started_at=started_at,
+            duration_s=time.monotonic() - t0,
+            prompt_hash=self.fmt.prompt_hash,
+            sampling=self.sampling.to_dict(),
+            metadata={"error": error_message} if error_message else {},
+        )

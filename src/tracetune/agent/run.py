@@ -1,0 +1,114 @@
+"""Run an agent over many tasks into a trajectory dataset, resumably."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tracetune.agent.loop import Agent
+from tracetune.models.base import ChatModel, ModelOptions, Sampling, load_model
+from tracetune.runner import Budget, MeteredModel, StageResult, run_stage
+from tracetune.schema import Task, Trajectory
+from tracetune.store import AssetStore, Dataset
+from tracetune.store.tasks import load_tasks, task_from_inputs
+from tracetune.tools import load_tools
+
+DEFAULT_TOOLS = ["calculator", "image_crop"]
+
+
+class AgentRunConfig(BaseModel):
+    """Configuration of ``tracetune agent run`` (YAML keys are these field names)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="Controller spec: 'openai:NAME' or 'local:PATH_OR_HUB_ID'.")
+    out: Path = Field(description="Output trajectory dataset directory (resumable).")
+    task: str | None = Field(default=None, description="A single task's query text.")
+    images: list[Path] = Field(default_factory=list, description="Images for --task.")
+    tasks: Path | None = Field(
+        default=None, description="A task dataset directory or a JSONL of {query, images, ...}."
+    )
+    tools: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TOOLS),
+        description="Tool names (registered, or 'package.module:tool').",
+    )
+    tool_modules: list[str] = Field(
+        default_factory=list, description="Python modules to import first (they register tools)."
+    )
+    action_format: Literal["json", "code"] = Field(default="json", description="How actions are written.")
+    max_steps: int = Field(default=8, ge=1, description="Step budget per episode.")
+    max_errors: int = Field(default=3, ge=1, description="Failed steps allowed per episode.")
+    samples: int = Field(default=1, ge=1, description="Trajectories per task.")
+    temperature: float = Field(default=0.0, ge=0, description="Sampling temperature.")
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_tokens: int = Field(default=512, ge=1, description="Max new tokens per step.")
+    seed: int | None = Field(default=None, description="Sampling seed, where the backend supports it.")
+    concurrency: int = Field(default=4, ge=1, description="Episodes in flight.")
+    max_cost_usd: float | None = Field(default=None, description="Stop after this much spend.")
+    max_total_tokens: int | None = Field(default=None, description="Stop after this many tokens.")
+    backend: ModelOptions = Field(default_factory=ModelOptions, description="Backend options.")
+
+
+def trajectory_id(task: Task, controller: str, action_format: str, sample: int) -> str:
+    """Stable id, so a rerun recognises trajectories it already wrote."""
+    blob = f"{task.id}|{controller}|{action_format}|{sample}"
+    return "traj-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def prepare_tasks(config: AgentRunConfig, out: Dataset[Trajectory]) -> tuple[list[Task], AssetStore]:
+    if (config.task is None) == (config.tasks is None):
+        raise ValueError("give exactly one of --task TEXT or --tasks PATH")
+    if config.task is not None:
+        task = task_from_inputs(config.task, list(config.images), out.assets, tools=None)
+        return [task], out.assets
+    assert config.tasks is not None
+    return load_tasks(config.tasks, out.assets)
+
+
+async def run_agent(
+    config: AgentRunConfig, model: ChatModel | None = None, progress: bool = True
+) -> tuple[StageResult, Dataset[Trajectory]]:
+    """Run the configured agent over its tasks; trajectories already written are skipped."""
+    out: Dataset[Trajectory] = Dataset.create(config.out, Trajectory)
+    tasks, source = prepare_tasks(config, out)
+    tools = load_tools(config.tools, config.tool_modules)
+    model = model or load_model(config.model, config.backend)
+    metered = MeteredModel(model, out.state, "agent")
+    sampling = Sampling(
+        temperature=config.temperature,
+        top_p=config.top_p,
+        max_tokens=config.max_tokens,
+        seed=config.seed,
+        stop=("\nObservation:",),
+    )
+    agent = Agent(
+        metered, tools, config.action_format, config.max_steps, config.max_errors, sampling
+    )
+    items = [(task, s) for task in tasks for s in range(config.samples)]
+
+    async def process(item: tuple[Task, int]) -> Trajectory:
+        task, sample = item
+        return await agent.run(
+            task, source, out.assets, trajectory_id(task, model.spec, config.action_format, sample)
+        )
+
+    try:
+        result = await run_stage(
+            "agent",
+            items,
+            key=lambda item: trajectory_id(item[0], model.spec, config.action_format, item[1]),
+            process=process,
+            out=out,
+            concurrency=config.concurrency,
+            budget=Budget(max_cost_usd=config.max_cost_usd, max_tokens=config.max_total_tokens),
+            sources=[source],
+            progress=progress,
+            total=len(items),
+            chunk_size=max(1, min(8, len(items) // 4)),
+        )
+    finally:
+        await model.aclose()
+    return result, out

@@ -1,0 +1,109 @@
+"""``tracetune agent ...``: run a tool-using agent."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+
+from tracetune.cli.common import build_config, fail
+
+app = typer.Typer(no_args_is_help=True)
+out_console = Console()
+
+
+@app.command("run")
+def run(
+    model: Annotated[Optional[str], typer.Option(help="Controller: openai:NAME or local:PATH.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output trajectory dataset directory.")] = None,
+    task: Annotated[Optional[str], typer.Option(help="One task's query text.")] = None,
+    image: Annotated[Optional[list[Path]], typer.Option(help="Image for --task (repeatable).")] = None,
+    tasks: Annotated[Optional[Path], typer.Option(help="Task dataset dir or JSONL file.")] = None,
+    tools: Annotated[Optional[str], typer.Option(help="Comma-separated tool names.")] = None,
+    action_format: Annotated[Optional[str], typer.Option(help="json or code.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Step budget per episode.")] = None,
+    max_errors: Annotated[Optional[int], typer.Option(help="Failed steps allowed.")] = None,
+    samples: Annotated[Optional[int], typer.Option(help="Trajectories per task.")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature.")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Max new tokens per step.")] = None,
+    concurrency: Annotated[Optional[int], typer.Option(help="Episodes in flight.")] = None,
+    base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible endpoint URL.")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="LoRA adapter dir for local: models.")] = None,
+    max_cost: Annotated[Optional[float], typer.Option(help="Stop after this many USD.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML file with these options.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No transcript or progress bar.")] = False,
+) -> None:
+    """Run an agent on one task (--task) or many (--tasks); rerunning skips finished work."""
+    from tracetune.agent.run import AgentRunConfig, run_agent
+    from tracetune.models.base import BackendError, ModelOptions
+
+    backend = None
+    if base_url or adapter:
+        backend = ModelOptions(base_url=base_url, adapter=str(adapter) if adapter else None)
+    cfg = build_config(
+        AgentRunConfig,
+        config,
+        model=model,
+        out=out,
+        task=task,
+        images=image,
+        tasks=tasks,
+        tools=[t.strip() for t in tools.split(",") if t.strip()] if tools else None,
+        action_format=action_format,
+        max_steps=max_steps,
+        max_errors=max_errors,
+        samples=samples,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        concurrency=concurrency,
+        max_cost_usd=max_cost,
+        backend=backend,
+    )
+    try:
+        result, dataset = asyncio.run(run_agent(cfg, progress=not quiet))
+    except (ValueError, FileNotFoundError, KeyError, BackendError) as exc:
+        fail(str(exc).strip("'\""))
+        return
+    if not quiet and len(dataset) <= 3:
+        for trajectory in dataset:
+            print_transcript(trajectory)
+    out_console.print(result.summary())
+    out_console.print(f"trajectories: {dataset.root} ({len(dataset)} records)")
+
+
+def print_transcript(trajectory: object) -> None:
+    """A readable transcript of one trajectory."""
+    from tracetune.schema import Trajectory
+
+    assert isinstance(trajectory, Trajectory)
+    out_console.print(Panel(trajectory.task.query, title=f"task {trajectory.task.id}"))
+    for step in trajectory.steps:
+        out_console.rule(f"step {step.index}")
+        if step.thought:
+            out_console.print(f"[bold]thought[/bold] {step.thought}", markup=True, highlight=False)
+        if step.action is not None:
+            action = step.action
+            if action.type == "tool_call" and action.tool_call is not None:
+                out_console.print(f"[bold]call[/bold] {action.tool_call.name}"
+                                  f"({action.tool_call.arguments})", highlight=False)
+            elif action.type == "code":
+                out_console.print(f"[bold]code[/bold]\n{action.code}", highlight=False)
+            else:
+                out_console.print(f"[bold]answer[/bold] {action.answer}", highlight=False)
+        else:
+            out_console.print(f"[bold]raw[/bold] {step.raw[:300]!r}", highlight=False)
+        if step.error is not None:
+            out_console.print(f"[red]error ({step.error.kind.value})[/red] {step.error.message}",
+                              highlight=False)
+        elif step.observation is not None and step.action and step.action.type != "final_answer":
+            out_console.print(f"[bold]observation[/bold] {step.observation.text[:500]}",
+                              highlight=False)
+    out_console.print(
+        f"status: [bold]{trajectory.status}[/bold]  final answer: {trajectory.final_answer!r}  "
+        f"steps: {len(trajectory.steps)}  tokens: {trajectory.usage.total_tokens}  "
+        f"retries: {trajectory.usage.retries}  {trajectory.duration_s:.1f}s"
+    )
