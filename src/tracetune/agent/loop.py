@@ -232,6 +232,7 @@ class Agent:
             task=task,
             controller=self.model.spec,
             action_format=self.fmt.name,
+            tools=[t.name for t in self.tools],
             steps=episode.steps,
             final_answer=episode.final_answer,
             status=status,

@@ -259,6 +259,9 @@ class Trajectory(Record):
     task: Task
     controller: str = Field(description="Model spec of the controller, e.g. 'openai:gpt-4o'.")
     action_format: Literal["json", "code"] = "json"
+    tools: list[str] = Field(
+        default_factory=list, description="Names of the tools the controller was given."
+    )
     steps: list[Step] = Field(default_factory=list)
     final_answer: str | None = None
     status: TrajectoryStatus = "completed"
@@ -295,6 +298,9 @@ class PreferencePair(Record):
     kind: ClassVar[str] = "pair"
     task: Task
     action_format: Literal["json", "code"] = "json"
+    tools: list[str] = Field(
+        default_factory=list, description="Names of the tools the controller was given."
+    )
     prefix: list[Step] = Field(default_factory=list, description="Committed steps before the fork.")
     chosen: Step
     rejected: Step
