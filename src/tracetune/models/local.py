@@ -1,0 +1,431 @@
+"""``local:`` backend: a transformers VLM (optionally with a LoRA adapter) in this process.
+
+``load_model("local:/path/to/checkpoint")`` or ``load_model("local:Qwen/Qwen2.5-VL-3B-Instruct",
+adapter="runs/sft/adapter")``. The model and processor are loaded when the backend is built,
+so a wrong path or a missing dependency fails at once rather than mid-run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import re
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Any
+
+from tracetune.models.base import (
+    BackendError,
+    ChatMessage,
+    ChatModel,
+    Completion,
+    Generation,
+    ModelOptions,
+    Sampling,
+    cache_key,
+    load_image,
+    register_backend,
+)
+from tracetune.schema import Usage
+
+_DTYPES = {
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+    "half": "float16",
+    "fp32": "float32",
+    "float32": "float32",
+    "float": "float32",
+}
+_GREEDY = Sampling()
+_TOOL_ROLE = re.compile(r"""['"]tool['"]""")
+
+
+class LocalVLM(ChatModel):
+    """A transformers vision-language model served in-process.
+
+    Args:
+        name: A local checkpoint directory or a hub id (hub ids need the weights in the local
+            cache or network access).
+        options: ``adapter`` (a PEFT LoRA directory applied on top), ``device`` (default:
+            ``cuda`` when available, else ``cpu``), ``dtype`` (``auto`` = bf16 on CUDA, fp32 on
+            CPU; or ``bf16``/``fp16``/``fp32``) and ``max_pixels`` (Qwen image budget).
+        trust_remote_code: Run model code shipped in the checkpoint (e.g. MiniCPM-V).
+
+    Messages follow :mod:`tracetune.models.base`: images may be PIL images, encoded bytes,
+    file paths or ``image_url`` parts with a data URL. Chat templates without a ``tool`` role
+    (most hub VLMs before Qwen2.5-VL) get tool messages as ``user`` turns instead, since the
+    observation must reach the model either way. ``tools`` is passed to the chat template when
+    the template renders tools, and otherwise left to the agent prompt (which lists them).
+
+    Calls from concurrent episodes share one model: each ``generate`` runs in a worker thread
+    and calls are serialized, so the event loop stays free for tools and other backends.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        options: ModelOptions | None = None,
+        *,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        import torch
+
+        self.name = name
+        self.options = options or ModelOptions()
+        self.device = self.options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = _resolve_dtype(self.options.dtype, self.device)
+        self.model, self.processor = _load(name, self.options, self.dtype, trust_remote_code)
+        self.model.to(self.device)
+        self.model.eval()
+        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.chat_template: str | None = getattr(self.processor, "chat_template", None) or getattr(
+            self.tokenizer, "chat_template", None
+        )
+        if not self.chat_template:
+            raise BackendError(
+                f"{name} has no chat template; use an instruction-tuned checkpoint or save one "
+                "with processor.chat_template = ... and processor.save_pretrained(DIR)"
+            )
+        self.supports_tool_role = bool(_TOOL_ROLE.search(self.chat_template))
+        self.supports_tools = "tools" in self.chat_template
+        self._thread_lock = threading.Lock()
+        self._loop_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def __repr__(self) -> str:
+        adapter = f", adapter={self.options.adapter!r}" if self.options.adapter else ""
+        return f"LocalVLM({self.name!r}{adapter}, device={self.device!r}, dtype={self.dtype})"
+
+    # -- the ChatModel interface --------------------------------------------------------------
+    async def generate(
+        self,
+        messages: list[ChatMessage],
+        *,
+        n: int = 1,
+        sampling: Sampling = _GREEDY,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> Generation:
+        if n < 1:
+            raise BackendError(f"n must be >= 1, got {n}")
+        start = time.perf_counter()
+        key = None
+        if self.cache is not None:
+            key = cache_key(self._cache_name, "local", messages, n, sampling, tools)
+            hit = await asyncio.to_thread(self.cache.cache_get, key)
+            if hit is not None:
+                return Generation(
+                    [Completion(c["text"], c.get("finish_reason")) for c in hit["completions"]],
+                    usage=Usage(calls=1, cached_calls=1),
+                    latency_s=time.perf_counter() - start,
+                    cached=True,
+                )
+        # Waiting here rather than on the thread lock keeps executor threads free for tools.
+        async with self._loop_lock():
+            gen = await asyncio.to_thread(self.generate_blocking, messages, n, sampling, tools)
+        if key is not None:
+            value = {
+                "completions": [
+                    {"text": c.text, "finish_reason": c.finish_reason} for c in gen.completions
+                ]
+            }
+            await asyncio.to_thread(self.cache.cache_put, key, value)
+        gen.latency_s = time.perf_counter() - start
+        return gen
+
+    async def aclose(self) -> None:
+        import torch
+
+        self.model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # -- synchronous core -----------------------------------------------------------------
+    def render(
+        self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None
+    ) -> tuple[str, list[Any]]:
+        """The prompt text (with the generation prompt) and its images, in order."""
+        msgs, images = _prepare(messages, tool_role=self.supports_tool_role)
+        kwargs: dict[str, Any] = {"add_generation_prompt": True, "tokenize": False}
+        if tools and self.supports_tools:
+            kwargs["tools"] = tools
+        try:
+            prompt = self.processor.apply_chat_template(msgs, **kwargs)
+        except Exception as exc:  # jinja raise_exception and template errors
+            raise BackendError(f"{self.name}: chat template rejected the messages: {exc}") from exc
+        return str(prompt), images
+
+    def encode(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None) -> Any:
+        """Model inputs (token ids, pixel values, ...) for the prompt, on the model's device."""
+        import torch
+
+        prompt, images = self.render(messages, tools)
+        bos = getattr(self.tokenizer, "bos_token", None)
+        inputs = self.processor(
+            text=[prompt],
+            images=[images] if images else None,
+            return_tensors="pt",
+            # Templates that write the BOS themselves must not get a second one.
+            add_special_tokens=not (bos and prompt.startswith(bos)),
+        ).to(self.device)
+        if "pixel_values" in inputs and self.dtype != torch.float32:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        return inputs
+
+    def generate_blocking(
+        self,
+        messages: list[ChatMessage],
+        n: int = 1,
+        sampling: Sampling = _GREEDY,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> Generation:
+        """``generate`` without the event loop: for scripts and worker threads."""
+        import torch
+        from transformers import set_seed
+
+        if self.model is None:
+            raise BackendError(f"{self!r} was closed")
+        inputs = self.encode(messages, tools)
+        prompt_len = int(inputs["input_ids"].shape[1])
+        sample = sampling.temperature > 0
+        config = self._generation_config(sampling, n if sample else 1)
+        with self._thread_lock, torch.inference_mode():
+            if sampling.seed is not None:
+                set_seed(sampling.seed)
+            out = self.model.generate(
+                **inputs,
+                generation_config=config,
+                tokenizer=self.tokenizer if sampling.stop else None,
+            )
+        new_tokens = out[:, prompt_len:]
+        eos_ids = _as_set(config.eos_token_id)
+        completions: list[Completion] = []
+        generated = 0
+        pad = config.pad_token_id
+        for row in new_tokens.tolist():
+            length = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
+            # Rows that stopped early (stop string) are padded up to the longest one.
+            while length and row[length - 1] == pad and pad not in eos_ids:
+                length -= 1
+            generated += length
+            text = self.tokenizer.decode(row[:length], skip_special_tokens=True)
+            text, stopped = _cut_at_stop(text, sampling.stop)
+            hit_eos = length > 0 and row[length - 1] in eos_ids
+            finish = "stop" if stopped or hit_eos else "length"
+            completions.append(Completion(text, finish))
+        if not sample:
+            # Greedy decoding has one answer: the n samples are copies of it, and usage
+            # counts the tokens actually generated.
+            first = completions[0]
+            completions = [Completion(first.text, first.finish_reason) for _ in range(n)]
+        usage = Usage(prompt_tokens=prompt_len, completion_tokens=generated, calls=1)
+        return Generation(completions, usage=usage)
+
+    # -- helpers -----------------------------------------------------------------------
+    @property
+    def _cache_name(self) -> str:
+        return f"{self.name}+{self.options.adapter}" if self.options.adapter else self.name
+
+    def _loop_lock(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        lock = self._loop_locks.get(loop)
+        if lock is None:
+            lock = self._loop_locks[loop] = asyncio.Lock()
+        return lock
+
+    def _generation_config(self, sampling: Sampling, num_return_sequences: int) -> Any:
+        config = copy.deepcopy(self.model.generation_config)
+        config.max_new_tokens = sampling.max_tokens
+        config.max_length = None
+        config.num_return_sequences = num_return_sequences
+        config.num_beams = 1
+        if sampling.temperature > 0:
+            config.do_sample = True
+            config.temperature = sampling.temperature
+            config.top_p = sampling.top_p
+            # Checkpoints ship their own top_k (Qwen2-VL: top_k=1, i.e. greedy); Sampling
+            # means OpenAI semantics, which have no top_k.
+            config.top_k = None
+        else:
+            config.do_sample = False
+            config.temperature = None
+            config.top_p = None
+            config.top_k = None
+        config.stop_strings = list(sampling.stop) or None
+        if config.pad_token_id is None:
+            config.pad_token_id = self.tokenizer.pad_token_id or _first(config.eos_token_id)
+        return config
+
+
+@register_backend("local")
+def _local_backend(name: str, options: ModelOptions) -> LocalVLM:
+    # trust_remote_code is read from options when the shared ModelOptions grows that field.
+    return LocalVLM(
+        name, options, trust_remote_code=bool(getattr(options, "trust_remote_code", False))
+    )
+
+
+# -- loading ----------------------------------------------------------------------------------
+def _resolve_dtype(dtype: str, device: str) -> Any:
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in _DTYPES:
+        raise BackendError(f"unknown dtype {dtype!r}; use auto, bf16, fp16 or fp32")
+    return getattr(torch, _DTYPES[dtype])
+
+
+def _load(name: str, options: ModelOptions, dtype: Any, trust_remote_code: bool) -> tuple[Any, Any]:
+    from transformers import AutoModelForImageTextToText
+
+    from tracetune.models.processors import load_processor
+
+    looks_local = name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+    path = str(Path(name).expanduser()) if looks_local else name
+    if looks_local and not Path(path).is_dir():
+        raise BackendError(f"local:{name}: no such model directory")
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+        processor = load_processor(
+            path, max_pixels=options.max_pixels, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        hint = (
+            "check the directory holds config.json, weights and processor files"
+            if looks_local
+            else "the hub is unreachable or the id is wrong: download it first "
+            "(huggingface-cli download ID) or pass a local directory"
+        )
+        raise BackendError(f"could not load local:{name}: {exc}\n({hint})") from exc
+    if options.adapter:
+        model = _apply_adapter(model, options.adapter)
+    return model, processor
+
+
+def _apply_adapter(model: Any, adapter: str) -> Any:
+    adapter_dir = Path(adapter).expanduser()
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise BackendError(
+            f"adapter {adapter!r} is not a PEFT adapter directory (no adapter_config.json); "
+            "pass the directory a LoRA training run saved"
+        )
+    try:
+        from peft import PeftModel
+    except ImportError as exc:  # pragma: no cover - peft is a core dependency
+        raise BackendError("adapters need peft: pip install peft") from exc
+    return PeftModel.from_pretrained(model, str(adapter_dir))
+
+
+# -- messages ---------------------------------------------------------------------------------
+def _prepare(
+    messages: list[ChatMessage], *, tool_role: bool
+) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Messages for the template (image parts without payload) and the decoded images."""
+    out: list[dict[str, Any]] = []
+    images: list[Any] = []
+    for i, message in enumerate(messages):
+        if "role" not in message:
+            raise BackendError(f"message {i} has no 'role': {str(message)[:200]}")
+        msg = dict(message)
+        if msg["role"] == "tool" and not tool_role:
+            msg["role"] = "user"
+            msg.pop("tool_call_id", None)
+            msg.pop("name", None)
+        content = msg.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                kind = part.get("type")
+                if kind in ("image", "image_url"):
+                    images.append(_part_image(part, i))
+                    parts.append({"type": "image"})
+                elif kind == "text":
+                    parts.append({"type": "text", "text": part.get("text", "")})
+                else:
+                    raise BackendError(
+                        f"message {i}: unsupported content part type {kind!r}; "
+                        "use 'text' or 'image'"
+                    )
+            msg["content"] = parts
+        out.append(msg)
+    return out, images
+
+
+def _part_image(part: dict[str, Any], index: int) -> Any:
+    if part.get("type") == "image_url":
+        url = part.get("image_url")
+        url = url.get("url") if isinstance(url, dict) else url
+        if not isinstance(url, str):
+            raise BackendError(f"message {index}: image_url part without a url")
+        if url.startswith("data:"):
+            source: Any = base64.b64decode(url.split(",", 1)[1])
+        elif url.startswith(("http://", "https://")):
+            raise BackendError(
+                f"message {index}: local: models take images as PIL, bytes, paths or data "
+                "URLs, not http URLs; download the image first"
+            )
+        else:
+            source = url.removeprefix("file://")
+    else:
+        source = part.get("image", part.get("path", part.get("url")))
+    if source is None:
+        raise BackendError(f"message {index}: image part has no 'image'")
+    try:
+        return load_image(source)
+    except (OSError, TypeError, ValueError) as exc:
+        raise BackendError(f"message {index}: cannot read image: {exc}") from exc
+
+
+def _cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    cut = min((i for s in stop if s and (i := text.find(s)) >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _as_set(ids: Any) -> set[int]:
+    if ids is None:
+        return set()
+    return {int(ids)} if isinstance(ids, int) else {int(i) for i in ids}
+
+
+def _first(ids: Any) -> int | None:
+    if ids is None or isinstance(ids, int):
+        return ids
+    return int(next(iter(ids)))
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+def merge_adapter(base: str | Path, adapter: str | Path, out_dir: str | Path) -> Path:
+    """Fold a LoRA adapter into its base model and save model + processor to ``out_dir``.
+
+    The merged checkpoint loads like any other (``local:OUT``) and serves as the reference
+    model for DPO after SFT. The processor comes from the adapter directory when training
+    saved one there (it may carry a changed chat template), else from the base.
+    """
+    from transformers import AutoModelForImageTextToText
+
+    from tracetune.models.processors import load_processor
+
+    base_path, adapter_path, out = Path(base), Path(adapter), Path(out_dir)
+    if not (base_path / "config.json").is_file():
+        raise BackendError(f"base {str(base)!r} is not a model directory (no config.json)")
+    if out.resolve() in (base_path.resolve(), adapter_path.resolve()):
+        raise BackendError("--out must be a new directory, not the base or adapter directory")
+    model = AutoModelForImageTextToText.from_pretrained(base_path, dtype="auto")
+    merged = _apply_adapter(model, str(adapter_path)).merge_and_unload()
+    has_processor = any(
+        (adapter_path / f).is_file() for f in ("processor_config.json", "tokenizer_config.json")
+    )
+    processor = load_processor(adapter_path if has_processor else base_path)
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
