@@ -13,6 +13,7 @@ import importlib.util
 import inspect
 import json
 import re
+import threading
 import types
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -148,6 +149,7 @@ class Tool:
 
     def __init__(self) -> None:
         self._ready = False
+        self._setup_lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------
     def setup(self) -> None:
@@ -166,11 +168,15 @@ class Tool:
     def ensure_ready(self) -> None:
         if self._ready:
             return
-        ok, why = self.available()
-        if not ok:
-            raise ToolUnavailable(f"tool {self.name!r} is not available: {why}")
-        self.setup()
-        self._ready = True
+        # Concurrent episodes share one tool instance: set it up once, not once per thread.
+        with self._setup_lock:
+            if self._ready:
+                return
+            ok, why = self.available()
+            if not ok:
+                raise ToolUnavailable(f"tool {self.name!r} is not available: {why}")
+            self.setup()
+            self._ready = True
 
     # -- calling -----------------------------------------------------------------------
     def forward(self, ctx: ToolContext, **kwargs: Any) -> Any:
@@ -190,15 +196,23 @@ class Tool:
         missing = [k for k in self.parameters.get("required", []) if k not in arguments]
         if missing:
             raise ToolError(f"{self.name} is missing required argument(s) {', '.join(missing)}")
+        required = set(self.parameters.get("required", []))
         out = dict(arguments)
         for key, value in arguments.items():
+            if value is None and key not in required:
+                # Models write `question=None` / JSON null for "not given": use the default.
+                del out[key]
+                continue
             out[key] = _coerce(self.name, key, value, props[key].get("type"))
         return out
 
     async def acall(self, ctx: ToolContext, arguments: dict[str, Any]) -> ToolResult:
         """Validate, run (in a worker thread unless async) and normalize the result."""
         kwargs = self.validate_arguments(arguments)
-        self.ensure_ready()
+        if not self._ready:
+            # setup() loads models for seconds: keep it off the event loop that other
+            # episodes are running on.
+            await asyncio.to_thread(self.ensure_ready)
         if inspect.iscoroutinefunction(self.forward):
             value = await self.forward(ctx, **kwargs)
         else:

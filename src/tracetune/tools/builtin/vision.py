@@ -1,0 +1,271 @@
+"""Perception and image-editing tools that run offline: OCR, face detection, zoom, drawing.
+
+OCR uses RapidOCR, whose ONNX models ship in its wheel; face detection uses the Haar
+cascades that ship in the opencv-python-headless wheel. Both load once per process.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from tracetune.tools.builtin._common import TypedTool, font, pixel_box, rgb, tool_options
+from tracetune.tools.spec import ToolContext, ToolError, ToolResult, register_tool, tool
+
+
+# -- OCR ------------------------------------------------------------------------------------
+def reading_order(lines: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Group text boxes into rows (top to bottom), each row left to right.
+
+    Two boxes share a row when their vertical extents overlap by more than half of the
+    shorter one: this keeps a receipt's item name and its right-aligned price together.
+    """
+    rows: list[list[dict[str, Any]]] = []
+    for line in sorted(lines, key=lambda item: (item["box"][1] + item["box"][3]) / 2):
+        y1, y2 = line["box"][1], line["box"][3]
+        if rows:
+            row = rows[-1]
+            ry1 = min(item["box"][1] for item in row)
+            ry2 = max(item["box"][3] for item in row)
+            overlap = min(y2, ry2) - max(y1, ry1)
+            if overlap > 0.5 * min(y2 - y1, ry2 - ry1):
+                row.append(line)
+                continue
+        rows.append([line])
+    return [sorted(row, key=lambda item: item["box"][0]) for row in rows]
+
+
+class OCR(TypedTool):
+    """RapidOCR (PP-OCR ONNX models from the wheel), one engine per process."""
+
+    name = "ocr"
+    requires = ("rapidocr", "onnxruntime")
+
+    def setup(self) -> None:
+        from rapidocr import RapidOCR
+
+        self.engine = RapidOCR(params={"Global.log_level": "error"})
+
+    def forward(self, ctx: ToolContext, image: str) -> ToolResult:
+        """Read the text in an image (printed or typed text, documents, signs, receipts).
+
+        Returns the text row by row, top to bottom and left to right; the boxes and
+        confidence of every text line are in the structured result.
+
+        Args:
+            image: File name of the image in the working directory.
+        """
+        options = tool_options(ctx, "ocr")
+        img = rgb(ctx.image(image))
+        out = self.engine(np.asarray(img))
+        lines: list[dict[str, Any]] = []
+        if out.boxes is not None and out.txts:
+            for poly, text, score in zip(out.boxes, out.txts, out.scores, strict=True):
+                xs, ys = [float(p[0]) for p in poly], [float(p[1]) for p in poly]
+                lines.append({
+                    "text": str(text),
+                    "box": [round(min(xs)), round(min(ys)), round(max(xs)), round(max(ys))],
+                    "score": round(float(score), 4),
+                })
+        min_score = float(options.get("min_score", 0.5))
+        lines = [line for line in lines if line["score"] >= min_score]
+        rows = reading_order(lines)
+        ordered = [line for row in rows for line in row]
+        text = "\n".join(" ".join(item["text"] for item in row) for row in rows)
+        return ToolResult(
+            text=text or "(no text found)",
+            data={"text": text, "lines": ordered, "width": img.width, "height": img.height},
+        )
+
+
+ocr = register_tool(OCR())
+
+
+# -- faces ----------------------------------------------------------------------------------
+def _iou(a: list[int], b: list[int]) -> float:
+    iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union else 0.0
+
+
+class FaceDetection(TypedTool):
+    """Frontal faces with OpenCV's Haar cascades.
+
+    The ``alt2`` cascade proposes faces and, unless ``options['face_detection']['confirm']``
+    is false, the ``default`` cascade must agree (IoU > 0.3): on scikit-image's sample
+    photos this removes the false positives (cells, coins) while keeping the real faces.
+    """
+
+    name = "face_detection"
+    requires = ("cv2",)
+
+    def setup(self) -> None:
+        import cv2
+
+        if not hasattr(cv2, "CascadeClassifier"):
+            raise ToolError(
+                "this OpenCV build has no CascadeClassifier (OpenCV 5 removed it): "
+                "pip install 'opencv-python-headless>=4.14,<5'"
+            )
+        root = cv2.data.haarcascades
+        self.primary = cv2.CascadeClassifier(root + "haarcascade_frontalface_alt2.xml")
+        self.confirmer = cv2.CascadeClassifier(root + "haarcascade_frontalface_default.xml")
+        if self.primary.empty() or self.confirmer.empty():
+            raise ToolError(f"OpenCV's face cascades are missing from {root}")
+
+    def forward(self, ctx: ToolContext, image: str) -> ToolResult:
+        """Find human faces in an image and return their bounding boxes.
+
+        Args:
+            image: File name of the image in the working directory.
+        """
+        import cv2
+
+        options = tool_options(ctx, "face_detection")
+        img = ctx.image(image)
+        gray = cv2.equalizeHist(np.asarray(img.convert("L")))
+        min_side = max(20, round(float(options.get("min_size", 0.05)) * min(gray.shape)))
+        scale = float(options.get("scale_factor", 1.1))
+
+        def detect(cascade: Any, neighbors: int) -> list[list[int]]:
+            found = cascade.detectMultiScale(
+                gray, scaleFactor=scale, minNeighbors=neighbors, minSize=(min_side, min_side)
+            )
+            return [[int(x), int(y), int(x + w), int(y + h)] for x, y, w, h in found]
+
+        faces = detect(self.primary, int(options.get("min_neighbors", 5)))
+        if options.get("confirm", True) and faces:
+            second = detect(self.confirmer, 3)
+            faces = [f for f in faces if any(_iou(f, s) > 0.3 for s in second)]
+        faces.sort(key=lambda b: (b[0], b[1]))
+        if not faces:
+            text = "no faces found"
+        else:
+            listed = "; ".join(f"[{', '.join(map(str, b))}]" for b in faces)
+            text = f"{len(faces)} face{'s' if len(faces) != 1 else ''} found: {listed}"
+        return ToolResult(text=text, data={"faces": [{"box": b} for b in faces],
+                                           "count": len(faces)})
+
+
+face_detection = register_tool(FaceDetection())
+
+
+# -- image editing --------------------------------------------------------------------------
+@tool(output_type="image")
+def image_zoom(ctx: ToolContext, image: str, box: list[float], factor: float = 2.0) -> ToolResult:
+    """Zoom into a region of an image: crop it and enlarge it so small details are readable.
+
+    Args:
+        image: File name of the image in the working directory.
+        box: Region as [x1, y1, x2, y2] in pixels (or fractions of width/height if all <= 1).
+        factor: How much to enlarge the region, between 1 and 8.
+    """
+    if not 1.0 <= factor <= 8.0:
+        raise ToolError(f"factor must be between 1 and 8, got {factor}")
+    img = ctx.image(image)
+    x1, y1, x2, y2 = pixel_box(box, img.width, img.height)
+    region = img.crop((x1, y1, x2, y2))
+    size = (max(1, round(region.width * factor)), max(1, round(region.height * factor)))
+    zoomed = region.resize(size, Image.Resampling.LANCZOS)
+    return ToolResult(
+        text=f"zoomed region [{x1}, {y1}, {x2}, {y2}] by {factor:g}x to {size[0]}x{size[1]}",
+        images=[zoomed],
+        data={"box": [x1, y1, x2, y2], "size": list(size)},
+    )
+
+
+@tool(output_type="image")
+def draw_box(
+    ctx: ToolContext, image: str, box: list[float], label: str = "", color: str = "red"
+) -> ToolResult:
+    """Draw a rectangle (and an optional label) on a copy of an image, e.g. to mark an object.
+
+    Args:
+        image: File name of the image in the working directory.
+        box: Rectangle as [x1, y1, x2, y2] in pixels (or fractions of width/height if all <= 1).
+        label: Text written just above the rectangle.
+        color: Colour name or hex code, such as 'red' or '#00ff00'.
+    """
+    img = rgb(ctx.image(image)).copy()
+    x1, y1, x2, y2 = pixel_box(box, img.width, img.height)
+    draw = ImageDraw.Draw(img)
+    width = max(2, round(min(img.size) / 150))
+    try:
+        draw.rectangle((x1, y1, x2, y2), outline=color, width=width)
+    except ValueError:
+        raise ToolError(f"unknown colour {color!r}; use a name like 'red' or a hex code") from None
+    if label:
+        face = font(max(12, round(min(img.size) / 30)))
+        left, top, right, bottom = draw.textbbox((0, 0), label, font=face)
+        tw, th = right - left, bottom - top
+        # Above the box when there is room, else just inside its bottom edge.
+        ty = y1 - th - 2 * width if y1 - th - 2 * width >= 0 else min(y2, img.height - th - 2 * width)
+        draw.rectangle((x1, ty, x1 + tw + 2 * width, ty + th + 2 * width), fill=color)
+        draw.text((x1 + width - left, ty + width - top), label, fill="white", font=face)
+    return ToolResult(
+        text=f"drew box [{x1}, {y1}, {x2}, {y2}]" + (f" labelled {label!r}" if label else ""),
+        images=[img],
+        data={"box": [x1, y1, x2, y2]},
+    )
+
+
+_ANCHORS = Literal["top-left", "top", "top-right", "center", "bottom-left", "bottom",
+                   "bottom-right"]
+
+
+@tool(output_type="image")
+def add_text(
+    ctx: ToolContext,
+    image: str,
+    text: str,
+    position: list[float] | None = None,
+    anchor: _ANCHORS = "top-left",
+    size: int = 0,
+    color: str = "white",
+) -> ToolResult:
+    """Write text onto a copy of an image, with a dark outline so it reads on any background.
+
+    Args:
+        image: File name of the image in the working directory.
+        text: The text to write (may contain newlines).
+        position: Where to put it as [x, y] in pixels (or fractions if both <= 1); if not
+            given, the anchor alone decides (with a small margin).
+        anchor: Which point of the image the text is placed at when no position is given.
+        size: Font size in pixels; 0 picks one from the image size.
+        color: Colour name or hex code.
+    """
+    if not text:
+        raise ToolError("text is empty: pass the words to write")
+    img = rgb(ctx.image(image)).copy()
+    draw = ImageDraw.Draw(img)
+    face = font(size if size > 0 else max(12, round(min(img.size) / 12)))
+    left, top, right, bottom = draw.multiline_textbbox((0, 0), text, font=face)
+    tw, th = right - left, bottom - top
+    margin = round(min(img.size) / 40)
+    if position is not None:
+        if len(position) != 2:
+            raise ToolError(f"position must be [x, y], got {position!r}")
+        x, y = float(position[0]), float(position[1])
+        if max(abs(x), abs(y)) <= 1.0:
+            x, y = x * img.width, y * img.height
+    else:
+        horizontal = {"left": margin, "right": img.width - tw - margin}
+        vertical = {"top": margin, "bottom": img.height - th - margin}
+        parts = anchor.split("-")
+        x = next((horizontal[p] for p in parts if p in horizontal), (img.width - tw) / 2)
+        y = next((vertical[p] for p in parts if p in vertical), (img.height - th) / 2)
+    stroke = max(1, round(face.size / 15)) if hasattr(face, "size") else 1
+    try:
+        draw.multiline_text((x, y - top), text, fill=color, font=face, stroke_width=stroke,
+                            stroke_fill="black")
+    except ValueError:
+        raise ToolError(f"unknown colour {color!r}; use a name like 'red' or a hex code") from None
+    return ToolResult(
+        text=f"wrote {text!r} at [{round(x)}, {round(y)}]",
+        images=[img],
+        data={"position": [round(x), round(y)], "size": [tw, th]},
+    )
