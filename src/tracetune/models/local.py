@@ -80,7 +80,9 @@ class LocalVLM(ChatModel):
         self.options = options or ModelOptions()
         self.device = self.options.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = _resolve_dtype(self.options.dtype, self.device)
-        self.model, self.processor = _load(name, self.options, self.dtype, trust_remote_code)
+        self.model, self.processor = _load(
+            name, self.options, self.dtype, self.device, trust_remote_code
+        )
         self.model.to(self.device)
         self.model.eval()
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
@@ -191,18 +193,20 @@ class LocalVLM(ChatModel):
 
         if self.model is None:
             raise BackendError(f"{self!r} was closed")
-        inputs = self.encode(messages, tools)
-        prompt_len = int(inputs["input_ids"].shape[1])
         sample = sampling.temperature > 0
         config = self._generation_config(sampling, n if sample else 1)
-        with self._thread_lock, torch.inference_mode():
+        # Encoding is inside the lock too: tokenizers keep padding/truncation state per call.
+        with self._thread_lock:
+            inputs = self.encode(messages, tools)
+            prompt_len = int(inputs["input_ids"].shape[1])
             if sampling.seed is not None:
                 set_seed(sampling.seed)
-            out = self.model.generate(
-                **inputs,
-                generation_config=config,
-                tokenizer=self.tokenizer if sampling.stop else None,
-            )
+            with torch.inference_mode():
+                out = self.model.generate(
+                    **inputs,
+                    generation_config=config,
+                    tokenizer=self.tokenizer if sampling.stop else None,
+                )
         new_tokens = out[:, prompt_len:]
         eos_ids = _as_set(config.eos_token_id)
         completions: list[Completion] = []
@@ -282,7 +286,9 @@ def _resolve_dtype(dtype: str, device: str) -> Any:
     return getattr(torch, _DTYPES[dtype])
 
 
-def _load(name: str, options: ModelOptions, dtype: Any, trust_remote_code: bool) -> tuple[Any, Any]:
+def _load(
+    name: str, options: ModelOptions, dtype: Any, device: str, trust_remote_code: bool
+) -> tuple[Any, Any]:
     from transformers import AutoModelForImageTextToText
 
     from tracetune.models.processors import load_processor
@@ -292,8 +298,9 @@ def _load(name: str, options: ModelOptions, dtype: Any, trust_remote_code: bool)
     if looks_local and not Path(path).is_dir():
         raise BackendError(f"local:{name}: no such model directory")
     try:
+        # Loading straight onto the device avoids a second full copy in host memory.
         model = AutoModelForImageTextToText.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code
+            path, dtype=dtype, device_map=device, trust_remote_code=trust_remote_code
         )
         processor = load_processor(
             path, max_pixels=options.max_pixels, trust_remote_code=trust_remote_code
@@ -303,7 +310,7 @@ def _load(name: str, options: ModelOptions, dtype: Any, trust_remote_code: bool)
             "check the directory holds config.json, weights and processor files"
             if looks_local
             else "the hub is unreachable or the id is wrong: download it first "
-            "(huggingface-cli download ID) or pass a local directory"
+            "(hf download ID) or pass a local directory"
         )
         raise BackendError(f"could not load local:{name}: {exc}\n({hint})") from exc
     if options.adapter:
