@@ -1,0 +1,645 @@
+"""Host side of the sandbox: starts, drives, forks and kills episode workers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import struct
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tracetune.schema import ErrorKind, StepError
+
+if TYPE_CHECKING:
+    from tracetune.tools import Tool
+
+logger = logging.getLogger("tracetune.sandbox")
+
+WORKER_SCRIPT = Path(__file__).with_name("_worker.py")
+_HEADER = struct.Struct(">I")
+# Worker frames larger than this are a protocol violation: the host never buffers more.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# Per-sandbox uids for a root host, far above any real account, so that RLIMIT_NPROC
+# counts one sandbox (and its forks) alone.
+_UID_BASE = 1_900_000_000
+_UID_SPAN = 100_000_000
+_warned: set[str] = set()
+
+
+class SandboxLimits(BaseModel):
+    """Limits enforced on model-written code; every one is per sandbox (per fork)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    timeout_s: float = Field(
+        default=30.0, gt=0, description="Wall-clock seconds per code step, tool calls included."
+    )
+    cpu_s: int = Field(default=30, gt=0, description="CPU seconds per code step (RLIMIT_CPU).")
+    memory_mb: int = Field(
+        default=2048, ge=256, description="Address-space cap of the worker process (RLIMIT_AS), MB."
+    )
+    max_processes: int = Field(
+        default=64,
+        ge=4,
+        description="Tasks (processes and threads) the sandbox's uid may run (RLIMIT_NPROC); "
+        "enforced when the host runs as root and drops the worker to a uid of its own.",
+    )
+    output_chars: int = Field(
+        default=65536, ge=1024, description="Printed output kept per step; the rest is cut off."
+    )
+    max_file_mb: int = Field(
+        default=1024, ge=1, description="Largest file the code may write (RLIMIT_FSIZE), MB."
+    )
+    max_open_files: int = Field(
+        default=256, ge=32, description="Open file descriptors (RLIMIT_NOFILE)."
+    )
+    grace_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="After the time limit, seconds the interrupted code gets to unwind before "
+        "the worker is killed (and its state lost).",
+    )
+    startup_timeout_s: float = Field(
+        default=30.0, gt=0, description="Seconds a worker may take to start."
+    )
+    read_paths: tuple[str, ...] = Field(
+        default=(),
+        description="Extra directories the code may read (besides the Python installation).",
+    )
+    uid: int | None = Field(
+        default=None,
+        ge=1,
+        description="uid the worker runs as when the host is root (None: a fresh one per "
+        "sandbox). Ignored for a non-root host.",
+    )
+    audit_hook: bool = Field(
+        default=True,
+        description="The Python-level policy layer that turns refused operations into clear "
+        "errors. Switch off only to test the kernel layers beneath it.",
+    )
+
+
+@dataclass
+class ToolStub:
+    """What the sandbox needs to expose a tool as a Python function."""
+
+    name: str
+    parameters: list[str] = field(default_factory=list)  # in schema order
+    required: list[str] = field(default_factory=list)
+    defaults: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    @classmethod
+    def from_tool(cls, tool: Tool) -> ToolStub:
+        props: dict[str, Any] = tool.parameters.get("properties", {})
+        return cls(
+            name=tool.name,
+            parameters=list(props),
+            required=list(tool.parameters.get("required", [])),
+            defaults={k: p["default"] for k, p in props.items() if "default" in p},
+            description=tool.description,
+        )
+
+
+@dataclass
+class ToolReply:
+    """The host's answer to a tool call made by sandboxed code.
+
+    ``value`` is returned into the code (plain JSON data, or a string such as the file name
+    of a saved image); ``error`` is raised there as ``ToolError(error)`` instead.
+    """
+
+    value: Any = None
+    error: str | None = None
+
+
+ToolHandler = Callable[[str, dict[str, Any]], Awaitable[ToolReply]]
+
+
+@dataclass
+class ExecResult:
+    """What one code step produced."""
+
+    stdout: str
+    error: StepError | None = None
+    final_answer: str | None = None
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    duration_s: float = 0.0
+    state_lost: bool = False  # the worker was restarted: earlier variables are gone
+
+
+class SandboxError(RuntimeError):
+    """The sandbox itself could not be started or used (not an error of the code)."""
+
+
+class _WorkerGone(Exception):
+    pass
+
+
+class _Worker:
+    """One worker process and its channel."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        pid: int,
+        proc: asyncio.subprocess.Process | None,
+    ) -> None:
+        self.sock = sock
+        self.pid = pid
+        self.proc = proc  # set for a worker this process started; forks are grandchildren
+        self.buf = bytearray()
+        self.pidfd: int | None = None
+        self.dead = False
+        if proc is None and hasattr(os, "pidfd_open"):
+            with contextlib.suppress(OSError):
+                self.pidfd = os.pidfd_open(pid)  # signals reach this process, never a reused pid
+
+    async def send(self, obj: dict[str, Any]) -> None:
+        body = json.dumps(obj, ensure_ascii=False).encode()
+        try:
+            await asyncio.get_running_loop().sock_sendall(self.sock, _HEADER.pack(len(body)) + body)
+        except OSError as exc:
+            raise _WorkerGone(str(exc)) from None
+
+    def send_fd(self, obj: dict[str, Any], fd: int) -> None:
+        body = json.dumps(obj).encode()
+        try:
+            # A tiny frame to an idle worker: the socket buffer is empty, this cannot block.
+            socket.send_fds(self.sock, [_HEADER.pack(len(body)) + body], [fd])
+        except OSError as exc:
+            raise _WorkerGone(str(exc)) from None
+
+    async def recv(self) -> dict[str, Any]:
+        """One frame; cancellation-safe, since bytes read are kept in ``buf``."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if len(self.buf) >= 4:
+                (size,) = _HEADER.unpack_from(self.buf)
+                if size > MAX_MESSAGE_BYTES:
+                    raise _ProtocolError(f"worker sent a {size} byte message")
+                if len(self.buf) >= 4 + size:
+                    body = bytes(self.buf[4 : 4 + size])
+                    del self.buf[: 4 + size]
+                    try:
+                        msg = json.loads(body)
+                    except ValueError as exc:
+                        raise _ProtocolError(f"worker sent invalid JSON: {exc}") from None
+                    if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
+                        raise _ProtocolError("worker sent a message without an 'op'")
+                    return msg
+            try:
+                data = await loop.sock_recv(self.sock, 1 << 16)
+            except OSError as exc:
+                raise _WorkerGone(str(exc)) from None
+            if not data:
+                raise _WorkerGone("the worker closed its channel")
+            self.buf += data
+
+    def signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
+            if self.pidfd is not None:
+                signal.pidfd_send_signal(self.pidfd, sig)
+            elif self.proc is not None:
+                if self.proc.returncode is None:
+                    self.proc.send_signal(sig)
+            else:
+                os.kill(self.pid, sig)
+
+    async def kill(self) -> int | None:
+        """Kill the worker and anything left in its process group; its exit status if known."""
+        self.dead = True
+        self.signal(signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
+            os.killpg(self.pid, signal.SIGKILL)
+        self.sock.close()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                return await self.proc.wait()
+        return None
+
+
+class _ProtocolError(Exception):
+    pass
+
+
+def _json_value(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _summary(value: Any, limit: int = 200) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class Sandbox:
+    """A worker process that runs one episode's code, keeping its Python state.
+
+    Start one per episode with ``await Sandbox.start(workdir, tools, handler)``; ``execute``
+    runs a code step; ``fork`` copies the state into an independent sandbox; ``close`` (or
+    ``async with``) kills the worker. If a worker dies or must be killed (time limit not
+    heeded, crash), the next worker starts fresh and the step's error says that earlier
+    variables were lost: the episode may go on.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        tools: list[ToolStub],
+        handler: ToolHandler,
+        limits: SandboxLimits,
+        preload: Sequence[str],
+        uid: int | None,
+    ) -> None:
+        self.workdir = workdir
+        self.tools = tools
+        self.handler = handler
+        self.limits = limits
+        self.preload = list(preload)
+        self.uid = uid
+        self.isolation: dict[str, Any] = {}
+        self.startup_s = 0.0
+        self._worker: _Worker | None = None
+        self._lock = asyncio.Lock()
+        self._steps = 0
+        self._closed = False
+        self._lost_note = ""
+
+    # -- lifecycle ----------------------------------------------------------------------
+    @classmethod
+    async def start(
+        cls,
+        workdir: Path,
+        tools: Sequence[ToolStub | Tool],
+        handler: ToolHandler,
+        limits: SandboxLimits | None = None,
+        preload: Sequence[str] = (),
+    ) -> Sandbox:
+        """Start a worker for ``workdir``; ``tools`` become functions inside the code.
+
+        ``preload`` names modules (e.g. ``["numpy"]``) imported before the first step, so that
+        steps, and forks, do not pay for them.
+        """
+        if sys.platform == "win32":
+            raise SandboxError("the code sandbox needs Linux (or macOS, with fewer guarantees)")
+        workdir = Path(workdir)
+        if not workdir.is_dir():
+            raise SandboxError(
+                f"sandbox working directory {workdir} does not exist; create it first"
+            )
+        limits = limits or SandboxLimits()
+        stubs = [t if isinstance(t, ToolStub) else ToolStub.from_tool(t) for t in tools]
+        names = [s.name for s in stubs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tool names must be unique, got {names}")
+        uid = None
+        if os.geteuid() == 0:
+            uid = limits.uid or _UID_BASE + random.randrange(_UID_SPAN)
+        sandbox = cls(workdir.resolve(), stubs, handler, limits, preload, uid)
+        sandbox._worker = await sandbox._spawn()
+        return sandbox
+
+    async def _spawn(self) -> _Worker:
+        t0 = time.perf_counter()
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        home = str(self.workdir / ".sandbox")
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": home,
+            "TMPDIR": home,
+            "MPLCONFIGDIR": home,
+            "MPLBACKEND": "Agg",
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            # One thread per BLAS library: threads count against the process cap and the
+            # worker's address space.
+            "OPENBLAS_NUM_THREADS": "1",
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "MALLOC_ARENA_MAX": "2",
+        }
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-I",
+                str(WORKER_SCRIPT),
+                str(child.fileno()),
+                pass_fds=(child.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                start_new_session=True,  # its own process group, killed as a whole
+            )
+        finally:
+            child.close()
+        parent.setblocking(False)
+        worker = _Worker(parent, proc.pid, proc)
+        config = {
+            "workdir": str(self.workdir),
+            "limits": self.limits.model_dump(mode="json"),
+            "tools": [vars(t) for t in self.tools],
+            "read_paths": list(self.limits.read_paths),
+            "uid": self.uid,
+            "preload": self.preload,
+            "max_message_bytes": MAX_MESSAGE_BYTES // 2,
+        }
+        try:
+            await worker.send(config)
+            msg = await asyncio.wait_for(worker.recv(), self.limits.startup_timeout_s)
+        except (_WorkerGone, _ProtocolError, TimeoutError) as exc:
+            await worker.kill()
+            stderr = b""
+            if proc.stderr is not None:
+                with contextlib.suppress(Exception):
+                    stderr = await asyncio.wait_for(proc.stderr.read(8192), 1.0)
+            raise SandboxError(
+                f"the sandbox worker did not start ({type(exc).__name__}: {exc}); "
+                f"its stderr: {stderr.decode(errors='replace').strip() or '(empty)'}"
+            ) from None
+        if msg["op"] != "ready":
+            await worker.kill()
+            raise SandboxError(f"the sandbox worker failed to start:\n{msg.get('message', msg)}")
+        self.isolation = dict(msg.get("isolation", {}))
+        self.startup_s = time.perf_counter() - t0
+        _warn_missing_layers(self.isolation)
+        return worker
+
+    async def close(self) -> None:
+        """Kill the worker; the sandbox cannot be used afterwards. Safe to call twice."""
+        self._closed = True
+        worker, self._worker = self._worker, None
+        if worker is not None and not worker.dead:
+            await worker.kill()
+
+    async def __aenter__(self) -> Sandbox:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def pid(self) -> int | None:
+        return self._worker.pid if self._worker is not None else None
+
+    # -- steps --------------------------------------------------------------------------
+    async def execute(self, code: str) -> ExecResult:
+        """Run one block of code in the episode's state; never raises for the code's faults."""
+        async with self._lock:
+            if self._closed:
+                raise SandboxError("this sandbox is closed")
+            if self._worker is None or self._worker.dead:
+                await self._restart()
+            worker = self._worker
+            assert worker is not None
+            self._steps += 1
+            t0 = time.perf_counter()
+            calls: list[dict[str, Any]] = []
+            try:
+                return await self._drive(worker, code, t0, calls)
+            except _WorkerGone as exc:
+                status = await worker.kill()
+                kind, why = _death(status, self.limits, str(exc))
+                return await self._lost(t0, calls, kind, why)
+            except _ProtocolError as exc:
+                await worker.kill()
+                return await self._lost(
+                    t0, calls, ErrorKind.SANDBOX, f"the sandbox broke protocol: {exc}"
+                )
+            except BaseException:
+                # Cancelled (or failed) mid-step: the worker's state is unknown, so it goes.
+                await worker.kill()
+                self._lost_note = "the previous step was cancelled"
+                raise
+
+    async def _drive(
+        self, worker: _Worker, code: str, t0: float, calls: list[dict[str, Any]]
+    ) -> ExecResult:
+        limits = self.limits
+        await worker.send({"op": "exec", "code": code, "step": self._steps, "cpu_s": limits.cpu_s})
+        deadline = t0 + limits.timeout_s
+        interrupted = False
+
+        def interrupt() -> float:
+            # Ask the code to stop (it keeps its state); kill only if it does not.
+            worker.signal(signal.SIGUSR1)
+            return time.perf_counter() + limits.grace_s
+
+        while True:
+            remaining = deadline - time.perf_counter()
+            try:
+                msg = await asyncio.wait_for(worker.recv(), max(remaining, 0.0))
+            except TimeoutError:
+                if interrupted:
+                    await worker.kill()
+                    return await self._lost(
+                        t0,
+                        calls,
+                        ErrorKind.TIMEOUT,
+                        f"TimeoutError: the code ran past the {limits.timeout_s:g} s time limit "
+                        "and did not stop when interrupted, so the sandbox was restarted",
+                    )
+                deadline, interrupted = interrupt(), True
+                continue
+            op = msg["op"]
+            if op == "done":
+                return self._result(msg, calls, t0)
+            if op == "tool":
+                if interrupted:
+                    await worker.send({"op": "tool_result", "interrupted": True})
+                    continue
+                reply = await self._call_tool(msg, deadline - time.perf_counter(), calls)
+                if reply is None:  # the step's time ran out inside the tool
+                    await worker.send({"op": "tool_result", "interrupted": True})
+                    deadline, interrupted = interrupt(), True
+                    continue
+                await worker.send({"op": "tool_result", **reply})
+                continue
+            raise _ProtocolError(f"unexpected message {op!r} during a step")
+
+    async def _call_tool(
+        self, msg: dict[str, Any], budget: float, calls: list[dict[str, Any]]
+    ) -> dict[str, Any] | None:
+        name, arguments = msg.get("name"), msg.get("arguments")
+        if not isinstance(name, str) or not isinstance(arguments, dict):
+            raise _ProtocolError("malformed tool request")
+        record: dict[str, Any] = {
+            "name": name,
+            "arguments": arguments,
+            "reply": None,
+            "error": None,
+        }
+        calls.append(record)
+        if name not in {t.name for t in self.tools}:
+            record["error"] = f"unknown tool {name!r}"
+            return {"error": record["error"]}
+        t0 = time.perf_counter()
+        try:
+            reply = await asyncio.wait_for(self.handler(name, arguments), max(budget, 0.0))
+        except TimeoutError:
+            record["error"] = "interrupted: the step's time limit was reached"
+            return None
+        except Exception as exc:  # a handler bug must not break the episode's protocol
+            logger.exception("tool handler failed for %s", name)
+            reply = ToolReply(error=f"{name} failed: {type(exc).__name__}: {exc}")
+        record["duration_s"] = round(time.perf_counter() - t0, 6)
+        if reply.error is not None:
+            record["error"] = reply.error
+            return {"error": str(reply.error)}
+        value = _json_value(reply.value)
+        record["reply"] = _summary(value)
+        return {"value": value}
+
+    def _result(self, msg: dict[str, Any], calls: list[dict[str, Any]], t0: float) -> ExecResult:
+        stdout = str(msg.get("stdout", ""))
+        dropped = int(msg.get("dropped", 0))
+        error = None
+        raw = msg.get("error")
+        if isinstance(raw, dict):
+            error = StepError(kind=ErrorKind(raw["kind"]), message=str(raw["message"]))
+        if dropped:
+            note = (
+                f"[output truncated: {dropped} more characters not shown; the limit is "
+                f"{self.limits.output_chars} per step]"
+            )
+            stdout = f"{stdout}\n{note}"
+            if error is None:
+                error = StepError(kind=ErrorKind.OUTPUT_LIMIT, message=note)
+            else:
+                error = StepError(kind=error.kind, message=f"{error.message}\n{note}")
+        final = msg.get("final_answer")
+        if final is not None:
+            calls.append(
+                {
+                    "name": "final_answer",
+                    "arguments": {"answer": str(final)},
+                    "reply": None,
+                    "error": None,
+                }
+            )
+        return ExecResult(
+            stdout=stdout,
+            error=error,
+            final_answer=None if final is None else str(final),
+            tool_calls=calls,
+            duration_s=time.perf_counter() - t0,
+        )
+
+    async def _lost(
+        self, t0: float, calls: list[dict[str, Any]], kind: ErrorKind, why: str
+    ) -> ExecResult:
+        self._worker = None
+        try:
+            await self._restart()
+            tail = "a fresh sandbox was started: variables from earlier steps are lost"
+        except SandboxError as exc:
+            tail = f"the sandbox could not be restarted ({exc})"
+        return ExecResult(
+            stdout="",
+            error=StepError(kind=kind, message=f"{why}; {tail}."),
+            tool_calls=calls,
+            duration_s=time.perf_counter() - t0,
+            state_lost=True,
+        )
+
+    async def _restart(self) -> None:
+        if self._worker is not None and not self._worker.dead:
+            await self._worker.kill()
+        self._worker = None
+        self._worker = await self._spawn()
+
+    # -- fork ---------------------------------------------------------------------------
+    async def fork(self) -> Sandbox:
+        """A new sandbox whose state is a copy of this one's (copy-on-write ``os.fork``).
+
+        The two never see each other's later changes. Both use the same working
+        directory: files written by one are seen by the other.
+        """
+        async with self._lock:
+            if self._closed:
+                raise SandboxError("this sandbox is closed")
+            if self._worker is None or self._worker.dead:
+                await self._restart()
+            worker = self._worker
+            assert worker is not None
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                worker.send_fd({"op": "fork"}, theirs.fileno())
+            finally:
+                theirs.close()
+            ours.setblocking(False)
+            try:
+                reply = await asyncio.wait_for(worker.recv(), self.limits.startup_timeout_s)
+                if reply["op"] != "forked":
+                    raise SandboxError(f"fork failed: {reply.get('message', reply)}")
+                child = _Worker(ours, int(reply["pid"]), None)
+                hello = await asyncio.wait_for(child.recv(), self.limits.startup_timeout_s)
+                if hello["op"] != "ready":
+                    await child.kill()
+                    raise SandboxError(f"forked worker failed: {hello.get('message', hello)}")
+            except (_WorkerGone, _ProtocolError, TimeoutError) as exc:
+                ours.close()
+                raise SandboxError(f"fork failed: {type(exc).__name__}: {exc}") from None
+            twin = Sandbox(
+                self.workdir, self.tools, self.handler, self.limits, self.preload, self.uid
+            )
+            twin.isolation = dict(self.isolation)
+            twin._worker = child
+            twin._steps = self._steps
+            return twin
+
+
+def _death(status: int | None, limits: SandboxLimits, detail: str) -> tuple[ErrorKind, str]:
+    """Why a worker died, from its exit status (known only for workers we started)."""
+    if status is not None and status < 0:
+        sig = -status
+        if sig == signal.SIGKILL:
+            return ErrorKind.MEMORY, (
+                "the sandbox was killed (SIGKILL), most likely for running out of memory "
+                f"(limit {limits.memory_mb} MB)"
+            )
+        if sig == signal.SIGXCPU:
+            return ErrorKind.TIMEOUT, f"the code exceeded its {limits.cpu_s} s CPU time limit"
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        return ErrorKind.SANDBOX, f"the sandbox crashed ({name})"
+    if status is not None:
+        return ErrorKind.SANDBOX, f"the sandbox exited (status {status}), e.g. by os._exit()"
+    return ErrorKind.SANDBOX, f"the sandbox stopped unexpectedly ({detail})"
+
+
+def _warn_missing_layers(isolation: dict[str, Any]) -> None:
+    """Say once per process which isolation layers this machine could not provide."""
+    missing = []
+    if not isolation.get("network_namespace"):
+        missing.append("network namespace (network is blocked only by the audit hook and Landlock)")
+    if not isolation.get("landlock_abi"):
+        missing.append("Landlock (file access is confined only by the audit hook)")
+    if not isolation.get("process_cap"):
+        missing.append("process cap (RLIMIT_NPROC needs a root host to drop to its own uid)")
+    for layer in missing:
+        if layer not in _warned:
+            _warned.add(layer)
+            logger.warning("sandbox isolation without %s", layer)
+    for note in isolation.get("notes", []):
+        if note not in _warned:
+            _warned.add(note)
+            logger.warning("sandbox: %s", note)
