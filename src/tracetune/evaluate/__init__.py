@@ -1,0 +1,47 @@
+"""Benchmarks and their exact scorers: GTA, GAIA, Agent-X, Dyn-VQA and VQA-style accuracy.
+
+Every scorer works on files alone (no agent run needed) and returns a ``ScoreReport``: the
+aggregate metrics, named as the benchmark names them, plus the per-item scores behind them.
+"""
+
+from tracetune.evaluate.base import ItemScore, ScoreReport, ScoringInputError
+from tracetune.evaluate.dynvqa import score_dynvqa, token_recall
+from tracetune.evaluate.gaia import extract_final_answer, question_scorer, score_gaia
+from tracetune.evaluate.gta import (
+    GTAScorer,
+    load_gta_gold,
+    mat_correct,
+    objective_correct,
+    score_gta,
+)
+from tracetune.evaluate.vqa import (
+    extract_answer,
+    extract_choice,
+    normalize_vqa_answer,
+    score_vqa,
+    vqa_accuracy,
+)
+
+BENCHMARKS = ("gta", "gaia", "agentx", "dynvqa", "vqa")
+
+__all__ = [
+    "BENCHMARKS",
+    "GTAScorer",
+    "ItemScore",
+    "ScoreReport",
+    "ScoringInputError",
+    "extract_answer",
+    "extract_choice",
+    "extract_final_answer",
+    "load_gta_gold",
+    "mat_correct",
+    "normalize_vqa_answer",
+    "objective_correct",
+    "question_scorer",
+    "score_dynvqa",
+    "score_gaia",
+    "score_gta",
+    "score_vqa",
+    "token_recall",
+    "vqa_accuracy",
+]
