@@ -185,6 +185,7 @@ def test_gta_step_official_on_fixture_matches_hand_computation(tmp_path: Path) -
     assert m["arg_acc"] == pytest.approx(100 * 7 / 11, abs=1e-6)
     assert m["answer_acc"] == pytest.approx(100 * 1 / 4, abs=1e-6)
     assert m["tool_call"] == 11 and m["tool_call_error"] == 1
+    assert isinstance(m["tool_call"], int)  # counts, not percentages
     assert report["details"]["inst_align_denominator"] == 15
     assert "MiniLM" in report["details"]["embedder"]["model"]
     assert json.loads(out.read_text()) == report

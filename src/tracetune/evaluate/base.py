@@ -40,7 +40,9 @@ class ScoreReport(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     benchmark: str = Field(description="Benchmark, mode and protocol, e.g. 'gta/e2e/official'.")
-    metrics: dict[str, float] = Field(description="Aggregate metrics, named as the benchmark does.")
+    metrics: dict[str, float | int] = Field(
+        description="Aggregate metrics, named as the benchmark does (counts stay integers)."
+    )
     n_items: int
     details: dict[str, Any] = Field(
         default_factory=dict,
