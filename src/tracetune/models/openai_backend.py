@@ -191,8 +191,14 @@ class OpenAIChatModel(ChatModel):
                     p["n"] = missing
                 if sampling.seed is not None:
                     p["seed"] = sampling.seed + calls + i
-                extra.append(self._request(p))
-            for response, attempts in await asyncio.gather(*extra):
+                extra.append(asyncio.ensure_future(self._request(p)))
+            try:
+                results = await asyncio.gather(*extra)
+            except BaseException:
+                for task in extra:  # one failed for good: the others are wasted spend
+                    task.cancel()
+                raise
+            for response, attempts in results:
                 take(response, attempts)
         completions = completions[:n]
 

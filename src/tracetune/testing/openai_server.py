@@ -172,6 +172,7 @@ class ScriptedOpenAIServer:
         config = uvicorn.Config(
             self._build_app(),
             log_level="warning",
+            log_config=None,  # leave the process's logging setup alone; errors still propagate
             access_log=False,
             lifespan="off",
             # Benchmarks open hundreds of keep-alive connections at once.
