@@ -25,9 +25,11 @@ Layers, from the kernel up (``Sandbox.isolation`` reports which ones took on thi
    ``RLIMIT_NPROC`` (``max_processes``) count this sandbox and its forks alone; root itself is
    exempt from that limit. A Python installed under a 0700 directory (pyenv in /root) stays
    reachable through a private mount namespace: a tmpfs over the closed directory and bind
-   mounts of exactly the paths needed. The working directory is chowned to that uid. A
-   non-root host keeps its uid and gets no process cap: process creation is then refused by
-   the audit hook, and executing programs by Landlock.
+   mounts of exactly the paths needed. The working directory is chowned to that uid. If
+   that mount namespace is refused too (Docker's default seccomp profile), the worker keeps
+   uid 0 but drops every capability, and has no process cap; a note in ``isolation`` says
+   so. A non-root host keeps its uid and gets no process cap: process creation is then
+   refused by the audit hook, and executing programs by Landlock.
 4. **rlimits**: address space (``memory_mb``), CPU seconds per step (``cpu_s``: the code is
    interrupted on SIGXCPU), file size, open files, no core dumps.
 5. **Landlock** (Linux >= 5.13, unprivileged): reads only from the Python installation,
@@ -52,8 +54,9 @@ code is first interrupted (its variables survive); if it does not stop within
 variables were lost and ``ExecResult.state_lost`` is set. The episode goes on either way;
 whether to end it is the agent's choice.
 
-Forks share the working directory (files are not copied). On macOS only the process, the
-rlimits the kernel honours and the audit hook apply.
+The worker dies with the host (``PR_SET_PDEATHSIG``). Forks share the working directory
+(files are not copied); ``.sandbox/`` in it is the code's HOME and TMPDIR. On macOS only the
+process, the rlimits the kernel honours and the audit hook apply.
 """
 
 from tracetune.sandbox._sandbox import (

@@ -163,7 +163,7 @@ class _Worker:
         self.buf = bytearray()
         self.pidfd: int | None = None
         self.dead = False
-        if proc is None and hasattr(os, "pidfd_open"):
+        if hasattr(os, "pidfd_open"):
             with contextlib.suppress(OSError):
                 self.pidfd = os.pidfd_open(pid)  # signals reach this process, never a reused pid
 
@@ -218,12 +218,24 @@ class _Worker:
             else:
                 os.kill(self.pid, sig)
 
+    def alive(self) -> bool:
+        if self.pidfd is not None:
+            try:
+                signal.pidfd_send_signal(self.pidfd, 0)
+                return True
+            except OSError:
+                return False
+        return self.proc is not None and self.proc.returncode is None
+
     async def kill(self) -> int | None:
         """Kill the worker and anything left in its process group; its exit status if known."""
         self.dead = True
+        # The group first, while its leader (the worker) still holds the group id: once the
+        # leader is gone the number could name someone else's group.
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
+                os.killpg(self.pid, signal.SIGKILL)
         self.signal(signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
-            os.killpg(self.pid, signal.SIGKILL)
         self.sock.close()
         if self.pidfd is not None:
             os.close(self.pidfd)
@@ -360,6 +372,7 @@ class Sandbox:
             "tools": [vars(t) for t in self.tools],
             "read_paths": list(self.limits.read_paths),
             "uid": self.uid,
+            "host_pid": os.getpid(),
             "preload": self.preload,
             "max_message_bytes": MAX_MESSAGE_BYTES // 2,
         }

@@ -84,6 +84,8 @@ _CLONE_NEWNET = 0x40000000
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
 _MS_BIND, _MS_REC, _MS_PRIVATE = 4096, 16384, 1 << 18
 _PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_PDEATHSIG = 1
+_PR_CAPBSET_DROP = 24
 _SYS_LANDLOCK = (444, 445, 446)  # create_ruleset, add_rule, restrict_self (generic table)
 
 # Landlock filesystem rights, by the ABI version that introduced them.
@@ -229,6 +231,28 @@ def _landlock(libc: Any, read_paths: list[str], write_paths: list[str]) -> int:
     return int(abi)
 
 
+def _drop_capabilities(libc: Any) -> bool:
+    """Empty the bounding, effective, permitted and inheritable sets of a uid-0 process."""
+    import ctypes
+
+    for cap in range(64):
+        libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)  # fails past the last cap: fine
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [
+            ("effective", ctypes.c_uint32),
+            ("permitted", ctypes.c_uint32),
+            ("inheritable", ctypes.c_uint32),
+        ]
+
+    header = Header(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+    data = (Data * 2)()
+    return bool(libc.capset(ctypes.byref(header), data) == 0)
+
+
 def _python_roots() -> list[str]:
     """Directories imports read from: the stdlib and site-packages, not editable checkouts."""
     prefixes = {
@@ -291,21 +315,29 @@ def isolate(config: dict[str, Any]) -> dict[str, Any]:
     libc: Any = _libc() if linux else None
 
     if linux and root:
-        flags = _CLONE_NEWNET
+        if libc.unshare(_CLONE_NEWNET) == 0:
+            report["network_namespace"] = True
+        else:
+            report["notes"].append(f"unshare(CLONE_NEWNET) failed: {_errno_text()}")
         needs_mounts = uid > 0 and any(
             _blocked_ancestor(p, uid, gid) for p in [workdir, *read_paths]
         )
         if needs_mounts:
-            flags |= _CLONE_NEWNS
-        if libc.unshare(flags) == 0:
-            report["network_namespace"] = True
-            if needs_mounts:
-                if libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
-                    raise OSError(f"make mounts private: {_errno_text()}")
+            if (
+                libc.unshare(_CLONE_NEWNS) == 0
+                and libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) == 0
+            ):
                 report["mount_namespace"] = True
                 report["exposed"] = _expose(libc, [workdir, *read_paths], uid, gid)
-        else:
-            report["notes"].append(f"unshare(CLONE_NEWNET) failed: {_errno_text()}")
+            else:
+                # e.g. Docker's default seccomp profile: without a mount namespace the
+                # Python under a closed directory stays unreachable for another uid.
+                report["notes"].append(
+                    f"no mount namespace ({_errno_text()}), and Python or the working "
+                    "directory is not reachable for another uid: the worker stays uid 0 "
+                    "without capabilities, and without a process cap"
+                )
+                uid = gid = -1
     elif linux:
         my_uid, my_gid = os.getuid(), os.getgid()
         if libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) == 0:
@@ -338,8 +370,17 @@ def isolate(config: dict[str, Any]) -> dict[str, Any]:
     if uid > 0:
         os.setgroups([])
         os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)  # all uids non-zero: the kernel clears every capability
         report["uid"] = uid
+    elif linux and root:
+        report["capabilities_dropped"] = _drop_capabilities(libc)
+
+    if linux:
+        # Die with the host: a worker stuck in time.sleep() would never see its channel
+        # close. Set after the uid change, which clears it; the ppid check closes the race.
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != config["host_pid"]:
+            os._exit(1)
 
     if linux:
         try:
@@ -973,7 +1014,8 @@ def main() -> None:
         worker = Worker(channel, config, policy)
         signal.signal(signal.SIGUSR1, worker.on_signal)
         signal.signal(signal.SIGXCPU, worker.on_signal)
-        sys.stdout = sys.stderr = worker.capture
+        for stream in ("stdout", "stderr", "__stdout__", "__stderr__"):
+            setattr(sys, stream, worker.capture)
         if config["limits"].get("audit_hook", True):
             sys.addaudithook(policy.hook)
             report["audit_hook"] = True
