@@ -354,6 +354,11 @@ async def test_forks_do_not_see_each_others_changes(workdir: Path) -> None:
             assert (await a.execute("print(x, counter)")).stdout == "[1, 'a'] 1\n"
             assert (await b.execute("print(x, counter)")).stdout == "[1, 'b'] 10\n"
             assert (await sb.execute("print(x, counter)")).stdout == "[1] 0\n"
+            # Candidates run at the same time, each calling tools through the one host.
+            results = await asyncio.gather(
+                *(f.execute(f"print(scale(counter, {k}))") for k, f in ((2, a), (3, b), (4, sb)))
+            )
+            assert [r.stdout for r in results] == ["2\n", "30\n", "0\n"]
             grandchild = await a.fork()
             await grandchild.execute("counter = -1")
             assert (await a.execute("print(counter)")).stdout == "1\n"
