@@ -300,6 +300,7 @@ def test_swift_pairs_use_rejected_response_unless_a_step_is_a_call(
     export_dataset("swift", data["pair"], tmp_path / "t", ExportOptions(tool_turns="text"))
     rows = list(map(json.loads, (tmp_path / "t/train.jsonl").open()))
     assert all("rejected_response" in r and "rejected_messages" not in r for r in rows)
+    assert all("tools" not in r for r in rows)
 
 
 def test_structured_turns_normalize_the_step_text(data: dict[str, Path], tmp_path: Path) -> None:
@@ -363,6 +364,17 @@ def test_llamafactory_rows_follow_its_rules_and_load(data: dict[str, Path], tmp_
     ]
     assert sft["json-episode"]["conversations"][2]["value"].startswith("<image>cropped")
     assert [t["from"] for t in sft["code-episode"]["conversations"]] == ["human", "gpt"] * 3
+    # Plain-text steps: no tools column, or LLaMA-Factory would add its own tool-call syntax.
+    export_dataset(
+        "llamafactory", data["trajectory"], tmp_path / "text", ExportOptions(tool_turns="text")
+    )
+    entry = json.loads((tmp_path / "text/dataset_info.json").read_text())["text"]
+    assert "tools" not in entry["columns"]
+    text_rows = list(map(json.loads, (tmp_path / "text/train.jsonl").open()))
+    assert all(
+        "tools" not in r and {t["from"] for t in r["conversations"]} == {"human", "gpt"}
+        for r in text_rows
+    )
 
 
 def test_image_placeholder_count_is_checked_and_names_the_record(

@@ -142,13 +142,11 @@ def _tools(record: Trajectory | PreferencePair | Dialogue) -> str:
     return json.dumps(tool_schemas(record.tools or record.task.tools), ensure_ascii=False)
 
 
-def _dataset_info(name: str, ranking: bool) -> str:
-    columns = {
-        "messages": "conversations",
-        "system": "system",
-        "tools": "tools",
-        "images": "images",
-    }
+def _dataset_info(name: str, ranking: bool, tools: bool) -> str:
+    columns = {"messages": "conversations", "system": "system"}
+    if tools:
+        columns["tools"] = "tools"
+    columns["images"] = "images"
     if ranking:
         columns.update({"chosen": "chosen", "rejected": "rejected"})
     entry: dict[str, Any] = {"file_name": DATA_FILE, "formatting": "sharegpt"}
@@ -163,9 +161,9 @@ _README = """\
 # {rows} tracetune {kind} records for LLaMA-Factory ({what})
 
 `{data}` holds sharegpt rows: `conversations` ({turns}), `system` (tracetune's agent prompt,
-which lists the tools), `tools` (the tools' JSON schemas as a JSON string), `images` (paths
-relative to this folder; every `<image>` marks where the next one goes), plus `id` and
-`files`, which LLaMA-Factory ignores and `tracetune import --format {fmt}` uses.
+which lists the tools), {tools}`images` (paths relative to this folder; every `<image>` marks
+where the next one goes), plus `id` and `files`, which LLaMA-Factory ignores and
+`tracetune import --format {fmt}` uses.
 {tool_note}
 `dataset_info.json` registers the data as `{name}`. Use this folder as the dataset directory
 (images resolve against it):
@@ -188,7 +186,17 @@ class _LlamaFactoryExporter(Exporter):
     ranking: ClassVar[bool] = False
 
     def extra_files(self, report: ExportReport) -> dict[str, str]:
-        return {"dataset_info.json": _dataset_info(self.dataset_name(report), self.ranking)}
+        structured = self.options.tool_turns == "structured"
+        info = _dataset_info(self.dataset_name(report), self.ranking, tools=structured)
+        return {"dataset_info.json": info}
+
+    def tools(self, record: Trajectory | PreferencePair | Dialogue) -> dict[str, str]:
+        """The ``tools`` column, for structured tool turns only: given tools, LLaMA-Factory
+        adds its template's tool-calling instructions to the system prompt, which plain-text
+        steps do not follow (the system prompt already lists the tools)."""
+        if self.options.tool_turns != "structured":
+            return {}
+        return {"tools": _tools(record)}
 
     def readme(self, report: ExportReport) -> str:
         structured = self.options.tool_turns == "structured"
@@ -199,7 +207,8 @@ class _LlamaFactoryExporter(Exporter):
             "tracetune's `Action:` text. Export with `--tool-turns text` to train on the exact "
             "text the agent generates.\n"
             if structured
-            else "\nEvery step is a `gpt` turn with the text the agent generated.\n"
+            else "\nEvery step is a `gpt` turn with the text the agent generated; there is no "
+            "`tools` column, so LLaMA-Factory adds no tool-calling instructions of its own.\n"
         )
         return _README.format(
             rows=report.rows,
@@ -214,6 +223,7 @@ class _LlamaFactoryExporter(Exporter):
             ),
             fmt=self.name,
             tool_note=tool_note,
+            tools="`tools` (the tools' JSON schemas as a JSON string), " if structured else "",
             name=self.dataset_name(report),
             out=report.out_dir.resolve(),
             stage="dpo" if self.ranking else "sft",
@@ -235,7 +245,7 @@ class LlamaFactoryExporter(_LlamaFactoryExporter):
             "id": record.id,
             "conversations": conversations,
             "system": system,
-            "tools": _tools(record),
+            **self.tools(record),
             "images": images,
             "files": [media.file(f) for f in task_attachments(record)],
         }
@@ -261,7 +271,7 @@ class LlamaFactoryDpoExporter(_LlamaFactoryExporter):
             "chosen": {"from": _tag(chosen), "value": _value(chosen, media, images)},
             "rejected": {"from": _tag(rejected), "value": _value(rejected, media, images)},
             "system": system,
-            "tools": _tools(record),
+            **self.tools(record),
             "images": images,
             "files": [media.file(f) for f in task_attachments(record)],
         }

@@ -98,10 +98,18 @@ class SwiftExporter(Exporter):
         return {
             "id": record.id,
             "messages": messages,
-            "tools": _tools(record),
+            **self._tools_column(record),
             "images": images,
             "files": files,
         }
+
+    def _tools_column(self, record: Trajectory | PreferencePair | Dialogue) -> dict[str, str]:
+        """``tools`` for structured tool turns only: given tools, ms-swift's agent template
+        adds its own tool-calling instructions, which plain-text steps do not follow (the
+        system prompt already lists the tools)."""
+        if self.options.tool_turns != "structured":
+            return {}
+        return {"tools": _tools(record)}
 
     def _pair_row(
         self, pair: PreferencePair, media: MediaWriter, structured: bool, files: list[str]
@@ -112,7 +120,7 @@ class SwiftExporter(Exporter):
         row: dict[str, Any] = {
             "id": pair.id,
             "messages": messages,
-            "tools": _tools(pair),
+            **self._tools_column(pair),
             "images": images,
             "files": files,
         }
@@ -122,11 +130,12 @@ class SwiftExporter(Exporter):
         else:
             row["rejected_messages"] = swift_messages([*prompt, rejected], media)[0]
             row["rejected_images"] = images
-            row["rejected_tools"] = row["tools"]
+            row["rejected_tools"] = row.get("tools", "[]")
         return row
 
     def readme(self, report: ExportReport) -> str:
         pair = report.record_type == "pair"
+        structured = self.options.tool_turns == "structured"
         rlhf = (
             "\nPreference rows: `messages` ends with the chosen step; `rejected_response` holds "
             "the rejected step's text, or, where a step is a structured tool call, "
@@ -135,17 +144,31 @@ class SwiftExporter(Exporter):
             if pair
             else ""
         )
+        steps = (
+            "JSON-action steps as an `assistant` thought plus a `tool_call` turn answered by a "
+            "`tool_response` turn, other steps as `assistant` text answered by a `user` "
+            "observation), `tools` (JSON string)"
+            if structured
+            else "every step as the `assistant` text the agent generated, answered by a `user` "
+            "observation; no `tools` column, so ms-swift adds no tool-calling instructions of "
+            "its own)"
+        )
         command = "swift rlhf --rlhf_type dpo" if pair else "swift sft"
-        command += (
-            f" --model <model> --dataset {DATA_FILE} --agent_template hermes --train_type lora"
+        command += f" --model <model> --dataset {DATA_FILE} --train_type lora"
+        if structured:
+            command += " --agent_template hermes"
+        note = (
+            "\n`--agent_template` decides how `tool_call` turns are spelled for the model; "
+            "export with `--tool-turns text` to train on the exact text tracetune's agent "
+            "generates instead.\n"
+            if structured
+            else ""
         )
         return f"""# {report.rows} tracetune {report.record_type} records for ms-swift
 
 `{DATA_FILE}` holds ms-swift rows: `messages` (system prompt listing the tools, the task with
-`<image>` markers, then each step: JSON-action steps as an `assistant` thought plus a
-`tool_call` turn answered by a `tool_response` turn, other steps as `assistant` text answered
-by a `user` observation), `tools` (JSON string), `images` (paths relative to this folder, in
-marker order), plus `id` and `files` for `tracetune import --format swift`.
+`<image>` markers, then {steps}, `images` (paths relative to this folder, in marker order),
+plus `id` and `files` for `tracetune import --format swift`.
 {rlhf}
 Run from this folder, or export with `--absolute-paths` (ms-swift opens image paths as
 given):
@@ -154,10 +177,7 @@ given):
 cd {report.out_dir.resolve()}
 {command}
 ```
-
-`--agent_template` decides how `tool_call` turns are spelled for the model; export with
-`--tool-turns text` to train on the exact text tracetune's agent generates instead.
-"""
+{note}"""
 
 
 # -- import -----------------------------------------------------------------------------------

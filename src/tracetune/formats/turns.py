@@ -290,6 +290,7 @@ def _stored(part: Part, ctx: ImportContext, name: str | None = None) -> FileRef:
 
 
 _ERROR = re.compile(r"Error \(([a-z_]+)\): (.*)", re.S)
+_PROMPT_TOOL = re.compile(r"^([A-Za-z_]\w*)\(.*\) -> \w+$", re.M)  # a tool's signature line
 _LISTING = "\n\nAttached files: "
 _ENTRY = re.compile(r"(.+?) \((image|[\w.+-]+/[\w.+-]+)\)(?:, |$)", re.S)
 
@@ -456,13 +457,16 @@ def _steps(turns: list[Turn], action_format: str, ctx: ImportContext, start: int
 
 def _head(
     turns: list[Turn], tools: list[str], files: list[PendingMedia], rid: str, ctx: ImportContext
-) -> tuple[str, Task]:
+) -> tuple[str, list[str], Task]:
+    """The action format, the tools and the task of an episode's first two turns."""
     if len(turns) < 2 or turns[0].role != "system":
         raise NotAnEpisode("it has no system prompt")
     if turns[0].images:
         raise NotAnEpisode("its system prompt has images")
+    if not tools:  # exports meant for plain-text training leave the tools to the prompt
+        tools = _PROMPT_TOOL.findall(turns[0].text)
     action_format = _match_format(turns[0].text, tools)
-    return action_format, _parse_task(turns[1], files, tools, rid, ctx)
+    return action_format, tools, _parse_task(turns[1], files, tools, rid, ctx)
 
 
 def turns_to_trajectory(
@@ -473,7 +477,7 @@ def turns_to_trajectory(
     ctx: ImportContext,
 ) -> Trajectory:
     """A tracetune episode (system prompt, task, steps) read back into a trajectory."""
-    action_format, task = _head(turns, tools, files, rid, ctx)
+    action_format, tools, task = _head(turns, tools, files, rid, ctx)
     steps = _steps(turns[2:], action_format, ctx)
     final = steps[-1] if steps and _is_final(steps[-1]) else None
     answer = None
@@ -503,7 +507,7 @@ def turns_to_pair(
     ctx: ImportContext,
 ) -> PreferencePair:
     """A step-wise preference (episode prefix, chosen and rejected next step) read back."""
-    action_format, task = _head(prompt, tools, files, rid, ctx)
+    action_format, tools, task = _head(prompt, tools, files, rid, ctx)
     rest = prompt[2:]
     if rest and rest[-1].role == "assistant":
         raise NotAnEpisode("the prompt ends on an assistant turn, not on an observation")
