@@ -284,23 +284,27 @@ def test_pairs_round_trip(fmt: str, tool_turns: str, data: dict[str, Path], tmp_
         assert back[rid].step_index == original.step_index == 1
 
 
-def test_swift_pairs_use_rejected_response_unless_a_step_is_a_call(
+def test_swift_pairs_use_one_rejected_column_per_file(
     data: dict[str, Path], tmp_path: Path
 ) -> None:
     export_dataset("swift", data["pair"], tmp_path / "s")
     rows = {r["id"]: r for r in map(json.loads, (tmp_path / "s/train.jsonl").open())}
-    # A malformed step is text either way, but the chosen step is a structured call.
-    assert "rejected_messages" in rows["pair-malformed"]
-    assert rows["pair-malformed"]["rejected_messages"][-1]["content"] == (
-        "The answer is probably 12"
-    )
+    # Structured steps span two messages, so every row carries the rejected conversation.
+    assert all("rejected_messages" in r and "rejected_response" not in r for r in rows.values())
+    assert rows["pair-malformed"]["messages"][-1]["role"] == "tool_call"
+    assert rows["pair-malformed"]["rejected_messages"][-1] == {
+        "role": "assistant",
+        "content": "The answer is probably 12",
+    }
     assert rows["pair-two-calls"]["rejected_messages"][-1]["role"] == "tool_call"
-    assert rows["pair-code"]["rejected_response"].startswith("Thought: guess")
-    assert rows["pair-code"]["messages"][-1]["role"] == "assistant"
+    assert rows["pair-code"]["rejected_messages"][-1]["content"].startswith("Thought: guess")
+    assert rows["pair-code"]["rejected_images"] == rows["pair-code"]["images"]
+    assert rows["pair-code"]["messages"][:-1] == rows["pair-code"]["rejected_messages"][:-1]
     export_dataset("swift", data["pair"], tmp_path / "t", ExportOptions(tool_turns="text"))
-    rows = list(map(json.loads, (tmp_path / "t/train.jsonl").open()))
-    assert all("rejected_response" in r and "rejected_messages" not in r for r in rows)
-    assert all("tools" not in r for r in rows)
+    rows = {r["id"]: r for r in map(json.loads, (tmp_path / "t/train.jsonl").open())}
+    assert all("rejected_response" in r and "rejected_messages" not in r for r in rows.values())
+    assert all("tools" not in r for r in rows.values())
+    assert rows["pair-malformed"]["rejected_response"] == "The answer is probably 12"
 
 
 def test_structured_turns_normalize_the_step_text(data: dict[str, Path], tmp_path: Path) -> None:

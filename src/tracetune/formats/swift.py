@@ -55,7 +55,8 @@ def swift_messages(turns: list[Turn], media: MediaWriter) -> tuple[list[dict[str
     for turn in turns:
         if turn.call is not None:
             if turn.thought:
-                messages.append({"role": "assistant", "content": turn.thought})
+                # ms-swift joins the thought and the call with nothing between them.
+                messages.append({"role": "assistant", "content": turn.thought + "\n"})
             call = {"name": turn.call.name, "arguments": turn.call.arguments}
             messages.append({"role": "tool_call", "content": json.dumps(call, ensure_ascii=False)})
             continue
@@ -124,23 +125,32 @@ class SwiftExporter(Exporter):
             "images": images,
             "files": files,
         }
-        if chosen.call is None and rejected.call is None:
-            # Both steps are one text turn: the widely supported single-response form.
+        if chosen.call is None and rejected.call is None and chosen.text == rejected.text:
+            # ms-swift drops such rows; say so here, naming the record.
+            raise FormatError(f"record {pair.id}: the chosen and rejected steps are the same text")
+        # One spelling for the whole file: ms-swift reads a row with a null rejected_response
+        # (what a missing key becomes once the rows share one schema) as an error and drops it.
+        if not structured:
             row["rejected_response"] = rejected.text
         else:
             row["rejected_messages"] = swift_messages([*prompt, rejected], media)[0]
             row["rejected_images"] = images
-            row["rejected_tools"] = row.get("tools", "[]")
+            row["rejected_tools"] = row["tools"]
         return row
 
     def readme(self, report: ExportReport) -> str:
         pair = report.record_type == "pair"
         structured = self.options.tool_turns == "structured"
         rlhf = (
-            "\nPreference rows: `messages` ends with the chosen step; `rejected_response` holds "
-            "the rejected step's text, or, where a step is a structured tool call, "
-            "`rejected_messages` (with `rejected_images` and `rejected_tools`) holds the whole "
-            "rejected conversation, which needs ms-swift 3.8 or later.\n"
+            "\nPreference rows: `messages` ends with the chosen step; "
+            + (
+                "`rejected_messages` (with `rejected_images` and `rejected_tools`) holds the "
+                "whole rejected conversation, since a step may be a structured tool call "
+                "(needs ms-swift 3.8 or later; `--tool-turns text` writes `rejected_response` "
+                "instead).\n"
+                if structured
+                else "`rejected_response` holds the rejected step's text.\n"
+            )
             if pair
             else ""
         )
@@ -208,7 +218,7 @@ def swift_turns(messages: Any, images: list[PendingMedia]) -> list[Turn]:
                 and previous.call is None
                 and not previous.images
             ):
-                thought = previous.text
+                thought = previous.text.removesuffix("\n")
                 turns.pop()
             turns.append(Turn(role="assistant", call=call, thought=thought))
         elif role in _ROLES:
