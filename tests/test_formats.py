@@ -526,6 +526,9 @@ def test_images_are_self_contained_and_can_be_hard_linked(
     assert import_file("trl-sft", moved, tmp_path / "back").imported == 2
     with pytest.raises(FormatError, match="already holds an export"):
         export_dataset("trl-sft", data["trajectory"], tmp_path / "link")
+    (tmp_path / "link/images/stale.png").write_bytes(b"old")
+    export_dataset("trl-sft", data["trajectory"], tmp_path / "link", ExportOptions(overwrite=True))
+    assert not (tmp_path / "link/images/stale.png").exists() and linked.exists()
 
 
 def test_wrong_record_type_and_unknown_format_are_clear_errors(
@@ -585,6 +588,43 @@ def test_foreign_chats_import_as_dialogues_not_trajectories(tmp_path: Path) -> N
     ]
     assert '"name": "count"' in chat["messages"][2]["content"][0]["text"]
     assert dialog.task.query == "How many red pixels?" and len(chat["images"]) == 1
+
+
+def test_llamafactory_import_follows_its_dataset_info_mapping(tmp_path: Path) -> None:
+    """Columns and tags come from the dataset_info.json entry beside the data file."""
+    picture("blue").save(tmp_path / "blue.png")
+    rows = [
+        {
+            "msgs": [
+                {"role": "user", "content": "Which colour? <image>"},
+                {"role": "assistant", "content": "Blue."},
+            ],
+            "pics": ["blue.png"],
+        }
+    ]
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    info = {
+        "chat": {
+            "file_name": "chat.jsonl",
+            "formatting": "sharegpt",
+            "columns": {"messages": "msgs", "images": "pics"},
+            "tags": {
+                "role_tag": "role",
+                "content_tag": "content",
+                "user_tag": "user",
+                "assistant_tag": "assistant",
+            },
+        }
+    }
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    report = import_file("llamafactory", tmp_path, tmp_path / "out")
+    assert report.record_type == "dialogue" and report.imported == 1
+    chat = dialogue_chat(next(iter(Dataset.open(tmp_path / "out"))))
+    assert chat["messages"][0]["content"] == [
+        {"type": "text", "text": "Which colour? "},
+        {"type": "image"},
+    ]
+    assert chat["images"][0].width == 56
 
 
 # -- MAT / M-TRACE ----------------------------------------------------------------------------

@@ -278,8 +278,11 @@ class MatImporter(Importer):
             messages.append(Message(role=role, content=parts))  # type: ignore[arg-type]
         if pending:
             raise FormatError(f"{len(pending)} images but fewer <img> tags in the user turns")
-        first_user = next(m for m in messages if m.role == "user")
-        query, _ = _task_parts(turns[[r for r, _ in turns].index("user")][1])
+        users = [i for i, (role, _) in enumerate(turns) if role == "user"]
+        if not users:
+            raise FormatError("the conversation has no user turn (the task)")
+        first_user = messages[users[0]]
+        query, _ = _task_parts(turns[users[0]][1])
         return Dialogue(
             id=rid,
             task=Task(

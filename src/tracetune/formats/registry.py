@@ -474,6 +474,9 @@ def export_dataset(
     data_path = out / DATA_FILE
     if data_path.exists() and not options.overwrite:
         raise FormatError(f"{out} already holds an export; pass --overwrite to replace it")
+    if (out / "export.json").is_file():  # our own previous export: drop its media too
+        for folder in ("images", "files"):
+            shutil.rmtree(out / folder, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     report = ExportReport(
         format=format_name,
