@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -588,6 +589,19 @@ def test_foreign_chats_import_as_dialogues_not_trajectories(tmp_path: Path) -> N
     ]
     assert '"name": "count"' in chat["messages"][2]["content"][0]["text"]
     assert dialog.task.query == "How many red pixels?" and len(chat["images"]) == 1
+
+
+def test_tool_names_from_data_never_import_code(data: dict[str, Path], tmp_path: Path) -> None:
+    """A 'module:attr' tool name (which tracetune's registry would import) is refused."""
+    export_dataset("trl-sft", data["trajectory"], tmp_path / "sft")
+    rows = list(map(json.loads, (tmp_path / "sft/train.jsonl").open()))
+    rows[0]["tools"] = json.dumps([{"name": "antigravity:fly"}])
+    (tmp_path / "sft/train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(FormatError, match=r"\['antigravity:fly'\] are not registered tool names"):
+        import_file(
+            "trl-sft", tmp_path / "sft", tmp_path / "t", ImportOptions(record_type="trajectory")
+        )
+    assert "antigravity" not in sys.modules
 
 
 def test_llamafactory_import_follows_its_dataset_info_mapping(tmp_path: Path) -> None:

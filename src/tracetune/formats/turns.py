@@ -296,6 +296,10 @@ _ENTRY = re.compile(r"(.+?) \((image|[\w.+-]+/[\w.+-]+)\)(?:, |$)", re.S)
 
 
 def _match_format(system: str, tools: list[str]) -> str:
+    # Only registered tools count: a 'module:attr' name would import code named by the data.
+    odd = [t for t in tools if not t.isidentifier()]
+    if odd:
+        raise NotAnEpisode(f"tool names {odd} are not registered tool names")
     for name in ("json", "code"):
         try:
             if system_prompt(name, tools) == system:
