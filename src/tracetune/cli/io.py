@@ -14,18 +14,8 @@ from tracetune.formats.registry import export_formats, import_formats
 app = typer.Typer(no_args_is_help=True)
 out_console = Console(soft_wrap=True)  # paths stay on one line, copyable
 
-_EXPORT_HELP = (
-    "Export a tracetune dataset for a trainer. Formats: trl-sft, llamafactory, swift "
-    "(trajectories, dialogues); trl-dpo, llamafactory-dpo, swift (preference pairs)."
-)
-_IMPORT_HELP = (
-    "Import a trainer-format file (or an export directory) as a tracetune dataset. Formats: "
-    "trl-sft, llamafactory, swift (to trajectories or dialogues); trl-dpo, "
-    "llamafactory-dpo, swift (to preference pairs); mat (MAT / M-TRACE SFT JSON)."
-)
 
-
-@app.command("export", help=_EXPORT_HELP)
+@app.command("export")
 def export_cmd(
     format: Annotated[
         str, typer.Option("--format", "-f", help=f"One of: {', '.join(export_formats())}.")
@@ -54,6 +44,11 @@ def export_cmd(
         typer.Option(help="Dataset name for dataset_info.json (default: OUT's name)."),
     ] = None,
 ) -> None:
+    """Export a dataset in a trainer's format (TRL, LLaMA-Factory, ms-swift).
+
+    trl-sft, llamafactory and swift take trajectories and dialogues; trl-dpo,
+    llamafactory-dpo and swift take preference pairs.
+    """
     from pydantic import ValidationError
 
     from tracetune.formats.registry import ExportOptions, FormatError, export_dataset
@@ -81,7 +76,7 @@ def export_cmd(
         out_console.print(f"  skipped {rid}: {reason}")
 
 
-@app.command("import", help=_IMPORT_HELP)
+@app.command("import")
 def import_cmd(
     format: Annotated[
         str, typer.Option("--format", "-f", help=f"One of: {', '.join(import_formats())}.")
@@ -111,6 +106,11 @@ def import_cmd(
         Path | None, typer.Option(help="Also write the trajectories' tasks as a task dataset.")
     ] = None,
 ) -> None:
+    """Import a trainer-format file (or an export directory) as a dataset.
+
+    trl-sft, llamafactory and swift rows become trajectories (or dialogues); trl-dpo,
+    llamafactory-dpo and swift preference rows become pairs; mat reads MAT / M-TRACE SFT JSON.
+    """
     from pydantic import ValidationError
 
     from tracetune.formats.registry import FormatError, ImportOptions, import_file
