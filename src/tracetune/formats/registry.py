@@ -303,7 +303,9 @@ class Importer(ABC):
             if found.is_file():
                 return found
             candidates = sorted([*path.glob("*.jsonl"), *path.glob("*.json")])
-            candidates = [c for c in candidates if c.name not in ("export.json",)]
+            candidates = [
+                c for c in candidates if c.name not in ("export.json", "dataset_info.json")
+            ]
             if len(candidates) != 1:
                 raise FormatError(
                     f"{path} is a directory without {DATA_FILE}; pass the data file itself"
