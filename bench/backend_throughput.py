@@ -177,13 +177,15 @@ def main() -> int:
     args = parser.parse_args()
     modes = ["steady", "burst"] if args.mode == "both" else [args.mode]
 
+    load_before = os.getloadavg()[0]  # other work on the machine skews these numbers
     with serving(args.latency, args.in_process) as (base_url, stats):
         rows = asyncio.run(bench(base_url, args.concurrency, modes, args.latency, args.window))
     where = "a thread of this process" if args.in_process else "a child process"
     print(
         f"server latency {args.latency * 1000:.0f} ms in {where}; {args.window:g} s window "
         f"per row; {stats['calls']} requests served, at most {stats['max_in_flight']} in "
-        f"flight; {os.cpu_count()} CPUs, python {platform.python_version()}, "
+        f"flight; {os.cpu_count()} CPUs, load average {load_before:.1f} before the "
+        f"run; python {platform.python_version()}, "
         f"openai {openai.__version__}\n"
     )
     print(table(rows, args.latency))
