@@ -8,7 +8,7 @@ import importlib
 import json
 import shutil
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -32,8 +32,10 @@ def _import_modules(modules: list[str] | None) -> None:
 
 @app.command("list")
 def list_tools(
-    as_json: Annotated[bool, typer.Option("--json", help="Print the OpenAI `tools` array.")] = False,
-    module: Annotated[Optional[list[str]], typer.Option(help=_MODULE_HELP)] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the OpenAI `tools` array.")
+    ] = False,
+    module: Annotated[list[str] | None, typer.Option(help=_MODULE_HELP)] = None,
 ) -> None:
     """Show every registered tool: signature, output type, and whether it can run here."""
     from tracetune.tools import registered_tools
@@ -124,24 +126,24 @@ def _parse_options(option: list[str] | None, corpus: Path | None) -> dict[str, A
 @app.command("run")
 def run_tool(
     name: Annotated[str, typer.Argument(help="Tool name, or package.module:attr for your own.")],
-    arg: Annotated[Optional[list[str]], typer.Option(
+    arg: Annotated[list[str] | None, typer.Option(
         "--arg", "-a", help="Argument as KEY=VALUE (repeatable); arrays as JSON or 1,2,3.")] = None,
-    image: Annotated[Optional[list[Path]], typer.Option(
+    image: Annotated[list[Path] | None, typer.Option(
         help="Image to use (repeatable); copied into the workdir, and passed as `image` "
              "when the tool takes one and --arg did not set it.")] = None,
-    file: Annotated[Optional[list[Path]], typer.Option(
+    file: Annotated[list[Path] | None, typer.Option(
         help="Any file to use; like --image but fills a `path` argument.")] = None,
     workdir: Annotated[Path, typer.Option(
         help="Working directory: tool file arguments are names in it, results are saved "
              "in it.")] = Path("."),
-    model: Annotated[Optional[str], typer.Option(
+    model: Annotated[str | None, typer.Option(
         help="Model for visual_qa/caption/inspect_file questions: openai:NAME or local:PATH.")]
         = None,
-    corpus: Annotated[Optional[Path], typer.Option(
+    corpus: Annotated[Path | None, typer.Option(
         help="Corpus for `search`: a folder of .txt/.md/.pdf files or a .jsonl.")] = None,
-    option: Annotated[Optional[list[str]], typer.Option(
+    option: Annotated[list[str] | None, typer.Option(
         help="Tool option as TOOL.KEY=VALUE, e.g. object_localization.model=DIR.")] = None,
-    module: Annotated[Optional[list[str]], typer.Option(help=_MODULE_HELP)] = None,
+    module: Annotated[list[str] | None, typer.Option(help=_MODULE_HELP)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print text, data and saved files "
                                                           "as JSON.")] = False,
 ) -> None:
@@ -207,5 +209,5 @@ def run_tool(
         return
     if result.text:
         typer.echo(result.text)
-    for path in saved:
-        typer.echo(f"saved image: {path}")
+    for saved_path in saved:
+        typer.echo(f"saved image: {saved_path}")

@@ -29,16 +29,24 @@ class TypedTool(Tool):
         self.description = spec.description
         self.parameters = spec.parameters
         self.output_type = spec.output_type
-        self._lock = threading.Lock()
+        self._cache: dict[Any, Any] = {}
+        self._key_locks: dict[Any, threading.Lock] = {}
+        self._guard = threading.Lock()
 
     def cached(self, key: Any, build: Callable[[], T]) -> T:
-        """Build a resource once per key (model id, corpus) and share it between threads."""
-        cache: dict[Any, Any] = self.__dict__.setdefault("_cache", {})
-        if key not in cache:
-            with self._lock:
-                if key not in cache:
-                    cache[key] = build()
-        return cache[key]  # type: ignore[no-any-return]
+        """Build a resource once per key (model id, corpus) and share it between threads.
+
+        Each key has its own lock, so building one resource (which may itself need another,
+        e.g. an index needs the embedder) never waits on an unrelated build.
+        """
+        if key in self._cache:
+            return self._cache[key]  # type: ignore[no-any-return]
+        with self._guard:
+            lock = self._key_locks.setdefault(key, threading.Lock())
+        with lock:
+            if key not in self._cache:
+                self._cache[key] = build()
+        return self._cache[key]  # type: ignore[no-any-return]
 
 
 def tool_options(ctx: ToolContext, name: str) -> dict[str, Any]:

@@ -22,7 +22,7 @@ _MAX_LEN = 2000
 
 
 def _namespace(variables: list[str]) -> dict[str, Any]:
-    import sympy
+    import sympy  # type: ignore[import-untyped]
 
     ns: dict[str, Any] = {name: getattr(sympy, name) for name in _FUNCTIONS if hasattr(sympy, name)}
     ns.update({"ln": sympy.log, "abs": sympy.Abs, "e": sympy.E})
@@ -34,7 +34,7 @@ def _namespace(variables: list[str]) -> dict[str, Any]:
 
 
 def _parse(text: str, ns: dict[str, Any]) -> Any:
-    from sympy.parsing.sympy_parser import (
+    from sympy.parsing.sympy_parser import (  # type: ignore[import-untyped]
         convert_xor,
         implicit_multiplication_application,
         parse_expr,

@@ -42,6 +42,16 @@ def split_queries(text: str) -> list[str]:
     return queries
 
 
+def _from_pretrained(cls: Any, model_id: str) -> Any:
+    return cls.from_pretrained(model_id)
+
+
+def _clean_phrase(label: str, special: set[str]) -> str:
+    """Grounding DINO labels are prompt spans: drop special tokens and the phrase periods."""
+    words = [w.strip(".") for w in label.split() if w not in special]
+    return " ".join(w for w in words if w) or label
+
+
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float = 0.5) -> list[int]:
     """Greedy non-maximum suppression; returns kept indices, best first."""
     order = list(np.argsort(-scores))
@@ -86,7 +96,7 @@ class ObjectLocalization(TypedTool):
 
         return self.cached((model_id, device), load)
 
-    def forward(self, ctx: ToolContext, image: str, text: str) -> ToolResult:
+    def forward(self, ctx: ToolContext, image: str, text: str) -> ToolResult:  # type: ignore[override]
         """Find objects described in words and return their bounding boxes (open-vocabulary
         detection: any object name or short description works).
 
@@ -116,7 +126,8 @@ class ObjectLocalization(TypedTool):
                     text_threshold=float(options.get("text_threshold", 0.25)),
                     target_sizes=[(img.height, img.width)],
                 )[0]
-                labels = [str(label) for label in result["text_labels"]]
+                special = set(processor.tokenizer.all_special_tokens)
+                labels = [_clean_phrase(str(label), special) for label in result["text_labels"]]
             elif family in ("owlvit", "owlv2"):
                 inputs = processor(text=[queries], images=img, return_tensors="pt").to(device)
                 outputs = model(**inputs)
@@ -138,7 +149,9 @@ class ObjectLocalization(TypedTool):
         scores = result["scores"].float().cpu().numpy().reshape(-1)
         boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, img.width)
         boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, img.height)
-        found = []
+        # With no box kept, Grounding DINO's post-processing still decodes one empty phrase.
+        labels = labels[: len(scores)]
+        found: list[dict[str, Any]] = []
         for label in dict.fromkeys(labels):
             idx = np.array([i for i, lab in enumerate(labels) if lab == label])
             for k in nms(boxes[idx], scores[idx]):
@@ -169,12 +182,12 @@ class Segmentation(TypedTool):
             processor = load_pretrained("processor", model_id, self.name,
                                         lambda: AutoProcessor.from_pretrained(model_id))
             model = load_pretrained("model", model_id, self.name,
-                                    lambda: SamModel.from_pretrained(model_id))
+                                    lambda: _from_pretrained(SamModel, model_id))
             return processor, model.to(device).eval()
 
         return self.cached((model_id, device), load)
 
-    def forward(
+    def forward(  # type: ignore[override]
         self,
         ctx: ToolContext,
         image: str,
@@ -225,7 +238,9 @@ class Segmentation(TypedTool):
         mask = masks[best].numpy().astype(bool)
         area = int(mask.sum())
         ys, xs = np.nonzero(mask)
-        bbox = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1] if area else None
+        bbox = (
+            [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1] if area else None
+        )
         mask_img = Image.fromarray((mask * 255).astype(np.uint8), mode="L")
         overlay = img.copy()
         tint = Image.new("RGB", img.size, (30, 144, 255))

@@ -86,9 +86,9 @@ class ImageGeneration(_DiffusionTool):
     def _load(self, model_id: str, dtype: Any) -> Any:
         from diffusers import AutoPipelineForText2Image
 
-        return AutoPipelineForText2Image.from_pretrained(model_id, torch_dtype=dtype)
+        return AutoPipelineForText2Image.from_pretrained(model_id, dtype=dtype)
 
-    def forward(self, ctx: ToolContext, prompt: str) -> ToolResult:
+    def forward(self, ctx: ToolContext, prompt: str) -> ToolResult:  # type: ignore[override]
         """Generate a new image from a text description.
 
         Args:
@@ -124,7 +124,7 @@ class ImageEdit(_DiffusionTool):
     def _load(self, model_id: str, dtype: Any) -> Any:
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(model_id, torch_dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(model_id, dtype=dtype)
         if "image" not in inspect.signature(pipe.__call__).parameters:
             raise ToolError(
                 f"{model_id!r} loads a {type(pipe).__name__}, which takes no input image; "
@@ -132,7 +132,7 @@ class ImageEdit(_DiffusionTool):
             )
         return pipe
 
-    def forward(self, ctx: ToolContext, image: str, instruction: str) -> ToolResult:
+    def forward(self, ctx: ToolContext, image: str, instruction: str) -> ToolResult:  # type: ignore[override]
         """Edit an image by following an instruction, e.g. 'make the sky stormy' or
         'turn the car red'; returns the edited image at the original size.
 
@@ -150,7 +150,8 @@ class ImageEdit(_DiffusionTool):
         factor = int(getattr(pipe, "vae_scale_factor", 8))
         max_side = int(options.get("max_side", 512))
         scale = min(1.0, max_side / max(src.size))
-        size = tuple(max(factor, round(v * scale / factor) * factor) for v in src.size)
+        w, h = (max(factor, round(v * scale / factor) * factor) for v in src.size)
+        size = (w, h)
         work = src.resize(size, Image.Resampling.LANCZOS) if size != src.size else src
         kwargs: dict[str, Any] = {
             "image": work,

@@ -52,7 +52,7 @@ class InspectFile(TypedTool):
             raise ToolError(f"cannot read {path.name}: {exc}") from exc
         return (result.markdown or "").strip()
 
-    async def forward(
+    async def forward(  # type: ignore[override]
         self, ctx: ToolContext, path: str, question: str | None = None
     ) -> ToolResult:
         """Read a file (pdf, docx, xlsx, pptx, csv, html, json, zip, txt, ...) as markdown text,
@@ -77,7 +77,10 @@ class InspectFile(TypedTool):
         markdown = await asyncio.to_thread(functools.partial(self.to_markdown, full))
         if not markdown:
             suffix = full.suffix.lower()
-            hint = "" if suffix in SUPPORTED else f" ({suffix or 'no extension'} is not a known format)"
+            hint = (
+                "" if suffix in SUPPORTED
+                else f" ({suffix or 'no extension'} is not a known format)"
+            )
             raise ToolError(f"no text could be extracted from {path}{hint}")
         shown, truncated = truncate(markdown, max_chars)
         data: dict[str, Any] = {"path": path, "chars": len(markdown), "truncated": truncated}
@@ -86,7 +89,7 @@ class InspectFile(TypedTool):
         from tracetune.models.base import Sampling
         from tracetune.prompts import prompt_hash, render
 
-        prompt = render(QUESTION_PROMPT, name=full.name, markdown=shown, question=question)
+        prompt = render(QUESTION_PROMPT, file_name=full.name, markdown=shown, question=question)
         data["prompt_hash"] = prompt_hash(QUESTION_PROMPT)
         generation = await ctx.model.generate(
             [{"role": "user", "content": prompt}],

