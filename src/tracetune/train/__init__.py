@@ -1,0 +1,1 @@
+"""Training: SFT and step-wise DPO of VLM controllers with TRL, PEFT and accelerate."""
