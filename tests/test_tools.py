@@ -717,3 +717,21 @@ def test_cli_lists_tools_and_runs_one(tmp_path: Path) -> None:
                                str(CORPUS), "--option", "search.mode=bm25", "-a", "top_k=1"])
     assert bm25.exit_code == 0, bm25.output
     assert bm25.output.startswith("[1] How honeybees share where food is")
+
+
+def test_cli_asks_a_real_openai_compatible_server(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from tracetune.cli.tools import app
+    from tracetune.testing import ScriptedOpenAIServer
+
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    with ScriptedOpenAIServer(replies=["She is an astronaut."]) as server:
+        result = CliRunner().invoke(app, [
+            "run", "visual_qa", "--image", str(FACE_PHOTO), "--workdir", str(tmp_path),
+            "--model", "openai:test-vlm", "--base-url", server.base_url,
+            "-a", "question=What is her job?"])
+        assert result.exit_code == 0, result.output
+        assert result.output.strip() == "She is an astronaut."
+        (request,) = server.requests
+        assert request.image_urls()[0].startswith("data:image/png;base64,")
+        assert "What is her job?" in json.dumps(request.body["messages"])

@@ -139,6 +139,9 @@ def run_tool(
     model: Annotated[str | None, typer.Option(
         help="Model for visual_qa/caption/inspect_file questions: openai:NAME or local:PATH.")]
         = None,
+    base_url: Annotated[str | None, typer.Option(
+        help="OpenAI-compatible endpoint for --model openai:NAME (default $OPENAI_BASE_URL).")]
+        = None,
     corpus: Annotated[Path | None, typer.Option(
         help="Corpus for `search`: a folder of .txt/.md/.pdf files or a .jsonl.")] = None,
     option: Annotated[list[str] | None, typer.Option(
@@ -177,10 +180,10 @@ def run_tool(
     options = _parse_options(option, corpus)
     chat_model = None
     if model:
-        from tracetune.models.base import BackendError, load_model
+        from tracetune.models.base import BackendError, ModelOptions, load_model
 
         try:
-            chat_model = load_model(model)
+            chat_model = load_model(model, ModelOptions(base_url=base_url))
         except BackendError as exc:
             fail(str(exc))
     ctx = ToolContext(workdir=workdir.resolve(), model=chat_model, options=options)

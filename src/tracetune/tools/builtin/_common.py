@@ -113,6 +113,7 @@ def load_pretrained(kind: str, model_id: str, tool: str, load: Callable[[], T]) 
         raise ToolError(
             f"{tool}: could not load {kind} {model_id!r} ({exc.__class__.__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}). Download it once with "
-            f"`hf download {model_id}` on a machine with internet, or set "
-            f"options['{tool}']['model'] to a local directory saved with save_pretrained()."
+            f"`hf download {model_id}` on a machine with internet, or point the tool at a "
+            f"local directory saved with save_pretrained(): options['{tool}']['model'] "
+            f"(CLI: --option {tool}.model=DIR)."
         ) from exc
