@@ -47,6 +47,11 @@ class OCR(TypedTool):
         from rapidocr import RapidOCR
 
         self.engine = RapidOCR(params={"Global.log_level": "error"})
+        # RapidOCR loads its three ONNX models on first use; do it here, where setup runs
+        # once and off the event loop, instead of inside the first episode's tool call.
+        warm = Image.new("RGB", (160, 48), "white")
+        ImageDraw.Draw(warm).text((8, 12), "warm up", fill="black", font=font(20))
+        self.engine(np.asarray(warm))
 
     def forward(self, ctx: ToolContext, image: str) -> ToolResult:  # type: ignore[override]
         """Read the text in an image (printed or typed text, documents, signs, receipts).
