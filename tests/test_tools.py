@@ -145,6 +145,10 @@ def test_face_detection_counts_two_faces_and_none_in_blank_or_text(ctx: ToolCont
     assert blank.data["count"] == 0 and blank.text == "no faces found"
     receipt = run("face_detection", ctx, image=copy_in(ctx, RECEIPT_IMAGE))
     assert receipt.data["count"] == 0
+    # A large photo is searched downscaled; boxes come back in its own pixels.
+    big = run("face_detection", ctx, image=put(ctx, "big.png", pair.resize((3072, 1536))))
+    assert big.data["count"] == 2
+    assert [round(v / 3) for v in big.data["faces"][0]["box"]] == pytest.approx(left, abs=6)
 
 
 # -- image editing --------------------------------------------------------------------------

@@ -101,8 +101,11 @@ class FaceDetection(TypedTool):
     """Frontal faces with OpenCV's Haar cascades.
 
     The ``alt2`` cascade proposes faces and, unless ``options['face_detection']['confirm']``
-    is false, the ``default`` cascade must agree (IoU > 0.3): on scikit-image's sample
-    photos this removes the false positives (cells, coins) while keeping the real faces.
+    is false, the ``default`` cascade must agree (IoU > 0.3). Measured on scikit-image's
+    sample images, alt2 alone found one false face (in a cell micrograph) which agreement
+    removed; on its 100 LFW face crops (upscaled, padded) recall went from 88 to 85, and
+    none of its 100 non-face crops was taken for a face either way. Images larger than
+    ``max_side`` (default 1280) are searched downscaled: Haar cost grows with the pixels.
     """
 
     name = "face_detection"
@@ -131,8 +134,12 @@ class FaceDetection(TypedTool):
         import cv2
 
         options = tool_options(ctx, "face_detection")
-        img = ctx.image(image)
-        gray = cv2.equalizeHist(np.asarray(img.convert("L")))
+        img = ctx.image(image).convert("L")
+        shrink = min(1.0, int(options.get("max_side", 1280)) / max(img.size))
+        if shrink < 1.0:
+            img = img.resize((round(img.width * shrink), round(img.height * shrink)),
+                             Image.Resampling.BILINEAR)
+        gray = cv2.equalizeHist(np.asarray(img))
         min_side = max(20, round(float(options.get("min_size", 0.05)) * min(gray.shape)))
         scale = float(options.get("scale_factor", 1.1))
 
@@ -148,6 +155,7 @@ class FaceDetection(TypedTool):
             # samples only the full pass rejected a false face in a micrograph.
             second = detect(self.confirmer, 3)
             faces = [f for f in faces if any(_iou(f, s) > 0.3 for s in second)]
+        faces = [[round(v / shrink) for v in f] for f in faces]
         faces.sort(key=lambda b: (b[0], b[1]))
         if not faces:
             text = "no faces found"
