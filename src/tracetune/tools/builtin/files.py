@@ -75,6 +75,8 @@ class InspectFile(TypedTool):
                 "(e.g. `--model openai:gpt-4o-mini`)"
             )
         markdown = await asyncio.to_thread(functools.partial(self.to_markdown, full))
+        # Converters quote the absolute path (zip listings); the model knows the file by name.
+        markdown = markdown.replace(str(full), path)
         if not markdown:
             suffix = full.suffix.lower()
             hint = (
