@@ -245,7 +245,7 @@ def main() -> None:
     print(f"\n{args.arch} tiny model, {args.records} records, batch {args.batch_size}, "
           f"{args.steps} steps (mean after {args.warmup}, best of {args.repeats}), LoRA r=16; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-          f"memory = {memory}\n")
+          f"memory = {memory}; load average {os.getloadavg()[0]:.1f}\n")
     print("| stage | ours s/step | TRL s/step | time ratio | ours MB | TRL MB | memory ratio "
           "| ours padding | TRL padding |")
     print("|---|---|---|---|---|---|---|---|---|")

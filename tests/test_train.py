@@ -44,7 +44,7 @@ from tracetune.train.data import (
     pair_rows,
     sft_rows,
 )
-from tracetune.train.dpo import load_policy, preference_margins
+from tracetune.train.dpo import build_dpo_trainer, load_policy, preference_margins
 from tracetune.train.model import training_chat_template
 from tracetune.train.sft import build_sft_trainer, train_sft
 
@@ -239,7 +239,7 @@ def test_placeholder_and_image_token_mismatches_name_the_record(
 
     extra = json.loads(json.dumps(rows[1]))
     extra["messages"][1]["content"].insert(0, {"type": "image"})
-    with pytest.raises(TrainingDataError, match="record traj-green: 3 image placeholders but 2 images"):
+    with pytest.raises(TrainingDataError, match="traj-green: 3 image placeholders but 2 images"):
         check_sft_rows([rows[0], extra], processor, config, max_length=4096)
 
     literal = _replace_text(rows[2], 3, "Observation: image", "Observation: <|image_pad|>")
@@ -248,8 +248,8 @@ def test_placeholder_and_image_token_mismatches_name_the_record(
 
     # A processor that merges patches differently from the model: caught before any step.
     processor.image_processor.merge_size = 1
-    with pytest.raises(TrainingDataError, match=r"(?s)3 record\(s\).*traj-red: the tokenized sample "
-                       r"holds 24 image tokens but its 2 image\(s\) give 6 image features"):
+    with pytest.raises(TrainingDataError, match=r"(?s)3 record\(s\).*traj-red: the tokenized "
+                       r"sample holds 24 image tokens but its 2 image\(s\) give 6 image features"):
         check_sft_rows(rows, processor, config, max_length=4096)
 
     # Through the trainer: the bad record stops the run before any checkpoint is written.
@@ -301,7 +301,8 @@ def test_config_maps_onto_trl_and_rejects_unsafe_options(tmp_path: Path) -> None
     assert args.assistant_only_loss and not args.packing and not args.padding_free
     assert args.max_length is None and not args.bf16  # no CUDA here: fp32
     assert args.output_dir == str(tmp_path / "o" / "checkpoints")
-    assert SFTConfig(base="m", data=[tmp_path], out=tmp_path, full=True).to_trl().learning_rate == 1e-5
+    full = SFTConfig(base="m", data=[tmp_path], out=tmp_path, full=True).to_trl()
+    assert full.learning_rate == 1e-5
     dpo = DPOConfig(base="m", pairs=[tmp_path], out=tmp_path, beta=0.3).to_trl()
     assert dpo.beta == 0.3 and dpo.loss_type == ["sigmoid"] and not dpo.precompute_ref_log_probs
 
@@ -441,6 +442,11 @@ def test_dpo_from_an_sft_adapter_raises_the_margin_on_held_out_pairs(
         "base_model_name_or_path"] == str(merged.resolve())
     record = json.loads((out / "tracetune_train.json").read_text())
     assert record["kind"] == "dpo" and record["data"]["kept"] == 6 and record["steps"] == 12
+    # No second model in memory: TRL's reference is the policy with the adapter disabled.
+    trainer, _, _, start = build_dpo_trainer(DPOConfig(base=str(sft.out), pairs=[train.root],
+                                                       out=out, **QUICK))
+    assert trainer.ref_model is None and hasattr(trainer.model, "disable_adapter")
+    assert start == str(merged.resolve())
 
     rows = pair_rows([held_out.root])
     before = preference_margins(*load_policy(merged), rows)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
-import yaml
+import yaml  # type: ignore[import-untyped]
 from rich.console import Console
 
 from tracetune.cli.common import build_config, fail
@@ -34,7 +34,7 @@ class Launch(enum.StrEnum):
     fsdp = "fsdp"
 
 
-def _options(config: Optional[Path], lora: dict[str, Any], **flags: Any) -> dict[str, Any]:
+def _options(config: Path | None, lora: dict[str, Any], **flags: Any) -> dict[str, Any]:
     """YAML values overlaid with the flags that were set (LoRA flags merged, not replaced)."""
     data: dict[str, Any] = {}
     if config is not None:
@@ -52,32 +52,36 @@ def _options(config: Optional[Path], lora: dict[str, Any], **flags: Any) -> dict
 
 
 # Options common to both commands, as typer annotations.
-Base = Annotated[Optional[str], typer.Option(help="Base model dir or hub id (DPO: the SFT output).")]
-Out = Annotated[Optional[Path], typer.Option(help="Output directory (adapter + processor).")]
-LoraR = Annotated[Optional[int], typer.Option("--lora-r", help="LoRA rank.")]
-LoraAlpha = Annotated[Optional[int], typer.Option("--lora-alpha", help="LoRA alpha.")]
+Base = Annotated[str | None, typer.Option(help="Base model dir or hub id (DPO: the SFT output).")]
+Out = Annotated[Path | None, typer.Option(help="Output directory (adapter + processor).")]
+LoraR = Annotated[int | None, typer.Option("--lora-r", help="LoRA rank.")]
+LoraAlpha = Annotated[int | None, typer.Option("--lora-alpha", help="LoRA alpha.")]
 LoraTargets = Annotated[
-    Optional[str],
-    typer.Option("--lora-targets", help="attention, attention_mlp, all_linear, or comma-separated names."),
+    str | None,
+    typer.Option(
+        "--lora-targets", help="attention, attention_mlp, all_linear, or comma-separated names."
+    ),
 ]
-Full = Annotated[Optional[bool], typer.Option("--full", help="Full fine-tuning instead of LoRA.")]
-Epochs = Annotated[Optional[float], typer.Option(help="Passes over the data.")]
-Lr = Annotated[Optional[float], typer.Option(help="Peak learning rate.")]
-MaxSteps = Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.")]
-BatchSize = Annotated[Optional[int], typer.Option(help="Samples per device per step.")]
-GradAccum = Annotated[Optional[int], typer.Option(help="Gradient accumulation steps.")]
-MaxLength = Annotated[Optional[int], typer.Option(help="Most tokens per sample (images included).")]
-MaxPixels = Annotated[Optional[int], typer.Option(help="Qwen processors: most pixels per image.")]
+Full = Annotated[bool | None, typer.Option("--full", help="Full fine-tuning instead of LoRA.")]
+Epochs = Annotated[float | None, typer.Option(help="Passes over the data.")]
+Lr = Annotated[float | None, typer.Option(help="Peak learning rate.")]
+MaxSteps = Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")]
+BatchSize = Annotated[int | None, typer.Option(help="Samples per device per step.")]
+GradAccum = Annotated[int | None, typer.Option(help="Gradient accumulation steps.")]
+MaxLength = Annotated[int | None, typer.Option(help="Most tokens per sample (images included).")]
+MaxPixels = Annotated[int | None, typer.Option(help="Qwen processors: most pixels per image.")]
 GradCkpt = Annotated[
-    Optional[bool],
-    typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations."),
+    bool | None,
+    typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations."
+    ),
 ]
-Precision = Annotated[Optional[str], typer.Option(help="auto, bf16, fp16 or fp32.")]
-Resume = Annotated[Optional[bool], typer.Option("--resume", help="Continue from the last checkpoint.")]
-Config = Annotated[Optional[Path], typer.Option(help="YAML file with these options (flags win).")]
+Precision = Annotated[str | None, typer.Option(help="auto, bf16, fp16 or fp32.")]
+Resume = Annotated[bool | None, typer.Option("--resume", help="Continue from the last checkpoint.")]
+Config = Annotated[Path | None, typer.Option(help="YAML file with these options (flags win).")]
 
 
-def _lora(r: Optional[int], alpha: Optional[int], targets: Optional[str]) -> dict[str, Any]:
+def _lora(r: int | None, alpha: int | None, targets: str | None) -> dict[str, Any]:
     parsed: Any = targets
     if targets and targets not in ("attention", "attention_mlp", "all_linear"):
         parsed = [t.strip() for t in targets.split(",") if t.strip()]
@@ -99,10 +103,16 @@ def _run(kind: str, cfg: Any) -> None:
     except (TrainingDataError, ValueError, FileNotFoundError) as exc:
         fail(str(exc))
         return
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # one report under `accelerate launch`
+        return
     losses = result.losses()
     loss = f"loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "no loss logged"
     out_console.print(f"data: {result.report.summary()}", highlight=False)
-    out_console.print(f"{kind}: {result.steps} steps, {loss}; saved to {result.out}", highlight=False)
+    out_console.print(
+        f"{kind}: {result.steps} steps, {loss}; saved to {result.out}", highlight=False
+    )
     out_console.print(result.usage_hint(), highlight=False)
 
 
@@ -110,7 +120,7 @@ def _run(kind: str, cfg: Any) -> None:
 def sft(
     base: Base = None,
     data: Annotated[
-        Optional[list[Path]], typer.Option(help="Trajectory/dialogue dataset dir (repeatable).")
+        list[Path] | None, typer.Option(help="Trajectory/dialogue dataset dir (repeatable).")
     ] = None,
     out: Out = None,
     lora_r: LoraR = None,
@@ -124,7 +134,7 @@ def sft(
     grad_accum: GradAccum = None,
     max_length: MaxLength = None,
     max_pixels: MaxPixels = None,
-    overlong: Annotated[Optional[str], typer.Option(help="drop or truncate (at a turn).")] = None,
+    overlong: Annotated[str | None, typer.Option(help="drop or truncate (at a turn).")] = None,
     gradient_checkpointing: GradCkpt = None,
     precision: Precision = None,
     resume: Resume = None,
@@ -159,10 +169,10 @@ def sft(
 def dpo(
     base: Base = None,
     pairs: Annotated[
-        Optional[list[Path]], typer.Option(help="Preference-pair dataset dir (repeatable).")
+        list[Path] | None, typer.Option(help="Preference-pair dataset dir (repeatable).")
     ] = None,
     out: Out = None,
-    beta: Annotated[Optional[float], typer.Option(help="DPO beta.")] = None,
+    beta: Annotated[float | None, typer.Option(help="DPO beta.")] = None,
     lora_r: LoraR = None,
     lora_alpha: LoraAlpha = None,
     lora_targets: LoraTargets = None,
@@ -208,9 +218,9 @@ def dpo(
 def accelerate_config(
     name: Annotated[Launch, typer.Argument(help="ddp, zero2, zero3 or fsdp.")],
     num_processes: Annotated[
-        Optional[int], typer.Option(help="GPUs to use (writes a copy with this count).")
+        int | None, typer.Option(help="GPUs to use (writes a copy with this count).")
     ] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Write the copy here.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the copy here.")] = None,
 ) -> None:
     """Print the path of a bundled accelerate config (or write an edited copy)."""
     path = accelerate_config_path(name.value)
@@ -230,6 +240,8 @@ def accelerate_config_path(name: str) -> Path:
     from importlib import resources
 
     if name not in ACCELERATE_CONFIGS:
-        raise ValueError(f"unknown accelerate config {name!r}; choose {', '.join(ACCELERATE_CONFIGS)}")
+        raise ValueError(
+            f"unknown accelerate config {name!r}; choose {', '.join(ACCELERATE_CONFIGS)}"
+        )
     ref = resources.files("tracetune").joinpath("data", "train_configs", ACCELERATE_CONFIGS[name])
     return Path(str(ref))

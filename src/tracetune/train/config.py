@@ -9,6 +9,7 @@ inside the collator, precomputed reference log-probs) are fixed here and rejecte
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -76,7 +77,9 @@ class TrainOptions(BaseModel):
         description="Peak learning rate (default: 1e-4 for LoRA SFT, 1e-5 full SFT; "
         "5e-6 LoRA DPO, 5e-7 full DPO).",
     )
-    scheduler: str = Field(default="cosine", description="Learning-rate schedule (transformers name).")
+    scheduler: str = Field(
+        default="cosine", description="Learning-rate schedule (a transformers scheduler name)."
+    )
     warmup: float = Field(
         default=0.01, ge=0, description="Warmup: a fraction of all steps if < 1, else steps."
     )
@@ -185,6 +188,12 @@ class TrainOptions(BaseModel):
             kwargs["length_column_name"] = "length"
         if self.gradient_checkpointing:
             kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+        if not (bf16 or fp16) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import torch
+
+            if not torch.cuda.is_available():
+                # Without it, transformers runs each CPU process on its own (world size 1).
+                kwargs["ddp_backend"] = "gloo"
         return kwargs
 
 

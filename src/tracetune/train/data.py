@@ -220,7 +220,9 @@ def _load_images(row: Row) -> list[Any]:
         try:
             out.append(load_image(image))
         except (OSError, TypeError, ValueError) as exc:
-            raise TrainingDataError(f"record {row['id']}: cannot read image {image}: {exc}") from exc
+            raise TrainingDataError(
+                f"record {row['id']}: cannot read image {image}: {exc}"
+            ) from exc
     return out
 
 

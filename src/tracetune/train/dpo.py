@@ -61,6 +61,14 @@ def policy_start(config: DPOConfig) -> str:
     """
     if not is_adapter_dir(config.base):
         return _local_or_id(config.base)
+    from accelerate import PartialState
+
+    # Under `accelerate launch` the main process merges; the others then reuse its output.
+    with PartialState().main_process_first():
+        return _merge_sft_adapter(config)
+
+
+def _merge_sft_adapter(config: DPOConfig) -> str:
     merged = config.out / MERGED_DIR
     if (merged / "config.json").is_file():
         log.info("reusing the merged SFT model in %s", merged)
@@ -83,7 +91,7 @@ def build_dpo_trainer(
     config: DPOConfig, callbacks: list[Any] | None = None
 ) -> tuple[Any, Any, DataReport, str]:
     """Pairs checked against the model, then a ready ``DPOTrainer``, its processor and base."""
-    from datasets import Dataset as HFDataset
+    from datasets import Dataset as HFDataset  # type: ignore[import-untyped]
     from transformers import set_seed
     from trl import DPOTrainer
 
@@ -166,7 +174,7 @@ def load_policy(path: str | Path, adapter: str | Path | None = None) -> tuple[An
 
     from tracetune.models.processors import load_processor
 
-    model = AutoModelForImageTextToText.from_pretrained(str(path))
+    model: Any = AutoModelForImageTextToText.from_pretrained(str(path))
     if adapter is not None:
         from peft import PeftModel
 

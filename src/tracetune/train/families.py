@@ -14,7 +14,9 @@ import re
 from collections.abc import Callable
 from typing import Any, Literal
 
-VISION_MODULES = ("visual", "vision_tower", "vision_model", "vision_encoder", "vpm", "image_encoder")
+VISION_MODULES = (
+    "visual", "vision_tower", "vision_model", "vision_encoder", "vpm", "image_encoder"
+)
 """Attribute names under which families keep their vision encoder (Qwen, LLaVA/InternVL,
 Idefics3/SmolVLM, generic, MiniCPM-V, others)."""
 

@@ -31,7 +31,7 @@ def build_sft_trainer(
     Every check runs here, before any training step: bad records raise
     :class:`~tracetune.train.data.TrainingDataError` naming them.
     """
-    from datasets import Dataset as HFDataset
+    from datasets import Dataset as HFDataset  # type: ignore[import-untyped]
     from transformers import set_seed
     from trl import SFTTrainer
 
