@@ -103,7 +103,7 @@ def _run(kind: str, cfg: Any) -> None:
     except (TrainingDataError, ValueError, FileNotFoundError) as exc:
         fail(str(exc))
         return
-    from accelerate import PartialState
+    from accelerate import PartialState  # type: ignore[import-untyped]
 
     if not PartialState().is_main_process:  # one report under `accelerate launch`
         return

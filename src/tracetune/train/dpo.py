@@ -61,7 +61,7 @@ def policy_start(config: DPOConfig) -> str:
     """
     if not is_adapter_dir(config.base):
         return _local_or_id(config.base)
-    from accelerate import PartialState
+    from accelerate import PartialState  # type: ignore[import-untyped]
 
     # Under `accelerate launch` the main process merges; the others then reuse its output.
     with PartialState().main_process_first():
