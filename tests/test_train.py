@@ -36,7 +36,7 @@ from tracetune.schema import (
 )
 from tracetune.store import Dataset
 from tracetune.tools import get_tool
-from tracetune.train.config import DPOConfig, SFTConfig
+from tracetune.train.config import DPOConfig, LoraOptions, SFTConfig
 from tracetune.train.data import (
     DataReport,
     TrainingDataError,
@@ -312,8 +312,9 @@ def test_config_maps_onto_trl_and_rejects_unsafe_options(tmp_path: Path) -> None
         SFTConfig(base="m", data=[tmp_path], out=tmp_path, trl={"not_an_option": 1}).to_trl()
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
         SFTConfig(base="m", data=[tmp_path], out=tmp_path, precision="bf16").to_trl()
-    for field in SFTConfig.model_fields.values():
-        assert field.description, "every config field has help text"
+    for cls in (SFTConfig, DPOConfig, LoraOptions):
+        for name, field in cls.model_fields.items():
+            assert field.description, f"{cls.__name__}.{name} has no help text"
 
 
 def test_accelerate_configs_load(tmp_path: Path) -> None:
