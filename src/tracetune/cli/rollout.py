@@ -1,0 +1,83 @@
+"""``tracetune rollout``: a teacher (the gold chains, or a model) rolls out tasks with gold
+answers; trajectories that reach the gold answer are kept."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tracetune.cli.common import build_config, fail
+
+out_console = Console()
+
+
+def rollout(
+    tasks: Annotated[Optional[Path], typer.Option(help="Task dataset dir (with gold answers).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output directory (resumable).")] = None,
+    teacher: Annotated[Optional[str], typer.Option(
+        help="'gold' replays the gold tool chains; or a model spec (openai:NAME, local:PATH).")] = None,
+    action_format: Annotated[Optional[str], typer.Option(help="json or code.")] = None,
+    corpus: Annotated[Optional[Path], typer.Option(
+        help="Search corpus (default: the one each task was written against).")] = None,
+    tool_module: Annotated[Optional[list[str]], typer.Option(
+        help="Module that registers tools (repeatable).")] = None,
+    samples: Annotated[Optional[int], typer.Option(help="Trajectories per task (models).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Step budget (models).")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature.")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Max new tokens per step.")] = None,
+    concurrency: Annotated[Optional[int], typer.Option(help="Episodes in flight.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N tasks.")] = None,
+    base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible endpoint URL.")] = None,
+    max_cost: Annotated[Optional[float], typer.Option(help="Stop after this many USD.")] = None,
+    require_tools: Annotated[Optional[bool], typer.Option(
+        "--require-tools/--no-require-tools",
+        help="Reject model trajectories that skip the gold chain's tools.")] = None,
+    keep_rejected: Annotated[Optional[bool], typer.Option(
+        "--keep-rejected/--no-keep-rejected", help="Write failed trajectories to OUT/rejected.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the gold thought templates.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML file with these options.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Roll out a teacher on tasks with gold answers; keep the trajectories that pass.
+
+    Writes OUT (passing trajectories), OUT/verdicts (one verdict per trajectory, with the
+    reasons, e.g. which tool output diverged) and OUT/rejected.
+    """
+    from tracetune.models.base import BackendError, ModelOptions
+    from tracetune.rollout import RolloutConfig, rollout_summary, run_rollout
+
+    backend = ModelOptions(base_url=base_url) if base_url else None
+    cfg = build_config(
+        RolloutConfig, config, tasks=tasks, out=out, teacher=teacher,
+        action_format=action_format, corpus=corpus, tool_modules=tool_module, samples=samples,
+        max_steps=max_steps, temperature=temperature, max_tokens=max_tokens,
+        concurrency=concurrency, limit=limit, max_cost_usd=max_cost, require_tools=require_tools,
+        keep_rejected=keep_rejected, seed=seed, backend=backend,
+    )
+    try:
+        result, dataset = asyncio.run(run_rollout(cfg, progress=not quiet))
+    except (ValueError, FileNotFoundError, KeyError, BackendError) as exc:
+        fail(str(exc).strip("'\""))
+        return
+    summary = rollout_summary(dataset)
+    if as_json:
+        typer.echo(json.dumps({"stage": result.summary(), **summary}, indent=2))
+        return
+    out_console.print(result.summary())
+    table = Table("family", "passed", "total", "pass rate")
+    for family, row in summary["by_family"].items():
+        table.add_row(family, str(row["passed"]), str(row["total"]), f"{row['pass_rate']:.1%}")
+    table.add_row("[bold]all[/bold]", str(summary["passed"]), str(summary["total"]),
+                  f"{summary['pass_rate']:.1%}")
+    out_console.print(table)
+    for reason, count in list(summary["failures"].items())[:8]:
+        out_console.print(f"  {count} x {reason}", highlight=False)
+    out_console.print(f"trajectories: {dataset.root} ({len(dataset)} kept); "
+                      f"verdicts: {dataset.root / 'verdicts'}")
