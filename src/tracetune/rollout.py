@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib
 import json
 import random
 import re
@@ -54,7 +55,9 @@ class RolloutConfig(BaseModel):
     tasks: Path = Field(description="Task dataset directory (or JSONL) with gold answers.")
     out: Path = Field(description="Output directory: passing trajectories, verdicts/, rejected/.")
     teacher: str = Field(default=GOLD, description="'gold' (replay gold chains) or a model spec.")
-    action_format: Literal["json", "code"] = Field(default="json", description="How actions are written.")
+    action_format: Literal["json", "code"] = Field(
+        default="json", description="How actions are written."
+    )
     tool_modules: list[str] = Field(
         default_factory=list, description="Python modules to import first (they register tools)."
     )
@@ -65,10 +68,12 @@ class RolloutConfig(BaseModel):
         default=True,
         description="Model teachers must call every tool of the gold chain (no answering blind).",
     )
-    keep_rejected: bool = Field(default=True, description="Write failed trajectories to OUT/rejected.")
+    keep_rejected: bool = Field(
+        default=True, description="Write failed trajectories to OUT/rejected."
+    )
     seed: int = Field(default=0, description="Seed of the gold teacher's thought templates.")
     samples: int = Field(default=1, ge=1, description="Trajectories per task (model teachers).")
-    max_steps: int = Field(default=10, ge=1, description="Step budget per episode (model teachers).")
+    max_steps: int = Field(default=10, ge=1, description="Step budget per model episode.")
     max_errors: int = Field(default=3, ge=1, description="Failed steps allowed per episode.")
     temperature: float = Field(default=0.0, ge=0, description="Sampling temperature.")
     max_tokens: int = Field(default=512, ge=1, description="Max new tokens per step.")
@@ -97,7 +102,9 @@ FINAL = [
     "{shown_cap} is what {prev} returned. That answers the question: {answer}.",
     "From the {prev} result ({shown}), the answer is {answer}.",
 ]
-THOUGHTS_HASH = hashlib.sha256(json.dumps([FIRST, NEXT, TOOL_NOTE, FINAL]).encode()).hexdigest()[:16]
+THOUGHTS_HASH = hashlib.sha256(
+    json.dumps([FIRST, NEXT, TOOL_NOTE, FINAL]).encode()
+).hexdigest()[:16]
 """Recorded on gold trajectories, like a prompt hash: which templates wrote the thoughts."""
 
 
@@ -258,7 +265,7 @@ class _Replay(ChatModel):
     spec = GOLD
 
     async def generate(self, messages: list[ChatMessage], *, n: int = 1,
-                       sampling: Sampling = Sampling(),
+                       sampling: Sampling = Sampling(),  # noqa: B008
                        tools: list[dict[str, Any]] | None = None) -> Generation:
         raise RuntimeError("the gold teacher writes its own steps; it never samples a model")
 
@@ -370,7 +377,7 @@ class GoldTeacher:
 
 def _require_code_executor() -> None:
     try:
-        import tracetune.agent.code  # noqa: F401
+        importlib.import_module("tracetune.agent.code")
     except ModuleNotFoundError as exc:
         if exc.name != "tracetune.agent.code":
             raise

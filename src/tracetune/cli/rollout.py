@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -18,30 +18,32 @@ out_console = Console()
 
 
 def rollout(
-    tasks: Annotated[Optional[Path], typer.Option(help="Task dataset dir (with gold answers).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output directory (resumable).")] = None,
-    teacher: Annotated[Optional[str], typer.Option(
-        help="'gold' replays the gold tool chains; or a model spec (openai:NAME, local:PATH).")] = None,
-    action_format: Annotated[Optional[str], typer.Option(help="json or code.")] = None,
-    corpus: Annotated[Optional[Path], typer.Option(
+    tasks: Annotated[Path | None, typer.Option(help="Task dataset dir with gold answers.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output directory (resumable).")] = None,
+    teacher: Annotated[str | None, typer.Option(
+        help="'gold' replays the gold tool chains, or a model spec (openai:NAME, local:PATH)."
+    )] = None,
+    action_format: Annotated[str | None, typer.Option(help="json or code.")] = None,
+    corpus: Annotated[Path | None, typer.Option(
         help="Search corpus (default: the one each task was written against).")] = None,
-    tool_module: Annotated[Optional[list[str]], typer.Option(
+    tool_module: Annotated[list[str] | None, typer.Option(
         help="Module that registers tools (repeatable).")] = None,
-    samples: Annotated[Optional[int], typer.Option(help="Trajectories per task (models).")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Step budget (models).")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature.")] = None,
-    max_tokens: Annotated[Optional[int], typer.Option(help="Max new tokens per step.")] = None,
-    concurrency: Annotated[Optional[int], typer.Option(help="Episodes in flight.")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="Only the first N tasks.")] = None,
-    base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible endpoint URL.")] = None,
-    max_cost: Annotated[Optional[float], typer.Option(help="Stop after this many USD.")] = None,
-    require_tools: Annotated[Optional[bool], typer.Option(
+    samples: Annotated[int | None, typer.Option(help="Trajectories per task (models).")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Step budget (models).")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Max new tokens per step.")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Episodes in flight.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N tasks.")] = None,
+    base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint URL.")] = None,
+    max_cost: Annotated[float | None, typer.Option(help="Stop after this many USD.")] = None,
+    require_tools: Annotated[bool | None, typer.Option(
         "--require-tools/--no-require-tools",
         help="Reject model trajectories that skip the gold chain's tools.")] = None,
-    keep_rejected: Annotated[Optional[bool], typer.Option(
-        "--keep-rejected/--no-keep-rejected", help="Write failed trajectories to OUT/rejected.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the gold thought templates.")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="YAML file with these options.")] = None,
+    keep_rejected: Annotated[bool | None, typer.Option(
+        "--keep-rejected/--no-keep-rejected", help="Write failed trajectories to OUT/rejected."
+    )] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the gold thought templates.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file with these options.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -23,16 +23,16 @@ def _names(value: str | None) -> list[str] | None:
 
 @app.command("programs")
 def programs(
-    out: Annotated[Optional[Path], typer.Option(help="Output task dataset directory.")] = None,
-    n: Annotated[Optional[int], typer.Option(help="How many tasks to generate.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Run seed (same seed, same tasks).")] = None,
-    families: Annotated[Optional[str], typer.Option(
+    out: Annotated[Path | None, typer.Option(help="Output task dataset directory.")] = None,
+    n: Annotated[int | None, typer.Option(help="How many tasks to generate.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Run seed (same seed, same tasks).")] = None,
+    families: Annotated[str | None, typer.Option(
         help="Comma-separated program names (default: all; see --list).")] = None,
-    programs_module: Annotated[Optional[list[str]], typer.Option(
+    programs_module: Annotated[list[str] | None, typer.Option(
         help="Module that registers your own programs with @program (repeatable).")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Rendering processes.")] = None,
-    list_programs: Annotated[bool, typer.Option("--list", help="List the programs and exit.")] = False,
-    config: Annotated[Optional[Path], typer.Option(help="YAML file with these options.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Rendering processes.")] = None,
+    list_programs: Annotated[bool, typer.Option("--list", help="List the programs, exit.")] = False,
+    config: Annotated[Path | None, typer.Option(help="YAML file with these options.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Generate tasks whose answers and tool chains are known by construction; rerunning

@@ -16,6 +16,7 @@ Rules, in order:
 3. ``text`` / ``choice``: case, accents, punctuation, articles and spacing are ignored; the
    value or any alias must equal the candidate, or appear as whole words in a short answer.
    A ``choice`` answer that names more than one of the choices fails.
+   Any answer that hedges ("12 or 13", "maybe Lisbon") fails.
 4. ``list``: items split on commas, semicolons, "and" or newlines (or a JSON list); the
    same items in any order (in order when ``ordered``), each item compared as a number or
    as text.
@@ -51,8 +52,9 @@ def extract_final_answer(text: str) -> str:
             text = matches[-1].group(1).strip()
             text = text.splitlines()[0] if text else ""  # the answer, not what follows it
             break
-    text = re.sub(r"^[*_`\"'“”‘’\s]+|[*_`\"'“”‘’\s]+$", "", text)
-    return text.rstrip(".").strip()
+    wrappers = r"^[*_`\"'“”‘’\s]+|[*_`\"'“”‘’\s]+$"
+    text = re.sub(wrappers, "", re.sub(wrappers, "", text).rstrip("."))
+    return text.strip()
 
 
 # -- numbers and units ---------------------------------------------------------------------
@@ -115,7 +117,13 @@ def numbers_in(text: str) -> list[NumberFound]:
 
 
 def pick_number(text: str) -> NumberFound | None:
-    """The number a sentence answers with: the first after the last cue, else the last."""
+    """The number a sentence answers with: the first after the last cue, else the last.
+
+    Parenthesised asides ('9 (5 + 4)') are ignored when a number stands outside them.
+    """
+    bare = re.sub(r"\([^()]*\)", " ", text)
+    if bare != text and numbers_in(bare):
+        text = bare
     numbers = numbers_in(text)
     if len(numbers) <= 1:
         return numbers[0] if numbers else None
@@ -152,6 +160,8 @@ def _contains_words(haystack: str, needle: str) -> bool:
     return bool(needle) and re.search(rf"(?<!\w){re.escape(needle)}(?!\w)", haystack) is not None
 
 
+_HEDGE = re.compile(r"\b(?:or|either|maybe|perhaps|possibly)\b", re.I)
+
 SHORT_ANSWER_WORDS = 12
 """A gold phrase found inside a reply counts only in replies this short (no essays)."""
 
@@ -184,6 +194,11 @@ def check_answer(
         return AnswerCheck(False, ["no answer was given"], None, expected)
     prediction = str(prediction)
     candidate = extract_final_answer(prediction)
+    if _HEDGE.search(candidate) and not any(
+        _HEDGE.search(v) for v in [gold.value, *gold.aliases]
+    ):
+        return AnswerCheck(False, [f"{candidate!r} hedges between alternatives"], candidate,
+                           expected)
     if gold.kind == "number":
         return _check_number(candidate, gold)
     if gold.kind == "list":

@@ -1,0 +1,1 @@
+"""Task synthesis: task programs (verifiable tasks generated with their gold answers)."""

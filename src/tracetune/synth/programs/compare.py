@@ -35,13 +35,13 @@ def _receipts(rng: random.Random) -> TaskDraft:
     ]
     steps = []
     for name, r in (("receipt_a.png", a), ("receipt_b.png", b)):
-        expect = [cents(r.subtotal)] if printed else [cents(l.total) for l in r.lines]
+        expect = [cents(r.subtotal)] if printed else [cents(ln.total) for ln in r.lines]
         steps.append(GoldStep("ocr", {"image": name}, f"read {name}", expect=expect,
                               expect_source=name))
     if not printed:
         for label, r in (("a", a), ("b", b)):
             steps.append(GoldStep(
-                "calculator", {"expression": " + ".join(cents(l.total) for l in r.lines)},
+                "calculator", {"expression": " + ".join(cents(ln.total) for ln in r.lines)},
                 f"add up the lines of receipt {label}", expect_number=float(r.subtotal),
             ))
     variant = rng.choice(["which", "difference"])

@@ -29,8 +29,8 @@ from tracetune.synth.programs.render import (
     cents,
     finish,
     ink,
-    paper,
     jpeg_bytes,
+    paper,
     random_style,
     text_width,
 )
@@ -92,7 +92,8 @@ def distractor(rng: random.Random, size: int) -> Image.Image:
         for _ in range(rng.randint(2, 3)):
             base = rng.randint(size // 2, size - size // 10)
             colour = rng.choice([(70, 110, 70), (90, 90, 110), (120, 100, 80)])
-            draw.polygon([(0, size), (rng.randint(0, size), base - rng.randint(size // 6, size // 2)),
+            peak = base - rng.randint(size // 6, size // 2)
+            draw.polygon([(0, size), (rng.randint(0, size), peak),
                           (size, size)], fill=colour)
         r = rng.randint(size // 16, size // 8)
         cx, cy = rng.randint(r, size - r), rng.randint(r, size // 3)
@@ -106,11 +107,11 @@ def distractor(rng: random.Random, size: int) -> Image.Image:
         for _ in range(rng.randint(3, 7)):
             w = rng.randint(size // 10, size // 3)
             x, y = rng.randint(0, size - w), rng.randint(0, size - w)
-            colour = tuple(rng.randint(40, 220) for _ in range(3))
+            colour = (rng.randint(40, 220), rng.randint(40, 220), rng.randint(40, 220))
             if rng.random() < 0.5:
-                draw.rectangle((x, y, x + w, y + w), fill=colour)  # type: ignore[arg-type]
+                draw.rectangle((x, y, x + w, y + w), fill=colour)
             else:
-                draw.ellipse((x, y, x + w, y + w), fill=colour)  # type: ignore[arg-type]
+                draw.ellipse((x, y, x + w, y + w), fill=colour)
     return tile
 
 

@@ -67,7 +67,8 @@ def plan(families: list[str], n: int, seed: int) -> list[PlannedTask]:
     for i in range(n):
         family = families[i % len(families)]
         s = task_seed(seed, i)
-        out.append(PlannedTask(i, family, s, program_task_id(family, s, get_program(family).version)))
+        task_id = program_task_id(family, s, get_program(family).version)
+        out.append(PlannedTask(i, family, s, task_id))
     return out
 
 

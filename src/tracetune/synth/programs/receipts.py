@@ -75,7 +75,7 @@ def render_receipt(rng: random.Random, receipt: Receipt, torn: bool) -> Image.Im
     head = TextStyle(style.family, style.size + rng.randint(6, 10), True)
     small = TextStyle(style.family, max(16, style.size - 2), False)
     colour = ink(rng)
-    width = max(400, max(text_width(l.label, style) for l in receipt.lines) + 190)
+    width = max(400, max(text_width(ln.label, style) for ln in receipt.lines) + 190)
     margin = rng.randint(18, 30)
     spacing = style.size + rng.randint(10, 16)
 
@@ -181,23 +181,23 @@ def receipt_program(rng: random.Random) -> TaskDraft:
         expect = [cents(sub), f"{receipt.tax_rate}%"]
         purpose = "apply the tax rate to the subtotal"
     elif variant == "count":
-        answer = Decimal(sum(l.qty for l in receipt.lines))
-        expression = " + ".join(str(l.qty) for l in receipt.lines)
-        expect = [l.label for l in receipt.lines]
+        answer = Decimal(sum(ln.qty for ln in receipt.lines))
+        expression = " + ".join(str(ln.qty) for ln in receipt.lines)
+        expect = [ln.label for ln in receipt.lines]
         purpose = "add up the quantities"
     elif variant == "diff":
-        if len({l.total for l in receipt.lines}) < 2:
+        if len({ln.total for ln in receipt.lines}) < 2:
             receipt.lines[0].unit += Decimal("0.37")
-        hi = max(receipt.lines, key=lambda l: l.total)
-        lo = min(receipt.lines, key=lambda l: l.total)
+        hi = max(receipt.lines, key=lambda ln: ln.total)
+        lo = min(receipt.lines, key=lambda ln: ln.total)
         answer = hi.total - lo.total
         expression = f"{cents(hi.total)} - {cents(lo.total)}"
         expect = [cents(hi.total), cents(lo.total)]
         purpose = "subtract the cheapest line from the most expensive one"
     else:
         answer = receipt.subtotal
-        expression = " + ".join(cents(l.total) for l in receipt.lines)
-        expect = [cents(l.total) for l in receipt.lines]
+        expression = " + ".join(cents(ln.total) for ln in receipt.lines)
+        expect = [cents(ln.total) for ln in receipt.lines]
         purpose = "add up the line totals"
     image = render_receipt(rng, receipt, torn=variant in ("total", "tax") or rng.random() < 0.5)
     numeric = variant != "count"

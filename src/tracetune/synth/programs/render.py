@@ -225,7 +225,7 @@ _MODIFIED = re.compile(rb"(<dcterms:modified[^>]*>)[^<]*(</dcterms:modified>)")
 
 def xlsx_bytes(sheets: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> bytes:
     """A workbook with one sheet per (title, rows), normalized to be byte-stable."""
-    import openpyxl
+    import openpyxl  # type: ignore[import-untyped]
 
     workbook = openpyxl.Workbook()
     workbook.properties.creator = "tracetune"
