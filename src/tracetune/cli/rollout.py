@@ -49,8 +49,7 @@ def rollout(
 ) -> None:
     """Roll out a teacher on tasks with gold answers; keep the trajectories that pass.
 
-    Writes OUT (passing trajectories), OUT/verdicts (one verdict per trajectory, with the
-    reasons, e.g. which tool output diverged) and OUT/rejected.
+    Writes OUT (kept trajectories), OUT/verdicts (every verdict, with reasons), OUT/rejected.
     """
     from tracetune.models.base import BackendError, ModelOptions
     from tracetune.rollout import RolloutConfig, rollout_summary, run_rollout

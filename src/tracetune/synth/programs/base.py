@@ -163,12 +163,12 @@ def program(
         raise ProgramError(f"program {name!r} must name the tools its tasks need")
 
     def wrap(fn: ProgramFn) -> ProgramFn:
-        doc = (fn.__doc__ or "").strip().splitlines()
+        paragraph = (fn.__doc__ or "").strip().split("\n\n")[0]
         _REGISTRY[name] = TaskProgram(
             name=name,
             fn=fn,
             tools=tuple(tools),
-            description=doc[0] if doc else name,
+            description=" ".join(paragraph.split()) or name,
             version=version,
         )
         return fn
