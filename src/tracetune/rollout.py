@@ -184,7 +184,10 @@ def observed_count(step: Step) -> int | None:
                 return len(value)
     if isinstance(data, list):
         return len(data)
-    m = re.search(r'"count"\s*:\s*(\d+)', obs.text) or re.search(r"\b(\d+)\s+\w+\s+found", obs.text)
+    # JSON or a printed dict (code actions), else a sentence like "3 faces found"
+    m = re.search(r"[\"']count[\"']\s*:\s*(\d+)", obs.text) or re.search(
+        r"\b(\d+)\s+\w+\s+found", obs.text
+    )
     if m:
         return int(m.group(1))
     return 0 if re.search(r"\bno \w+ found\b", obs.text) else None
