@@ -19,26 +19,23 @@ app = typer.Typer(
 _GROUPS = {
     "agent": ("tracetune.cli.agent", "Run a tool-using agent on tasks."),
     "tools": ("tracetune.cli.tools", "List, inspect and run tools."),
-    "model": ("tracetune.cli.model", "Build tiny test models; manage checkpoints."),
-    "eval": ("tracetune.cli.eval", "Score predictions and run benchmarks."),
+    "tasks": ("tracetune.cli.tasks", "Generate verifiable task programs; task statistics."),
+    "train": ("tracetune.cli.train", "SFT and step-wise DPO of VLM controllers."),
+    "model": ("tracetune.cli.model", "Build tiny test models; merge adapters."),
+    "eval": ("tracetune.cli.eval", "Score predictions with the benchmarks' official rules."),
 }
 
 for _name, (_module, _help) in _GROUPS.items():
-    try:
-        _sub = importlib.import_module(_module).app
-    except ModuleNotFoundError as exc:  # a group not built yet in this checkout
-        if exc.name != _module:
-            raise
-        continue
-    app.add_typer(_sub, name=_name, help=_help)
+    app.add_typer(importlib.import_module(_module).app, name=_name, help=_help)
 
-try:
-    from tracetune.cli.quickstart import quickstart as _quickstart
+from tracetune.cli.io import export_cmd, import_cmd  # noqa: E402
+from tracetune.cli.quickstart import quickstart  # noqa: E402
+from tracetune.cli.rollout import rollout  # noqa: E402
 
-    app.command("quickstart")(_quickstart)
-except ModuleNotFoundError as exc:
-    if exc.name != "tracetune.cli.quickstart":
-        raise
+app.command("rollout")(rollout)
+app.command("export")(export_cmd)
+app.command("import")(import_cmd)
+app.command("quickstart")(quickstart)
 
 
 @app.command("version")

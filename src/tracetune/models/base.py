@@ -97,6 +97,9 @@ class ModelOptions(BaseModel):
     adapter: str | None = Field(default=None, description="LoRA adapter directory (local:).")
     device: str | None = Field(default=None, description="torch device for local: (auto).")
     dtype: str = Field(default="auto", description="torch dtype for local: (auto/bf16/fp32).")
+    trust_remote_code: bool = Field(
+        default=False, description="Allow a hub model's own code to run (local:; opt-in)."
+    )
     max_pixels: int | None = Field(
         default=None, description="Cap on image pixels for local: processors (e.g. 1003520)."
     )

@@ -111,6 +111,11 @@ def model_type(path_or_id: str | Path) -> str | None:
         if cfg.is_file():
             mt = json.loads(cfg.read_text()).get("model_type")
             return mt if isinstance(mt, str) else None
+        adapter = local / "adapter_config.json"
+        if adapter.is_file():
+            # A LoRA adapter directory (as trainers save it) belongs to its base model's family.
+            base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+            return model_type(base) if isinstance(base, str) and base else None
         return None
     try:
         from transformers import AutoConfig
