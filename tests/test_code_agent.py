@@ -48,11 +48,13 @@ expression = " + ".join(items + [tax])
 total = calculator(expression=expression)
 print(expression, "=", total)
 """
-    model = ScriptedChatModel([
-        code('lines = ocr(image="receipt.png")\nprint(lines["text"])', "read the receipt"),
-        code(parse_and_add, "add the item prices and the tax"),
-        code("final_answer(round(total, 2))", "done"),
-    ])
+    model = ScriptedChatModel(
+        [
+            code('lines = ocr(image="receipt.png")\nprint(lines["text"])', "read the receipt"),
+            code(parse_and_add, "add the item prices and the tax"),
+            code("final_answer(round(total, 2))", "done"),
+        ]
+    )
     agent = Agent(model, [get_tool("ocr"), get_tool("calculator")], action_format="code")
     task = Task(id="receipt", query="What is the receipt's total?", files=[ref])
     traj = run(agent, task, source, out)
@@ -82,19 +84,19 @@ def test_state_persists_errors_are_typed_and_image_tools_return_file_names(
     img = Image.new("RGB", (80, 40), "white")
     img.paste(Image.new("RGB", (40, 40), "red"), (40, 0))
     ref = source.put_image(img, "photo.png")
-    model = ScriptedChatModel([
-        code("x = 20\nprint('set')"),
-        code("print(undefined_name)"),
-        code(
-            'right = image_crop(image="photo.png", box=[40, 0, 80, 40])\n'
-            'corner = image_crop(image=right, box=[0, 0, 10, 10])\n'
-            "print(type(right).__name__, right, corner)"
-        ),
-        code("final_answer(x + calculator(expression='1 + 1'))"),
-    ])
-    agent = Agent(
-        model, [get_tool("calculator"), get_tool("image_crop")], action_format="code"
+    model = ScriptedChatModel(
+        [
+            code("x = 20\nprint('set')"),
+            code("print(undefined_name)"),
+            code(
+                'right = image_crop(image="photo.png", box=[40, 0, 80, 40])\n'
+                "corner = image_crop(image=right, box=[0, 0, 10, 10])\n"
+                "print(type(right).__name__, right, corner)"
+            ),
+            code("final_answer(x + calculator(expression='1 + 1'))"),
+        ]
     )
+    agent = Agent(model, [get_tool("calculator"), get_tool("image_crop")], action_format="code")
     traj = run(agent, Task(id="t", query="crop and count", files=[ref]), source, out)
 
     assert traj.status == "completed" and traj.final_answer == "22"  # x survived 3 steps
@@ -118,7 +120,8 @@ def test_state_persists_errors_are_typed_and_image_tools_return_file_names(
     assert (images[1].width, images[1].height) == (10, 10)
     assert out.open_image(images[1]).getpixel((5, 5)) == (255, 0, 0)
     assert [c["name"] for c in crop_step.observation.data["tool_calls"]] == [
-        "image_crop", "image_crop"
+        "image_crop",
+        "image_crop",
     ]
     # The crops reached the model as images with the next prompt.
     shown = model.calls[3]["messages"][-1]["content"]
@@ -127,14 +130,16 @@ def test_state_persists_errors_are_typed_and_image_tools_return_file_names(
 
 def test_tool_errors_are_raised_in_the_code_and_can_be_caught(stores) -> None:
     source, out = stores
-    model = ScriptedChatModel([
-        code(
-            "try:\n    calculator(expression='1/0')\nexcept Exception as exc:\n"
-            "    print('caught', type(exc).__name__, exc)"
-        ),
-        code("calculator(expression='2 +')"),
-        code("final_answer('ok')"),
-    ])
+    model = ScriptedChatModel(
+        [
+            code(
+                "try:\n    calculator(expression='1/0')\nexcept Exception as exc:\n"
+                "    print('caught', type(exc).__name__, exc)"
+            ),
+            code("calculator(expression='2 +')"),
+            code("final_answer('ok')"),
+        ]
+    )
     agent = Agent(model, [get_tool("calculator")], action_format="code")
     traj = run(agent, Task(id="t", query="q"), source, out)
     first = traj.steps[0]
@@ -148,8 +153,11 @@ def test_tool_errors_are_raised_in_the_code_and_can_be_caught(stores) -> None:
 
 def test_forks_keep_their_own_state(tmp_path: Path) -> None:
     async def scenario() -> None:
-        toolbox = ToolBox([get_tool("calculator"), get_tool("image_crop")], tmp_path / "work",
-                          AssetStore(tmp_path / "out"))
+        toolbox = ToolBox(
+            [get_tool("calculator"), get_tool("image_crop")],
+            tmp_path / "work",
+            AssetStore(tmp_path / "out"),
+        )
         toolbox.workdir.mkdir()
         Image.new("RGB", (20, 20), "blue").save(toolbox.workdir / "a.png")
         root = await CodeExecutor.start(toolbox)
@@ -167,7 +175,9 @@ def test_forks_keep_their_own_state(tmp_path: Path) -> None:
             assert left_file != right_file
             assert [i.name for i in a.observation.images] == [left_file]
             assert [i.name for i in b.observation.images] == [right_file]
-            assert (toolbox.workdir / left_file).exists() and (toolbox.workdir / right_file).exists()
+            assert (toolbox.workdir / left_file).exists() and (
+                toolbox.workdir / right_file
+            ).exists()
             again = await left.execute(Action(type="code", code="print(n)"), 2)
             assert again.observation.text == "11"
             base = await root.execute(Action(type="code", code="print(n)"), 1)
@@ -183,7 +193,11 @@ def test_forks_keep_their_own_state(tmp_path: Path) -> None:
 def test_code_that_prints_nothing_says_so(stores) -> None:
     source, out = stores
     model = ScriptedChatModel([code("y = 3"), code("final_answer(y)")])
-    traj = run(Agent(model, [get_tool("calculator")], action_format="code"),
-               Task(id="t", query="q"), source, out)
+    traj = run(
+        Agent(model, [get_tool("calculator")], action_format="code"),
+        Task(id="t", query="q"),
+        source,
+        out,
+    )
     assert "printed nothing" in traj.steps[0].observation.text
     assert traj.final_answer == "3"

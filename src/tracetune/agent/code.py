@@ -42,7 +42,9 @@ class CodeExecutor:
     async def start(cls, toolbox: ToolBox, limits: SandboxLimits | None = None) -> CodeExecutor:
         executor = cls(toolbox)
         # final_answer is built into the sandbox: it ends the code step with the answer.
-        stubs = [ToolStub.from_tool(t) for name, t in toolbox.tools.items() if name != "final_answer"]
+        stubs = [
+            ToolStub.from_tool(t) for name, t in toolbox.tools.items() if name != "final_answer"
+        ]
         executor.sandbox = await Sandbox.start(toolbox.workdir, stubs, executor._handle, limits)
         return executor
 
@@ -64,8 +66,9 @@ class CodeExecutor:
 
     def _value(self, name: str, result: ToolResult) -> Any:
         if result.images:
-            recorded = self.toolbox.record(result, self._image_label(name, len(result.images)),
-                                           self._step_index)
+            recorded = self.toolbox.record(
+                result, self._image_label(name, len(result.images)), self._step_index
+            )
             self._step_images.extend(recorded.observation.images)
             self._step_names.extend(recorded.saved_images)
             names = recorded.saved_images
