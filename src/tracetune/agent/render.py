@@ -39,9 +39,11 @@ def task_text(task: Task) -> str:
 
 
 def observation_text(step: Step) -> str:
-    if step.error is not None:
-        return f"Error ({step.error.kind.value}): {step.error.message}"
     text = step.observation.text if step.observation else ""
+    if step.error is not None:
+        error = f"Error ({step.error.kind.value}): {step.error.message}"
+        # Code may print useful output before it fails; the model should see both.
+        return f"Observation: {text}\n{error}" if text.strip() else error
     return f"Observation: {text}".rstrip()
 
 
