@@ -37,11 +37,13 @@ def run(agent: Agent, task: Task, stores: tuple) -> object:
 
 def test_episode_with_tool_image_observation_and_answer(stores) -> None:
     ref = stores[2]
-    model = ScriptedChatModel([
-        call("image_crop", image="photo.png", box=[40, 0, 80, 40]),
-        call("calculator", expression="(3 + 4) * 2"),
-        call("final_answer", answer="14"),
-    ])
+    model = ScriptedChatModel(
+        [
+            call("image_crop", image="photo.png", box=[40, 0, 80, 40]),
+            call("calculator", expression="(3 + 4) * 2"),
+            call("final_answer", answer="14"),
+        ]
+    )
     agent = Agent(model, [get_tool("calculator"), get_tool("image_crop")])
     task = Task(id="t", query="Crop the right half, then compute (3+4)*2.", files=[ref])
     traj = run(agent, task, stores)
@@ -64,19 +66,27 @@ def test_episode_with_tool_image_observation_and_answer(stores) -> None:
 
 
 def test_errors_are_typed_and_the_model_recovers(stores) -> None:
-    model = ScriptedChatModel([
-        "I think the answer is 5",  # no action
-        call("magnifier", image="photo.png"),  # unknown tool
-        call("calculator", formula="1+1"),  # wrong argument
-        call("calculator", expression="1/0"),  # tool error
-        call("image_crop", image="../../etc/passwd", box=[0, 0, 1, 1]),  # outside workdir
-        call("final_answer", answer="2"),
-    ])
+    model = ScriptedChatModel(
+        [
+            "I think the answer is 5",  # no action
+            call("magnifier", image="photo.png"),  # unknown tool
+            call("calculator", formula="1+1"),  # wrong argument
+            call("calculator", expression="1/0"),  # tool error
+            call("image_crop", image="../../etc/passwd", box=[0, 0, 1, 1]),  # outside workdir
+            call("final_answer", answer="2"),
+        ]
+    )
     agent = Agent(model, [get_tool("calculator"), get_tool("image_crop")], max_errors=10)
     traj = run(agent, Task(id="t", query="1+1?"), stores)
     kinds = [s.error.kind if s.error else None for s in traj.steps]
-    assert kinds == [ErrorKind.PARSE, ErrorKind.UNKNOWN_TOOL, ErrorKind.TOOL_ARGUMENTS,
-                     ErrorKind.TOOL, ErrorKind.TOOL, None]
+    assert kinds == [
+        ErrorKind.PARSE,
+        ErrorKind.UNKNOWN_TOOL,
+        ErrorKind.TOOL_ARGUMENTS,
+        ErrorKind.TOOL,
+        ErrorKind.TOOL,
+        None,
+    ]
     assert "division by zero" in traj.steps[3].error.message
     assert "outside the working directory" in traj.steps[4].error.message
     # each error reached the model as its next observation
@@ -86,11 +96,15 @@ def test_errors_are_typed_and_the_model_recovers(stores) -> None:
 
 def test_step_and_error_budgets(stores) -> None:
     looping = ScriptedChatModel(lambda messages: call("calculator", expression="1+1"))
-    traj = run(Agent(looping, [get_tool("calculator")], max_steps=4), Task(id="a", query="q"), stores)
+    traj = run(
+        Agent(looping, [get_tool("calculator")], max_steps=4), Task(id="a", query="q"), stores
+    )
     assert traj.status == "max_steps" and len(traj.steps) == 4 and traj.final_answer is None
 
     broken = ScriptedChatModel(lambda messages: "no idea")
-    traj = run(Agent(broken, [get_tool("calculator")], max_errors=2), Task(id="b", query="q"), stores)
+    traj = run(
+        Agent(broken, [get_tool("calculator")], max_errors=2), Task(id="b", query="q"), stores
+    )
     assert traj.status == "max_errors" and len(traj.steps) == 2
 
 
@@ -110,20 +124,36 @@ def test_task_needing_missing_tool_is_refused(stores) -> None:
         run(agent, Task(id="t", query="q", tools=["ocr"]), stores)
 
 
-@pytest.mark.parametrize("text,name,args", [
-    ('Thought: x\nAction: {"name": "ocr", "arguments": {"image": "a.png"}}', "ocr", {"image": "a.png"}),
-    ('Thought: x\nAction:\n```json\n{"name": "ocr", "arguments": {}}\n```', "ocr", {}),
-    ('{"name": "calculator", "arguments": "{\\"expression\\": \\"1\\"}"}', "calculator",
-     {"expression": "1"}),
-    ('Thought: {not json} then\nAction: {"tool": "ocr", "args": {"image": "b"}}', "ocr", {"image": "b"}),
-])
+@pytest.mark.parametrize(
+    "text,name,args",
+    [
+        (
+            'Thought: x\nAction: {"name": "ocr", "arguments": {"image": "a.png"}}',
+            "ocr",
+            {"image": "a.png"},
+        ),
+        ('Thought: x\nAction:\n```json\n{"name": "ocr", "arguments": {}}\n```', "ocr", {}),
+        (
+            '{"name": "calculator", "arguments": "{\\"expression\\": \\"1\\"}"}',
+            "calculator",
+            {"expression": "1"},
+        ),
+        (
+            'Thought: {not json} then\nAction: {"tool": "ocr", "args": {"image": "b"}}',
+            "ocr",
+            {"image": "b"},
+        ),
+    ],
+)
 def test_json_format_parses_tool_calls(text: str, name: str, args: dict) -> None:
     parsed = JsonFormat().parse(text)
     assert parsed.action.tool_call.name == name and parsed.action.tool_call.arguments == args
     assert parsed.thought in ("x", "", "{not json} then")
 
 
-@pytest.mark.parametrize("text", ["no json here", 'Action: {"arguments": {}}', 'Action: {"name": "x", "arguments": [1]}'])
+@pytest.mark.parametrize(
+    "text", ["no json here", 'Action: {"arguments": {}}', 'Action: {"name": "x", "arguments": [1]}']
+)
 def test_json_format_rejects_malformed_actions(text: str) -> None:
     with pytest.raises(ParseError):
         JsonFormat().parse(text)
@@ -145,4 +175,8 @@ def test_formats_render_what_they_parse() -> None:
 
 def test_duplicate_file_names_are_made_unique() -> None:
     ref = FileRef(sha256="0" * 64, name="img.png", mime="image/png")
-    assert file_names([ref, ref, ref.model_copy(update={"name": "x"})]) == ["img.png", "img_2.png", "x"]
+    assert file_names([ref, ref, ref.model_copy(update={"name": "x"})]) == [
+        "img.png",
+        "img_2.png",
+        "x",
+    ]

@@ -35,7 +35,8 @@ def calculator_then_answer(body: dict[str, Any]) -> str:
     last = _last_text(body)
     if last.startswith("Observation:"):
         value = last.split(":", 1)[1].strip()
-        return f'Thought: done\nAction: {{"name": "final_answer", "arguments": {{"answer": "{value}"}}}}'
+        action = {"name": "final_answer", "arguments": {"answer": value}}
+        return f"Thought: done\nAction: {json.dumps(action)}"
     return 'Thought: add\nAction: {"name": "calculator", "arguments": {"expression": "6 + 8"}}'
 
 
@@ -44,8 +45,11 @@ def test_episode_over_http_with_injected_429_and_500(tmp_path: Path) -> None:
     Image.new("RGB", (64, 32), "white").save(image)
     with ScriptedOpenAIServer(calculator_then_answer, failures=[429, 500]) as server:
         config = AgentRunConfig(
-            model="openai:test-model", out=tmp_path / "out", task="What is 6 + 8?",
-            images=[image], tools=["calculator"],
+            model="openai:test-model",
+            out=tmp_path / "out",
+            task="What is 6 + 8?",
+            images=[image],
+            tools=["calculator"],
             backend=ModelOptions(base_url=server.base_url),
         )
         result, dataset = asyncio.run(run_agent(config, progress=False))
@@ -62,9 +66,7 @@ def test_episode_over_http_with_injected_429_and_500(tmp_path: Path) -> None:
     assert trajectory.usage.retries == 2 and trajectory.steps[0].usage.retries == 2
     assert trajectory.steps[0].latency_s > 0
     assert len(dataset) == 1
-    assert server.requests[0].image_urls()[0].startswith(
-        "data:image/png;base64,"
-    )
+    assert server.requests[0].image_urls()[0].startswith("data:image/png;base64,")
     assert dataset.state.usage("agent").retries == 2
 
 
@@ -76,8 +78,13 @@ def test_tiny_local_qwen2_vl_runs_to_the_step_budget(tmp_path: Path) -> None:
     image = tmp_path / "img.png"
     Image.new("RGB", (112, 112), "gray").save(image)
     config = AgentRunConfig(
-        model=f"local:{tmp_path / 'model'}", out=tmp_path / "out", task="Describe it.",
-        images=[image], max_steps=3, max_errors=10, max_tokens=16,
+        model=f"local:{tmp_path / 'model'}",
+        out=tmp_path / "out",
+        task="Describe it.",
+        images=[image],
+        max_steps=3,
+        max_errors=10,
+        max_tokens=16,
     )
     _, dataset = asyncio.run(run_agent(config, progress=False))
     (trajectory,) = list(dataset)
@@ -98,8 +105,19 @@ def test_killed_agent_run_resumes_with_each_task_once(tmp_path: Path) -> None:
 
     out = tmp_path / "out"
     cmd = [
-        sys.executable, "-m", "tracetune.cli", "agent", "run", "--model", "openai:test-model",
-        "--tasks", str(tmp_path / "tasks.jsonl"), "--out", str(out), "--concurrency", "2",
+        sys.executable,
+        "-m",
+        "tracetune.cli",
+        "agent",
+        "run",
+        "--model",
+        "openai:test-model",
+        "--tasks",
+        str(tmp_path / "tasks.jsonl"),
+        "--out",
+        str(out),
+        "--concurrency",
+        "2",
         "--quiet",
     ]
     env = {**os.environ, "OPENAI_API_KEY": "test"}

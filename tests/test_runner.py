@@ -27,8 +27,11 @@ def test_each_item_once_across_reruns_and_drops_are_remembered(tmp_path: Path) -
         return task.model_copy(update={"query": task.query.upper()})
 
     out = Dataset.create(tmp_path / "out", Task)
-    first = asyncio.run(run_stage("s", tasks(6), lambda t: t.id, process, out, progress=False,
-                                  chunk_size=2, concurrency=3))
+    first = asyncio.run(
+        run_stage(
+            "s", tasks(6), lambda t: t.id, process, out, progress=False, chunk_size=2, concurrency=3
+        )
+    )
     assert (first.written, first.dropped, first.skipped) == (5, 1, 0)
     assert first.drop_reasons == {"too short": 1}
     second = asyncio.run(run_stage("s", tasks(8), lambda t: t.id, process, out, progress=False))
@@ -58,9 +61,18 @@ def test_failures_are_recorded_retried_and_abort_past_threshold(tmp_path: Path) 
         raise ValueError("schema mismatch")
 
     with pytest.raises(StageAborted, match="schema mismatch"):
-        asyncio.run(run_stage("x", tasks(20), lambda t: t.id, always_fails,
-                              Dataset.create(tmp_path / "o2", Task), progress=False,
-                              max_failures=3, concurrency=1))
+        asyncio.run(
+            run_stage(
+                "x",
+                tasks(20),
+                lambda t: t.id,
+                always_fails,
+                Dataset.create(tmp_path / "o2", Task),
+                progress=False,
+                max_failures=3,
+                concurrency=1,
+            )
+        )
 
 
 def test_budget_stops_cleanly_and_keeps_finished_work(tmp_path: Path) -> None:
@@ -71,8 +83,18 @@ def test_budget_stops_cleanly_and_keeps_finished_work(tmp_path: Path) -> None:
         await model.generate([{"role": "user", "content": task.query}])
         return task
 
-    result = asyncio.run(run_stage("s", tasks(10), lambda t: t.id, process, out, progress=False,
-                                   concurrency=1, budget=Budget(max_tokens=25)))
+    result = asyncio.run(
+        run_stage(
+            "s",
+            tasks(10),
+            lambda t: t.id,
+            process,
+            out,
+            progress=False,
+            concurrency=1,
+            budget=Budget(max_tokens=25),
+        )
+    )
     assert result.stopped is not None and "token budget" in result.stopped
     assert result.written == 3  # 11 tokens per call: stops once 25 are spent
     assert len(out) == 3 and out.state.usage("s").total_tokens == 33

@@ -60,8 +60,11 @@ def make_steps() -> list[Step]:
             usage=Usage(prompt_tokens=5, completion_tokens=3, calls=1, retries=2),
         ),
         Step(index=1, raw="garbage", error=StepError(kind=ErrorKind.PARSE, message="no action")),
-        Step(index=2, action=Action(type="code", code="print(1)"),
-             observation=Observation(text="1", data="a plain string")),
+        Step(
+            index=2,
+            action=Action(type="code", code="print(1)"),
+            observation=Observation(text="1", data="a plain string"),
+        ),
         Step(index=3, action=Action(type="final_answer", answer="12.50")),
     ]
 
@@ -71,20 +74,61 @@ def all_records() -> list:
     steps = make_steps()
     return [
         task,
-        Trajectory(id="tr1", task=task, controller="openai:x", steps=steps,
-                   final_answer="12.50", usage=Usage(prompt_tokens=5), sampling={"t": 0.7}),
-        Verdict(id="v1", target_id="tr1", judge="gold", passed=False, score=0.0,
-                reasons=["wrong total"], details={"expected": "12.50"}),
-        PreferencePair(id="p1", task=task, prefix=steps[:1], chosen=steps[3], rejected=steps[1],
-                       chosen_score=1.0, rejected_score=0.0, verifier="gold",
-                       reasons=["parse error"]),
-        Dialogue(id="d1", task=task, format="rr", messages=[
-            Message(role="user", content=[ContentPart(type="image", image=IMG),
-                                          ContentPart(type="text", text="Q?")]),
-            Message(role="assistant", content=[ContentPart(type="text", text="<THOUGHT>x</THOUGHT>")]),
-        ]),
-        EvalRecord(id="e1", benchmark="gta/e2e/official", item_id="3", prediction="12.5",
-                   scores={"answer_acc": 1.0}, metadata={"level": 1}),
+        Trajectory(
+            id="tr1",
+            task=task,
+            controller="openai:x",
+            steps=steps,
+            final_answer="12.50",
+            usage=Usage(prompt_tokens=5),
+            sampling={"t": 0.7},
+        ),
+        Verdict(
+            id="v1",
+            target_id="tr1",
+            judge="gold",
+            passed=False,
+            score=0.0,
+            reasons=["wrong total"],
+            details={"expected": "12.50"},
+        ),
+        PreferencePair(
+            id="p1",
+            task=task,
+            prefix=steps[:1],
+            chosen=steps[3],
+            rejected=steps[1],
+            chosen_score=1.0,
+            rejected_score=0.0,
+            verifier="gold",
+            reasons=["parse error"],
+        ),
+        Dialogue(
+            id="d1",
+            task=task,
+            format="rr",
+            messages=[
+                Message(
+                    role="user",
+                    content=[
+                        ContentPart(type="image", image=IMG),
+                        ContentPart(type="text", text="Q?"),
+                    ],
+                ),
+                Message(
+                    role="assistant",
+                    content=[ContentPart(type="text", text="<THOUGHT>x</THOUGHT>")],
+                ),
+            ],
+        ),
+        EvalRecord(
+            id="e1",
+            benchmark="gta/e2e/official",
+            item_id="3",
+            prediction="12.5",
+            scores={"answer_acc": 1.0},
+            metadata={"level": 1},
+        ),
     ]
 
 
@@ -107,13 +151,18 @@ def test_storage_round_trip_through_arrow(record) -> None:
 def test_free_form_fields_are_json_text_only_in_storage() -> None:
     call = ToolCall(name="ocr", arguments={"image": "a.png"})
     assert call.model_dump(mode="json")["arguments"] == {"image": "a.png"}
-    assert call.model_dump(mode="json", context=STORAGE_CONTEXT)["arguments"] == '{"image": "a.png"}'
+    assert (
+        call.model_dump(mode="json", context=STORAGE_CONTEXT)["arguments"] == '{"image": "a.png"}'
+    )
     # A string observation value stays a string (it is not mistaken for JSON text).
     obs = Observation(text="", data="[1, 2]")
     assert obs.data == "[1, 2]"
-    assert Observation.model_validate(
-        obs.model_dump(mode="json", context=STORAGE_CONTEXT), context=STORAGE_CONTEXT
-    ).data == "[1, 2]"
+    assert (
+        Observation.model_validate(
+            obs.model_dump(mode="json", context=STORAGE_CONTEXT), context=STORAGE_CONTEXT
+        ).data
+        == "[1, 2]"
+    )
 
 
 def test_unknown_fields_are_rejected() -> None:

@@ -24,8 +24,9 @@ def test_write_read_and_load_with_hf_datasets(tmp_path: Path) -> None:
     ref = ds.assets.put_image(image(), "red.png")
     with ds.writer(chunk_size=2) as w:
         for i in range(5):
-            w.write(Task(id=f"t{i}", query=f"q{i}", files=[ref] if i % 2 else [],
-                         metadata={"i": i}))
+            w.write(
+                Task(id=f"t{i}", query=f"q{i}", files=[ref] if i % 2 else [], metadata={"i": i})
+            )
     assert len(ds.chunk_files()) == 3
     assert [t.id for t in ds] == [f"t{i}" for i in range(5)]
     assert ds.get("t3").files == [ref]
@@ -121,8 +122,9 @@ def test_run_state_items_cache_and_usage(tmp_path: Path) -> None:
     state.add_usage("agent", "m", Usage(prompt_tokens=3, cost_usd=0.25, calls=1))
     state.add_usage("agent", "m", Usage(completion_tokens=4, cost_usd=0.25, calls=1, retries=2))
     state.add_usage("judge", "j", Usage(prompt_tokens=100))
-    assert state.usage("agent") == Usage(prompt_tokens=3, completion_tokens=4, cost_usd=0.5,
-                                         calls=2, retries=2)
+    assert state.usage("agent") == Usage(
+        prompt_tokens=3, completion_tokens=4, cost_usd=0.5, calls=2, retries=2
+    )
     assert state.usage().prompt_tokens == 103
     # a second connection (another process) sees the same state
     assert RunState(tmp_path / "state.sqlite").keys("agent") == {"k1", "k2"}

@@ -157,7 +157,9 @@ def _py_literal(value: object) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_py_literal(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{_py_literal(k)}: {_py_literal(v)}" for k, v in value.items()) + "}"
+        return (
+            "{" + ", ".join(f"{_py_literal(k)}: {_py_literal(v)}" for k, v in value.items()) + "}"
+        )
     return repr(value)
 
 

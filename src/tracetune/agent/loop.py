@@ -183,9 +183,7 @@ class Agent:
         """Set up an episode: working directory with the task's files, and its executor."""
         unknown = [n for n in task.tools if n not in {t.name for t in self.tools}]
         if unknown:
-            raise ValueError(
-                f"task {task.id} needs tools {unknown} that this agent was not given"
-            )
+            raise ValueError(f"task {task.id} needs tools {unknown} that this agent was not given")
         toolbox = ToolBox.for_task(
             task, self.tools, source, assets, model=self.tool_model, options=self.tool_options
         )
@@ -213,9 +211,7 @@ class Agent:
                 except BackendError as exc:
                     status, error_message = "failed", str(exc)
                     break
-                step = await episode.apply(
-                    generation.text, generation.usage, generation.latency_s
-                )
+                step = await episode.apply(generation.text, generation.usage, generation.latency_s)
                 if episode.final_answer is not None:
                     status = "completed"
                     break

@@ -38,14 +38,18 @@ class AgentRunConfig(BaseModel):
     tool_modules: list[str] = Field(
         default_factory=list, description="Python modules to import first (they register tools)."
     )
-    action_format: Literal["json", "code"] = Field(default="json", description="How actions are written.")
+    action_format: Literal["json", "code"] = Field(
+        default="json", description="How actions are written."
+    )
     max_steps: int = Field(default=8, ge=1, description="Step budget per episode.")
     max_errors: int = Field(default=3, ge=1, description="Failed steps allowed per episode.")
     samples: int = Field(default=1, ge=1, description="Trajectories per task.")
     temperature: float = Field(default=0.0, ge=0, description="Sampling temperature.")
     top_p: float = Field(default=1.0, gt=0, le=1)
     max_tokens: int = Field(default=512, ge=1, description="Max new tokens per step.")
-    seed: int | None = Field(default=None, description="Sampling seed, where the backend supports it.")
+    seed: int | None = Field(
+        default=None, description="Sampling seed, where the backend supports it."
+    )
     concurrency: int = Field(default=4, ge=1, description="Episodes in flight.")
     max_cost_usd: float | None = Field(default=None, description="Stop after this much spend.")
     max_total_tokens: int | None = Field(default=None, description="Stop after this many tokens.")
@@ -58,7 +62,9 @@ def trajectory_id(task: Task, controller: str, action_format: str, sample: int) 
     return "traj-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def prepare_tasks(config: AgentRunConfig, out: Dataset[Trajectory]) -> tuple[list[Task], AssetStore]:
+def prepare_tasks(
+    config: AgentRunConfig, out: Dataset[Trajectory]
+) -> tuple[list[Task], AssetStore]:
     if (config.task is None) == (config.tasks is None):
         raise ValueError("give exactly one of --task TEXT or --tasks PATH")
     if config.task is not None:

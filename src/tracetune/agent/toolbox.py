@@ -105,7 +105,9 @@ class ToolBox:
 
 
 def _error(kind: ErrorKind, message: str) -> CallOutcome:
-    return CallOutcome(observation=Observation(text=""), error=StepError(kind=kind, message=message))
+    return CallOutcome(
+        observation=Observation(text=""), error=StepError(kind=kind, message=message)
+    )
 
 
 def _jsonable(value: Any) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -18,23 +18,27 @@ out_console = Console()
 
 @app.command("run")
 def run(
-    model: Annotated[Optional[str], typer.Option(help="Controller: openai:NAME or local:PATH.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output trajectory dataset directory.")] = None,
-    task: Annotated[Optional[str], typer.Option(help="One task's query text.")] = None,
-    image: Annotated[Optional[list[Path]], typer.Option(help="Image for --task (repeatable).")] = None,
-    tasks: Annotated[Optional[Path], typer.Option(help="Task dataset dir or JSONL file.")] = None,
-    tools: Annotated[Optional[str], typer.Option(help="Comma-separated tool names.")] = None,
-    action_format: Annotated[Optional[str], typer.Option(help="json or code.")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Step budget per episode.")] = None,
-    max_errors: Annotated[Optional[int], typer.Option(help="Failed steps allowed.")] = None,
-    samples: Annotated[Optional[int], typer.Option(help="Trajectories per task.")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature.")] = None,
-    max_tokens: Annotated[Optional[int], typer.Option(help="Max new tokens per step.")] = None,
-    concurrency: Annotated[Optional[int], typer.Option(help="Episodes in flight.")] = None,
-    base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible endpoint URL.")] = None,
-    adapter: Annotated[Optional[Path], typer.Option(help="LoRA adapter dir for local: models.")] = None,
-    max_cost: Annotated[Optional[float], typer.Option(help="Stop after this many USD.")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="YAML file with these options.")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Controller: openai:NAME or local:PATH.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Output trajectory dataset directory.")] = None,
+    task: Annotated[str | None, typer.Option(help="One task's query text.")] = None,
+    image: Annotated[list[Path] | None, typer.Option(help="Image for --task (repeatable).")] = None,
+    tasks: Annotated[Path | None, typer.Option(help="Task dataset dir or JSONL file.")] = None,
+    tools: Annotated[str | None, typer.Option(help="Comma-separated tool names.")] = None,
+    action_format: Annotated[str | None, typer.Option(help="json or code.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Step budget per episode.")] = None,
+    max_errors: Annotated[int | None, typer.Option(help="Failed steps allowed.")] = None,
+    samples: Annotated[int | None, typer.Option(help="Trajectories per task.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Max new tokens per step.")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Episodes in flight.")] = None,
+    base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint URL.")] = None,
+    adapter: Annotated[
+        Path | None, typer.Option(help="LoRA adapter dir for local: models.")
+    ] = None,
+    max_cost: Annotated[float | None, typer.Option(help="Stop after this many USD.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file with these options.")] = None,
     quiet: Annotated[bool, typer.Option(help="No transcript or progress bar.")] = False,
 ) -> None:
     """Run an agent on one task (--task) or many (--tasks); rerunning skips finished work."""
@@ -88,8 +92,10 @@ def print_transcript(trajectory: object) -> None:
         if step.action is not None:
             action = step.action
             if action.type == "tool_call" and action.tool_call is not None:
-                out_console.print(f"[bold]call[/bold] {action.tool_call.name}"
-                                  f"({action.tool_call.arguments})", highlight=False)
+                out_console.print(
+                    f"[bold]call[/bold] {action.tool_call.name}({action.tool_call.arguments})",
+                    highlight=False,
+                )
             elif action.type == "code":
                 out_console.print(f"[bold]code[/bold]\n{action.code}", highlight=False)
             else:
@@ -97,11 +103,13 @@ def print_transcript(trajectory: object) -> None:
         else:
             out_console.print(f"[bold]raw[/bold] {step.raw[:300]!r}", highlight=False)
         if step.error is not None:
-            out_console.print(f"[red]error ({step.error.kind.value})[/red] {step.error.message}",
-                              highlight=False)
+            out_console.print(
+                f"[red]error ({step.error.kind.value})[/red] {step.error.message}", highlight=False
+            )
         elif step.observation is not None and step.action and step.action.type != "final_answer":
-            out_console.print(f"[bold]observation[/bold] {step.observation.text[:500]}",
-                              highlight=False)
+            out_console.print(
+                f"[bold]observation[/bold] {step.observation.text[:500]}", highlight=False
+            )
     out_console.print(
         f"status: [bold]{trajectory.status}[/bold]  final answer: {trajectory.final_answer!r}  "
         f"steps: {len(trajectory.steps)}  tokens: {trajectory.usage.total_tokens}  "

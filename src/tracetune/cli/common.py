@@ -28,9 +28,7 @@ def build_config(cls: type[C], config: Path | None, **flags: Any) -> C:
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        lines = [
-            f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        ]
+        lines = [f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()]
         fail(f"invalid {cls.__name__}:\n" + "\n".join(lines))
         raise  # unreachable
 

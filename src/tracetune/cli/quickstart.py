@@ -40,39 +40,58 @@ def quickstart(
     rows: list[tuple[str, str, str]] = []
 
     console.rule("1. task programs: tasks with known answers and tool chains")
-    _, tasks = asyncio.run(generate_tasks(
-        ProgramsConfig(out=out / "tasks", n=n, seed=seed, families=QUICKSTART_FAMILIES)
-    ))
+    _, tasks = asyncio.run(
+        generate_tasks(
+            ProgramsConfig(out=out / "tasks", n=n, seed=seed, families=QUICKSTART_FAMILIES)
+        )
+    )
     rows.append(("tasks", str(tasks.root), f"{len(tasks)} tasks"))
 
     console.rule("2. gold rollouts with the real tools, checked against the gold answers")
     _, gold = asyncio.run(run_rollout(RolloutConfig(tasks=out / "tasks", out=out / "gold")))
     summary = rollout_summary(gold)
-    rows.append(("gold trajectories", str(gold.root),
-                 f"{summary.get('passed', len(gold))}/{summary.get('total', '?')} reached the gold answer"))
+    rows.append(
+        (
+            "gold trajectories",
+            str(gold.root),
+            f"{summary.get('passed', len(gold))}/{summary.get('total', '?')} "
+            "reached the gold answer",
+        )
+    )
 
     console.rule("3. SFT-ready export (TRL conversational format)")
     if len(gold):
         report = export_dataset("trl-sft", gold.root, out / "sft-trl")
-        rows.append(("SFT data", str(report.out_dir), f"{report.rows} rows, {report.images} images"))
+        rows.append(
+            ("SFT data", str(report.out_dir), f"{report.rows} rows, {report.images} images")
+        )
 
     console.rule("4. a tiny random Qwen2-VL as the agent's controller (local: backend)")
     model_dir = out / "model"
     if not (model_dir / "config.json").exists():
         init_tiny("qwen2_vl", model_dir)
-    result, trajectories = asyncio.run(run_agent(AgentRunConfig(
-        model=f"local:{model_dir}",
-        out=out / "agent",
-        task="What is the total on this receipt?",
-        images=[RECEIPT_IMAGE],
-        tools=["ocr", "calculator"],
-        max_steps=3,
-        max_tokens=48,
-    )))
+    result, trajectories = asyncio.run(
+        run_agent(
+            AgentRunConfig(
+                model=f"local:{model_dir}",
+                out=out / "agent",
+                task="What is the total on this receipt?",
+                images=[RECEIPT_IMAGE],
+                tools=["ocr", "calculator"],
+                max_steps=3,
+                max_tokens=48,
+            )
+        )
+    )
     for trajectory in trajectories:
         print_transcript(trajectory)
-    rows.append(("agent run", str(trajectories.root),
-                 "untrained model: expect parse errors until it is tuned"))
+    rows.append(
+        (
+            "agent run",
+            str(trajectories.root),
+            "untrained model: expect parse errors until it is tuned",
+        )
+    )
 
     table = Table(title=f"quickstart done in {time.monotonic() - t0:.0f} s")
     for column in ("stage", "output", "what"):
@@ -80,5 +99,12 @@ def quickstart(
     for row in rows:
         table.add_row(*row)
     console.print(table)
-    console.print("Next: tracetune train sft --base", model_dir, "--data", out / "gold",
-                  "--out", out / "sft", highlight=False)
+    console.print(
+        "Next: tracetune train sft --base",
+        model_dir,
+        "--data",
+        out / "gold",
+        "--out",
+        out / "sft",
+        highlight=False,
+    )

@@ -25,9 +25,7 @@ class ChatFormatError(ValueError):
     """A record cannot become a valid training chat; the message names the record."""
 
 
-def _split_images(
-    messages: list[ChatMessage], load: Any
-) -> tuple[list[dict[str, Any]], list[Any]]:
+def _split_images(messages: list[ChatMessage], load: Any) -> tuple[list[dict[str, Any]], list[Any]]:
     """Replace image payloads by placeholders; return the images in order."""
     images: list[Any] = []
     out = []
@@ -65,7 +63,8 @@ def _steps_with_raw(steps: list[Step], action_format: str) -> list[Step]:
     """Steps whose raw text is missing (e.g. imported ones) get their canonical rendering."""
     fmt = get_format(action_format)
     return [
-        s if s.raw or s.action is None
+        s
+        if s.raw or s.action is None
         else s.model_copy(update={"raw": fmt.render(s.thought, s.action)})
         for s in steps
     ]

@@ -124,7 +124,7 @@ class ChatModel(abc.ABC):
     ) -> Generation:
         """Return ``n`` completions of the conversation."""
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027  (optional hook; most backends hold nothing)
         """Release connections, models or servers."""
 
 

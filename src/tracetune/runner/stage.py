@@ -13,7 +13,7 @@ import logging
 import traceback
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
 from rich.console import Console
@@ -186,10 +186,15 @@ async def run_stage(
                     produced = await process(item)
                 except Exception as exc:  # recorded, counted against the threshold, retried later
                     result.failed += 1
-                    state.mark(stage, item_key, "failed", {
-                        "error": f"{type(exc).__name__}: {exc}",
-                        "traceback": traceback.format_exc(limit=8),
-                    })
+                    state.mark(
+                        stage,
+                        item_key,
+                        "failed",
+                        {
+                            "error": f"{type(exc).__name__}: {exc}",
+                            "traceback": traceback.format_exc(limit=8),
+                        },
+                    )
                     log.warning("%s: item %s failed: %s", stage, item_key, exc)
                 else:
                     if isinstance(produced, Drop):
@@ -197,8 +202,9 @@ async def run_stage(
                         result.drop_reasons[produced.reason] = (
                             result.drop_reasons.get(produced.reason, 0) + 1
                         )
-                        state.mark(stage, item_key, "dropped",
-                                   {"reason": produced.reason, **produced.info})
+                        state.mark(
+                            stage, item_key, "dropped", {"reason": produced.reason, **produced.info}
+                        )
                     else:
                         records = produced if isinstance(produced, list) else [produced]
                         for record in records:
@@ -220,4 +226,3 @@ async def run_stage(
         detail = "; ".join(f"{k}: {info.get('error')}" for k, _, info in failures)
         raise StageAborted(f"{stage} {stop}. First failures: {detail}")
     return result
-

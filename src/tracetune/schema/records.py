@@ -365,6 +365,5 @@ class EvalRecord(Record):
 
 
 RECORD_TYPES: dict[str, type[Record]] = {
-    cls.kind: cls
-    for cls in (Task, Trajectory, Verdict, PreferencePair, Dialogue, EvalRecord)
+    cls.kind: cls for cls in (Task, Trajectory, Verdict, PreferencePair, Dialogue, EvalRecord)
 }

@@ -82,9 +82,7 @@ class AssetStore:
             raise FileNotFoundError(f"no such file: {path}")
         return self.put_bytes(path.read_bytes(), name or path.name, description=description)
 
-    def put_image(
-        self, image: Image.Image, name: str, description: str | None = None
-    ) -> FileRef:
+    def put_image(self, image: Image.Image, name: str, description: str | None = None) -> FileRef:
         """Store a PIL image; PNG unless ``name`` ends in .jpg/.jpeg/.webp."""
         fmt = {"jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}.get(
             name.rsplit(".", 1)[-1].lower(), "PNG"

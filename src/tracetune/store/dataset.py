@@ -69,9 +69,7 @@ class Dataset(Generic[R]):
         return cls(root, record_type)
 
     @classmethod
-    def open(
-        cls, root: str | os.PathLike[str], record_type: type[R] | None = None
-    ) -> Dataset[Any]:
+    def open(cls, root: str | os.PathLike[str], record_type: type[R] | None = None) -> Dataset[Any]:
         """Open an existing dataset; checks the record type when one is given."""
         root = Path(root)
         manifest = root / MANIFEST

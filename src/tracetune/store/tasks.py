@@ -67,10 +67,17 @@ def load_tasks(path: str | Path, assets: AssetStore) -> tuple[list[Task], AssetS
             raise ValueError(f'{path}:{lineno}: each line needs a "query" string')
         files = [path.parent / f for f in row.get("images", []) + row.get("files", [])]
         try:
-            tasks.append(task_from_inputs(
-                row["query"], files, assets, tools=row.get("tools"), answer=row.get("answer"),
-                task_id=row.get("id"), source=f"jsonl:{path.name}",
-            ))
+            tasks.append(
+                task_from_inputs(
+                    row["query"],
+                    files,
+                    assets,
+                    tools=row.get("tools"),
+                    answer=row.get("answer"),
+                    task_id=row.get("id"),
+                    source=f"jsonl:{path.name}",
+                )
+            )
         except FileNotFoundError as exc:
             raise ValueError(f"{path}:{lineno}: {exc}") from None
     return tasks, assets

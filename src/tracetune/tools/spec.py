@@ -159,8 +159,10 @@ class Tool:
         """Whether this tool can run here, and if not, what to install."""
         missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
         if missing:
-            hint = f"pip install 'tracetune[{self.extra}]'" if self.extra else "pip install " + (
-                " ".join(missing)
+            hint = (
+                f"pip install 'tracetune[{self.extra}]'"
+                if self.extra
+                else "pip install " + (" ".join(missing))
             )
             return False, f"needs {', '.join(missing)}: {hint}"
         return True, "ok"
@@ -237,8 +239,14 @@ class Tool:
 
     def signature(self) -> str:
         """A Python signature line for the code action format, e.g. ``ocr(image: str) -> str``."""
-        names = {"string": "str", "integer": "int", "number": "float", "boolean": "bool",
-                 "object": "dict", "array": "list"}
+        names = {
+            "string": "str",
+            "integer": "int",
+            "number": "float",
+            "boolean": "bool",
+            "object": "dict",
+            "array": "list",
+        }
         required = set(self.parameters.get("required", []))
         args = []
         for key, prop in self.parameters.get("properties", {}).items():
@@ -246,8 +254,9 @@ class Tool:
             if key not in required:
                 arg += f" = {prop.get('default')!r}"
             args.append(arg)
-        returns = {"text": "str", "number": "float", "json": "dict", "image": "str",
-                   "file": "str"}[self.output_type]
+        returns = {"text": "str", "number": "float", "json": "dict", "image": "str", "file": "str"}[
+            self.output_type
+        ]
         return f"{self.name}({', '.join(args)}) -> {returns}"
 
     def describe(self) -> str:
@@ -274,9 +283,17 @@ def _coerce(tool: str, key: str, value: Any, kind: str | None) -> Any:
         if kind in ("array", "object") and isinstance(value, str):
             return json.loads(value)
     except (ValueError, json.JSONDecodeError):
-        raise ToolError(f"{tool}: argument {key!r} should be of type {kind}, got {value!r}") from None
-    expected = {"string": str, "integer": int, "number": (int, float), "boolean": bool,
-                "array": list, "object": dict}.get(kind or "")
+        raise ToolError(
+            f"{tool}: argument {key!r} should be of type {kind}, got {value!r}"
+        ) from None
+    expected = {
+        "string": str,
+        "integer": int,
+        "number": (int, float),
+        "boolean": bool,
+        "array": list,
+        "object": dict,
+    }.get(kind or "")
     if expected is not None and not isinstance(value, expected):  # type: ignore[arg-type]
         raise ToolError(f"{tool}: argument {key!r} should be of type {kind}, got {value!r}")
     return value
@@ -306,14 +323,22 @@ def _format_number(value: bool | int | float) -> str:
 class FunctionTool(Tool):
     """A tool built by ``@tool`` from a typed, documented function."""
 
-    def __init__(self, fn: Callable[..., Any], name: str | None, output_type: OutputType | None,
-                 requires: tuple[str, ...], extra: str | None) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        name: str | None,
+        output_type: OutputType | None,
+        requires: tuple[str, ...],
+        extra: str | None,
+    ) -> None:
         super().__init__()
         self.fn = fn
         self.name = name or fn.__name__
         description, arg_help = parse_docstring(fn.__doc__ or "")
         if not description:
-            raise ValueError(f"tool {self.name!r} needs a docstring: it is the model-facing description")
+            raise ValueError(
+                f"tool {self.name!r} needs a docstring: it is the model-facing description"
+            )
         self.description = description
         hints = get_type_hints(fn)
         sig = inspect.signature(fn)

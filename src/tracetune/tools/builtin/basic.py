@@ -20,9 +20,20 @@ _BINOPS: dict[type[ast.operator], Any] = {
 }
 _UNARY: dict[type[ast.unaryop], Any] = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 _FUNCS: dict[str, Any] = {
-    "abs": abs, "round": round, "min": min, "max": max, "sum": lambda *a: sum(a),
-    "sqrt": math.sqrt, "log": math.log, "log10": math.log10, "exp": math.exp,
-    "sin": math.sin, "cos": math.cos, "tan": math.tan, "floor": math.floor, "ceil": math.ceil,
+    "abs": abs,
+    "round": round,
+    "min": min,
+    "max": max,
+    "sum": lambda *a: sum(a),
+    "sqrt": math.sqrt,
+    "log": math.log,
+    "log10": math.log10,
+    "exp": math.exp,
+    "sin": math.sin,
+    "cos": math.cos,
+    "tan": math.tan,
+    "floor": math.floor,
+    "ceil": math.ceil,
 }
 _CONSTS = {"pi": math.pi, "e": math.e}
 
