@@ -174,3 +174,20 @@ def index_unique(
             )
         out[key] = (where, row)
     return out
+
+
+def paired_rows(
+    gold: str | Path,
+    predictions: str | Path,
+    bench: str,
+    keys: Sequence[str],
+    what: str,
+    hint: str,
+) -> tuple[dict[str, tuple[str, dict[str, Any]]], dict[str, tuple[str, dict[str, Any]]]]:
+    """Gold and prediction rows keyed by id; a prediction for an unknown id is an error."""
+    gold_rows = index_unique(read_records(gold, f"{bench} gold"), keys, what)
+    pred_rows = index_unique(read_records(predictions, f"{bench} predictions"), keys, what, hint)
+    for pid, (where, _) in pred_rows.items():
+        if pid not in gold_rows:
+            raise ScoringInputError(f"{where}: {keys[0]} {pid!r} is not in the gold file {gold}")
+    return gold_rows, pred_rows

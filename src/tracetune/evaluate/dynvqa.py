@@ -21,9 +21,8 @@ from tracetune.evaluate.base import (
     ItemScore,
     ScoreReport,
     ScoringInputError,
-    index_unique,
+    paired_rows,
     percent,
-    read_records,
     require,
 )
 from tracetune.evaluate.vqa import extract_answer, normalize_vqa_answer
@@ -43,16 +42,14 @@ def token_recall(prediction: str, aliases: list[str]) -> float:
 
 
 def score_dynvqa(gold: str | Path, predictions: str | Path) -> ScoreReport:
-    gold_rows = index_unique(read_records(gold, "Dyn-VQA gold"), ("question_id", "id"), "question")
-    pred_rows = index_unique(
-        read_records(predictions, "Dyn-VQA predictions"),
+    gold_rows, pred_rows = paired_rows(
+        gold,
+        predictions,
+        "Dyn-VQA",
         ("question_id", "id"),
         "question",
         'prediction lines are {"question_id", "prediction"}',
     )
-    for pid, (where, _) in pred_rows.items():
-        if pid not in gold_rows:
-            raise ScoringInputError(f"{where}: question_id {pid!r} is not in the gold file {gold}")
     items = []
     for qid, (where, row) in gold_rows.items():
         aliases = require(row, "answer", where, "Dyn-VQA answers are a list of aliases")

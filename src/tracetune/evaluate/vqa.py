@@ -29,9 +29,8 @@ from tracetune.evaluate.base import (
     ItemScore,
     ScoreReport,
     ScoringInputError,
-    index_unique,
+    paired_rows,
     percent,
-    read_records,
     require,
 )
 
@@ -179,16 +178,14 @@ _PRED_KEYS = ("prediction", "answer", "response", "model_answer")
 
 def score_vqa(gold: str | Path, predictions: str | Path) -> ScoreReport:
     """VQA-style accuracy on open-ended items and multiple-choice accuracy, in percent."""
-    gold_rows = index_unique(read_records(gold, "VQA gold"), ("id", "question_id"), "item")
-    pred_rows = index_unique(
-        read_records(predictions, "VQA predictions"),
+    gold_rows, pred_rows = paired_rows(
+        gold,
+        predictions,
+        "VQA",
         ("id", "question_id"),
         "item",
         'prediction lines are {"id", "prediction"}',
     )
-    for pid, (where, _) in pred_rows.items():
-        if pid not in gold_rows:
-            raise ScoringInputError(f"{where}: id {pid!r} is not in the gold file {gold}")
     items = []
     for item_id, (where, row) in gold_rows.items():
         raw = ""
