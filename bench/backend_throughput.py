@@ -39,6 +39,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import Any
 
 import openai
 
@@ -165,6 +166,13 @@ def serving(latency_s: float, in_process: bool) -> Iterator[tuple[str, dict[str,
             process.terminate()
 
 
+def _run(coro: Any) -> Any:
+    """Run on uvloop when it is installed, as tracetune's commands do."""
+    from tracetune.cli.common import run_async
+
+    return run_async(coro)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--latency", type=float, default=0.25, help="server latency (s)")
@@ -179,7 +187,7 @@ def main() -> int:
 
     load_before = os.getloadavg()[0]  # other work on the machine skews these numbers
     with serving(args.latency, args.in_process) as (base_url, stats):
-        rows = asyncio.run(bench(base_url, args.concurrency, modes, args.latency, args.window))
+        rows = _run(bench(base_url, args.concurrency, modes, args.latency, args.window))
     where = "a thread of this process" if args.in_process else "a child process"
     print(
         f"server latency {args.latency * 1000:.0f} ms in {where}; {args.window:g} s window "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Annotated
 
@@ -10,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.panel import Panel
 
-from tracetune.cli.common import build_config, fail
+from tracetune.cli.common import build_config, fail, run_async
 
 app = typer.Typer(no_args_is_help=True)
 out_console = Console()
@@ -68,7 +67,7 @@ def run(
         backend=backend,
     )
     try:
-        result, dataset = asyncio.run(run_agent(cfg, progress=not quiet))
+        result, dataset = run_async(run_agent(cfg, progress=not quiet))
     except (ValueError, FileNotFoundError, KeyError, BackendError) as exc:
         fail(str(exc).strip("'\""))
         return

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 from typing import Annotated
@@ -10,6 +9,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from tracetune.cli.common import run_async
 
 console = Console()
 
@@ -40,7 +41,7 @@ def quickstart(
     rows: list[tuple[str, str, str]] = []
 
     console.rule("1. task programs: tasks with known answers and tool chains")
-    _, tasks = asyncio.run(
+    _, tasks = run_async(
         generate_tasks(
             ProgramsConfig(out=out / "tasks", n=n, seed=seed, families=QUICKSTART_FAMILIES)
         )
@@ -48,7 +49,7 @@ def quickstart(
     rows.append(("tasks", str(tasks.root), f"{len(tasks)} tasks"))
 
     console.rule("2. gold rollouts with the real tools, checked against the gold answers")
-    _, gold = asyncio.run(run_rollout(RolloutConfig(tasks=out / "tasks", out=out / "gold")))
+    _, gold = run_async(run_rollout(RolloutConfig(tasks=out / "tasks", out=out / "gold")))
     summary = rollout_summary(gold)
     rows.append(
         (
@@ -70,7 +71,7 @@ def quickstart(
     model_dir = out / "model"
     if not (model_dir / "config.json").exists():
         init_tiny("qwen2_vl", model_dir)
-    result, trajectories = asyncio.run(
+    result, trajectories = run_async(
         run_agent(
             AgentRunConfig(
                 model=f"local:{model_dir}",

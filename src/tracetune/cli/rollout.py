@@ -3,7 +3,6 @@ answers; trajectories that reach the gold answer are kept."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Annotated
@@ -12,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tracetune.cli.common import build_config, fail
+from tracetune.cli.common import build_config, fail, run_async
 
 out_console = Console()
 
@@ -63,7 +62,7 @@ def rollout(
         keep_rejected=keep_rejected, seed=seed, backend=backend,
     )
     try:
-        result, dataset = asyncio.run(run_rollout(cfg, progress=not quiet))
+        result, dataset = run_async(run_rollout(cfg, progress=not quiet))
     except (ValueError, FileNotFoundError, KeyError, BackendError) as exc:
         fail(str(exc).strip("'\""))
         return

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Annotated
@@ -11,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tracetune.cli.common import build_config, fail
+from tracetune.cli.common import build_config, fail, run_async
 
 app = typer.Typer(no_args_is_help=True)
 out_console = Console()
@@ -55,7 +54,7 @@ def programs(
         programs_modules=programs_module, workers=workers,
     )
     try:
-        result, dataset = asyncio.run(generate_tasks(cfg, progress=not quiet))
+        result, dataset = run_async(generate_tasks(cfg, progress=not quiet))
     except (ProgramError, ValueError, FileNotFoundError) as exc:
         fail(str(exc))
         return

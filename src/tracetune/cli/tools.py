@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import filecmp
 import importlib
 import json
@@ -14,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tracetune.cli.common import fail
+from tracetune.cli.common import fail, run_async
 
 app = typer.Typer(no_args_is_help=True)
 out_console = Console()
@@ -196,7 +195,7 @@ def run_tool(
                 await chat_model.aclose()
 
     try:
-        result = asyncio.run(call())
+        result = run_async(call())
     except ToolError as exc:  # includes ToolUnavailable, whose message names the extra
         fail(str(exc))
         return

@@ -226,3 +226,4 @@ async def run_stage(
         detail = "; ".join(f"{k}: {info.get('error')}" for k, _, info in failures)
         raise StageAborted(f"{stage} {stop}. First failures: {detail}")
     return result
+
