@@ -32,7 +32,7 @@ def quickstart(
     from tracetune.agent.run import AgentRunConfig, run_agent
     from tracetune.cli.agent import print_transcript
     from tracetune.data import RECEIPT_IMAGE
-    from tracetune.formats.registry import export_dataset
+    from tracetune.formats.registry import ExportOptions, export_dataset
     from tracetune.models.tiny import init_tiny
     from tracetune.rollout import RolloutConfig, rollout_summary, run_rollout
     from tracetune.synth.programs.generate import ProgramsConfig, generate_tasks
@@ -62,7 +62,10 @@ def quickstart(
 
     console.rule("3. SFT-ready export (TRL conversational format)")
     if len(gold):
-        report = export_dataset("trl-sft", gold.root, out / "sft-trl")
+        # The export is derived from the gold dataset, so a rerun rewrites it.
+        report = export_dataset(
+            "trl-sft", gold.root, out / "sft-trl", ExportOptions(overwrite=True)
+        )
         rows.append(
             ("SFT data", str(report.out_dir), f"{report.rows} rows, {report.images} images")
         )
