@@ -11,6 +11,7 @@ import typer
 import yaml
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 C = TypeVar("C", bound=BaseModel)
 T = TypeVar("T")
@@ -37,7 +38,8 @@ def build_config(cls: type[C], config: Path | None, **flags: Any) -> C:
 
 
 def fail(message: str, code: int = 2) -> None:
-    console.print(f"[red]error:[/red] {message}")
+    # Messages quote user input and data (e.g. "[x1, y1, x2, y2]"): never read them as markup.
+    console.print(f"[red]error:[/red] {escape(message)}")
     raise typer.Exit(code)
 
 
