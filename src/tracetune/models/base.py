@@ -12,6 +12,7 @@ spec string: ``openai:gpt-4o-mini``, ``local:/path/or/hub-id``.
 from __future__ import annotations
 
 import abc
+import asyncio
 import base64
 import hashlib
 import io
@@ -123,6 +124,28 @@ class ChatModel(abc.ABC):
         tools: list[dict[str, Any]] | None = None,
     ) -> Generation:
         """Return ``n`` completions of the conversation."""
+
+    async def cached(self, key: str | None) -> Generation | None:
+        """The cached answer for ``key`` (from ``cache_key``), or None; no cache, no hit."""
+        if key is None or self.cache is None:
+            return None
+        hit = await asyncio.to_thread(self.cache.cache_get, key)
+        if hit is None:
+            return None
+        return Generation(
+            [Completion(c["text"], c.get("finish_reason")) for c in hit["completions"]],
+            usage=Usage(calls=1, cached_calls=1),
+            cached=True,
+        )
+
+    async def store(self, key: str | None, completions: list[Completion]) -> None:
+        """Cache successful completions under ``key`` so a rerun costs nothing."""
+        if key is None or self.cache is None:
+            return
+        value = {
+            "completions": [{"text": c.text, "finish_reason": c.finish_reason} for c in completions]
+        }
+        await asyncio.to_thread(self.cache.cache_put, key, value)
 
     async def aclose(self) -> None:  # noqa: B027  (optional hook; most backends hold nothing)
         """Release connections, models or servers."""

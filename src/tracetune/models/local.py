@@ -120,24 +120,13 @@ class LocalVLM(ChatModel):
         key = None
         if self.cache is not None:
             key = cache_key(self._cache_name, "local", messages, n, sampling, tools)
-            hit = await asyncio.to_thread(self.cache.cache_get, key)
-            if hit is not None:
-                return Generation(
-                    [Completion(c["text"], c.get("finish_reason")) for c in hit["completions"]],
-                    usage=Usage(calls=1, cached_calls=1),
-                    latency_s=time.perf_counter() - start,
-                    cached=True,
-                )
+        if (hit := await self.cached(key)) is not None:
+            hit.latency_s = time.perf_counter() - start
+            return hit
         # Waiting here rather than on the thread lock keeps executor threads free for tools.
         async with self._loop_lock():
             gen = await asyncio.to_thread(self.generate_blocking, messages, n, sampling, tools)
-        if key is not None:
-            value = {
-                "completions": [
-                    {"text": c.text, "finish_reason": c.finish_reason} for c in gen.completions
-                ]
-            }
-            await asyncio.to_thread(self.cache.cache_put, key, value)
+        await self.store(key, gen.completions)
         gen.latency_s = time.perf_counter() - start
         return gen
 

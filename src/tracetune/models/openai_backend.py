@@ -147,14 +147,9 @@ class OpenAIChatModel(ChatModel):
         key = None
         if self.cache is not None:
             key = cache_key(self.name, self.endpoint, messages, n, sampling, tools)
-            hit = await asyncio.to_thread(self.cache.cache_get, key)
-            if hit is not None:
-                return Generation(
-                    [Completion(c["text"], c.get("finish_reason")) for c in hit["completions"]],
-                    usage=Usage(calls=1, cached_calls=1),
-                    latency_s=time.perf_counter() - start,
-                    cached=True,
-                )
+        if (hit := await self.cached(key)) is not None:
+            hit.latency_s = time.perf_counter() - start
+            return hit
 
         params = self._params(to_openai_messages(messages), sampling, tools)
         completions: list[Completion] = []
@@ -202,13 +197,7 @@ class OpenAIChatModel(ChatModel):
                 take(response, attempts)
         completions = completions[:n]
 
-        if key is not None:
-            value = {
-                "completions": [
-                    {"text": c.text, "finish_reason": c.finish_reason} for c in completions
-                ]
-            }
-            await asyncio.to_thread(self.cache.cache_put, key, value)
+        await self.store(key, completions)
         cost = (
             prompt_tokens * self.price_input_per_mtok
             + completion_tokens * self.price_output_per_mtok
