@@ -180,3 +180,14 @@ def test_duplicate_file_names_are_made_unique() -> None:
         "img_2.png",
         "x",
     ]
+
+
+def test_missing_tasks_path_fails_before_creating_the_output(tmp_path: Path) -> None:
+    from tracetune.agent.run import AgentRunConfig, run_agent
+
+    config = AgentRunConfig(
+        model="scripted", out=tmp_path / "out", tasks=tmp_path / "no-such-tasks.jsonl"
+    )
+    with pytest.raises(FileNotFoundError, match="no-such-tasks.jsonl"):
+        asyncio.run(run_agent(config, model=ScriptedChatModel([]), progress=False))
+    assert not (tmp_path / "out").exists()

@@ -78,6 +78,9 @@ async def run_agent(
     config: AgentRunConfig, model: ChatModel | None = None, progress: bool = True
 ) -> tuple[StageResult, Dataset[Trajectory]]:
     """Run the configured agent over its tasks; trajectories already written are skipped."""
+    if config.tasks is not None and not config.tasks.exists():
+        # Checked before the output directory is created, so a typo leaves nothing behind.
+        raise FileNotFoundError(f"no task dataset or JSONL file at {config.tasks}")
     out: Dataset[Trajectory] = Dataset.create(config.out, Trajectory)
     tasks, source = prepare_tasks(config, out)
     tools = load_tools(config.tools, config.tool_modules)
