@@ -1,0 +1,319 @@
+"""Step-wise exploration (Pref-X): K candidates per step, each executed on its own branch.
+
+For each task the policy advances one step at a time. At every step, from the best prefix
+so far, it samples K candidate actions with the configured temperature schedule (by default
+one sample at the low temperature and K-1 at the high one). Each candidate is applied on
+its **own fork** of the prefix's episode (a forked sandbox for code actions), so side
+effects never leak between candidates. A step verifier ranks the executed candidates; the
+best one's branch becomes the new prefix; the episode goes on until a final answer or a
+budget.
+
+The output is a Trajectory dataset: each record is the committed path, and
+``metadata["exploration"]`` holds every step's candidates (steps with observations), the
+temperature each was sampled at, and the verifier's ranking with reasons.
+``tracetune prefs build`` turns them into preference pairs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tracetune.agent.loop import Agent, Episode
+from tracetune.models.base import ChatModel, ModelOptions, Sampling, load_model
+from tracetune.prefs.base import Candidate, StepContext, close_branch, fork_episode
+from tracetune.prefs.verifiers import VERIFIERS, StepVerifier, make_verifier, prompts_hash
+from tracetune.runner import Budget, MeteredModel, StageResult, run_stage
+from tracetune.schema import Task, Trajectory, Usage
+from tracetune.store import AssetStore, Dataset
+from tracetune.store.tasks import load_tasks
+from tracetune.tools import load_tools
+
+STAGE = "explore"
+STOP = ("\nObservation:",)
+
+
+class ExploreConfig(BaseModel):
+    """Configuration of ``tracetune prefs explore`` (YAML keys are these field names)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: Path = Field(description="Task dataset directory (or JSONL) to explore on.")
+    out: Path = Field(description="Output directory of explored trajectories (resumable).")
+    policy: str = Field(description="Policy spec: 'local:DIR' (e.g. the SFT output) or "
+                        "'openai:NAME' (e.g. a vLLM endpoint serving it).")
+    verifier: str = Field(default="gold", description=f"Step verifier: {', '.join(VERIFIERS)}.")
+    judge: str | None = Field(
+        default=None, description="Judge model spec for llm-* verifiers (with 'gold' it audits)."
+    )
+    k: int = Field(default=5, ge=1, description="Candidates sampled per step.")
+    low_temperature: float = Field(default=0.7, ge=0, description="Temperature of the first "
+                                   "`low_samples` candidates.")
+    high_temperature: float = Field(default=1.2, ge=0, description="Temperature of the rest.")
+    low_samples: int = Field(default=1, ge=0, description="Candidates at the low temperature.")
+    temperatures: list[float] | None = Field(
+        default=None,
+        description="Explicit per-candidate temperatures (length k); overrides the schedule.",
+    )
+    top_p: float = Field(default=0.8, gt=0, le=1, description="Nucleus sampling top-p.")
+    max_tokens: int = Field(default=512, ge=1, description="Max new tokens per candidate.")
+    max_steps: int = Field(default=8, ge=1, description="Step budget per episode.")
+    max_errors: int = Field(default=3, ge=1, description="Failed committed steps allowed.")
+    action_format: Literal["json", "code"] = Field(
+        default="json", description="How the policy writes actions."
+    )
+    seed: int | None = Field(
+        default=0, description="Base sampling seed (per task and step), where the backend "
+        "supports seeds; None samples freshly each run."
+    )
+    judge_retries: int = Field(default=2, ge=0, description="Retries of a malformed judge reply.")
+    limit: int | None = Field(default=None, ge=1, description="Only the first N tasks.")
+    tool_modules: list[str] = Field(
+        default_factory=list, description="Python modules to import first (they register tools)."
+    )
+    corpus: Path | None = Field(
+        default=None, description="Search corpus for tasks that use search (default: the task's)."
+    )
+    concurrency: int = Field(default=2, ge=1, description="Tasks explored at once.")
+    max_cost_usd: float | None = Field(default=None, description="Stop after this much spend.")
+    max_total_tokens: int | None = Field(default=None, description="Stop after this many tokens.")
+    backend: ModelOptions = Field(default_factory=ModelOptions, description="Policy backend.")
+    judge_backend: ModelOptions = Field(
+        default_factory=ModelOptions, description="Judge backend options."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ExploreConfig:
+        if self.verifier not in VERIFIERS:
+            raise ValueError(f"verifier must be one of {', '.join(VERIFIERS)}")
+        if "llm-" in self.verifier and not self.judge:
+            raise ValueError(f"verifier {self.verifier} needs a judge model (judge: SPEC)")
+        if self.temperatures is not None and len(self.temperatures) != self.k:
+            raise ValueError(
+                f"temperatures has {len(self.temperatures)} entries but k is {self.k}; give "
+                "one temperature per candidate"
+            )
+        return self
+
+    def schedule(self) -> list[float]:
+        """The temperature of each of the K candidates."""
+        if self.temperatures is not None:
+            return list(self.temperatures)
+        low = min(self.low_samples, self.k)
+        return [self.low_temperature] * low + [self.high_temperature] * (self.k - low)
+
+
+def explore_id(task: Task, config: ExploreConfig, policy: str) -> str:
+    """Stable id of a task's exploration, so a rerun skips it."""
+    blob = "|".join(
+        str(x) for x in (task.id, policy, config.verifier, config.judge, config.k,
+                         config.schedule(), config.action_format, config.seed)
+    )
+    return "explore-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _seed(base: int | None, task_id: str, step: int, group: int) -> int | None:
+    if base is None:
+        return None
+    digest = hashlib.sha256(f"{base}|{task_id}|{step}|{group}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+class Explorer:
+    """Explores one task at a time with a policy, a verifier and a temperature schedule."""
+
+    def __init__(self, agent: Agent, verifier: StepVerifier, config: ExploreConfig) -> None:
+        self.agent = agent
+        self.verifier = verifier
+        self.config = config
+
+    async def sample(self, episode: Episode, task_id: str) -> list[tuple[str, float, Any]]:
+        """K candidate outputs for the episode's next step: (text, temperature, generation)."""
+        config = self.config
+        groups: dict[float, int] = {}
+        for t in config.schedule():
+            groups[t] = groups.get(t, 0) + 1
+        messages = episode.messages()
+        out: list[tuple[str, float, Any]] = []
+        for g, (temperature, count) in enumerate(groups.items()):
+            sampling = Sampling(
+                temperature=temperature, top_p=config.top_p, max_tokens=config.max_tokens,
+                stop=STOP, seed=_seed(config.seed, task_id, len(episode.steps), g),
+            )
+            generation = await self.agent.model.generate(messages, n=count, sampling=sampling)
+            texts = generation.texts
+            if len(texts) != count:
+                raise RuntimeError(
+                    f"{self.agent.model.spec} returned {len(texts)} completions where {count} "
+                    "were asked for (n); use a backend that supports n > 1"
+                )
+            for text in texts:
+                out.append((text, temperature, generation))
+        return out
+
+    async def explore(
+        self, task: Task, source: AssetStore, assets: AssetStore, record_id: str
+    ) -> Trajectory:
+        config = self.config
+        started_at, t0 = time.time(), time.monotonic()
+        root = await self.agent.start(task, source, assets)
+        current = root
+        entries: list[dict[str, Any]] = []
+        usage = Usage()
+        status = "max_steps"
+        branches: list[Episode] = []
+        try:
+            for _ in range(config.max_steps):
+                samples = await self.sample(current, task.id)
+                candidates: list[Candidate] = []
+                counted: set[int] = set()
+                for i, (text, temperature, generation) in enumerate(samples):
+                    if id(generation) not in counted:  # one call made several candidates
+                        counted.add(id(generation))
+                        usage = usage.add(generation.usage)
+                    branch = await fork_episode(current)
+                    branches.append(branch)
+                    step = await branch.apply(text, None, generation.latency_s)
+                    candidates.append(Candidate(i, step, temperature, branch))
+                context = StepContext(
+                    task=task, prefix=list(current.steps), candidates=candidates,
+                    action_format=self.agent.fmt.name,
+                    tool_names=[t.name for t in self.agent.tools], resolve=current._resolve,
+                )
+                ranking = await self.verifier.rank(context)
+                usage = usage.add(ranking.usage)
+                best = candidates[ranking.best]
+                entries.append({
+                    "index": len(current.steps),
+                    "candidates": [
+                        {"step": c.step.model_dump(mode="json"), "temperature": c.temperature,
+                         "fault": c.fault}
+                        for c in candidates
+                    ],
+                    "chosen": ranking.best,
+                    "ranking": ranking.model_dump(mode="json"),
+                })
+                for c in candidates:
+                    if c is not best:
+                        await close_branch(c.branch)
+                if current is not root:
+                    await close_branch(current)
+                current = best.branch
+                if current.final_answer is not None:
+                    status = "completed"
+                    break
+                if best.step.error is not None and current.errors >= config.max_errors:
+                    status = "max_errors"
+                    break
+        finally:
+            for branch in branches:
+                await close_branch(branch)
+            await root.close()
+        return Trajectory(
+            id=record_id,
+            task=task,
+            controller=self.agent.model.spec,
+            action_format=self.agent.fmt.name,
+            tools=[t.name for t in self.agent.tools],
+            steps=current.steps,
+            final_answer=current.final_answer,
+            status=status,  # type: ignore[arg-type]
+            usage=usage,
+            started_at=started_at,
+            duration_s=time.monotonic() - t0,
+            prompt_hash=self.agent.fmt.prompt_hash,
+            sampling={"schedule": config.schedule(), "top_p": config.top_p,
+                      "max_tokens": config.max_tokens, "seed": config.seed},
+            metadata={
+                "exploration": entries,
+                "verifier": getattr(self.verifier, "name", config.verifier),
+                "judge": config.judge,
+                "judge_prompt_hash": prompts_hash() if config.judge else None,
+                "k": config.k,
+            },
+        )
+
+
+def _tool_options(task: Task, corpus: Path | None) -> dict[str, Any]:
+    from tracetune.rollout import task_tool_options
+
+    class _Corpus:  # task_tool_options reads only .corpus
+        pass
+
+    holder: Any = _Corpus()
+    holder.corpus = corpus
+    return task_tool_options(task, holder)
+
+
+async def run_explore(
+    config: ExploreConfig,
+    policy: ChatModel | None = None,
+    judge: ChatModel | None = None,
+    progress: bool = True,
+) -> tuple[StageResult, Dataset[Trajectory]]:
+    """Explore every task; tasks already explored in ``config.out`` are skipped."""
+    out: Dataset[Trajectory] = Dataset.create(config.out, Trajectory)
+    tasks, source = load_tasks(config.tasks, out.assets)
+    if config.limit:
+        tasks = tasks[: config.limit]
+    if not tasks:
+        raise ValueError(f"{config.tasks} holds no tasks")
+    if "gold" in config.verifier:
+        missing = [t.id for t in tasks if t.gold is None or not t.gold_chain]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} task(s) have no gold answer and chain (e.g. {missing[0]}); the "
+                "gold verifier needs task programs. Use --verifier llm-best with --judge SPEC"
+            )
+    names = sorted({n for t in tasks for n in t.tools} | {"final_answer"})
+    tools = load_tools(names, config.tool_modules)
+    policy_model = MeteredModel(policy or load_model(config.policy, config.backend),
+                                out.state, STAGE)
+    judge_model: ChatModel | None = None
+    if judge is not None or config.judge:
+        judge_model = MeteredModel(judge or load_model(str(config.judge), config.judge_backend),
+                                   out.state, STAGE)
+    greedy = Sampling(temperature=0.0, max_tokens=config.max_tokens, stop=STOP)
+    verifier = make_verifier(config.verifier, policy_model, judge_model, greedy,
+                             config.max_steps, config.max_errors, config.judge_retries)
+    explorers: dict[str, Explorer] = {}
+
+    def explorer_for(task: Task) -> Explorer:
+        options = _tool_options(task, config.corpus)
+        key = repr(sorted(options.items()))
+        if key not in explorers:
+            agent = Agent(policy_model, tools, config.action_format, config.max_steps,
+                          config.max_errors, greedy, tool_options=options)
+            explorers[key] = Explorer(agent, verifier, config)
+        return explorers[key]
+
+    spec = policy_model.spec
+
+    async def process(task: Task) -> Trajectory:
+        return await explorer_for(task).explore(
+            task, source, out.assets, explore_id(task, config, spec)
+        )
+
+    try:
+        result = await run_stage(
+            STAGE,
+            tasks,
+            key=lambda task: explore_id(task, config, spec),
+            process=process,
+            out=out,
+            concurrency=config.concurrency,
+            budget=Budget(max_cost_usd=config.max_cost_usd, max_tokens=config.max_total_tokens),
+            sources=[source],
+            progress=progress,
+            total=len(tasks),
+            chunk_size=max(1, min(8, len(tasks) // 4)),
+        )
+    finally:
+        await policy_model.aclose()
+        if judge_model is not None:
+            await judge_model.aclose()
+    return result, out
