@@ -23,6 +23,7 @@ _GROUPS = {
     "train": ("tracetune.cli.train", "SFT and step-wise DPO of VLM controllers."),
     "model": ("tracetune.cli.model", "Build tiny test models; merge adapters."),
     "eval": ("tracetune.cli.eval", "Score predictions with the benchmarks' official rules."),
+    "prefs": ("tracetune.cli.prefs", "Step-wise exploration, preference pairs and their stats."),
 }
 
 for _name, (_module, _help) in _GROUPS.items():

@@ -1,0 +1,150 @@
+"""``tracetune prefs``: step-wise exploration, preference pairs and their statistics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tracetune.cli.common import build_config, fail, run_async
+
+app = typer.Typer(no_args_is_help=True, help="Step-wise exploration and preference pairs.")
+out_console = Console()
+
+
+@app.command("explore")
+def explore(
+    tasks: Annotated[Path | None, typer.Option(help="Task dataset dir (or JSONL).")] = None,
+    policy: Annotated[str | None, typer.Option(
+        help="Policy spec: local:DIR (e.g. the SFT output) or openai:NAME (--base-url for "
+        "a vLLM endpoint).")] = None,
+    verifier: Annotated[str | None, typer.Option(
+        help="Step verifier: gold, llm-best, llm-rank, llm-score, gold+llm-best, "
+        "gold+llm-rank, gold+llm-score.")] = None,
+    judge: Annotated[str | None, typer.Option(
+        help="Judge model spec for llm-* verifiers; with gold it audits (for agreement).")] = None,
+    k: Annotated[int | None, typer.Option("--k", help="Candidates per step.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output directory (resumable).")] = None,
+    action_format: Annotated[str | None, typer.Option(help="json or code.")] = None,
+    low_temperature: Annotated[float | None, typer.Option(help="Temperature of the first "
+                                                          "--low-samples candidates.")] = None,
+    high_temperature: Annotated[float | None, typer.Option(
+        help="Temperature of the other candidates.")] = None,
+    low_samples: Annotated[int | None, typer.Option(
+        help="Candidates at the low temperature.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Step budget per episode.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Max new tokens per candidate.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Base sampling seed.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N tasks.")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Tasks explored at once.")] = None,
+    base_url: Annotated[str | None, typer.Option(help="Policy's OpenAI-compatible URL.")] = None,
+    judge_base_url: Annotated[str | None, typer.Option(help="Judge's endpoint URL.")] = None,
+    max_cost: Annotated[float | None, typer.Option(help="Stop after this many USD.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file with these options.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Explore tasks step by step: K candidates per step, each run on its own fork of the
+    episode, ranked by a step verifier; the best is committed.
+
+    Writes explored trajectories (every step's candidates, observations and ranking) to OUT;
+    `tracetune prefs build` turns them into preference pairs.
+    """
+    from tracetune.models.base import BackendError, ModelOptions
+    from tracetune.prefs.explore import ExploreConfig, run_explore
+    from tracetune.prefs.stats import prefs_stats
+
+    cfg = build_config(
+        ExploreConfig, config, tasks=tasks, policy=policy, verifier=verifier, judge=judge, k=k,
+        out=out, action_format=action_format, low_temperature=low_temperature,
+        high_temperature=high_temperature, low_samples=low_samples, max_steps=max_steps,
+        max_tokens=max_tokens, seed=seed, limit=limit, concurrency=concurrency,
+        max_cost_usd=max_cost,
+        backend=ModelOptions(base_url=base_url) if base_url else None,
+        judge_backend=ModelOptions(base_url=judge_base_url) if judge_base_url else None,
+    )
+    try:
+        result, dataset = run_async(run_explore(cfg, progress=not quiet))
+    except (ValueError, FileNotFoundError, KeyError, BackendError) as exc:
+        fail(str(exc).strip("'\""))
+        return
+    out_console.print(result.summary())
+    print_stats(prefs_stats(dataset.root))
+
+
+@app.command("build")
+def build(
+    inputs: Annotated[list[Path] | None, typer.Option(
+        "--in", help="Explored trajectory dir (repeatable).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output pair dataset dir.")] = None,
+    margin: Annotated[float | None, typer.Option(
+        help="Reject candidates scored this far below the chosen one.")] = None,
+    similarity: Annotated[str | None, typer.Option(
+        help="Similarity measure: bleu, jaccard or ratio.")] = None,
+    threshold: Annotated[float | None, typer.Option(
+        help="Reject lower-ranked candidates less similar than this (0 disables).")] = None,
+    include_faults: Annotated[bool | None, typer.Option(
+        "--include-faults/--no-include-faults",
+        help="Pair candidates with format faults or execution errors.")] = None,
+    max_pairs_per_step: Annotated[int | None, typer.Option(help="Pairs per step at most.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file with these options.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Build step-wise preference pairs (chosen = the verifier's best) from explored
+    trajectories; `tracetune train dpo --pairs OUT` trains on them."""
+    from tracetune.prefs.pairs import BuildConfig, run_build
+    from tracetune.prefs.stats import prefs_stats
+
+    cfg = build_config(
+        BuildConfig, config, inputs=inputs, out=out, margin=margin, similarity=similarity,
+        threshold=threshold, include_faults=include_faults, max_pairs_per_step=max_pairs_per_step,
+    )
+    try:
+        result, dataset = run_async(run_build(cfg, progress=not quiet))
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        fail(str(exc).strip("'\""))
+        return
+    out_console.print(result.summary())
+    for reason, count in result.drop_reasons.items():
+        out_console.print(f"  {count} x {reason}", highlight=False)
+    print_stats(prefs_stats(dataset.root))
+
+
+@app.command("stats")
+def stats(
+    paths: Annotated[list[Path], typer.Argument(
+        help="Explored trajectory and/or pair dataset directories.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Pairs per task and step and rejection reasons (pair datasets); steps, faults, judge
+    fallbacks and the judge's agreement with the gold verifier (explored datasets)."""
+    from tracetune.prefs.stats import prefs_stats
+    from tracetune.store import DatasetError
+
+    reports: list[dict[str, Any]] = []
+    for path in paths:
+        try:
+            reports.append(prefs_stats(path))
+        except (ValueError, DatasetError, FileNotFoundError) as exc:
+            fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(reports, indent=2))
+        return
+    for report in reports:
+        print_stats(report)
+
+
+def print_stats(report: dict[str, Any]) -> None:
+    table = Table(title=f"{report['path']} ({report['kind']})", show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    for key, value in report.items():
+        if key in ("path", "kind"):
+            continue
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}: {v}" for k, v in value.items()) or "-"
+        table.add_row(key, str(value))
+    out_console.print(table)
