@@ -8,5 +8,15 @@ from tracetune.runner.stage import (
     StageResult,
     run_stage,
 )
+from tracetune.runner.stats import StageStats, stage_stats
 
-__all__ = ["Budget", "Drop", "MeteredModel", "StageAborted", "StageResult", "run_stage"]
+__all__ = [
+    "Budget",
+    "Drop",
+    "MeteredModel",
+    "StageAborted",
+    "StageResult",
+    "StageStats",
+    "run_stage",
+    "stage_stats",
+]

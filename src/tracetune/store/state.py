@@ -77,6 +77,11 @@ class RunState:
         rows = self._run("SELECT key, status, info FROM items WHERE stage=? ORDER BY key", (stage,))
         return [(k, s, json.loads(i or "{}")) for k, s, i in rows]
 
+    def stages(self) -> list[str]:
+        """Names of the stages that have recorded items here, in first-seen order."""
+        rows = self._run("SELECT stage FROM items GROUP BY stage ORDER BY MIN(updated)")
+        return [r[0] for r in rows]
+
     def counts(self, stage: str) -> dict[str, int]:
         rows = self._run(
             "SELECT status, COUNT(*) FROM items WHERE stage=? GROUP BY status", (stage,)

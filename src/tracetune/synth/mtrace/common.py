@@ -1,0 +1,134 @@
+"""Pieces every M-TRACE stage shares: stable ids, reading model output, stage models."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+from typing import Any
+
+from tracetune.models.base import ChatModel, ModelOptions, load_model
+from tracetune.runner import Budget, MeteredModel
+from tracetune.schema import Usage
+from tracetune.store import Dataset, RunState
+
+
+class MalformedOutput(ValueError):
+    """A model's output could not be read as what the prompt asked for."""
+
+
+def stable_id(prefix: str, *parts: Any) -> str:
+    """An id that a rerun computes again from the same inputs (so resume never duplicates)."""
+    blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str)
+    return f"{prefix}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+_FENCE = re.compile(r"```(?:json|JSON)?\s*\n(.*?)```", re.S)
+
+
+def extract_json(text: str, kind: type[list[Any]] | type[dict[str, Any]]) -> Any:
+    """The first JSON list or object in ``text`` (fenced or bare), else ``MalformedOutput``.
+
+    Models wrap JSON in prose and code fences; the first well-formed value of the wanted
+    kind is taken, so a sentence before it does not sink an otherwise good answer.
+    """
+    candidates = [m.group(1) for m in _FENCE.finditer(text)] + [text]
+    opener = "[" if kind is list else "{"
+    decoder = json.JSONDecoder()
+    for candidate in candidates:
+        start = candidate.find(opener)
+        while start != -1:
+            try:
+                value, _ = decoder.raw_decode(candidate[start:])
+            except json.JSONDecodeError:
+                start = candidate.find(opener, start + 1)
+                continue
+            if isinstance(value, kind):
+                return value
+            start = candidate.find(opener, start + 1)
+    what = "a JSON list" if kind is list else "a JSON object"
+    snippet = " ".join(text.split())[:160]
+    raise MalformedOutput(f"expected {what}, got: {snippet!r}")
+
+
+_CODE = re.compile(r"```(?:py|python|python3)?[ \t]*\n(.*?)```", re.S | re.I)
+
+
+def extract_code(text: str) -> str:
+    """The Python in a fenced block (the longest, when there are several)."""
+    blocks = [b.strip() for b in _CODE.findall(text) if b.strip()]
+    if not blocks:
+        raise MalformedOutput("expected a ```python fenced code block, found none")
+    return max(blocks, key=len)
+
+
+def stage_model(spec: str, options: ModelOptions, state: RunState, stage: str) -> MeteredModel:
+    """A fresh backend for one stage, caching its calls in that stage's run state.
+
+    Each stage gets its own backend object: ``MeteredModel`` binds the response cache to
+    the first state it sees, and every stage directory has its own.
+    """
+    model: ChatModel = load_model(spec, options)
+    model.cache = state
+    return MeteredModel(model, state, stage)
+
+
+def spent_elsewhere(config: Any, current: Dataset[Any]) -> Usage:
+    """What the run's other stage directories have spent (their run states' usage)."""
+    from tracetune.synth.mtrace.config import LAYOUT
+
+    total = Usage()
+    for name, _ in LAYOUT:
+        root = config.dir(name)
+        if root.resolve() == current.root.resolve() or not (root / "state.sqlite").exists():
+            continue
+        state = RunState(root / "state.sqlite")
+        try:
+            total = total.add(state.usage())
+        finally:
+            state.close()
+    return total
+
+
+def stage_budget(config: Any, out: Dataset[Any]) -> Budget:
+    """The run's budget as one stage sees it: what the other stages left of it.
+
+    ``run_stage`` compares a budget with its own directory's usage, so the other stages'
+    spend is taken off the limits here.
+    """
+    if config.max_cost_usd is None and config.max_tokens is None:
+        return Budget()
+    other = spent_elsewhere(config, out)
+    return Budget(
+        max_cost_usd=None if config.max_cost_usd is None else config.max_cost_usd - other.cost_usd,
+        max_tokens=None if config.max_tokens is None else config.max_tokens - other.total_tokens,
+    )
+
+
+class Turns:
+    """Lets items pass a critical section one at a time, in a fixed order.
+
+    Work before the section runs concurrently; what the section decides (e.g. which pool
+    image is still free under the reuse cap) depends only on the items before it in
+    ``order``, never on scheduling, so a resumed run decides the same. Every item of
+    ``order`` must call ``done`` once, whatever happened to it.
+    """
+
+    def __init__(self, order: list[str]) -> None:
+        self.index = {key: i for i, key in enumerate(order)}
+        self.order = order
+        self.finished: set[str] = set()
+        self.next = 0
+        self.condition = asyncio.Condition()
+
+    async def wait(self, key: str) -> None:
+        async with self.condition:
+            await self.condition.wait_for(lambda: self.next >= self.index[key])
+
+    async def done(self, key: str) -> None:
+        async with self.condition:
+            self.finished.add(key)
+            while self.next < len(self.order) and self.order[self.next] in self.finished:
+                self.next += 1
+            self.condition.notify_all()

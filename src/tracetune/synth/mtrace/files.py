@@ -1,0 +1,329 @@
+"""File association ("query first"): each query gets a solving scenario and its files.
+
+Stage ``files`` (OUT/queries -> OUT/tasks). For each query the generator writes a scenario:
+the information the query needs and a description of each file (``file_type``,
+``file_name``, ``file_content``). Then
+
+* images are retrieved from the pool: the description's embedding against the captions',
+  top-1 among images used by fewer than ``image_reuse_cap`` tasks;
+* every other file (pdf, docx, xlsx, csv, pptx, txt, json, html, md, charts) is created by
+  code the generator writes, run in the sandbox (never in this process); failing code is
+  shown its error and rewritten up to ``code_retries`` times.
+
+A task whose scenario cannot be read or whose files cannot be produced is dropped with the
+reason. Scenario and code are concurrent per task; the image choice is made in query
+order (``Turns``), so the reuse cap gives the same assignment after any resume.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from tracetune.models.base import ChatMessage, Sampling
+from tracetune.prompts import prompt_hash, render
+from tracetune.runner import Drop, StageResult, run_stage
+from tracetune.schema import FileRef, Provenance, Task
+from tracetune.store import Dataset
+from tracetune.synth.mtrace.common import (
+    MalformedOutput,
+    Turns,
+    extract_code,
+    extract_json,
+    stage_budget,
+    stage_model,
+)
+from tracetune.synth.mtrace.config import SynthConfig
+from tracetune.synth.mtrace.pool import Pool
+
+STAGE = "files"
+SCENARIO_PROMPT = "mtrace/scenario.jinja"
+CODE_PROMPT = "mtrace/file_code.jinja"
+
+IMAGE_TYPES = {"image", "photo", "picture", "screenshot", "png", "jpg", "jpeg", "webp"}
+GENERATED_TYPES = {
+    "pdf": ".pdf",
+    "docx": ".docx",
+    "xlsx": ".xlsx",
+    "csv": ".csv",
+    "pptx": ".pptx",
+    "txt": ".txt",
+    "json": ".json",
+    "html": ".html",
+    "md": ".md",
+    "chart": ".png",
+}
+_ALIASES = {
+    "excel": "xlsx",
+    "spreadsheet": "xlsx",
+    "word": "docx",
+    "powerpoint": "pptx",
+    "text": "txt",
+    "markdown": "md",
+    "htm": "html",
+    "plot": "chart",
+    "graph": "chart",
+}
+
+# Imports in the sandbox must not read /etc/mime.types (outside the working directory):
+# openpyxl and matplotlib initialise the mimetypes table when they load.
+CODE_PRELUDE = "import mimetypes\nmimetypes.knownfiles = []\nmimetypes.init()\n"
+
+
+def file_kind(file_type: str) -> str | None:
+    """``image``, a generated type (``pdf``, ``xlsx``, ... ``chart``), or None if unsupported."""
+    kind = file_type.strip().lower().lstrip(".")
+    kind = _ALIASES.get(kind, kind)
+    if kind in IMAGE_TYPES:
+        return "image"
+    return kind if kind in GENERATED_TYPES else None
+
+
+def safe_name(name: str, suffix: str, taken: set[str]) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name or "file").stem).strip("._") or "file"
+    candidate = f"{stem[:60]}{suffix}"
+    n = 2
+    while candidate in taken:
+        candidate = f"{stem[:60]}_{n}{suffix}"
+        n += 1
+    taken.add(candidate)
+    return candidate
+
+
+def read_scenario(text: str, max_files: int) -> tuple[list[str], list[dict[str, str]]]:
+    """(information needed, file specs) from the generator's scenario; MalformedOutput if bad."""
+    scenario = extract_json(text, dict)
+    files = scenario.get("files")
+    if not isinstance(files, list) or not files:
+        raise MalformedOutput("scenario has no 'files' list")
+    if len(files) > max_files:
+        raise MalformedOutput(f"scenario has {len(files)} files, more than max_files={max_files}")
+    specs = []
+    for i, spec in enumerate(files):
+        if not isinstance(spec, dict):
+            raise MalformedOutput(f"files[{i}] is not an object")
+        missing = [k for k in ("file_type", "file_content") if not isinstance(spec.get(k), str)]
+        if missing:
+            raise MalformedOutput(f"files[{i}] lacks {', '.join(missing)}")
+        specs.append(
+            {
+                "file_type": spec["file_type"],
+                "file_content": spec["file_content"],
+                "file_name": str(spec.get("file_name") or f"file{i + 1}"),
+            }
+        )
+    info = scenario.get("information_needed") or []
+    return [str(x) for x in info] if isinstance(info, list) else [str(info)], specs
+
+
+async def associate_files(config: SynthConfig, progress: bool = True) -> StageResult:
+    """Stage ``files``: OUT/queries -> OUT/tasks."""
+    fc = config.files
+    if fc.pool is None:
+        raise ValueError(
+            "synth files needs an image pool: set files.pool (or --pool); build "
+            "one with `tracetune pool build`"
+        )
+    pool = Pool.load(fc.pool)
+    spec = config.need("generator", "files")
+    queries: Dataset[Task] = Dataset.open(config.dir("queries"), Task)
+    out: Dataset[Task] = Dataset.create(config.dir("tasks"), Task)
+    existing = {t.id: t for t in out}
+    usage: Counter[str] = Counter(
+        str(f["pool_entry"])
+        for t in existing.values()
+        for f in t.metadata.get("file_sources", [])
+        if f.get("pool_entry")
+    )
+    items = sorted(queries, key=lambda t: t.id)
+    done = out.state.keys(STAGE, "done") | out.state.keys(STAGE, "dropped")
+    turns = Turns([t.id for t in items if t.id not in done])
+    model = stage_model(spec, config.backend, out.state, STAGE)
+    sampling = Sampling(temperature=fc.temperature, max_tokens=fc.max_tokens)
+    hashes = {"scenario": prompt_hash(SCENARIO_PROMPT), "file_code": prompt_hash(CODE_PROMPT)}
+
+    async def ask(messages: list[ChatMessage]) -> str:
+        return (await model.generate(messages, sampling=sampling)).text
+
+    async def make_file(
+        sandbox: Any, workdir: Path, spec_: dict[str, str], kind: str, name: str
+    ) -> tuple[Path | None, str, str | None]:
+        """(path, code, error) after up to 1 + code_retries attempts."""
+        error = None
+        code = ""
+        for _ in range(1 + fc.code_retries):
+            prompt = render(
+                CODE_PROMPT,
+                file_name=name,
+                file_type=kind,
+                file_content=spec_["file_content"],
+                error=error,
+            )
+            try:
+                code = extract_code(await ask([{"role": "user", "content": prompt}]))
+            except MalformedOutput as exc:
+                error = str(exc)
+                continue
+            result = await sandbox.execute(CODE_PRELUDE + code)
+            target = workdir / name
+            if result.error is not None:
+                error = f"{result.error.kind.value}: {result.error.message}"[-3000:]
+            elif not target.is_file() or target.stat().st_size == 0:
+                error = f"the script ran but did not create {name}"
+            else:
+                return target, code, None
+        return None, code, error
+
+    async def produce(task: Task) -> Task | Drop:
+        text = await ask(
+            [
+                {
+                    "role": "user",
+                    "content": render(
+                        SCENARIO_PROMPT,
+                        query=task.query,
+                        tools=task.tools,
+                        max_files=fc.max_files,
+                        file_types=sorted(GENERATED_TYPES),
+                    ),
+                }
+            ]
+        )
+        try:
+            information, specs = read_scenario(text, fc.max_files)
+        except MalformedOutput as exc:
+            return Drop("malformed scenario", {"error": str(exc), "output": text[:2000]})
+        kinds = [file_kind(s["file_type"]) for s in specs]
+        if None in kinds:
+            bad = specs[kinds.index(None)]["file_type"]
+            return Drop("unsupported file type", {"file_type": bad})
+        taken: set[str] = set()
+        names = [
+            safe_name(s["file_name"], GENERATED_TYPES[k], taken) if k != "image" else ""
+            for s, k in zip(specs, kinds, strict=True)
+        ]
+        generated: dict[int, FileRef] = {}
+        sources: list[dict[str, Any]] = [{} for _ in specs]
+        if any(k != "image" for k in kinds):
+            from tracetune.sandbox import Sandbox, SandboxLimits, ToolReply
+
+            async def no_tools(name: str, arguments: dict[str, Any]) -> ToolReply:
+                return ToolReply(error="no tools are available while creating files")
+
+            workdir = Path(tempfile.mkdtemp(prefix="mtrace-files-"))
+            limits = SandboxLimits(timeout_s=fc.code_timeout_s, cpu_s=int(fc.code_timeout_s))
+            try:
+                async with await Sandbox.start(workdir, [], no_tools, limits) as sandbox:
+                    for i, (s, kind) in enumerate(zip(specs, kinds, strict=True)):
+                        if kind == "image":
+                            continue
+                        path, code, error = await make_file(sandbox, workdir, s, kind, names[i])
+                        if path is None:
+                            return Drop(
+                                "file code failed",
+                                {"file": names[i], "error": error, "code": code[:3000]},
+                            )
+                        generated[i] = out.assets.put_bytes(
+                            path.read_bytes(), names[i], description=s["file_content"]
+                        )
+                        sources[i] = {"name": names[i], "kind": "generated", "code": code}
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
+
+        # The image choice: in query order, so the reuse cap sees the same history on resume.
+        await turns.wait(task.id)
+        chosen: dict[int, tuple[Any, float]] = {}
+        for i, (s, kind) in enumerate(zip(specs, kinds, strict=True)):
+            if kind != "image":
+                continue
+            taken_here = {e.id for e, _ in chosen.values()}
+            pick = next(
+                (
+                    (e, score)
+                    for e, score in pool.ranked(s["file_content"])
+                    if usage[e.id] < fc.image_reuse_cap and e.id not in taken_here
+                ),
+                None,
+            )
+            if pick is None:
+                return Drop(
+                    "no pool image left",
+                    {"description": s["file_content"], "cap": fc.image_reuse_cap},
+                )
+            if fc.min_image_similarity is not None and pick[1] < fc.min_image_similarity:
+                return Drop(
+                    "no pool image similar enough",
+                    {
+                        "description": s["file_content"],
+                        "best": pick[0].source,
+                        "similarity": round(pick[1], 4),
+                    },
+                )
+            chosen[i] = pick
+        files = []
+        for i, s in enumerate(specs):
+            if i in chosen:
+                entry, score = chosen[i]
+                usage[entry.id] += 1
+                files.append(entry.file.model_copy(update={"description": s["file_content"]}))
+                sources[i] = {
+                    "name": entry.file.name,
+                    "kind": "retrieved",
+                    "pool_entry": entry.id,
+                    "pool_source": entry.source,
+                    "caption": entry.caption,
+                    "similarity": round(score, 4),
+                }
+            else:
+                files.append(generated[i])
+        return Task(
+            id=task.id,
+            query=task.query,
+            files=files,
+            tools=task.tools,
+            provenance=Provenance(
+                source="mtrace:files",
+                model=spec,
+                prompt_hash=hashes["scenario"],
+                parent_id=task.id,
+                extra={"prompt_hashes": hashes},
+            ),
+            metadata={
+                **task.metadata,
+                "information_needed": information,
+                "scenario": specs,
+                "file_sources": sources,
+            },
+        )
+
+    async def process(task: Task) -> Task | Drop:
+        if task.id in existing:  # written before a kill, not yet marked done
+            await turns.done(task.id)
+            return existing[task.id]
+        try:
+            return await produce(task)
+        finally:
+            await turns.done(task.id)
+
+    try:
+        return await run_stage(
+            STAGE,
+            items,
+            key=lambda t: t.id,
+            process=process,
+            out=out,
+            concurrency=config.concurrency,
+            budget=stage_budget(config, out),
+            sources=[pool.assets],
+            max_failures=config.max_failures,
+            max_failure_rate=config.max_failure_rate,
+            progress=progress,
+            total=len(items),
+            chunk_size=4,
+        )
+    finally:
+        await model.aclose()

@@ -1,0 +1,290 @@
+"""An indexed pool of real images (and documents) that file association retrieves from.
+
+``tracetune pool build --images DIR [--captions FILE] --out POOL`` writes::
+
+    POOL/pool.json       entries: id, kind, source path, caption, FileRef, merged duplicates
+    POOL/embeddings.npy  one unit-length caption embedding per entry (same order)
+    POOL/assets/         the files, content-addressed (an AssetStore)
+    POOL/state.sqlite    cached caption calls, so a rebuild does not pay twice
+
+Captions come from the user's file (JSONL ``{"image": NAME, "caption": TEXT}`` or a JSON
+object NAME -> TEXT) or, for images it does not cover, from the configured VLM through the
+``caption`` tool. Documents without a caption are described by the start of their markdown.
+Near-duplicate images (same difference hash up to ``dedup_bits`` bits) are merged into the
+first one in path order; the merged names stay on that entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from tracetune.models.base import ModelOptions
+from tracetune.schema import FileRef
+from tracetune.store import AssetStore, RunState
+from tracetune.synth.mtrace.embed import EMBEDDERS, Embedder, load_embedder
+
+POOL_FILE = "pool.json"
+EMBEDDINGS_FILE = "embeddings.npy"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
+DOCUMENT_SUFFIXES = (".pdf", ".docx", ".xlsx", ".pptx", ".csv", ".txt", ".md", ".json", ".html")
+
+BUNDLED_POOL = Path(__file__).resolve().parents[2] / "data" / "pool"
+BUNDLED_POOL_IMAGES = BUNDLED_POOL / "images"
+BUNDLED_POOL_CAPTIONS = BUNDLED_POOL / "captions.jsonl"
+
+
+class PoolError(ValueError):
+    """The pool's inputs or directory are wrong; the message says how to fix them."""
+
+
+class PoolConfig(BaseModel):
+    """Configuration of ``tracetune pool build``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    images: Path = Field(description="Folder of images (and documents) to index, recursively.")
+    out: Path = Field(description="Pool directory to write.")
+    captions: Path | None = Field(
+        default=None,
+        description='Captions: JSONL of {"image": NAME, "caption": TEXT} or a JSON object '
+        "NAME -> TEXT (NAME: path relative to --images, or the file name).",
+    )
+    captioner: str | None = Field(
+        default=None,
+        description="VLM spec that captions images the captions file misses (caption tool).",
+    )
+    embedder: str = Field(default="minilm", description=f"Embedder: {', '.join(EMBEDDERS)}.")
+    dedup_bits: int = Field(
+        default=4, ge=0, le=32, description="Merge images whose 64-bit dHashes differ in <= this."
+    )
+    concurrency: int = Field(default=4, ge=1, description="Caption calls in flight.")
+    backend: ModelOptions = Field(default_factory=ModelOptions, description="Backend options.")
+
+
+class PoolEntry(BaseModel):
+    """One retrievable image or document."""
+
+    id: str
+    kind: Literal["image", "document"]
+    source: str = Field(description="Path relative to the folder the pool was built from.")
+    caption: str
+    file: FileRef
+    merged: list[str] = Field(default_factory=list, description="Near-duplicates merged here.")
+
+
+def dhash(image: Image.Image) -> int:
+    """64-bit difference hash: survives resizing, recompression and small edits."""
+    small = image.convert("L").resize((9, 8), Image.Resampling.LANCZOS)
+    pixels = np.asarray(small, dtype=np.int16)
+    bits = (pixels[:, 1:] > pixels[:, :-1]).flatten()
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
+def read_captions(path: Path) -> dict[str, str]:
+    """Captions by name from a JSONL or JSON file."""
+    if not path.is_file():
+        raise PoolError(f"captions file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PoolError(f"{path}: not valid JSON ({exc.msg})") from None
+        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+            raise PoolError(f"{path}: a JSON captions file maps file names to caption strings")
+        return {str(k): v for k, v in data.items()}
+    captions: dict[str, str] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PoolError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        name = next((row.get(k) for k in ("image", "file", "name", "path") if k in row), None)
+        caption = row.get("caption", row.get("text")) if isinstance(row, dict) else None
+        if not isinstance(name, str) or not isinstance(caption, str):
+            raise PoolError(
+                f'{path}:{lineno}: each line needs "image" (a file name) and "caption" strings'
+            )
+        captions[name] = caption
+    return captions
+
+
+def _scan(root: Path, skip: set[Path]) -> list[Path]:
+    suffixes = IMAGE_SUFFIXES + DOCUMENT_SUFFIXES
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in suffixes
+        and not p.name.startswith(".")
+        and p.resolve() not in skip
+    )
+
+
+def _document_caption(path: Path) -> str:
+    from markitdown import MarkItDown
+
+    text = MarkItDown(enable_plugins=False).convert(str(path)).markdown or ""
+    text = " ".join(text.split())
+    return f"{path.name}: {text[:600]}" if text else path.name
+
+
+class Pool:
+    """A built pool: entries, their embeddings, their assets."""
+
+    def __init__(
+        self, root: Path, entries: list[PoolEntry], embeddings: np.ndarray, embedder: str
+    ) -> None:
+        self.root = root
+        self.entries = entries
+        self.embeddings = embeddings
+        self.embedder_name = embedder
+        self.assets = AssetStore(root)
+
+    @classmethod
+    def load(cls, root: str | os.PathLike[str]) -> Pool:
+        root = Path(root)
+        manifest = root / POOL_FILE
+        if not manifest.is_file():
+            raise PoolError(
+                f"{root} is not an image pool (no {POOL_FILE}); build one with "
+                "`tracetune pool build --images DIR --out POOL`"
+            )
+        info = json.loads(manifest.read_text())
+        entries = [PoolEntry.model_validate(e) for e in info["entries"]]
+        embeddings = np.load(root / EMBEDDINGS_FILE)
+        if embeddings.shape[0] != len(entries):
+            raise PoolError(f"{root}: {EMBEDDINGS_FILE} does not match {POOL_FILE}; rebuild it")
+        return cls(root, entries, embeddings, str(info["embedder"]))
+
+    @property
+    def embedder(self) -> Embedder:
+        return load_embedder(self.embedder_name)
+
+    def ranked(self, description: str, kind: str = "image") -> list[tuple[PoolEntry, float]]:
+        """Entries of ``kind``, best caption match for ``description`` first."""
+        if not self.entries:
+            return []
+        query = self.embedder.encode([description])[0]
+        sims = self.embeddings @ query
+        order = sorted(range(len(self.entries)), key=lambda i: (-float(sims[i]), i))
+        return [(self.entries[i], float(sims[i])) for i in order if self.entries[i].kind == kind]
+
+
+async def build_pool(config: PoolConfig, progress: bool = True) -> Pool:
+    """Index ``config.images`` into ``config.out`` (see the module docstring)."""
+    root = config.images
+    if not root.is_dir():
+        raise PoolError(f"--images {root} is not a folder of images")
+    given = read_captions(config.captions) if config.captions else {}
+    skip = {config.captions.resolve()} if config.captions else set()
+    files = _scan(root, skip)
+    if not files:
+        raise PoolError(
+            f"{root} has no images ({', '.join(IMAGE_SUFFIXES)}) or documents "
+            f"({', '.join(DOCUMENT_SUFFIXES)})"
+        )
+    load_embedder(config.embedder)  # fail on a bad name before any work
+    config.out.mkdir(parents=True, exist_ok=True)
+    assets = AssetStore(config.out)
+    kept: list[dict[str, Any]] = []
+    hashes: list[tuple[int, dict[str, Any]]] = []
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        kind = "image" if path.suffix.lower() in IMAGE_SUFFIXES else "document"
+        item: dict[str, Any] = {"path": path, "rel": rel, "kind": kind, "merged": []}
+        if kind == "image":
+            try:
+                with Image.open(path) as img:
+                    img.load()
+                    code = dhash(img)
+            except OSError as exc:
+                raise PoolError(f"{path} is not a readable image: {exc}") from None
+            twin = next(
+                (h for h in hashes if bin(h[0] ^ code).count("1") <= config.dedup_bits), None
+            )
+            if twin is not None:
+                twin[1]["merged"].append(rel)
+                continue
+            hashes.append((code, item))
+        item["caption"] = given.get(rel, given.get(path.name))
+        kept.append(item)
+
+    missing = [i for i in kept if i["caption"] is None and i["kind"] == "image"]
+    if missing and not config.captioner:
+        names = ", ".join(i["rel"] for i in missing[:5])
+        raise PoolError(
+            f"{len(missing)} image(s) have no caption (e.g. {names}): add them to --captions "
+            "or give --captioner MODEL to caption them with a VLM"
+        )
+    if missing:
+        await _caption_images(config, missing, progress)
+    for item in kept:
+        if item["caption"] is None:
+            item["caption"] = await asyncio.to_thread(_document_caption, item["path"])
+
+    entries = []
+    for item in kept:
+        ref = assets.put_file(item["path"], name=item["path"].name, description=item["caption"])
+        entries.append(
+            PoolEntry(
+                id=ref.sha256[:16],
+                kind=item["kind"],
+                source=item["rel"],
+                caption=item["caption"],
+                file=ref,
+                merged=item["merged"],
+            )
+        )
+    vectors = load_embedder(config.embedder).encode([e.caption for e in entries])
+    tmp = config.out / ".embeddings.tmp.npy"
+    np.save(tmp, vectors)
+    os.replace(tmp, config.out / EMBEDDINGS_FILE)
+    manifest = {
+        "version": 1,
+        "embedder": config.embedder,
+        "built_from": str(root.resolve()),
+        "entries": [e.model_dump(mode="json") for e in entries],
+    }
+    tmp_manifest = config.out / ".pool.json.tmp"
+    tmp_manifest.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    os.replace(tmp_manifest, config.out / POOL_FILE)
+    return Pool(config.out, entries, vectors, config.embedder)
+
+
+async def _caption_images(config: PoolConfig, items: list[dict[str, Any]], progress: bool) -> None:
+    from rich.progress import Progress
+
+    from tracetune.synth.mtrace.common import stage_model
+    from tracetune.tools import ToolContext, get_tool
+
+    assert config.captioner is not None
+    state = RunState(config.out / "state.sqlite")
+    model = stage_model(config.captioner, config.backend, state, "pool.caption")
+    tool = get_tool("caption")
+    ctx = ToolContext(workdir=config.images, model=model)
+    limit = asyncio.Semaphore(config.concurrency)
+    try:
+        with Progress(disable=not progress, transient=True) as bar:
+            task = bar.add_task("captioning", total=len(items))
+
+            async def one(item: dict[str, Any]) -> None:
+                async with limit:
+                    result = await tool.acall(ctx, {"image": item["rel"]})
+                item["caption"] = result.text.strip()
+                bar.advance(task)
+
+            await asyncio.gather(*(one(i) for i in items))
+    finally:
+        await model.aclose()
+        state.close()

@@ -1,0 +1,348 @@
+"""Query generation: seed examples and the tool catalogue in, new diverse queries out.
+
+Two stages, both resumable:
+
+* ``queries.generate`` (OUT/candidates): each generator call sees the tool catalogue and
+  ``few_shot`` seed examples drawn at random for that call (seeded, so a rerun draws the
+  same), and writes ``per_batch`` queries as a JSON list of ``{query, tools}``. A call whose
+  output is not such a list is dropped with its reason; a list item with missing keys or
+  unknown tools becomes a candidate marked ``invalid``, so the filter counts it.
+* ``queries.filter`` (OUT/queries): candidates in generation order, one at a time, are
+  dropped when malformed, too close to a benchmark question (decontamination), a near-copy
+  of a seed or of a query already kept (embedding similarity), or over a tool/topic quota.
+  Going in a fixed order makes the kept set the same however often the run was resumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tracetune.models.base import Sampling
+from tracetune.prompts import prompt_hash, render
+from tracetune.runner import Drop, StageResult, run_stage
+from tracetune.schema import Provenance, Task
+from tracetune.store import Dataset
+from tracetune.synth.mtrace.common import (
+    MalformedOutput,
+    extract_json,
+    stable_id,
+    stage_budget,
+    stage_model,
+)
+from tracetune.synth.mtrace.config import SynthConfig
+from tracetune.synth.mtrace.embed import load_embedder, max_similarity
+from tracetune.tools import Tool, load_tools
+
+GENERATE = "queries.generate"
+FILTER = "queries.filter"
+PROMPT = "mtrace/queries.jinja"
+
+
+def read_seeds(path: Path, known_tools: set[str]) -> list[dict[str, Any]]:
+    """Seed examples ``{query, tools}`` from JSONL; tools must be in the catalogue."""
+    if not path.is_file():
+        raise ValueError(f"seed file {path} does not exist (JSONL of {{query, tools}})")
+    seeds = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("query"), str)
+            or not isinstance(row.get("tools"), list)
+        ):
+            raise ValueError(
+                f'{path}:{lineno}: each seed needs a "query" string and a "tools" list'
+            )
+        unknown = sorted(set(map(str, row["tools"])) - known_tools)
+        if unknown:
+            raise ValueError(
+                f"{path}:{lineno}: seed uses tools {unknown} that are not in the catalogue "
+                f"(queries.tools: {', '.join(sorted(known_tools))}); add them or fix the seed"
+            )
+        seeds.append({"query": row["query"], "tools": [str(t) for t in row["tools"]]})
+    if not seeds:
+        raise ValueError(f"seed file {path} has no examples")
+    return seeds
+
+
+# -- benchmark questions (decontamination) --------------------------------------------------
+_QUESTION_KEYS = ("query", "question", "Question", "prompt", "instruction")
+
+
+def _row_question(row: Any) -> str | None:
+    if isinstance(row, str):
+        return row
+    if not isinstance(row, dict):
+        return None
+    for key in _QUESTION_KEYS:
+        if isinstance(row.get(key), str):
+            return str(row[key])
+    dialogs = row.get("dialogs")  # GTA: the first user turn is the query
+    if isinstance(dialogs, list):
+        from tracetune.evaluate.gta import content_text
+
+        for message in dialogs:
+            if isinstance(message, dict) and message.get("role") == "user":
+                return content_text(message.get("content"))
+    return None
+
+
+def benchmark_questions(path: Path) -> list[str]:
+    """Questions of a benchmark file: GTA dataset.json, GAIA metadata.jsonl, JSON/JSONL
+    rows with a query/question field, or a text file with one question per line."""
+    if path.is_dir():
+        for name in ("dataset.json", "metadata.jsonl"):
+            if (path / name).is_file():
+                return benchmark_questions(path / name)
+        raise ValueError(f"benchmark folder {path} has no dataset.json (GTA) or metadata.jsonl")
+    if not path.is_file():
+        raise ValueError(f"benchmark file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    rows: list[Any]
+    if path.suffix.lower() == ".json":
+        data = json.loads(text)
+        rows = list(data.values()) if isinstance(data, dict) else list(data)
+    elif path.suffix.lower() in (".jsonl", ".ndjson"):
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+    else:
+        rows = [line for line in text.splitlines() if line.strip()]
+    questions = [q for q in map(_row_question, rows) if q and q.strip()]
+    if not questions:
+        raise ValueError(
+            f"found no questions in {path}: rows need one of {', '.join(_QUESTION_KEYS)} "
+            "(or GTA dialogs)"
+        )
+    return questions
+
+
+def normalized(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+# -- generation -----------------------------------------------------------------------------
+def _batch_seed(seed: int, batch: int) -> int:
+    digest = hashlib.sha256(f"mtrace-queries|{seed}|{batch}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def _validate_item(item: Any, known: set[str]) -> tuple[str, list[str], str | None]:
+    """(query, tools, why it is invalid or None)."""
+    if not isinstance(item, dict):
+        return json.dumps(item, ensure_ascii=False)[:500], [], "not an object"
+    missing = [k for k in ("query", "tools") if k not in item]
+    if missing:
+        return (
+            json.dumps(item, ensure_ascii=False)[:500],
+            [],
+            f"missing key(s) {', '.join(missing)}",
+        )
+    query, tools = item["query"], item["tools"]
+    if not isinstance(query, str) or not query.strip():
+        return json.dumps(item, ensure_ascii=False)[:500], [], "query is not a non-empty string"
+    if isinstance(tools, str):
+        tools = [tools]
+    if not isinstance(tools, list) or not tools:
+        return query, [], "tools is not a non-empty list"
+    names = [str(t) for t in tools]
+    unknown = sorted(set(names) - known)
+    if unknown:
+        return query, [n for n in names if n in known], f"unknown tool(s) {', '.join(unknown)}"
+    return query.strip(), list(dict.fromkeys(names)), None
+
+
+async def generate_queries(config: SynthConfig, progress: bool = True) -> StageResult:
+    """Stage ``queries.generate``: OUT/candidates."""
+    qc = config.queries
+    if qc.seeds is None:
+        raise ValueError("synth queries needs seed examples: set queries.seeds (or --seeds)")
+    spec = config.need("generator", "queries")
+    tools: list[Tool] = load_tools(qc.tools)
+    known = {t.name for t in tools}
+    seeds = read_seeds(qc.seeds, known)
+    out: Dataset[Task] = Dataset.create(config.dir("candidates"), Task)
+    model = stage_model(spec, config.backend, out.state, GENERATE)
+    template_hash = prompt_hash(PROMPT)
+
+    async def process(batch: int) -> list[Task] | Drop:
+        seed = _batch_seed(qc.seed, batch)
+        rng = random.Random(seed)
+        examples = rng.sample(seeds, min(qc.few_shot, len(seeds)))
+        topic = qc.topics[batch % len(qc.topics)] if qc.topics else None
+        prompt = render(
+            PROMPT,
+            tools=tools,
+            n=qc.per_batch,
+            topic=topic,
+            examples=[json.dumps(e, ensure_ascii=False) for e in examples],
+        )
+        generation = await model.generate(
+            [{"role": "user", "content": prompt}],
+            sampling=Sampling(temperature=qc.temperature, max_tokens=qc.max_tokens, seed=seed),
+        )
+        try:
+            items = extract_json(generation.text, list)
+        except MalformedOutput as exc:
+            return Drop(
+                "malformed generator output", {"error": str(exc), "output": generation.text[:2000]}
+            )
+        if not items:
+            return Drop("malformed generator output", {"error": "empty list"})
+        records = []
+        for position, item in enumerate(items):
+            query, names, invalid = _validate_item(item, known)
+            records.append(
+                Task(
+                    id=stable_id("cand", qc.seed, batch, position),
+                    query=query,
+                    tools=names,
+                    provenance=Provenance(
+                        source="mtrace:queries",
+                        model=spec,
+                        prompt_hash=template_hash,
+                        seed=seed,
+                        extra={"batch": batch, "position": position},
+                    ),
+                    metadata={
+                        "batch": batch,
+                        "position": position,
+                        "topic": topic,
+                        "invalid": invalid,
+                    },
+                )
+            )
+        return records
+
+    try:
+        return await run_stage(
+            GENERATE,
+            range(qc.batches),
+            key=lambda b: f"batch-{b:05d}",
+            process=process,
+            out=out,
+            concurrency=config.concurrency,
+            budget=stage_budget(config, out),
+            max_failures=config.max_failures,
+            max_failure_rate=config.max_failure_rate,
+            progress=progress,
+            total=qc.batches,
+            chunk_size=4,
+        )
+    finally:
+        await model.aclose()
+
+
+# -- filtering ------------------------------------------------------------------------------
+async def filter_queries(config: SynthConfig, progress: bool = True) -> StageResult:
+    """Stage ``queries.filter``: OUT/candidates -> OUT/queries."""
+    qc = config.queries
+    candidates: Dataset[Task] = Dataset.open(config.dir("candidates"), Task)
+    out: Dataset[Task] = Dataset.create(config.dir("queries"), Task)
+    ordered = sorted(
+        candidates, key=lambda t: (t.metadata.get("batch", 0), t.metadata.get("position", 0), t.id)
+    )
+    embedder = load_embedder(config.embedder)
+    existing = {t.id: t for t in out}
+
+    bench: list[tuple[str, str]] = []  # (file, question)
+    if qc.decontaminate:
+        for path in qc.benchmarks:
+            bench += [(str(path), q) for q in benchmark_questions(path)]
+    bench_vectors = embedder.encode([q for _, q in bench])
+    bench_norm = {normalized(q): (f, q) for f, q in bench}
+    seeds = read_seeds(qc.seeds, set(qc.tools)) if qc.seeds else []
+    seed_vectors = embedder.encode([s["query"] for s in seeds])
+    valid = [t for t in ordered if not t.metadata.get("invalid")]
+    vectors = dict(
+        zip([t.id for t in valid], embedder.encode([t.query for t in valid]), strict=True)
+    )
+
+    kept_ids: list[str] = [t.id for t in ordered if t.id in existing]
+    kept_vectors = [vectors[i] for i in kept_ids if i in vectors]
+    tool_counts: Counter[str] = Counter(n for i in kept_ids for n in existing[i].tools)
+    topic_counts: Counter[str] = Counter(str(existing[i].metadata.get("topic")) for i in kept_ids)
+    kept_by_index = list(kept_ids)
+
+    async def process(task: Task) -> Task | Drop:
+        if task.id in existing:  # written before a kill, not yet marked done
+            return existing[task.id]
+        if task.metadata.get("invalid"):
+            return Drop("malformed query", {"error": task.metadata["invalid"], "item": task.query})
+        vector = vectors[task.id][None, :]
+        copy = bench_norm.get(normalized(task.query))
+        score, best = max_similarity(vector, bench_vectors)
+        if copy is not None or (best[0] >= 0 and score[0] >= qc.decontam_threshold):
+            file, question = copy if copy is not None else bench[int(best[0])]
+            return Drop(
+                "benchmark near-copy",
+                {
+                    "benchmark": file,
+                    "question": question,
+                    "similarity": round(float(score[0]), 4),
+                    "query": task.query,
+                },
+            )
+        score, best = max_similarity(vector, seed_vectors)
+        if best[0] >= 0 and score[0] >= qc.dedup_threshold:
+            return Drop(
+                "near-duplicate of a seed",
+                {"seed": seeds[int(best[0])]["query"], "similarity": round(float(score[0]), 4)},
+            )
+        score, best = max_similarity(vector, np.asarray(kept_vectors).reshape(-1, vector.shape[1]))
+        if best[0] >= 0 and score[0] >= qc.dedup_threshold:
+            return Drop(
+                "near-duplicate",
+                {"of": kept_by_index[int(best[0])], "similarity": round(float(score[0]), 4)},
+            )
+        if qc.tool_quota is not None:
+            full = [n for n in task.tools if tool_counts[n] >= qc.tool_quota]
+            if full:
+                return Drop("tool quota reached", {"tools": full})
+        topic = str(task.metadata.get("topic"))
+        if qc.topic_quota is not None and topic_counts[topic] >= qc.topic_quota:
+            return Drop("topic quota reached", {"topic": topic})
+        kept_vectors.append(vectors[task.id])
+        kept_by_index.append(task.id)
+        tool_counts.update(task.tools)
+        topic_counts[topic] += 1
+        return Task(
+            id=task.id,
+            query=task.query,
+            tools=task.tools,
+            provenance=task.provenance.model_copy(update={"parent_id": task.id}),
+            metadata={"topic": task.metadata.get("topic"), "batch": task.metadata.get("batch")},
+        )
+
+    # One at a time, in generation order: whether a query is a near-duplicate depends on
+    # what was kept before it, and that order must not depend on scheduling or resumes.
+    return await run_stage(
+        FILTER,
+        ordered,
+        key=lambda t: t.id,
+        process=process,
+        out=out,
+        concurrency=1,
+        max_failures=config.max_failures,
+        max_failure_rate=config.max_failure_rate,
+        progress=progress,
+        total=len(ordered),
+        chunk_size=16,
+    )

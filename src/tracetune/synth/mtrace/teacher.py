@@ -1,0 +1,99 @@
+"""Teacher rollouts (stage ``rollout``: OUT/verified -> OUT/trajectories).
+
+Any backend is the teacher, in either action format (``code``: Python calling the tools
+as functions, run in the sandbox; ``json``: one tool call per step), with the whole tool
+catalogue, ``samples`` trajectories per task at ``temperature``. Each sample has its own
+sampling seed, so samples of one task are neither the same request nor the same cache
+entry. Every finished episode is written, whatever its outcome; the trajectory verifier
+decides. An episode cut short by the backend failing for good is a failed item, retried
+on the next run, not a trajectory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tracetune.agent.loop import DEFAULT_STOP, Agent
+from tracetune.agent.run import trajectory_id
+from tracetune.models.base import Sampling
+from tracetune.runner import StageResult, run_stage
+from tracetune.schema import Task, Trajectory
+from tracetune.store import Dataset
+from tracetune.synth.mtrace.common import stage_budget, stage_model
+from tracetune.synth.mtrace.config import SynthConfig
+from tracetune.tools import load_tools
+
+STAGE = "rollout"
+
+
+class TeacherBackendError(RuntimeError):
+    """The teacher's backend failed for good during an episode."""
+
+
+async def rollout_tasks(config: SynthConfig, progress: bool = True) -> StageResult:
+    """Stage ``rollout``."""
+    rc = config.rollout
+    spec = config.need("teacher", "rollout")
+    tasks: Dataset[Task] = Dataset.open(config.dir("verified"), Task)
+    out: Dataset[Trajectory] = Dataset.create(config.dir("trajectories"), Trajectory)
+    items = [(t, s) for t in sorted(tasks, key=lambda t: t.id) for s in range(rc.samples)]
+    names = sorted(
+        set(config.queries.tools) | {n for t, _ in items for n in t.tools} | {"final_answer"}
+    )
+    tools = load_tools(names)
+    teacher = stage_model(spec, config.backend, out.state, STAGE)
+    tool_model = stage_model(rc.tool_model or spec, config.backend, out.state, f"{STAGE}.tools")
+    options: dict[str, Any] = {}
+    if rc.corpus is not None:
+        options["search"] = {"corpus": str(rc.corpus)}
+    agents: dict[int, Agent] = {}
+
+    def agent(sample: int) -> Agent:
+        if sample not in agents:
+            agents[sample] = Agent(
+                teacher,
+                tools,
+                rc.action_format,
+                rc.max_steps,
+                rc.max_errors,
+                Sampling(
+                    temperature=rc.temperature,
+                    max_tokens=rc.max_tokens,
+                    stop=DEFAULT_STOP,
+                    seed=sample,
+                ),
+                tool_options=options,
+                tool_model=tool_model,
+            )
+        return agents[sample]
+
+    def key(item: tuple[Task, int]) -> str:
+        return trajectory_id(item[0], spec, rc.action_format, item[1])
+
+    async def process(item: tuple[Task, int]) -> Trajectory:
+        task, sample = item
+        trajectory = await agent(sample).run(task, tasks.assets, out.assets, key(item))
+        if trajectory.status == "failed" and trajectory.metadata.get("error"):
+            raise TeacherBackendError(str(trajectory.metadata["error"]))
+        trajectory.metadata["sample"] = sample
+        return trajectory
+
+    try:
+        return await run_stage(
+            STAGE,
+            items,
+            key=key,
+            process=process,
+            out=out,
+            concurrency=config.concurrency,
+            budget=stage_budget(config, out),
+            sources=[tasks.assets],
+            max_failures=config.max_failures,
+            max_failure_rate=config.max_failure_rate,
+            progress=progress,
+            total=len(items),
+            chunk_size=4,
+        )
+    finally:
+        await teacher.aclose()
+        await tool_model.aclose()
