@@ -23,6 +23,8 @@ _GROUPS = {
     "train": ("tracetune.cli.train", "SFT and step-wise DPO of VLM controllers."),
     "model": ("tracetune.cli.model", "Build tiny test models; merge adapters."),
     "eval": ("tracetune.cli.eval", "Score predictions with the benchmarks' official rules."),
+    "synth": ("tracetune.cli.synth", "M-TRACE synthesis: queries, files, verified trajectories."),
+    "pool": ("tracetune.cli.pool", "Build the image pool that file association retrieves from."),
     "prefs": ("tracetune.cli.prefs", "Step-wise exploration, preference pairs and their stats."),
 }
 
