@@ -1,0 +1,120 @@
+"""Plumbing shared by the engine's stages: models, JSON replies, answers, stats files."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tracetune.models.base import ChatModel, ModelOptions
+from tracetune.runner import MeteredModel, StageResult
+from tracetune.schema import Task
+from tracetune.store import Dataset
+
+
+class StageOptions(BaseModel):
+    """Settings every engine stage shares: concurrency, limits and budgets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    concurrency: int = Field(default=4, ge=1, description="Samples in flight.")
+    limit: int | None = Field(default=None, ge=1, description="Only the first N inputs.")
+    max_cost_usd: float | None = Field(default=None, description="Stop after this much spend.")
+    max_total_tokens: int | None = Field(
+        default=None, description="Stop after this many model tokens (prompt + completion)."
+    )
+    backend: ModelOptions = Field(
+        default_factory=ModelOptions, description="Backend options for the stage's models."
+    )
+
+
+def load_metered(spec: str, backend: ModelOptions, out: Dataset[Any], stage: str,
+                 model: ChatModel | None = None) -> MeteredModel:
+    """A model whose usage lands in ``out``'s run state (budgets, caching)."""
+    from tracetune.models.base import load_model
+
+    return MeteredModel(model or load_model(spec, backend), out.state, stage)
+
+
+class ReplyError(ValueError):
+    """A model reply that is not the JSON object asked for."""
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """The JSON object in a model reply (code fences and text around it are tolerated)."""
+    stripped = re.sub(r"^\s*```(?:json)?\s*|\s*```\s*$", "", text.strip())
+    start, end = stripped.find("{"), stripped.rfind("}")
+    if start < 0 or end <= start:
+        raise ReplyError("no JSON object found")
+    try:
+        value = json.loads(stripped[start : end + 1])
+    except json.JSONDecodeError as exc:
+        raise ReplyError(f"invalid JSON: {exc.msg} at column {exc.colno}") from None
+    if not isinstance(value, dict):
+        raise ReplyError("the JSON is not an object")
+    return value
+
+
+def choices_of(task: Task) -> list[str]:
+    choices = task.metadata.get("choices") or []
+    return [str(c) for c in choices] if isinstance(choices, list) else []
+
+
+def answer_agrees(prediction: str, task: Task) -> bool:
+    """Whether a short answer matches the task's reference answer."""
+    from tracetune.evaluate.vqa import extract_choice
+    from tracetune.judge.answers import check_answer
+
+    if task.gold is None:
+        return True
+    choices = choices_of(task)
+    if task.gold.kind == "choice" and choices:
+        return extract_choice(prediction, choices) == task.gold.value.strip().upper()
+    return check_answer(prediction, task.gold).passed
+
+
+def reference_text(task: Task) -> str:
+    """The reference answer as the teacher is told it (an option letter with its text)."""
+    assert task.gold is not None
+    choices = choices_of(task)
+    if task.gold.kind == "choice" and choices:
+        index = ord(task.gold.value.strip().upper()) - ord("A")
+        if 0 <= index < len(choices):
+            return f"{task.gold.value} ({choices[index]})"
+    return task.gold.value
+
+
+def stage_stats(out: Dataset[Any], stage: str, result: StageResult | None = None,
+                extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Counts over every run of ``stage`` into ``out`` (not just this one), with the drop
+    and failure reasons, usage, and ``extra``; written to ``OUT/stats.json``."""
+    reasons: dict[str, int] = {}
+    failures: dict[str, int] = {}
+    for _, status, info in out.state.items(stage):
+        if status == "dropped":
+            reason = str(info.get("reason", "unknown"))
+            reasons[reason] = reasons.get(reason, 0) + 1
+        elif status == "failed":
+            error = str(info.get("error", "unknown")).split(":")[0]
+            failures[error] = failures.get(error, 0) + 1
+    usage = out.state.usage(stage)
+    stats: dict[str, Any] = {
+        "stage": stage,
+        "records": len(out),
+        "status": out.state.counts(stage),
+        "drop_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+        "failures": failures,
+        "usage": usage.model_dump(mode="json"),
+    }
+    if result is not None:
+        stats["this_run"] = {
+            "written": result.written, "skipped": result.skipped, "dropped": result.dropped,
+            "failed": result.failed, "stopped": result.stopped,
+        }
+    stats.update(extra or {})
+    path = Path(out.root) / "stats.json"
+    path.write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+    return stats
