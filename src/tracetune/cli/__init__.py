@@ -26,6 +26,7 @@ _GROUPS = {
     "synth": ("tracetune.cli.synth", "M-TRACE synthesis: queries, files, verified trajectories."),
     "pool": ("tracetune.cli.pool", "Build the image pool that file association retrieves from."),
     "prefs": ("tracetune.cli.prefs", "Step-wise exploration, preference pairs and their stats."),
+    "mmat": ("tracetune.cli.mmat", "MMAT data engine: QA to RR/ORR rationale dialogues."),
 }
 
 for _name, (_module, _help) in _GROUPS.items():
