@@ -22,11 +22,15 @@ _GROUPS = {
     "tasks": ("tracetune.cli.tasks", "Generate verifiable task programs; task statistics."),
     "train": ("tracetune.cli.train", "SFT and step-wise DPO of VLM controllers."),
     "model": ("tracetune.cli.model", "Build tiny test models; merge adapters."),
-    "eval": ("tracetune.cli.eval", "Score predictions with the benchmarks' official rules."),
+    "eval": (
+        "tracetune.cli.eval",
+        "Run benchmarks, score predictions with their official rules, write reports.",
+    ),
     "synth": ("tracetune.cli.synth", "M-TRACE synthesis: queries, files, verified trajectories."),
     "pool": ("tracetune.cli.pool", "Build the image pool that file association retrieves from."),
     "prefs": ("tracetune.cli.prefs", "Step-wise exploration, preference pairs and their stats."),
     "mmat": ("tracetune.cli.mmat", "MMAT data engine: QA to RR/ORR rationale dialogues."),
+    "run": ("tracetune.cli.run", "Whole pipelines from one config (the MATRIX loop)."),
 }
 
 for _name, (_module, _help) in _GROUPS.items():

@@ -23,9 +23,14 @@ def quickstart(
     ),
     n: Annotated[int, typer.Option(help="Task programs to generate.")] = 12,
     seed: Annotated[int, typer.Option(help="Seed of the task programs.")] = 0,
+    matrix: Annotated[bool, typer.Option(
+        "--matrix/--no-matrix",
+        help="Also run the MATRIX loop in miniature (SFT, exploration, pairs, DPO, eval).",
+    )] = True,
 ) -> None:
     """Generate verifiable tasks, roll out gold trajectories with the real tools, check
-    them, write an SFT-ready dataset, and run a tiny local VLM as an agent.
+    them, write an SFT-ready dataset, run a tiny local VLM as an agent, and run the whole
+    MATRIX loop in miniature on it (SFT, step-wise exploration, pairs, DPO, evaluation).
 
     Offline, on bundled data; rerunning skips what is already done.
     """
@@ -96,6 +101,40 @@ def quickstart(
             "untrained model: expect parse errors until it is tuned",
         )
     )
+
+    if matrix and len(gold):
+        console.rule("5. MATRIX in miniature: SFT -> exploration -> pairs -> DPO -> held-out eval")
+        from tracetune.prefs.matrix import miniature, run_matrix
+
+        report = run_async(
+            run_matrix(
+                miniature(
+                    out / "matrix",
+                    str(model_dir),
+                    tasks_dir=out / "tasks",
+                    gold_dir=out / "gold",
+                    heldout={"n": 2, "seed": seed + 1_000_003, "families": ["receipt", "table"]},
+                )
+            )
+        )
+        stages = report["stages"]
+        rows.append(
+            (
+                "preference pairs",
+                str(out / "matrix" / "pairs"),
+                f"{stages['pairs']['pairs']} pairs over {stages['explore']['steps']} explored "
+                f"steps (K={report['config']['explore']['k']})",
+            )
+        )
+        accuracy = stages["eval"]["heldout_accuracy"]
+        rows.append(
+            (
+                "held-out eval",
+                str(out / "matrix" / "eval"),
+                ", ".join(f"{k}: {v['passed']}/{v['total']}" for k, v in accuracy.items())
+                + " (tiny model: expect 0)",
+            )
+        )
 
     table = Table(title=f"quickstart done in {time.monotonic() - t0:.0f} s")
     for column in ("stage", "output", "what"):

@@ -58,8 +58,9 @@ class Candidate:
 
     index: int
     step: Step
-    temperature: float
+    temperature: float | None  # None: not sampled (the gold anchor)
     branch: Episode
+    source: str = "policy"  # or "gold": the gold chain's next step (ExploreConfig.gold_anchor)
 
     @property
     def final_answer(self) -> str | None:

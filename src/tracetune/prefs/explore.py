@@ -70,6 +70,12 @@ class ExploreConfig(BaseModel):
         default=0, description="Base sampling seed (per task and step), where the backend "
         "supports seeds; None samples freshly each run."
     )
+    gold_anchor: bool = Field(
+        default=False,
+        description="Task programs only: also offer the gold chain's next step as a candidate "
+        "(recorded as source 'gold'), so steps where a weak policy samples nothing usable "
+        "still give a pair against its samples.",
+    )
     judge_retries: int = Field(default=2, ge=0, description="Retries of a malformed judge reply.")
     limit: int | None = Field(default=None, ge=1, description="Only the first N tasks.")
     tool_modules: list[str] = Field(
@@ -179,6 +185,11 @@ class Explorer:
                     branches.append(branch)
                     step = await branch.apply(text, None, generation.latency_s)
                     candidates.append(Candidate(i, step, temperature, branch))
+                if config.gold_anchor and task.gold_chain and task.gold is not None:
+                    branch = await fork_episode(current)
+                    branches.append(branch)
+                    step = await branch.apply(gold_next_step(task, current, config.seed or 0))
+                    candidates.append(Candidate(len(candidates), step, None, branch, "gold"))
                 context = StepContext(
                     task=task, prefix=list(current.steps), candidates=candidates,
                     action_format=self.agent.fmt.name,
@@ -191,7 +202,7 @@ class Explorer:
                     "index": len(current.steps),
                     "candidates": [
                         {"step": c.step.model_dump(mode="json"), "temperature": c.temperature,
-                         "fault": c.fault}
+                         "fault": c.fault, "source": c.source}
                         for c in candidates
                     ],
                     "chosen": ranking.best,
@@ -236,6 +247,35 @@ class Explorer:
                 "k": config.k,
             },
         )
+
+
+def gold_next_step(task: Task, episode: Episode, seed: int) -> str:
+    """The gold chain's next call after the episode's steps (or its final answer), written
+    as the gold teacher of ``tracetune rollout`` writes it."""
+    from tracetune.prefs.verifiers import gold_matches
+    from tracetune.rollout import Thoughts, _resolve_produced, answer_from_outputs, code_for
+    from tracetune.schema import Action
+
+    matched = gold_matches(task, episode.steps)
+    thoughts = Thoughts(seed, task.id)
+    prev = task.gold_chain[len(matched) - 1] if matched else None
+    if len(matched) < len(task.gold_chain):
+        j = len(matched)
+        call = task.gold_chain[j]
+        note = (task.metadata.get("gold_steps") or [{}] * (j + 1))[j] or {}
+        thought = thoughts.step(j, call, note.get("purpose", ""), prev)
+        if episode.fmt.name == "code":
+            return episode.fmt.render(thought, Action(type="code", code=code_for(call, j, {})))
+        # Images produced by earlier gold calls are named as the steps that made them.
+        aligned = [episode.steps[i] for i in matched]
+        call = _resolve_produced(call, aligned)
+        return episode.fmt.render(thought, Action(type="tool_call", tool_call=call))
+    recipe = task.metadata.get("answer_from") or {"op": "given", "value": task.gold.value
+                                                  if task.gold else ""}
+    answer, shown = answer_from_outputs(recipe, [episode.steps[i] for i in matched])
+    final = answer if answer is not None else "unknown"
+    return episode.fmt.render(thoughts.final(prev, shown, final),
+                              Action(type="final_answer", answer=final))
 
 
 def _tool_options(task: Task, corpus: Path | None) -> dict[str, Any]:

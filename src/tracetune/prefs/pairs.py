@@ -155,6 +155,9 @@ def step_pairs(trajectory: Trajectory, config: BuildConfig) -> tuple[list[Prefer
             if _same(cand.raw, chosen.raw):
                 skipped["same text as the chosen step"] += 1
                 continue
+            if not cand.raw.strip():
+                skipped["empty output"] += 1  # nothing to push down; trainers reject it
+                continue
             kinds: list[str] = []
             why: list[str] = []
             if cand.error is not None:
@@ -198,6 +201,7 @@ def step_pairs(trajectory: Trajectory, config: BuildConfig) -> tuple[list[Prefer
                     "similarity": round(sim, 4),
                     "similarity_measure": config.similarity,
                     "chosen_reason": reasons[best],
+                    "chosen_source": entry["candidates"][best].get("source", "policy"),
                     "chosen_temperature": entry["candidates"][best].get("temperature"),
                     "rejected_temperature": entry["candidates"][i].get("temperature"),
                     "verifier_fallback": bool(ranking.get("fallback")),

@@ -38,7 +38,7 @@ def agreement(gold: dict[str, Any], judge: dict[str, Any]) -> tuple[bool, int, i
 
 
 def explore_stats(dataset: Dataset[Trajectory]) -> dict[str, Any]:
-    steps = candidates = fallbacks = 0
+    steps = candidates = fallbacks = anchored = 0
     faults: Counter[str] = Counter()
     statuses: Counter[str] = Counter()
     top1 = compared = agree = pairs_total = 0
@@ -53,6 +53,7 @@ def explore_stats(dataset: Dataset[Trajectory]) -> dict[str, Any]:
                 if c.get("fault"):
                     faults[c["fault"]] += 1
             ranking = entry["ranking"]
+            anchored += entry["candidates"][entry["chosen"]].get("source") == "gold"
             details = ranking.get("details") or {}
             judged = details.get("judge")
             if ranking.get("fallback") or (isinstance(judged, dict) and judged.get("fallback")):
@@ -74,6 +75,7 @@ def explore_stats(dataset: Dataset[Trajectory]) -> dict[str, Any]:
         "candidates": candidates,
         "faults": dict(faults),
         "judge_fallbacks": fallbacks,
+        "chosen_from_gold_anchor": anchored,
     }
     if compared:
         report["judge_agreement_with_gold"] = {
@@ -90,7 +92,9 @@ def pair_stats(dataset: Dataset[PreferencePair]) -> dict[str, Any]:
     per_step: Counter[int] = Counter()
     reasons: Counter[str] = Counter()
     verifiers: Counter[str] = Counter()
+    sources: Counter[str] = Counter()
     for pair in dataset:
+        sources[str(pair.metadata.get("chosen_source", "policy"))] += 1
         per_task[pair.task.id] += 1
         per_step[pair.step_index] += 1
         verifiers[pair.verifier] += 1
@@ -104,6 +108,7 @@ def pair_stats(dataset: Dataset[PreferencePair]) -> dict[str, Any]:
         "per_step": {str(k): v for k, v in sorted(per_step.items())},
         "rejection_reasons": dict(reasons.most_common()),
         "verifiers": dict(verifiers),
+        "chosen_source": dict(sources),
     }
 
 

@@ -57,26 +57,35 @@ def prompts_hash() -> str:
 
 
 # -- gold ----------------------------------------------------------------------------------
-def gold_position(task: Task, steps: list[Step]) -> int:
-    """How many calls of the gold chain the steps have made, in order, with the gold output.
+def gold_matches(task: Task, steps: list[Step]) -> list[int]:
+    """For each gold call the steps have made, in order and with the gold output, the index
+    of the step that made it.
 
     A code step may make several gold calls at once; a step that fails, calls another tool,
     or gets an output that differs from the gold one advances nothing.
     """
     notes = task.metadata.get("gold_steps") or []
     tolerance = task.gold.tolerance if task.gold else None
-    j = 0
-    for step in steps:
+    matched: list[int] = []
+    for i, step in enumerate(steps):
         if step.error is not None:
             continue
         names = called_tool_names(step)
-        while j < len(task.gold_chain) and task.gold_chain[j].name in names:
+        while len(matched) < len(task.gold_chain):
+            j = len(matched)
+            if task.gold_chain[j].name not in names:
+                break
             note = notes[j] if j < len(notes) else {}
             if divergences(j, task.gold_chain[j], note, step, tolerance):
                 break
             names.remove(task.gold_chain[j].name)
-            j += 1
-    return j
+            matched.append(i)
+    return matched
+
+
+def gold_position(task: Task, steps: list[Step]) -> int:
+    """How many calls of the gold chain the steps have made (see :func:`gold_matches`)."""
+    return len(gold_matches(task, steps))
 
 
 class GoldVerifier:

@@ -1,0 +1,55 @@
+"""``tracetune run``: whole pipelines from one config file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tracetune.cli.common import build_config, fail, run_async
+
+app = typer.Typer(no_args_is_help=True, help="Run whole pipelines from one config file.")
+out_console = Console()
+
+
+@app.command("matrix")
+def matrix(
+    config: Annotated[Path, typer.Argument(help="YAML file of the loop (MatrixConfig keys).")],
+    out: Annotated[Path | None, typer.Option(help="Override the config's out directory.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """The MATRIX loop: task programs -> gold trajectories -> SFT -> step-wise exploration
+    with the SFT policy -> preference pairs -> DPO -> held-out evaluation (exact gold checks).
+
+    Rerunning resumes: finished stages are skipped. The report is written to OUT/report.json.
+    """
+    from tracetune.models.base import BackendError
+    from tracetune.prefs.matrix import MatrixConfig, run_matrix
+    from tracetune.train.data import TrainingDataError
+
+    cfg = build_config(MatrixConfig, config, out=out)
+    try:
+        report = run_async(run_matrix(cfg, progress=not quiet))
+    except (ValueError, FileNotFoundError, KeyError, BackendError, TrainingDataError) as exc:
+        fail(str(exc).strip("'\""))
+        return
+    if as_json:
+        typer.echo(json.dumps(report["stages"], indent=2, default=str))
+        return
+    table = Table("stage", "result", title=f"MATRIX loop in {report['elapsed_s']} s")
+    for stage, numbers in report["stages"].items():
+        if not isinstance(numbers, dict):
+            table.add_row(stage, str(numbers))
+            continue
+        shown = {k: v for k, v in numbers.items() if k not in ("by_family",)}
+        if stage == "eval":
+            shown = {name: f"{acc['passed']}/{acc['total']} ({acc['accuracy']:.1%})"
+                     for name, acc in numbers["heldout_accuracy"].items()}
+        table.add_row(stage, ", ".join(f"{k}={v}" for k, v in shown.items()))
+    out_console.print(table)
+    out_console.print(f"report: {cfg.out / 'report.json'}", highlight=False)
