@@ -15,9 +15,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False)
 
 
 def fail(message: str) -> None:
-    from rich.markup import escape
-
-    _fail(escape(message))  # messages quote JSON shapes, whose [...] rich would take as markup
+    _fail(message)  # printed literally: messages quote JSON shapes such as [...]
 
 
 class Bench(StrEnum):
@@ -151,3 +149,158 @@ def _score(
     except BackendError as exc:  # a judge that fails for good fails the run: no silent zeros
         fail(f"judge {judge!r} failed: {exc}")
         return None
+
+
+class RunBench(StrEnum):
+    gta = "gta"
+    gaia = "gaia"
+    programs = "programs"
+
+
+@app.command("run")
+def run(
+    bench: Annotated[RunBench, typer.Argument(help="Benchmark to run: gta, gaia or programs.")],
+    model: Annotated[
+        str | None, typer.Option(help="Controller: openai:NAME or local:PATH (base or tuned).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory (rerun to resume).")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="gta: folder of dataset.json and its files; gaia: metadata.jsonl (files "
+            "beside it); programs: a task dataset (default: a held-out split drawn here)."
+        ),
+    ] = None,
+    mode: Annotated[GTAMode | None, typer.Option(help="gta: step or e2e.")] = None,
+    action_format: Annotated[
+        str | None, typer.Option(help="gaia/programs: json or code actions.")
+    ] = None,
+    tool_model: Annotated[
+        str | None,
+        typer.Option(help="Model the vision tools ask (GTA ImageDescription, visual_qa)."),
+    ] = None,
+    tools: Annotated[
+        str | None, typer.Option(help="gaia: comma-separated tools (default includes search).")
+    ] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(help="Tool option TOOL.KEY=VALUE, e.g. object_localization.model=DIR."),
+    ] = None,
+    corpus: Annotated[
+        Path | None, typer.Option(help="Local search corpus (GTA GoogleSearch, GAIA search).")
+    ] = None,
+    embedder: Annotated[
+        str | None, typer.Option(help="gta: embedder for subjective answers (auto/packaged/path).")
+    ] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Step budget per episode.")] = None,
+    max_errors: Annotated[int | None, typer.Option(help="Failed steps allowed.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Max new tokens per step.")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Episodes in flight.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N items.")] = None,
+    n: Annotated[int | None, typer.Option(help="programs: size of the held-out split.")] = None,
+    seed: Annotated[int | None, typer.Option(help="programs: held-out split seed.")] = None,
+    family: Annotated[
+        list[str] | None, typer.Option(help="programs: task family (repeatable; default all).")
+    ] = None,
+    exclude: Annotated[
+        list[Path] | None,
+        typer.Option(help="programs: task dataset whose tasks stay out of the split (repeatable)."),
+    ] = None,
+    base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint URL.")] = None,
+    adapter: Annotated[Path | None, typer.Option(help="LoRA adapter for local: models.")] = None,
+    max_cost: Annotated[float | None, typer.Option(help="Stop after this many USD.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file with these options.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Run a controller over a benchmark, resumably; write predictions, trajectories, metrics.
+
+    Prints the headline report's metrics as JSON; OUT/metrics.json has every report.
+    """
+    from tracetune.cli.common import build_config, console, run_async
+    from tracetune.cli.tools import _parse_options
+    from tracetune.evaluate.runs import EvalRunConfig, EvalRunError, run_benchmark
+    from tracetune.models.base import BackendError, ModelOptions
+    from tracetune.runner import StageAborted
+
+    if bench is not RunBench.gta and mode is not None:
+        fail("--mode applies to gta only")
+    backend = None
+    if base_url or adapter:
+        backend = ModelOptions(base_url=base_url, adapter=str(adapter) if adapter else None)
+    options = _parse_options(option, corpus)
+    cfg = build_config(
+        EvalRunConfig,
+        config,
+        bench=bench.value,
+        model=model,
+        out=out,
+        data=data,
+        mode=mode.value if mode else None,
+        action_format=action_format,
+        tool_model=tool_model,
+        tools=[t.strip() for t in tools.split(",") if t.strip()] if tools else None,
+        tool_options=options or None,
+        embedder=embedder,
+        max_steps=max_steps,
+        max_errors=max_errors,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        concurrency=concurrency,
+        limit=limit,
+        n=n,
+        seed=seed,
+        families=family,
+        exclude=exclude,
+        max_cost_usd=max_cost,
+        backend=backend,
+    )
+    try:
+        metrics = run_async(
+            run_benchmark(cfg, progress=not quiet, notify=lambda m: console.print(m, markup=False))
+        )
+    except (
+        EvalRunError,
+        ValueError,
+        FileNotFoundError,
+        KeyError,
+        BackendError,
+        StageAborted,
+    ) as exc:
+        fail(str(exc).strip("'\""))
+        return
+    headline = metrics["reports"][metrics["headline"]]
+    typer.echo(
+        json.dumps(
+            {
+                "benchmark": metrics["headline"],
+                "metrics": headline["metrics"],
+                "run": metrics["run"],
+            },
+            indent=2,
+            ensure_ascii=False,
+        )
+    )
+    console.print(
+        f"run directory: {cfg.out} (metrics.json, predictions.jsonl, records.jsonl)", markup=False
+    )
+
+
+@app.command("report")
+def report(
+    runs: Annotated[
+        list[Path], typer.Argument(help="Run directories written by `tracetune eval run`.")
+    ],
+    out: Annotated[Path, typer.Option(help="Report directory (report.html, report.md).")],
+    failures: Annotated[int, typer.Option(help="Failure examples per run.")] = 5,
+    title: Annotated[str, typer.Option(help="Report title.")] = "tracetune evaluation",
+) -> None:
+    """Compare runs in HTML and Markdown: metric tables, breakdowns, plots, failure examples."""
+    from tracetune.evaluate.report import ReportError, build_report
+
+    try:
+        result = build_report(list(runs), out, max_failures=failures, title=title)
+    except ReportError as exc:
+        fail(str(exc))
+        return
+    typer.echo(f"{result.html}\n{result.markdown}")

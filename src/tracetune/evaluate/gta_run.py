@@ -1,0 +1,567 @@
+"""Run a controller on GTA, step by step or end to end, and score it with GTA's own rules.
+
+*Step mode* (tools are not executed): for every gold assistant turn the controller sees the
+query, its images and the gold history before that turn (gold tool outputs as
+observations) and writes one action. The final turn is asked for the answer without tools
+(``prompts/eval/gta_final_turn.jinja``); an output there with no action in it is taken as a
+plain-text answer. Elsewhere an output that does not parse, or that calls a tool the query
+does not offer, is a message with an ``error`` (it fails InstAcc, as in GTA).
+
+*End-to-end mode*: the controller runs with the GTA toolset (``gta_tools``) on the query
+alone, and its episode becomes a GTA dialog. Tools that cannot run here are reported before
+the run; queries whose gold chain needs one are scored apart (``.../runnable`` holds the
+rest), never silently counted as wrong answers.
+
+Both protocols are scored: ``official`` (GTA's evaluator) and ``mat`` (the MAT/MATRIX
+substring rule), named apart. Prompts show the tools as the query's ``tools`` metadata
+describes them (names, descriptions and inputs from ``dataset.json``).
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tracetune.agent.formats import JsonFormat, ParseError
+from tracetune.agent.loop import Agent, Episode, make_executor
+from tracetune.agent.render import step_messages, task_message
+from tracetune.agent.toolbox import ToolBox
+from tracetune.evaluate.base import ScoringInputError, read_json
+from tracetune.evaluate.gta import (
+    GTAQuery,
+    GTAScorer,
+    content_text,
+    first_call,
+    load_gta_gold,
+    load_gta_predictions,
+)
+from tracetune.evaluate.gta_tools import (
+    GTATool,
+    ToolStatus,
+    episode_tools,
+    gta_tool,
+    toolset_status,
+)
+from tracetune.evaluate.runs import (
+    EvalRunConfig,
+    EvalRunError,
+    Notify,
+    RunContext,
+    stable_id,
+    trajectories_by,
+    write_json,
+    write_jsonl,
+)
+from tracetune.models.base import BackendError, ChatMessage, ChatModel
+from tracetune.prompts import prompt_hash, render
+from tracetune.runner import run_stage
+from tracetune.schema import (
+    Action,
+    ErrorKind,
+    FileRef,
+    Observation,
+    Provenance,
+    Step,
+    StepError,
+    Task,
+    ToolCall,
+    Trajectory,
+    Usage,
+)
+from tracetune.store import AssetStore
+
+FINAL_TURN_PROMPT = "eval/gta_final_turn.jinja"
+
+
+# -- data ----------------------------------------------------------------------------------
+def gta_paths(data: Path | None) -> tuple[Path, Path]:
+    """(dataset.json, the folder its file paths are relative to)."""
+    if data is None:
+        raise EvalRunError("gta needs --data: the folder holding GTA's dataset.json and files")
+    path = Path(data)
+    if path.is_dir():
+        path = path / "dataset.json"
+    if not path.is_file():
+        raise EvalRunError(f"{path} does not exist; --data is GTA's folder or its dataset.json")
+    return path, path.parent
+
+
+def gta_task(query: GTAQuery, raw: dict[str, Any], root: Path, assets: AssetStore) -> Task:
+    """A GTA query as a Task; files keep GTA's relative paths as names (the model uses them)."""
+    refs: list[FileRef] = []
+    for rel in query.files:
+        file = (root / rel).resolve()
+        if root.resolve() not in file.parents:
+            raise ScoringInputError(f"{query.where}: file path {rel!r} leaves the data folder")
+        if not file.is_file():
+            raise EvalRunError(
+                f"{query.where}: file {rel!r} is not at {file}; GTA's files must sit beside "
+                "dataset.json under the paths it names"
+            )
+        refs.append(assets.put_file(file, name=rel))
+    user = next((m for m in query.dialogs if m.get("role") == "user"), None)
+    if user is None:
+        raise ScoringInputError(f"{query.where}: the dialog has no user message")
+    return Task(
+        id=f"gta-{query.id}",
+        query=content_text(user.get("content")),
+        files=refs,
+        tools=[str(t.get("name")) for t in raw.get("tools") or []],
+        provenance=Provenance(source="import:gta"),
+        metadata={"gta_id": query.id, "answer_kind": query.answer_kind},
+    )
+
+
+def _tool_metas(raw: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    metas = [t for t in raw.get("tools") or [] if isinstance(t, dict)]
+    for meta in metas:
+        try:
+            gta_tool(str(meta.get("name")))
+        except KeyError as exc:
+            raise ScoringInputError(f"{where}: {exc.args[0]}") from None
+    return metas
+
+
+# -- GTA messages from our steps -----------------------------------------------------------
+def call_message(call: ToolCall, thought: str = "") -> dict[str, Any]:
+    return {
+        "role": "assistant",
+        "thought": thought,
+        "tool_calls": [
+            {"type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+        ],
+    }
+
+
+def trajectory_dialog(trajectory: Trajectory) -> list[dict[str, Any]]:
+    """An end-to-end episode as a GTA dialog (user, assistant, tool, ..., assistant)."""
+    dialog: list[dict[str, Any]] = [{"role": "user", "content": trajectory.task.query}]
+    for step in trajectory.steps:
+        action = step.action
+        if action is None:
+            # No action could be read: an error turn without content, so it never passes for
+            # an answer when it ends the episode.
+            message = {"role": "assistant", "content": "", "raw": step.raw}
+            message["error"] = step.error.message if step.error else "no action"
+            dialog.append(message)
+        elif action.type == "final_answer":
+            dialog.append(
+                {"role": "assistant", "thought": step.thought, "content": action.answer or ""}
+            )
+        elif action.tool_call is not None:
+            message = call_message(action.tool_call, step.thought)
+            if step.error is not None:
+                message["error"] = f"{step.error.kind.value}: {step.error.message}"
+            dialog.append(message)
+            output = step.observation.text if step.observation else ""
+            dialog.append(
+                {
+                    "role": "tool",
+                    "name": action.tool_call.name,
+                    "content": {"type": "text", "content": output},
+                }
+            )
+    return dialog
+
+
+# -- step mode -----------------------------------------------------------------------------
+def gold_history(
+    query: GTAQuery, turn: int, fmt: JsonFormat, resolve: Any, task: Task
+) -> list[ChatMessage]:
+    """The conversation before gold assistant turn ``turn``, as the controller is shown it."""
+    messages: list[ChatMessage] = [task_message(task, resolve)]
+    seen = 0
+    dialog = query.dialogs
+    first_user = True
+    i = 0
+    while i < len(dialog):
+        message = dialog[i]
+        role = message.get("role")
+        if role == "assistant":
+            if seen == turn:
+                break
+            seen += 1
+            call = first_call(message, query.where)
+            thought = str(message.get("thought") or "")
+            if call is not None:
+                output = ""
+                if i + 1 < len(dialog) and dialog[i + 1].get("role") == "tool":
+                    output = content_text(dialog[i + 1].get("content"))
+                    i += 1
+                action = Action(
+                    type="tool_call",
+                    tool_call=ToolCall(name=call.name, arguments=_dict(call.arguments)),
+                )
+                step = Step(
+                    index=seen - 1,
+                    raw=fmt.render(thought, action),
+                    thought=thought,
+                    action=action,
+                    observation=Observation(text=output),
+                )
+                messages.extend(step_messages(step, resolve))
+            else:
+                answer = content_text(message.get("content"))
+                action = Action(type="final_answer", answer=answer)
+                messages.append({"role": "assistant", "content": fmt.render(thought, action)})
+        elif role == "user":
+            if first_user:
+                first_user = False
+            else:
+                messages.append({"role": "user", "content": content_text(message.get("content"))})
+        i += 1
+    return messages
+
+
+def _dict(arguments: Any) -> dict[str, Any]:
+    return arguments if isinstance(arguments, dict) else {"value": arguments}
+
+
+def _append_text(message: ChatMessage, text: str) -> None:
+    content = message.get("content")
+    if isinstance(content, list):
+        message["content"] = [*content, {"type": "text", "text": "\n\n" + text}]
+    else:
+        message["content"] = f"{content or ''}\n\n{text}"
+
+
+def step_prediction(
+    raw: str, fmt: JsonFormat, tool_names: set[str], final_turn: bool
+) -> tuple[dict[str, Any], Step]:
+    """The GTA message for one predicted turn, and the step record behind it."""
+    step = Step(index=0, raw=raw)
+    try:
+        parsed = fmt.parse(raw)
+    except ParseError as exc:
+        if final_turn and raw.strip():
+            # Asked to answer without tools, a model may simply answer in words.
+            answer = raw.strip()
+            if answer.lower().startswith("thought:"):
+                answer = answer.split(":", 1)[1].strip()
+            step.action = Action(type="final_answer", answer=answer)
+            return {"role": "assistant", "content": answer}, step
+        step.error = StepError(kind=ErrorKind.PARSE, message=str(exc))
+        return {"role": "assistant", "content": "", "raw": raw, "error": str(exc)}, step
+    step.thought, step.action = parsed.thought, parsed.action
+    if parsed.action.type == "final_answer":
+        return {
+            "role": "assistant",
+            "thought": parsed.thought,
+            "content": parsed.action.answer or "",
+        }, step
+    call = parsed.action.tool_call
+    assert call is not None
+    message = call_message(call, parsed.thought)
+    if call.name not in tool_names:
+        why = f"there is no tool {call.name!r}; available: {', '.join(sorted(tool_names))}"
+        step.error = StepError(kind=ErrorKind.UNKNOWN_TOOL, message=why)
+        message["error"] = why
+    return message, step
+
+
+# -- end-to-end mode -----------------------------------------------------------------------
+class GTAAgent(Agent):
+    """The agent loop, with the query's files at GTA's relative paths in the workdir."""
+
+    async def start(self, task: Task, source: AssetStore, assets: AssetStore) -> Episode:
+        workdir = Path(tempfile.mkdtemp(prefix="tracetune-gta-"))
+        try:
+            for ref in task.files:
+                target = (workdir / ref.name).resolve()
+                if workdir.resolve() not in target.parents:
+                    raise ValueError(f"file name {ref.name!r} leaves the working directory")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source.path(ref), target)
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        toolbox = ToolBox(
+            self.tools, workdir, assets, model=self.tool_model, options=self.tool_options
+        )
+        executor = await make_executor(self.fmt, toolbox)
+        return Episode(task, self.model, self.fmt, self.tools, executor, toolbox, source)
+
+
+def affected_queries(
+    gold: dict[str, GTAQuery], status: dict[str, ToolStatus]
+) -> dict[str, list[str]]:
+    """Queries whose gold chain calls a tool that cannot run here, with those tools."""
+    out: dict[str, list[str]] = {}
+    for qid, query in gold.items():
+        missing = sorted(
+            {
+                c.name
+                for c in query.gold_calls()
+                if c.name in status and status[c.name].status == "unavailable"
+            }
+        )
+        if missing:
+            out[qid] = missing
+    return out
+
+
+# -- the run -------------------------------------------------------------------------------
+async def run_gta(
+    config: EvalRunConfig,
+    model: ChatModel | None = None,
+    progress: bool = True,
+    notify: Notify | None = None,
+) -> dict[str, Any]:
+    dataset_json, root = gta_paths(config.data)
+    if config.action_format != "json":
+        raise EvalRunError("gta runs with the json action format (GTA's tool-call messages)")
+    gold = load_gta_gold(dataset_json)
+    raw_items = read_json(dataset_json, "GTA gold")
+    ids = list(gold)[: config.limit] if config.limit else list(gold)
+    gold = {qid: gold[qid] for qid in ids}
+    ctx = RunContext(config, notify)
+    out = ctx.trajectories
+    tasks = {qid: gta_task(gold[qid], raw_items[qid], root, out.assets) for qid in ids}
+    metas = {qid: _tool_metas(raw_items[qid], gold[qid].where) for qid in ids}
+    write_json(ctx.root / "gold.json", {qid: raw_items[qid] for qid in ids})
+
+    status = toolset_status(config.tool_options, tool_model=bool(config.tool_model))
+    affected: dict[str, list[str]] = {}
+    if config.mode == "e2e":
+        affected = affected_queries(gold, status)
+        lines = [
+            f"  {name}: {s.status} ({s.backend}{'; ' + s.note if s.note else ''})"
+            for name, s in status.items()
+        ]
+        ctx.notify("GTA toolset:\n" + "\n".join(lines))
+        if affected:
+            ctx.notify(
+                f"{len(affected)} of {len(ids)} queries need a tool that cannot run "
+                "here; they are scored apart (see metrics.json 'affected_queries')"
+            )
+    ctx.write_run(
+        {
+            "data": str(dataset_json),
+            "toolset": {n: s.as_dict() for n, s in status.items()}
+            if config.mode == "e2e"
+            else None,
+            "affected_queries": affected,
+            "prompt_hashes": {
+                "agent": JsonFormat().prompt_hash,
+                "final_turn": prompt_hash(FINAL_TURN_PROMPT),
+            },
+        }
+    )
+    controller = ctx.load_models(model)
+    fmt = JsonFormat()
+    sampling = ctx.sampling()
+    try:
+        if config.mode == "step":
+            result = await _run_steps(
+                config, ctx, controller, gold, tasks, metas, fmt, sampling, progress
+            )
+        else:
+            result = await _run_e2e(
+                config, ctx, controller, gold, tasks, metas, status, sampling, progress
+            )
+    finally:
+        await ctx.close()
+    return _score(config, ctx, gold, result, affected, status)
+
+
+async def _run_steps(
+    config: EvalRunConfig,
+    ctx: RunContext,
+    controller: ChatModel,
+    gold: dict[str, GTAQuery],
+    tasks: dict[str, Task],
+    metas: dict[str, list[dict[str, Any]]],
+    fmt: JsonFormat,
+    sampling: Any,
+    progress: bool,
+) -> Any:
+    out = ctx.trajectories
+    items = [(qid, turn) for qid in gold for turn in range(len(gold[qid].gold_turns))]
+    final_text = render(FINAL_TURN_PROMPT)
+
+    def key(item: tuple[str, int]) -> str:
+        return stable_id("gta", "step", item[0], item[1], controller.spec)
+
+    async def process(item: tuple[str, int]) -> Trajectory:
+        qid, turn = item
+        query, task = gold[qid], tasks[qid]
+        tools = [gta_tool(str(m.get("name")), m) for m in metas[qid]]
+        gold_msg = query.gold_turns[turn]
+        final_turn = first_call(gold_msg, query.where) is None
+        messages = [{"role": "system", "content": fmt.system_prompt(_prompt_tools(tools))}]
+        messages += gold_history(query, turn, fmt, out.assets.path, task)
+        if final_turn:
+            _append_text(messages[-1], final_text)
+        generation_error = None
+        try:
+            generation = await controller.generate(messages, n=1, sampling=sampling)
+            raw, usage, latency = generation.text, generation.usage, generation.latency_s
+        except BackendError as exc:
+            raw, usage, latency, generation_error = "", Usage(), 0.0, str(exc)
+        prediction, step = step_prediction(raw, fmt, {t.name for t in tools}, final_turn)
+        if generation_error is not None:
+            step.error = StepError(kind=ErrorKind.BACKEND, message=generation_error)
+            prediction = {"role": "assistant", "content": "", "error": generation_error}
+        step.usage, step.latency_s = usage, latency
+        return Trajectory(
+            id=key(item),
+            task=task,
+            controller=controller.spec,
+            action_format="json",
+            tools=[t.name for t in tools],
+            steps=[step],
+            final_answer=step.action.answer if step.action and step.action.answer else None,
+            status="failed" if generation_error else "completed",
+            usage=usage,
+            prompt_hash=fmt.prompt_hash,
+            sampling=sampling.to_dict(),
+            metadata={
+                "bench": "gta",
+                "mode": "step",
+                "gta_id": qid,
+                "turn": turn,
+                "final_turn": final_turn,
+                "prediction": prediction,
+                "gold": gold_msg,
+                "context_messages": len(messages),
+            },
+        )
+
+    return await run_stage(
+        "eval",
+        items,
+        key=key,
+        process=process,
+        out=out,
+        concurrency=config.concurrency,
+        budget=ctx.budget(),
+        progress=progress,
+        total=len(items),
+        chunk_size=max(1, min(32, len(items) // 4)),
+    )
+
+
+def _prompt_tools(tools: list[GTATool]) -> list[Any]:
+    from tracetune.tools import get_tool
+
+    # The answer is given with final_answer, as in training data.
+    return [*tools, get_tool("final_answer")]
+
+
+async def _run_e2e(
+    config: EvalRunConfig,
+    ctx: RunContext,
+    controller: ChatModel,
+    gold: dict[str, GTAQuery],
+    tasks: dict[str, Task],
+    metas: dict[str, list[dict[str, Any]]],
+    status: dict[str, ToolStatus],
+    sampling: Any,
+    progress: bool,
+) -> Any:
+    out = ctx.trajectories
+
+    def key(qid: str) -> str:
+        return stable_id("gta", "e2e", qid, controller.spec)
+
+    async def process(qid: str) -> Trajectory:
+        tools = episode_tools(metas[qid], status)
+        agent = GTAAgent(
+            controller,
+            list(tools),
+            "json",
+            config.max_steps,
+            config.max_errors,
+            sampling,
+            tool_options=copy.deepcopy(config.tool_options),
+            tool_model=ctx.tool_model,
+        )
+        trajectory = await agent.run(tasks[qid], out.assets, out.assets, key(qid))
+        dialog = trajectory_dialog(trajectory)
+        trajectory.metadata.update(
+            {"bench": "gta", "mode": "e2e", "gta_id": qid, "prediction": dialog}
+        )
+        return trajectory
+
+    return await run_stage(
+        "eval",
+        list(gold),
+        key=key,
+        process=process,
+        out=out,
+        concurrency=config.concurrency,
+        budget=ctx.budget(),
+        progress=progress,
+        total=len(gold),
+        chunk_size=max(1, min(16, len(gold) // 4)),
+    )
+
+
+def _score(
+    config: EvalRunConfig,
+    ctx: RunContext,
+    gold: dict[str, GTAQuery],
+    result: Any,
+    affected: dict[str, list[str]],
+    status: dict[str, ToolStatus],
+) -> dict[str, Any]:
+    groups = trajectories_by(ctx.trajectories, "gta_id")
+    rows: list[dict[str, Any]] = []
+    trajectory_of: dict[str, str] = {}
+    for qid, query in gold.items():
+        found = groups.get(qid, [])
+        if not found:
+            continue
+        if config.mode == "step":
+            by_turn = {int(t.metadata["turn"]): t for t in found}
+            steps = []
+            for turn in range(len(query.gold_turns)):
+                if turn not in by_turn:
+                    break  # an unfinished turn and everything after it count as missing
+                steps.append(by_turn[turn].metadata["prediction"])
+            rows.append({"id": qid, "steps": steps})
+            trajectory_of[qid] = by_turn[max(by_turn)].id
+        else:
+            rows.append({"id": qid, "dialog": found[0].metadata["prediction"]})
+            trajectory_of[qid] = found[0].id
+    predictions = ctx.root / "predictions.jsonl"
+    write_jsonl(predictions, rows)
+    loaded = load_gta_predictions(predictions, config.mode)
+    reports = {}
+    embedder: Any = config.embedder
+    for protocol in ("official", "mat"):
+        scorer = GTAScorer(config.mode, protocol, embedder)  # type: ignore[arg-type]
+        name = f"gta/{config.mode}/{protocol}"
+        if affected:
+            runnable = {q: g for q, g in gold.items() if q not in affected}
+            report = scorer.score(runnable, {q: p for q, p in loaded.items() if q in runnable})
+            report.benchmark = name
+            report.details["subset"] = "queries whose gold tools all run here"
+            reports[name] = report
+            full = scorer.score(gold, loaded)
+            full.benchmark = f"{name}/all-queries"
+            full.details["subset"] = (
+                "all queries, including those needing a tool that cannot run here"
+            )
+            reports[full.benchmark] = full
+        else:
+            reports[name] = scorer.score(gold, loaded)
+        if scorer._embedder is not None:
+            embedder = scorer._embedder  # loaded once, shared by the next scorer
+    extra = {
+        "affected_queries": affected,
+        "unavailable_tools": sorted(n for n, s in status.items() if s.status == "unavailable")
+        if config.mode == "e2e"
+        else [],
+        "approximate_tools": sorted(n for n, s in status.items() if s.status == "approximate")
+        if config.mode == "e2e"
+        else [],
+        "predictions": str(predictions),
+    }
+    return ctx.finish(reports, f"gta/{config.mode}/official", trajectory_of, result, extra)
+
+
+__all__ = ["GTAAgent", "gold_history", "run_gta", "step_prediction", "trajectory_dialog"]

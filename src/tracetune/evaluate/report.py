@@ -1,0 +1,518 @@
+"""``tracetune eval report RUN_DIR... --out DIR``: compare benchmark runs in HTML and Markdown.
+
+Reads what ``eval run`` wrote (``run.json``, ``metrics.json``, ``records.jsonl`` and the
+trajectories) and writes::
+
+    OUT/report.html       metric tables, breakdowns, plots, failure examples
+    OUT/report.md         the same tables and links, for a pull request or a wiki
+    OUT/plots/*.png       matplotlib charts (linked from both)
+    OUT/items/RUN/*.html  one page per failure example: every trajectory behind that item
+
+Breakdowns: GTA by answer kind (objective / subjective / image generation) and, end to end,
+by tool category (P/O/L/C F1); GAIA by level; task programs by family. Failure examples
+are the lowest-scoring items of each run on its headline answer metric.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tracetune.schema import EvalRecord, Step, Trajectory
+
+HEADLINE_SCORE = {
+    "gta": ("answer_acc", "answer_acc_w_imggen"),
+    "gaia": ("accuracy",),
+    "programs": ("accuracy",),
+}
+
+
+class ReportError(ValueError):
+    """A run directory cannot be reported on; the message says what is missing."""
+
+
+@dataclass
+class RunData:
+    """One run directory, read back."""
+
+    root: Path
+    label: str
+    run: dict[str, Any]
+    metrics: dict[str, Any]
+    records: list[EvalRecord]
+    slug: str = ""
+    trajectories: dict[str, list[Trajectory]] = field(default_factory=dict)
+
+    @property
+    def bench(self) -> str:
+        return str(self.metrics.get("benchmark") or self.run.get("benchmark"))
+
+    @property
+    def headline(self) -> str:
+        return str(self.metrics.get("headline", ""))
+
+    def report(self, name: str) -> dict[str, Any]:
+        return dict(self.metrics.get("reports", {}).get(name, {}))
+
+
+def load_run(root: Path) -> RunData:
+    root = Path(root)
+    for name in ("run.json", "metrics.json", "records.jsonl"):
+        if not (root / name).is_file():
+            raise ReportError(
+                f"{root} has no {name}: point at a directory written by `tracetune eval run` "
+                "(a run killed before scoring writes it when rerun)"
+            )
+    run = json.loads((root / "run.json").read_text())
+    metrics = json.loads((root / "metrics.json").read_text())
+    records = [
+        EvalRecord.model_validate_json(line)
+        for line in (root / "records.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+    model = str(run.get("model", "?"))
+    return RunData(root, f"{root.name} ({model})", run, metrics, records)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "run"
+
+
+def _load_trajectories(run: RunData, wanted: set[str]) -> None:
+    from tracetune.store import Dataset
+
+    path = run.root / "trajectories"
+    if not wanted or not (path / "manifest.json").exists():
+        return
+    item_key = {"gta": "gta_id", "gaia": "gaia_task_id", "programs": "task_id"}.get(run.bench)
+    for trajectory in Dataset.open(path, Trajectory):
+        item = str(trajectory.metadata.get(item_key or "", trajectory.task.id))
+        if item in wanted:
+            run.trajectories.setdefault(item, []).append(trajectory)
+    for found in run.trajectories.values():
+        found.sort(key=lambda t: int(t.metadata.get("turn", 0)))
+
+
+# -- numbers -------------------------------------------------------------------------------
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return "-" if value is None else str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def percent_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The metrics of a report that are percentages (counts and means left out)."""
+    metrics = summary.get("metrics", {})
+    declared = summary.get("details", {}).get("percent")
+    if declared:
+        names = [m for m in declared if m in metrics]
+        names += [m for m in metrics if "/" in m and m not in names]  # per-family accuracies
+    else:
+        names = [
+            m
+            for m, v in metrics.items()
+            if isinstance(v, float)
+            and not m.startswith("mean_")
+            and not m.endswith(("_precision", "_recall"))
+        ]
+    return {m: float(metrics[m]) for m in names}
+
+
+def breakdowns(run: RunData) -> dict[str, dict[str, float]]:
+    """Per-category/per-level numbers of a run: {breakdown name: {category: value}}."""
+    out: dict[str, dict[str, float]] = {}
+    headline = run.report(run.headline)
+    metrics = headline.get("metrics", {})
+    if run.bench == "gta":
+        sums: dict[str, list[float]] = defaultdict(list)
+        for record in run.records:
+            if record.benchmark != run.headline:
+                continue
+            kind = str(record.metadata.get("answer_kind", "?"))
+            value = record.scores.get("answer_acc")
+            if value is None:
+                value = record.scores.get("answer_acc_w_imggen")
+            if value is not None:
+                sums[kind].append(float(value))
+        if sums:
+            out["answer score by answer kind (%)"] = {
+                k: 100.0 * sum(v) / len(v) for k, v in sorted(sums.items())
+            }
+        f1 = {
+            name: float(metrics[f"{p}_f1"])
+            for p, name in (
+                ("p", "perception"),
+                ("o", "operation"),
+                ("l", "logic"),
+                ("c", "creativity"),
+            )
+            if f"{p}_f1" in metrics
+        }
+        if f1:
+            out["tool F1 by category (%)"] = f1
+    elif run.bench == "gaia":
+        levels = {
+            k.removeprefix("level_"): float(v) for k, v in metrics.items() if k.startswith("level_")
+        }
+        if levels:
+            out["accuracy by level (%)"] = levels
+    elif run.bench == "programs":
+        families = {
+            k.split("/", 1)[1]: float(v) for k, v in metrics.items() if k.startswith("accuracy/")
+        }
+        if families:
+            out["accuracy by family (%)"] = families
+    return out
+
+
+def failures(run: RunData, limit: int) -> list[EvalRecord]:
+    """The lowest-scoring items on the headline answer metric (score below 1)."""
+    keys = HEADLINE_SCORE.get(run.bench, ("accuracy",))
+    scored = []
+    for record in run.records:
+        if record.benchmark != run.headline:
+            continue
+        value = next((record.scores[k] for k in keys if record.scores.get(k) is not None), None)
+        if value is not None and float(value) < 1.0:
+            scored.append((float(value), record.item_id, record))
+    scored.sort(key=lambda t: (t[0], t[1]))
+    return [r for _, _, r in scored[:limit]]
+
+
+# -- plots ---------------------------------------------------------------------------------
+def bar_chart(path: Path, title: str, groups: dict[str, dict[str, float]], ylabel: str) -> Path:
+    """Grouped bars: one group per category, one bar per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    categories = sorted(
+        {c for values in groups.values() for c in values},
+        key=lambda c: next(list(v).index(c) for v in groups.values() if c in v),
+    )
+    runs = list(groups)
+    width = 0.8 / max(1, len(runs))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(categories) + 2), 3.2), dpi=100)
+    for i, run in enumerate(runs):
+        xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(categories))]
+        ys = [groups[run].get(c, 0.0) for c in categories]
+        ax.bar(xs, ys, width=width, label=run)
+    ax.set_xticks(range(len(categories)))
+    ax.set_xticklabels(categories, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    top = max([v for g in groups.values() for v in g.values()] + [1.0])
+    ax.set_ylim(0, max(100.0, top * 1.05))
+    if len(runs) > 1:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# -- pages ---------------------------------------------------------------------------------
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }
+th { background: #f2f2f2; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+pre { background: #f7f7f7; padding: 6px; white-space: pre-wrap; max-height: 24em; overflow: auto; }
+.err { color: #a00; }
+img { max-width: 100%; border: 1px solid #ddd; }
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _html_table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = []
+    for row in rows:
+        cells = []
+        for cell in row:
+            if isinstance(cell, Raw):
+                cells.append(f"<td>{cell.html}</td>")
+            elif isinstance(cell, int | float) and not isinstance(cell, bool):
+                cells.append(f'<td class="num">{_e(_fmt(cell))}</td>')
+            else:
+                cells.append(f"<td>{_e(_fmt(cell))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _md_cell(cell: Any) -> str:
+    if isinstance(cell, Raw):
+        return cell.markdown
+    return _fmt(cell).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+@dataclass
+class Raw:
+    """A table cell with its own HTML and Markdown (a link)."""
+
+    html: str
+    markdown: str
+
+
+def _page(title: str, body: str) -> str:
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
+        f"<h1>{_e(title)}</h1>{body}</body></html>\n"
+    )
+
+
+def _step_html(step: Step) -> str:
+    parts = [f"<h4>step {step.index}</h4>"]
+    if step.thought:
+        parts.append(f"<p><b>thought</b> {_e(step.thought)}</p>")
+    action = step.action
+    if action is not None and action.type == "tool_call" and action.tool_call is not None:
+        call = json.dumps(action.tool_call.arguments, ensure_ascii=False)
+        parts.append(f"<p><b>call</b> <code>{_e(action.tool_call.name)}({_e(call)})</code></p>")
+    elif action is not None and action.type == "code":
+        parts.append(f"<b>code</b><pre>{_e(action.code or '')}</pre>")
+    elif action is not None:
+        parts.append(f"<p><b>answer</b> {_e(action.answer or '')}</p>")
+    else:
+        parts.append(f"<b>raw output</b><pre>{_e(step.raw)}</pre>")
+    if step.error is not None:
+        parts.append(
+            f'<p class="err"><b>error ({_e(step.error.kind.value)})</b> '
+            f"{_e(step.error.message)}</p>"
+        )
+    elif (
+        step.observation is not None
+        and step.observation.text
+        and (action is None or action.type != "final_answer")
+    ):
+        parts.append(f"<b>observation</b><pre>{_e(step.observation.text[:4000])}</pre>")
+    return "\n".join(parts)
+
+
+def item_page(run: RunData, record: EvalRecord) -> str:
+    """Every trajectory behind one scored item, with the item's scores."""
+    scores = {k: v for k, v in record.scores.items() if v is not None}
+    body = [
+        f"<p>run <b>{_e(run.label)}</b>, benchmark <code>{_e(record.benchmark)}</code></p>",
+        _html_table(["metric", "score"], [[k, v] for k, v in scores.items()]),
+    ]
+    body.append(f"<p><b>prediction</b> {_e(record.prediction or '(none)')}</p>")
+    gold = record.metadata.get("gold")
+    if gold is not None:
+        body.append(f"<p><b>gold</b> {_e(gold)}</p>")
+    for reason in record.metadata.get("reasons") or []:
+        body.append(f"<p><b>check</b> {_e(reason)}</p>")
+    steps = record.metadata.get("steps")
+    if isinstance(steps, list) and steps and isinstance(steps[0], dict):
+        rows = [
+            [i, s.get("gold"), s.get("pred"), s.get("arguments_equal", "")]
+            for i, s in enumerate(steps)
+        ]
+        body.append("<h3>turns: gold vs predicted</h3>")
+        body.append(_html_table(["turn", "gold", "predicted", "arguments equal"], rows))
+    trajectories = run.trajectories.get(record.item_id, [])
+    if not trajectories:
+        body.append("<p>(no trajectory on disk for this item)</p>")
+    for trajectory in trajectories:
+        turn = trajectory.metadata.get("turn")
+        label = f"turn {turn}" if turn is not None else "episode"
+        body.append(f"<h2>{_e(label)}: trajectory <code>{_e(trajectory.id)}</code></h2>")
+        body.append(
+            f"<p>status {_e(trajectory.status)}, {len(trajectory.steps)} step(s), "
+            f"{trajectory.usage.total_tokens} tokens</p>"
+        )
+        if turn is None or turn == 0:
+            body.append(f"<p><b>task</b></p><pre>{_e(trajectory.task.query)}</pre>")
+        body.extend(_step_html(step) for step in trajectory.steps)
+    return _page(f"{record.benchmark} item {record.item_id}", "\n".join(body))
+
+
+# -- the report ----------------------------------------------------------------------------
+@dataclass
+class ReportResult:
+    html: Path
+    markdown: Path
+    plots: list[Path]
+    item_pages: list[Path]
+
+
+def build_report(
+    run_dirs: list[Path], out: Path, max_failures: int = 5, title: str = "tracetune evaluation"
+) -> ReportResult:
+    """Write report.html, report.md, plots and failure pages comparing ``run_dirs``."""
+    if not run_dirs:
+        raise ReportError("give at least one run directory (written by `tracetune eval run`)")
+    runs = [load_run(Path(d)) for d in run_dirs]
+    seen: dict[str, int] = {}
+    for run in runs:
+        slug = _slug(run.root.name)
+        seen[slug] = seen.get(slug, 0) + 1
+        run.slug = slug if seen[slug] == 1 else f"{slug}-{seen[slug]}"
+        if seen[slug] > 1:
+            run.label = f"{run.label} #{seen[slug]}"
+    out = Path(out)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    html_parts: list[str] = []
+    md_parts: list[str] = [f"# {title}", ""]
+    plots: list[Path] = []
+
+    # Overview.
+    header = [
+        "run",
+        "benchmark",
+        "model",
+        "headline",
+        "items",
+        "trajectories",
+        "tokens",
+        "cost (USD)",
+        "failed episodes",
+    ]
+    rows = []
+    for run in runs:
+        headline = run.report(run.headline)
+        info = run.metrics.get("run", {})
+        main = next(iter(percent_metrics(headline).items()), ("-", None))
+        rows.append(
+            [
+                run.label,
+                run.headline,
+                run.run.get("model"),
+                f"{main[0]} {_fmt(main[1])}",
+                headline.get("n_items"),
+                info.get("trajectories"),
+                info.get("tokens"),
+                info.get("cost_usd"),
+                info.get("failed"),
+            ]
+        )
+    html_parts += ["<h2>Runs</h2>", _html_table(header, rows)]
+    md_parts += ["## Runs", "", _md_table(header, rows), ""]
+
+    # Metric tables and a plot per scored report (benchmark/mode/protocol).
+    names = list(dict.fromkeys(n for run in runs for n in run.metrics.get("reports", {})))
+    for name in names:
+        having = [r for r in runs if name in r.metrics.get("reports", {})]
+        metric_names = list(
+            dict.fromkeys(m for r in having for m in r.report(name).get("metrics", {}))
+        )
+        header = ["metric", *[r.label for r in having]]
+        rows = [[m, *[r.report(name)["metrics"].get(m) for r in having]] for m in metric_names]
+        html_parts += [f"<h2>{_e(name)}</h2>", _html_table(header, rows)]
+        md_parts += [f"## {name}", "", _md_table(header, rows), ""]
+        notes = []
+        for r in having:
+            details = r.report(name).get("details", {})
+            if details.get("subset"):
+                notes.append(f"{r.label}: {details['subset']}")
+            embedder = details.get("embedder")
+            if isinstance(embedder, dict):
+                notes.append(
+                    f"{r.label}: subjective answers embedded with {embedder.get('model')}"
+                    f"{' (official)' if embedder.get('official') else ' (not the official model)'}"
+                )
+            if details.get("missing_predictions"):
+                notes.append(
+                    f"{r.label}: {len(details['missing_predictions'])} item(s) without a "
+                    "prediction (scored as wrong)"
+                )
+        for note in notes:
+            html_parts.append(f"<p><i>{_e(note)}</i></p>")
+            md_parts.append(f"*{note}*\n")
+        groups = {r.label: percent_metrics(r.report(name)) for r in having}
+        if any(groups.values()):
+            plot = bar_chart(out / "plots" / f"{_slug(name)}.png", name, groups, "%")
+            plots.append(plot)
+            rel = plot.relative_to(out).as_posix()
+            html_parts.append(f'<p><img src="{_e(rel)}" alt="{_e(name)} metrics"></p>')
+            md_parts += [f"![{name} metrics]({rel})", ""]
+
+    # Breakdowns.
+    by_name: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
+    for run in runs:
+        for breakdown, values in breakdowns(run).items():
+            by_name[f"{run.bench}: {breakdown}"][run.label] = values
+    if by_name:
+        html_parts.append("<h2>Breakdowns</h2>")
+        md_parts += ["## Breakdowns", ""]
+    for breakdown, groups in by_name.items():
+        categories = list(dict.fromkeys(c for v in groups.values() for c in v))
+        header = ["category", *groups]
+        rows = [[c, *[groups[label].get(c) for label in groups]] for c in categories]
+        html_parts += [f"<h3>{_e(breakdown)}</h3>", _html_table(header, rows)]
+        md_parts += [f"### {breakdown}", "", _md_table(header, rows), ""]
+        plot = bar_chart(
+            out / "plots" / f"breakdown_{_slug(breakdown)}.png", breakdown, groups, "%"
+        )
+        plots.append(plot)
+        rel = plot.relative_to(out).as_posix()
+        html_parts.append(f'<p><img src="{_e(rel)}" alt="{_e(breakdown)}"></p>')
+        md_parts += [f"![{breakdown}]({rel})", ""]
+
+    # Failure examples, each linked to a page with its trajectories.
+    pages: list[Path] = []
+    html_parts.append("<h2>Failure examples</h2>")
+    md_parts += ["## Failure examples", ""]
+    for run in runs:
+        chosen = failures(run, max_failures)
+        _load_trajectories(run, {r.item_id for r in chosen})
+        html_parts.append(f"<h3>{_e(run.label)}</h3>")
+        md_parts += [f"### {run.label}", ""]
+        if not chosen:
+            html_parts.append("<p>No failed items.</p>")
+            md_parts += ["No failed items.", ""]
+            continue
+        rows = []
+        for record in chosen:
+            page = out / "items" / run.slug / f"{_slug(record.item_id)}.html"
+            page.parent.mkdir(parents=True, exist_ok=True)
+            page.write_text(item_page(run, record), encoding="utf-8")
+            pages.append(page)
+            rel = page.relative_to(out).as_posix()
+            keys = HEADLINE_SCORE.get(run.bench, ("accuracy",))
+            score = next((record.scores[k] for k in keys if record.scores.get(k) is not None), None)
+            gold = record.metadata.get("gold", "")
+            link = Raw(f'<a href="{_e(rel)}">trajectories</a>', f"[trajectories]({rel})")
+            rows.append(
+                [
+                    record.item_id,
+                    score,
+                    (record.prediction or "(none)")[:200],
+                    str(gold)[:200],
+                    link,
+                ]
+            )
+        header = ["item", "score", "prediction", "gold", "details"]
+        html_parts.append(_html_table(header, rows))
+        md_parts += [_md_table(header, rows), ""]
+
+    html_path = out / "report.html"
+    html_path.write_text(_page(title, "\n".join(html_parts)), encoding="utf-8")
+    md_path = out / "report.md"
+    md_path.write_text("\n".join(md_parts).rstrip() + "\n", encoding="utf-8")
+    return ReportResult(html_path, md_path, plots, pages)
+
+
+__all__ = ["ReportError", "ReportResult", "build_report", "breakdowns", "failures", "load_run"]

@@ -1,0 +1,279 @@
+"""Benchmark runs: a controller over a benchmark, resumably, then scored by the exact scorers.
+
+``tracetune eval run BENCH --data PATH --model SPEC --out DIR`` writes::
+
+    DIR/run.json            what ran: benchmark, mode, model, toolset, prompt hashes
+    DIR/trajectories/       every episode (a Trajectory dataset; resumable by stable ids)
+    DIR/gold.json[l]        the gold items this run covers (so ``eval score`` reproduces it)
+    DIR/predictions.jsonl   predictions in the benchmark scorer's own format
+    DIR/metrics.json        the scorers' reports (aggregate metrics and how they were computed)
+    DIR/records.jsonl       one EvalRecord per scored item, linked to its trajectory
+
+A killed run reruns without redoing finished episodes (the stage runner keys each episode
+by a stable id); predictions, metrics and records are rebuilt from all trajectories on disk,
+so they always describe the whole run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tracetune.evaluate.base import ScoreReport
+from tracetune.models.base import ChatModel, ModelOptions, Sampling, load_model
+from tracetune.runner import Budget, MeteredModel, StageResult
+from tracetune.schema import EvalRecord, Trajectory
+from tracetune.store import Dataset
+
+RUN_BENCHMARKS = ("gta", "gaia", "programs")
+STAGE = "eval"
+Notify = Callable[[str], None]
+
+
+class EvalRunError(ValueError):
+    """A run cannot start as configured; the message says what to change."""
+
+
+class EvalRunConfig(BaseModel):
+    """Configuration of ``tracetune eval run`` (YAML keys are these field names)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bench: Literal["gta", "gaia", "programs"] = Field(description="Benchmark to run.")
+    model: str = Field(description="Controller spec: 'openai:NAME' or 'local:PATH_OR_HUB_ID'.")
+    out: Path = Field(description="Run directory (resumable; rerun to finish a killed run).")
+    data: Path | None = Field(
+        default=None,
+        description="gta: the folder of dataset.json and its files; gaia: metadata.jsonl (its "
+        "attached files beside it); programs: a task dataset (default: a held-out split drawn "
+        "here).",
+    )
+    mode: Literal["step", "e2e"] = Field(
+        default="step", description="gta: step (step-by-step, gold history) or e2e (end-to-end)."
+    )
+    action_format: Literal["json", "code"] = Field(
+        default="json", description="gaia/programs: how actions are written (gta: json)."
+    )
+    tool_model: str | None = Field(
+        default=None,
+        description="Model that vision tools ask (GTA ImageDescription, RegionAttribute"
+        "Description; visual_qa); none: those tools are reported unavailable.",
+    )
+    tools: list[str] = Field(
+        default_factory=list,
+        description="gaia: the agent's tools (default: search, inspect_file, ocr, calculator, "
+        "image_crop, plus visual_qa with a tool model).",
+    )
+    tool_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Per-tool settings, e.g. {'search': {'corpus': DIR}} (CLI: --option).",
+    )
+    embedder: str = Field(
+        default="auto",
+        description="gta: sentence embedder for subjective answers (auto, packaged or a path).",
+    )
+    max_steps: int = Field(default=10, ge=1, description="Step budget per episode.")
+    max_errors: int = Field(default=3, ge=1, description="Failed steps allowed per episode.")
+    temperature: float = Field(default=0.0, ge=0, description="Sampling temperature.")
+    max_tokens: int = Field(default=512, ge=1, description="Max new tokens per step.")
+    concurrency: int = Field(default=2, ge=1, description="Episodes in flight.")
+    limit: int | None = Field(default=None, ge=1, description="Only the first N items.")
+    max_cost_usd: float | None = Field(default=None, description="Stop after this much spend.")
+    n: int = Field(default=40, ge=1, description="programs: size of the held-out split.")
+    seed: int = Field(default=0, description="programs: seed of the held-out split.")
+    families: list[str] = Field(
+        default_factory=list, description="programs: task families (default: all)."
+    )
+    exclude: list[Path] = Field(
+        default_factory=list,
+        description="programs: task datasets (e.g. the training tasks) whose tasks never "
+        "enter the held-out split.",
+    )
+    backend: ModelOptions = Field(default_factory=ModelOptions, description="Backend options.")
+
+    def identity(self) -> dict[str, Any]:
+        """What must not change between a run and its rerun (else the results would mix)."""
+        keys = (
+            "bench",
+            "model",
+            "mode",
+            "action_format",
+            "tool_model",
+            "temperature",
+            "max_tokens",
+            "max_steps",
+            "seed",
+            "n",
+        )
+        return {k: getattr(self, k) for k in keys}
+
+
+def stable_id(*parts: Any) -> str:
+    blob = json.dumps([str(p) for p in parts])
+    return "traj-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically: a reader (or a killed writer) never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class RunContext:
+    """The run directory, its trajectory dataset, the metered controller and the sampling."""
+
+    def __init__(self, config: EvalRunConfig, notify: Notify | None = None) -> None:
+        self.config = config
+        self.root = Path(config.out)
+        self.notify: Notify = notify or (lambda _msg: None)
+        self._check_rerun()
+        self.trajectories: Dataset[Trajectory] = Dataset.create(
+            self.root / "trajectories", Trajectory
+        )
+        self.model: ChatModel | None = None
+        self.tool_model: ChatModel | None = None
+        self.started = time.time()
+
+    def _check_rerun(self) -> None:
+        path = self.root / "run.json"
+        if not path.exists():
+            return
+        previous = json.loads(path.read_text()).get("identity", {})
+        now = json.loads(json.dumps(self.config.identity(), default=str))
+        changed = {k: (previous.get(k), v) for k, v in now.items() if previous.get(k) != v}
+        if changed:
+            what = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            raise EvalRunError(
+                f"{self.root} holds a run with other settings ({what}); rerun with the same "
+                "settings to resume it, or choose a new --out"
+            )
+
+    def load_models(self, model: ChatModel | None = None) -> ChatModel:
+        loaded = model or load_model(self.config.model, self.config.backend)
+        self.model = MeteredModel(loaded, self.trajectories.state, STAGE)
+        if self.config.tool_model:
+            tool = (
+                loaded
+                if self.config.tool_model == self.config.model
+                else load_model(self.config.tool_model, self.config.backend)
+            )
+            self.tool_model = MeteredModel(tool, self.trajectories.state, STAGE + ":tools")
+        return self.model
+
+    async def close(self) -> None:
+        if self.model is not None:
+            await self.model.aclose()
+        if self.tool_model is not None and self.config.tool_model != self.config.model:
+            await self.tool_model.aclose()
+
+    def sampling(self) -> Sampling:
+        return Sampling(
+            temperature=self.config.temperature,
+            max_tokens=self.config.max_tokens,
+            stop=("\nObservation:",),
+        )
+
+    def budget(self) -> Budget:
+        return Budget(max_cost_usd=self.config.max_cost_usd)
+
+    def write_run(self, extra: dict[str, Any]) -> None:
+        config = self.config.model_dump(mode="json")
+        config["backend"].pop("api_key_env", None)
+        write_json(
+            self.root / "run.json",
+            {
+                "benchmark": self.config.bench,
+                "mode": self.config.mode if self.config.bench == "gta" else None,
+                "model": self.config.model,
+                "identity": json.loads(json.dumps(self.config.identity(), default=str)),
+                "config": config,
+                "started_at": self.started,
+                **extra,
+            },
+        )
+
+    def finish(
+        self,
+        reports: dict[str, ScoreReport],
+        headline: str,
+        trajectory_of: dict[str, str],
+        result: StageResult,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Write metrics.json and records.jsonl; return the metrics document."""
+        usage = self.trajectories.state.usage()
+        metrics = {
+            "benchmark": self.config.bench,
+            "mode": self.config.mode if self.config.bench == "gta" else None,
+            "model": self.config.model,
+            "headline": headline,
+            "reports": {name: report.summary() for name, report in reports.items()},
+            "run": {
+                "written": result.written,
+                "already_done": result.skipped,
+                "failed": result.failed,
+                "stopped": result.stopped,
+                "trajectories": len(self.trajectories),
+                "tokens": usage.total_tokens,
+                "cost_usd": usage.cost_usd,
+                "model_calls": usage.calls,
+                "duration_s": round(time.time() - self.started, 3),
+            },
+            **(extra or {}),
+        }
+        write_json(self.root / "metrics.json", metrics)
+        records: list[EvalRecord] = []
+        for report in reports.values():
+            for record in report.eval_records(self.config.model):
+                record.trajectory_id = trajectory_of.get(record.item_id)
+                records.append(record)
+        write_jsonl(self.root / "records.jsonl", [r.model_dump(mode="json") for r in records])
+        return metrics
+
+
+def trajectories_by(dataset: Dataset[Trajectory], key: str) -> dict[str, list[Trajectory]]:
+    """Trajectories grouped by ``metadata[key]`` (e.g. the benchmark item id)."""
+    groups: dict[str, list[Trajectory]] = {}
+    for trajectory in dataset:
+        item = trajectory.metadata.get(key)
+        if item is not None:
+            groups.setdefault(str(item), []).append(trajectory)
+    return groups
+
+
+async def run_benchmark(
+    config: EvalRunConfig,
+    model: ChatModel | None = None,
+    progress: bool = True,
+    notify: Notify | None = None,
+) -> dict[str, Any]:
+    """Run ``config.bench``; returns the metrics document also written to metrics.json."""
+    if config.bench == "gta":
+        from tracetune.evaluate.gta_run import run_gta
+
+        return await run_gta(config, model, progress, notify)
+    if config.bench == "gaia":
+        from tracetune.evaluate.gaia_run import run_gaia
+
+        return await run_gaia(config, model, progress, notify)
+    from tracetune.evaluate.programs_run import run_programs
+
+    return await run_programs(config, model, progress, notify)
