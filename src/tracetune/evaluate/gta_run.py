@@ -531,9 +531,9 @@ def _score(
     write_jsonl(predictions, rows)
     loaded = load_gta_predictions(predictions, config.mode)
     reports = {}
-    embedder: Any = config.embedder
     for protocol in ("official", "mat"):
-        scorer = GTAScorer(config.mode, protocol, embedder)  # type: ignore[arg-type]
+        # The MAT rule is plain substring matching: its scorer never loads the embedder.
+        scorer = GTAScorer(config.mode, protocol, config.embedder)  # type: ignore[arg-type]
         name = f"gta/{config.mode}/{protocol}"
         if affected:
             runnable = {q: g for q, g in gold.items() if q not in affected}
@@ -549,8 +549,6 @@ def _score(
             reports[full.benchmark] = full
         else:
             reports[name] = scorer.score(gold, loaded)
-        if scorer._embedder is not None:
-            embedder = scorer._embedder  # loaded once, shared by the next scorer
     extra = {
         "affected_queries": affected,
         "unavailable_tools": sorted(n for n, s in status.items() if s.status == "unavailable")

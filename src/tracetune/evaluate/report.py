@@ -394,7 +394,11 @@ def build_report(
     for run in runs:
         headline = run.report(run.headline)
         info = run.metrics.get("run", {})
-        main = next(iter(percent_metrics(headline).items()), ("-", None))
+        shown = percent_metrics(headline)
+        main = next(
+            ((m, shown[m]) for m in ("answer_acc", "accuracy", "mat_answer_acc") if m in shown),
+            next(iter(shown.items()), ("-", None)),
+        )
         rows.append(
             [
                 run.label,
