@@ -27,7 +27,7 @@ from tracetune.prefs import (
     run_explore,
 )
 from tracetune.prefs.verifiers import JudgeReplyError
-from tracetune.schema import PreferencePair, Task, Trajectory
+from tracetune.schema import Task, Trajectory
 from tracetune.store import Dataset
 from tracetune.testing import ScriptedChatModel
 from tracetune.testing.openai_server import ScriptedOpenAIServer
@@ -58,9 +58,12 @@ def test_each_of_k_candidates_runs_on_its_own_fork_of_the_prefix_state(tmp_path:
     """K=4 code candidates mutate the same variables differently; each observation shows only
     its own change, the chosen branch's state carries on, and the judge saw everything."""
     photo = Image.new("RGB", (32, 32), "purple")
-    placeholder = Task(id="counter", query="Bump the counter.", tools=["calculator"],
-                       files=[Dataset.create(tmp_path / "tmp", Task).assets.put_image(photo,
-                                                                                   "photo.png")])
+    placeholder = Task(
+        id="counter",
+        query="Bump the counter.",
+        tools=["calculator"],
+        files=[Dataset.create(tmp_path / "tmp", Task).assets.put_image(photo, "photo.png")],
+    )
     tasks = task_dir(tmp_path / "tasks", [placeholder], {"photo.png": photo})
     bumps = iter(range(1, 100))
 
@@ -82,17 +85,34 @@ def test_each_of_k_candidates_runs_on_its_own_fork_of_the_prefix_state(tmp_path:
         text = json.dumps(body["messages"])
         k = text.count("## Candidate")
         if "bump by" in text:  # step 2: prefer the third candidate
-            return json.dumps({"thought": "3 is best", "ranking": [3, 1, 2, 4][:k] if k == 4
-                               else list(range(1, k + 1)), "reasons": ["r"] * k})
+            return json.dumps(
+                {
+                    "thought": "3 is best",
+                    "ranking": [3, 1, 2, 4][:k] if k == 4 else list(range(1, k + 1)),
+                    "reasons": ["r"] * k,
+                }
+            )
         return json.dumps({"thought": "any", "ranking": list(range(1, k + 1))})
 
     with ScriptedOpenAIServer(judge) as srv:
-        config = ExploreConfig(tasks=tasks, out=tmp_path / "explored", policy="scripted",
-                               verifier="llm-rank", judge="openai:judge", k=4,
-                               action_format="code", max_steps=4)
-        result, explored = asyncio.run(run_explore(
-            config, policy=ScriptedChatModel(policy),
-            judge=load_model("openai:judge", base_url=srv.base_url), progress=False))
+        config = ExploreConfig(
+            tasks=tasks,
+            out=tmp_path / "explored",
+            policy="scripted",
+            verifier="llm-rank",
+            judge="openai:judge",
+            k=4,
+            action_format="code",
+            max_steps=4,
+        )
+        result, explored = asyncio.run(
+            run_explore(
+                config,
+                policy=ScriptedChatModel(policy),
+                judge=load_model("openai:judge", base_url=srv.base_url),
+                progress=False,
+            )
+        )
         requests = list(srv.requests)
     assert result.written == 1
     (trajectory,) = list(explored)
@@ -103,8 +123,9 @@ def test_each_of_k_candidates_runs_on_its_own_fork_of_the_prefix_state(tmp_path:
     # printed 11, 13, 16, 20 and lists that grow.
     assert observed == ["11 [1] 22", "12 [2] 24", "13 [3] 26", "14 [4] 28"]
     calls = [c["step"]["observation"]["data"]["tool_calls"] for c in second["candidates"]]
-    assert [c[0]["arguments"]["expression"] for c in calls] == [f"{n} * 2" for n in (11, 12, 13,
-                                                                                     14)]
+    assert [c[0]["arguments"]["expression"] for c in calls] == [
+        f"{n} * 2" for n in (11, 12, 13, 14)
+    ]
     # Temperatures follow the schedule: one low, K-1 high.
     assert [c["temperature"] for c in second["candidates"]] == [0.7, 1.2, 1.2, 1.2]
     # The judge's choice (candidate 3) was committed, and its state carried on.
@@ -179,12 +200,15 @@ def receipt_policy(task: Task) -> SamplingPolicy:
     ocr_call, calc_call = task.gold_chain
     gold_expr = calc_call.arguments["expression"]
     wrong_expr = gold_expr.replace("-", "+") if "-" in gold_expr else gold_expr + " + 1"
-    step1 = iter([
-        act("calculator", "compute it", expression=gold_expr),
-        act("ocr", "read it again", image=ocr_call.arguments["image"]),
-        act("calculator", "compute it", expression=wrong_expr),
-        act("final_answer", "I can tell already", answer=task.gold.value),
-    ] * 10)
+    step1 = iter(
+        [
+            act("calculator", "compute it", expression=gold_expr),
+            act("ocr", "read it again", image=ocr_call.arguments["image"]),
+            act("calculator", "compute it", expression=wrong_expr),
+            act("final_answer", "I can tell already", answer=task.gold.value),
+        ]
+        * 10
+    )
 
     def greedy(messages: list[ChatMessage]) -> str:
         previous = messages[-2]["content"] if len(messages) > 2 else ""
@@ -210,8 +234,15 @@ def test_gold_verifier_ranks_the_correct_step_first_and_judge_agreement_is_repor
 ) -> None:
     (task,) = Dataset.open(receipt_tasks, Task).records()
     temperatures = [0.7, 1.2, 1.2, 1.2]
-    gold_cfg = ExploreConfig(tasks=receipt_tasks, out=tmp_path / "gold", policy="scripted",
-                             verifier="gold", k=4, temperatures=temperatures, max_steps=4)
+    gold_cfg = ExploreConfig(
+        tasks=receipt_tasks,
+        out=tmp_path / "gold",
+        policy="scripted",
+        verifier="gold",
+        k=4,
+        temperatures=temperatures,
+        max_steps=4,
+    )
     _, explored = asyncio.run(run_explore(gold_cfg, policy=receipt_policy(task), progress=False))
     (trajectory,) = list(explored)
     assert trajectory.status == "completed" and trajectory.final_answer is not None
@@ -229,12 +260,14 @@ def test_gold_verifier_ranks_the_correct_step_first_and_judge_agreement_is_repor
     assert checks[1]["reaches_gold"] and not checks[2]["reaches_gold"]  # greedy completions
 
     # Pairs: step 1 gives correct vs each of the three; steps 0 and 2 had identical samples.
-    result, pairs = asyncio.run(run_build(
-        BuildConfig(inputs=[tmp_path / "gold"], out=tmp_path / "pairs"), progress=False))
+    result, pairs = asyncio.run(
+        run_build(BuildConfig(inputs=[tmp_path / "gold"], out=tmp_path / "pairs"), progress=False)
+    )
     built = list(pairs)
     assert len(built) == 3 and all(p.step_index == 1 for p in built)
-    assert {p.rejected.raw for p in built} == {step1["candidates"][i]["step"]["raw"]
-                                               for i in (1, 2, 3)}
+    assert {p.rejected.raw for p in built} == {
+        step1["candidates"][i]["step"]["raw"] for i in (1, 2, 3)
+    }
     for pair in built:
         assert pair.chosen.raw == step1["candidates"][0]["step"]["raw"]
         assert pair.chosen.observation is not None and pair.rejected.observation is not None
@@ -244,8 +277,9 @@ def test_gold_verifier_ranks_the_correct_step_first_and_judge_agreement_is_repor
     stats = prefs_stats(tmp_path / "pairs")
     assert stats["per_step"] == {"1": 3} and stats["rejection_reasons"]["margin"] == 3
     # A rerun writes nothing twice.
-    again, _ = asyncio.run(run_build(
-        BuildConfig(inputs=[tmp_path / "gold"], out=tmp_path / "pairs"), progress=False))
+    again, _ = asyncio.run(
+        run_build(BuildConfig(inputs=[tmp_path / "gold"], out=tmp_path / "pairs"), progress=False)
+    )
     assert again.written == 0 and len(Dataset.open(tmp_path / "pairs")) == 3
 
     # gold + judge: the judge breaks gold's ties and its agreement with gold is reported.
@@ -254,11 +288,17 @@ def test_gold_verifier_ranks_the_correct_step_first_and_judge_agreement_is_repor
         return json.dumps({"thought": "t", "best": 2 if "I can tell already" in text else 3})
 
     with ScriptedOpenAIServer(judge) as srv:
-        combo = gold_cfg.model_copy(update={"out": tmp_path / "combo", "verifier": "gold+llm-best",
-                                            "judge": "openai:judge"})
-        _, combined = asyncio.run(run_explore(
-            combo, policy=receipt_policy(task),
-            judge=load_model("openai:judge", base_url=srv.base_url), progress=False))
+        combo = gold_cfg.model_copy(
+            update={"out": tmp_path / "combo", "verifier": "gold+llm-best", "judge": "openai:judge"}
+        )
+        _, combined = asyncio.run(
+            run_explore(
+                combo,
+                policy=receipt_policy(task),
+                judge=load_model("openai:judge", base_url=srv.base_url),
+                progress=False,
+            )
+        )
     (both,) = list(combined)
     entries = both.metadata["exploration"]
     assert entries[0]["chosen"] == 2  # all four tie on gold; the judge's pick (3) wins
@@ -273,4 +313,158 @@ def test_gold_verifier_ranks_the_correct_step_first_and_judge_agreement_is_repor
     shown = CliRunner().invoke(app, ["prefs", "stats", str(tmp_path / "combo"), "--json"])
     assert shown.exit_code == 0, shown.output
     assert json.loads(shown.output)[0]["judge_agreement_with_gold"]["top1"] == pytest.approx(
-        2 / 3, abs=1e-3)
+        2 / 3, abs=1e-3
+    )
+
+
+# -- judges over real HTTP: retries, the recorded default, the CLI, resume --------------------
+def test_malformed_judge_replies_are_retried_then_a_recorded_default_is_used(
+    tmp_path: Path,
+) -> None:
+    """Policy and judge are OpenAI-compatible endpoints (loopback); the policy's K samples
+    come from one request with n; the judge never answers in shape."""
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(
+        json.dumps({"id": "sum", "query": "What is 2 + 3?", "tools": ["calculator"], "answer": "5"})
+        + "\n"
+    )
+    turns = iter(range(1000))
+
+    def policy(body: dict[str, Any]) -> str:
+        step = sum(1 for m in body["messages"] if m["role"] == "assistant")
+        if step == 0:  # the first sample is malformed, the others call the calculator
+            return "hmm" if next(turns) % 3 == 0 else act("calculator", expression="2 + 3")
+        return act("final_answer", answer="5")
+
+    judge_replies = ["no idea", '{"best": 9}', "still nothing"] * 10
+    with ScriptedOpenAIServer(policy) as pol, ScriptedOpenAIServer(judge_replies) as jdg:
+        args = [
+            "prefs",
+            "explore",
+            "--tasks",
+            str(tasks),
+            "--policy",
+            "openai:policy",
+            "--base-url",
+            pol.base_url,
+            "--verifier",
+            "llm-best",
+            "--judge",
+            "openai:judge",
+            "--judge-base-url",
+            jdg.base_url,
+            "--k",
+            "3",
+            "--out",
+            str(tmp_path / "ex"),
+            "--max-steps",
+            "3",
+            "--quiet",
+        ]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        policy_requests = [r.body for r in pol.requests]
+        judged = len(jdg.requests)
+        # A rerun skips the explored task: no new requests.
+        again = CliRunner().invoke(app, args)
+        assert again.exit_code == 0 and len(pol.requests) == len(policy_requests)
+        assert "0 written, 1 already done" in again.output
+    assert [(b.get("n", 1), b["temperature"]) for b in policy_requests[:2]] == [(1, 0.7), (2, 1.2)]
+    (trajectory,) = list(Dataset.open(tmp_path / "ex", Trajectory))
+    first = trajectory.metadata["exploration"][0]
+    ranking = first["ranking"]
+    assert ranking["fallback"] and ranking["details"]["attempts"] == 3  # 1 + 2 retries
+    assert ranking["details"]["problems"][1] == '"best" must be a candidate number from 1 to 3'
+    assert judged == 3 * len(trajectory.metadata["exploration"])
+    # The default: well-formed candidates first, in sampling order.
+    assert first["candidates"][0]["fault"] == "format" and first["chosen"] == 1
+    assert trajectory.final_answer == "5"
+    stats = prefs_stats(tmp_path / "ex")
+    assert stats["judge_fallbacks"] == len(trajectory.metadata["exploration"])
+    assert stats["faults"] == {"format": 1}
+
+
+def explored(tmp_path: Path, candidates: list[tuple[str, bool]], scores: list[float]) -> Path:
+    """An explored trajectory with one step: candidate texts (and whether each parsed)."""
+    from tracetune.schema import Action, ErrorKind, Observation, Step, StepError, ToolCall
+
+    steps = []
+    for i, (raw, ok) in enumerate(candidates):
+        if ok:
+            call = json.loads(raw.split("Action: ", 1)[1])
+            steps.append(
+                Step(
+                    index=0,
+                    raw=raw,
+                    action=Action(
+                        type="tool_call",
+                        tool_call=ToolCall(name=call["name"], arguments=call["arguments"]),
+                    ),
+                    observation=Observation(text=f"out {i}"),
+                )
+            )
+        else:
+            steps.append(
+                Step(index=0, raw=raw, error=StepError(kind=ErrorKind.PARSE, message="no action"))
+            )
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    entry = {
+        "index": 0,
+        "chosen": order[0],
+        "candidates": [
+            {
+                "step": s.model_dump(mode="json"),
+                "temperature": 1.0,
+                "fault": None if s.error is None else "format",
+            }
+            for s in steps
+        ],
+        "ranking": {"scores": scores, "order": order, "reasons": ["r"] * len(steps)},
+    }
+    ds = Dataset.create(tmp_path / "explored", Trajectory)
+    ds.write_all(
+        [
+            Trajectory(
+                id="traj",
+                task=Task(id="t", query="q", tools=["calculator"]),
+                controller="x",
+                tools=["calculator", "final_answer"],
+                steps=[steps[order[0]]],
+                metadata={"exploration": [entry], "verifier": "llm-score"},
+            )
+        ]
+    )
+    return tmp_path / "explored"
+
+
+def test_pairs_follow_the_rejection_rules(tmp_path: Path) -> None:
+    best = act("calculator", "add them", expression="2 + 3")
+    texts = [
+        (best, True),  # 0 chosen (score 9)
+        (best, True),  # 1 same text: no pair
+        (act("calculator", "add them", expression="2 + 4"), True),  # 2 close, 1 below: none
+        (act("calculator", "add them", expression="3 + 3"), True),  # 3 close, 5 below: margin
+        (act("ocr", "I would rather read the photo first", image="photo.png"), True),  # 4 dissim.
+        ("no idea", False),  # 5 format fault
+    ]
+    path = explored(tmp_path, texts, [9, 9, 8, 4, 8.5, 0])
+    _, pairs = asyncio.run(
+        run_build(BuildConfig(inputs=[path], out=tmp_path / "p", margin=2), progress=False)
+    )
+    got = {p.metadata["rejected_candidate"]: p.metadata["rejection"] for p in pairs}
+    assert got == {3: ["margin"], 4: ["dissimilar"], 5: ["format", "margin", "dissimilar"]}
+    pair = next(p for p in pairs if p.metadata["rejected_candidate"] == 4)
+    assert pair.chosen_score == 9 and pair.rejected_score == 8.5 and pair.chosen.raw == best
+    assert pair.metadata["similarity"] < 0.3 and "bleu similarity" in pair.reasons[0]
+    # A stricter measure or no faults change the set; the threshold 0 disables dissimilarity.
+    _, strict = asyncio.run(
+        run_build(
+            BuildConfig(
+                inputs=[path], out=tmp_path / "q", margin=2, threshold=0, include_faults=False
+            ),
+            progress=False,
+        )
+    )
+    assert {p.metadata["rejected_candidate"] for p in strict} == {3}
+    stats = prefs_stats(tmp_path / "p")
+    assert stats["per_task"] == {"t": 3} and stats["rejection_reasons"]["margin"] == 2

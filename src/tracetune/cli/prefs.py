@@ -19,23 +19,38 @@ out_console = Console()
 @app.command("explore")
 def explore(
     tasks: Annotated[Path | None, typer.Option(help="Task dataset dir (or JSONL).")] = None,
-    policy: Annotated[str | None, typer.Option(
-        help="Policy spec: local:DIR (e.g. the SFT output) or openai:NAME (--base-url for "
-        "a vLLM endpoint).")] = None,
-    verifier: Annotated[str | None, typer.Option(
-        help="Step verifier: gold, llm-best, llm-rank, llm-score, gold+llm-best, "
-        "gold+llm-rank, gold+llm-score.")] = None,
-    judge: Annotated[str | None, typer.Option(
-        help="Judge model spec for llm-* verifiers; with gold it audits (for agreement).")] = None,
+    policy: Annotated[
+        str | None,
+        typer.Option(
+            help="Policy spec: local:DIR (e.g. the SFT output) or openai:NAME (--base-url for "
+            "a vLLM endpoint)."
+        ),
+    ] = None,
+    verifier: Annotated[
+        str | None,
+        typer.Option(
+            help="Step verifier: gold, llm-best, llm-rank, llm-score, gold+llm-best, "
+            "gold+llm-rank, gold+llm-score."
+        ),
+    ] = None,
+    judge: Annotated[
+        str | None,
+        typer.Option(
+            help="Judge model spec for llm-* verifiers; with gold it audits (for agreement)."
+        ),
+    ] = None,
     k: Annotated[int | None, typer.Option("--k", help="Candidates per step.")] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory (resumable).")] = None,
     action_format: Annotated[str | None, typer.Option(help="json or code.")] = None,
-    low_temperature: Annotated[float | None, typer.Option(help="Temperature of the first "
-                                                          "--low-samples candidates.")] = None,
-    high_temperature: Annotated[float | None, typer.Option(
-        help="Temperature of the other candidates.")] = None,
-    low_samples: Annotated[int | None, typer.Option(
-        help="Candidates at the low temperature.")] = None,
+    low_temperature: Annotated[
+        float | None, typer.Option(help="Temperature of the first --low-samples candidates.")
+    ] = None,
+    high_temperature: Annotated[
+        float | None, typer.Option(help="Temperature of the other candidates.")
+    ] = None,
+    low_samples: Annotated[
+        int | None, typer.Option(help="Candidates at the low temperature.")
+    ] = None,
     max_steps: Annotated[int | None, typer.Option(help="Step budget per episode.")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Max new tokens per candidate.")] = None,
     seed: Annotated[int | None, typer.Option(help="Base sampling seed.")] = None,
@@ -58,10 +73,23 @@ def explore(
     from tracetune.prefs.stats import prefs_stats
 
     cfg = build_config(
-        ExploreConfig, config, tasks=tasks, policy=policy, verifier=verifier, judge=judge, k=k,
-        out=out, action_format=action_format, low_temperature=low_temperature,
-        high_temperature=high_temperature, low_samples=low_samples, max_steps=max_steps,
-        max_tokens=max_tokens, seed=seed, limit=limit, concurrency=concurrency,
+        ExploreConfig,
+        config,
+        tasks=tasks,
+        policy=policy,
+        verifier=verifier,
+        judge=judge,
+        k=k,
+        out=out,
+        action_format=action_format,
+        low_temperature=low_temperature,
+        high_temperature=high_temperature,
+        low_samples=low_samples,
+        max_steps=max_steps,
+        max_tokens=max_tokens,
+        seed=seed,
+        limit=limit,
+        concurrency=concurrency,
         max_cost_usd=max_cost,
         backend=ModelOptions(base_url=base_url) if base_url else None,
         judge_backend=ModelOptions(base_url=judge_base_url) if judge_base_url else None,
@@ -77,18 +105,27 @@ def explore(
 
 @app.command("build")
 def build(
-    inputs: Annotated[list[Path] | None, typer.Option(
-        "--in", help="Explored trajectory dir (repeatable).")] = None,
+    inputs: Annotated[
+        list[Path] | None, typer.Option("--in", help="Explored trajectory dir (repeatable).")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Output pair dataset dir.")] = None,
-    margin: Annotated[float | None, typer.Option(
-        help="Reject candidates scored this far below the chosen one.")] = None,
-    similarity: Annotated[str | None, typer.Option(
-        help="Similarity measure: bleu, jaccard or ratio.")] = None,
-    threshold: Annotated[float | None, typer.Option(
-        help="Reject lower-ranked candidates less similar than this (0 disables).")] = None,
-    include_faults: Annotated[bool | None, typer.Option(
-        "--include-faults/--no-include-faults",
-        help="Pair candidates with format faults or execution errors.")] = None,
+    margin: Annotated[
+        float | None, typer.Option(help="Reject candidates scored this far below the chosen one.")
+    ] = None,
+    similarity: Annotated[
+        str | None, typer.Option(help="Similarity measure: bleu, jaccard or ratio.")
+    ] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(help="Reject lower-ranked candidates less similar than this (0 disables)."),
+    ] = None,
+    include_faults: Annotated[
+        bool | None,
+        typer.Option(
+            "--include-faults/--no-include-faults",
+            help="Pair candidates with format faults or execution errors.",
+        ),
+    ] = None,
     max_pairs_per_step: Annotated[int | None, typer.Option(help="Pairs per step at most.")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with these options.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
@@ -99,8 +136,15 @@ def build(
     from tracetune.prefs.stats import prefs_stats
 
     cfg = build_config(
-        BuildConfig, config, inputs=inputs, out=out, margin=margin, similarity=similarity,
-        threshold=threshold, include_faults=include_faults, max_pairs_per_step=max_pairs_per_step,
+        BuildConfig,
+        config,
+        inputs=inputs,
+        out=out,
+        margin=margin,
+        similarity=similarity,
+        threshold=threshold,
+        include_faults=include_faults,
+        max_pairs_per_step=max_pairs_per_step,
     )
     try:
         result, dataset = run_async(run_build(cfg, progress=not quiet))
@@ -115,8 +159,9 @@ def build(
 
 @app.command("stats")
 def stats(
-    paths: Annotated[list[Path], typer.Argument(
-        help="Explored trajectory and/or pair dataset directories.")],
+    paths: Annotated[
+        list[Path], typer.Argument(help="Explored trajectory and/or pair dataset directories.")
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Pairs per task and step and rejection reasons (pair datasets); steps, faults, judge

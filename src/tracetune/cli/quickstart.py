@@ -23,10 +23,13 @@ def quickstart(
     ),
     n: Annotated[int, typer.Option(help="Task programs to generate.")] = 12,
     seed: Annotated[int, typer.Option(help="Seed of the task programs.")] = 0,
-    matrix: Annotated[bool, typer.Option(
-        "--matrix/--no-matrix",
-        help="Also run the MATRIX loop in miniature (SFT, exploration, pairs, DPO, eval).",
-    )] = True,
+    matrix: Annotated[
+        bool,
+        typer.Option(
+            "--matrix/--no-matrix",
+            help="Also run the MATRIX loop in miniature (SFT, exploration, pairs, DPO, eval).",
+        ),
+    ] = True,
 ) -> None:
     """Generate verifiable tasks, roll out gold trajectories with the real tools, check
     them, write an SFT-ready dataset, run a tiny local VLM as an agent, and run the whole

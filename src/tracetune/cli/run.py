@@ -48,8 +48,10 @@ def matrix(
             continue
         shown = {k: v for k, v in numbers.items() if k not in ("by_family",)}
         if stage == "eval":
-            shown = {name: f"{acc['passed']}/{acc['total']} ({acc['accuracy']:.1%})"
-                     for name, acc in numbers["heldout_accuracy"].items()}
+            shown = {
+                name: f"{acc['passed']}/{acc['total']} ({acc['accuracy']:.1%})"
+                for name, acc in numbers["heldout_accuracy"].items()
+            }
         table.add_row(stage, ", ".join(f"{k}={v}" for k, v in shown.items()))
     out_console.print(table)
     out_console.print(f"report: {cfg.out / 'report.json'}", highlight=False)

@@ -44,15 +44,18 @@ class ExploreConfig(BaseModel):
 
     tasks: Path = Field(description="Task dataset directory (or JSONL) to explore on.")
     out: Path = Field(description="Output directory of explored trajectories (resumable).")
-    policy: str = Field(description="Policy spec: 'local:DIR' (e.g. the SFT output) or "
-                        "'openai:NAME' (e.g. a vLLM endpoint serving it).")
+    policy: str = Field(
+        description="Policy spec: 'local:DIR' (e.g. the SFT output) or "
+        "'openai:NAME' (e.g. a vLLM endpoint serving it)."
+    )
     verifier: str = Field(default="gold", description=f"Step verifier: {', '.join(VERIFIERS)}.")
     judge: str | None = Field(
         default=None, description="Judge model spec for llm-* verifiers (with 'gold' it audits)."
     )
     k: int = Field(default=5, ge=1, description="Candidates sampled per step.")
-    low_temperature: float = Field(default=0.7, ge=0, description="Temperature of the first "
-                                   "`low_samples` candidates.")
+    low_temperature: float = Field(
+        default=0.7, ge=0, description="Temperature of the first `low_samples` candidates."
+    )
     high_temperature: float = Field(default=1.2, ge=0, description="Temperature of the rest.")
     low_samples: int = Field(default=1, ge=0, description="Candidates at the low temperature.")
     temperatures: list[float] | None = Field(
@@ -67,8 +70,9 @@ class ExploreConfig(BaseModel):
         default="json", description="How the policy writes actions."
     )
     seed: int | None = Field(
-        default=0, description="Base sampling seed (per task and step), where the backend "
-        "supports seeds; None samples freshly each run."
+        default=0,
+        description="Base sampling seed (per task and step), where the backend "
+        "supports seeds; None samples freshly each run.",
     )
     gold_anchor: bool = Field(
         default=False,
@@ -116,8 +120,17 @@ class ExploreConfig(BaseModel):
 def explore_id(task: Task, config: ExploreConfig, policy: str) -> str:
     """Stable id of a task's exploration, so a rerun skips it."""
     blob = "|".join(
-        str(x) for x in (task.id, policy, config.verifier, config.judge, config.k,
-                         config.schedule(), config.action_format, config.seed)
+        str(x)
+        for x in (
+            task.id,
+            policy,
+            config.verifier,
+            config.judge,
+            config.k,
+            config.schedule(),
+            config.action_format,
+            config.seed,
+        )
     )
     return "explore-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -147,8 +160,11 @@ class Explorer:
         out: list[tuple[str, float, Any]] = []
         for g, (temperature, count) in enumerate(groups.items()):
             sampling = Sampling(
-                temperature=temperature, top_p=config.top_p, max_tokens=config.max_tokens,
-                stop=STOP, seed=_seed(config.seed, task_id, len(episode.steps), g),
+                temperature=temperature,
+                top_p=config.top_p,
+                max_tokens=config.max_tokens,
+                stop=STOP,
+                seed=_seed(config.seed, task_id, len(episode.steps), g),
             )
             generation = await self.agent.model.generate(messages, n=count, sampling=sampling)
             texts = generation.texts
@@ -191,23 +207,32 @@ class Explorer:
                     step = await branch.apply(gold_next_step(task, current, config.seed or 0))
                     candidates.append(Candidate(len(candidates), step, None, branch, "gold"))
                 context = StepContext(
-                    task=task, prefix=list(current.steps), candidates=candidates,
+                    task=task,
+                    prefix=list(current.steps),
+                    candidates=candidates,
                     action_format=self.agent.fmt.name,
-                    tool_names=[t.name for t in self.agent.tools], resolve=current._resolve,
+                    tool_names=[t.name for t in self.agent.tools],
+                    resolve=current._resolve,
                 )
                 ranking = await self.verifier.rank(context)
                 usage = usage.add(ranking.usage)
                 best = candidates[ranking.best]
-                entries.append({
-                    "index": len(current.steps),
-                    "candidates": [
-                        {"step": c.step.model_dump(mode="json"), "temperature": c.temperature,
-                         "fault": c.fault, "source": c.source}
-                        for c in candidates
-                    ],
-                    "chosen": ranking.best,
-                    "ranking": ranking.model_dump(mode="json"),
-                })
+                entries.append(
+                    {
+                        "index": len(current.steps),
+                        "candidates": [
+                            {
+                                "step": c.step.model_dump(mode="json"),
+                                "temperature": c.temperature,
+                                "fault": c.fault,
+                                "source": c.source,
+                            }
+                            for c in candidates
+                        ],
+                        "chosen": ranking.best,
+                        "ranking": ranking.model_dump(mode="json"),
+                    }
+                )
                 for c in candidates:
                     if c is not best:
                         await close_branch(c.branch)
@@ -237,8 +262,12 @@ class Explorer:
             started_at=started_at,
             duration_s=time.monotonic() - t0,
             prompt_hash=self.agent.fmt.prompt_hash,
-            sampling={"schedule": config.schedule(), "top_p": config.top_p,
-                      "max_tokens": config.max_tokens, "seed": config.seed},
+            sampling={
+                "schedule": config.schedule(),
+                "top_p": config.top_p,
+                "max_tokens": config.max_tokens,
+                "seed": config.seed,
+            },
             metadata={
                 "exploration": entries,
                 "verifier": getattr(self.verifier, "name", config.verifier),
@@ -270,12 +299,15 @@ def gold_next_step(task: Task, episode: Episode, seed: int) -> str:
         aligned = [episode.steps[i] for i in matched]
         call = _resolve_produced(call, aligned)
         return episode.fmt.render(thought, Action(type="tool_call", tool_call=call))
-    recipe = task.metadata.get("answer_from") or {"op": "given", "value": task.gold.value
-                                                  if task.gold else ""}
+    recipe = task.metadata.get("answer_from") or {
+        "op": "given",
+        "value": task.gold.value if task.gold else "",
+    }
     answer, shown = answer_from_outputs(recipe, [episode.steps[i] for i in matched])
     final = answer if answer is not None else "unknown"
-    return episode.fmt.render(thoughts.final(prev, shown, final),
-                              Action(type="final_answer", answer=final))
+    return episode.fmt.render(
+        thoughts.final(prev, shown, final), Action(type="final_answer", answer=final)
+    )
 
 
 def _tool_options(task: Task, corpus: Path | None) -> dict[str, Any]:
@@ -296,6 +328,8 @@ async def run_explore(
     progress: bool = True,
 ) -> tuple[StageResult, Dataset[Trajectory]]:
     """Explore every task; tasks already explored in ``config.out`` are skipped."""
+    if not config.tasks.exists():  # before the output directory is made
+        raise FileNotFoundError(f"no task dataset or JSONL file at {config.tasks}")
     out: Dataset[Trajectory] = Dataset.create(config.out, Trajectory)
     tasks, source = load_tasks(config.tasks, out.assets)
     if config.limit:
@@ -311,23 +345,39 @@ async def run_explore(
             )
     names = sorted({n for t in tasks for n in t.tools} | {"final_answer"})
     tools = load_tools(names, config.tool_modules)
-    policy_model = MeteredModel(policy or load_model(config.policy, config.backend),
-                                out.state, STAGE)
+    policy_model = MeteredModel(
+        policy or load_model(config.policy, config.backend), out.state, STAGE
+    )
     judge_model: ChatModel | None = None
     if judge is not None or config.judge:
-        judge_model = MeteredModel(judge or load_model(str(config.judge), config.judge_backend),
-                                   out.state, STAGE)
+        judge_model = MeteredModel(
+            judge or load_model(str(config.judge), config.judge_backend), out.state, STAGE
+        )
     greedy = Sampling(temperature=0.0, max_tokens=config.max_tokens, stop=STOP)
-    verifier = make_verifier(config.verifier, policy_model, judge_model, greedy,
-                             config.max_steps, config.max_errors, config.judge_retries)
+    verifier = make_verifier(
+        config.verifier,
+        policy_model,
+        judge_model,
+        greedy,
+        config.max_steps,
+        config.max_errors,
+        config.judge_retries,
+    )
     explorers: dict[str, Explorer] = {}
 
     def explorer_for(task: Task) -> Explorer:
         options = _tool_options(task, config.corpus)
         key = repr(sorted(options.items()))
         if key not in explorers:
-            agent = Agent(policy_model, tools, config.action_format, config.max_steps,
-                          config.max_errors, greedy, tool_options=options)
+            agent = Agent(
+                policy_model,
+                tools,
+                config.action_format,
+                config.max_steps,
+                config.max_errors,
+                greedy,
+                tool_options=options,
+            )
             explorers[key] = Explorer(agent, verifier, config)
         return explorers[key]
 

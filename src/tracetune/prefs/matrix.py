@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tracetune.models.base import ModelOptions
 
@@ -100,17 +100,32 @@ class MatrixConfig(BaseModel):
     def _check_sections(self) -> MatrixConfig:
         # Build each stage's config now, so a typo fails before hours of work.
         placeholder = self.out / "_check"
-        for section, keys in (("sft", {"base", "data", "out"}),
-                              ("explore", {"tasks", "out", "policy"}),
-                              ("pairs", {"inputs", "out"}), ("dpo", {"base", "pairs", "out"})):
+        for section, keys in (
+            ("sft", {"base", "data", "out"}),
+            ("explore", {"tasks", "out", "policy"}),
+            ("pairs", {"inputs", "out"}),
+            ("dpo", {"base", "pairs", "out"}),
+        ):
             given = getattr(self, section)
             fixed = keys & set(given)
             if fixed:
                 raise ValueError(f"{section}: {sorted(fixed)} are set by the loop itself")
-        self.sft_config(placeholder, "base")
-        self.explore_config(placeholder, "local:base", ModelOptions())
-        self.build_config(placeholder)
-        self.dpo_config(placeholder)
+        checks = (
+            ("sft", lambda: self.sft_config(placeholder, "base")),
+            ("explore", lambda: self.explore_config(placeholder, "local:base", ModelOptions())),
+            ("pairs", lambda: self.build_config(placeholder)),
+            ("dpo", lambda: self.dpo_config(placeholder)),
+        )
+        for section, check in checks:
+            try:
+                check()
+            except ValidationError as exc:
+                problems = "; ".join(
+                    f"{section}.{'.'.join(str(p) for p in e['loc']) or '(section)'}: "
+                    f"{e['msg'].removeprefix('Value error, ')}"
+                    for e in exc.errors()
+                )
+                raise ValueError(problems) from None
         return self
 
     # -- each stage's config ---------------------------------------------------------------
@@ -124,9 +139,14 @@ class MatrixConfig(BaseModel):
     def explore_config(self, tasks: Path, policy: str, backend: ModelOptions) -> Any:
         from tracetune.prefs.explore import ExploreConfig
 
-        data = {"action_format": self.action_format, **self.explore, "tasks": tasks,
-                "out": self.out / "explore", "policy": policy,
-                "backend": backend.model_dump()}
+        data = {
+            "action_format": self.action_format,
+            **self.explore,
+            "tasks": tasks,
+            "out": self.out / "explore",
+            "policy": policy,
+            "backend": backend.model_dump(),
+        }
         if self.explore_tasks is not None:
             data["limit"] = self.explore_tasks
         return ExploreConfig.model_validate(data)
@@ -142,8 +162,12 @@ class MatrixConfig(BaseModel):
         from tracetune.train.config import DPOConfig
 
         return DPOConfig.model_validate(
-            {**self.dpo, "base": str(sft_out), "pairs": [self.out / "pairs"],
-             "out": self.out / "dpo"}
+            {
+                **self.dpo,
+                "base": str(sft_out),
+                "pairs": [self.out / "pairs"],
+                "out": self.out / "dpo",
+            }
         )
 
 
@@ -204,13 +228,23 @@ async def run_matrix(config: MatrixConfig, progress: bool = True) -> dict[str, A
         tasks_dir = config.tasks_dir
     else:
         tasks_dir = out / "tasks"
-        await generate_tasks(ProgramsConfig(out=tasks_dir, n=config.tasks.n,
-                                            seed=config.tasks.seed,
-                                            families=config.tasks.families))
+        await generate_tasks(
+            ProgramsConfig(
+                out=tasks_dir,
+                n=config.tasks.n,
+                seed=config.tasks.seed,
+                families=config.tasks.families,
+            )
+        )
     heldout_dir = out / "heldout"
-    await generate_tasks(ProgramsConfig(out=heldout_dir, n=config.heldout.n,
-                                        seed=config.heldout.seed,
-                                        families=config.heldout.families or config.tasks.families))
+    await generate_tasks(
+        ProgramsConfig(
+            out=heldout_dir,
+            n=config.heldout.n,
+            seed=config.heldout.seed,
+            families=config.heldout.families or config.tasks.families,
+        )
+    )
     train_ids = Dataset.open(tasks_dir, Task).ids()
     heldout = Dataset.open(heldout_dir, Task)
     overlap = train_ids & heldout.ids()
@@ -227,9 +261,10 @@ async def run_matrix(config: MatrixConfig, progress: bool = True) -> dict[str, A
         gold_n = len(Dataset.open(gold_dir))
     else:
         gold_dir = out / "gold"
-        _, gold = await run_rollout(RolloutConfig(tasks=tasks_dir, out=gold_dir,
-                                                  action_format=config.action_format),
-                                    progress=progress)
+        _, gold = await run_rollout(
+            RolloutConfig(tasks=tasks_dir, out=gold_dir, action_format=config.action_format),
+            progress=progress,
+        )
         gold_n = len(gold)
         summary = rollout_summary(gold)
         stages["gold_pass_rate"] = summary["pass_rate"]
@@ -243,8 +278,12 @@ async def run_matrix(config: MatrixConfig, progress: bool = True) -> dict[str, A
     if not _trained(sft_cfg.out):
         result = train_sft(sft_cfg)
         losses = result.losses()
-        done("sft", steps=result.steps, first_loss=losses[0] if losses else None,
-             last_loss=losses[-1] if losses else None)
+        done(
+            "sft",
+            steps=result.steps,
+            first_loss=losses[0] if losses else None,
+            last_loss=losses[-1] if losses else None,
+        )
     else:
         done("sft", reused=str(sft_cfg.out))
     sft_spec, sft_backend = trained_policy(sft_cfg.out)
@@ -269,8 +308,12 @@ async def run_matrix(config: MatrixConfig, progress: bool = True) -> dict[str, A
     if not _trained(dpo_cfg.out):
         result = train_dpo(dpo_cfg)
         losses = result.losses()
-        done("dpo", steps=result.steps, first_loss=losses[0] if losses else None,
-             last_loss=losses[-1] if losses else None)
+        done(
+            "dpo",
+            steps=result.steps,
+            first_loss=losses[0] if losses else None,
+            last_loss=losses[-1] if losses else None,
+        )
     else:
         done("dpo", reused=str(dpo_cfg.out))
     dpo_spec, dpo_backend = trained_policy(dpo_cfg.out)
@@ -285,16 +328,26 @@ async def run_matrix(config: MatrixConfig, progress: bool = True) -> dict[str, A
     accuracy: dict[str, Any] = {}
     for name, spec, backend in policies:
         _, evaluated = await run_rollout(
-            RolloutConfig(tasks=heldout_dir, out=out / "eval" / name, teacher=spec,
-                          action_format=config.action_format, max_steps=config.eval.max_steps,
-                          max_tokens=config.eval.max_tokens, temperature=0.0, backend=backend,
-                          concurrency=1),
+            RolloutConfig(
+                tasks=heldout_dir,
+                out=out / "eval" / name,
+                teacher=spec,
+                action_format=config.action_format,
+                max_steps=config.eval.max_steps,
+                max_tokens=config.eval.max_tokens,
+                temperature=0.0,
+                backend=backend,
+                concurrency=1,
+            ),
             progress=progress,
         )
         summary = rollout_summary(evaluated)
-        accuracy[name] = {"passed": summary["passed"], "total": summary["total"],
-                          "accuracy": round(summary["pass_rate"], 4),
-                          "by_family": summary["by_family"]}
+        accuracy[name] = {
+            "passed": summary["passed"],
+            "total": summary["total"],
+            "accuracy": round(summary["pass_rate"], 4),
+            "by_family": summary["by_family"],
+        }
     done("eval", heldout_accuracy=accuracy)
     report["elapsed_s"] = round(time.monotonic() - t0, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -316,15 +369,37 @@ def miniature(out: Path, base: str, **overrides: Any) -> MatrixConfig:
         "tasks": {"n": 3, "seed": 0, "families": ["receipt", "table"]},
         "heldout": {"n": 2, "seed": 1_000_003, "families": ["receipt", "table"]},
         "explore_tasks": 2,
-        "sft": {"full": True, "max_steps": 12, "lr": 1e-2, "scheduler": "constant",
-                "weight_decay": 0.0, "warmup": 0, "batch_size": 2, "grad_accum": 1,
-                "gradient_checkpointing": False, "group_by_length": False,
-                "logging_steps": 4, "save_steps": 1000},
-        "explore": {"k": 3, "max_steps": 3, "max_tokens": 48, "verifier": "gold",
-                    "gold_anchor": True},
-        "dpo": {"max_steps": 4, "batch_size": 2, "grad_accum": 1,
-                "gradient_checkpointing": False, "group_by_length": False,
-                "logging_steps": 2, "save_steps": 1000, "lr": 5e-4},
+        "sft": {
+            "full": True,
+            "max_steps": 12,
+            "lr": 1e-2,
+            "scheduler": "constant",
+            "weight_decay": 0.0,
+            "warmup": 0,
+            "batch_size": 2,
+            "grad_accum": 1,
+            "gradient_checkpointing": False,
+            "group_by_length": False,
+            "logging_steps": 4,
+            "save_steps": 1000,
+        },
+        "explore": {
+            "k": 3,
+            "max_steps": 3,
+            "max_tokens": 48,
+            "verifier": "gold",
+            "gold_anchor": True,
+        },
+        "dpo": {
+            "max_steps": 4,
+            "batch_size": 2,
+            "grad_accum": 1,
+            "gradient_checkpointing": False,
+            "group_by_length": False,
+            "logging_steps": 2,
+            "save_steps": 1000,
+            "lr": 5e-4,
+        },
         "eval": {"max_steps": 2, "max_tokens": 48},
     }
     data.update(overrides)

@@ -6,8 +6,10 @@ have run cleanly, else the step gives no pair). A candidate is rejected against 
 - ``format``: its output holds no valid action (a parse error), or
 - ``error``: executing its action failed (unknown tool, bad arguments, raising tool or code),
 - ``margin``: the verifier scored it at least ``margin`` below the chosen one, or
-- ``dissimilar``: it ranks below the chosen one and its text is unlike the chosen one's
-  (``similarity`` below ``threshold``; the reference used BLEU < 0.3).
+- ``dissimilar``: it ranks below the chosen one and its action is unlike the chosen one's
+  (``similarity`` below ``threshold``; the reference used BLEU < 0.3). By default the
+  actions are compared (tool and arguments, or code), not the raw text, whose fixed
+  markers make any two steps of one format look alike.
 
 Candidates whose text equals the chosen one's, and those ranked below it that are neither
 far enough behind nor different enough, give no pair. Each pair carries the shared prefix
@@ -45,7 +47,8 @@ class BuildConfig(BaseModel):
     )
     out: Path = Field(description="Output preference-pair dataset directory (resumable).")
     margin: float = Field(
-        default=1.0, ge=0,
+        default=1.0,
+        ge=0,
         description="Reject candidates scored at least this far below the chosen one.",
     )
     similarity: Similarity = Field(
@@ -54,9 +57,17 @@ class BuildConfig(BaseModel):
         "words, smoothed), 'jaccard' (word-set overlap) or 'ratio' (difflib character ratio).",
     )
     threshold: float = Field(
-        default=0.3, ge=0, le=1,
+        default=0.3,
+        ge=0,
+        le=1,
         description="Candidates ranked below the chosen one with similarity under this are "
         "rejected as dissimilar (set 0 to disable).",
+    )
+    compare: Literal["action", "raw"] = Field(
+        default="action",
+        description="What the similarity compares: 'action' (the tool call's name and "
+        "arguments, the code, or the answer; the thought and the format's fixed markers "
+        "would make any two steps look alike) or 'raw' (the whole output).",
     )
     include_faults: bool = Field(
         default=True, description="Pair candidates with format faults or execution errors."
@@ -108,8 +119,23 @@ def ratio(a: str, b: str) -> float:
 
 
 SIMILARITIES: dict[str, Callable[[str, str], float]] = {
-    "bleu": bleu, "jaccard": jaccard, "ratio": ratio,
+    "bleu": bleu,
+    "jaccard": jaccard,
+    "ratio": ratio,
 }
+
+
+def action_text(step: Step) -> str:
+    """What a step does, without its thought or the action format's scaffolding."""
+    action = step.action
+    if action is None:
+        return step.raw
+    if action.type == "tool_call" and action.tool_call is not None:
+        values = " ".join(f"{k} {v}" for k, v in action.tool_call.arguments.items())
+        return f"{action.tool_call.name} {values}"
+    if action.type == "code" and action.code:
+        return action.code
+    return f"final_answer {action.answer or ''}"
 
 
 def _same(a: str, b: str) -> bool:
@@ -121,8 +147,9 @@ def pair_id(trajectory_id: str, step_index: int, chosen: int, rejected: int) -> 
     return "pair-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def step_pairs(trajectory: Trajectory, config: BuildConfig) -> tuple[list[PreferencePair],
-                                                                     Counter[str]]:
+def step_pairs(
+    trajectory: Trajectory, config: BuildConfig
+) -> tuple[list[PreferencePair], Counter[str]]:
     """Every pair one explored trajectory yields, and why its other candidates gave none."""
     entries = trajectory.metadata.get("exploration")
     if not isinstance(entries, list):
@@ -167,7 +194,10 @@ def step_pairs(trajectory: Trajectory, config: BuildConfig) -> tuple[list[Prefer
                 kinds.append("format" if cand.error.kind.value == "parse" else "error")
                 why.append(f"{kinds[0]}: {cand.error.kind.value}: {cand.error.message[:200]}")
             gap = scores[best] - scores[i]
-            sim = similarity(cand.raw, chosen.raw)
+            if config.compare == "action":
+                sim = similarity(action_text(cand), action_text(chosen))
+            else:
+                sim = similarity(cand.raw, chosen.raw)
             below = position[i] > position[best]
             if below and gap >= config.margin and gap > 0:
                 kinds.append("margin")
@@ -176,8 +206,11 @@ def step_pairs(trajectory: Trajectory, config: BuildConfig) -> tuple[list[Prefer
                 kinds.append("dissimilar")
                 why.append(f"{config.similarity} similarity {sim:.2f} < {config.threshold:g}")
             if not kinds:
-                skipped["ranked below but close to the chosen step" if below
-                        else "not ranked below the chosen step"] += 1
+                skipped[
+                    "ranked below but close to the chosen step"
+                    if below
+                    else "not ranked below the chosen step"
+                ] += 1
                 continue
             pair = PreferencePair(
                 id=pair_id(trajectory.id, index, best, i),
@@ -219,7 +252,8 @@ def step_pairs(trajectory: Trajectory, config: BuildConfig) -> tuple[list[Prefer
 async def run_build(
     config: BuildConfig, progress: bool = True
 ) -> tuple[StageResult, Dataset[PreferencePair]]:
-    """Pairs from every explored trajectory; trajectories already built are skipped."""
+    """Pairs from every explored trajectory; trajectories already built are skipped (build
+    into a new directory to apply other rules)."""
     out: Dataset[PreferencePair] = Dataset.create(config.out, PreferencePair)
     inputs: list[Dataset[Trajectory]] = []
     for path in config.inputs:
@@ -248,7 +282,7 @@ async def run_build(
     result = await run_stage(
         STAGE,
         items,
-        key=lambda item: f"{item[1].id}|{config.margin}|{config.similarity}|{config.threshold}",
+        key=lambda item: item[1].id,
         process=process,
         out=out,
         concurrency=1,

@@ -40,8 +40,15 @@ from tracetune.schema import Step, Task, Trajectory, Usage
 from tracetune.tools import get_tool
 
 JUDGE_MODES = ("best", "rank", "score")
-VERIFIERS = ("gold", "llm-best", "llm-rank", "llm-score", "gold+llm-best", "gold+llm-rank",
-             "gold+llm-score")
+VERIFIERS = (
+    "gold",
+    "llm-best",
+    "llm-rank",
+    "llm-score",
+    "gold+llm-best",
+    "gold+llm-rank",
+    "gold+llm-score",
+)
 PROMPTS = ("prefs/system.jinja", "prefs/judge.jinja", "prefs/repair.jinja")
 
 
@@ -173,8 +180,11 @@ class GoldVerifier:
                     output_match = not diverged
                     parts.append(
                         f"calls {want.name} as the gold chain does"
-                        + ("; its output matches the gold output" if output_match
-                           else f"; {diverged[0]}")
+                        + (
+                            "; its output matches the gold output"
+                            if output_match
+                            else f"; {diverged[0]}"
+                        )
                     )
             elif well_formed:
                 right_tool = final  # every gold call is made: answering is the right move
@@ -194,19 +204,32 @@ class GoldVerifier:
             score = 5.0 * reaches + 3.0 * output_match + 1.0 * right_tool + 1.0 * well_formed
             scores.append(score)
             reasons.append("; ".join(parts))
-            checks.append({"reaches_gold": reaches, "output_matches_gold": output_match,
-                           "right_tool": right_tool, "well_formed": well_formed})
+            checks.append(
+                {
+                    "reaches_gold": reaches,
+                    "output_matches_gold": output_match,
+                    "right_tool": right_tool,
+                    "well_formed": well_formed,
+                }
+            )
         return Ranking.from_scores(
-            self.name, scores, reasons, usage=usage,
+            self.name,
+            scores,
+            reasons,
+            usage=usage,
             details={"gold_position": position, "checks": checks},
         )
 
     async def _reaches(self, cand: Candidate, usage_box: list[Usage]) -> tuple[bool, str]:
         if step_is_final(cand.step):
             trajectory = Trajectory(
-                id=f"candidate-{cand.index}", task=cand.branch.task, controller=self.policy.spec,
-                action_format=cand.branch.fmt.name, steps=cand.branch.steps,
-                final_answer=cand.final_answer, status="completed",
+                id=f"candidate-{cand.index}",
+                task=cand.branch.task,
+                controller=self.policy.spec,
+                action_format=cand.branch.fmt.name,
+                steps=cand.branch.steps,
+                final_answer=cand.final_answer,
+                status="completed",
             )
             how = "its answer"
         else:
@@ -268,7 +291,11 @@ def parse_judge_reply(text: str, mode: str, k: int) -> tuple[list[float], list[s
         for value in raw:
             if isinstance(value, dict):
                 value = value.get("score")
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 10:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not 0 <= value <= 10
+            ):
                 raise JudgeReplyError('every entry of "scores" must be a number from 0 to 10')
             scores.append(float(value))
     else:
@@ -333,9 +360,12 @@ class JudgeVerifier:
         def shown(step: Step) -> dict[str, Any]:
             obs = step.observation
             refs = obs.images if obs is not None and step.error is None else []
-            return {"raw": step.raw.strip() or "(empty output)",
-                    "observation": _short(_observation(step), limit),
-                    "images": [r.name for r in refs], "refs": refs}
+            return {
+                "raw": step.raw.strip() or "(empty output)",
+                "observation": _short(_observation(step), limit),
+                "images": [r.name for r in refs],
+                "refs": refs,
+            }
 
         prefix = []
         for step in ctx.prefix:
@@ -349,8 +379,14 @@ class JudgeVerifier:
             candidates.append(item)
         tools = [get_tool(n) for n in ctx.tool_names]
         text = render(
-            PROMPTS[1], task=task_text(ctx.task), tools=tools, prefix=prefix,
-            candidates=candidates, mode=self.mode, k=len(candidates), image_labels=labels,
+            PROMPTS[1],
+            task=task_text(ctx.task),
+            tools=tools,
+            prefix=prefix,
+            candidates=candidates,
+            mode=self.mode,
+            k=len(candidates),
+            image_labels=labels,
         )
         return [
             {"role": "system", "content": render(PROMPTS[0], mode=self.mode)},
@@ -375,22 +411,41 @@ class JudgeVerifier:
                 messages = [
                     *messages,
                     {"role": "assistant", "content": reply},
-                    {"role": "user", "content": render(PROMPTS[2], problem=str(exc),
-                                                       mode=self.mode, k=k)},
+                    {
+                        "role": "user",
+                        "content": render(PROMPTS[2], problem=str(exc), mode=self.mode, k=k),
+                    },
                 ]
                 continue
             return Ranking.from_scores(
-                self.name, scores, reasons, usage=usage,
-                details={"judge": self.judge.spec, "thought": thought, "reply": reply,
-                         "attempts": len(replies), "prompt_hash": prompts_hash()},
+                self.name,
+                scores,
+                reasons,
+                usage=usage,
+                details={
+                    "judge": self.judge.spec,
+                    "thought": thought,
+                    "reply": reply,
+                    "attempts": len(replies),
+                    "prompt_hash": prompts_hash(),
+                },
             )
         # The recorded default: executable candidates first, then sampling order.
         scores = [5.0 if c.step.error is None else 0.0 for c in ctx.candidates]
         reasons = ["judge fallback: " + ("well-formed" if s else "failed step") for s in scores]
         return Ranking.from_scores(
-            self.name, scores, reasons, usage=usage, fallback=True,
-            details={"judge": self.judge.spec, "problems": problems, "replies": replies,
-                     "attempts": len(replies), "prompt_hash": prompts_hash()},
+            self.name,
+            scores,
+            reasons,
+            usage=usage,
+            fallback=True,
+            details={
+                "judge": self.judge.spec,
+                "problems": problems,
+                "replies": replies,
+                "attempts": len(replies),
+                "prompt_hash": prompts_hash(),
+            },
         )
 
 
@@ -414,17 +469,21 @@ class CombinedVerifier:
         judge_top = max(judged.scores) or 1.0
         if self.tie_break:
             # Judge scores are squeezed into [0, 0.5): they reorder only equal gold scores.
-            scores = [g + 0.49 * (j / judge_top) for g, j in zip(gold.scores, judged.scores,
-                                                                 strict=True)]
+            scores = [
+                g + 0.49 * (j / judge_top) for g, j in zip(gold.scores, judged.scores, strict=True)
+            ]
         else:
             scores = list(gold.scores)
         reasons = [
-            f"gold: {gold.reasons[i]}" + (f" | judge: {judged.reasons[i]}"
-                                          if judged.reasons[i] else "")
+            f"gold: {gold.reasons[i]}"
+            + (f" | judge: {judged.reasons[i]}" if judged.reasons[i] else "")
             for i in range(k)
         ]
         return Ranking.from_scores(
-            self.name, scores, reasons, usage=gold.usage.add(judged.usage),
+            self.name,
+            scores,
+            reasons,
+            usage=gold.usage.add(judged.usage),
             fallback=judged.fallback and self.tie_break,
             details={"gold": gold.model_dump(mode="json"), "judge": judged.model_dump(mode="json")},
         )
