@@ -497,3 +497,57 @@ def test_heldout_seeds_differ_from_training_seeds() -> None:
 
     training = {task_seed(s, i) for s in range(3) for i in range(200)}
     assert not training & {heldout_seed(s, i) for s in range(3) for i in range(200)}
+
+
+@pytest.mark.slow
+def test_killed_gta_run_resumes_without_duplicates_or_losses(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OPENAI_API_KEY": "test"}
+    with ScriptedOpenAIServer(gta_gold_replay, latency_s=0.2) as server:
+        cmd = [
+            sys.executable,
+            "-m",
+            "tracetune.cli",
+            "eval",
+            "run",
+            "gta",
+            "--data",
+            str(GTA),
+            "--model",
+            "openai:m",
+            "--base-url",
+            server.base_url,
+            "--mode",
+            "step",
+            "--out",
+            str(out),
+            "--limit",
+            "3",
+            "--concurrency",
+            "1",
+            "--quiet",
+        ]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while server.calls < 4 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, proc.stderr.read() if proc.stderr else ""
+        done_before = len(Dataset.open(out / "trajectories", Trajectory))
+        assert 0 < done_before < 8
+        rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert rerun.returncode == 0, rerun.stderr
+    trajectories = Dataset.open(out / "trajectories", Trajectory).records()
+    keys = [(t.metadata["gta_id"], t.metadata["turn"]) for t in trajectories]
+    assert len(keys) == len(set(keys)) == 8  # the gold turns of queries 0, 1 and 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    official = metrics["reports"]["gta/step/official"]["metrics"]
+    assert official["tool_acc"] == official["arg_acc"] == 100.0
+    assert metrics["run"]["already_done"] == done_before
