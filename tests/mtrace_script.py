@@ -177,14 +177,19 @@ class Script:
         doc = next((f for f in files if not f.endswith((".png", ".jpg", ".jpeg"))), None)
         steps = sum(1 for m in messages if m["role"] == "assistant")
         if steps == 0:
-            return (
-                "Thought: I will read the document and look at the image.\nCode:\n```py\n"
-                f"doc = inspect_file(path={doc!r})\nprint(doc)\n"
-                f"seen = visual_qa(image={image!r}, question='What is the total?')\n"
-                "print(seen)\n```"
-            )
+            code = f"doc = inspect_file(path={doc!r})\nprint(doc)\n"
+            if image:
+                code += f"seen = visual_qa(image={image!r}, question='What is the total?')\n"
+                code += "print(seen)\n"
+            return f"Thought: I will read the files.\nCode:\n```py\n{code}```"
         last = text_of({"messages": [messages[-1]]})
-        answer = "yes, 36.69 is within the 40 budget" if "groceries" in last else "yes, 78 mm"
+        answer = (
+            "yes, 36.69 is within the 40 budget"
+            if "groceries" in last
+            else "yes, 78 mm"
+            if "rainfall" in last
+            else "it says: note"
+        )
         return f"Thought: I have what I need.\nCode:\n```py\nfinal_answer({answer!r})\n```"
 
     def judge_trajectory(self, text: str) -> str:

@@ -70,8 +70,36 @@ _ALIASES = {
 }
 
 # Imports in the sandbox must not read /etc/mime.types (outside the working directory):
-# openpyxl and matplotlib initialise the mimetypes table when they load.
-CODE_PRELUDE = "import mimetypes\nmimetypes.knownfiles = []\nmimetypes.init()\n"
+# openpyxl and matplotlib initialise the mimetypes table when they load. SOURCE_DATE_EPOCH
+# makes matplotlib stamp a fixed date into PDFs, so the same code gives the same bytes.
+CODE_PRELUDE = (
+    "import os\nos.environ['SOURCE_DATE_EPOCH'] = '946684800'\n"
+    "import mimetypes\nmimetypes.knownfiles = []\nmimetypes.init()\n"
+)
+# Office files are zips whose entries carry the time of writing, and whose core.xml says
+# when they were created: both are pinned (in the sandbox), so that a file made again after
+# a resume has the same content address as the first time.
+NORMALIZE = """
+import io, re, zipfile
+def _normalize(name):
+    if not zipfile.is_zipfile(name):
+        return
+    with zipfile.ZipFile(name) as src:
+        entries = [(i, src.read(i.filename)) for i in src.infolist()]
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info, data in entries:
+            if info.filename == "docProps/core.xml":
+                data = re.sub(rb"(<dcterms:(?:created|modified)[^>]*>)[^<]*",
+                              rb"\\g<1>2000-01-01T00:00:00Z", data)
+            fixed = zipfile.ZipInfo(info.filename, date_time=(2000, 1, 1, 0, 0, 0))
+            fixed.compress_type = zipfile.ZIP_DEFLATED
+            fixed.external_attr = info.external_attr
+            dst.writestr(fixed, data)
+    with open(name, "wb") as out:
+        out.write(buf.getvalue())
+_normalize(%r)
+"""
 
 
 def file_kind(file_type: str) -> str | None:
@@ -175,6 +203,10 @@ async def associate_files(config: SynthConfig, progress: bool = True) -> StageRe
             elif not target.is_file() or target.stat().st_size == 0:
                 error = f"the script ran but did not create {name}"
             else:
+                pinned = await sandbox.execute(NORMALIZE % name)
+                if pinned.error is not None:
+                    error = f"{name} is not a well-formed file: {pinned.error.message}"[-3000:]
+                    continue
                 return target, code, None
         return None, code, error
 
