@@ -436,10 +436,7 @@ def _check_columns(row: dict[str, Any], config: IngestConfig, source: Path) -> N
     missing = [f"{field} ({name!r})" for field, name in
                (("image", cols.image), ("question", cols.question), ("answer", cols.answer))
                if name not in row]
-    if cols.choices and cols.choices not in row:
-        missing.append(f"choices ({cols.choices!r})")
-    if cols.id and cols.id not in row:
-        missing.append(f"id ({cols.id!r})")
+    # choices and id may be absent on some rows (open questions, rows without ids).
     if missing:
         raise IngestError(
             f"{source}: the first row has no column for {', '.join(missing)}; its columns are "

@@ -11,6 +11,8 @@ failing every sample mid-run.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -100,6 +102,9 @@ class OperatorSet:
             if config.corpus is not None:
                 search["corpus"] = str(Path(config.corpus).expanduser().resolve())
         self.options = options
+        # The tools are deterministic: a regenerated rationale (or another question on the
+        # same image) reuses an operator's output instead of running OCR etc. again.
+        self._memo: dict[tuple[str, str, str], tuple[str, Any, str | None]] = {}
 
     @property
     def rag(self) -> bool:
@@ -110,6 +115,19 @@ class OperatorSet:
         cannot run, naming the operator and the fix."""
         import tracetune.tools.builtin  # noqa: F401  (registers the tools)
 
+        # Configuration problems first, so they surface before seconds of model loading.
+        if self.rag:
+            try:
+                self._check_rag_config()
+            except ToolError as exc:
+                raise self._rag_error(exc) from exc
+        if "image_caption" in self.names and self.caption_model is None:
+            raise OperatorUnavailable(
+                "operator 'image_caption' cannot run: image_caption needs a vision-language "
+                "model and none is configured (operators.caption_model, e.g. "
+                "openai:gpt-4o-mini). Fix it, or leave image_caption out of "
+                "operators.operators in the config."
+            )
         for name in self.names:
             tool = get_tool(TOOL_OF[name])
             self.tools[name] = tool
@@ -125,10 +143,14 @@ class OperatorSet:
             try:
                 await asyncio.to_thread(self._check_rag)
             except ToolError as exc:
-                raise OperatorUnavailable(
-                    f"operator 'rag' cannot run: {exc}. Set operators.corpus to a local corpus, "
-                    "choose a web backend with operators.rag_backend, or set operators.rag: false."
-                ) from exc
+                raise self._rag_error(exc) from exc
+
+    @staticmethod
+    def _rag_error(exc: ToolError) -> OperatorUnavailable:
+        return OperatorUnavailable(
+            f"operator 'rag' cannot run: {exc}. Set operators.corpus to a local corpus, "
+            "choose a web backend with operators.rag_backend, or set operators.rag: false."
+        )
 
     def _check(self, name: str, tool: Tool) -> None:
         if name == "image_caption":
@@ -148,14 +170,19 @@ class OperatorSet:
             tool.model(str(opts.get("model", DEFAULT_DETECTOR)), torch_device(opts))  # type: ignore[attr-defined]
 
     def _check_rag(self) -> None:
-        backend = self.config.rag_backend
-        if backend == "local":
-            if self.config.corpus is None:
-                raise ToolError("no corpus is configured for rag")
+        if self.config.rag_backend == "local":
             search = self.tools["rag"]
             search.ensure_ready()
             corpus = Path(self.options["search"]["corpus"])
             search.index(corpus, self.options["search"])  # type: ignore[attr-defined]
+
+    def _check_rag_config(self) -> None:
+        backend = self.config.rag_backend
+        if backend == "local":
+            if self.config.corpus is None:
+                raise ToolError("no corpus is configured for rag")
+            if not Path(self.config.corpus).expanduser().exists():
+                raise ToolError(f"the rag corpus {self.config.corpus} does not exist")
             return
         if backend in _WEB_KEYS and not os.environ.get(_WEB_KEYS[backend], "").strip():
             raise ToolError(f"the {backend} backend needs its API key in ${_WEB_KEYS[backend]}")
@@ -191,12 +218,19 @@ class OperatorSet:
                 args: dict[str, Any] = {"image": image}
                 if name == "label_bbox":
                     args["text"] = _detection_query(question)
-                try:
-                    result = await tool.acall(ctx, args)
-                    text, data = result.text, result.data
-                except ToolError as exc:
-                    text, data = f"(failed: {exc})", None
-                    errors.append(str(exc))
+                key = (name, _file_hash(workdir / image), json.dumps(args, sort_keys=True))
+                if key not in self._memo:
+                    try:
+                        result = await tool.acall(ctx, args)
+                        outcome: tuple[str, Any, str | None] = (result.text, result.data, None)
+                    except ToolError as exc:
+                        outcome = (f"(failed: {exc})", None, str(exc))
+                    if len(self._memo) >= _MEMO_SIZE:
+                        self._memo.pop(next(iter(self._memo)))
+                    self._memo[key] = outcome
+                text, data, error = self._memo[key]
+                if error is not None:
+                    errors.append(error)
                 texts.append(f"[{image}]\n{text}" if len(images) > 1 else text)
                 datas.append(data)
             calls.append(
@@ -222,9 +256,14 @@ class OperatorSet:
         return RagCall(query=query, result=clean_result(result.text), hits=_jsonable(hits))
 
 
-def _jsonable(value: Any) -> Any:
-    import json
+_MEMO_SIZE = 4096
 
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
     try:
         json.dumps(value)
         return value
