@@ -74,6 +74,17 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
             )
             asyncio.run(run_benchmark(config, progress=False))
         dirs.append(root / name)
+    with ScriptedOpenAIServer(always_wrong) as server:
+        config = EvalRunConfig(
+            bench="programs",
+            model="openai:guess",
+            out=root / "programs",
+            n=2,
+            families=["receipt", "table"],
+            backend=ModelOptions(base_url=server.base_url, api_key_env="PATH"),
+        )
+        asyncio.run(run_benchmark(config, progress=False))
+    dirs.append(root / "programs")
     return dirs
 
 
@@ -93,6 +104,10 @@ def test_report_compares_runs_in_html_and_markdown(runs: list[Path], tmp_path: P
     assert "| inst_align | 113.33 | 40.00 |" in markdown
     assert "| objective | 100.00 | 0.00 |" in markdown
     assert "answer_acc 98.16" in markdown  # the headline in the overview
+    # step mode: every gold tool turn of the replay names the tool, none of the guesses
+    assert "| perception | 100.00 | 0.00 |" in markdown
+    # the task programs run gets its own tables and a per-family breakdown
+    assert "## programs" in markdown and "| receipt | 0.00 |" in markdown
     assert "<b>&</b>" not in page and "&lt;b&gt;&amp;&lt;/b&gt;" in page  # escaped
     plots = sorted((out / "plots").glob("*.png"))
     assert len(plots) >= 3
@@ -100,7 +115,7 @@ def test_report_compares_runs_in_html_and_markdown(runs: list[Path], tmp_path: P
     # the lowest-scoring items link to pages with their trajectories; the replay's only
     # imperfect item is its subjective answer (an embedding similarity below 1)
     pages = sorted((out / "items" / "guess").glob("*.html"))
-    assert len(pages) == 3
+    assert len(pages) == 3 and len(list((out / "items" / "programs").glob("*.html"))) == 2
     subjective = [q for q, v in GOLD.items() if isinstance(v["gt_answer"], list)]
     assert sorted(p.stem for p in (out / "items" / "replay").glob("*.html")) == subjective
     assert all(f"items/guess/{p.name}" in markdown for p in pages)

@@ -147,6 +147,9 @@ def breakdowns(run: RunData) -> dict[str, dict[str, float]]:
             out["answer score by answer kind (%)"] = {
                 k: 100.0 * sum(v) / len(v) for k, v in sorted(sums.items())
             }
+        tool_steps = _step_tool_accuracy(run)
+        if tool_steps:
+            out["tool accuracy by category, step mode (%)"] = tool_steps
         f1 = {
             name: float(metrics[f"{p}_f1"])
             for p, name in (
@@ -172,6 +175,25 @@ def breakdowns(run: RunData) -> dict[str, dict[str, float]]:
         if families:
             out["accuracy by family (%)"] = families
     return out
+
+
+def _step_tool_accuracy(run: RunData) -> dict[str, float]:
+    """Step mode: the share of gold tool turns, per GTA tool category, that named the tool."""
+    from tracetune.evaluate.gta import CATEGORY_OF
+
+    hits: dict[str, list[int]] = defaultdict(list)
+    for record in run.records:
+        if record.benchmark != run.headline:
+            continue
+        for step in record.metadata.get("steps") or []:
+            gold = step.get("gold") if isinstance(step, dict) else None
+            if not isinstance(gold, str) or not gold.startswith("tool:"):
+                continue
+            category = CATEGORY_OF.get(gold.removeprefix("tool:"))
+            if category is not None:
+                hits[category].append(int(step.get("pred") == gold))
+    order = ("perception", "operation", "logic", "creativity")
+    return {c: 100.0 * sum(hits[c]) / len(hits[c]) for c in order if hits.get(c)}
 
 
 def failures(run: RunData, limit: int) -> list[EvalRecord]:
@@ -214,7 +236,14 @@ def bar_chart(path: Path, title: str, groups: dict[str, dict[str, float]], ylabe
     top = max([v for g in groups.values() for v in g.values()] + [1.0])
     ax.set_ylim(0, max(100.0, top * 1.05))
     if len(runs) > 1:
-        ax.legend(fontsize=7)
+        # Below the axes, so it never hides a bar.
+        ax.legend(
+            fontsize=7,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.3),
+            ncol=min(3, len(runs)),
+            frameon=False,
+        )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -427,6 +456,11 @@ def build_report(
         html_parts += [f"<h2>{_e(name)}</h2>", _html_table(header, rows)]
         md_parts += [f"## {name}", "", _md_table(header, rows), ""]
         notes = []
+        if name.startswith("gta/step/official"):
+            notes.append(
+                "inst_align can exceed 100, as in GTA's evaluator: answer turns of "
+                "image-generation queries count in its numerator but not its denominator"
+            )
         for r in having:
             details = r.report(name).get("details", {})
             if details.get("subset"):
