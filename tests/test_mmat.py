@@ -69,33 +69,48 @@ def _texts(body: dict[str, Any]) -> list[str]:
 # -- grammar ----------------------------------------------------------------------------------
 def test_step_grammar_round_trips_and_rejects_malformed_steps() -> None:
     text = render_step("Read the text.", ["ocr", "face_detection"], "reef location", "continue")
-    assert text == ("<THOUGHT>Read the text.</THOUGHT>\n<OPERATOR>ocr, face_detection</OPERATOR>"
-                    "\n<RAG>reef location</RAG>\n<SIGNAL>continue</SIGNAL>")
+    assert text == (
+        "<THOUGHT>Read the text.</THOUGHT>\n<OPERATOR>ocr, face_detection</OPERATOR>"
+        "\n<RAG>reef location</RAG>\n<SIGNAL>continue</SIGNAL>"
+    )
     step = parse_step(text)
     assert (step.thought, step.operators, step.rag, step.signal) == (
-        "Read the text.", ["ocr", "face_detection"], "reef location", "continue")
+        "Read the text.",
+        ["ocr", "face_detection"],
+        "reef location",
+        "continue",
+    )
     assert parse_step("<THOUGHT>done</THOUGHT><SIGNAL>end</SIGNAL>").signal == "end"
     with pytest.raises(GrammarError, match="SIGNAL"):
         parse_step("<THOUGHT>no signal</THOUGHT>")
     with pytest.raises(GrammarError, match="unknown signal"):
         parse_step("<THOUGHT>x</THOUGHT><SIGNAL>stop</SIGNAL>")
     # Model outputs at inference: text around the step and lower-case tags are tolerated.
-    loose = parse_step("Sure.\n<thought>look</thought><operator>ocr</operator>"
-                       "<signal>reflection</signal> ok", strict=False)
+    loose = parse_step(
+        "Sure.\n<thought>look</thought><operator>ocr</operator><signal>reflection</signal> ok",
+        strict=False,
+    )
     assert (loose.operators, loose.signal) == (["ocr"], "reflection")
     with pytest.raises(GrammarError):
         parse_step("Sure.\n<thought>look</thought>", strict=False)
 
 
 def test_teacher_steps_are_parsed_from_json_with_clear_errors() -> None:
-    step = parse_teacher_step('```json\n{"thought": "t", "operators": ["ocr", {"name": "x"}], '
-                              '"rag": {"needed": true, "query": "q"}, '
-                              '"next_action": "final_answer"}\n```')
+    step = parse_teacher_step(
+        '```json\n{"thought": "t", "operators": ["ocr", {"name": "x"}], '
+        '"rag": {"needed": true, "query": "q"}, '
+        '"next_action": "final_answer"}\n```'
+    )
     assert (step.operators, step.rag_query, step.final) == (["ocr", "x"], "q", True)
-    assert parse_teacher_step('{"thought": "t", "rag": {"needed": false, "query": "q"}}'
-                              ).rag_query is None
-    for bad, message in (("no json here", "no JSON"), ('{"thought": ""}', "thought"),
-                         ('{"thought": "t", "next_action": "stop"}', "next_action")):
+    assert (
+        parse_teacher_step('{"thought": "t", "rag": {"needed": false, "query": "q"}}').rag_query
+        is None
+    )
+    for bad, message in (
+        ("no json here", "no JSON"),
+        ('{"thought": ""}', "thought"),
+        ('{"thought": "t", "next_action": "stop"}', "next_action"),
+    ):
         with pytest.raises(ValueError, match=message):
             parse_teacher_step(bad)
 
@@ -103,30 +118,40 @@ def test_teacher_steps_are_parsed_from_json_with_clear_errors() -> None:
 def _image_task(tmp_path: Path) -> tuple[Task, AssetStore]:
     assets = AssetStore(tmp_path / "assets-root")
     ref = assets.put_file(RECEIPT_IMAGE)
-    task = Task(id="qa-demo", query="How much more is the total than the subtotal?\nAnswer "
-                "the question using a single number.", files=[ref],
-                gold=GoldAnswer(value="2.72", kind="number"))
+    task = Task(
+        id="qa-demo",
+        query="How much more is the total than the subtotal?\nAnswer "
+        "the question using a single number.",
+        files=[ref],
+        gold=GoldAnswer(value="2.72", kind="number"),
+    )
     return task, assets
 
 
 def _rationale(reflection: bool = True) -> Rationale:
     return Rationale(
         question="How much more is the total than the subtotal?\nAnswer the question using "
-                 "a single number.",
+        "a single number.",
         steps=[
-            RationaleStep(thought="I need the amounts printed on the receipt.",
-                          operators=[OperatorCall(name="ocr", result="Subtotal 33.97\nTOTAL "
-                                                  "36.69")],
-                          rag=RagCall(query="sales tax rate", result="[1] Tax (doc)\nA sales "
-                                      "tax passage.")),
-            RationaleStep(thought="No more tools are needed; I compare the two amounts.",
-                          signal="continue"),
+            RationaleStep(
+                thought="I need the amounts printed on the receipt.",
+                operators=[OperatorCall(name="ocr", result="Subtotal 33.97\nTOTAL 36.69")],
+                rag=RagCall(query="sales tax rate", result="[1] Tax (doc)\nA sales tax passage."),
+            ),
+            RationaleStep(
+                thought="No more tools are needed; I compare the two amounts.", signal="continue"
+            ),
             RationaleStep(thought="The difference is 2.72.", signal="end"),
         ],
         answer="2.72",
-        reflection=Reflection(flagged=["math"], reasons=["math: no calculation"],
-                              critique="I stated the difference without computing it.",
-                              derivation="36.69 - 33.97 = 2.72.") if reflection else None,
+        reflection=Reflection(
+            flagged=["math"],
+            reasons=["math: no calculation"],
+            critique="I stated the difference without computing it.",
+            derivation="36.69 - 33.97 = 2.72.",
+        )
+        if reflection
+        else None,
     )
 
 
@@ -139,8 +164,10 @@ def test_orr_is_derived_from_rr_byte_stably_with_every_thought_and_no_rag(
     # RR parses back into exactly the rationale's turns.
     parsed = parse_rr(rr)
     assert [s.step.signal for s in parsed.steps] == ["continue", "continue", "reflection", "end"]
-    assert parsed.steps[0].results == [("ocr", "Subtotal 33.97\nTOTAL 36.69"),
-                                       ("rag", "[1] Tax (doc)\nA sales tax passage.")]
+    assert parsed.steps[0].results == [
+        ("ocr", "Subtotal 33.97\nTOTAL 36.69"),
+        ("rag", "[1] Tax (doc)\nA sales tax passage."),
+    ]
     assert parsed.answer == "2.72"
     assert rr.messages[-2].text == closing_turn(rationale.question)
     assert reflect_turn() in [m.text for m in rr.messages]
@@ -183,30 +210,56 @@ def test_rr_parser_rejects_dialogues_off_the_grammar(tmp_path: Path) -> None:
 def test_leak_check_catches_the_answer_before_supporting_tool_output() -> None:
     checker = LeakChecker("36.69")
     ocr = OperatorCall(name="ocr", result="Subtotal 33.97\nTOTAL 36.69")
-    leaking = Rationale(question="q", answer="36.69", steps=[
-        RationaleStep(thought="The total is 36.69, let me confirm with OCR.", operators=[ocr]),
-        RationaleStep(thought="OCR shows TOTAL 36.69.", signal="end"),
-    ])
+    leaking = Rationale(
+        question="q",
+        answer="36.69",
+        steps=[
+            RationaleStep(thought="The total is 36.69, let me confirm with OCR.", operators=[ocr]),
+            RationaleStep(thought="OCR shows TOTAL 36.69.", signal="end"),
+        ],
+    )
     leak = checker.check(leaking)
     assert leak is not None and leak.kind == "answer_before_evidence" and leak.step == 0
     assert leak.reason == "answer_leak" and "36.69" in leak.excerpt
-    clean = Rationale(question="q", answer="36.69", steps=[
-        RationaleStep(thought="I will read the receipt.", operators=[ocr]),
-        RationaleStep(thought="OCR shows TOTAL 36.69.", signal="end"),
-    ])
+    clean = Rationale(
+        question="q",
+        answer="36.69",
+        steps=[
+            RationaleStep(thought="I will read the receipt.", operators=[ocr]),
+            RationaleStep(thought="OCR shows TOTAL 36.69.", signal="end"),
+        ],
+    )
     assert checker.check(clean) is None
     # A failed tool output supports nothing; a search query can leak too.
     failed = OperatorCall(name="ocr", result="(failed: 36.69)", error="boom")
-    assert LeakChecker("36.69").check(Rationale(question="q", answer="36.69", steps=[
-        RationaleStep(thought="Reading.", operators=[failed]),
-        RationaleStep(thought="It is 36.69.", signal="end")])) is not None
-    query_leak = Rationale(question="q", answer="Australia", steps=[RationaleStep(
-        thought="I search.", rag=RagCall(query="reef in Australia", result="..."))])
+    assert (
+        LeakChecker("36.69").check(
+            Rationale(
+                question="q",
+                answer="36.69",
+                steps=[
+                    RationaleStep(thought="Reading.", operators=[failed]),
+                    RationaleStep(thought="It is 36.69.", signal="end"),
+                ],
+            )
+        )
+        is not None
+    )
+    query_leak = Rationale(
+        question="q",
+        answer="Australia",
+        steps=[
+            RationaleStep(thought="I search.", rag=RagCall(query="reef in Australia", result="..."))
+        ],
+    )
     assert LeakChecker("Australia").check(query_leak) is not None
     # Number words count as the number; admitting a given answer is a leak of its own.
     assert LeakChecker("1").mentions("I can see one face") == "1"
-    reveal = Rationale(question="q", answer="x", steps=[RationaleStep(
-        thought="The given answer is probably right.", signal="end")])
+    reveal = Rationale(
+        question="q",
+        answer="x",
+        steps=[RationaleStep(thought="The given answer is probably right.", signal="end")],
+    )
     assert LeakChecker("Australia").check(reveal).reason == "reveals_reference"  # type: ignore[union-attr]
 
 
@@ -214,17 +267,30 @@ def test_leak_check_for_multiple_choice_uses_the_letter_and_option_text() -> Non
     choices = ["Eggs x12", "Coffee beans 250g"]
     question = "Which is priciest?\nA. Eggs x12\nB. Coffee beans 250g"
     checker = LeakChecker("B", question, choices, "B")
-    early = Rationale(question=question, answer="B", steps=[
-        RationaleStep(thought="Option B looks right; I will read prices.",
-                      operators=[OperatorCall(name="ocr", result="Coffee beans 250g 11.90")]),
-    ])
+    early = Rationale(
+        question=question,
+        answer="B",
+        steps=[
+            RationaleStep(
+                thought="Option B looks right; I will read prices.",
+                operators=[OperatorCall(name="ocr", result="Coffee beans 250g 11.90")],
+            ),
+        ],
+    )
     assert checker.check(early) is not None
-    ok = Rationale(question=question, answer="B", steps=[
-        RationaleStep(thought="A receipt: I will read the prices.",
-                      operators=[OperatorCall(name="ocr", result="Coffee beans 250g 11.90")]),
-        RationaleStep(thought="Coffee beans 250g costs the most, so the answer is B.",
-                      signal="end"),
-    ])
+    ok = Rationale(
+        question=question,
+        answer="B",
+        steps=[
+            RationaleStep(
+                thought="A receipt: I will read the prices.",
+                operators=[OperatorCall(name="ocr", result="Coffee beans 250g 11.90")],
+            ),
+            RationaleStep(
+                thought="Coffee beans 250g costs the most, so the answer is B.", signal="end"
+            ),
+        ],
+    )
     assert checker.check(ok) is None
     # "A" as an article is not the option letter A.
     assert LeakChecker("A", question, choices, "A").mentions("A receipt with prices") is None
@@ -233,10 +299,16 @@ def test_leak_check_for_multiple_choice_uses_the_letter_and_option_text() -> Non
 def test_rationale_stage_regenerates_a_leaking_sample_then_drops_it(tmp_path: Path) -> None:
     tasks = tmp_path / "tasks"
     asyncio.run(run_ingest(IngestConfig(source=SAMPLE, out=tasks, limit=1), progress=False))
-    leak_first = json.dumps({"thought": "The total is 36.69; I will check with OCR.",
-                             "operators": ["ocr"], "next_action": "continue"})
-    honest_first = json.dumps({"thought": "I will read the receipt.", "operators": ["ocr"],
-                               "next_action": "continue"})
+    leak_first = json.dumps(
+        {
+            "thought": "The total is 36.69; I will check with OCR.",
+            "operators": ["ocr"],
+            "next_action": "continue",
+        }
+    )
+    honest_first = json.dumps(
+        {"thought": "I will read the receipt.", "operators": ["ocr"], "next_action": "continue"}
+    )
     final = json.dumps({"thought": "OCR reads TOTAL 36.69.", "next_action": "final_answer"})
 
     def make_teacher(always_leak: bool) -> Any:
@@ -246,17 +318,24 @@ def test_rationale_stage_regenerates_a_leaking_sample_then_drops_it(tmp_path: Pa
             retry = "previous attempt was rejected" in texts[1]
             first = honest_first if retry and not always_leak else leak_first
             return [first, final, "36.69"][n]
+
         return respond
 
     ops = OperatorConfig(operators=["ocr"], rag=False)
     for always, expect_written in ((False, 1), (True, 0)):
         out = tmp_path / f"rationale-{always}"
         with ScriptedOpenAIServer(make_teacher(always)) as server:
-            cfg = RationaleConfig(tasks=tasks, out=out, teacher="openai:t", operators=ops,
-                                  backend=ModelOptions(base_url=server.base_url))
+            cfg = RationaleConfig(
+                tasks=tasks,
+                out=out,
+                teacher="openai:t",
+                operators=ops,
+                backend=ModelOptions(base_url=server.base_url),
+            )
             result, dataset = asyncio.run(run_rationale(cfg, progress=False))
-            retries = [r for r in server.requests if "previous attempt was rejected"
-                       in r.texts()[1]]
+            retries = [
+                r for r in server.requests if "previous attempt was rejected" in r.texts()[1]
+            ]
         assert result.written == expect_written
         assert retries and "states the answer before any tool output" in retries[0].texts()[1]
         if always:
@@ -282,32 +361,54 @@ def test_ingest_reads_every_format_with_stable_ids_and_style_constraints(tmp_pat
         {"qid": "a", "img": str(RECEIPT_IMAGE), "q": "What is the total?", "a": "36.69"},
         {"qid": "b", "img": str(RECEIPT_IMAGE), "q": "Is this a receipt?", "a": "Yes"},
         {"qid": "c", "img": str(RECEIPT_IMAGE), "q": "Which shop?", "a": "Green Leaf Market"},
-        {"qid": "d", "img": str(RECEIPT_IMAGE), "q": "Describe the layout of this document.",
-         "a": "A header with the shop name, then items with prices, then totals."},
-        {"qid": "e", "img": str(RECEIPT_IMAGE), "q": "Which costs most?", "a": "Eggs x12",
-         "opts": ["Bananas 1.2kg", "Eggs x12"]},
+        {
+            "qid": "d",
+            "img": str(RECEIPT_IMAGE),
+            "q": "Describe the layout of this document.",
+            "a": "A header with the shop name, then items with prices, then totals.",
+        },
+        {
+            "qid": "e",
+            "img": str(RECEIPT_IMAGE),
+            "q": "Which costs most?",
+            "a": "Eggs x12",
+            "opts": ["Bananas 1.2kg", "Eggs x12"],
+        },
     ]
     jsonl = tmp_path / "qa.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cols = {"image": "img", "question": "q", "answer": "a", "choices": "opts", "id": "qid"}
     parquet = tmp_path / "qa.parquet"
-    pq.write_table(pa.Table.from_pylist([
-        {**r, "img": {"bytes": png, "path": "receipt.png"}, "opts": r.get("opts", [])}
-        for r in rows]), parquet)
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {**r, "img": {"bytes": png, "path": "receipt.png"}, "opts": r.get("opts", [])}
+                for r in rows
+            ]
+        ),
+        parquet,
+    )
     hf_dir = tmp_path / "hf"
-    datasets.Dataset.from_list([{**r, "img": str(RECEIPT_IMAGE), "opts": r.get("opts", [])}
-                                for r in rows]).cast_column(
-        "img", datasets.Image()).save_to_disk(str(hf_dir))
+    datasets.Dataset.from_list(
+        [{**r, "img": str(RECEIPT_IMAGE), "opts": r.get("opts", [])} for r in rows]
+    ).cast_column("img", datasets.Image()).save_to_disk(str(hf_dir))
     csv_path = tmp_path / "qa.csv"
-    csv_path.write_text("qid,img,q,a,opts\n" + "".join(
-        f'{r["qid"]},{r["img"]},"{r["q"]}","{r["a"]}","{"|".join(r.get("opts", []))}"\n'
-        for r in rows))
+    csv_path.write_text(
+        "qid,img,q,a,opts\n"
+        + "".join(
+            f'{r["qid"]},{r["img"]},"{r["q"]}","{r["a"]}","{"|".join(r.get("opts", []))}"\n'
+            for r in rows
+        )
+    )
 
     ids = {}
     for source in (jsonl, parquet, hf_dir, csv_path):
         out = tmp_path / f"tasks-{source.name}"
-        result, ds = asyncio.run(run_ingest(IngestConfig(
-            source=source, out=out, name="demo", columns=cols), progress=False))
+        result, ds = asyncio.run(
+            run_ingest(
+                IngestConfig(source=source, out=out, name="demo", columns=cols), progress=False
+            )
+        )
         assert result.written == 5, source
         tasks = {t.metadata["item_id"]: t for t in ds}
         ids[source.name] = sorted(t.id for t in tasks.values())
@@ -316,9 +417,11 @@ def test_ingest_reads_every_format_with_stable_ids_and_style_constraints(tmp_pat
         assert tasks["b"].gold.value == "Yes"  # answers unchanged
         assert tasks["c"].query.endswith("single word or phrase.")
         assert tasks["d"].query == "Describe the layout of this document."  # long: no constraint
-        assert tasks["e"].query == ("Which costs most?\nA. Bananas 1.2kg\nB. Eggs x12\n"
-                                    "Answer with the option's letter from the given choices "
-                                    "directly.")
+        assert tasks["e"].query == (
+            "Which costs most?\nA. Bananas 1.2kg\nB. Eggs x12\n"
+            "Answer with the option's letter from the given choices "
+            "directly."
+        )
         assert (tasks["e"].gold.value, tasks["e"].gold.kind) == ("B", "choice")
         assert tasks["e"].gold.aliases == ["Eggs x12"]
         (ref,) = tasks["a"].files
@@ -332,11 +435,22 @@ def test_ingest_reports_and_skips_broken_and_missing_images_via_cli(tmp_path: Pa
     broken.write_bytes(b"this is not a png")
     Image.new("RGB", (40, 20), "white").save(tmp_path / "ok.png")
     csv_path = tmp_path / "qa.csv"
-    csv_path.write_text("picture,question,answer\nok.png,What colour is it?,white\n"
-                        "missing.png,What is this?,a cat\nbroken.png,What is this?,a dog\n")
+    csv_path.write_text(
+        "picture,question,answer\nok.png,What colour is it?,white\n"
+        "missing.png,What is this?,a cat\nbroken.png,What is this?,a dog\n"
+    )
     out = tmp_path / "tasks"
-    args = ["mmat", "ingest", "--source", str(csv_path), "--out", str(out), "--image-col",
-            "picture", "--quiet"]
+    args = [
+        "mmat",
+        "ingest",
+        "--source",
+        str(csv_path),
+        "--out",
+        str(out),
+        "--image-col",
+        "picture",
+        "--quiet",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "1 written" in result.output and "2 dropped" in result.output
@@ -349,8 +463,10 @@ def test_ingest_reports_and_skips_broken_and_missing_images_via_cli(tmp_path: Pa
     assert "0 written, 3 already done" in again.output  # resumed, nothing duplicated
     assert len(Dataset.open(out, Task)) == 1
     # A wrong column mapping is a clear error before anything is written.
-    bad = CliRunner().invoke(app, ["mmat", "ingest", "--source", str(csv_path), "--out",
-                                   str(tmp_path / "bad"), "--quiet"])
+    bad = CliRunner().invoke(
+        app,
+        ["mmat", "ingest", "--source", str(csv_path), "--out", str(tmp_path / "bad"), "--quiet"],
+    )
     assert bad.exit_code == 2 and "no column for image ('image')" in bad.output
     assert "picture" in bad.output and "--image-col" in bad.output
     with pytest.raises(IngestError, match="does not exist"):
@@ -363,9 +479,14 @@ def test_unavailable_operators_fail_at_startup_before_any_model_call(tmp_path: P
     asyncio.run(run_ingest(IngestConfig(source=SAMPLE, out=tasks, limit=1), progress=False))
     with ScriptedOpenAIServer(["never used"]) as server:
         cfg = RationaleConfig(
-            tasks=tasks, out=tmp_path / "r", teacher="openai:t",
-            operators=OperatorConfig(operators=["label_bbox", "ocr"],
-                                     detector=str(tmp_path / "no-such-detector"), rag=False),
+            tasks=tasks,
+            out=tmp_path / "r",
+            teacher="openai:t",
+            operators=OperatorConfig(
+                operators=["label_bbox", "ocr"],
+                detector=str(tmp_path / "no-such-detector"),
+                rag=False,
+            ),
             backend=ModelOptions(base_url=server.base_url),
         )
         with pytest.raises(OperatorUnavailable, match="operator 'label_bbox' cannot run"):
@@ -398,31 +519,58 @@ def _tiny_owlv2(root: Path) -> Path:
     tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=96)
     eos = tok.convert_tokens_to_ids("<|endoftext|>")
     torch.manual_seed(0)
-    model = Owlv2ForObjectDetection(Owlv2Config(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=96,
-                         bos_token_id=tok.convert_tokens_to_ids("<|startoftext|>"),
-                         eos_token_id=eos, pad_token_id=eos),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2, image_size=32, patch_size=8),
-        projection_dim=32))
+    model = Owlv2ForObjectDetection(
+        Owlv2Config(
+            text_config=dict(
+                vocab_size=len(tok),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                max_position_embeddings=96,
+                bos_token_id=tok.convert_tokens_to_ids("<|startoftext|>"),
+                eos_token_id=eos,
+                pad_token_id=eos,
+            ),
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=32,
+                patch_size=8,
+            ),
+            projection_dim=32,
+        )
+    )
     model.save_pretrained(root)
-    Owlv2Processor(image_processor=Owlv2ImageProcessorPil(size={"height": 32, "width": 32}),
-                   tokenizer=tok).save_pretrained(root)
+    Owlv2Processor(
+        image_processor=Owlv2ImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tok
+    ).save_pretrained(root)
     return root
 
 
 def test_label_bbox_runs_the_real_detector_loaded_at_startup(tmp_path: Path) -> None:
     detector = _tiny_owlv2(tmp_path / "owlv2")
-    ops = OperatorSet(OperatorConfig(operators=["label_bbox", "ocr"], detector=str(detector),
-                                     rag=False, tool_options={
-                                         "object_localization": {"threshold": 0.0,
-                                                                 "device": "cpu"}}))
+    ops = OperatorSet(
+        OperatorConfig(
+            operators=["label_bbox", "ocr"],
+            detector=str(detector),
+            rag=False,
+            tool_options={"object_localization": {"threshold": 0.0, "device": "cpu"}},
+        )
+    )
     asyncio.run(ops.startup())
     (tmp_path / "work").mkdir()
     Image.open(RECEIPT_IMAGE).save(tmp_path / "work" / "receipt.png")
-    calls, problems = asyncio.run(ops.run(["label_bbox", "ocr", "zoom"], tmp_path / "work",
-                                          ["receipt.png"], "Which price is the highest?\nA..."))
+    calls, problems = asyncio.run(
+        ops.run(
+            ["label_bbox", "ocr", "zoom"],
+            tmp_path / "work",
+            ["receipt.png"],
+            "Which price is the highest?\nA...",
+        )
+    )
     assert problems == ["'zoom' is not an available operator (available: label_bbox, ocr)"]
     bbox, ocr = calls
     assert bbox.error is None and bbox.data["model"] == str(detector)
@@ -450,11 +598,14 @@ def test_rr_inference_completes_the_reflection_loop_and_extracts_the_answer(
         "36.69",
     ]
     with ScriptedOpenAIServer(replies) as server:
-        cfg = InferConfig(tasks=_receipt_tasks(tmp_path), out=tmp_path / "infer",
-                          model="openai:tuned", mode="rr",
-                          operators=OperatorConfig(operators=["ocr", "face_detection"],
-                                                   rag=False),
-                          backend=ModelOptions(base_url=server.base_url))
+        cfg = InferConfig(
+            tasks=_receipt_tasks(tmp_path),
+            out=tmp_path / "infer",
+            model="openai:tuned",
+            mode="rr",
+            operators=OperatorConfig(operators=["ocr", "face_detection"], rag=False),
+            backend=ModelOptions(base_url=server.base_url),
+        )
         result, dataset = asyncio.run(run_infer(cfg, progress=False))
         requests = list(server.requests)
     assert result.written == 1 and len(requests) == 4
@@ -468,8 +619,9 @@ def test_rr_inference_completes_the_reflection_loop_and_extracts_the_answer(
     assert dialogue.format == "rr" and dialogue.metadata["answer"] == "36.69"
     assert dialogue.metadata["reflections"] == 1 and dialogue.metadata["status"] == "completed"
     assert dialogue.metadata["operator_calls"] == ["ocr"]
-    assert [m.role for m in dialogue.messages] == (["system", "user"] + ["assistant", "user"] * 3
-                                                  + ["assistant"])
+    assert [m.role for m in dialogue.messages] == (
+        ["system", "user"] + ["assistant", "user"] * 3 + ["assistant"]
+    )
     preds = [json.loads(x) for x in (tmp_path / "infer/predictions.jsonl").read_text().splitlines()]
     assert preds == [{"id": "receipt-total", "prediction": "36.69", "extracted": "36.69"}]
     report = score_vqa(tmp_path / "infer/gold.jsonl", tmp_path / "infer/predictions.jsonl")
@@ -477,13 +629,18 @@ def test_rr_inference_completes_the_reflection_loop_and_extracts_the_answer(
 
 
 def test_orr_inference_inlines_operator_results_first(tmp_path: Path) -> None:
-    reply = ("<THOUGHT>The OCR lines show TOTAL 36.69.</THOUGHT>"
-             "<ANSWER>The answer is: 36.69</ANSWER>")
+    reply = (
+        "<THOUGHT>The OCR lines show TOTAL 36.69.</THOUGHT><ANSWER>The answer is: 36.69</ANSWER>"
+    )
     with ScriptedOpenAIServer([reply]) as server:
-        cfg = InferConfig(tasks=_receipt_tasks(tmp_path), out=tmp_path / "orr",
-                          model="openai:tuned", mode="orr",
-                          operators=OperatorConfig(operators=["ocr"], rag=False),
-                          backend=ModelOptions(base_url=server.base_url))
+        cfg = InferConfig(
+            tasks=_receipt_tasks(tmp_path),
+            out=tmp_path / "orr",
+            model="openai:tuned",
+            mode="orr",
+            operators=OperatorConfig(operators=["ocr"], rag=False),
+            backend=ModelOptions(base_url=server.base_url),
+        )
         _, dataset = asyncio.run(run_infer(cfg, progress=False))
         (request,) = server.requests
     user = request.texts()[-1]
@@ -493,12 +650,17 @@ def test_orr_inference_inlines_operator_results_first(tmp_path: Path) -> None:
 
 
 def test_rr_inference_forces_an_answer_after_repeated_format_errors(tmp_path: Path) -> None:
-    with ScriptedOpenAIServer(["I think it is 36.69", "still no tags", "The answer is: 36.69"]
-                              ) as server:
-        cfg = InferConfig(tasks=_receipt_tasks(tmp_path), out=tmp_path / "bad",
-                          model="openai:tuned", max_format_errors=1,
-                          operators=OperatorConfig(operators=["ocr"], rag=False),
-                          backend=ModelOptions(base_url=server.base_url))
+    with ScriptedOpenAIServer(
+        ["I think it is 36.69", "still no tags", "The answer is: 36.69"]
+    ) as server:
+        cfg = InferConfig(
+            tasks=_receipt_tasks(tmp_path),
+            out=tmp_path / "bad",
+            model="openai:tuned",
+            max_format_errors=1,
+            operators=OperatorConfig(operators=["ocr"], rag=False),
+            backend=ModelOptions(base_url=server.base_url),
+        )
         _, dataset = asyncio.run(run_infer(cfg, progress=False))
         assert "did not follow the step format" in server.requests[1].texts()[-1]
     (dialogue,) = dataset.records()
@@ -510,4 +672,3 @@ def test_mmat_commands_have_help() -> None:
     for command in ("ingest", "rationale", "reflect", "render", "infer", "run"):
         result = CliRunner().invoke(app, ["mmat", command, "--help"])
         assert result.exit_code == 0 and "Usage" in result.output, command
-

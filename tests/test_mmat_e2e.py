@@ -29,47 +29,85 @@ from tracetune.store import Dataset
 from tracetune.testing import ScriptedOpenAIServer
 
 SAMPLE = DATA_DIR / "mmat" / "sample.jsonl"
+# Loads OCR, face cascades and MiniLM and runs 5 samples through 4 stages: ~25 s on 2 cores.
+pytestmark = pytest.mark.slow
 
 SCRIPTS: dict[str, list[Any]] = {
     "total amount": [
-        {"thought": "The question asks for the amount paid, so I need to read the receipt.",
-         "operators": ["ocr"], "rag": {"needed": False, "query": ""}, "next_action": "continue"},
-        {"thought": "The OCR output has the line 'TOTAL 36.69', which is the amount paid.",
-         "operators": [], "rag": {"needed": False, "query": ""}, "next_action": "final_answer"},
+        {
+            "thought": "The question asks for the amount paid, so I need to read the receipt.",
+            "operators": ["ocr"],
+            "rag": {"needed": False, "query": ""},
+            "next_action": "continue",
+        },
+        {
+            "thought": "The OCR output has the line 'TOTAL 36.69', which is the amount paid.",
+            "operators": [],
+            "rag": {"needed": False, "query": ""},
+            "next_action": "final_answer",
+        },
         "36.69",
     ],
     "most expensive": [
-        {"thought": "I need the item prices, which are printed text.", "operators": ["ocr"],
-         "next_action": "continue"},
-        {"thought": "The prices read are 3.49, 5.25, 6.80, 4.15, 2.38 and 11.90; the highest "
-                    "is Coffee beans 250g at 11.90, which is option B.",
-         "operators": [], "next_action": "final_answer"},
+        {
+            "thought": "I need the item prices, which are printed text.",
+            "operators": ["ocr"],
+            "next_action": "continue",
+        },
+        {
+            "thought": "The prices read are 3.49, 5.25, 6.80, 4.15, 2.38 and 11.90; the highest "
+            "is Coffee beans 250g at 11.90, which is option B.",
+            "operators": [],
+            "next_action": "final_answer",
+        },
         "B",
     ],
     "more is the total": [
-        {"thought": "I need the subtotal and the total from the receipt.", "operators": ["ocr"],
-         "next_action": "continue"},
-        {"thought": "The receipt shows subtotal 33.97 and tax 2.72, so the difference is 2.72.",
-         "operators": [], "next_action": "final_answer"},
+        {
+            "thought": "I need the subtotal and the total from the receipt.",
+            "operators": ["ocr"],
+            "next_action": "continue",
+        },
+        {
+            "thought": "The receipt shows subtotal 33.97 and tax 2.72, so the difference is 2.72.",
+            "operators": [],
+            "next_action": "final_answer",
+        },
         "2.72",
     ],
     "faces": [
-        {"thought": "This is about people in the photo: I will detect faces and get an "
-                    "overall description.",
-         "operators": ["face_detection", "image_caption"], "next_action": "continue"},
-        {"thought": "Face detection found exactly one face, and the caption describes a "
-                    "single person.", "operators": [], "next_action": "final_answer"},
+        {
+            "thought": "This is about people in the photo: I will detect faces and get an "
+            "overall description.",
+            "operators": ["face_detection", "image_caption"],
+            "next_action": "continue",
+        },
+        {
+            "thought": "Face detection found exactly one face, and the caption describes a "
+            "single person.",
+            "operators": [],
+            "next_action": "final_answer",
+        },
         "1",
     ],
     "which country": [
-        {"thought": "The sign has text; I will read it.", "operators": ["ocr"],
-         "next_action": "continue"},
-        {"thought": "The sign names the Great Barrier Reef. Where it lies is not written on "
-                    "the sign, so I will look it up.", "operators": [],
-         "rag": {"needed": True, "query": "where is the Great Barrier Reef"},
-         "next_action": "continue"},
-        {"thought": "The passage says the reef lies off the coast of Queensland, Australia.",
-         "operators": [], "next_action": "final_answer"},
+        {
+            "thought": "The sign has text; I will read it.",
+            "operators": ["ocr"],
+            "next_action": "continue",
+        },
+        {
+            "thought": "The sign names the Great Barrier Reef. Where it lies is not written on "
+            "the sign, so I will look it up.",
+            "operators": [],
+            "rag": {"needed": True, "query": "where is the Great Barrier Reef"},
+            "next_action": "continue",
+        },
+        {
+            "thought": "The passage says the reef lies off the coast of Queensland, Australia.",
+            "operators": [],
+            "next_action": "final_answer",
+        },
         "Australia",
     ],
 }
@@ -98,16 +136,24 @@ def teacher(body: dict[str, Any], scripts: dict[str, list[Any]] | None = None) -
         return json.dumps(reply) if isinstance(reply, dict) else str(reply)
     if "skips calculation steps" in first:
         flagged = "more is the total" in first
-        return json.dumps({"flagged": flagged, "reason": "the difference is stated without "
-                           "computing it" if flagged else "every number is read or computed"})
+        return json.dumps(
+            {
+                "flagged": flagged,
+                "reason": "the difference is stated without computing it"
+                if flagged
+                else "every number is read or computed",
+            }
+        )
     if "without support" in first:
         return json.dumps({"flagged": False, "reason": "every claim rests on a tool output"})
     if "Repair it" in first:
-        return json.dumps({
-            "critique": "I named the difference without doing the subtraction.",
-            "derivation": "The total is 36.69 and the subtotal is 33.97, so the difference "
-                          "is 36.69 - 33.97 = 2.72.",
-        })
+        return json.dumps(
+            {
+                "critique": "I named the difference without doing the subtraction.",
+                "derivation": "The total is 36.69 and the subtotal is 33.97, so the difference "
+                "is 36.69 - 33.97 = 2.72.",
+            }
+        )
     return CAPTION
 
 
@@ -117,8 +163,9 @@ def _run_config(out: Path, base_url: str) -> MMATRunConfig:
         source=SAMPLE,
         teacher="openai:teacher",
         backend=ModelOptions(base_url=base_url, max_retries=0),
-        operators=OperatorConfig(operators=["image_caption", "ocr", "face_detection"],
-                                 corpus=CORPUS),
+        operators=OperatorConfig(
+            operators=["image_caption", "ocr", "face_detection"], corpus=CORPUS
+        ),
     )
 
 
@@ -131,8 +178,13 @@ def engine_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         # A rerun of every stage finds all the work done and asks the teacher nothing.
         again = asyncio.run(run_pipeline(_run_config(out, server.base_url), progress=False))
         rerun_calls = server.calls - len(requests)
-    return {"out": out, "summary": summary, "again": again, "requests": requests,
-            "rerun_calls": rerun_calls}
+    return {
+        "out": out,
+        "summary": summary,
+        "again": again,
+        "requests": requests,
+        "rerun_calls": rerun_calls,
+    }
 
 
 def _by_question(dataset: Dataset[Any], words: str) -> Any:
@@ -176,13 +228,20 @@ def test_operator_outputs_come_from_the_real_tools(engine_run: dict[str, Any]) -
     results = dict(faces.steps[0].results)
     assert results["face_detection"].startswith("1 face found: [")  # OpenCV's cascades
     assert results["image_caption"] == CAPTION  # the caption tool asked the VLM over HTTP
-    caption_requests = [r for r in engine_run["requests"]
-                        if "worked, step-by-step" not in (r.texts() or [""])[0]
-                        and r.image_urls() and len(r.messages) == 1]
+    caption_requests = [
+        r
+        for r in engine_run["requests"]
+        if "worked, step-by-step" not in (r.texts() or [""])[0]
+        and r.image_urls()
+        and len(r.messages) == 1
+    ]
     assert caption_requests and caption_requests[0].image_urls()[0].startswith("data:image/png")
     reef = parse_rr(_by_question(rr, "which country"))
     assert dict(reef.steps[0].results)["ocr"].splitlines() == [
-        "WELCOME TO THE", "GREAT BARRIER REEF", "VISITOR CENTRE"]
+        "WELCOME TO THE",
+        "GREAT BARRIER REEF",
+        "VISITOR CENTRE",
+    ]
     assert reef.steps[1].step.rag == "where is the Great Barrier Reef"
     rag_text = dict(reef.steps[1].results)["rag"]
     assert rag_text.startswith("[1] The Great Barrier Reef") and "Queensland" in rag_text
@@ -218,8 +277,11 @@ def test_reflection_repairs_the_flagged_sample_and_counts_it(engine_run: dict[st
     assert "36.69 - 33.97 = 2.72" in tax.steps[2].step.thought
     orr = Dataset.open(out / "orr", Dialogue)
     thought, _ = parse_orr_assistant(_by_question(orr, "more is the total").messages[2].text)
-    assert thought.index("subtotal 33.97 and tax") < thought.index("without doing the") \
+    assert (
+        thought.index("subtotal 33.97 and tax")
+        < thought.index("without doing the")
         < thought.index("36.69 - 33.97")
+    )
 
 
 def test_rendered_dialogues_export_through_the_trainers_formats(
@@ -230,8 +292,10 @@ def test_rendered_dialogues_export_through_the_trainers_formats(
         for exporter in ("trl-sft", "llamafactory", "swift"):
             report = export_dataset(exporter, out / fmt, tmp_path / f"{fmt}-{exporter}")
             assert report.rows == 5, (fmt, exporter)
-        rows = [json.loads(line) for line in
-                (tmp_path / f"{fmt}-trl-sft" / "train.jsonl").read_text().splitlines()]
+        rows = [
+            json.loads(line)
+            for line in (tmp_path / f"{fmt}-trl-sft" / "train.jsonl").read_text().splitlines()
+        ]
         assert all(len(r["images"]) == 1 for r in rows)
         assert all(r["messages"][-1]["role"] == "assistant" for r in rows)
     # ORR from the stored RR records is the stored ORR record, byte for byte.

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-import yaml
+import yaml  # type: ignore[import-untyped]
 from pydantic import BaseModel
 from rich.console import Console
 
@@ -25,12 +25,18 @@ C = TypeVar("C", bound=BaseModel)
 ConfigOpt = Annotated[Path | None, typer.Option(help="YAML file with these options.")]
 QuietOpt = Annotated[bool, typer.Option(help="No progress bar.")]
 BaseUrlOpt = Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint URL.")]
-OperatorsOpt = Annotated[str | None, typer.Option(
-    help="Comma-separated operators: image_caption, label_bbox, ocr, face_detection.")]
+OperatorsOpt = Annotated[
+    str | None,
+    typer.Option(help="Comma-separated operators: image_caption, label_bbox, ocr, face_detection."),
+]
 CorpusOpt = Annotated[Path | None, typer.Option(help="Local corpus for rag (folder or JSONL).")]
 NoRagOpt = Annotated[bool, typer.Option("--no-rag", help="Offer no retrieval.")]
-DetectorOpt = Annotated[str | None, typer.Option(
-    help="label_bbox detector: hub id or local directory (OWL-ViT/OWLv2/Grounding DINO).")]
+DetectorOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="label_bbox detector: hub id or local directory (OWL-ViT/OWLv2/Grounding DINO)."
+    ),
+]
 CaptionOpt = Annotated[str | None, typer.Option(help="Model spec behind image_caption.")]
 
 
@@ -38,8 +44,12 @@ def _names(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
-def _config(cls: type[C], config: Path | None, flags: dict[str, Any],
-            nested: dict[str, dict[str, Any]] | None = None) -> C:
+def _config(
+    cls: type[C],
+    config: Path | None,
+    flags: dict[str, Any],
+    nested: dict[str, dict[str, Any]] | None = None,
+) -> C:
     """YAML file, then flags, then nested flags merged into their sections."""
     data: dict[str, Any] = {}
     if config is not None:
@@ -59,10 +69,20 @@ def _config(cls: type[C], config: Path | None, flags: dict[str, Any],
     return build_config(cls, None, **data)
 
 
-def _operator_flags(operators: str | None, corpus: Path | None, no_rag: bool,
-                    detector: str | None, caption_model: str | None) -> dict[str, Any]:
-    return {"operators": _names(operators), "corpus": corpus, "rag": False if no_rag else None,
-            "detector": detector, "caption_model": caption_model}
+def _operator_flags(
+    operators: str | None,
+    corpus: Path | None,
+    no_rag: bool,
+    detector: str | None,
+    caption_model: str | None,
+) -> dict[str, Any]:
+    return {
+        "operators": _names(operators),
+        "corpus": corpus,
+        "rag": False if no_rag else None,
+        "detector": detector,
+        "caption_model": caption_model,
+    }
 
 
 def _backend(base_url: str | None) -> dict[str, Any]:
@@ -77,8 +97,16 @@ def _run(coro: Any) -> Any:
 
     try:
         return run_async(coro)
-    except (IngestError, OperatorUnavailable, DatasetError, BackendError, StageAborted,
-            GrammarError, FileNotFoundError, ValueError) as exc:
+    except (
+        IngestError,
+        OperatorUnavailable,
+        DatasetError,
+        BackendError,
+        StageAborted,
+        GrammarError,
+        FileNotFoundError,
+        ValueError,
+    ) as exc:
         fail(str(exc).strip("'\""))
 
 
@@ -91,8 +119,9 @@ def _report(result: Any, out: Path) -> None:
 
 @app.command("ingest")
 def ingest(
-    source: Annotated[Path | None, typer.Option(
-        help="QA data: HF dataset dir, .parquet, .jsonl or .csv.")] = None,
+    source: Annotated[
+        Path | None, typer.Option(help="QA data: HF dataset dir, .parquet, .jsonl or .csv.")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Output task dataset (resumable).")] = None,
     format: Annotated[str | None, typer.Option(help="auto, hf, parquet, jsonl or csv.")] = None,
     image_col: Annotated[str | None, typer.Option(help="Image column (default image).")] = None,
@@ -101,10 +130,12 @@ def ingest(
     choices_col: Annotated[str | None, typer.Option(help="Choices column, if any.")] = None,
     id_col: Annotated[str | None, typer.Option(help="Stable item id column, if any.")] = None,
     split: Annotated[str | None, typer.Option(help="Split of an HF DatasetDict.")] = None,
-    images_root: Annotated[Path | None, typer.Option(
-        help="Folder relative image paths are relative to.")] = None,
-    no_style: Annotated[bool, typer.Option(
-        "--no-style", help="Do not append answer-style constraints.")] = False,
+    images_root: Annotated[
+        Path | None, typer.Option(help="Folder relative image paths are relative to.")
+    ] = None,
+    no_style: Annotated[
+        bool, typer.Option("--no-style", help="Do not append answer-style constraints.")
+    ] = False,
     limit: Annotated[int | None, typer.Option(help="Only the first N rows.")] = None,
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
@@ -114,11 +145,28 @@ def ingest(
     skipped."""
     from tracetune.engine.ingest import IngestConfig, run_ingest
 
-    cfg = _config(IngestConfig, config, {
-        "source": source, "out": out, "format": format, "split": split,
-        "images_root": images_root, "answer_style": False if no_style else None, "limit": limit,
-    }, {"columns": {"image": image_col, "question": question_col, "answer": answer_col,
-                    "choices": choices_col, "id": id_col}})
+    cfg = _config(
+        IngestConfig,
+        config,
+        {
+            "source": source,
+            "out": out,
+            "format": format,
+            "split": split,
+            "images_root": images_root,
+            "answer_style": False if no_style else None,
+            "limit": limit,
+        },
+        {
+            "columns": {
+                "image": image_col,
+                "question": question_col,
+                "answer": answer_col,
+                "choices": choices_col,
+                "id": id_col,
+            }
+        },
+    )
     result, dataset = _run(run_ingest(cfg, progress=not quiet))
     _report(result, dataset.root)
 
@@ -134,8 +182,9 @@ def rationale(
     detector: DetectorOpt = None,
     caption_model: CaptionOpt = None,
     max_steps: Annotated[int | None, typer.Option(help="Teacher steps per sample.")] = None,
-    max_attempts: Annotated[int | None, typer.Option(
-        help="Tries per sample when the leak check rejects one.")] = None,
+    max_attempts: Annotated[
+        int | None, typer.Option(help="Tries per sample when the leak check rejects one.")
+    ] = None,
     concurrency: Annotated[int | None, typer.Option(help="Samples in flight.")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N tasks.")] = None,
     max_cost: Annotated[float | None, typer.Option(help="Stop after this many USD.")] = None,
@@ -147,25 +196,37 @@ def rationale(
     operators and retrieval it asks for. Leaking samples are regenerated or dropped."""
     from tracetune.engine.rationale import RationaleConfig, run_rationale
 
-    cfg = _config(RationaleConfig, config, {
-        "tasks": tasks, "out": out, "teacher": teacher, "max_steps": max_steps,
-        "max_attempts": max_attempts, "concurrency": concurrency, "limit": limit,
-        "max_cost_usd": max_cost,
-    }, {"operators": _operator_flags(operators, corpus, no_rag, detector, caption_model),
-        "backend": _backend(base_url)})
+    cfg = _config(
+        RationaleConfig,
+        config,
+        {
+            "tasks": tasks,
+            "out": out,
+            "teacher": teacher,
+            "max_steps": max_steps,
+            "max_attempts": max_attempts,
+            "concurrency": concurrency,
+            "limit": limit,
+            "max_cost_usd": max_cost,
+        },
+        {
+            "operators": _operator_flags(operators, corpus, no_rag, detector, caption_model),
+            "backend": _backend(base_url),
+        },
+    )
     result, dataset = _run(run_rationale(cfg, progress=not quiet))
     _report(result, dataset.root)
 
 
 @app.command("reflect")
 def reflect(
-    dialogues: Annotated[Path | None, typer.Option(help="RR dialogues from `mmat rationale`.")
-                         ] = None,
+    dialogues: Annotated[
+        Path | None, typer.Option(help="RR dialogues from `mmat rationale`.")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Output RR dialogues (resumable).")] = None,
     judge: Annotated[str | None, typer.Option(help="Judge model spec.")] = None,
     repairer: Annotated[str | None, typer.Option(help="Repair model (default: judge).")] = None,
-    checks: Annotated[str | None, typer.Option(help="Comma-separated: unsupported, math.")
-                      ] = None,
+    checks: Annotated[str | None, typer.Option(help="Comma-separated: unsupported, math.")] = None,
     concurrency: Annotated[int | None, typer.Option(help="Samples in flight.")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N dialogues.")] = None,
     max_cost: Annotated[float | None, typer.Option(help="Stop after this many USD.")] = None,
@@ -177,11 +238,21 @@ def reflect(
     flagged ones with reflection turns (OUT/verdicts keeps every judgement)."""
     from tracetune.engine.reflect import ReflectConfig, run_reflect
 
-    cfg = _config(ReflectConfig, config, {
-        "dialogues": dialogues, "out": out, "judge": judge, "repairer": repairer,
-        "checks": _names(checks), "concurrency": concurrency, "limit": limit,
-        "max_cost_usd": max_cost,
-    }, {"backend": _backend(base_url)})
+    cfg = _config(
+        ReflectConfig,
+        config,
+        {
+            "dialogues": dialogues,
+            "out": out,
+            "judge": judge,
+            "repairer": repairer,
+            "checks": _names(checks),
+            "concurrency": concurrency,
+            "limit": limit,
+            "max_cost_usd": max_cost,
+        },
+        {"backend": _backend(base_url)},
+    )
     result, dataset = _run(run_reflect(cfg, progress=not quiet))
     _report(result, dataset.root)
     stats = json.loads((dataset.root / "stats.json").read_text())
@@ -190,8 +261,9 @@ def reflect(
 
 @app.command("render")
 def render(
-    dialogues: Annotated[Path | None, typer.Option(help="RR dialogues (rationale or reflect).")
-                         ] = None,
+    dialogues: Annotated[
+        Path | None, typer.Option(help="RR dialogues (rationale or reflect).")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Output root: OUT/rr and OUT/orr.")] = None,
     formats: Annotated[str | None, typer.Option(help="Comma-separated: rr, orr.")] = None,
     config: ConfigOpt = None,
@@ -201,8 +273,9 @@ def render(
     them; export either with `tracetune export --format trl-sft|llamafactory|swift`."""
     from tracetune.engine.pipeline import RenderConfig, run_render
 
-    cfg = _config(RenderConfig, config, {"dialogues": dialogues, "out": out,
-                                         "formats": _names(formats)})
+    cfg = _config(
+        RenderConfig, config, {"dialogues": dialogues, "out": out, "formats": _names(formats)}
+    )
     results = _run(run_render(cfg, progress=not quiet))
     for fmt, result in results.items():
         _report(result, cfg.out / fmt)
@@ -210,11 +283,13 @@ def render(
 
 @app.command("infer")
 def infer(
-    tasks: Annotated[Path | None, typer.Option(help="Task dataset (e.g. from `mmat ingest`).")
-                     ] = None,
+    tasks: Annotated[
+        Path | None, typer.Option(help="Task dataset (e.g. from `mmat ingest`).")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Output dialogues and predictions.")] = None,
-    model: Annotated[str | None, typer.Option(help="Tuned model spec (local:DIR, openai:NAME).")
-                     ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Tuned model spec (local:DIR, openai:NAME).")
+    ] = None,
     mode: Annotated[str | None, typer.Option(help="rr (multi-turn) or orr (one turn).")] = None,
     operators: OperatorsOpt = None,
     corpus: CorpusOpt = None,
@@ -233,25 +308,39 @@ def infer(
     from tracetune.engine.infer import InferConfig, run_infer
     from tracetune.evaluate.vqa import score_vqa
 
-    cfg = _config(InferConfig, config, {
-        "tasks": tasks, "out": out, "model": model, "mode": mode, "max_turns": max_turns,
-        "concurrency": concurrency, "limit": limit,
-    }, {"operators": _operator_flags(operators, corpus, no_rag, detector, caption_model),
-        "backend": _backend(base_url)})
+    cfg = _config(
+        InferConfig,
+        config,
+        {
+            "tasks": tasks,
+            "out": out,
+            "model": model,
+            "mode": mode,
+            "max_turns": max_turns,
+            "concurrency": concurrency,
+            "limit": limit,
+        },
+        {
+            "operators": _operator_flags(operators, corpus, no_rag, detector, caption_model),
+            "backend": _backend(base_url),
+        },
+    )
     result, dataset = _run(run_infer(cfg, progress=not quiet))
     _report(result, dataset.root)
     gold = dataset.root / "gold.jsonl"
     if gold.read_text().strip():
         report = score_vqa(gold, dataset.root / "predictions.jsonl")
-        out_console.print(f"accuracy: {report.metrics.get('accuracy', 0.0):.2f}% over "
-                          f"{report.n_items} items")
+        out_console.print(
+            f"accuracy: {report.metrics.get('accuracy', 0.0):.2f}% over {report.n_items} items"
+        )
 
 
 @app.command("run")
 def run(
     config: Annotated[Path, typer.Argument(help="YAML file of an MMATRunConfig.")],
-    stages: Annotated[str | None, typer.Option(
-        help="Comma-separated subset: ingest, rationale, reflect, render.")] = None,
+    stages: Annotated[
+        str | None, typer.Option(help="Comma-separated subset: ingest, rationale, reflect, render.")
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Run the engine's stages in order from one config (each stage resumes)."""

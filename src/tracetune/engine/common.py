@@ -31,8 +31,9 @@ class StageOptions(BaseModel):
     )
 
 
-def load_metered(spec: str, backend: ModelOptions, out: Dataset[Any], stage: str,
-                 model: ChatModel | None = None) -> MeteredModel:
+def load_metered(
+    spec: str, backend: ModelOptions, out: Dataset[Any], stage: str, model: ChatModel | None = None
+) -> MeteredModel:
     """A model whose usage lands in ``out``'s run state (budgets, caching)."""
     from tracetune.models.base import load_model
 
@@ -87,8 +88,12 @@ def reference_text(task: Task) -> str:
     return task.gold.value
 
 
-def stage_stats(out: Dataset[Any], stage: str, result: StageResult | None = None,
-                extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def stage_stats(
+    out: Dataset[Any],
+    stage: str,
+    result: StageResult | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Counts over every run of ``stage`` into ``out`` (not just this one), with the drop
     and failure reasons, usage, and ``extra``; written to ``OUT/stats.json``."""
     reasons: dict[str, int] = {}
@@ -111,8 +116,11 @@ def stage_stats(out: Dataset[Any], stage: str, result: StageResult | None = None
     }
     if result is not None:
         stats["this_run"] = {
-            "written": result.written, "skipped": result.skipped, "dropped": result.dropped,
-            "failed": result.failed, "stopped": result.stopped,
+            "written": result.written,
+            "skipped": result.skipped,
+            "dropped": result.dropped,
+            "failed": result.failed,
+            "stopped": result.stopped,
         }
     stats.update(extra or {})
     path = Path(out.root) / "stats.json"

@@ -42,8 +42,12 @@ _MARKERS = re.compile(
     r"</?(?:THOUGHT|OPERATOR|RAG|SIGNAL|ANSWER|RESULT)\b[^>]*>|<\|(?:begin|end)_[a-z_]+\|>"
 )
 _ORR_CALL = re.compile(
-    re.escape(API_INVOKE[0]) + r"(?P<name>.*?)" + re.escape(API_INVOKE[1])
-    + re.escape(API_RESULT[0]) + r"(?P<text>.*?)" + re.escape(API_RESULT[1]),
+    re.escape(API_INVOKE[0])
+    + r"(?P<name>.*?)"
+    + re.escape(API_INVOKE[1])
+    + re.escape(API_RESULT[0])
+    + r"(?P<text>.*?)"
+    + re.escape(API_RESULT[1]),
     re.DOTALL,
 )
 _ORR_ANSWER = re.compile(

@@ -51,8 +51,8 @@ class InferOptions(StageOptions):
         default_factory=OperatorConfig, description="Operators and retrieval the engine runs."
     )
     orr_operators: list[OperatorName] | None = Field(
-        default=None, description="ORR mode: operators run before the model (default: all "
-        "enabled operators)."
+        default=None,
+        description="ORR mode: operators run before the model (default: all enabled operators).",
     )
     max_turns: int = Field(default=8, ge=1, description="RR: model steps before forcing an answer.")
     max_format_errors: int = Field(
@@ -142,7 +142,8 @@ class MMATInference:
                 self._user(chat, record, reflect_turn())
                 continue
             calls, problems = await self.operators.run(
-                step.operators, workdir.path, workdir.images, task.query)
+                step.operators, workdir.path, workdir.images, task.query
+            )
             results = [(c.name, c.result) for c in calls]
             result.operator_calls += [c.name for c in calls]
             if step.rag:
@@ -160,16 +161,14 @@ class MMATInference:
         return result
 
     async def _orr(self, task: Task, workdir: Workdir) -> InferenceResult:
-        names = self.options.orr_operators or self.operators.names
-        calls, _ = await self.operators.run(list(names), workdir.path, workdir.images,
-                                            task.query)
+        names: list[str] = list(self.options.orr_operators or self.operators.names)
+        calls, _ = await self.operators.run(list(names), workdir.path, workdir.images, task.query)
         text = orr_user_text(task.query, [(c.name, c.result) for c in calls])
         images = [str(workdir.path / n) for n in workdir.images]
         system = orr_system_prompt()
         chat = [text_message("system", system), text_message("user", text, images)]
         record = [Message.of("system", system), Message.of("user", text, task.images)]
-        result = InferenceResult(record, "", "", turns=1,
-                                 operator_calls=[c.name for c in calls])
+        result = InferenceResult(record, "", "", turns=1, operator_calls=[c.name for c in calls])
         result.prediction = await self._say(chat, record)
         try:
             _, result.answer = parse_orr_assistant(result.prediction, strict=False)
@@ -198,8 +197,13 @@ async def run_infer(
     metered = load_metered(config.model, config.backend, out, STAGE, model)
     captioner: Any = metered
     if config.operators.caption_model or caption_model is not None:
-        captioner = load_metered(config.operators.caption_model or config.model,
-                                 config.backend, out, STAGE, caption_model)
+        captioner = load_metered(
+            config.operators.caption_model or config.model,
+            config.backend,
+            out,
+            STAGE,
+            caption_model,
+        )
     operators = OperatorSet(config.operators, captioner)
     try:
         await operators.startup()
@@ -208,20 +212,38 @@ async def run_infer(
         async def process(task: Task) -> Dialogue:
             r = await engine.run(task, tasks_ds.assets)
             return Dialogue(
-                id=inference_id(task, config.mode), task=task, format=config.mode,
+                id=inference_id(task, config.mode),
+                task=task,
+                format=config.mode,
                 messages=r.messages,
-                provenance=Provenance(source=f"mmat:infer:{config.mode}", model=metered.spec,
-                                      prompt_hash=mmat_prompt_hash(), parent_id=task.id),
-                metadata={"prediction": r.prediction, "answer": r.answer, "status": r.status,
-                          "turns": r.turns, "reflections": r.reflections,
-                          "format_errors": r.format_errors, "operator_calls": r.operator_calls},
+                provenance=Provenance(
+                    source=f"mmat:infer:{config.mode}",
+                    model=metered.spec,
+                    prompt_hash=mmat_prompt_hash(),
+                    parent_id=task.id,
+                ),
+                metadata={
+                    "prediction": r.prediction,
+                    "answer": r.answer,
+                    "status": r.status,
+                    "turns": r.turns,
+                    "reflections": r.reflections,
+                    "format_errors": r.format_errors,
+                    "operator_calls": r.operator_calls,
+                },
             )
 
         result = await run_stage(
-            STAGE, tasks, key=lambda t: inference_id(t, config.mode), process=process, out=out,
+            STAGE,
+            tasks,
+            key=lambda t: inference_id(t, config.mode),
+            process=process,
+            out=out,
             concurrency=config.concurrency,
             budget=Budget(max_cost_usd=config.max_cost_usd, max_tokens=config.max_total_tokens),
-            sources=[tasks_ds.assets], progress=progress, total=len(tasks),
+            sources=[tasks_ds.assets],
+            progress=progress,
+            total=len(tasks),
             chunk_size=max(1, min(16, len(tasks) // 4)),
         )
     finally:
@@ -242,8 +264,13 @@ def write_eval_files(out: Dataset[Dialogue]) -> None:
     preds, golds = [], []
     for d in sorted(out, key=lambda d: item_id(d.task)):
         task = d.task
-        preds.append({"id": item_id(task), "prediction": d.metadata.get("prediction", ""),
-                      "extracted": d.metadata.get("answer", "")})
+        preds.append(
+            {
+                "id": item_id(task),
+                "prediction": d.metadata.get("prediction", ""),
+                "extracted": d.metadata.get("answer", ""),
+            }
+        )
         if task.gold is not None:
             gold: dict[str, Any] = {"id": item_id(task), "answer": task.gold.value}
             if choices_of(task) and task.gold.kind == "choice":

@@ -57,8 +57,9 @@ class ColumnMapping(BaseModel):
     question: str = Field(default="question", description="Column with the question text.")
     answer: str = Field(default="answer", description="Column with the answer (or answers).")
     choices: str | None = Field(
-        default=None, description="Column with the options (list, JSON or 'a|b|c'); default "
-        "'choices' or 'options' when present."
+        default=None,
+        description="Column with the options (list, JSON or 'a|b|c'); default "
+        "'choices' or 'options' when present.",
     )
     id: str | None = Field(
         default=None, description="Column with a stable item id; default 'id' when present."
@@ -73,12 +74,13 @@ class IngestOptions(BaseModel):
     format: SourceFormat = Field(default="auto", description="Source format (auto: by path).")
     columns: ColumnMapping = Field(default_factory=ColumnMapping, description="Column mapping.")
     split: str | None = Field(
-        default=None, description="Split of a Hugging Face DatasetDict (default: the only one "
-        "or 'train')."
+        default=None,
+        description="Split of a Hugging Face DatasetDict (default: the only one or 'train').",
     )
     images_root: Path | None = Field(
-        default=None, description="Folder that relative image paths are relative to (default: "
-        "the source file's folder)."
+        default=None,
+        description="Folder that relative image paths are relative to (default: "
+        "the source file's folder).",
     )
     name: str | None = Field(
         default=None, description="Source name recorded on tasks (default: the file name)."
@@ -104,8 +106,11 @@ def detect_format(source: Path) -> SourceFormat:
     if source.is_dir():
         return "hf"
     suffix = source.suffix.lower()
-    for fmt, suffixes in (("parquet", (".parquet",)), ("jsonl", (".jsonl", ".ndjson", ".json")),
-                          ("csv", (".csv", ".tsv"))):
+    for fmt, suffixes in (
+        ("parquet", (".parquet",)),
+        ("jsonl", (".jsonl", ".ndjson", ".json")),
+        ("csv", (".csv", ".tsv")),
+    ):
         if suffix in suffixes:
             return fmt  # type: ignore[return-value]
     raise IngestError(f"cannot tell the format of {source}; set format: hf|parquet|jsonl|csv")
@@ -127,7 +132,7 @@ def read_rows(source: Path, options: IngestOptions) -> Iterator[dict[str, Any]]:
 
 
 def _parquet_rows(files: list[Path]) -> Iterator[dict[str, Any]]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
     for path in files:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
@@ -139,8 +144,9 @@ def _jsonl_rows(path: Path) -> Iterator[dict[str, Any]]:
         data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, list):
             raise IngestError(f"{path} must hold a JSON list of rows (or use JSON Lines)")
-        yield from (r if isinstance(r, dict) else {"__error__": "row is not an object"}
-                    for r in data)
+        yield from (
+            r if isinstance(r, dict) else {"__error__": "row is not an object"} for r in data
+        )
         return
     with path.open(encoding="utf-8") as fh:
         for number, line in enumerate(fh, 1):
@@ -161,10 +167,11 @@ def _csv_rows(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def _hf_rows(root: Path, options: IngestOptions) -> Iterator[dict[str, Any]]:
-    saved = any((root / f).exists() for f in ("dataset_dict.json", "state.json",
-                                              "dataset_info.json"))
+    saved = any(
+        (root / f).exists() for f in ("dataset_dict.json", "state.json", "dataset_info.json")
+    )
     if saved:
-        import datasets
+        import datasets  # type: ignore[import-untyped]
 
         loaded = datasets.load_from_disk(str(root))
         if isinstance(loaded, datasets.DatasetDict):
@@ -305,7 +312,8 @@ class Ingester:
         self.config = config
         self.out = out
         self.base = config.images_root or (
-            config.source if config.source.is_dir() else config.source.parent)
+            config.source if config.source.is_dir() else config.source.parent
+        )
         self.name = config.name or config.source.name
         self.cols = config.columns
 
@@ -315,11 +323,15 @@ class Ingester:
         if rid not in (None, ""):
             blob = json.dumps([self.name, str(rid)])
         else:
-            blob = json.dumps([
-                str(_column(row, self.cols.question)), str(_column(row, self.cols.answer)),
-                parse_choices(_column(row, self.cols.choices, self._choice_fallbacks())),
-                _fingerprint(_image_values(_column(row, self.cols.image))),
-            ], default=str)
+            blob = json.dumps(
+                [
+                    str(_column(row, self.cols.question)),
+                    str(_column(row, self.cols.answer)),
+                    parse_choices(_column(row, self.cols.choices, self._choice_fallbacks())),
+                    _fingerprint(_image_values(_column(row, self.cols.image))),
+                ],
+                default=str,
+            )
         return "qa-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def _choice_fallbacks(self) -> tuple[str, ...]:
@@ -333,8 +345,11 @@ class Ingester:
         answer = _column(row, self.cols.answer)
         if not isinstance(question, str) or not question.strip():
             return Drop("no_question", {"row": index, "column": self.cols.question})
-        answers = [str(a) for a in answer] if isinstance(answer, list) else (
-            [] if answer is None else [str(answer)])
+        answers = (
+            [str(a) for a in answer]
+            if isinstance(answer, list)
+            else ([] if answer is None else [str(answer)])
+        )
         answers = [a.strip() for a in answers if str(a).strip()]
         if not answers:
             return Drop("no_answer", {"row": index, "column": self.cols.answer})
@@ -352,8 +367,9 @@ class Ingester:
             except BadImage as exc:
                 return Drop(exc.reason, {"row": index, "detail": str(exc)})
             except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-                return Drop("broken_image", {"row": index, "detail": f"{type(exc).__name__}: "
-                                             f"{exc}"})
+                return Drop(
+                    "broken_image", {"row": index, "detail": f"{type(exc).__name__}: {exc}"}
+                )
             ext = {"jpeg": "jpg"}.get(fmt, fmt)
             refs.append(self.out.assets.put_bytes(data, name or f"{key}_{i}.{ext}"))
         choices = parse_choices(_column(row, self.cols.choices, self._choice_fallbacks()))
@@ -382,8 +398,9 @@ class Ingester:
             query=query,
             files=refs,
             gold=GoldAnswer(value=value, kind=kind, aliases=aliases),  # type: ignore[arg-type]
-            provenance=Provenance(source=f"mmat:ingest:{self.name}",
-                                  prompt_hash=prompt_hash(STYLE_PROMPT)),
+            provenance=Provenance(
+                source=f"mmat:ingest:{self.name}", prompt_hash=prompt_hash(STYLE_PROMPT)
+            ),
             metadata={
                 "question": question.strip(),
                 "choices": choices,
@@ -395,8 +412,9 @@ class Ingester:
         )
 
 
-async def run_ingest(config: IngestConfig, progress: bool = True
-                     ) -> tuple[StageResult, Dataset[Task]]:
+async def run_ingest(
+    config: IngestConfig, progress: bool = True
+) -> tuple[StageResult, Dataset[Task]]:
     """Ingest ``config.source`` into the task dataset ``config.out``."""
     if not config.source.exists():
         raise IngestError(f"QA source {config.source} does not exist")
@@ -415,12 +433,21 @@ async def run_ingest(config: IngestConfig, progress: bool = True
                 return
             yield index, row
 
-    result = await run_stage(STAGE, items(), key=ingester.key, process=ingester.process, out=out,
-                             concurrency=1, progress=progress, chunk_size=64)
+    result = await run_stage(
+        STAGE,
+        items(),
+        key=ingester.key,
+        process=ingester.process,
+        out=out,
+        concurrency=1,
+        progress=progress,
+        chunk_size=64,
+    )
     from tracetune.engine.common import stage_stats
 
-    examples = [{"key": k, **info} for k, status, info in out.state.items(STAGE)
-                if status == "dropped"][:10]
+    examples = [
+        {"key": k, **info} for k, status, info in out.state.items(STAGE) if status == "dropped"
+    ][:10]
     styles: dict[str, int] = {}
     for task in out:
         style = str(task.metadata.get("answer_style") or "long")
@@ -433,9 +460,15 @@ def _check_columns(row: dict[str, Any], config: IngestConfig, source: Path) -> N
     if "__error__" in row:
         return
     cols = config.columns
-    missing = [f"{field} ({name!r})" for field, name in
-               (("image", cols.image), ("question", cols.question), ("answer", cols.answer))
-               if name not in row]
+    missing = [
+        f"{field} ({name!r})"
+        for field, name in (
+            ("image", cols.image),
+            ("question", cols.question),
+            ("answer", cols.answer),
+        )
+        if name not in row
+    ]
     # choices and id may be absent on some rows (open questions, rows without ids).
     if missing:
         raise IngestError(

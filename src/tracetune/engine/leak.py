@@ -39,8 +39,10 @@ class Leak:
     def describe(self) -> str:
         if self.kind == "reveals_reference":
             return f"step {self.step + 1} says an answer was given: {self.excerpt!r}"
-        return (f"step {self.step + 1} states the answer before any tool output supports it: "
-                f"{self.excerpt!r}")
+        return (
+            f"step {self.step + 1} states the answer before any tool output supports it: "
+            f"{self.excerpt!r}"
+        )
 
 
 def _contains(haystack: str, needle: str) -> bool:
@@ -57,8 +59,13 @@ def _excerpt(text: str, needle: str, width: int = 60) -> str:
 class LeakChecker:
     """Checks rationales against one task's reference answer."""
 
-    def __init__(self, answer: str, question: str = "", choices: list[str] | None = None,
-                 letter: str | None = None) -> None:
+    def __init__(
+        self,
+        answer: str,
+        question: str = "",
+        choices: list[str] | None = None,
+        letter: str | None = None,
+    ) -> None:
         self.answer = answer.strip()
         self.norm = normalize_vqa_answer(self.answer)
         self.choices = choices or []
@@ -78,9 +85,12 @@ class LeakChecker:
         if self.letter:
             letter = re.escape(self.letter)
             # The letter is matched in upper case only: a lone "a" is usually the article.
-            for pattern in (rf"\b(?i:option|choice)\s*\(?{letter}\b", rf"\({letter}\)",
-                            rf"\b(?i:answer\s+is)\s*:?\s*\(?{letter}\b",
-                            rf"\b{letter}\s+(?i:is\s+correct)\b"):
+            for pattern in (
+                rf"\b(?i:option|choice)\s*\(?{letter}\b",
+                rf"\({letter}\)",
+                rf"\b(?i:answer\s+is)\s*:?\s*\(?{letter}\b",
+                rf"\b{letter}\s+(?i:is\s+correct)\b",
+            ):
                 found = re.search(pattern, text)
                 if found:
                     return found.group(0)

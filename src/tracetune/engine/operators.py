@@ -47,7 +47,7 @@ class OperatorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     operators: list[OperatorName] = Field(
-        default_factory=lambda: list(OPERATOR_NAMES),
+        default_factory=lambda: list(OPERATOR_NAMES),  # type: ignore[arg-type]
         description="Perception operators offered to the model (drop label_bbox if no "
         "detector is available, image_caption if no captioning VLM).",
     )
@@ -90,7 +90,7 @@ class OperatorSet:
     def __init__(self, config: OperatorConfig, caption_model: Any = None) -> None:
         self.config = config
         self.caption_model = caption_model
-        self.names = list(dict.fromkeys(config.operators))
+        self.names: list[str] = list(dict.fromkeys(config.operators))
         self.tools: dict[str, Tool] = {}
         options: dict[str, Any] = {k: dict(v) for k, v in config.tool_options.items()}
         if config.detector:
@@ -248,8 +248,9 @@ class OperatorSet:
         if tool is None:
             return RagCall(query=query, result="(retrieval is disabled)", error="disabled")
         try:
-            result = await tool.acall(self.context(workdir), {"query": query,
-                                                              "top_k": self.config.top_k})
+            result = await tool.acall(
+                self.context(workdir), {"query": query, "top_k": self.config.top_k}
+            )
         except ToolError as exc:
             return RagCall(query=query, result=f"(failed: {exc})", error=str(exc))
         hits = (result.data or {}).get("results", []) if isinstance(result.data, dict) else []

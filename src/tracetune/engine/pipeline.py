@@ -11,6 +11,7 @@ resumable dataset under ``out``::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +30,12 @@ from tracetune.schema import Dialogue
 from tracetune.store import Dataset
 
 Stage = Literal["ingest", "rationale", "reflect", "render"]
+Format = Literal["rr", "orr"]
 STAGES: tuple[Stage, ...] = ("ingest", "rationale", "reflect", "render")
+
+
+def _both_formats() -> list[Format]:
+    return ["rr", "orr"]
 
 
 class RenderConfig(BaseModel):
@@ -39,9 +45,7 @@ class RenderConfig(BaseModel):
 
     dialogues: Path = Field(description="RR dialogues (from rationale or reflect).")
     out: Path = Field(description="Output root: OUT/rr and OUT/orr dialogue datasets.")
-    formats: list[Literal["rr", "orr"]] = Field(
-        default_factory=lambda: ["rr", "orr"], description="Renderings to write."
-    )
+    formats: list[Format] = Field(default_factory=_both_formats, description="Renderings to write.")
 
 
 async def run_render(config: RenderConfig, progress: bool = True) -> dict[str, StageResult]:
@@ -62,12 +66,25 @@ async def run_render(config: RenderConfig, progress: bool = True) -> dict[str, S
             return rr.model_copy(update={"metadata": {**rr.metadata, "stage": "render"}})
 
         stage = f"mmat-render-{fmt}"
-        result = await run_stage(stage, items, key=lambda d, f=fmt: f"{f}:{d.id}",
-                                 process=process, out=out, concurrency=1, sources=[source.assets],
-                                 progress=progress, total=len(items), chunk_size=64)
+        result = await run_stage(
+            stage,
+            items,
+            key=_render_key(fmt),
+            process=process,
+            out=out,
+            concurrency=1,
+            sources=[source.assets],
+            progress=progress,
+            total=len(items),
+            chunk_size=64,
+        )
         stage_stats(out, stage, result)
         results[fmt] = result
     return results
+
+
+def _render_key(fmt: str) -> Callable[[Dialogue], str]:
+    return lambda d: f"{fmt}:{d.id}"
 
 
 class MMATRunConfig(BaseModel):
@@ -77,8 +94,9 @@ class MMATRunConfig(BaseModel):
 
     out: Path = Field(description="Output root; each stage writes a dataset under it.")
     source: Path | None = Field(default=None, description="QA source for ingest.")
-    stages: list[Stage] = Field(default_factory=lambda: list(STAGES),
-                                description="Stages to run, in pipeline order.")
+    stages: list[Stage] = Field(
+        default_factory=lambda: list(STAGES), description="Stages to run, in pipeline order."
+    )
     teacher: str | None = Field(
         default=None, description="Teacher (and, unless reflect.judge is set, judge) model."
     )
@@ -93,13 +111,14 @@ class MMATRunConfig(BaseModel):
         default_factory=RationaleOptions, description="Rationale options."
     )
     reflect: ReflectOptions = Field(default_factory=ReflectOptions, description="Reflect options.")
-    formats: list[Literal["rr", "orr"]] = Field(
-        default_factory=lambda: ["rr", "orr"], description="Renderings to write."
-    )
+    formats: list[Format] = Field(default_factory=_both_formats, description="Renderings to write.")
 
     def paths(self) -> dict[str, Path]:
-        return {"tasks": self.out / "tasks", "rationale": self.out / "rationale",
-                "reflected": self.out / "reflected"}
+        return {
+            "tasks": self.out / "tasks",
+            "rationale": self.out / "rationale",
+            "reflected": self.out / "reflected",
+        }
 
 
 def _shared(options: BaseModel, config: MMATRunConfig, model_field: str) -> dict[str, Any]:
@@ -124,8 +143,9 @@ async def run_pipeline(
     if "ingest" in order:
         if config.source is None:
             raise ValueError("the ingest stage needs `source:` (a QA dataset path)")
-        ingest_cfg = IngestConfig(source=config.source, out=paths["tasks"],
-                                  **config.ingest.model_dump())
+        ingest_cfg = IngestConfig(
+            source=config.source, out=paths["tasks"], **config.ingest.model_dump()
+        )
         summary["ingest"] = (await run_ingest(ingest_cfg, progress))[0].summary()
     if "rationale" in order:
         data = _shared(config.rationale, config, "teacher")
@@ -143,6 +163,7 @@ async def run_pipeline(
         rr_source = paths["reflected"]
     if "render" in order:
         results = await run_render(
-            RenderConfig(dialogues=rr_source, out=config.out, formats=config.formats), progress)
+            RenderConfig(dialogues=rr_source, out=config.out, formats=config.formats), progress
+        )
         summary["render"] = {fmt: r.summary() for fmt, r in results.items()}
     return summary

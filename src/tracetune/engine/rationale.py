@@ -45,9 +45,7 @@ STAGE = "mmat-rationale"
 class RationaleOptions(StageOptions):
     """How the teacher writes rationales."""
 
-    teacher: str = Field(
-        default="openai:gpt-4o-mini", description="Model spec of the teacher VLM."
-    )
+    teacher: str = Field(default="openai:gpt-4o-mini", description="Model spec of the teacher VLM.")
     operators: OperatorConfig = Field(
         default_factory=OperatorConfig, description="Operators and retrieval offered."
     )
@@ -110,15 +108,24 @@ def parse_teacher_step(text: str) -> TeacherStep:
     action = str(data.get("next_action", "continue")).strip().lower()
     if action not in ("continue", "final_answer"):
         raise ReplyError('"next_action" must be "continue" or "final_answer"')
-    return TeacherStep(strip_markers(thought), ops, strip_markers(query) if query else None,
-                       action == "final_answer")
+    return TeacherStep(
+        strip_markers(thought),
+        ops,
+        strip_markers(query) if query else None,
+        action == "final_answer",
+    )
 
 
 class RationaleWriter:
     """Runs the teacher conversation for one task at a time (shared by concurrent tasks)."""
 
-    def __init__(self, options: RationaleOptions, teacher: ChatModel, operators: OperatorSet,
-                 source: AssetStore) -> None:
+    def __init__(
+        self,
+        options: RationaleOptions,
+        teacher: ChatModel,
+        operators: OperatorSet,
+        source: AssetStore,
+    ) -> None:
         self.options = options
         self.teacher = teacher
         self.operators = operators
@@ -126,8 +133,10 @@ class RationaleWriter:
 
     def system_prompt(self) -> str:
         return render(
-            "mmat/rationale_system.jinja", operators=self.operators.names,
-            rag=self.operators.rag, top_k=self.operators.config.top_k,
+            "mmat/rationale_system.jinja",
+            operators=self.operators.names,
+            rag=self.operators.rag,
+            top_k=self.operators.config.top_k,
             max_steps=self.options.max_steps,
         )
 
@@ -138,13 +147,17 @@ class RationaleWriter:
             if not workdir.images:
                 return Drop("no_image")
             checker = LeakChecker(
-                task.gold.value, task.query, choices_of(task),
+                task.gold.value,
+                task.query,
+                choices_of(task),
                 task.gold.value if task.gold.kind == "choice" else None,
             )
             rejected: list[str] = []
+            reason = "answer_leak"
             for attempt in range(1, self.options.max_attempts + 1):
-                outcome = await self.converse(task, workdir, attempt, rejected[-1] if rejected
-                                              else None)
+                outcome = await self.converse(
+                    task, workdir, attempt, rejected[-1] if rejected else None
+                )
                 if isinstance(outcome, Drop):
                     outcome.info["attempt"] = attempt
                     return outcome
@@ -152,20 +165,24 @@ class RationaleWriter:
                 if leak is None:
                     return self.dialogue(task, outcome, attempt, rejected)
                 rejected.append(leak.describe())
-            return Drop(leak.reason, {"leaks": rejected, "attempts": self.options.max_attempts})
+                reason = leak.reason
+            return Drop(reason, {"leaks": rejected, "attempts": self.options.max_attempts})
 
-    async def converse(self, task: Task, workdir: Workdir, attempt: int,
-                       leak: str | None) -> Rationale | Drop:
+    async def converse(
+        self, task: Task, workdir: Workdir, attempt: int, leak: str | None
+    ) -> Rationale | Drop:
         assert task.gold is not None
         images = [str(workdir.path / name) for name in workdir.images]
-        user = render("mmat/rationale_user.jinja", question=task.query,
-                      answer=reference_text(task), leak=leak)
+        user = render(
+            "mmat/rationale_user.jinja", question=task.query, answer=reference_text(task), leak=leak
+        )
         messages: list[ChatMessage] = [
             text_message("system", self.system_prompt()),
             text_message("user", user, images),
         ]
-        sampling = Sampling(temperature=self.options.temperature,
-                            max_tokens=self.options.max_tokens, seed=attempt)
+        sampling = Sampling(
+            temperature=self.options.temperature, max_tokens=self.options.max_tokens, seed=attempt
+        )
         steps: list[RationaleStep] = []
         format_errors = 0
         while True:
@@ -179,14 +196,18 @@ class RationaleWriter:
                 format_errors += 1
                 if format_errors > self.options.max_format_errors:
                     return Drop("format_errors", {"last_error": str(exc), "reply": raw[:500]})
-                messages.append(text_message(
-                    "user", render("mmat/rationale_format_error.jinja", error=str(exc))))
+                messages.append(
+                    text_message(
+                        "user", render("mmat/rationale_format_error.jinja", error=str(exc))
+                    )
+                )
                 continue
             if step.final:
                 steps.append(RationaleStep(thought=step.thought, signal="end", raw=raw))
                 break
             calls, problems = await self.operators.run(
-                step.operators, workdir.path, workdir.images, task.query)
+                step.operators, workdir.path, workdir.images, task.query
+            )
             rag = None
             if step.rag_query:
                 if self.operators.rag:
@@ -197,23 +218,37 @@ class RationaleWriter:
             results = [(c.name, c.result) for c in calls]
             if rag is not None:
                 results.append((RAG, rag.result))
-            messages.append(text_message("user", render(
-                "mmat/rationale_results.jinja", results=results, errors=problems)))
-        messages.append(text_message(
-            "user", render("mmat/rationale_closing.jinja", question=task.query)))
+            messages.append(
+                text_message(
+                    "user", render("mmat/rationale_results.jinja", results=results, errors=problems)
+                )
+            )
+        messages.append(
+            text_message("user", render("mmat/rationale_closing.jinja", question=task.query))
+        )
         said = (await self.teacher.generate(messages, sampling=sampling)).text.strip()
         if self.options.require_agreement and not answer_agrees(said, task):
-            return Drop("answer_mismatch", {"teacher_answer": said[:200],
-                                            "reference": task.gold.value})
-        return Rationale(question=task.query, steps=steps, answer=task.gold.value,
-                         teacher_answer=said)
+            return Drop(
+                "answer_mismatch", {"teacher_answer": said[:200], "reference": task.gold.value}
+            )
+        return Rationale(
+            question=task.query, steps=steps, answer=task.gold.value, teacher_answer=said
+        )
 
-    def dialogue(self, task: Task, rationale: Rationale, attempt: int,
-                 rejected: list[str]) -> Dialogue:
+    def dialogue(
+        self, task: Task, rationale: Rationale, attempt: int, rejected: list[str]
+    ) -> Dialogue:
         return rr_dialogue(
-            task, rationale, self.operators.names, self.operators.rag,
-            Provenance(source="mmat:rationale", model=self.teacher.spec,
-                       prompt_hash=mmat_prompt_hash(), parent_id=task.id),
+            task,
+            rationale,
+            self.operators.names,
+            self.operators.rag,
+            Provenance(
+                source="mmat:rationale",
+                model=self.teacher.spec,
+                prompt_hash=mmat_prompt_hash(),
+                parent_id=task.id,
+            ),
             {"stage": "rationale", "attempts": attempt, "rejected_attempts": rejected},
         )
 
@@ -233,8 +268,9 @@ async def run_rationale(
     metered = load_metered(config.teacher, config.backend, out, STAGE, teacher)
     captioner: Any = metered
     if config.operators.caption_model:
-        captioner = load_metered(config.operators.caption_model, config.backend, out, STAGE,
-                                 caption_model)
+        captioner = load_metered(
+            config.operators.caption_model, config.backend, out, STAGE, caption_model
+        )
     elif caption_model is not None:
         captioner = load_metered("", config.backend, out, STAGE, caption_model)
     operators = OperatorSet(config.operators, captioner)
@@ -242,10 +278,16 @@ async def run_rationale(
         await operators.startup()
         writer = RationaleWriter(config, metered, operators, tasks_ds.assets)
         result = await run_stage(
-            STAGE, tasks, key=lambda t: rr_dialogue_id(t.id), process=writer.write, out=out,
+            STAGE,
+            tasks,
+            key=lambda t: rr_dialogue_id(t.id),
+            process=writer.write,
+            out=out,
             concurrency=config.concurrency,
             budget=Budget(max_cost_usd=config.max_cost_usd, max_tokens=config.max_total_tokens),
-            sources=[tasks_ds.assets], progress=progress, total=len(tasks),
+            sources=[tasks_ds.assets],
+            progress=progress,
+            total=len(tasks),
             chunk_size=max(1, min(16, len(tasks) // 4)),
         )
     finally:
@@ -253,10 +295,15 @@ async def run_rationale(
         if captioner is not metered:
             await captioner.aclose()
     steps = [len(d.metadata.get("rationale", {}).get("steps", [])) for d in out]
-    stage_stats(out, STAGE, result, {
-        "mean_steps": round(sum(steps) / len(steps), 3) if steps else 0.0,
-        "operator_calls": _operator_counts(out),
-    })
+    stage_stats(
+        out,
+        STAGE,
+        result,
+        {
+            "mean_steps": round(sum(steps) / len(steps), 3) if steps else 0.0,
+            "operator_calls": _operator_counts(out),
+        },
+    )
     return result, out
 
 

@@ -38,6 +38,10 @@ Check = Literal["unsupported", "math"]
 _TEMPLATES = {"unsupported": "mmat/judge_unsupported.jinja", "math": "mmat/judge_math.jinja"}
 
 
+def _all_checks() -> list[Check]:
+    return ["unsupported", "math"]
+
+
 class ReflectOptions(StageOptions):
     """How rationales are judged and repaired."""
 
@@ -46,7 +50,7 @@ class ReflectOptions(StageOptions):
         default=None, description="Model spec that writes repairs (default: the judge)."
     )
     checks: list[Check] = Field(
-        default_factory=lambda: ["unsupported", "math"],
+        default_factory=_all_checks,
         description="Judge checks to run: unsupported (reasoning forced to fit the label), "
         "math (skipped calculation steps).",
     )
@@ -71,8 +75,9 @@ def trace_text(rationale: Rationale) -> str:
         for op in step.operators:
             lines.append(f"  [{op.name} output]\n  " + op.result.replace("\n", "\n  "))
         if step.rag is not None:
-            lines.append(f"  [search for {step.rag.query!r}]\n  "
-                         + step.rag.result.replace("\n", "\n  "))
+            lines.append(
+                f"  [search for {step.rag.query!r}]\n  " + step.rag.result.replace("\n", "\n  ")
+            )
     return "\n".join(lines)
 
 
@@ -83,8 +88,13 @@ def _flag(value: object) -> bool:
 
 
 class Reflector:
-    def __init__(self, options: ReflectOptions, judge: ChatModel, repairer: ChatModel,
-                 verdicts: Dataset[Verdict]) -> None:
+    def __init__(
+        self,
+        options: ReflectOptions,
+        judge: ChatModel,
+        repairer: ChatModel,
+        verdicts: Dataset[Verdict],
+    ) -> None:
         self.options = options
         self.judge = judge
         self.repairer = repairer
@@ -94,15 +104,17 @@ class Reflector:
         messages = [text_message("user", prompt)]
         last = ""
         for attempt in range(self.options.max_tries):
-            sampling = Sampling(temperature=0.0 if attempt == 0 else 0.5,
-                                max_tokens=self.options.max_tokens)
+            sampling = Sampling(
+                temperature=0.0 if attempt == 0 else 0.5, max_tokens=self.options.max_tokens
+            )
             reply = (await model.generate(messages, sampling=sampling)).text
             try:
                 return json_object(reply)
             except ReplyError as exc:
                 last = f"{exc}: {reply[:200]!r}"
-        raise ReplyError(f"{model.spec} gave no JSON object after {self.options.max_tries} "
-                         f"tries ({last})")
+        raise ReplyError(
+            f"{model.spec} gave no JSON object after {self.options.max_tries} tries ({last})"
+        )
 
     async def process(self, dialogue: Dialogue) -> Dialogue | Drop:
         meta = dialogue.metadata
@@ -114,17 +126,27 @@ class Reflector:
         trace = trace_text(rationale)
         results: dict[str, dict[str, object]] = {}
         for check in self.options.checks:
-            reply = await self._json(self.judge, render(
-                _TEMPLATES[check], question=rationale.question, trace=trace))
-            results[check] = {"flagged": _flag(reply.get("flagged")),
-                              "reason": str(reply.get("reason", "")).strip()}
+            reply = await self._json(
+                self.judge, render(_TEMPLATES[check], question=rationale.question, trace=trace)
+            )
+            results[check] = {
+                "flagged": _flag(reply.get("flagged")),
+                "reason": str(reply.get("reason", "")).strip(),
+            }
         flagged = [c for c, r in results.items() if r["flagged"]]
         reasons = [f"{c}: {results[c]['reason']}" for c in flagged]
-        self.verdicts.write(Verdict(
-            id=f"verdict-reflect-{dialogue.id}", target_id=dialogue.id, target_kind="dialogue",
-            judge=self.judge.spec, passed=not flagged, reasons=reasons,
-            prompt_hash=mmat_prompt_hash(), details={"checks": results},
-        ))
+        self.verdicts.write(
+            Verdict(
+                id=f"verdict-reflect-{dialogue.id}",
+                target_id=dialogue.id,
+                target_kind="dialogue",
+                judge=self.judge.spec,
+                passed=not flagged,
+                reasons=reasons,
+                prompt_hash=mmat_prompt_hash(),
+                details={"checks": results},
+            )
+        )
         new_meta = {**meta, "stage": "reflect", "checks": results, "flagged": flagged}
         if not flagged:
             return dialogue.model_copy(update={"metadata": new_meta})
@@ -133,27 +155,46 @@ class Reflector:
             return reflection
         repaired = rationale.model_copy(update={"reflection": reflection})
         return rr_dialogue(
-            dialogue.task, repaired, list(meta.get("operators", [])), bool(meta.get("rag")),
-            Provenance(source="mmat:reflect", model=self.repairer.spec,
-                       prompt_hash=mmat_prompt_hash(), parent_id=dialogue.id),
+            dialogue.task,
+            repaired,
+            list(meta.get("operators", [])),
+            bool(meta.get("rag")),
+            Provenance(
+                source="mmat:reflect",
+                model=self.repairer.spec,
+                prompt_hash=mmat_prompt_hash(),
+                parent_id=dialogue.id,
+            ),
             {k: v for k, v in new_meta.items() if k not in ("rationale", "reflected")},
         )
 
-    async def repair(self, dialogue: Dialogue, rationale: Rationale, trace: str,
-                     flagged: list[str], reasons: list[str]) -> Reflection | Drop:
+    async def repair(
+        self,
+        dialogue: Dialogue,
+        rationale: Rationale,
+        trace: str,
+        flagged: list[str],
+        reasons: list[str],
+    ) -> Reflection | Drop:
         task = dialogue.task
-        prompt = render("mmat/repair.jinja", question=rationale.question, trace=trace,
-                        answer=reference_text(task) if task.gold else rationale.answer,
-                        reasons=reasons)
+        prompt = render(
+            "mmat/repair.jinja",
+            question=rationale.question,
+            trace=trace,
+            answer=reference_text(task) if task.gold else rationale.answer,
+            reasons=reasons,
+        )
         reply = await self._json(self.repairer, prompt)
         critique = strip_markers(str(reply.get("critique", "")))
         derivation = strip_markers(str(reply.get("derivation", "")))
         if not critique or not derivation:
             return Drop("repair_incomplete", {"reply": str(reply)[:300]})
-        reflection = Reflection(flagged=flagged, reasons=reasons, critique=critique,
-                                derivation=derivation)
+        reflection = Reflection(
+            flagged=flagged, reasons=reasons, critique=critique, derivation=derivation
+        )
         leak = LeakChecker(rationale.answer).check(
-            rationale.model_copy(update={"reflection": reflection}))
+            rationale.model_copy(update={"reflection": reflection})
+        )
         if leak is not None and leak.kind == "reveals_reference":
             return Drop("reveals_reference", {"where": leak.describe()})
         return reflection
@@ -178,15 +219,22 @@ async def run_reflect(
     judge_model = load_metered(config.judge, config.backend, out, STAGE, judge)
     repair_model = judge_model
     if config.repairer or repairer is not None:
-        repair_model = load_metered(config.repairer or config.judge, config.backend, out, STAGE,
-                                    repairer)
+        repair_model = load_metered(
+            config.repairer or config.judge, config.backend, out, STAGE, repairer
+        )
     reflector = Reflector(config, judge_model, repair_model, verdicts)
     try:
         result = await run_stage(
-            STAGE, items, key=lambda d: d.id, process=reflector.process, out=out,
+            STAGE,
+            items,
+            key=lambda d: d.id,
+            process=reflector.process,
+            out=out,
             concurrency=config.concurrency,
             budget=Budget(max_cost_usd=config.max_cost_usd, max_tokens=config.max_total_tokens),
-            sources=[source.assets], progress=progress, total=len(items),
+            sources=[source.assets],
+            progress=progress,
+            total=len(items),
             chunk_size=max(1, min(16, len(items) // 4)),
         )
     finally:

@@ -54,9 +54,7 @@ def _text(role: str, text: str) -> Message:
     return Message.of(role, text)
 
 
-def rr_messages(
-    task: Task, rationale: Rationale, operators: list[str], rag: bool
-) -> list[Message]:
+def rr_messages(task: Task, rationale: Rationale, operators: list[str], rag: bool) -> list[Message]:
     """The RR conversation of a rationale (system, question, steps, results, answer)."""
     messages = [
         _text("system", rr_system_prompt(operators, rag)),
