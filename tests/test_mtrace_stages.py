@@ -1,0 +1,295 @@
+"""Stage behaviour: malformed scenarios and failing file code are drops with reasons, the
+query-file verifier repairs once, the trajectory verifier rejects with reasons, budgets stop
+cleanly, and the image pool merges near-duplicates and captions with a VLM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+from mtrace_script import RECEIPT_QUERY, Script, config_yaml, write_seeds
+from PIL import Image
+from typer.testing import CliRunner
+
+from tracetune.cli import app
+from tracetune.schema import Task, Trajectory, Verdict
+from tracetune.store import Dataset, RunState
+from tracetune.synth.mtrace import Pool, PoolConfig, SynthConfig, build_pool, run_chain
+from tracetune.synth.mtrace.common import Turns
+from tracetune.synth.mtrace.pipeline import chain_stats
+from tracetune.synth.mtrace.pool import BUNDLED_POOL_CAPTIONS, BUNDLED_POOL_IMAGES
+from tracetune.testing.openai_server import ScriptedOpenAIServer
+
+BROKEN = "Summarise the trip notes in the attached file."
+RAISES = "What does the note about the garden say?"
+REPAIR = "What is the total of the invoice in the picture?"
+REPAIRED = "What is the total on the receipt in the photo?"
+WRONG = "Tell me what the note about the picnic says."
+
+
+class Judging(Script):
+    """Rejects and repairs some tasks and trajectories, answers others malformed."""
+
+    def route(self, text: str, body: dict[str, Any]) -> tuple[str, str]:
+        if "You are checking a task written" in text and REPAIR in text:
+            return "verify_task", json.dumps(
+                {
+                    "thought": "The image is a receipt, not an invoice.",
+                    "relevant": "no",
+                    "useful": "yes",
+                    "obtainable": "yes",
+                    "correct": "no",
+                    "updated_query": REPAIRED,
+                }
+            )
+        if "You are checking a task written" in text and "banana" in text:
+            return "verify_task", "The task looks fine to me."  # no JSON verdict
+        if "You are checking a worked example" in text and WRONG in text:
+            return "verify_trajectory", json.dumps(
+                {
+                    "thought": "The answer does not come from the note.",
+                    "correct": "no",
+                    "problems": ["wrong_answer"],
+                }
+            )
+        return super().route(text, body)
+
+
+def _pool(tmp_path: Path) -> Path:
+    out = tmp_path / "pool"
+    asyncio.run(
+        build_pool(
+            PoolConfig(
+                images=BUNDLED_POOL_IMAGES,
+                captions=BUNDLED_POOL_CAPTIONS,
+                out=out,
+                embedder="hashing",
+            ),
+            progress=False,
+        )
+    )
+    return out
+
+
+def _config(tmp_path: Path, base_url: str, **extra: Any) -> SynthConfig:
+    seeds = tmp_path / "seeds.jsonl"
+    write_seeds(seeds)
+    data = yaml.safe_load(
+        config_yaml(
+            str(tmp_path / "run"), base_url, str(_pool(tmp_path)), str(seeds), embedder="hashing"
+        )
+    )
+    for key, value in extra.items():
+        if isinstance(value, dict):
+            data.setdefault(key, {}).update(value)
+        else:
+            data[key] = value
+    return SynthConfig.model_validate(data)
+
+
+def _reasons(run: Path) -> dict[str, dict[str, int]]:
+    return {r.stage: r.drop_reasons for r in chain_stats(run)}
+
+
+def test_malformed_files_and_verdicts_drop_with_reasons_and_never_stop_the_run(
+    tmp_path: Path,
+) -> None:
+    plan = [
+        [
+            {"query": RECEIPT_QUERY, "tools": ["visual_qa", "inspect_file"]},
+            {"query": BROKEN, "tools": ["inspect_file"]},
+            {"query": RAISES, "tools": ["inspect_file"]},
+            {"query": REPAIR, "tools": ["visual_qa"]},
+            {
+                "query": "How many bananas are listed in the attached note?",
+                "tools": ["inspect_file"],
+            },
+            {"query": WRONG, "tools": ["inspect_file"]},
+        ]
+    ]
+    script = Judging(queries=plan, broken_scenario_for=(BROKEN,))  # type: ignore[arg-type]
+    with ScriptedOpenAIServer(script) as srv:
+        config = _config(tmp_path, srv.base_url)
+        results = asyncio.run(run_chain(config, progress=False))
+    assert [r.stopped for r in results] == [None] * 6
+    run = tmp_path / "run"
+    reasons = _reasons(run)
+    assert reasons["files"] == {"malformed scenario": 1}
+    assert reasons["verify_tasks"] == {"malformed verdict": 1}
+    assert reasons["verify_trajectories"] == {"trajectory verifier: wrong_answer": 1}
+    files_state = RunState(run / "tasks" / "state.sqlite")
+    (info,) = [i for _, s, i in files_state.items("files") if s == "dropped"]
+    assert "expected a JSON object" in info["error"] and info["output"].startswith("{")
+
+    # The repaired task went on with the judge's rewrite; both verdicts are records.
+    verified = {t.query: t for t in Dataset.open(run / "verified", Task)}
+    assert REPAIR not in verified and REPAIRED in verified
+    assert verified[REPAIRED].metadata["original_query"] == REPAIR
+    rounds = [v["details"]["round"] for v in verified[REPAIRED].metadata["verdicts"]]
+    assert rounds == [1, 2]
+    verdicts = Dataset.open(run / "verified" / "verdicts", Verdict).records()
+    first = next(v for v in verdicts if v.details["query"] == REPAIR)
+    assert not first.passed and first.reasons == ["The image is a receipt, not an invoice."]
+    # The rejected trajectory's verdict is a record with the judge's reasons.
+    rejected = [v for v in Dataset.open(run / "final" / "verdicts", Verdict) if not v.passed]
+    assert [v.reasons[0] for v in rejected] == ["wrong_answer"]
+    final = Dataset.open(run / "final", Trajectory).records()
+    assert sorted(t.task.query for t in final) == sorted([RECEIPT_QUERY, RAISES, REPAIRED])
+
+
+def test_file_code_that_raises_is_retried_then_dropped(tmp_path: Path) -> None:
+    plan = [
+        [
+            {"query": RAISES, "tools": ["inspect_file"]},
+            {"query": RECEIPT_QUERY, "tools": ["visual_qa", "inspect_file"]},
+        ]
+    ]
+    script = Script(queries=plan, raising_code_for=("notes.txt",))  # type: ignore[arg-type]
+    with ScriptedOpenAIServer(script) as srv:
+        config = _config(tmp_path, srv.base_url)
+        results = asyncio.run(run_chain(config, progress=False))
+        code_requests = [
+            r for r in srv.requests if any("creates the file `notes.txt`" in t for t in r.texts())
+        ]
+    assert results[-1].written == 1
+    run = tmp_path / "run"
+    assert _reasons(run)["files"] == {"file code failed": 1}
+    (info,) = [
+        i for _, s, i in RunState(run / "tasks" / "state.sqlite").items("files") if s == "dropped"
+    ]
+    assert info["file"] == "notes.txt" and "RuntimeError: cannot draw this file" in info["error"]
+    # The retry showed the model its error.
+    assert len(code_requests) == 2
+    assert any("Your previous script failed" in t for t in code_requests[1].texts())
+
+
+def test_budget_stops_the_chain_cleanly_and_a_rerun_goes_on(tmp_path: Path) -> None:
+    with ScriptedOpenAIServer(Script()) as srv:
+        config = _config(tmp_path, srv.base_url, max_tokens=600)
+        results = asyncio.run(run_chain(config, progress=False))
+        assert results[-1].stopped and "token budget reached" in results[-1].stopped
+        assert len(results) < 6
+        resumed = config.model_copy(update={"max_tokens": None})
+        results = asyncio.run(run_chain(resumed, progress=False))
+    assert [r.stopped for r in results] == [None] * 6
+    assert len(Dataset.open(tmp_path / "run" / "final", Trajectory)) == 2
+
+
+def test_pool_merges_near_duplicates_and_captions_with_a_vlm(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    shutil.copytree(BUNDLED_POOL_IMAGES, images)
+    with Image.open(images / "receipt.png") as img:  # a resized, recompressed copy
+        img.convert("RGB").resize((img.width // 2, img.height // 2)).save(
+            images / "receipt_copy.jpg", quality=70
+        )
+    Image.new("RGB", (64, 48), "#3a7d44").save(images / "green.png")  # no caption given
+    runner = CliRunner()
+    missing = runner.invoke(
+        app,
+        [
+            "pool",
+            "build",
+            "--images",
+            str(images),
+            "--captions",
+            str(BUNDLED_POOL_CAPTIONS),
+            "--out",
+            str(tmp_path / "p0"),
+            "--embedder",
+            "hashing",
+            "--quiet",
+        ],
+    )
+    assert missing.exit_code == 2 and "green.png" in missing.output
+    assert "--captioner" in missing.output
+    with ScriptedOpenAIServer(lambda body: "A plain green rectangle.") as srv:
+        built = runner.invoke(
+            app,
+            [
+                "pool",
+                "build",
+                "--images",
+                str(images),
+                "--captions",
+                str(BUNDLED_POOL_CAPTIONS),
+                "--out",
+                str(tmp_path / "pool"),
+                "--captioner",
+                "openai:test-model",
+                "--base-url",
+                srv.base_url,
+                "--embedder",
+                "hashing",
+                "--quiet",
+            ],
+        )
+        assert built.exit_code == 0, built.output
+        assert srv.calls == 1 and len(srv.requests[0].image_urls()) == 1
+        # A rebuild answers the caption from the pool's response cache: no new request.
+        again = runner.invoke(
+            app,
+            [
+                "pool",
+                "build",
+                "--images",
+                str(images),
+                "--captions",
+                str(BUNDLED_POOL_CAPTIONS),
+                "--out",
+                str(tmp_path / "pool"),
+                "--captioner",
+                "openai:test-model",
+                "--base-url",
+                srv.base_url,
+                "--embedder",
+                "hashing",
+                "--quiet",
+            ],
+        )
+        assert again.exit_code == 0 and srv.calls == 1
+    said = " ".join(built.output.split())
+    assert "7 images" in said and "1 near-duplicates merged" in said
+    pool = Pool.load(tmp_path / "pool")
+    by_source = {e.source: e for e in pool.entries}
+    assert by_source["receipt.png"].merged == ["receipt_copy.jpg"]
+    assert by_source["green.png"].caption == "A plain green rectangle."
+    assert pool.embeddings.shape == (7, 1024)
+    assert pool.ranked("a plain green rectangle")[0][0].source == "green.png"
+
+
+def test_turns_release_items_in_order() -> None:
+    async def main() -> list[str]:
+        turns = Turns(["a", "b", "c"])
+        seen: list[str] = []
+
+        async def item(key: str, delay: float) -> None:
+            await asyncio.sleep(delay)
+            await turns.wait(key)
+            seen.append(key)
+            await turns.done(key)
+
+        await asyncio.gather(item("c", 0.0), item("b", 0.01), item("a", 0.03))
+        return seen
+
+    assert asyncio.run(main()) == ["a", "b", "c"]
+
+
+def test_missing_pool_and_models_are_clear_errors(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(f"out: {tmp_path / 'run'}\ngenerator: openai:x\n")
+    result = CliRunner().invoke(app, ["synth", "run", str(config), "--quiet"])
+    assert result.exit_code == 2 and "needs a judge model" in " ".join(result.output.split())
+    config.write_text(
+        f"out: {tmp_path / 'run'}\ngenerator: openai:x\njudge: openai:x\n"
+        "rollout: {teacher: openai:x}\nqueries: {seeds: s.jsonl}\n"
+        f"files: {{pool: {tmp_path / 'nopool'}}}\n"
+    )
+    result = CliRunner().invoke(app, ["synth", "run", str(config), "--quiet"])
+    assert result.exit_code == 2 and "is not an image pool" in " ".join(result.output.split())
+    config.write_text(f"out: {tmp_path / 'run'}\nqueries: {{batchez: 3}}\n")
+    result = CliRunner().invoke(app, ["synth", "run", str(config)])
+    assert result.exit_code == 2 and "batchez" in result.output
