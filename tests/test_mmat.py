@@ -672,3 +672,66 @@ def test_mmat_commands_have_help() -> None:
     for command in ("ingest", "rationale", "reflect", "render", "infer", "run"):
         result = CliRunner().invoke(app, ["mmat", command, "--help"])
         assert result.exit_code == 0 and "Usage" in result.output, command
+
+
+@pytest.mark.slow
+def test_cli_infer_runs_a_tiny_local_vlm_in_both_modes(tmp_path: Path) -> None:
+    from tracetune.models.tiny import init_tiny
+
+    model = init_tiny("qwen2_vl", tmp_path / "model")
+    tasks = _receipt_tasks(tmp_path)
+    for mode in ("rr", "orr"):
+        out = tmp_path / f"infer-{mode}"
+        args = [
+            "mmat",
+            "infer",
+            "--tasks",
+            str(tasks),
+            "--out",
+            str(out),
+            "--model",
+            f"local:{model}",
+            "--mode",
+            mode,
+            "--operators",
+            "ocr",
+            "--no-rag",
+            "--max-turns",
+            "2",
+            "--max-tokens",
+            "8",
+            "--quiet",
+        ]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert "1 written" in result.output and "accuracy: 0.00% over 1 items" in result.output
+        (dialogue,) = Dataset.open(out, Dialogue).records()
+        assert dialogue.format == mode and dialogue.metadata["operator_calls"] in ([], ["ocr"])
+        assert dialogue.messages[-1].role == "assistant" and dialogue.messages[-1].text
+        (pred,) = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+        assert pred["id"] == "receipt-total" and pred["prediction"] == dialogue.messages[-1].text
+
+
+def test_rationale_stage_stops_cleanly_at_the_token_budget(tmp_path: Path) -> None:
+    tasks = tmp_path / "tasks"
+    asyncio.run(run_ingest(IngestConfig(source=SAMPLE, out=tasks), progress=False))
+
+    def respond(body: dict[str, Any]) -> str:
+        n = sum(1 for m in body["messages"] if m["role"] == "assistant")
+        final = {"thought": "I looked at the image closely.", "next_action": "final_answer"}
+        return json.dumps(final) if n == 0 else "no idea"
+
+    with ScriptedOpenAIServer(respond) as server:
+        cfg = RationaleConfig(
+            tasks=tasks,
+            out=tmp_path / "r",
+            teacher="openai:t",
+            concurrency=1,
+            max_total_tokens=1,
+            operators=OperatorConfig(operators=["ocr"], rag=False),
+            backend=ModelOptions(base_url=server.base_url),
+        )
+        result, _ = asyncio.run(run_rationale(cfg, progress=False))
+    assert result.stopped is not None and "token budget" in result.stopped
+    assert result.dropped == 1 and result.drop_reasons == {"answer_mismatch": 1}
+    assert server.calls == 2  # one sample, then the budget stopped the run
