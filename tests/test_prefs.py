@@ -70,16 +70,21 @@ def test_each_of_k_candidates_runs_on_its_own_fork_of_the_prefix_state(tmp_path:
     def policy(messages: list[ChatMessage]) -> str:
         step = steps_so_far(messages)
         if step == 0:
-            return code("counter = 10\nitems = []\nprint('ready', counter)", "set up")
+            return code(
+                "counter = 10\nitems = []\nopen('log.txt', 'w').write('0')\n"
+                "print('ready', counter)",
+                "set up",
+            )
         if step == 1:
             d = next(bumps)
             return code(
                 f"counter += {d}\nitems.append({d})\n"
                 'doubled = calculator(expression=f"{counter} * 2")\n'
-                "print(counter, items, doubled)",
+                f"with open('log.txt', 'a') as f:\n    f.write('{d}')\n"
+                "print(counter, items, doubled, open('log.txt').read())",
                 f"bump by {d}",
             )
-        return code("final_answer(counter)", "done")
+        return code("final_answer(f\"{counter} {open('log.txt').read()}\")", "done")
 
     def judge(body: dict[str, Any]) -> str:
         text = json.dumps(body["messages"])
@@ -119,9 +124,9 @@ def test_each_of_k_candidates_runs_on_its_own_fork_of_the_prefix_state(tmp_path:
     first, second, last = trajectory.metadata["exploration"]
     assert first["candidates"][0]["step"]["observation"]["text"] == "ready 10"
     observed = [c["step"]["observation"]["text"] for c in second["candidates"]]
-    # Each candidate started from counter=10, items=[]: one shared interpreter would have
-    # printed 11, 13, 16, 20 and lists that grow.
-    assert observed == ["11 [1] 22", "12 [2] 24", "13 [3] 26", "14 [4] 28"]
+    # Each candidate started from counter=10, items=[] and log.txt holding "0": one shared
+    # interpreter and directory would have printed 11, 13, 16, 20, growing lists and logs.
+    assert observed == ["11 [1] 22 01", "12 [2] 24 02", "13 [3] 26 03", "14 [4] 28 04"]
     calls = [c["step"]["observation"]["data"]["tool_calls"] for c in second["candidates"]]
     assert [c[0]["arguments"]["expression"] for c in calls] == [
         f"{n} * 2" for n in (11, 12, 13, 14)
@@ -130,8 +135,8 @@ def test_each_of_k_candidates_runs_on_its_own_fork_of_the_prefix_state(tmp_path:
     assert [c["temperature"] for c in second["candidates"]] == [0.7, 1.2, 1.2, 1.2]
     # The judge's choice (candidate 3) was committed, and its state carried on.
     assert second["chosen"] == 2 and second["ranking"]["order"] == [2, 0, 1, 3]
-    assert trajectory.final_answer == "13" and trajectory.status == "completed"
-    assert "13 [3] 26" in trajectory.steps[1].observation.text
+    assert trajectory.final_answer == "13 03" and trajectory.status == "completed"
+    assert "13 [3] 26 03" in trajectory.steps[1].observation.text
     # The judge saw the task image as an image, and all candidates with their observations.
     step2 = next(r for r in requests if "bump by" in json.dumps(r.messages))
     assert len(step2.image_urls()) == 1 and step2.image_urls()[0].startswith("data:image/png")
@@ -468,3 +473,39 @@ def test_pairs_follow_the_rejection_rules(tmp_path: Path) -> None:
     assert {p.metadata["rejected_candidate"] for p in strict} == {3}
     stats = prefs_stats(tmp_path / "p")
     assert stats["per_task"] == {"t": 3} and stats["rejection_reasons"]["margin"] == 2
+
+
+@pytest.mark.slow  # real OCR in the sandbox (about 3 s)
+def test_gold_anchor_gives_a_weak_code_policy_pairs_and_reaches_the_gold_answer(
+    receipt_tasks: Path, tmp_path: Path
+) -> None:
+    (task,) = Dataset.open(receipt_tasks, Task).records()
+    weak = ScriptedChatModel(lambda messages: "I am not sure what to do.")
+    config = ExploreConfig(
+        tasks=receipt_tasks,
+        out=tmp_path / "ex",
+        policy="scripted",
+        verifier="gold",
+        k=2,
+        action_format="code",
+        gold_anchor=True,
+        max_steps=4,
+    )
+    _, explored = asyncio.run(run_explore(config, policy=weak, progress=False))
+    (trajectory,) = list(explored)
+    # Every committed step is the anchor's; run as code in the sandbox, it reaches the answer.
+    assert trajectory.status == "completed" and trajectory.action_format == "code"
+    assert [s.action.type for s in trajectory.steps] == ["code"] * 3
+    assert "ocr(" in trajectory.steps[0].action.code
+    from tracetune.judge.answers import check_answer
+
+    assert check_answer(trajectory.final_answer, task.gold).passed
+    for entry in trajectory.metadata["exploration"]:
+        assert [c["source"] for c in entry["candidates"]] == ["policy", "policy", "gold"]
+        assert entry["chosen"] == 2
+    _, pairs = asyncio.run(
+        run_build(BuildConfig(inputs=[tmp_path / "ex"], out=tmp_path / "p"), progress=False)
+    )
+    # Both policy samples are one text: one pair per step (not two), against the fault.
+    assert len(pairs) == 3 and all(p.metadata["rejection"][0] == "format" for p in pairs)
+    assert prefs_stats(tmp_path / "ex")["chosen_from_gold_anchor"] == 3

@@ -109,7 +109,7 @@ def quickstart(
         console.rule("5. MATRIX in miniature: SFT -> exploration -> pairs -> DPO -> held-out eval")
         from tracetune.prefs.matrix import miniature, run_matrix
 
-        report = run_async(
+        loop = run_async(
             run_matrix(
                 miniature(
                     out / "matrix",
@@ -120,13 +120,13 @@ def quickstart(
                 )
             )
         )
-        stages = report["stages"]
+        stages = loop["stages"]
         rows.append(
             (
                 "preference pairs",
                 str(out / "matrix" / "pairs"),
                 f"{stages['pairs']['pairs']} pairs over {stages['explore']['steps']} explored "
-                f"steps (K={report['config']['explore']['k']})",
+                f"steps (K={loop['config']['explore']['k']})",
             )
         )
         accuracy = stages["eval"]["heldout_accuracy"]

@@ -1,20 +1,112 @@
 """What exploration hands a step verifier: the prefix, the candidates, and how they ranked.
 
 A *branch* is an ``Episode`` forked from the committed prefix: its own copy of the
-sandbox's Python state (code actions) over the episode's shared working directory, and its
-own list of steps. Every candidate action is applied on its own branch, so what one
-candidate's code does to variables can never show up in another candidate's observation.
+sandbox's Python state (code actions), its own copy of the working directory's files, and
+its own list of steps. Every candidate action is applied on its own branch (with
+:func:`apply_step`), so what one candidate's code does to variables or files can never show
+up in another candidate's observation.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import stat
+import tempfile
+import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from tracetune.agent.loop import Episode
 from tracetune.schema import ErrorKind, Step, Task, Usage
+
+
+class Workspace:
+    """Snapshots of an episode's working directory, one per branch state.
+
+    The sandbox forks share one working directory, and code may write files in it (and in
+    its HOME, ``.sandbox/``). Branches of one task run one at a time, so before a branch
+    runs its snapshot is restored into the directory, and after it runs the result is
+    saved as the branch's new snapshot. Owners and modes are kept: the sandbox may run as
+    another user, who must still be able to write its files.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.root = Path(tempfile.mkdtemp(prefix="tracetune-branches-"))
+        self._count = 0
+        self._current: Path | None = None  # the snapshot the directory holds now
+
+    def save(self) -> Path:
+        snapshot = self.root / str(self._count)
+        self._count += 1
+        _copy_tree(self.workdir, snapshot)
+        self._current = snapshot
+        return snapshot
+
+    def load(self, snapshot: Path) -> None:
+        if snapshot == self._current:
+            return
+        for entry in os.scandir(self.workdir):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        _copy_tree(snapshot, self.workdir)
+        self._current = snapshot
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _copy_tree(source: Path, target: Path) -> None:
+    """Copy files, directories and links with their modes and owners (sockets are skipped)."""
+    target.mkdir(parents=True, exist_ok=True)
+    _keep_owner(source, target)
+    for entry in os.scandir(source):
+        dest = target / entry.name
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry.path), dest)
+        elif entry.is_dir(follow_symlinks=False):
+            _copy_tree(Path(entry.path), dest)
+        elif stat.S_ISREG(entry.stat(follow_symlinks=False).st_mode):
+            shutil.copy2(entry.path, dest)
+            _keep_owner(Path(entry.path), dest)
+
+
+def _keep_owner(source: Path, target: Path) -> None:
+    info = source.stat()
+    shutil.copystat(source, target)
+    if hasattr(os, "chown") and (info.st_uid, info.st_gid) != (os.getuid(), os.getgid()):
+        try:
+            os.chown(target, info.st_uid, info.st_gid)
+        except PermissionError:  # not root: everything is ours anyway
+            pass
+
+
+# Each branch's (workspace, snapshot); episodes without one (JSON actions) need none.
+_SNAPSHOTS: weakref.WeakKeyDictionary[Episode, tuple[Workspace, Path]] = weakref.WeakKeyDictionary()
+
+
+def track_files(episode: Episode) -> Workspace:
+    """Give an episode's branches their own files from now on (code actions)."""
+    workspace = Workspace(episode.toolbox.workdir)
+    _SNAPSHOTS[episode] = (workspace, workspace.save())
+    return workspace
+
+
+async def apply_step(branch: Episode, raw: str, usage: Any = None, latency_s: float = 0.0) -> Step:
+    """``branch.apply`` with the branch's own files in the working directory."""
+    tracked = _SNAPSHOTS.get(branch)
+    if tracked is not None:
+        tracked[0].load(tracked[1])
+    step = await branch.apply(raw, usage, latency_s)
+    if tracked is not None:
+        _SNAPSHOTS[branch] = (tracked[0], tracked[0].save())
+    return step
 
 
 async def fork_episode(episode: Episode) -> Episode:
@@ -41,6 +133,8 @@ async def fork_episode(episode: Episode) -> Episode:
     twin.steps = list(episode.steps)
     twin.final_answer = episode.final_answer
     twin.errors = episode.errors
+    if episode in _SNAPSHOTS:
+        _SNAPSHOTS[twin] = _SNAPSHOTS[episode]
     return twin
 
 

@@ -25,7 +25,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tracetune.agent.loop import Agent, Episode
 from tracetune.models.base import ChatModel, ModelOptions, Sampling, load_model
-from tracetune.prefs.base import Candidate, StepContext, close_branch, fork_episode
+from tracetune.prefs.base import (
+    Candidate,
+    StepContext,
+    Workspace,
+    apply_step,
+    close_branch,
+    fork_episode,
+    track_files,
+)
 from tracetune.prefs.verifiers import VERIFIERS, StepVerifier, make_verifier, prompts_hash
 from tracetune.runner import Budget, MeteredModel, StageResult, run_stage
 from tracetune.schema import Task, Trajectory, Usage
@@ -183,6 +191,9 @@ class Explorer:
         config = self.config
         started_at, t0 = time.time(), time.monotonic()
         root = await self.agent.start(task, source, assets)
+        workspace: Workspace | None = None
+        if self.agent.fmt.name == "code":  # code may write files; JSON tools only add images
+            workspace = track_files(root)
         current = root
         entries: list[dict[str, Any]] = []
         usage = Usage()
@@ -199,12 +210,12 @@ class Explorer:
                         usage = usage.add(generation.usage)
                     branch = await fork_episode(current)
                     branches.append(branch)
-                    step = await branch.apply(text, None, generation.latency_s)
+                    step = await apply_step(branch, text, None, generation.latency_s)
                     candidates.append(Candidate(i, step, temperature, branch))
                 if config.gold_anchor and task.gold_chain and task.gold is not None:
                     branch = await fork_episode(current)
                     branches.append(branch)
-                    step = await branch.apply(gold_next_step(task, current, config.seed or 0))
+                    step = await apply_step(branch, gold_next_step(task, current, config.seed or 0))
                     candidates.append(Candidate(len(candidates), step, None, branch, "gold"))
                 context = StepContext(
                     task=task,
@@ -249,6 +260,8 @@ class Explorer:
             for branch in branches:
                 await close_branch(branch)
             await root.close()
+            if workspace is not None:
+                workspace.cleanup()
         return Trajectory(
             id=record_id,
             task=task,

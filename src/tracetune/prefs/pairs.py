@@ -176,6 +176,7 @@ def step_pairs(
             continue
         prefix = committed[:index]
         found: list[tuple[float, PreferencePair]] = []
+        seen: set[str] = set()
         for i, cand in enumerate(candidates):
             if i == best:
                 continue
@@ -185,6 +186,11 @@ def step_pairs(
             if not cand.raw.strip():
                 skipped["empty output"] += 1  # nothing to push down; trainers reject it
                 continue
+            text = " ".join(cand.raw.split())
+            if text in seen:  # one sample per (prefix, chosen, rejected)
+                skipped["same text as another rejected step"] += 1
+                continue
+            seen.add(text)
             kinds: list[str] = []
             why: list[str] = []
             if cand.error is not None:

@@ -29,6 +29,7 @@ from tracetune.prefs.base import (
     Candidate,
     Ranking,
     StepContext,
+    apply_step,
     called_tool_names,
     close_branch,
     fork_episode,
@@ -119,7 +120,9 @@ class GoldVerifier:
                     branch.messages(), n=1, sampling=self.sampling
                 )
                 usage = usage.add(generation.usage)
-                step = await branch.apply(generation.text, generation.usage, generation.latency_s)
+                step = await apply_step(
+                    branch, generation.text, generation.usage, generation.latency_s
+                )
                 if step.error is not None and branch.errors >= self.max_errors:
                     status = "max_errors"
                     break
