@@ -320,3 +320,52 @@ def test_cli_runs_the_engine_from_one_config(tmp_path: Path) -> None:
     assert "mmat-rationale: 2 written" in result.output
     assert len(Dataset.open(out / "tasks", Task)) == 2
     assert len(Dataset.open(out / "orr", Dialogue)) == 2
+
+
+def test_each_stage_command_chains_on_the_previous_output(tmp_path: Path) -> None:
+    rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()]
+    faces = [dict(r, image=str(SAMPLE.parent / r["image"])) for r in rows if "faces" in r["id"]]
+    source = tmp_path / "faces.jsonl"
+    source.write_text(json.dumps(faces[0]) + "\n")
+    runner = CliRunner()
+    with ScriptedOpenAIServer(teacher) as server:
+        url = server.base_url
+        steps = [
+            ["ingest", "--source", str(source), "--out", str(tmp_path / "tasks")],
+            [
+                "rationale",
+                "--tasks",
+                str(tmp_path / "tasks"),
+                "--out",
+                str(tmp_path / "rat"),
+                "--teacher",
+                "openai:teacher",
+                "--operators",
+                "face_detection,image_caption",
+                "--no-rag",
+                "--base-url",
+                url,
+            ],
+            [
+                "reflect",
+                "--dialogues",
+                str(tmp_path / "rat"),
+                "--out",
+                str(tmp_path / "refl"),
+                "--judge",
+                "openai:teacher",
+                "--base-url",
+                url,
+            ],
+            ["render", "--dialogues", str(tmp_path / "refl"), "--out", str(tmp_path / "final")],
+        ]
+        outputs = []
+        for args in steps:
+            result = runner.invoke(app, ["mmat", *args, "--quiet"])
+            assert result.exit_code == 0, (args[0], result.output)
+            outputs.append(result.output)
+    assert "1 written" in outputs[1] and "flagged: {}; repaired: 0" in outputs[2]
+    (rr,) = Dataset.open(tmp_path / "final" / "rr", Dialogue).records()
+    (orr,) = Dataset.open(tmp_path / "final" / "orr", Dialogue).records()
+    assert orr_from_rr(rr).model_dump_json() == orr.model_dump_json()
+    assert dict(parse_rr(rr).steps[0].results)["face_detection"].startswith("1 face found")
