@@ -101,7 +101,7 @@ class Script:
         if "You are checking a worked example" in text:
             return "verify_trajectory", self.judge_trajectory(text)
         system = body["messages"][0].get("content", "")
-        if isinstance(system, str) and "calls tools" in system:
+        if isinstance(system, str) and ("calls tools" in system or "calling tools" in system):
             return "teacher", self.teacher(body)
         return "visual_qa", "The receipt's total is 36.69 dollars."
 
@@ -176,6 +176,15 @@ class Script:
         image = next((f for f in files if f.endswith((".png", ".jpg", ".jpeg"))), None)
         doc = next((f for f in files if not f.endswith((".png", ".jpg", ".jpeg"))), None)
         steps = sum(1 for m in messages if m["role"] == "assistant")
+        json_format = "one call per turn" in str(messages[0].get("content"))
+        if json_format:  # one tool call per step: read the document, then answer
+            if steps == 0:
+                call = {"name": "inspect_file", "arguments": {"path": doc}}
+                return f"Thought: I will read {doc}.\nAction: {json.dumps(call)}"
+            last = text_of({"messages": [messages[-1]]})
+            answer = "40" if "groceries" in last else "78 mm" if "rainfall" in last else "note"
+            call = {"name": "final_answer", "arguments": {"answer": answer}}
+            return f"Thought: The document says it.\nAction: {json.dumps(call)}"
         if steps == 0:
             code = f"doc = inspect_file(path={doc!r})\nprint(doc)\n"
             if image:

@@ -293,3 +293,44 @@ def test_missing_pool_and_models_are_clear_errors(tmp_path: Path) -> None:
     config.write_text(f"out: {tmp_path / 'run'}\nqueries: {{batchez: 3}}\n")
     result = CliRunner().invoke(app, ["synth", "run", str(config)])
     assert result.exit_code == 2 and "batchez" in result.output
+
+
+def test_rollout_stage_json_actions_with_samples(tmp_path: Path) -> None:
+    with ScriptedOpenAIServer(Script()) as srv:
+        config = _config(
+            tmp_path,
+            srv.base_url,
+            rollout={"action_format": "json", "samples": 2, "temperature": 0.9},
+        )
+        results = asyncio.run(run_chain(config, progress=False))
+        seeds = sorted(
+            {
+                r.body.get("seed")
+                for r in srv.requests
+                if "one call per turn" in str(r.messages[0].get("content"))
+            }
+        )
+    assert [r.stopped for r in results] == [None] * 6
+    final = Dataset.open(tmp_path / "run" / "final", Trajectory).records()
+    assert len(final) == 4 and {t.action_format for t in final} == {"json"}
+    assert sorted(t.metadata["sample"] for t in final) == [0, 0, 1, 1]
+    assert seeds == [0, 1]  # each sample its own request (and cache entry)
+    assert {t.steps[0].action.tool_call.name for t in final} == {"inspect_file"}  # type: ignore[union-attr]
+    assert {t.sampling["temperature"] for t in final} == {0.9}
+
+
+def test_every_synth_and_pool_command_has_help() -> None:
+    runner = CliRunner()
+    for command in [
+        ["synth", "queries"],
+        ["synth", "files"],
+        ["synth", "verify-tasks"],
+        ["synth", "rollout"],
+        ["synth", "verify-trajectories"],
+        ["synth", "run"],
+        ["synth", "stats"],
+        ["pool", "build"],
+    ]:
+        result = runner.invoke(app, [*command, "--help"])
+        assert result.exit_code == 0, (command, result.output)
+        assert "Usage" in result.output and len(result.output) > 300

@@ -77,7 +77,10 @@ async def verify_task(
     )
     answer = read_verdict_json(generation.text)
     passed = yes(answer.get("correct"), "correct")
-    details = {"query": query, "updated_query": str(answer.get("updated_query") or "").strip()}
+    details: dict[str, Any] = {
+        "query": query,
+        "updated_query": str(answer.get("updated_query") or "").strip(),
+    }
     for field in ("relevant", "useful", "obtainable"):
         if field in answer:
             details[field] = yes(answer[field], field)

@@ -229,10 +229,11 @@ async def associate_files(config: SynthConfig, progress: bool = True) -> StageRe
             information, specs = read_scenario(text, fc.max_files)
         except MalformedOutput as exc:
             return Drop("malformed scenario", {"error": str(exc), "output": text[:2000]})
-        kinds = [file_kind(s["file_type"]) for s in specs]
-        if None in kinds:
-            bad = specs[kinds.index(None)]["file_type"]
+        found = [file_kind(s["file_type"]) for s in specs]
+        if None in found:
+            bad = specs[found.index(None)]["file_type"]
             return Drop("unsupported file type", {"file_type": bad})
+        kinds = [k for k in found if k is not None]
         taken: set[str] = set()
         names = [
             safe_name(s["file_name"], GENERATED_TYPES[k], taken) if k != "image" else ""

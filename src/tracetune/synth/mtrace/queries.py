@@ -28,7 +28,7 @@ import numpy as np
 from tracetune.models.base import Sampling
 from tracetune.prompts import prompt_hash, render
 from tracetune.runner import Drop, StageResult, run_stage
-from tracetune.schema import Provenance, Task
+from tracetune.schema import Provenance, Record, Task
 from tracetune.store import Dataset
 from tracetune.synth.mtrace.common import (
     MalformedOutput,
@@ -182,7 +182,7 @@ async def generate_queries(config: SynthConfig, progress: bool = True) -> StageR
     model = stage_model(spec, config.backend, out.state, GENERATE)
     template_hash = prompt_hash(PROMPT)
 
-    async def process(batch: int) -> list[Task] | Drop:
+    async def process(batch: int) -> list[Record] | Drop:
         seed = _batch_seed(qc.seed, batch)
         rng = random.Random(seed)
         examples = rng.sample(seeds, min(qc.few_shot, len(seeds)))
@@ -206,7 +206,7 @@ async def generate_queries(config: SynthConfig, progress: bool = True) -> StageR
             )
         if not items:
             return Drop("malformed generator output", {"error": "empty list"})
-        records = []
+        records: list[Record] = []
         for position, item in enumerate(items):
             query, names, invalid = _validate_item(item, known)
             records.append(

@@ -42,7 +42,9 @@ async def rollout_tasks(config: SynthConfig, progress: bool = True) -> StageResu
     )
     tools = load_tools(names)
     teacher = stage_model(spec, config.backend, out.state, STAGE)
-    tool_model = stage_model(rc.tool_model or spec, config.backend, out.state, f"{STAGE}.tools")
+    # The tools' model calls (visual_qa, caption) count as the stage's spend, for budgets
+    # and for `synth stats`.
+    tool_model = stage_model(rc.tool_model or spec, config.backend, out.state, STAGE)
     options: dict[str, Any] = {}
     if rc.corpus is not None:
         options["search"] = {"corpus": str(rc.corpus)}
