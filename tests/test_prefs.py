@@ -509,3 +509,43 @@ def test_gold_anchor_gives_a_weak_code_policy_pairs_and_reaches_the_gold_answer(
     # Both policy samples are one text: one pair per step (not two), against the fault.
     assert len(pairs) == 3 and all(p.metadata["rejection"][0] == "format" for p in pairs)
     assert prefs_stats(tmp_path / "ex")["chosen_from_gold_anchor"] == 3
+
+
+def test_verifier_and_schedule_configs_say_what_is_wrong(tmp_path: Path) -> None:
+    from tracetune.models.base import Sampling
+    from tracetune.prefs import CombinedVerifier, GoldVerifier, JudgeVerifier, make_verifier
+
+    policy, judge = ScriptedChatModel(["x"]), ScriptedChatModel(["y"])
+    greedy = Sampling()
+    assert isinstance(make_verifier("gold", policy, None, greedy, 4), GoldVerifier)
+    audit = make_verifier("gold", policy, judge, greedy, 4)  # judged too, gold decides
+    assert isinstance(audit, CombinedVerifier) and not audit.tie_break and audit.name == "gold"
+    combo = make_verifier("gold+llm-score", policy, judge, greedy, 4)
+    assert isinstance(combo, CombinedVerifier) and combo.judge.mode == "score"
+    assert isinstance(make_verifier("llm-rank", policy, judge, greedy, 4), JudgeVerifier)
+    with pytest.raises(ValueError, match="needs a judge model"):
+        make_verifier("llm-best", policy, None, greedy, 4)
+    with pytest.raises(ValueError, match="unknown step verifier"):
+        make_verifier("vibes", policy, None, greedy, 4)
+    base = {"tasks": tmp_path, "out": tmp_path / "o", "policy": "local:x"}
+    assert ExploreConfig(**base, k=5).schedule() == [0.7, 1.2, 1.2, 1.2, 1.2]
+    assert ExploreConfig(**base, k=2, low_samples=2, low_temperature=0.3).schedule() == [0.3, 0.3]
+    with pytest.raises(ValueError, match="one temperature per candidate"):
+        ExploreConfig(**base, k=3, temperatures=[0.5, 1.0])
+    with pytest.raises(ValueError, match="needs a judge model"):
+        ExploreConfig(**base, verifier="gold+llm-rank")
+    result = CliRunner().invoke(
+        app,
+        [
+            "prefs",
+            "explore",
+            "--tasks",
+            str(tmp_path / "none"),
+            "--policy",
+            "local:x",
+            "--out",
+            str(tmp_path / "o2"),
+        ],
+    )
+    assert result.exit_code == 2 and "no task dataset" in result.output
+    assert not (tmp_path / "o2").exists()
