@@ -424,6 +424,8 @@ async def _run_steps(
                 "gta_id": qid,
                 "turn": turn,
                 "final_turn": final_turn,
+                # the nudge appended to a final turn is a template too
+                "final_turn_prompt_hash": prompt_hash(FINAL_TURN_PROMPT) if final_turn else None,
                 "prediction": prediction,
                 "gold": gold_msg,
                 "context_messages": len(messages),
