@@ -735,3 +735,34 @@ def test_rationale_stage_stops_cleanly_at_the_token_budget(tmp_path: Path) -> No
     assert result.stopped is not None and "token budget" in result.stopped
     assert result.dropped == 1 and result.drop_reasons == {"answer_mismatch": 1}
     assert server.calls == 2  # one sample, then the budget stopped the run
+
+
+def test_questions_about_one_image_share_one_operator_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ops = OperatorSet(OperatorConfig(operators=["face_detection"], rag=False))
+    calls: list[dict[str, Any]] = []
+
+    async def run_twice() -> list[Any]:
+        await ops.startup()
+        tool = ops.tools["face_detection"]
+        real = tool.acall
+
+        async def counting(ctx: Any, args: dict[str, Any]) -> Any:
+            calls.append(args)
+            await asyncio.sleep(0.05)  # both questions are in flight at once
+            return await real(ctx, args)
+
+        monkeypatch.setattr(tool, "acall", counting)
+        dirs = []
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "photo.png").write_bytes((DATA_DIR / "astronaut.png").read_bytes())
+            dirs.append(tmp_path / name)
+        return await asyncio.gather(
+            *(ops.run(["face_detection"], d, ["photo.png"], "How many faces?") for d in dirs)
+        )
+
+    (first, _), (second, _) = asyncio.run(run_twice())
+    assert len(calls) == 1 and first[0].result == second[0].result
+    assert first[0].result.startswith("1 face found")

@@ -104,7 +104,8 @@ class OperatorSet:
         self.options = options
         # The tools are deterministic: a regenerated rationale (or another question on the
         # same image) reuses an operator's output instead of running OCR etc. again.
-        self._memo: dict[tuple[str, str, str], tuple[str, Any, str | None]] = {}
+        # Concurrent questions about one image share one run: the memo holds futures.
+        self._memo: dict[tuple[str, str, str], asyncio.Future[tuple[str, Any, str | None]]] = {}
 
     @property
     def rag(self) -> bool:
@@ -219,16 +220,7 @@ class OperatorSet:
                 if name == "label_bbox":
                     args["text"] = _detection_query(question)
                 key = (name, _file_hash(workdir / image), json.dumps(args, sort_keys=True))
-                if key not in self._memo:
-                    try:
-                        result = await tool.acall(ctx, args)
-                        outcome: tuple[str, Any, str | None] = (result.text, result.data, None)
-                    except ToolError as exc:
-                        outcome = (f"(failed: {exc})", None, str(exc))
-                    if len(self._memo) >= _MEMO_SIZE:
-                        self._memo.pop(next(iter(self._memo)))
-                    self._memo[key] = outcome
-                text, data, error = self._memo[key]
+                text, data, error = await self._call(tool, ctx, args, key)
                 if error is not None:
                     errors.append(error)
                 texts.append(f"[{image}]\n{text}" if len(images) > 1 else text)
@@ -242,6 +234,26 @@ class OperatorSet:
                 )
             )
         return calls, problems
+
+    async def _call(
+        self, tool: Tool, ctx: ToolContext, args: dict[str, Any], key: tuple[str, str, str]
+    ) -> tuple[str, Any, str | None]:
+        future = self._memo.get(key)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            if len(self._memo) >= _MEMO_SIZE:
+                self._memo.pop(next(iter(self._memo)))
+            self._memo[key] = future
+            try:
+                result = await tool.acall(ctx, args)
+                future.set_result((result.text, result.data, None))
+            except ToolError as exc:
+                future.set_result((f"(failed: {exc})", None, str(exc)))
+            except BaseException as exc:  # a tool bug: do not leave waiters hanging
+                self._memo.pop(key, None)
+                future.set_exception(exc)
+                raise
+        return await asyncio.shield(future)
 
     async def retrieve(self, query: str, workdir: Path) -> RagCall:
         tool = self.tools.get("rag")
