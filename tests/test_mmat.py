@@ -255,6 +255,7 @@ def test_leak_check_catches_the_answer_before_supporting_tool_output() -> None:
     assert LeakChecker("Australia").check(query_leak) is not None
     # Number words count as the number; admitting a given answer is a leak of its own.
     assert LeakChecker("1").mentions("I can see one face") == "1"
+    assert LeakChecker("1").mentions("Step 1: detect faces.\n1. run the detector") is None
     reveal = Rationale(
         question="q",
         answer="x",
@@ -402,7 +403,10 @@ def test_ingest_reads_every_format_with_stable_ids_and_style_constraints(tmp_pat
     )
 
     ids = {}
-    for source in (jsonl, parquet, hf_dir, csv_path):
+    snapshot = tmp_path / "hub-snapshot"  # a hub dataset repo: data/<split>-*.parquet
+    (snapshot / "data").mkdir(parents=True)
+    (snapshot / "data" / "train-00000-of-00001.parquet").write_bytes(parquet.read_bytes())
+    for source in (jsonl, parquet, hf_dir, csv_path, snapshot):
         out = tmp_path / f"tasks-{source.name}"
         result, ds = asyncio.run(
             run_ingest(
@@ -474,7 +478,9 @@ def test_ingest_reports_and_skips_broken_and_missing_images_via_cli(tmp_path: Pa
 
 
 # -- operators -----------------------------------------------------------------------------------
-def test_unavailable_operators_fail_at_startup_before_any_model_call(tmp_path: Path) -> None:
+def test_unavailable_operators_fail_at_startup_before_any_model_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     tasks = tmp_path / "tasks"
     asyncio.run(run_ingest(IngestConfig(source=SAMPLE, out=tasks, limit=1), progress=False))
     with ScriptedOpenAIServer(["never used"]) as server:
@@ -495,6 +501,10 @@ def test_unavailable_operators_fail_at_startup_before_any_model_call(tmp_path: P
         with pytest.raises(OperatorUnavailable, match="operator 'rag'.*operators.corpus"):
             asyncio.run(run_rationale(no_corpus, progress=False))
         assert server.calls == 0
+    web = OperatorConfig(operators=["ocr"], rag_backend="serper")
+    monkeypatch.delenv("SERPER_API_KEY", raising=False)
+    with pytest.raises(OperatorUnavailable, match=r"serper backend needs its API key"):
+        asyncio.run(OperatorSet(web).startup())
     with pytest.raises(OperatorUnavailable, match="image_caption needs a vision-language"):
         asyncio.run(OperatorSet(OperatorConfig(operators=["image_caption"], rag=False)).startup())
 

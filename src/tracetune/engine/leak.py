@@ -24,6 +24,12 @@ _REVEALS = re.compile(
 )
 
 
+_NUMBERING = re.compile(
+    r"\b(?:step|stage|part|phase|turn|round|line|option|item)\s+\d+\b|(?:^|\n)\s*\d+[.)]\s",
+    re.IGNORECASE,
+)
+
+
 @dataclass
 class Leak:
     """Where a rationale leaked the answer, and how."""
@@ -102,6 +108,10 @@ class LeakChecker:
                 if _contains(norm, f"{lead} {self.norm}"):
                     return f"{lead} {self.answer}"
             return None
+        if self.norm.isdigit():
+            # Small numbers are everywhere in a plan ("step 1", "1. read the text"): numbering
+            # is not a claim about the answer.
+            norm = normalize_vqa_answer(_NUMBERING.sub(" ", text))
         return self.answer if _contains(norm, self.norm) else None
 
     def supported_by(self, outputs: list[str]) -> bool:
