@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from mtrace_script import RECEIPT_QUERY, Script, config_yaml, write_seeds
 from PIL import Image
@@ -334,3 +335,23 @@ def test_every_synth_and_pool_command_has_help() -> None:
         result = runner.invoke(app, [*command, "--help"])
         assert result.exit_code == 0, (command, result.output)
         assert "Usage" in result.output and len(result.output) > 300
+
+
+@pytest.mark.parametrize("bits", [0, 4, 7, 9])
+def test_hash_index_finds_what_a_full_scan_finds(bits: int) -> None:
+    import random
+
+    from tracetune.synth.mtrace.pool import _HashIndex
+
+    rng = random.Random(bits)
+    index, codes = _HashIndex(bits), []
+    for _ in range(800):
+        code = rng.choice(codes) if codes and rng.random() < 0.4 else rng.getrandbits(64)
+        for _ in range(rng.randint(0, 10)):
+            code ^= 1 << rng.randrange(64)
+        near = next((c for c in codes if bin(c ^ code).count("1") <= bits), None)
+        found = index.find(code)
+        assert (found["code"] if found else None) == near
+        if found is None:
+            index.add(code, {"code": code})
+            codes.append(code)

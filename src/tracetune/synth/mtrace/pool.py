@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -139,6 +140,36 @@ def _document_caption(path: Path) -> str:
     return f"{path.name}: {text[:600]}" if text else path.name
 
 
+class _HashIndex:
+    """Finds a stored 64-bit hash within ``bits`` bits of a new one without a full scan.
+
+    Split into eight bytes, two hashes that differ in at most seven bits agree on at least
+    one byte (pigeonhole), so only hashes sharing a byte at the same position are compared.
+    """
+
+    def __init__(self, bits: int) -> None:
+        self.bits = bits
+        self.items: list[tuple[int, dict[str, Any]]] = []
+        self.blocks: dict[tuple[int, int], list[int]] = {}
+
+    def find(self, code: int) -> dict[str, Any] | None:
+        if self.bits >= 8:
+            candidates: Iterable[int] = range(len(self.items))
+        else:
+            candidates = sorted(
+                {i for b in range(8) for i in self.blocks.get((b, (code >> (8 * b)) & 0xFF), [])}
+            )
+        for i in candidates:
+            if bin(self.items[i][0] ^ code).count("1") <= self.bits:
+                return self.items[i][1]
+        return None
+
+    def add(self, code: int, item: dict[str, Any]) -> None:
+        for b in range(8):
+            self.blocks.setdefault((b, (code >> (8 * b)) & 0xFF), []).append(len(self.items))
+        self.items.append((code, item))
+
+
 class Pool:
     """A built pool: entries, their embeddings, their assets."""
 
@@ -198,7 +229,7 @@ async def build_pool(config: PoolConfig, progress: bool = True) -> Pool:
     config.out.mkdir(parents=True, exist_ok=True)
     assets = AssetStore(config.out)
     kept: list[dict[str, Any]] = []
-    hashes: list[tuple[int, dict[str, Any]]] = []
+    hashes = _HashIndex(config.dedup_bits)
     for path in files:
         rel = path.relative_to(root).as_posix()
         kind = "image" if path.suffix.lower() in IMAGE_SUFFIXES else "document"
@@ -210,13 +241,11 @@ async def build_pool(config: PoolConfig, progress: bool = True) -> Pool:
                     code = dhash(img)
             except OSError as exc:
                 raise PoolError(f"{path} is not a readable image: {exc}") from None
-            twin = next(
-                (h for h in hashes if bin(h[0] ^ code).count("1") <= config.dedup_bits), None
-            )
+            twin = hashes.find(code)
             if twin is not None:
-                twin[1]["merged"].append(rel)
+                twin["merged"].append(rel)
                 continue
-            hashes.append((code, item))
+            hashes.add(code, item)
         item["caption"] = given.get(rel, given.get(path.name))
         kept.append(item)
 
@@ -246,7 +275,7 @@ async def build_pool(config: PoolConfig, progress: bool = True) -> Pool:
                 merged=item["merged"],
             )
         )
-    vectors = load_embedder(config.embedder).encode([e.caption for e in entries])
+    vectors = _embed(load_embedder(config.embedder), [e.caption for e in entries], progress)
     tmp = config.out / ".embeddings.tmp.npy"
     np.save(tmp, vectors)
     os.replace(tmp, config.out / EMBEDDINGS_FILE)
@@ -260,6 +289,19 @@ async def build_pool(config: PoolConfig, progress: bool = True) -> Pool:
     tmp_manifest.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     os.replace(tmp_manifest, config.out / POOL_FILE)
     return Pool(config.out, entries, vectors, config.embedder)
+
+
+def _embed(embedder: Embedder, texts: list[str], progress: bool) -> np.ndarray:
+    """Embed in chunks, with a progress bar: a large pool takes minutes on a CPU."""
+    from rich.progress import Progress
+
+    chunks = []
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("embedding captions", total=len(texts))
+        for start in range(0, len(texts), 256):
+            chunks.append(embedder.encode(texts[start : start + 256]))
+            bar.advance(task, len(chunks[-1]))
+    return np.concatenate(chunks) if chunks else np.zeros((0, 1), dtype=np.float32)
 
 
 async def _caption_images(config: PoolConfig, items: list[dict[str, Any]], progress: bool) -> None:
