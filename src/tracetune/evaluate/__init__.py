@@ -2,6 +2,8 @@
 
 Every scorer works on files alone (no agent run needed) and returns a ``ScoreReport``: the
 aggregate metrics, named as the benchmark names them, plus the per-item scores behind them.
+``run_benchmark`` runs a controller over GTA, GAIA or held-out task programs and scores the
+run with those scorers; ``build_report`` compares runs in HTML and Markdown.
 """
 
 from tracetune.evaluate.base import ItemScore, ScoreReport, ScoringInputError
@@ -14,6 +16,9 @@ from tracetune.evaluate.gta import (
     objective_correct,
     score_gta,
 )
+from tracetune.evaluate.gta_tools import GTA_TOOLS, toolset_status
+from tracetune.evaluate.report import build_report
+from tracetune.evaluate.runs import RUN_BENCHMARKS, EvalRunConfig, run_benchmark
 from tracetune.evaluate.vqa import (
     extract_answer,
     extract_choice,
@@ -26,6 +31,12 @@ BENCHMARKS = ("gta", "gaia", "agentx", "dynvqa", "vqa")
 
 __all__ = [
     "BENCHMARKS",
+    "GTA_TOOLS",
+    "RUN_BENCHMARKS",
+    "EvalRunConfig",
+    "build_report",
+    "run_benchmark",
+    "toolset_status",
     "GTAScorer",
     "ItemScore",
     "ScoreReport",
