@@ -263,6 +263,10 @@ def test_gold_verifier_ranks_the_correct_step_first_and_judge_agreement_is_repor
     assert "answers before the gold chain is done" in reasons[3]
     checks = ranking["details"]["checks"]
     assert checks[1]["reaches_gold"] and not checks[2]["reaches_gold"]  # greedy completions
+    # Same calls ran once: OCR x4 at step 0 (3 reused) and again by the wrong-tool candidate
+    # (1); the gold calculator call first made by step 0's greedy completion (reused by the
+    # correct candidate and the wrong-tool candidate's completion: 2).
+    assert trajectory.metadata["tool_memo_hits"] == 6
 
     # Pairs: step 1 gives correct vs each of the three; steps 0 and 2 had identical samples.
     result, pairs = asyncio.run(
@@ -549,3 +553,25 @@ def test_verifier_and_schedule_configs_say_what_is_wrong(tmp_path: Path) -> None
     )
     assert result.exit_code == 2 and "no task dataset" in result.output
     assert not (tmp_path / "o2").exists()
+
+
+def test_memoized_tools_render_alike_and_rerun_when_a_named_file_changed(tmp_path: Path) -> None:
+    from tracetune.agent.formats import CodeFormat, JsonFormat
+    from tracetune.prefs.memo import MemoTool, memoized
+    from tracetune.tools import ToolContext, get_tool
+
+    tools = [get_tool("image_crop"), get_tool("calculator"), get_tool("final_answer")]
+    wrapped = memoized(tools, ["image_crop", "calculator"])
+    assert [type(t) is MemoTool for t in wrapped] == [True, True, False]
+    for fmt in (JsonFormat(), CodeFormat()):
+        assert fmt.system_prompt(wrapped) == fmt.system_prompt(tools)
+    crop = wrapped[0]
+    assert isinstance(crop, MemoTool)
+    ctx = ToolContext(workdir=tmp_path)
+    Image.new("RGB", (20, 20), "red").save(tmp_path / "a.png")
+    args = {"image": "a.png", "box": [0, 0, 10, 10]}
+    first = asyncio.run(crop.acall(ctx, args))
+    assert asyncio.run(crop.acall(ctx, dict(args))) is first and crop.hits == 1
+    Image.new("RGB", (20, 20), "blue").save(tmp_path / "a.png")  # a candidate rewrote it
+    fresh = asyncio.run(crop.acall(ctx, args))
+    assert fresh is not first and fresh.images[0].getpixel((1, 1)) == (0, 0, 255)

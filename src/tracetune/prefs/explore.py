@@ -34,6 +34,7 @@ from tracetune.prefs.base import (
     fork_episode,
     track_files,
 )
+from tracetune.prefs.memo import DETERMINISTIC, MemoTool, memoized
 from tracetune.prefs.verifiers import VERIFIERS, StepVerifier, make_verifier, prompts_hash
 from tracetune.runner import Budget, MeteredModel, StageResult, run_stage
 from tracetune.schema import Task, Trajectory, Usage
@@ -87,6 +88,11 @@ class ExploreConfig(BaseModel):
         description="Task programs only: also offer the gold chain's next step as a candidate "
         "(recorded as source 'gold'), so steps where a weak policy samples nothing usable "
         "still give a pair against its samples.",
+    )
+    memo_tools: list[str] = Field(
+        default_factory=lambda: list(DETERMINISTIC),
+        description="Deterministic tools whose result is reused when candidates of one task "
+        "make the same call on the same file contents (e.g. K identical OCR calls run once).",
     )
     judge_retries: int = Field(default=2, ge=0, description="Retries of a malformed judge reply.")
     limit: int | None = Field(default=None, ge=1, description="Only the first N tasks.")
@@ -190,7 +196,19 @@ class Explorer:
     ) -> Trajectory:
         config = self.config
         started_at, t0 = time.time(), time.monotonic()
-        root = await self.agent.start(task, source, assets)
+        base = self.agent
+        # This task's own agent: its memoized tools remember results for this task only.
+        agent = Agent(
+            base.model,
+            memoized(base.tools, config.memo_tools),
+            base.fmt.name,
+            base.max_steps,
+            base.max_errors,
+            base.sampling,
+            base.tool_options,
+            base.tool_model,
+        )
+        root = await agent.start(task, source, assets)
         workspace: Workspace | None = None
         if self.agent.fmt.name == "code":  # code may write files; JSON tools only add images
             workspace = track_files(root)
@@ -287,6 +305,7 @@ class Explorer:
                 "judge": config.judge,
                 "judge_prompt_hash": prompts_hash() if config.judge else None,
                 "k": config.k,
+                "tool_memo_hits": sum(t.hits for t in agent.tools if isinstance(t, MemoTool)),
             },
         )
 
