@@ -276,12 +276,20 @@ async def filter_queries(config: SynthConfig, progress: bool = True) -> StageRes
     )
 
     kept_ids: list[str] = [t.id for t in ordered if t.id in existing]
-    kept_vectors = [vectors[i] for i in kept_ids if i in vectors]
+    # Kept embeddings fill a preallocated matrix: growing a list and stacking it per item
+    # would copy everything kept so far for every candidate.
+    width = next(iter(vectors.values())).shape[0] if vectors else 1
+    kept_matrix = np.zeros((len(ordered), width), dtype=np.float32)
+    kept_count = 0
+    for i in kept_ids:
+        kept_matrix[kept_count] = vectors[i]
+        kept_count += 1
     tool_counts: Counter[str] = Counter(n for i in kept_ids for n in existing[i].tools)
     topic_counts: Counter[str] = Counter(str(existing[i].metadata.get("topic")) for i in kept_ids)
     kept_by_index = list(kept_ids)
 
     async def process(task: Task) -> Task | Drop:
+        nonlocal kept_count
         if task.id in existing:  # written before a kill, not yet marked done
             return existing[task.id]
         if task.metadata.get("invalid"):
@@ -306,7 +314,7 @@ async def filter_queries(config: SynthConfig, progress: bool = True) -> StageRes
                 "near-duplicate of a seed",
                 {"seed": seeds[int(best[0])]["query"], "similarity": round(float(score[0]), 4)},
             )
-        score, best = max_similarity(vector, np.asarray(kept_vectors).reshape(-1, vector.shape[1]))
+        score, best = max_similarity(vector, kept_matrix[:kept_count])
         if best[0] >= 0 and score[0] >= qc.dedup_threshold:
             return Drop(
                 "near-duplicate",
@@ -319,7 +327,8 @@ async def filter_queries(config: SynthConfig, progress: bool = True) -> StageRes
         topic = str(task.metadata.get("topic"))
         if qc.topic_quota is not None and topic_counts[topic] >= qc.topic_quota:
             return Drop("topic quota reached", {"topic": topic})
-        kept_vectors.append(vectors[task.id])
+        kept_matrix[kept_count] = vectors[task.id]
+        kept_count += 1
         kept_by_index.append(task.id)
         tool_counts.update(task.tools)
         topic_counts[topic] += 1
