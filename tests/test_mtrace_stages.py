@@ -355,3 +355,25 @@ def test_hash_index_finds_what_a_full_scan_finds(bits: int) -> None:
         if found is None:
             index.add(code, {"code": code})
             codes.append(code)
+
+
+def test_stage_commands_one_by_one_and_rerun_skips_done_work(tmp_path: Path) -> None:
+    runner = CliRunner()
+    with ScriptedOpenAIServer(Script()) as srv:
+        config = _config(tmp_path, srv.base_url)
+        path = tmp_path / "synth.yaml"
+        path.write_text(yaml.safe_dump(json.loads(config.model_dump_json())))
+        for command in (
+            ["queries"],
+            ["files"],
+            ["verify-tasks"],
+            ["rollout"],
+            ["verify-trajectories"],
+        ):
+            result = runner.invoke(app, ["synth", *command, "--config", str(path), "--quiet"])
+            assert result.exit_code == 0, (command, result.output)
+        calls = srv.calls
+        again = runner.invoke(app, ["synth", "files", "--config", str(path), "--quiet"])
+        assert again.exit_code == 0 and "0 written, 2 already done" in again.output
+        assert srv.calls == calls  # nothing asked again
+    assert len(Dataset.open(tmp_path / "run" / "final", Trajectory)) == 2
