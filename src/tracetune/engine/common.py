@@ -94,26 +94,13 @@ def stage_stats(
     result: StageResult | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Counts over every run of ``stage`` into ``out`` (not just this one), with the drop
-    and failure reasons, usage, and ``extra``; written to ``OUT/stats.json``."""
-    reasons: dict[str, int] = {}
-    failures: dict[str, int] = {}
-    for _, status, info in out.state.items(stage):
-        if status == "dropped":
-            reason = str(info.get("reason", "unknown"))
-            reasons[reason] = reasons.get(reason, 0) + 1
-        elif status == "failed":
-            error = str(info.get("error", "unknown")).split(":")[0]
-            failures[error] = failures.get(error, 0) + 1
-    usage = out.state.usage(stage)
-    stats: dict[str, Any] = {
-        "stage": stage,
-        "records": len(out),
-        "status": out.state.counts(stage),
-        "drop_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
-        "failures": failures,
-        "usage": usage.model_dump(mode="json"),
-    }
+    """The runner's statistics of ``stage`` in ``out`` (every run, not just this one: counts,
+    drop reasons, first failures, usage), with this run's outcome and the stage's own
+    counts in ``extra``; written to ``OUT/stats.json``."""
+    from tracetune.runner.stats import stage_stats as runner_stats
+
+    rows = [r for r in runner_stats(out.root) if r.stage == stage]
+    stats: dict[str, Any] = rows[0].to_dict() if rows else {"stage": stage, "records": len(out)}
     if result is not None:
         stats["this_run"] = {
             "written": result.written,
