@@ -114,6 +114,9 @@ def _report(result: Any, out: Path) -> None:
     out_console.print(result.summary())
     for reason, count in sorted(result.drop_reasons.items(), key=lambda kv: -kv[1]):
         out_console.print(f"  dropped {count} x {reason}", highlight=False)
+    from tracetune.runner.stats import stage_stats, stats_table
+
+    out_console.print(stats_table(stage_stats(out)))
     out_console.print(f"output: {out} (stats: {out / 'stats.json'})")
 
 
