@@ -377,3 +377,71 @@ def test_stage_commands_one_by_one_and_rerun_skips_done_work(tmp_path: Path) -> 
         assert again.exit_code == 0 and "0 written, 2 already done" in again.output
         assert srv.calls == calls  # nothing asked again
     assert len(Dataset.open(tmp_path / "run" / "final", Trajectory)) == 2
+
+
+def test_trajectory_verifier_checks_gold_answers_exactly(tmp_path: Path) -> None:
+    from tracetune.schema import Action, GoldAnswer, Observation, Step
+    from tracetune.synth.mtrace.verify import verify_trajectories
+
+    trajectories: Dataset[Trajectory] = Dataset.create(
+        tmp_path / "run" / "trajectories", Trajectory
+    )
+    image = trajectories.assets.put_file(BUNDLED_POOL_IMAGES / "receipt.png")
+    task = Task(
+        id="task-gold",
+        query="What is the receipt's total?",
+        files=[image],
+        tools=["ocr"],
+        gold=GoldAnswer(value="36.69", kind="number"),
+    )
+    rows = []
+    for answer in ("36.69", "35.00", None):
+        steps = [
+            Step(
+                index=0,
+                raw="...",
+                thought="Read it.",
+                action=Action(type="code", code="print(ocr(image='receipt.png'))"),
+                observation=Observation(text="TOTAL 36.69"),
+            )
+        ]
+        if answer is not None:
+            steps.append(
+                Step(
+                    index=1,
+                    raw="...",
+                    thought="Done.",
+                    action=Action(type="code", code=f"final_answer({answer!r})", answer=answer),
+                    observation=Observation(),
+                )
+            )
+        rows.append(
+            Trajectory(
+                id=f"traj-{answer}",
+                task=task,
+                controller="openai:t",
+                action_format="code",
+                tools=["ocr", "final_answer"],
+                steps=steps,
+                final_answer=answer,
+                status="completed" if answer else "max_steps",
+            )
+        )
+    trajectories.write_all(rows)
+    with ScriptedOpenAIServer(Script()) as srv:
+        config = SynthConfig(
+            out=tmp_path / "run", judge="openai:test-model", backend={"base_url": srv.base_url}
+        )  # type: ignore[arg-type]
+        asyncio.run(verify_trajectories(config, progress=False))
+        judged = [r for r in srv.requests if any("worked example" in t for t in r.texts())]
+    assert [t.id for t in Dataset.open(tmp_path / "run" / "final", Trajectory)] == ["traj-36.69"]
+    assert len(judged) == 1 and len(judged[0].image_urls()) == 1  # only the gold-correct one
+    assert _reasons(tmp_path / "run")["verify_trajectories"] == {
+        "wrong answer (gold check)": 1,
+        "no final answer": 1,
+    }
+    verdicts = {
+        v.target_id: v for v in Dataset.open(tmp_path / "run" / "final" / "verdicts", Verdict)
+    }
+    assert verdicts["traj-35.00"].judge == "gold" and not verdicts["traj-35.00"].passed
+    assert verdicts["traj-None"].judge == "rules"
