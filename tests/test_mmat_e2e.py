@@ -369,3 +369,59 @@ def test_each_stage_command_chains_on_the_previous_output(tmp_path: Path) -> Non
     (orr,) = Dataset.open(tmp_path / "final" / "orr", Dialogue).records()
     assert orr_from_rr(rr).model_dump_json() == orr.model_dump_json()
     assert dict(parse_rr(rr).steps[0].results)["face_detection"].startswith("1 face found")
+
+
+def test_killed_rationale_run_resumes_without_duplicates_or_losses(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tasks = tmp_path / "tasks"
+    asyncio.run(run_pipeline(MMATRunConfig(out=tmp_path, source=SAMPLE, stages=["ingest"])))
+    out = tmp_path / "rationale"
+    cmd = [
+        sys.executable,
+        "-m",
+        "tracetune.cli",
+        "mmat",
+        "rationale",
+        "--tasks",
+        str(tasks),
+        "--out",
+        str(out),
+        "--teacher",
+        "openai:teacher",
+        "--operators",
+        "ocr,face_detection,image_caption",
+        "--no-rag",
+        "--concurrency",
+        "1",
+        "--quiet",
+    ]
+    env = {**os.environ, "OPENAI_API_KEY": "test"}
+    with ScriptedOpenAIServer(teacher, latency_s=0.2) as server:
+        cmd += ["--base-url", server.base_url]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while server.calls < 4 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, proc.stderr.read() if proc.stderr else ""
+        partial = len(Dataset.open(out, Dialogue)) if (out / "manifest.json").exists() else 0
+        assert partial < 4  # killed mid-run
+        rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr
+    dataset = Dataset.open(out, Dialogue)
+    ids = [d.id for d in dataset]
+    dropped = dataset.state.keys("mmat-rationale", "dropped")
+    assert len(ids) == 4 and len(set(ids)) == 4 and not dropped & set(ids)
+    assert {i.removeprefix("rr-") for i in [*ids, *dropped]} == {
+        t.id for t in Dataset.open(tasks, Task)
+    }
+    # Without retrieval the reef answer has no supporting output: the leak check drops it.
+    assert [
+        info["reason"] for _, s, info in dataset.state.items("mmat-rationale") if s == "dropped"
+    ] == ["answer_leak"]
