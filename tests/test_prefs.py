@@ -58,13 +58,11 @@ def test_each_of_k_candidates_runs_on_its_own_fork_of_the_prefix_state(tmp_path:
     """K=4 code candidates mutate the same variables differently; each observation shows only
     its own change, the chosen branch's state carries on, and the judge saw everything."""
     photo = Image.new("RGB", (32, 32), "purple")
-    placeholder = Task(
-        id="counter",
-        query="Bump the counter.",
-        tools=["calculator"],
-        files=[Dataset.create(tmp_path / "tmp", Task).assets.put_image(photo, "photo.png")],
+    ref = Dataset.create(tmp_path / "tmp", Task).assets.put_image(photo, "photo.png")
+    counter = Task(
+        id="counter", query="Bump the counter.", tools=["calculator", "image_crop"], files=[ref]
     )
-    tasks = task_dir(tmp_path / "tasks", [placeholder], {"photo.png": photo})
+    tasks = task_dir(tmp_path / "tasks", [counter], {"photo.png": photo})
     bumps = iter(range(1, 100))
 
     def policy(messages: list[ChatMessage]) -> str:
@@ -72,6 +70,7 @@ def test_each_of_k_candidates_runs_on_its_own_fork_of_the_prefix_state(tmp_path:
         if step == 0:
             return code(
                 "counter = 10\nitems = []\nopen('log.txt', 'w').write('0')\n"
+                "corner = image_crop(image='photo.png', box=[0, 0, 8, 8])\n"
                 "print('ready', counter)",
                 "set up",
             )
@@ -122,7 +121,7 @@ def test_each_of_k_candidates_runs_on_its_own_fork_of_the_prefix_state(tmp_path:
     assert result.written == 1
     (trajectory,) = list(explored)
     first, second, last = trajectory.metadata["exploration"]
-    assert first["candidates"][0]["step"]["observation"]["text"] == "ready 10"
+    assert first["candidates"][0]["step"]["observation"]["text"].startswith("ready 10\n[image")
     observed = [c["step"]["observation"]["text"] for c in second["candidates"]]
     # Each candidate started from counter=10, items=[] and log.txt holding "0": one shared
     # interpreter and directory would have printed 11, 13, 16, 20, growing lists and logs.
@@ -139,7 +138,9 @@ def test_each_of_k_candidates_runs_on_its_own_fork_of_the_prefix_state(tmp_path:
     assert "13 [3] 26 03" in trajectory.steps[1].observation.text
     # The judge saw the task image as an image, and all candidates with their observations.
     step2 = next(r for r in requests if "bump by" in json.dumps(r.messages))
-    assert len(step2.image_urls()) == 1 and step2.image_urls()[0].startswith("data:image/png")
+    # ... and the prefix's crop: images as images, not names.
+    assert len(step2.image_urls()) == 2 and step2.image_urls()[0].startswith("data:image/png")
+    assert "(output of step 1)" in "\n".join(step2.texts())
     shown = "\n".join(step2.texts())
     assert all(o in shown for o in observed) and "ready 10" in shown
     assert trajectory.metadata["judge_prompt_hash"]

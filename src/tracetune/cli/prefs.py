@@ -189,7 +189,13 @@ def print_stats(report: dict[str, Any]) -> None:
     for key, value in report.items():
         if key in ("path", "kind"):
             continue
-        if isinstance(value, dict):
+        if key == "per_task" and isinstance(value, dict) and len(value) > 8:
+            counts = sorted(value.values())  # thousands of tasks: the spread, not the list
+            value = (
+                f"{len(counts)} tasks; pairs per task min {counts[0]}, median "
+                f"{counts[len(counts) // 2]}, max {counts[-1]} (--json lists them)"
+            )
+        elif isinstance(value, dict):
             value = ", ".join(f"{k}: {v}" for k, v in value.items()) or "-"
         table.add_row(key, str(value))
     out_console.print(table)
