@@ -576,3 +576,32 @@ def test_memoized_tools_render_alike_and_rerun_when_a_named_file_changed(tmp_pat
     Image.new("RGB", (20, 20), "blue").save(tmp_path / "a.png")  # a candidate rewrote it
     fresh = asyncio.run(crop.acall(ctx, args))
     assert fresh is not first and fresh.images[0].getpixel((1, 1)) == (0, 0, 255)
+
+
+def test_exploration_stops_cleanly_at_its_token_budget_and_resumes(tmp_path: Path) -> None:
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(
+        "".join(
+            json.dumps({"id": f"t{i}", "query": f"What is {i} + 1?", "tools": ["calculator"]})
+            + "\n"
+            for i in range(3)
+        )
+    )
+    policy = ScriptedChatModel(lambda m: act("final_answer", "easy", answer="1"))
+    judge = ScriptedChatModel(lambda m: '{"best": 1}')
+    config = ExploreConfig(
+        tasks=tasks,
+        out=tmp_path / "ex",
+        policy="scripted",
+        verifier="llm-best",
+        judge="scripted",
+        k=2,
+        concurrency=1,
+        max_total_tokens=1,
+    )
+    result, explored = asyncio.run(run_explore(config, policy=policy, judge=judge, progress=False))
+    assert result.written == 1 and result.stopped and "token budget" in result.stopped
+    config = config.model_copy(update={"max_total_tokens": None})
+    result, explored = asyncio.run(run_explore(config, policy=policy, judge=judge, progress=False))
+    assert (result.written, result.skipped) == (2, 1) and len(explored) == 3
+    assert len({t.id for t in explored}) == 3
