@@ -406,6 +406,10 @@ def test_ingest_reads_every_format_with_stable_ids_and_style_constraints(tmp_pat
     snapshot = tmp_path / "hub-snapshot"  # a hub dataset repo: data/<split>-*.parquet
     (snapshot / "data").mkdir(parents=True)
     (snapshot / "data" / "train-00000-of-00001.parquet").write_bytes(parquet.read_bytes())
+    pq.write_table(
+        pa.Table.from_pylist([{"qid": "t", "img": None, "q": "x", "a": "y"}]),
+        snapshot / "data" / "test-00000-of-00001.parquet",
+    )  # never read: not train
     for source in (jsonl, parquet, hf_dir, csv_path, snapshot):
         out = tmp_path / f"tasks-{source.name}"
         result, ds = asyncio.run(
@@ -413,7 +417,7 @@ def test_ingest_reads_every_format_with_stable_ids_and_style_constraints(tmp_pat
                 IngestConfig(source=source, out=out, name="demo", columns=cols), progress=False
             )
         )
-        assert result.written == 5, source
+        assert (result.written, result.dropped) == (5, 0), source
         tasks = {t.metadata["item_id"]: t for t in ds}
         ids[source.name] = sorted(t.id for t in tasks.values())
         assert tasks["a"].query.endswith("Answer the question using a single number.")

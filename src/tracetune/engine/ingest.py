@@ -185,9 +185,16 @@ def _hf_rows(root: Path, options: IngestOptions) -> Iterator[dict[str, Any]]:
                 loaded = loaded.cast_column(name, datasets.Image(decode=False))
         yield from loaded
         return
-    split = options.split or ""
     for pattern, reader in (("*.parquet", _parquet_rows), ("*.jsonl", None)):
-        files = sorted(p for p in root.rglob(pattern) if split in p.name or split in str(p.parent))
+        found = sorted(root.rglob(pattern))
+        # Hub layout: data/<split>-00000-of-00001.parquet (or <split>/...). Without a split,
+        # read train when there is one, so test rows never mix into training data.
+        split = options.split or (
+            "train" if any(_in_split(p, root, "train") for p in found) else ""
+        )
+        files = [p for p in found if not split or _in_split(p, root, split)]
+        if found and not files:
+            raise IngestError(f"{root} has no {pattern} files for split {split!r}")
         if files:
             if reader is not None:
                 yield from reader(files)
@@ -199,6 +206,11 @@ def _hf_rows(root: Path, options: IngestOptions) -> Iterator[dict[str, Any]]:
         f"{root} is neither a saved Hugging Face dataset (save_to_disk) nor a folder of "
         ".parquet/.jsonl files"
     )
+
+
+def _in_split(path: Path, root: Path, split: str) -> bool:
+    parts = path.relative_to(root).parts
+    return path.name.startswith(f"{split}-") or path.stem == split or split in parts[:-1]
 
 
 # -- normalizing one row ---------------------------------------------------------------------

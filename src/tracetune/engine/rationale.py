@@ -267,12 +267,9 @@ async def run_rationale(
         tasks = tasks[: config.limit]
     metered = load_metered(config.teacher, config.backend, out, STAGE, teacher)
     captioner: Any = metered
-    if config.operators.caption_model:
-        captioner = load_metered(
-            config.operators.caption_model, config.backend, out, STAGE, caption_model
-        )
-    elif caption_model is not None:
-        captioner = load_metered("", config.backend, out, STAGE, caption_model)
+    if config.operators.caption_model or caption_model is not None:
+        spec = config.operators.caption_model or config.teacher
+        captioner = load_metered(spec, config.backend, out, STAGE, caption_model)
     operators = OperatorSet(config.operators, captioner)
     try:
         await operators.startup()
