@@ -605,3 +605,18 @@ def test_exploration_stops_cleanly_at_its_token_budget_and_resumes(tmp_path: Pat
     result, explored = asyncio.run(run_explore(config, policy=policy, judge=judge, progress=False))
     assert (result.written, result.skipped) == (2, 1) and len(explored) == 3
     assert len({t.id for t in explored}) == 3
+
+
+def test_every_config_field_and_command_has_help() -> None:
+    from tracetune.prefs.matrix import EvalOptions, MatrixConfig, ProgramSet
+
+    for cls in (ExploreConfig, BuildConfig, MatrixConfig, ProgramSet, EvalOptions):
+        assert not [n for n, f in cls.model_fields.items() if not f.description], cls
+    for command in (
+        ["prefs", "explore"],
+        ["prefs", "build"],
+        ["prefs", "stats"],
+        ["run", "matrix"],
+    ):
+        shown = CliRunner().invoke(app, [*command, "--help"])
+        assert shown.exit_code == 0 and "Usage" in shown.output
