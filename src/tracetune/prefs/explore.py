@@ -144,6 +144,7 @@ def explore_id(task: Task, config: ExploreConfig, policy: str) -> str:
             config.schedule(),
             config.action_format,
             config.seed,
+            *(["gold-anchor"] if config.gold_anchor else []),
         )
     )
     return "explore-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
