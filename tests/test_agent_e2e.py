@@ -138,3 +138,25 @@ def test_killed_agent_run_resumes_with_each_task_once(tmp_path: Path) -> None:
     ids = [t.task.id for t in Dataset.open(out, Trajectory)]
     assert sorted(ids) == sorted(f"task-{i}" for i in range(n))
     assert len(ids) == len(set(ids))
+
+
+def test_samples_of_one_task_are_drawn_apart_not_copied_from_the_cache(tmp_path: Path) -> None:
+    with ScriptedOpenAIServer(calculator_then_answer) as server:
+        config = AgentRunConfig(
+            model="openai:test-model",
+            out=tmp_path / "out",
+            task="What is 6 + 8?",
+            tools=["calculator"],
+            samples=3,
+            temperature=1.0,
+            backend=ModelOptions(base_url=server.base_url),
+        )
+        result, dataset = asyncio.run(run_agent(config, progress=False))
+        # three episodes of two steps each: every one reached the server
+        assert result.written == 3 and server.calls == 6
+        first_steps = [r.body for r in server.requests if len(r.body["messages"]) == 2]
+        assert sorted(str(b.get("seed")) for b in first_steps) == ["1", "2", "None"]
+        assert sorted(str(t.sampling.get("seed")) for t in dataset) == ["1", "2", "None"]
+        calls = server.calls
+        again, _ = asyncio.run(run_agent(config, progress=False))
+        assert again.skipped == 3 and server.calls == calls

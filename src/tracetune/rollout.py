@@ -504,12 +504,15 @@ async def run_rollout(
     reject_writer = rejected.writer(chunk_size=16) if rejected is not None else None
 
     async def process(item: tuple[Task, int]) -> Trajectory | Drop:
-        task, _ = item
+        task, sample = item
         options = task_tool_options(task, config)
         if teacher is not None:
             trajectory, verdict = await teacher.run(task, source, out.assets, options, key(item))
         else:
-            trajectory = await agent_for(options).run(task, source, out.assets, key(item))
+            agent = agent_for(options)
+            trajectory = await agent.run(
+                task, source, out.assets, key(item), sampling=agent.sampling.for_sample(sample)
+            )
             verdict = check_trajectory(trajectory, controller, config.require_tools)
         verdict.details["task_id"] = task.id
         verdict.details["family"] = task.metadata.get("family")

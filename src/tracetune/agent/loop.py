@@ -196,8 +196,13 @@ class Agent:
         source: AssetStore,
         assets: AssetStore,
         trajectory_id: str | None = None,
+        sampling: Sampling | None = None,
     ) -> Trajectory:
-        """Run ``task`` to a final answer or a budget; images go to ``assets``."""
+        """Run ``task`` to a final answer or a budget; images go to ``assets``.
+
+        ``sampling`` overrides the agent's for this episode (e.g. a per-sample seed).
+        """
+        sampling = sampling or self.sampling
         started_at, t0 = time.time(), time.monotonic()
         episode = await self.start(task, source, assets)
         status: TrajectoryStatus = "max_steps"
@@ -206,7 +211,7 @@ class Agent:
             for _ in range(self.max_steps):
                 try:
                     generation = await self.model.generate(
-                        episode.messages(), n=1, sampling=self.sampling
+                        episode.messages(), n=1, sampling=sampling
                     )
                 except BackendError as exc:
                     status, error_message = "failed", str(exc)
@@ -236,6 +241,6 @@ class Agent:
             started_at=started_at,
             duration_s=time.monotonic() - t0,
             prompt_hash=self.fmt.prompt_hash,
-            sampling=self.sampling.to_dict(),
+            sampling=sampling.to_dict(),
             metadata={"error": error_message} if error_message else {},
         )

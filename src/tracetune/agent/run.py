@@ -101,7 +101,11 @@ async def run_agent(
     async def process(item: tuple[Task, int]) -> Trajectory:
         task, sample = item
         return await agent.run(
-            task, source, out.assets, trajectory_id(task, model.spec, config.action_format, sample)
+            task,
+            source,
+            out.assets,
+            trajectory_id(task, model.spec, config.action_format, sample),
+            sampling=sampling.for_sample(sample),
         )
 
     try:

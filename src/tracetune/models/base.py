@@ -19,7 +19,7 @@ import io
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,17 @@ class Sampling:
     max_tokens: int = 512
     stop: tuple[str, ...] = ()
     seed: int | None = None
+
+    def for_sample(self, index: int) -> Sampling:
+        """The sampling of the ``index``-th of several samples of one prompt.
+
+        Sample 0 is these parameters unchanged; later ones get their own seed, so they are
+        neither answered from the response cache as copies of sample 0 nor (where the
+        backend honours seeds) drawn identically.
+        """
+        if index == 0:
+            return self
+        return replace(self, seed=(self.seed or 0) + index)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
