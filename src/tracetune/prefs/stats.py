@@ -43,8 +43,13 @@ def explore_stats(dataset: Dataset[Trajectory]) -> dict[str, Any]:
     statuses: Counter[str] = Counter()
     top1 = compared = agree = pairs_total = 0
     verifiers: Counter[str] = Counter()
+    seconds = 0.0
+    tokens = memo_hits = 0
     for trajectory in dataset:
         statuses[trajectory.status] += 1
+        seconds += trajectory.duration_s
+        tokens += trajectory.usage.total_tokens
+        memo_hits += int(trajectory.metadata.get("tool_memo_hits") or 0)
         verifiers[str(trajectory.metadata.get("verifier"))] += 1
         for entry in trajectory.metadata.get("exploration") or []:
             steps += 1
@@ -76,6 +81,9 @@ def explore_stats(dataset: Dataset[Trajectory]) -> dict[str, Any]:
         "faults": dict(faults),
         "judge_fallbacks": fallbacks,
         "chosen_from_gold_anchor": anchored,
+        "tool_calls_reused": memo_hits,
+        "seconds_per_task": round(seconds / len(dataset), 2) if len(dataset) else 0.0,
+        "tokens": tokens,
     }
     if compared:
         report["judge_agreement_with_gold"] = {
