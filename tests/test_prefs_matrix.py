@@ -110,3 +110,15 @@ def test_matrix_config_fails_early_with_the_stage_and_field(tmp_path: Path) -> N
     )
     result = CliRunner().invoke(app, ["run", "matrix", str(bad)])
     assert result.exit_code == 2 and "needs a judge model" in result.output
+
+
+def test_a_killed_training_stage_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    from tracetune.prefs.matrix import _resumable
+
+    config = miniature(tmp_path / "loop", "tiny:qwen2_vl")
+    sft = config.sft_config(tmp_path / "gold", "base")
+    assert not _resumable(sft).resume  # a fresh run starts fresh
+    checkpoint = sft.out / "checkpoints" / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    assert _resumable(sft).resume

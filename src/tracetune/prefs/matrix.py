@@ -187,6 +187,16 @@ def _trained(train_dir: Path) -> bool:
     return (train_dir / RUN_FILE).is_file()
 
 
+def _resumable(train_config: Any) -> Any:
+    """The training config, set to resume when a killed run left a checkpoint behind."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    checkpoints = train_config.out / "checkpoints"
+    if checkpoints.is_dir() and get_last_checkpoint(str(checkpoints)) is not None:
+        return train_config.model_copy(update={"resume": True})
+    return train_config
+
+
 def resolve_base(config: MatrixConfig) -> str:
     """The base model's path or id; a ``tiny:`` base is built once under ``out/base``."""
     if not config.base.startswith(TINY_PREFIX):
@@ -276,7 +286,7 @@ async def run_matrix(config: MatrixConfig, progress: bool = True) -> dict[str, A
     base = resolve_base(config)
     sft_cfg = config.sft_config(gold_dir, base)
     if not _trained(sft_cfg.out):
-        result = train_sft(sft_cfg)
+        result = train_sft(_resumable(sft_cfg))
         losses = result.losses()
         done(
             "sft",
@@ -306,7 +316,7 @@ async def run_matrix(config: MatrixConfig, progress: bool = True) -> dict[str, A
     # 6. DPO from the SFT model
     dpo_cfg = config.dpo_config(sft_cfg.out)
     if not _trained(dpo_cfg.out):
-        result = train_dpo(dpo_cfg)
+        result = train_dpo(_resumable(dpo_cfg))
         losses = result.losses()
         done(
             "dpo",
