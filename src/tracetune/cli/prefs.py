@@ -183,11 +183,13 @@ def stats(
 
 
 def print_stats(report: dict[str, Any]) -> None:
+    from tracetune.runner.stats import stage_stats, stats_table
+
     table = Table(title=f"{report['path']} ({report['kind']})", show_header=False)
     table.add_column("what")
     table.add_column("value")
     for key, value in report.items():
-        if key in ("path", "kind"):
+        if key in ("path", "kind", "runs"):
             continue
         if key == "per_task" and isinstance(value, dict) and len(value) > 8:
             counts = sorted(value.values())  # thousands of tasks: the spread, not the list
@@ -199,3 +201,6 @@ def print_stats(report: dict[str, Any]) -> None:
             value = ", ".join(f"{k}: {v}" for k, v in value.items()) or "-"
         table.add_row(key, str(value))
     out_console.print(table)
+    rows = stage_stats(report["path"])
+    if rows:
+        out_console.print(stats_table(rows))

@@ -365,7 +365,7 @@ async def run_matrix(config: MatrixConfig, progress: bool = True) -> dict[str, A
 
 
 def _flat(stats: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in stats.items() if k not in ("path", "kind")}
+    return {k: v for k, v in stats.items() if k not in ("path", "kind", "runs")}
 
 
 def miniature(out: Path, base: str, **overrides: Any) -> MatrixConfig:

@@ -121,12 +121,16 @@ def pair_stats(dataset: Dataset[PreferencePair]) -> dict[str, Any]:
 
 
 def prefs_stats(path: Path) -> dict[str, Any]:
-    """Statistics of an explored-trajectory or a preference-pair dataset."""
+    """Statistics of an explored-trajectory or a preference-pair dataset, with the stage
+    runner's counts (items done, dropped and failed, tokens, cost) under ``runs``."""
+    from tracetune.runner.stats import stage_stats
+
     dataset = Dataset.open(path)
+    runs = [r.to_dict() for r in stage_stats(path)]
     if dataset.record_type is PreferencePair:
-        return {"path": str(path), **pair_stats(dataset)}
+        return {"path": str(path), **pair_stats(dataset), "runs": runs}
     if dataset.record_type is Trajectory:
-        return {"path": str(path), **explore_stats(dataset)}
+        return {"path": str(path), **explore_stats(dataset), "runs": runs}
     raise ValueError(
         f"{path} holds {dataset.record_type.kind} records; prefs stats reads explored "
         "trajectories (prefs explore) or pairs (prefs build)"
