@@ -72,6 +72,11 @@ def test_miniature_matrix_loop_runs_end_to_end_and_its_pairs_pass_the_dpo_checks
         report=report,
     )
     assert len(kept) == len(pairs) and report.images == len(pairs)  # each prompt: its image
+    from tracetune.formats.registry import ExportOptions, export_dataset
+
+    for name in ("trl-dpo", "llamafactory-dpo"):  # and the trainers' formats take them
+        exported = export_dataset(name, out / "pairs", tmp_path / name, ExportOptions())
+        assert exported.rows == len(pairs)
     dpo_record = json.loads((out / "dpo" / RUN_FILE).read_text())
     assert dpo_record["kind"] == "dpo" and dpo_record["steps"] == 4
     assert dpo_record["data"]["kept"] == len(pairs)
