@@ -394,7 +394,9 @@ def test_malformed_judge_replies_are_retried_then_a_recorded_default_is_used(
     assert stats["faults"] == {"format": 1}
 
 
-def explored(tmp_path: Path, candidates: list[tuple[str, bool]], scores: list[float]) -> Path:
+def explored(
+    tmp_path: Path, candidates: list[tuple[str, bool]], scores: list[float], graded: bool = True
+) -> Path:
     """An explored trajectory with one step: candidate texts (and whether each parsed)."""
     from tracetune.schema import Action, ErrorKind, Observation, Step, StepError, ToolCall
 
@@ -429,9 +431,14 @@ def explored(tmp_path: Path, candidates: list[tuple[str, bool]], scores: list[fl
             }
             for s in steps
         ],
-        "ranking": {"scores": scores, "order": order, "reasons": ["r"] * len(steps)},
+        "ranking": {
+            "scores": scores,
+            "order": order,
+            "reasons": ["r"] * len(steps),
+            "graded": graded,
+        },
     }
-    ds = Dataset.create(tmp_path / "explored", Trajectory)
+    ds = Dataset.create(tmp_path / f"explored-{graded}", Trajectory)
     ds.write_all(
         [
             Trajectory(
@@ -444,7 +451,7 @@ def explored(tmp_path: Path, candidates: list[tuple[str, bool]], scores: list[fl
             )
         ]
     )
-    return tmp_path / "explored"
+    return tmp_path / f"explored-{graded}"
 
 
 def test_pairs_follow_the_rejection_rules(tmp_path: Path) -> None:
@@ -478,6 +485,13 @@ def test_pairs_follow_the_rejection_rules(tmp_path: Path) -> None:
     assert {p.metadata["rejected_candidate"] for p in strict} == {3}
     stats = prefs_stats(tmp_path / "p")
     assert stats["per_task"] == {"t": 3} and stats["rejection_reasons"]["margin"] == 2
+    # A rank (llm-rank) says which is worse, not by how much: no margin rule, so the close
+    # candidate 3 is no longer pushed down.
+    ranked = explored(tmp_path, texts, [9, 9, 8, 4, 8.5, 0], graded=False)
+    _, by_rank = asyncio.run(
+        run_build(BuildConfig(inputs=[ranked], out=tmp_path / "r", margin=2), progress=False)
+    )
+    assert {p.metadata["rejected_candidate"] for p in by_rank} == {4, 5}
 
 
 @pytest.mark.slow  # real OCR in the sandbox (about 3 s)

@@ -194,6 +194,12 @@ class Ranking(BaseModel):
     fallback: bool = Field(
         default=False, description="The verifier failed and this is the recorded default."
     )
+    graded: bool = Field(
+        default=True,
+        description="Score differences measure how much better a candidate is (gold, "
+        "llm-score); False when they only encode an order or a pick (llm-rank, llm-best), "
+        "so the pair builder's margin rule does not apply.",
+    )
     details: dict[str, Any] = Field(
         default_factory=dict, description="Verifier-specific evidence (judge reply, checks)."
     )

@@ -5,7 +5,9 @@ have run cleanly, else the step gives no pair). A candidate is rejected against 
 
 - ``format``: its output holds no valid action (a parse error), or
 - ``error``: executing its action failed (unknown tool, bad arguments, raising tool or code),
-- ``margin``: the verifier scored it at least ``margin`` below the chosen one, or
+- ``margin``: the verifier scored it at least ``margin`` below the chosen one (verifiers
+  whose scores measure quality: gold, llm-score, gold+llm-*; a pick or a rank says
+  nothing of how much worse), or
 - ``dissimilar``: it ranks below the chosen one and its action is unlike the chosen one's
   (``similarity`` below ``threshold``; the reference used BLEU < 0.3). By default the
   actions are compared (tool and arguments, or code), not the raw text, whose fixed
@@ -169,6 +171,7 @@ def step_pairs(
         scores: list[float] = ranking["scores"]
         reasons: list[str] = ranking["reasons"]
         position = {c: p for p, c in enumerate(ranking["order"])}
+        graded = bool(ranking.get("graded", True))
         best = int(entry["chosen"])
         chosen = candidates[best]
         if chosen.error is not None:
@@ -205,7 +208,7 @@ def step_pairs(
             else:
                 sim = similarity(cand.raw, chosen.raw)
             below = position[i] > position[best]
-            if below and gap >= config.margin and gap > 0:
+            if below and graded and gap >= config.margin and gap > 0:
                 kinds.append("margin")
                 why.append(f"scored {scores[i]:g} vs {scores[best]:g} (margin {gap:g})")
             if below and sim < config.threshold:

@@ -425,6 +425,7 @@ class JudgeVerifier:
                 scores,
                 reasons,
                 usage=usage,
+                graded=self.mode == "score",
                 details={
                     "judge": self.judge.spec,
                     "thought": thought,
@@ -442,6 +443,7 @@ class JudgeVerifier:
             reasons,
             usage=usage,
             fallback=True,
+            graded=False,
             details={
                 "judge": self.judge.spec,
                 "problems": problems,
