@@ -634,3 +634,38 @@ def test_every_config_field_and_command_has_help() -> None:
     ):
         shown = CliRunner().invoke(app, [*command, "--help"])
         assert shown.exit_code == 0 and "Usage" in shown.output
+
+
+def test_an_endpoint_that_ignores_n_is_asked_again_until_k_candidates(tmp_path: Path) -> None:
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps({"id": "t", "query": "2 + 2?", "tools": ["calculator"]}) + "\n")
+    answers = iter(str(i) for i in range(100))
+
+    def policy(body: dict[str, Any]) -> str:
+        return act("final_answer", "sure", answer=next(answers))
+
+    with ScriptedOpenAIServer(policy, honour_n=False) as srv:
+        config = ExploreConfig(
+            tasks=tasks,
+            out=tmp_path / "ex",
+            policy="openai:p",
+            verifier="llm-best",
+            judge="scripted",
+            k=3,
+            max_steps=1,
+        )
+        _, explored = asyncio.run(
+            run_explore(
+                config,
+                policy=load_model("openai:p", base_url=srv.base_url),
+                judge=ScriptedChatModel(lambda m: '{"best": 2}'),
+                progress=False,
+            )
+        )
+        seeds = [r.body.get("seed") for r in srv.requests]
+    (trajectory,) = list(explored)
+    (entry,) = trajectory.metadata["exploration"]
+    answers_seen = [c["step"]["action"]["answer"] for c in entry["candidates"]]
+    assert len(answers_seen) == 3 and len(set(answers_seen)) == 3
+    assert len(seeds) == 3 and len(set(seeds)) == 3  # the high-temperature pair, re-asked
+    assert trajectory.final_answer == answers_seen[1]

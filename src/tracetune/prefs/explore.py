@@ -17,6 +17,7 @@ temperature each was sampled at, and the verifier's ranking with reasons.
 from __future__ import annotations
 
 import hashlib
+import secrets
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -150,11 +151,13 @@ def explore_id(task: Task, config: ExploreConfig, policy: str) -> str:
     return "explore-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _seed(base: int | None, task_id: str, step: int, group: int) -> int | None:
+def _seed(base: int | None, task_id: str, step: int, group: int, attempt: int = 0) -> int | None:
     if base is None:
-        return None
-    digest = hashlib.sha256(f"{base}|{task_id}|{step}|{group}".encode()).digest()
-    return int.from_bytes(digest[:4], "big")
+        # No seed, except on a repeated request: without one it would be answered from the
+        # response cache with the same sample.
+        return secrets.randbits(31) if attempt else None
+    blob = f"{base}|{task_id}|{step}|{group}" + (f"|{attempt}" if attempt else "")
+    return int.from_bytes(hashlib.sha256(blob.encode()).digest()[:4], "big")
 
 
 class Explorer:
@@ -174,22 +177,30 @@ class Explorer:
         messages = episode.messages()
         out: list[tuple[str, float, Any]] = []
         for g, (temperature, count) in enumerate(groups.items()):
-            sampling = Sampling(
-                temperature=temperature,
-                top_p=config.top_p,
-                max_tokens=config.max_tokens,
-                stop=STOP,
-                seed=_seed(config.seed, task_id, len(episode.steps), g),
-            )
-            generation = await self.agent.model.generate(messages, n=count, sampling=sampling)
-            texts = generation.texts
-            if len(texts) != count:
+            texts: list[str] = []
+            attempt = 0
+            # Endpoints that ignore n (some servers answer one choice) are asked again, one
+            # sample at a time with a fresh seed, until the schedule's count is met.
+            while len(texts) < count and attempt <= count:
+                seed = _seed(config.seed, task_id, len(episode.steps), g, attempt)
+                sampling = Sampling(
+                    temperature=temperature,
+                    top_p=config.top_p,
+                    max_tokens=config.max_tokens,
+                    stop=STOP,
+                    seed=seed,
+                )
+                want = count - len(texts)
+                generation = await self.agent.model.generate(messages, n=want, sampling=sampling)
+                for text in generation.texts[:want]:
+                    texts.append(text)
+                    out.append((text, temperature, generation))
+                attempt += 1
+            if len(texts) < count:
                 raise RuntimeError(
                     f"{self.agent.model.spec} returned {len(texts)} completions where {count} "
-                    "were asked for (n); use a backend that supports n > 1"
+                    "were asked for"
                 )
-            for text in texts:
-                out.append((text, temperature, generation))
         return out
 
     async def explore(
