@@ -669,3 +669,57 @@ def test_an_endpoint_that_ignores_n_is_asked_again_until_k_candidates(tmp_path: 
     assert len(answers_seen) == 3 and len(set(answers_seen)) == 3
     assert len(seeds) == 3 and len(set(seeds)) == 3  # the high-temperature pair, re-asked
     assert trajectory.final_answer == answers_seen[1]
+
+
+def test_gold_checks_arguments_where_a_gold_step_has_no_output_to_compare(
+    tmp_path: Path,
+) -> None:
+    """A crop's output has no expected text: its box must overlap the gold box instead."""
+    from tracetune.prefs.verifiers import arguments_match
+    from tracetune.schema import GoldAnswer, ToolCall
+
+    assert arguments_match({"box": [0, 0, 20, 20]}, {"box": [1, 1, 21, 21]})
+    assert not arguments_match({"box": [0, 0, 20, 20]}, {"box": [20, 20, 40, 40]})
+    assert arguments_match({"image": "image_crop_step0_0.png"}, {"image": "crop_f1a_step0_0.png"})
+    assert not arguments_match({"image": "a.png"}, {"image": "b.png"})
+
+    photo = Image.new("RGB", (40, 40), "red")
+    task = Task(
+        id="crop",
+        query="Crop the top-left quarter; what colour is it?",
+        tools=["image_crop"],
+        files=[
+            photo_ref := Dataset.create(tmp_path / "tmp", Task).assets.put_image(photo, "photo.png")
+        ],
+        gold=GoldAnswer(value="red"),
+        gold_chain=[
+            ToolCall(name="image_crop", arguments={"image": "photo.png", "box": [0, 0, 20, 20]})
+        ],
+        metadata={
+            "answer_from": {"op": "given", "value": "red"},
+            "gold_steps": [{"purpose": "crop it"}],
+        },
+    )
+    assert photo_ref.name == "photo.png"
+    tasks = task_dir(tmp_path / "tasks", [task], {"photo.png": photo})
+    boxes = iter([[0, 0, 20, 20], [1, 1, 21, 21], [20, 20, 40, 40]] * 5)
+
+    def candidates(messages: list[ChatMessage], temperature: float) -> str:
+        if steps_so_far(messages) == 0:
+            return act("image_crop", "crop", image="photo.png", box=next(boxes))
+        return act("final_answer", "it is red", answer="red")
+
+    policy = SamplingPolicy(candidates, lambda m: act("final_answer", "red", answer="red"))
+    config = ExploreConfig(
+        tasks=tasks,
+        out=tmp_path / "ex",
+        policy="scripted",
+        verifier="gold",
+        k=3,
+        temperatures=[1.0] * 3,
+        max_steps=3,
+    )
+    _, explored = asyncio.run(run_explore(config, policy=policy, progress=False))
+    ranking = list(explored)[0].metadata["exploration"][0]["ranking"]
+    assert ranking["scores"] == [10.0, 10.0, 7.0]
+    assert "arguments differ from the gold call" in ranking["reasons"][2]

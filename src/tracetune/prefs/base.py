@@ -233,6 +233,23 @@ def called_tool_names(step: Step) -> list[str]:
     return []
 
 
+def called_tool_calls(step: Step) -> list[tuple[str, dict[str, Any]]]:
+    """(name, arguments) of each tool call a step made, in order."""
+    action = step.action
+    if action is None or action.type == "final_answer":
+        return []
+    if action.type == "tool_call" and action.tool_call is not None:
+        return [(action.tool_call.name, dict(action.tool_call.arguments))]
+    data = step.observation.data if step.observation else None
+    if isinstance(data, dict) and isinstance(data.get("tool_calls"), list):
+        return [
+            (str(c.get("name")), dict(c.get("arguments") or {}))
+            for c in data["tool_calls"]
+            if isinstance(c, dict)
+        ]
+    return []
+
+
 def step_is_final(step: Step) -> bool:
     action = step.action
     return action is not None and (
