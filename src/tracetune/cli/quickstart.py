@@ -154,3 +154,11 @@ def quickstart(
         out / "sft",
         highlight=False,
     )
+    if matrix:
+        console.print(
+            "Pairs and exploration: tracetune prefs stats",
+            out / "matrix" / "explore",
+            out / "matrix" / "pairs",
+            "; the whole loop from a config: tracetune run matrix CONFIG.yaml (docs/prefs.md)",
+            highlight=False,
+        )
