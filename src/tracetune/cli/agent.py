@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.panel import Panel
 
-from tracetune.cli.common import build_config, fail, run_async
+from tracetune.cli.common import build_config, fail, run_async, split_names
 
 app = typer.Typer(no_args_is_help=True)
 out_console = Console()
@@ -55,7 +55,7 @@ def run(
         task=task,
         images=image,
         tasks=tasks,
-        tools=[t.strip() for t in tools.split(",") if t.strip()] if tools else None,
+        tools=split_names(tools),
         action_format=action_format,
         max_steps=max_steps,
         max_errors=max_errors,

@@ -18,6 +18,25 @@ T = TypeVar("T")
 console = Console(stderr=True)
 
 
+def _unset(value: Any) -> bool:
+    return value is None or value == [] or value == ()
+
+
+def merge_flags(data: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the flags that were set laid over it. A dict of flags merges into its
+    section key by key, so one nested flag does not wipe the rest of a YAML section."""
+    out = dict(data)
+    for key, value in flags.items():
+        if isinstance(value, dict):
+            section = out.get(key)
+            merged = merge_flags(section if isinstance(section, dict) else {}, value)
+            if merged or key in out:
+                out[key] = merged
+        elif not _unset(value):
+            out[key] = value
+    return out
+
+
 def build_config(cls: type[C], config: Path | None, **flags: Any) -> C:
     """The config from a YAML file (if given), with flags that were set taking precedence."""
     data: dict[str, Any] = {}
@@ -28,13 +47,18 @@ def build_config(cls: type[C], config: Path | None, **flags: Any) -> C:
         if not isinstance(loaded, dict):
             fail(f"{config} must hold a mapping of option names to values")
         data.update(loaded)
-    data.update({k: v for k, v in flags.items() if v is not None and v != [] and v != ()})
+    data = merge_flags(data, flags)
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
         lines = [f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()]
         fail(f"invalid {cls.__name__}:\n" + "\n".join(lines))
         raise  # unreachable
+
+
+def split_names(value: str | None) -> list[str] | None:
+    """A comma-separated flag (``--tools ocr,calculator``) as a list; None when not given."""
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -9,13 +9,9 @@ from typing import Annotated, Any
 
 import typer
 
-from tracetune.cli.common import fail as _fail
+from tracetune.cli.common import fail, split_names
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
-
-
-def fail(message: str) -> None:
-    _fail(message)  # printed literally: messages quote JSON shapes such as [...]
 
 
 class Bench(StrEnum):
@@ -239,7 +235,7 @@ def run(
         mode=mode.value if mode else None,
         action_format=action_format,
         tool_model=tool_model,
-        tools=[t.strip() for t in tools.split(",") if t.strip()] if tools else None,
+        tools=split_names(tools),
         tool_options=options or None,
         embedder=embedder,
         max_steps=max_steps,

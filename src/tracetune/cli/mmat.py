@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-import yaml  # type: ignore[import-untyped]
 from pydantic import BaseModel
 from rich.console import Console
 
-from tracetune.cli.common import build_config, fail, run_async
+from tracetune.cli.common import build_config, fail, run_async, split_names
 
 app = typer.Typer(no_args_is_help=True)
 out_console = Console(soft_wrap=True)
@@ -40,10 +39,6 @@ DetectorOpt = Annotated[
 CaptionOpt = Annotated[str | None, typer.Option(help="Model spec behind image_caption.")]
 
 
-def _names(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
-
-
 def _config(
     cls: type[C],
     config: Path | None,
@@ -51,22 +46,7 @@ def _config(
     nested: dict[str, dict[str, Any]] | None = None,
 ) -> C:
     """YAML file, then flags, then nested flags merged into their sections."""
-    data: dict[str, Any] = {}
-    if config is not None:
-        if not config.is_file():
-            fail(f"config file {config} does not exist")
-        loaded = yaml.safe_load(config.read_text()) or {}
-        if not isinstance(loaded, dict):
-            fail(f"{config} must hold a mapping of option names to values")
-        data.update(loaded)
-    data.update({k: v for k, v in flags.items() if v is not None and v != []})
-    for section, values in (nested or {}).items():
-        values = {k: v for k, v in values.items() if v is not None and v != []}
-        if values:
-            merged = dict(data.get(section) or {})
-            merged.update(values)
-            data[section] = merged
-    return build_config(cls, None, **data)
+    return build_config(cls, config, **flags, **(nested or {}))
 
 
 def _operator_flags(
@@ -77,7 +57,7 @@ def _operator_flags(
     caption_model: str | None,
 ) -> dict[str, Any]:
     return {
-        "operators": _names(operators),
+        "operators": split_names(operators),
         "corpus": corpus,
         "rag": False if no_rag else None,
         "detector": detector,
@@ -249,7 +229,7 @@ def reflect(
             "out": out,
             "judge": judge,
             "repairer": repairer,
-            "checks": _names(checks),
+            "checks": split_names(checks),
             "concurrency": concurrency,
             "limit": limit,
             "max_cost_usd": max_cost,
@@ -277,7 +257,7 @@ def render(
     from tracetune.engine.pipeline import RenderConfig, run_render
 
     cfg = _config(
-        RenderConfig, config, {"dialogues": dialogues, "out": out, "formats": _names(formats)}
+        RenderConfig, config, {"dialogues": dialogues, "out": out, "formats": split_names(formats)}
     )
     results = _run(run_render(cfg, progress=not quiet))
     for fmt, result in results.items():
@@ -351,7 +331,7 @@ def run(
     """Run the engine's stages in order from one config (each stage resumes)."""
     from tracetune.engine.pipeline import MMATRunConfig, run_pipeline
 
-    cfg = _config(MMATRunConfig, config, {"stages": _names(stages)})
+    cfg = _config(MMATRunConfig, config, {"stages": split_names(stages)})
     summary = _run(run_pipeline(cfg, progress=not quiet))
     for stage, text in summary.items():
         out_console.print(f"{stage}: {text}" if not isinstance(text, str) else text)

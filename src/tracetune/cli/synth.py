@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml  # type: ignore[import-untyped]
 from rich.console import Console
 
-from tracetune.cli.common import build_config, fail, run_async
+from tracetune.cli.common import build_config, fail, run_async, split_names
 
 app = typer.Typer(no_args_is_help=True)
 out_console = Console()
@@ -30,39 +29,14 @@ QuietOpt = Annotated[bool, typer.Option(help="No progress bars.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the stage statistics as JSON.")]
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if value is None or value == [] or value == ():
-            continue
-        if isinstance(value, dict):
-            out[key] = _merge(out.get(key) or {}, value)
-        else:
-            out[key] = value
-    return out
-
-
 def load_config(config: Path | None, **flags: Any) -> Any:
-    """The SynthConfig from YAML with the flags that were set merged in (nested sections
-    merge key by key, so a flag does not wipe the rest of its YAML section)."""
+    """The SynthConfig from YAML with the flags that were set merged in."""
     from tracetune.synth.mtrace import SynthConfig
 
-    data: dict[str, Any] = {}
-    if config is not None:
-        if not config.is_file():
-            fail(f"config file {config} does not exist")
-        loaded = yaml.safe_load(config.read_text()) or {}
-        if not isinstance(loaded, dict):
-            fail(f"{config} must hold a mapping of option names to values")
-        data = loaded
     base_url = flags.pop("base_url", None)
     if base_url:
         flags["backend"] = {"base_url": base_url}
-    return build_config(SynthConfig, None, **_merge(data, flags))
-
-
-def _names(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+    return build_config(SynthConfig, config, **flags)
 
 
 def _run(cfg: Any, stages: list[str], quiet: bool, as_json: bool) -> None:
@@ -169,12 +143,12 @@ def queries(
         max_tokens=max_tokens,
         queries={
             "seeds": seeds,
-            "tools": _names(tools),
+            "tools": split_names(tools),
             "batches": batches,
             "per_batch": per_batch,
             "few_shot": few_shot,
             "temperature": temperature,
-            "topics": _names(topics),
+            "topics": split_names(topics),
             "tool_quota": tool_quota,
             "topic_quota": topic_quota,
             "dedup_threshold": dedup_threshold,

@@ -10,14 +10,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tracetune.cli.common import build_config, fail, run_async
+from tracetune.cli.common import build_config, fail, run_async, split_names
 
 app = typer.Typer(no_args_is_help=True)
 out_console = Console()
-
-
-def _names(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
 @app.command("programs")
@@ -25,10 +21,13 @@ def programs(
     out: Annotated[Path | None, typer.Option(help="Output task dataset directory.")] = None,
     n: Annotated[int | None, typer.Option(help="How many tasks to generate.")] = None,
     seed: Annotated[int | None, typer.Option(help="Run seed (same seed, same tasks).")] = None,
-    families: Annotated[str | None, typer.Option(
-        help="Comma-separated program names (default: all; see --list).")] = None,
-    programs_module: Annotated[list[str] | None, typer.Option(
-        help="Module that registers your own programs with @program (repeatable).")] = None,
+    families: Annotated[
+        str | None, typer.Option(help="Comma-separated program names (default: all; see --list).")
+    ] = None,
+    programs_module: Annotated[
+        list[str] | None,
+        typer.Option(help="Module that registers your own programs with @program (repeatable)."),
+    ] = None,
     workers: Annotated[int | None, typer.Option(help="Rendering processes.")] = None,
     list_programs: Annotated[bool, typer.Option("--list", help="List the programs, exit.")] = False,
     config: Annotated[Path | None, typer.Option(help="YAML file with these options.")] = None,
@@ -50,8 +49,14 @@ def programs(
         out_console.print(table)
         return
     cfg = build_config(
-        ProgramsConfig, config, out=out, n=n, seed=seed, families=_names(families),
-        programs_modules=programs_module, workers=workers,
+        ProgramsConfig,
+        config,
+        out=out,
+        n=n,
+        seed=seed,
+        families=split_names(families),
+        programs_modules=programs_module,
+        workers=workers,
     )
     try:
         result, dataset = run_async(generate_tasks(cfg, progress=not quiet))
@@ -82,8 +87,15 @@ def stats(
         typer.echo(json.dumps(report, indent=2))
         return
     out_console.print(f"[bold]{report['tasks']}[/bold] tasks in {path}")
-    for section in ("families", "variants", "gold_chain_tools", "gold_chain_length",
-                    "difficulty", "answer_kinds", "file_types"):
+    for section in (
+        "families",
+        "variants",
+        "gold_chain_tools",
+        "gold_chain_length",
+        "difficulty",
+        "answer_kinds",
+        "file_types",
+    ):
         if not report[section]:
             continue
         table = Table(section.replace("_", " "), "count")
