@@ -27,7 +27,7 @@ from tracetune.prefs import (
     run_explore,
 )
 from tracetune.prefs.verifiers import JudgeReplyError
-from tracetune.schema import Task, Trajectory
+from tracetune.schema import FileRef, Task, Trajectory
 from tracetune.store import Dataset
 from tracetune.testing import ScriptedChatModel
 from tracetune.testing.openai_server import ScriptedOpenAIServer
@@ -144,6 +144,60 @@ def test_each_of_k_candidates_runs_on_its_own_fork_of_the_prefix_state(tmp_path:
     shown = "\n".join(step2.texts())
     assert all(o in shown for o in observed) and "ready 10" in shown
     assert trajectory.metadata["judge_prompt_hash"]
+
+
+def test_json_candidates_saving_images_of_one_name_each_keep_their_own(tmp_path: Path) -> None:
+    """JSON tools name saved images by tool and step only: two candidates' crops are both
+    ``image_crop_step0_0.png``. The chosen candidate's next step must read its own crop,
+    not the one the last-run candidate left in the shared directory."""
+    photo = Image.new("RGB", (32, 16), "red")
+    photo.paste(Image.new("RGB", (16, 16), "blue"), (16, 0))
+    ref = Dataset.create(tmp_path / "tmp", Task).assets.put_image(photo, "photo.png")
+    crop = Task(id="crop", query="Crop the left half.", tools=["image_crop"], files=[ref])
+    tasks = task_dir(tmp_path / "tasks", [crop], {"photo.png": photo})
+    boxes = iter([[0, 0, 16, 16], [16, 0, 32, 16]] * 5)  # left (red), right (blue)
+
+    def policy(messages: list[ChatMessage]) -> str:
+        step = steps_so_far(messages)
+        if step == 0:
+            return act("image_crop", "crop", image="photo.png", box=next(boxes))
+        if step == 1:
+            return act("image_crop", "corner", image="image_crop_step0_0.png", box=[0, 0, 4, 4])
+        return act("final_answer", "done", answer="red")
+
+    def judge(body: dict[str, Any]) -> str:  # keeps sampling order: candidate 1 (red) wins
+        k = json.dumps(body["messages"]).count("## Candidate")
+        return json.dumps({"thought": "t", "ranking": list(range(1, k + 1))})
+
+    with ScriptedOpenAIServer(judge) as srv:
+        config = ExploreConfig(
+            tasks=tasks,
+            out=tmp_path / "ex",
+            policy="scripted",
+            verifier="llm-rank",
+            judge="openai:judge",
+            k=2,
+            max_steps=3,
+        )
+        _, explored = asyncio.run(
+            run_explore(
+                config,
+                policy=ScriptedChatModel(policy),
+                judge=load_model("openai:judge", base_url=srv.base_url),
+                progress=False,
+            )
+        )
+    (trajectory,) = list(explored)
+    first = trajectory.metadata["exploration"][0]
+    assert first["chosen"] == 0 and len(first["candidates"]) == 2
+    colours = []
+    for candidate in first["candidates"]:
+        (image,) = candidate["step"]["observation"]["images"]
+        colours.append(Image.open(explored.assets.path(FileRef(**image))).getpixel((1, 1)))
+    assert colours == [(255, 0, 0), (0, 0, 255)]
+    # The committed branch cropped its own (red) image at step 1, not candidate 2's blue one.
+    (corner,) = trajectory.steps[1].observation.images
+    assert Image.open(explored.assets.path(corner)).convert("RGB").getpixel((1, 1)) == (255, 0, 0)
 
 
 # -- the judge's reply parsing ---------------------------------------------------------------

@@ -1,7 +1,9 @@
 """What exploration hands a step verifier: the prefix, the candidates, and how they ranked.
 
 A *branch* is an ``Episode`` forked from the committed prefix: its own copy of the
-sandbox's Python state (code actions), its own copy of the working directory's files, and
+sandbox's Python state (code actions), its own copy of the working directory's files (both
+formats: code may write any file, and JSON tools save their images under names that depend
+only on the tool and the step, so two candidates' crops would overwrite each other), and
 its own list of steps. Every candidate action is applied on its own branch (with
 :func:`apply_step`), so what one candidate's code does to variables or files can never show
 up in another candidate's observation.
@@ -27,11 +29,13 @@ from tracetune.schema import ErrorKind, Step, Task, Usage
 class Workspace:
     """Snapshots of an episode's working directory, one per branch state.
 
-    The sandbox forks share one working directory, and code may write files in it (and in
-    its HOME, ``.sandbox/``). Branches of one task run one at a time, so before a branch
-    runs its snapshot is restored into the directory, and after it runs the result is
-    saved as the branch's new snapshot. Owners and modes are kept: the sandbox may run as
-    another user, who must still be able to write its files.
+    The branches of one task share one working directory (each task has its own), and
+    their steps write files in it: code may write anything (and in its HOME,
+    ``.sandbox/``), JSON tools save images by tool and step. Before a branch runs its
+    snapshot is restored into the directory, and after it runs the result is saved as the
+    branch's new snapshot. Branches of one task run one at a time. Owners and modes
+    are kept: the sandbox may run as another user, who must still be able to write its
+    files.
     """
 
     def __init__(self, workdir: Path) -> None:
@@ -87,12 +91,12 @@ def _keep_owner(source: Path, target: Path) -> None:
             pass
 
 
-# Each branch's (workspace, snapshot); episodes without one (JSON actions) need none.
+# Each branch's (workspace, snapshot); episodes outside exploration have none.
 _SNAPSHOTS: weakref.WeakKeyDictionary[Episode, tuple[Workspace, Path]] = weakref.WeakKeyDictionary()
 
 
 def track_files(episode: Episode) -> Workspace:
-    """Give an episode's branches their own files from now on (code actions)."""
+    """Give an episode's branches their own files from now on."""
     workspace = Workspace(episode.toolbox.workdir)
     _SNAPSHOTS[episode] = (workspace, workspace.save())
     return workspace
@@ -101,20 +105,21 @@ def track_files(episode: Episode) -> Workspace:
 async def apply_step(branch: Episode, raw: str, usage: Any = None, latency_s: float = 0.0) -> Step:
     """``branch.apply`` with the branch's own files in the working directory."""
     tracked = _SNAPSHOTS.get(branch)
-    if tracked is not None:
-        tracked[0].load(tracked[1])
+    if tracked is None:
+        return await branch.apply(raw, usage, latency_s)
+    workspace = tracked[0]
+    workspace.load(tracked[1])
     step = await branch.apply(raw, usage, latency_s)
-    if tracked is not None:
-        _SNAPSHOTS[branch] = (tracked[0], tracked[0].save())
+    _SNAPSHOTS[branch] = (workspace, workspace.save())
     return step
 
 
 async def fork_episode(episode: Episode) -> Episode:
     """An episode with the same steps so far and its own copy of the execution state.
 
-    JSON tool calls keep no state between steps (the toolbox and working directory are
-    shared, and tools name the files they write by step), so their branches share the
-    executor; code actions get a forked sandbox.
+    JSON tool calls keep no Python state between steps, so their branches share the
+    executor; code actions get a forked sandbox. Either way, a branch of an episode under
+    :func:`track_files` gets its own copy of the working directory's files.
     """
     from tracetune.agent.code import CodeExecutor
 

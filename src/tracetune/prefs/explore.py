@@ -29,7 +29,6 @@ from tracetune.models.base import ChatModel, ModelOptions, Sampling, load_model
 from tracetune.prefs.base import (
     Candidate,
     StepContext,
-    Workspace,
     apply_step,
     close_branch,
     fork_episode,
@@ -221,9 +220,9 @@ class Explorer:
             base.tool_model,
         )
         root = await agent.start(task, source, assets)
-        workspace: Workspace | None = None
-        if self.agent.fmt.name == "code":  # code may write files; JSON tools only add images
-            workspace = track_files(root)
+        # Every branch gets its own files: code may write any, and JSON tools name the
+        # images they save by tool and step only, so candidates would overwrite each other's.
+        workspace = track_files(root)
         current = root
         entries: list[dict[str, Any]] = []
         usage = Usage()
@@ -290,8 +289,7 @@ class Explorer:
             for branch in branches:
                 await close_branch(branch)
             await root.close()
-            if workspace is not None:
-                workspace.cleanup()
+            workspace.cleanup()
         return Trajectory(
             id=record_id,
             task=task,
