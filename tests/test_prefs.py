@@ -200,6 +200,45 @@ def test_json_candidates_saving_images_of_one_name_each_keep_their_own(tmp_path:
     assert Image.open(explored.assets.path(corner)).convert("RGB").getpixel((1, 1)) == (255, 0, 0)
 
 
+def test_branches_of_one_task_run_one_at_a_time_even_when_started_together(
+    tmp_path: Path,
+) -> None:
+    """The working-directory snapshots rely on one branch running at a time: that is
+    enforced (a lock), so branches started concurrently still see only their own files."""
+    from tracetune.agent.loop import Agent
+    from tracetune.prefs.base import apply_step, close_branch, fork_episode, track_files
+    from tracetune.tools import load_tools
+
+    store = Dataset.create(tmp_path / "tasks", Task)
+    task = Task(id="files", query="Write a file.", tools=["calculator"])
+    listing = (
+        "import os, time\nopen('{n}.txt', 'w').write('{n}')\ntime.sleep(0.3)\n"
+        "print(sorted(f for f in os.listdir('.') if f.endswith('.txt')))"
+    )
+
+    async def main() -> list[str]:
+        agent = Agent(ScriptedChatModel(["unused"]), load_tools(["calculator"]), "code")
+        root = await agent.start(task, store.assets, store.assets)
+        workspace = track_files(root)
+        branches = [await fork_episode(root) for _ in range(3)]
+        try:
+            runs = [
+                apply_step(b, code(listing.format(n=n)))
+                for b, n in zip(branches, "abc", strict=True)
+            ]
+            steps = await asyncio.gather(*runs)
+            # Each branch goes on from its own files.
+            again = await apply_step(branches[0], code("print(open('a.txt').read())"))
+            return [s.observation.text for s in steps] + [again.observation.text]
+        finally:
+            for branch in branches:
+                await close_branch(branch)
+            await root.close()
+            workspace.cleanup()
+
+    assert asyncio.run(main()) == ["['a.txt']", "['b.txt']", "['c.txt']", "a"]
+
+
 # -- the judge's reply parsing ---------------------------------------------------------------
 def test_judge_replies_are_parsed_or_rejected_with_the_reason() -> None:
     assert parse_judge_reply('{"best": 2}', "best", 3)[0] == [0.0, 1.0, 0.0]

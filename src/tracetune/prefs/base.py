@@ -11,6 +11,7 @@ up in another candidate's observation.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import stat
@@ -33,7 +34,8 @@ class Workspace:
     their steps write files in it: code may write anything (and in its HOME,
     ``.sandbox/``), JSON tools save images by tool and step. Before a branch runs its
     snapshot is restored into the directory, and after it runs the result is saved as the
-    branch's new snapshot. Branches of one task run one at a time. Owners and modes
+    branch's new snapshot. ``lock`` makes that restore-run-save exclusive, so branches of
+    one task run one at a time even if a caller starts several at once. Owners and modes
     are kept: the sandbox may run as another user, who must still be able to write its
     files.
     """
@@ -43,6 +45,7 @@ class Workspace:
         self.root = Path(tempfile.mkdtemp(prefix="tracetune-branches-"))
         self._count = 0
         self._current: Path | None = None  # the snapshot the directory holds now
+        self.lock = asyncio.Lock()
 
     def save(self) -> Path:
         snapshot = self.root / str(self._count)
@@ -108,9 +111,10 @@ async def apply_step(branch: Episode, raw: str, usage: Any = None, latency_s: fl
     if tracked is None:
         return await branch.apply(raw, usage, latency_s)
     workspace = tracked[0]
-    workspace.load(tracked[1])
-    step = await branch.apply(raw, usage, latency_s)
-    _SNAPSHOTS[branch] = (workspace, workspace.save())
+    async with workspace.lock:  # another branch of this task must not swap the files mid-run
+        workspace.load(_SNAPSHOTS[branch][1])
+        step = await branch.apply(raw, usage, latency_s)
+        _SNAPSHOTS[branch] = (workspace, workspace.save())
     return step
 
 
