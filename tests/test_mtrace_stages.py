@@ -168,6 +168,81 @@ def test_file_code_that_raises_is_retried_then_dropped(tmp_path: Path) -> None:
     assert any("Your previous script failed" in t for t in code_requests[1].texts())
 
 
+class WrongFiles(Script):
+    """File code that writes the wrong thing: text named .xlsx (fixed on the rewrite), and a
+    PDF put in a sub-folder instead of the current directory (every time)."""
+
+    def code(self, text: str) -> str:
+        if "budget.xlsx" in text and "Your previous script failed" not in text:
+            return "```python\nopen('budget.xlsx', 'w').write('groceries,40')\n```"
+        if "weather_report.pdf" in text:
+            return (
+                "```python\nimport os\nos.makedirs('reports', exist_ok=True)\n"
+                "open('reports/weather_report.pdf', 'wb').write(b'%PDF-1.4')\n```"
+            )
+        return super().code(text)
+
+
+def test_file_of_the_wrong_type_or_place_is_refused_with_its_reason(tmp_path: Path) -> None:
+    with ScriptedOpenAIServer(WrongFiles()) as srv:
+        config = _config(tmp_path, srv.base_url)
+        results = asyncio.run(run_chain(config, progress=False))
+        xlsx_requests = [
+            r for r in srv.requests if any("creates the file `budget.xlsx`" in t for t in r.texts())
+        ]
+    assert results[2].written == 1 and results[2].drop_reasons == {"file code failed": 1}
+    # The text file named .xlsx was refused, and the rewrite was shown why.
+    assert len(xlsx_requests) == 2
+    assert any("budget.xlsx is not a xlsx file" in t for t in xlsx_requests[1].texts())
+    (task,) = Dataset.open(tmp_path / "run" / "tasks", Task).records()
+    xlsx = next(f for f in task.files if f.name == "budget.xlsx")
+    assert Dataset.open(tmp_path / "run" / "tasks", Task).assets.read_bytes(xlsx)[:2] == b"PK"
+    (info,) = [
+        i
+        for _, s, i in RunState(tmp_path / "run" / "tasks" / "state.sqlite").items("files")
+        if s == "dropped"
+    ]
+    assert info["file"] == "weather_report.pdf"
+    assert info["error"] == (
+        "the script ran but did not create weather_report.pdf in the current directory "
+        "(it created: reports/weather_report.pdf)"
+    )
+
+
+def test_check_file_refuses_links_and_wrong_contents(tmp_path: Path) -> None:
+    from tracetune.synth.mtrace.files import check_file
+
+    work = tmp_path / "work"
+    work.mkdir()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("host data")
+
+    def made(name: str, data: bytes) -> Path:
+        (work / name).write_bytes(data)
+        return work / name
+
+    (work / "link.txt").symlink_to(secret)
+    assert "is a link" in str(check_file(work / "link.txt", "txt", work))
+    import os
+
+    os.link(secret, work / "hard.txt")
+    assert "hard link" in str(check_file(work / "hard.txt", "txt", work))
+    assert "empty" in str(check_file(made("e.csv", b""), "csv", work))
+    assert "not a PDF" in str(check_file(made("a.pdf", b"hello"), "pdf", work))
+    assert "not a PNG" in str(check_file(made("c.png", b"GIF89a"), "chart", work))
+    assert "not valid JSON" in str(check_file(made("d.json", b"{'a': 1}"), "json", work))
+    assert "not UTF-8" in str(check_file(made("t.txt", b"\xff\xfe\x00"), "txt", work))
+    import zipfile
+
+    with zipfile.ZipFile(work / "w.docx", "w") as z:
+        z.writestr("[Content_Types].xml", "<Types/>")
+        z.writestr("xl/workbook.xml", "<workbook/>")
+    assert "lacks" in str(check_file(work / "w.docx", "docx", work))
+    assert check_file(work / "w.docx", "xlsx", work) is None
+    assert check_file(made("ok.json", b'{"a": 1}'), "json", work) is None
+    assert check_file(made("ok.pdf", b"%PDF-1.7\n"), "pdf", work) is None
+
+
 def test_budget_stops_the_chain_cleanly_and_a_rerun_goes_on(tmp_path: Path) -> None:
     with ScriptedOpenAIServer(Script()) as srv:
         config = _config(tmp_path, srv.base_url, max_tokens=600)

@@ -17,9 +17,13 @@ order (``Turns``), so the reuse cap gives the same assignment after any resume.
 
 from __future__ import annotations
 
+import io
+import json
+import os
 import re
 import shutil
 import tempfile
+import zipfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -100,6 +104,71 @@ def _normalize(name):
         out.write(buf.getvalue())
 _normalize(%r)
 """
+
+
+# What a file of each generated kind must be, checked on its bytes in the host (no code
+# of the model's runs here): a name ending in .xlsx says nothing about what was written.
+_ZIP_PARTS = {
+    "xlsx": "xl/workbook.xml",
+    "docx": "word/document.xml",
+    "pptx": "ppt/presentation.xml",
+}
+_TEXT_KINDS = {"csv", "txt", "md", "html", "json"}
+
+
+def check_file(path: Path, kind: str, workdir: Path) -> str | None:
+    """Why the file the code made at ``path`` is not a ``kind`` file in ``workdir``, or None.
+
+    A link (which could point anywhere on the host) or a file outside ``workdir`` is
+    refused before its bytes are read.
+    """
+    name = path.name
+    if path.is_symlink() or not path.resolve().is_relative_to(workdir.resolve()):
+        return f"{name} is a link; write the file itself in the current directory"
+    if not path.is_file():
+        return f"{name} is not a regular file"
+    if path.stat().st_nlink > 1:
+        return f"{name} is a hard link; write the file itself in the current directory"
+    data = path.read_bytes()
+    if not data:
+        return f"the script created {name} but left it empty"
+    if kind == "pdf" and not data.startswith(b"%PDF-"):
+        return f"{name} is not a PDF (it does not start with %PDF-)"
+    if kind == "chart" and not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return f"{name} is not a PNG image; save the chart with format='png'"
+    if kind in _ZIP_PARTS:
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as package:
+                parts = set(package.namelist())
+        except zipfile.BadZipFile:
+            return f"{name} is not a {kind} file (an Office Open XML file is a zip package)"
+        if _ZIP_PARTS[kind] not in parts or "[Content_Types].xml" not in parts:
+            return (
+                f"{name} is not a {kind} package: it lacks [Content_Types].xml or "
+                f"{_ZIP_PARTS[kind]}"
+            )
+    if kind in _TEXT_KINDS:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            return f"{name} is not UTF-8 text"
+        if "\x00" in text:
+            return f"{name} holds NUL bytes; a {kind} file is text"
+        if kind == "json":
+            try:
+                json.loads(text)
+            except json.JSONDecodeError as exc:
+                return f"{name} is not valid JSON ({exc.msg} at line {exc.lineno})"
+    return None
+
+
+def _files_made(workdir: Path) -> list[str]:
+    """Files the code wrote (outside the sandbox's own dot-directories), for its error."""
+    made = []
+    for folder, dirs, names in os.walk(workdir):  # links are not followed
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        made += [(Path(folder) / n).relative_to(workdir).as_posix() for n in sorted(names)]
+    return made
 
 
 def file_kind(file_type: str) -> str | None:
@@ -196,12 +265,23 @@ async def associate_files(config: SynthConfig, progress: bool = True) -> StageRe
             except MalformedOutput as exc:
                 error = str(exc)
                 continue
-            result = await sandbox.execute(CODE_PRELUDE + code)
             target = workdir / name
+            # A file left by an earlier attempt (or another file's code) must not pass
+            # for this attempt's output.
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+            result = await sandbox.execute(CODE_PRELUDE + code)
             if result.error is not None:
                 error = f"{result.error.kind.value}: {result.error.message}"[-3000:]
-            elif not target.is_file() or target.stat().st_size == 0:
-                error = f"the script ran but did not create {name}"
+            elif not target.exists() and not target.is_symlink():
+                made = _files_made(workdir)
+                error = f"the script ran but did not create {name} in the current directory" + (
+                    f" (it created: {', '.join(made[:10])})" if made else ""
+                )
+            elif (wrong := check_file(target, kind, workdir)) is not None:
+                error = wrong
             else:
                 pinned = await sandbox.execute(NORMALIZE % name)
                 if pinned.error is not None:
