@@ -270,6 +270,14 @@ def test_gta_e2e_runs_gta_tools_and_scores_affected_queries_apart(tmp_path: Path
     ]
     assert "Tea" in receipt[2]["content"]["content"]  # real OCR on the bundled image
     assert receipt[4]["content"]["content"] == "20"  # the real calculator
+    # query 4 replays its gold DrawBox call (stored with sorted argument keys): similarity 1
+    records = [json.loads(x) for x in (tmp_path / "run/records.jsonl").read_text().splitlines()]
+    (drawbox,) = [
+        r
+        for r in records
+        if r["benchmark"] == "gta/e2e/official/all-queries" and r["item_id"] == "4"
+    ]
+    assert drawbox["scores"]["answer_acc_w_imggen"] == pytest.approx(1.0, abs=1e-12)
     painting = dialogs["3"]  # ImageDescription asked the tool model
     assert painting[2]["content"]["content"] == "A calm lake at sunset with a small boat."
     assert "not available here" in painting[3]["error"]

@@ -376,6 +376,36 @@ def test_gta_null_error_is_no_error_and_empty_tool_calls_is_an_answer(tmp_path: 
     assert item.scores["answer_acc"] == 1.0
 
 
+class _TextHash:
+    """A stand-in sentence model: one fixed random vector per distinct text."""
+
+    def encode(self, text: str, **_: Any) -> np.ndarray:
+        seed = int.from_bytes(text.encode()[:64].ljust(64, b"\0"), "big") % 2**32
+        return np.random.default_rng(seed).standard_normal(8)
+
+
+def test_gta_image_generation_equal_arguments_in_another_key_order_score_one(
+    tmp_path: Path,
+) -> None:
+    # Query 4's gold DrawBox call, its arguments written in another key order (stored
+    # trajectories keep arguments with sorted keys): the same call, so similarity 1.
+    gold = json.loads((GTA / "dataset.json").read_text())
+    args = gold["4"]["dialogs"][3]["tool_calls"][0]["function"]["arguments"]
+    reordered = dict(reversed(list(args.items())))
+    assert list(reordered) != list(args)
+    call = {"type": "function", "function": {"name": "DrawBox", "arguments": reordered}}
+    dialog = [
+        {"role": "user", "content": "Draw a box around the red car."},
+        {"role": "assistant", "tool_calls": [call]},
+        {"role": "tool", "name": "DrawBox", "content": {"type": "image", "content": "x.png"}},
+        {"role": "assistant", "content": "Done."},
+    ]
+    path = write_jsonl(tmp_path / "p.jsonl", [{"id": "4", "dialog": dialog}])
+    embedder = SentenceEmbedder(_TextHash(), "text-hash", official=False)
+    item = next(i for i in score_gta(GTA, path, "e2e", embedder=embedder).items if i.id == "4")
+    assert item.scores["answer_acc_w_imggen"] == pytest.approx(1.0, abs=1e-12)
+
+
 # -- GAIA ------------------------------------------------------------------------------------------
 def test_gaia_numbers_are_compared_as_floats_without_units() -> None:
     assert question_scorer("17", "17")

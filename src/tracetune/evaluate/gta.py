@@ -35,7 +35,8 @@ How the rules are read (REFERENCE.md 3.1, checked against GTA's evaluator,
   product over its gold DrawBox/AddText/Plot/TextToImage/ImageStylization calls of the
   similarity between ``json.dumps`` of the gold arguments and of the arguments of the last
   error-free predicted call of that tool (0 if there is none; 1 if it has no such gold call),
-  over all queries. Tool F1 per category (P/O/L/C): every predicted call counts toward its
+  over all queries. The predicted arguments are dumped with the gold's keys first, in the
+  gold's order, so equal arguments always give equal texts (similarity 1). Tool F1 per category (P/O/L/C): every predicted call counts toward its
   category's predictions; a gold call is a hit when its tool name appears among the
   query's predicted calls; precision, recall and F1 pool the counts over the dataset and keep
   GTA's ``1e-5`` terms (``p = hits / (pred + 1e-5)``, ``f1 = 2pr / (p + r + 1e-5)``).
@@ -546,9 +547,10 @@ class GTAScorer:
                 continue
             if gold_call.name not in last_args:
                 return 0.0
+            predicted = _in_key_order(last_args[gold_call.name], gold_call.arguments)
             score *= self.embedder.similarity(
                 self._arguments_json(gold_call.arguments, query.files),
-                self._arguments_json(last_args[gold_call.name], query.files),
+                self._arguments_json(predicted, query.files),
             )
         return score
 
@@ -617,6 +619,20 @@ def _final_answer(dialog: list[dict[str, Any]], where: str) -> str | None:
         return None
     kind, value = message_kind(dialog[-1], f"{where} message {len(dialog) - 1}")
     return value if kind == "answer" and value else None
+
+
+def _in_key_order(arguments: Any, reference: Any) -> Any:
+    """``arguments`` with the keys ``reference`` has first, in its order, then the others.
+
+    The JSON texts compared for image generation depend on key order, which says nothing
+    about the call (and stored trajectories keep their arguments with sorted keys): equal
+    arguments must give equal texts.
+    """
+    if not isinstance(arguments, dict) or not isinstance(reference, dict):
+        return arguments
+    ordered = {k: arguments[k] for k in reference if k in arguments}
+    ordered.update((k, v) for k, v in arguments.items() if k not in ordered)
+    return ordered
 
 
 def _describe(kind: MessageKind, value: Any) -> str:
