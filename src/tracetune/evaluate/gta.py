@@ -36,10 +36,11 @@ How the rules are read (REFERENCE.md 3.1, checked against GTA's evaluator,
   similarity between ``json.dumps`` of the gold arguments and of the arguments of the last
   error-free predicted call of that tool (0 if there is none; 1 if it has no such gold call),
   over all queries. The predicted arguments are dumped with the gold's keys first, in the
-  gold's order, so equal arguments always give equal texts (similarity 1). Tool F1 per category (P/O/L/C): every predicted call counts toward its
-  category's predictions; a gold call is a hit when its tool name appears among the
-  query's predicted calls; precision, recall and F1 pool the counts over the dataset and keep
-  GTA's ``1e-5`` terms (``p = hits / (pred + 1e-5)``, ``f1 = 2pr / (p + r + 1e-5)``).
+  gold's order, so equal arguments always give equal texts (similarity 1). Tool F1 per
+  category (P/O/L/C): every predicted call counts toward its category's predictions; a gold
+  call is a hit when its tool name appears among the query's predicted calls; precision,
+  recall and F1 pool the counts over the dataset and keep GTA's ``1e-5`` terms
+  (``p = hits / (pred + 1e-5)``, ``f1 = 2pr / (p + r + 1e-5)``).
 - *MAT protocol* (the MAT/MATRIX papers' numbers): objective queries only; correct when every
   whitelist group has an alias that is a case-insensitive substring of the answer; no
   blacklist. Reported as ``mat_answer_acc`` and never mixed with the official metrics.
