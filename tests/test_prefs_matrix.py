@@ -84,8 +84,23 @@ def test_miniature_matrix_loop_runs_end_to_end_and_its_pairs_pass_the_dpo_checks
 
     accuracy = stages["eval"]["heldout_accuracy"]
     assert set(accuracy) == {"sft", "dpo"} and all(a["total"] == 2 for a in accuracy.values())
-    evaluated = Dataset.open(out / "eval" / "dpo" / "verdicts")
-    assert len(evaluated) == 2
+    # The held-out evaluation is the `programs` benchmark (tracetune eval run), on its own
+    # split with the training tasks excluded, and every policy saw exactly that split.
+    from tracetune.evaluate.programs_run import heldout_seed
+
+    heldout_ids = Dataset.open(out / "heldout", Task).ids()
+    assert all(t.metadata["split"] == "heldout" for t in Dataset.open(out / "heldout", Task))
+    assert {t.provenance.seed for t in Dataset.open(out / "heldout", Task)} <= {
+        heldout_seed(1_000_003, i) for i in range(20)
+    }
+    for name in ("sft", "dpo"):
+        metrics = json.loads((out / "eval" / name / "metrics.json").read_text())
+        assert metrics["benchmark"] == "programs" and metrics["reports"]["programs"]["n_items"] == 2
+        run = json.loads((out / "eval" / name / "run.json").read_text())
+        assert run["excluded_datasets"] == [str(out / "tasks")]
+        evaluated = Dataset.open(out / "eval" / name / "trajectories", Trajectory)
+        assert {t.task.id for t in evaluated} == heldout_ids
+    assert accuracy["dpo"]["run"] == str(out / "eval" / "dpo")
 
     # A rerun resumes: nothing is explored, built or trained twice.
     again = CliRunner().invoke(app, ["run", "matrix", str(path), "--quiet", "--json"])

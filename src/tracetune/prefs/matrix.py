@@ -1,9 +1,10 @@
 """The whole MATRIX loop from one config (``tracetune run matrix CONFIG.yaml``).
 
 task programs -> gold trajectories -> SFT -> step-wise exploration with the SFT policy ->
-preference pairs -> DPO from the SFT model -> evaluation on held-out task programs with the
-exact gold answer check (each policy rolled out greedily; pass = gold answer reached with the
-tools the task needs).
+preference pairs -> DPO from the SFT model -> evaluation on held-out task programs: the
+``programs`` benchmark of ``tracetune eval run`` (:mod:`tracetune.evaluate.programs_run`),
+whose split is drawn under its own seed namespace with the training tasks excluded; each
+policy is rolled out greedily; pass = gold answer reached with the tools the task needs.
 
 Every stage writes under ``out`` and is skipped or resumed when the loop is run again:
 dataset stages through the stage runner, training when its output is complete. The numbers
@@ -66,7 +67,8 @@ class MatrixConfig(BaseModel):
     tasks: ProgramSet = Field(default_factory=ProgramSet, description="Training programs.")
     heldout: ProgramSet = Field(
         default_factory=lambda: ProgramSet(n=12, seed=1_000_003),
-        description="Held-out evaluation programs (a different seed; ids never overlap).",
+        description="Held-out evaluation programs: the `programs` benchmark's split (seeds "
+        "of their own namespace; every training task id is excluded).",
     )
     tasks_dir: Path | None = Field(
         default=None, description="Use this task dataset instead of generating `tasks`."
@@ -212,6 +214,8 @@ def resolve_base(config: MatrixConfig) -> str:
 async def run_matrix(config: MatrixConfig, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) every stage of the loop; returns the report also written to
     ``out/report.json``."""
+    from tracetune.evaluate.programs_run import heldout_split, run_programs
+    from tracetune.evaluate.runs import EvalRunConfig
     from tracetune.prefs.explore import run_explore
     from tracetune.prefs.pairs import run_build
     from tracetune.prefs.stats import prefs_stats
@@ -246,23 +250,25 @@ async def run_matrix(config: MatrixConfig, progress: bool = True) -> dict[str, A
                 families=config.tasks.families,
             )
         )
-    heldout_dir = out / "heldout"
-    await generate_tasks(
-        ProgramsConfig(
-            out=heldout_dir,
-            n=config.heldout.n,
-            seed=config.heldout.seed,
-            families=config.heldout.families or config.tasks.families,
-        )
-    )
     train_ids = Dataset.open(tasks_dir, Task).ids()
-    heldout = Dataset.open(heldout_dir, Task)
-    overlap = train_ids & heldout.ids()
-    if overlap:
-        raise ValueError(
-            f"{len(overlap)} held-out task(s) are also training tasks; give heldout a seed "
-            "different from the training seed"
-        )
+    # The held-out split of the `programs` benchmark, drawn once for every policy: its own
+    # seed namespace, and no task whose id is a training task's.
+    heldout_dir = out / "heldout"
+    eval_base = EvalRunConfig(
+        bench="programs",
+        model="unset",
+        out=out / "eval",
+        n=config.heldout.n,
+        seed=config.heldout.seed,
+        families=config.heldout.families or config.tasks.families,
+        exclude=[tasks_dir],
+        action_format=config.action_format,
+        max_steps=config.eval.max_steps,
+        max_tokens=config.eval.max_tokens,
+        temperature=0.0,
+        concurrency=1,
+    )
+    heldout = heldout_split(eval_base, Dataset.create(heldout_dir, Task))
     done("tasks", train=len(train_ids), heldout=len(heldout))
 
     # 2. gold trajectories
@@ -337,31 +343,54 @@ async def run_matrix(config: MatrixConfig, progress: bool = True) -> dict[str, A
     policies.append(("dpo", dpo_spec, dpo_backend))
     accuracy: dict[str, Any] = {}
     for name, spec, backend in policies:
-        _, evaluated = await run_rollout(
-            RolloutConfig(
-                tasks=heldout_dir,
-                out=out / "eval" / name,
-                teacher=spec,
-                action_format=config.action_format,
-                max_steps=config.eval.max_steps,
-                max_tokens=config.eval.max_tokens,
-                temperature=0.0,
-                backend=backend,
-                concurrency=1,
+        metrics = await run_programs(
+            eval_base.model_copy(
+                update={
+                    "model": spec,
+                    "out": out / "eval" / name,
+                    "data": heldout_dir,
+                    "backend": backend,
+                }
             ),
             progress=progress,
         )
-        summary = rollout_summary(evaluated)
-        accuracy[name] = {
-            "passed": summary["passed"],
-            "total": summary["total"],
-            "accuracy": round(summary["pass_rate"], 4),
-            "by_family": summary["by_family"],
-        }
+        accuracy[name] = _heldout_numbers(out / "eval" / name, metrics)
     done("eval", heldout_accuracy=accuracy)
     report["elapsed_s"] = round(time.monotonic() - t0, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     return report
+
+
+def _heldout_numbers(run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    """A policy's held-out numbers from its `programs` run: passed = the gold answer and
+    every tool of the gold chain used (an answer without the tools is a lucky guess)."""
+    items = [
+        json.loads(line)
+        for line in (run_dir / "records.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+    by_family: dict[str, dict[str, Any]] = {}
+    passed = 0
+    for item in items:
+        ok = item["scores"]["accuracy"] == 1 and item["scores"]["used_gold_tools"] == 1
+        passed += ok
+        family = by_family.setdefault(
+            str(item["metadata"].get("family")), {"passed": 0, "total": 0}
+        )
+        family["passed"] += ok
+        family["total"] += 1
+    for family in by_family.values():
+        family["pass_rate"] = round(family["passed"] / family["total"], 4)
+    report = metrics["reports"]["programs"]["metrics"]
+    return {
+        "passed": passed,
+        "total": len(items),
+        "accuracy": round(passed / len(items), 4) if items else 0.0,
+        "answer_accuracy": round(report["accuracy"] / 100, 4),
+        "used_gold_tools": round(report["used_gold_tools"] / 100, 4),
+        "by_family": dict(sorted(by_family.items())),
+        "run": str(run_dir),
+    }
 
 
 def _flat(stats: dict[str, Any]) -> dict[str, Any]:
