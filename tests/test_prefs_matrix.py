@@ -103,8 +103,10 @@ def test_miniature_matrix_loop_runs_end_to_end_and_its_pairs_pass_the_dpo_checks
     assert accuracy["dpo"]["run"] == str(out / "eval" / "dpo")
 
     # A rerun resumes: nothing is explored, built or trained twice.
-    again = CliRunner().invoke(app, ["run", "matrix", str(path), "--quiet", "--json"])
+    again = CliRunner().invoke(app, ["run", "matrix", str(path), "--quiet"])
     assert again.exit_code == 0, again.output
+    # The table says the chosen steps came from the gold anchor, not the policy.
+    assert "explore.gold_anchor is on" in " ".join(again.output.split())
     rerun = json.loads((out / "report.json").read_text())["stages"]
     assert "reused" in rerun["sft"] and "reused" in rerun["dpo"]
     assert rerun["explore"]["summary"] == "explore: 0 written, 2 already done"
@@ -112,6 +114,12 @@ def test_miniature_matrix_loop_runs_end_to_end_and_its_pairs_pass_the_dpo_checks
 
 
 def test_matrix_config_fails_early_with_the_stage_and_field(tmp_path: Path) -> None:
+    from tracetune.models.base import ModelOptions
+
+    # A user's loop explores with the policy's own samples only: no gold anchor by default.
+    plain = MatrixConfig(out=tmp_path, base="tiny:qwen2_vl")
+    assert not plain.explore_config(tmp_path, "local:x", ModelOptions()).gold_anchor
+    assert miniature(tmp_path, "b").explore_config(tmp_path, "local:x", ModelOptions()).gold_anchor
     with pytest.raises(ValueError, match="explore"):
         MatrixConfig(out=tmp_path, base="tiny:qwen2_vl", explore={"k": 0})
     with pytest.raises(ValueError, match="set by the loop itself"):

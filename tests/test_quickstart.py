@@ -34,6 +34,11 @@ def test_quickstart_runs_the_offline_pipeline(tmp_path: Path) -> None:
     report = json.loads((matrix / "report.json").read_text())
     assert set(report["stages"]["eval"]["heldout_accuracy"]) == {"sft", "dpo"}
     assert "preference pairs" in result.output
+    # ... and it says plainly that the chosen steps are the gold anchor's, not the policy's
+    shown = " ".join(result.output.split())
+    anchored = report["stages"]["explore"]["chosen_from_gold_anchor"]
+    assert anchored > 0 and f"gold_anchor on: {anchored} chosen steps" in shown
+    assert report["config"]["explore"]["gold_anchor"] is True
     # rerunning skips everything already done
     again = CliRunner().invoke(app, ["quickstart", "--out", str(out), "--n", "6"])
     assert again.exit_code == 0, again.output

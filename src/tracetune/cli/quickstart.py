@@ -47,6 +47,7 @@ def quickstart(
 
     t0 = time.monotonic()
     rows: list[tuple[str, str, str]] = []
+    anchored: int | None = None  # chosen steps the miniature loop took from the gold anchor
 
     console.rule("1. task programs: tasks with known answers and tool chains")
     _, tasks = run_async(
@@ -121,12 +122,14 @@ def quickstart(
             )
         )
         stages = loop["stages"]
+        anchored = stages["explore"]["chosen_from_gold_anchor"]
         rows.append(
             (
                 "preference pairs",
                 str(out / "matrix" / "pairs"),
                 f"{stages['pairs']['pairs']} pairs over {stages['explore']['steps']} explored "
-                f"steps (K={loop['config']['explore']['k']})",
+                f"steps (K={loop['config']['explore']['k']}); {anchored} chosen steps "
+                "from the gold anchor",
             )
         )
         accuracy = stages["eval"]["heldout_accuracy"]
@@ -154,6 +157,14 @@ def quickstart(
         out / "sft",
         highlight=False,
     )
+    if anchored is not None:
+        console.print(
+            f"Note: the miniature loop explores with gold_anchor on: {anchored} chosen steps "
+            "are the gold chain's next step, not the policy's samples, because the tiny "
+            "policy samples no usable step. Its pairs and numbers show the plumbing, not "
+            "preferences a policy found; `run matrix` leaves gold_anchor off by default.",
+            highlight=False,
+        )
     if matrix:
         console.print(
             "Pairs and exploration: tracetune prefs stats",

@@ -54,4 +54,12 @@ def matrix(
             }
         table.add_row(stage, ", ".join(f"{k}={v}" for k, v in shown.items()))
     out_console.print(table)
+    anchored = report["stages"].get("explore", {}).get("chosen_from_gold_anchor")
+    if cfg.explore.get("gold_anchor"):
+        out_console.print(
+            f"explore.gold_anchor is on: {anchored} chosen steps are the gold chain's, not "
+            "the policy's samples (for policies too weak to sample usable steps; leave it "
+            "off for real ones)",
+            highlight=False,
+        )
     out_console.print(f"report: {cfg.out / 'report.json'}", highlight=False)
