@@ -337,6 +337,45 @@ def test_pool_merges_near_duplicates_and_captions_with_a_vlm(tmp_path: Path) -> 
     assert pool.ranked("a plain green rectangle")[0][0].source == "green.png"
 
 
+def test_pool_build_reports_unreadable_and_foreign_files_and_goes_on(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    shutil.copytree(BUNDLED_POOL_IMAGES, images)
+    (images / "broken.png").write_text("not an image")
+    (images / "notes.xyz").write_text("hello")
+    (images / "scan.pdf").write_bytes(bytes(range(256)) * 8)  # no PDF inside
+    result = CliRunner().invoke(
+        app,
+        [
+            "pool",
+            "build",
+            "--images",
+            str(images),
+            "--captions",
+            str(BUNDLED_POOL_CAPTIONS),
+            "--out",
+            str(tmp_path / "pool"),
+            "--embedder",
+            "hashing",
+            "--quiet",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "6 images, 0 documents" in said and "skipped 3 file(s)" in said
+    assert "broken.png: not a readable image" in said
+    assert "notes.xyz: not an image or a supported document (.xyz)" in said
+    assert "scan.pdf: not a readable document" in said
+    pool = Pool.load(tmp_path / "pool")
+    assert len(pool.entries) == 6
+    assert [s.source for s in pool.skipped] == ["broken.png", "notes.xyz", "scan.pdf"]
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "a.png").write_text("x")
+    nothing = CliRunner().invoke(
+        app, ["pool", "build", "--images", str(tmp_path / "only"), "--out", str(tmp_path / "p2")]
+    )
+    assert nothing.exit_code == 2 and "no file of" in nothing.output
+
+
 def test_turns_release_items_in_order() -> None:
     async def main() -> list[str]:
         turns = Turns(["a", "b", "c"])

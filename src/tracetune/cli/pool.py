@@ -62,3 +62,7 @@ def build(
         f"{merged} near-duplicates merged; embedder {pool.embedder_name}",
         highlight=False,
     )
+    if pool.skipped:
+        out_console.print(f"skipped {len(pool.skipped)} file(s):", highlight=False)
+        for skipped in pool.skipped:
+            out_console.print(f"  {skipped.source}: {skipped.reason}", highlight=False)

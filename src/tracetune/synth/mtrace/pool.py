@@ -11,7 +11,9 @@ Captions come from the user's file (JSONL ``{"image": NAME, "caption": TEXT}`` o
 object NAME -> TEXT) or, for images it does not cover, from the configured VLM through the
 ``caption`` tool. Documents without a caption are described by the start of their markdown.
 Near-duplicate images (same difference hash up to ``dedup_bits`` bits) are merged into the
-first one in path order; the merged names stay on that entry.
+first one in path order; the merged names stay on that entry. Files that cannot be read
+(a broken image or document) or are of another type are skipped, each with its reason
+(``pool.json`` ``skipped``), and the build goes on.
 """
 
 from __future__ import annotations
@@ -81,6 +83,13 @@ class PoolEntry(BaseModel):
     merged: list[str] = Field(default_factory=list, description="Near-duplicates merged here.")
 
 
+class SkippedFile(BaseModel):
+    """A file of the folder that is not in the pool, and why."""
+
+    source: str
+    reason: str
+
+
 def dhash(image: Image.Image) -> int:
     """64-bit difference hash: survives resizing, recompression and small edits."""
     small = image.convert("L").resize((9, 8), Image.Resampling.LANCZOS)
@@ -120,16 +129,17 @@ def read_captions(path: Path) -> dict[str, str]:
     return captions
 
 
-def _scan(root: Path, skip: set[Path]) -> list[Path]:
+def _scan(root: Path, skip: set[Path]) -> tuple[list[Path], list[Path]]:
+    """(files to index, other files), both sorted; hidden files are left out of both."""
     suffixes = IMAGE_SUFFIXES + DOCUMENT_SUFFIXES
-    return sorted(
+    found = sorted(
         p
         for p in root.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in suffixes
-        and not p.name.startswith(".")
-        and p.resolve() not in skip
+        if p.is_file() and not p.name.startswith(".") and p.resolve() not in skip
     )
+    return [p for p in found if p.suffix.lower() in suffixes], [
+        p for p in found if p.suffix.lower() not in suffixes
+    ]
 
 
 def _document_caption(path: Path) -> str:
@@ -174,10 +184,16 @@ class Pool:
     """A built pool: entries, their embeddings, their assets."""
 
     def __init__(
-        self, root: Path, entries: list[PoolEntry], embeddings: np.ndarray, embedder: str
+        self,
+        root: Path,
+        entries: list[PoolEntry],
+        embeddings: np.ndarray,
+        embedder: str,
+        skipped: list[SkippedFile] | None = None,
     ) -> None:
         self.root = root
         self.entries = entries
+        self.skipped = skipped or []
         self.embeddings = embeddings
         self.embedder_name = embedder
         self.assets = AssetStore(root)
@@ -196,7 +212,8 @@ class Pool:
         embeddings = np.load(root / EMBEDDINGS_FILE)
         if embeddings.shape[0] != len(entries):
             raise PoolError(f"{root}: {EMBEDDINGS_FILE} does not match {POOL_FILE}; rebuild it")
-        return cls(root, entries, embeddings, str(info["embedder"]))
+        skipped = [SkippedFile.model_validate(s) for s in info.get("skipped", [])]
+        return cls(root, entries, embeddings, str(info["embedder"]), skipped)
 
     @property
     def embedder(self) -> Embedder:
@@ -219,12 +236,21 @@ async def build_pool(config: PoolConfig, progress: bool = True) -> Pool:
         raise PoolError(f"--images {root} is not a folder of images")
     given = read_captions(config.captions) if config.captions else {}
     skip = {config.captions.resolve()} if config.captions else set()
-    files = _scan(root, skip)
+    files, others = _scan(root, skip)
     if not files:
         raise PoolError(
             f"{root} has no images ({', '.join(IMAGE_SUFFIXES)}) or documents "
             f"({', '.join(DOCUMENT_SUFFIXES)})"
         )
+    # A large folder always holds a few broken or foreign files: each is reported with its
+    # reason (and kept in pool.json) and the build goes on without it.
+    skipped = [
+        SkippedFile(
+            source=p.relative_to(root).as_posix(),
+            reason=f"not an image or a supported document ({p.suffix or 'no suffix'})",
+        )
+        for p in others
+    ]
     load_embedder(config.embedder)  # fail on a bad name before any work
     config.out.mkdir(parents=True, exist_ok=True)
     assets = AssetStore(config.out)
@@ -239,8 +265,9 @@ async def build_pool(config: PoolConfig, progress: bool = True) -> Pool:
                 with Image.open(path) as img:
                     img.load()
                     code = dhash(img)
-            except OSError as exc:
-                raise PoolError(f"{path} is not a readable image: {exc}") from None
+            except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for broken files
+                skipped.append(SkippedFile(source=rel, reason=f"not a readable image: {exc}"))
+                continue
             twin = hashes.find(code)
             if twin is not None:
                 twin["merged"].append(rel)
@@ -258,9 +285,19 @@ async def build_pool(config: PoolConfig, progress: bool = True) -> Pool:
         )
     if missing:
         await _caption_images(config, missing, progress)
-    for item in kept:
+    for item in list(kept):
         if item["caption"] is None:
-            item["caption"] = await asyncio.to_thread(_document_caption, item["path"])
+            try:
+                item["caption"] = await asyncio.to_thread(_document_caption, item["path"])
+            except Exception as exc:  # noqa: BLE001 - any converter failure means unreadable
+                why = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+                skipped.append(
+                    SkippedFile(source=item["rel"], reason=f"not a readable document: {why}")
+                )
+                kept.remove(item)
+    if not kept:
+        raise PoolError(f"no file of {root} could be read: " + _skipped_text(skipped))
+    skipped.sort(key=lambda s: s.source)
 
     entries = []
     for item in kept:
@@ -284,11 +321,16 @@ async def build_pool(config: PoolConfig, progress: bool = True) -> Pool:
         "embedder": config.embedder,
         "built_from": str(root.resolve()),
         "entries": [e.model_dump(mode="json") for e in entries],
+        "skipped": [s.model_dump(mode="json") for s in skipped],
     }
     tmp_manifest = config.out / ".pool.json.tmp"
     tmp_manifest.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     os.replace(tmp_manifest, config.out / POOL_FILE)
-    return Pool(config.out, entries, vectors, config.embedder)
+    return Pool(config.out, entries, vectors, config.embedder, skipped)
+
+
+def _skipped_text(skipped: list[SkippedFile]) -> str:
+    return "; ".join(f"{s.source} ({s.reason})" for s in skipped[:5])
 
 
 def _embed(embedder: Embedder, texts: list[str], progress: bool) -> np.ndarray:
