@@ -185,6 +185,42 @@ def test_gta_step_gold_replay_scores_perfect_tools_and_resumes(tmp_path: Path) -
         _run(other)
 
 
+def test_gta_rerun_refuses_changed_data_or_budgets_and_resumes_a_moved_folder(
+    tmp_path: Path,
+) -> None:
+    import shutil
+
+    data = tmp_path / "gta"
+    shutil.copytree(GTA, data)
+    with ScriptedOpenAIServer(gta_gold_replay) as server:
+        config = EvalRunConfig(
+            bench="gta",
+            model="openai:m",
+            out=tmp_path / "run",
+            data=data,
+            mode="step",
+            embedder="packaged",
+            limit=1,
+            backend=ModelOptions(base_url=server.base_url),
+        )
+        _run(config)
+        calls = server.calls
+        # the same gold in another folder (or named by its dataset.json) resumes
+        moved = tmp_path / "moved"
+        shutil.copytree(data, moved)
+        again = _run(config.model_copy(update={"data": moved / "dataset.json"}))
+        assert again["run"]["written"] == 0 and server.calls == calls
+        # other gold under the same ids would mix answers to two datasets: refused
+        gold = json.loads((data / "dataset.json").read_text())
+        gold["0"]["gt_answer"] = {"whitelist": [["21"]], "blacklist": None}
+        (data / "dataset.json").write_text(json.dumps(gold))
+        with pytest.raises(EvalRunError, match="other settings.*data"):
+            _run(config)
+        with pytest.raises(EvalRunError, match="max_errors"):
+            _run(config.model_copy(update={"data": moved, "max_errors": 1}))
+        assert server.calls == calls
+
+
 def test_gta_step_unparseable_and_unknown_tools_are_errors(tmp_path: Path) -> None:
     def bad(body: dict[str, Any]) -> str:
         turn = sum(1 for m in body["messages"] if m["role"] == "assistant")

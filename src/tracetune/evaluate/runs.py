@@ -99,7 +99,12 @@ class EvalRunConfig(BaseModel):
     backend: ModelOptions = Field(default_factory=ModelOptions, description="Backend options.")
 
     def identity(self) -> dict[str, Any]:
-        """What must not change between a run and its rerun (else the results would mix)."""
+        """What must not change between a run and its rerun (else the results would mix).
+
+        Episodes are keyed by item id and controller, so everything else that shapes an
+        episode is here: the data (by content, so a moved folder still resumes), the tools
+        and their settings, the budgets and the held-out split's recipe.
+        """
         keys = (
             "bench",
             "model",
@@ -109,10 +114,39 @@ class EvalRunConfig(BaseModel):
             "temperature",
             "max_tokens",
             "max_steps",
+            "max_errors",
             "seed",
             "n",
+            "tools",
+            "tool_options",
+            "families",
         )
-        return {k: getattr(self, k) for k in keys}
+        identity = {k: getattr(self, k) for k in keys}
+        identity["data"] = data_fingerprint(self.data)
+        identity["exclude"] = [data_fingerprint(p) for p in self.exclude]
+        return identity
+
+
+def data_fingerprint(path: Path | None) -> str | None:
+    """The sha256 of a benchmark's gold file (GTA's dataset.json, GAIA's metadata.jsonl),
+    found in a folder too; for any other folder (a task dataset) its resolved path."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_dir():
+        for name in ("dataset.json", "metadata.jsonl"):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            return str(path.resolve())
+    if not path.is_file():
+        return str(path)  # the runner says that it is missing
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
 
 
 def stable_id(*parts: Any) -> str:
@@ -158,7 +192,10 @@ class RunContext:
             return
         previous = json.loads(path.read_text()).get("identity", {})
         now = json.loads(json.dumps(self.config.identity(), default=str))
-        changed = {k: (previous.get(k), v) for k, v in now.items() if previous.get(k) != v}
+        # A key an older run.json lacks was not recorded then: nothing to compare it with.
+        changed = {
+            k: (previous[k], v) for k, v in now.items() if k in previous and previous[k] != v
+        }
         if changed:
             what = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise EvalRunError(
