@@ -264,6 +264,37 @@ def test_leak_check_catches_the_answer_before_supporting_tool_output() -> None:
     assert LeakChecker("Australia").check(reveal).reason == "reveals_reference"  # type: ignore[union-attr]
 
 
+def test_leak_check_ignores_small_numbers_and_no_that_talk_about_the_work() -> None:
+    # Short answers are words every plan uses: a count of operators, "top-3", "none of",
+    # "no text yet" and a product label being read are not the answer stated early.
+    for answer, question, text in (
+        ("1", "How many faces?", "I will run one operator: face detection."),
+        ("1", "How many faces?", "Let me look at this one image closely."),
+        ("3", "How many cars?", "I'll retrieve the top-3 passages about cars."),
+        ("2", "How many people?", "Two operators will help: OCR and the caption."),
+        ("0", "How many dogs?", "None of the results so far mention animals."),
+        ("no", "Is there a dog?", "There is no information yet; I will caption the image."),
+        ("yes", "Is it organic?", "The label says ORGANIC, I will check the rest."),
+    ):
+        rationale = Rationale(
+            question=question,
+            answer=answer,
+            steps=[
+                RationaleStep(thought=text, operators=[OperatorCall(name="ocr", result="...")]),
+                RationaleStep(thought="Done.", signal="end"),
+            ],
+        )
+        assert LeakChecker(answer, question).check(rationale) is None, text
+    # The same answers stated as claims still leak.
+    for answer, question, text in (
+        ("2", "How many people?", "There are 2 people, as the caption will show."),
+        ("1", "How many faces?", "There is exactly one face."),
+        ("no", "Is there a dog?", "No, there is no dog; let me confirm."),
+        ("yes", "Is it organic?", "It is organic, so the answer is yes."),
+    ):
+        assert LeakChecker(answer, question).mentions(text) == answer, text
+
+
 def test_leak_check_for_multiple_choice_uses_the_letter_and_option_text() -> None:
     choices = ["Eggs x12", "Coffee beans 250g"]
     question = "Which is priciest?\nA. Eggs x12\nB. Coffee beans 250g"

@@ -19,7 +19,9 @@ from tracetune.evaluate.vqa import normalize_vqa_answer
 _REVEALS = re.compile(
     r"\b(?:(?:reference|given|provided|expected|gold|ground[- ]truth|supplied) answer"
     r"|answer (?:was|is) (?:given|provided|supplied)|(?:i was|we were|i am|we are) told"
-    r"|(?:the )?label (?:says|is))\b",
+    # "the label says" alone is how one reads a product label; only a label that was
+    # handed over gives the reference away.
+    r"|(?:reference|given|provided|gold|ground[- ]truth) label)\b",
     re.IGNORECASE,
 )
 
@@ -27,6 +29,21 @@ _REVEALS = re.compile(
 _NUMBERING = re.compile(
     r"\b(?:step|stage|part|phase|turn|round|line|option|item)\s+\d+\b|(?:^|\n)\s*\d+[.)]\s",
     re.IGNORECASE,
+)
+# Words around a small number that make it talk about the work, not the image: "one
+# operator", "top-3 passages", "none of the results", "this one", "one at a time".
+# Compared on normalized words (articles are gone, number words are digits).
+_META_BEFORE = frozenset({"top", "this", "that", "which", "each", "every", "any", "per"})
+_META_AFTER = frozenset(
+    "of more operator operators tool tools step steps thing things way ways passage passages "
+    "result results query queries call calls search searches time times by another at "
+    "question questions look looks".split()
+)
+# A bare yes/no states the answer only as a reply ("No, ...", "so the answer is yes"),
+# not as a determiner ("there is no text", "no information yet").
+_YES_NO = (
+    r"(?:^\s*|[.!?;:]\s+|\b(?:answer is|so|therefore|thus|hence|clearly)\s*:?\s*)"
+    r"{word}\b(?!\s+\w)"
 )
 
 
@@ -108,10 +125,23 @@ class LeakChecker:
                 if _contains(norm, f"{lead} {self.norm}"):
                     return f"{lead} {self.answer}"
             return None
+        if self.norm in ("yes", "no"):
+            pattern = _YES_NO.format(word=self.norm)
+            found = re.search(pattern, text, re.IGNORECASE | re.MULTILINE)
+            return self.answer if found else None
         if self.norm.isdigit():
-            # Small numbers are everywhere in a plan ("step 1", "1. read the text"): numbering
-            # is not a claim about the answer.
-            norm = normalize_vqa_answer(_NUMBERING.sub(" ", text))
+            # Small numbers are everywhere in a plan ("step 1", "1. read the text", "one
+            # operator", "the top-3 passages"): numbering and counts of the solver's own
+            # work are not claims about the answer.
+            words = re.split(r"[^\w']+", normalize_vqa_answer(_NUMBERING.sub(" ", text)))
+            for i, word in enumerate(words):
+                if word != self.norm:
+                    continue
+                before = words[i - 1] if i else ""
+                after = words[i + 1] if i + 1 < len(words) else ""
+                if before not in _META_BEFORE and after not in _META_AFTER:
+                    return self.answer
+            return None
         return self.answer if _contains(norm, self.norm) else None
 
     def supported_by(self, outputs: list[str]) -> bool:
