@@ -469,6 +469,53 @@ def test_ingest_reads_every_format_with_stable_ids_and_style_constraints(tmp_pat
     assert len({tuple(v) for v in ids.values()}) == 1  # same rows, same ids, any format
 
 
+def test_ingest_drops_image_placeholders_so_exports_count_one_marker_per_image(
+    tmp_path: Path,
+) -> None:
+    from tracetune.formats import export_dataset
+
+    # LLaVA-style sources write "<image>" into the question; the image is a message part.
+    source = tmp_path / "llava.jsonl"
+    source.write_text(
+        json.dumps(
+            {
+                "id": "l1",
+                "image": str(RECEIPT_IMAGE),
+                "question": "<image>\nWhat is the total amount paid?",
+                "answer": "36.69",
+            }
+        )
+        + "\n"
+    )
+    _, tasks = asyncio.run(run_ingest(IngestConfig(source=source, out=tmp_path / "t"), False))
+    (task,) = tasks.records()
+    assert (
+        task.query == "What is the total amount paid?\nAnswer the question using a single number."
+    )
+    assert task.gold.value == "36.69"  # type: ignore[union-attr]
+    rationale = Rationale(
+        question=task.query,
+        answer="36.69",
+        steps=[
+            RationaleStep(
+                thought="I read the receipt.",
+                operators=[OperatorCall(name="ocr", result="TOTAL 36.69")],
+            ),
+            RationaleStep(thought="The TOTAL line reads 36.69.", signal="end"),
+        ],
+    )
+    rr: Dataset[Dialogue] = Dataset.create(tmp_path / "rr", Dialogue)
+    rr.write_all(
+        [rr_dialogue(task, rationale, ["ocr"], False, Provenance(source="test"))],
+        sources=[tasks.assets],
+    )
+    report = export_dataset("llamafactory", tmp_path / "rr", tmp_path / "lf")
+    assert report.rows == 1
+    (row,) = [json.loads(line) for line in (tmp_path / "lf/train.jsonl").read_text().splitlines()]
+    markers = sum(turn["value"].count("<image>") for turn in row["conversations"])
+    assert markers == len(row["images"]) == 1
+
+
 def test_ingest_reports_and_skips_broken_and_missing_images_via_cli(tmp_path: Path) -> None:
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"this is not a png")

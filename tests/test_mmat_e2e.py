@@ -298,6 +298,10 @@ def test_rendered_dialogues_export_through_the_trainers_formats(
         ]
         assert all(len(r["images"]) == 1 for r in rows)
         assert all(r["messages"][-1]["role"] == "assistant" for r in rows)
+        lf_rows = (tmp_path / f"{fmt}-llamafactory" / "train.jsonl").read_text().splitlines()
+        for row in map(json.loads, lf_rows):  # LLaMA-Factory pairs markers and images 1:1
+            markers = sum(t["value"].count("<image>") for t in row["conversations"])
+            assert markers == len(row["images"]) == 1
     # ORR from the stored RR records is the stored ORR record, byte for byte.
     stored_orr = {d.id: d.model_dump_json() for d in Dataset.open(out / "orr", Dialogue)}
     for rr in Dataset.open(out / "rr", Dialogue):

@@ -7,8 +7,9 @@ names the image, question, answer and optional choices and id columns. Images ma
 image structs (``{"bytes", "path"}``) or decoded images, one or a list per row.
 
 Normalization: stable ids (from the id column, else from the row's content), images stored
-once in the asset store, and, for short answers, an answer-style constraint appended to the
-question (option letter, number, yes/no, word or phrase). Answers are kept as given, except
+once in the asset store, ``<image>`` placeholders removed from the question text, and, for
+short answers, an answer-style constraint appended to the question (option letter, number,
+yes/no, word or phrase). Answers are kept as given, except
 that a multiple-choice answer given as the option's text becomes its letter (the original
 is kept as an alias and in the metadata). Rows whose image is missing or unreadable are
 dropped with the reason ``missing_image`` / ``broken_image`` and listed in ``stats.json``.
@@ -42,6 +43,25 @@ _HAS_STYLE = re.compile(
     r"\banswer (?:with|using|in) (?:a|one|the|only|just)\b|\banswer the question using\b",
     re.IGNORECASE,
 )
+
+
+_IMAGE_MARKER = "<image>"
+
+
+def strip_image_markers(question: str) -> str:
+    """The question without ``<image>`` placeholders (LLaVA-style sources write them into
+    the text). The images travel as message parts, and the exporters add one marker per
+    image: a marker left in the text would count as an extra image and fail the export."""
+    if _IMAGE_MARKER not in question:
+        return question
+    lines = []
+    for line in question.splitlines():
+        if _IMAGE_MARKER in line:
+            line = re.sub(r"[ \t]{2,}", " ", line.replace(_IMAGE_MARKER, " ")).strip()
+            if not line:
+                continue
+        lines.append(line)
+    return "\n".join(lines).strip()
 
 
 class IngestError(ValueError):
@@ -355,6 +375,8 @@ class Ingester:
             return Drop("bad_row", {"row": index, "error": row["__error__"]})
         question = _column(row, self.cols.question)
         answer = _column(row, self.cols.answer)
+        if isinstance(question, str):
+            question = strip_image_markers(question)
         if not isinstance(question, str) or not question.strip():
             return Drop("no_question", {"row": index, "column": self.cols.question})
         answers = (
