@@ -408,6 +408,9 @@ def test_missing_pool_and_models_are_clear_errors(tmp_path: Path) -> None:
     config.write_text(f"out: {tmp_path / 'run'}\nqueries: {{batchez: 3}}\n")
     result = CliRunner().invoke(app, ["synth", "run", str(config)])
     assert result.exit_code == 2 and "batchez" in result.output
+    config.write_text(f"out: {tmp_path / 'run'}\nqueries: [\n")
+    result = CliRunner().invoke(app, ["synth", "run", str(config)])
+    assert result.exit_code == 2 and "is not valid YAML" in " ".join(result.output.split())
 
 
 def test_rollout_stage_json_actions_with_samples(tmp_path: Path) -> None:

@@ -43,7 +43,10 @@ def build_config(cls: type[C], config: Path | None, **flags: Any) -> C:
     if config is not None:
         if not config.is_file():
             fail(f"config file {config} does not exist")
-        loaded = yaml.safe_load(config.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(config.read_text()) or {}
+        except yaml.YAMLError as exc:
+            fail(f"{config} is not valid YAML: {' '.join(str(exc).split())}")
         if not isinstance(loaded, dict):
             fail(f"{config} must hold a mapping of option names to values")
         data.update(loaded)
