@@ -222,3 +222,28 @@ def test_seed_file_errors_name_the_fix(tmp_path: Path) -> None:
         app, ["synth", "queries", "--out", str(tmp_path / "r2"), "--seeds", str(seeds), "--quiet"]
     )
     assert result.exit_code == 2 and "needs a generator model" in " ".join(result.output.split())
+    # A broken benchmark file is reported before any generator call (the endpoint is dead).
+    write_seeds(seeds)
+    bench = tmp_path / "bench.json"
+    bench.write_text('[{"question": "cut off')
+    result = CliRunner().invoke(
+        app,
+        [
+            "synth",
+            "queries",
+            "--out",
+            str(tmp_path / "r3"),
+            "--seeds",
+            str(seeds),
+            "--generator",
+            "openai:test-model",
+            "--base-url",
+            "http://127.0.0.1:9/v1",
+            "--benchmark",
+            str(bench),
+            "--quiet",
+        ],
+    )
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"benchmark file {bench} is not valid JSON" in said
+    assert not (tmp_path / "r3").exists()

@@ -57,9 +57,10 @@ def check_config(config: SynthConfig) -> None:
 
     Pool.load(config.files.pool)
     load_tools(config.queries.tools)
+    from tracetune.synth.mtrace.queries import benchmark_questions
+
     for path in config.queries.benchmarks:
-        if not Path(path).exists():
-            raise ValueError(f"benchmark file {path} does not exist")
+        benchmark_questions(Path(path))  # exists and holds questions
 
 
 async def run_chain(

@@ -110,10 +110,18 @@ def benchmark_questions(path: Path) -> list[str]:
         raise ValueError(f"benchmark folder {path} has no dataset.json (GTA) or metadata.jsonl")
     if not path.is_file():
         raise ValueError(f"benchmark file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"benchmark file {path} is not UTF-8 text") from None
     rows: list[Any]
     if path.suffix.lower() == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f"benchmark file {path} is not valid JSON ({exc.msg}, line {exc.lineno})"
+            ) from None
         rows = list(data.values()) if isinstance(data, dict) else list(data)
     elif path.suffix.lower() in (".jsonl", ".ndjson"):
         rows = []
@@ -178,6 +186,9 @@ async def generate_queries(config: SynthConfig, progress: bool = True) -> StageR
     tools: list[Tool] = load_tools(qc.tools)
     known = {t.name for t in tools}
     seeds = read_seeds(qc.seeds, known)
+    if qc.decontaminate:
+        for path in qc.benchmarks:  # a broken benchmark file fails now, before any spend
+            benchmark_questions(path)
     out: Dataset[Task] = Dataset.create(config.dir("candidates"), Task)
     model = stage_model(spec, config.backend, out.state, GENERATE)
     template_hash = prompt_hash(PROMPT)
