@@ -764,6 +764,45 @@ def test_an_endpoint_that_ignores_n_is_asked_again_until_k_candidates(tmp_path: 
     assert trajectory.final_answer == answers_seen[1]
 
 
+def test_explicit_temperatures_are_each_candidates_own_in_their_order(tmp_path: Path) -> None:
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps({"id": "t", "query": "2 + 2?", "tools": ["calculator"]}) + "\n")
+    policy = SamplingPolicy(
+        lambda m, t: act("final_answer", "sure", answer=f"t={t}"), lambda m: "unused"
+    )
+    config = ExploreConfig(
+        tasks=tasks,
+        out=tmp_path / "ex",
+        policy="scripted",
+        verifier="llm-best",
+        judge="scripted",
+        k=4,
+        temperatures=[1.2, 0.7, 1.2, 0.9],
+        max_steps=1,
+    )
+    _, explored = asyncio.run(
+        run_explore(
+            config, policy=policy, judge=ScriptedChatModel(lambda m: '{"best": 2}'), progress=False
+        )
+    )
+    (entry,) = list(explored)[0].metadata["exploration"]
+    candidates = entry["candidates"]
+    assert [c["temperature"] for c in candidates] == [1.2, 0.7, 1.2, 0.9]
+    assert [c["step"]["action"]["answer"] for c in candidates] == [
+        "t=1.2",
+        "t=0.7",
+        "t=1.2",
+        "t=0.9",
+    ]
+    # One request per temperature, with n = that temperature's count.
+    assert [(c["n"], c["sampling"].temperature) for c in policy.calls] == [
+        (2, 1.2),
+        (1, 0.7),
+        (1, 0.9),
+    ]
+    assert list(explored)[0].final_answer == "t=0.7"
+
+
 def test_gold_checks_arguments_where_a_gold_step_has_no_output_to_compare(
     tmp_path: Path,
 ) -> None:

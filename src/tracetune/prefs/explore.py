@@ -174,8 +174,10 @@ class Explorer:
         for t in config.schedule():
             groups[t] = groups.get(t, 0) + 1
         messages = episode.messages()
-        out: list[tuple[str, float, Any]] = []
+        drawn: dict[float, list[tuple[str, float, Any]]] = {}
         for g, (temperature, count) in enumerate(groups.items()):
+            out: list[tuple[str, float, Any]] = []
+            drawn[temperature] = out
             texts: list[str] = []
             attempt = 0
             # Endpoints that ignore n (some servers answer one choice) are asked again, one
@@ -200,7 +202,9 @@ class Explorer:
                     f"{self.agent.model.spec} returned {len(texts)} completions where {count} "
                     "were asked for"
                 )
-        return out
+        # One request per temperature, but candidates in the schedule's order: ties are
+        # broken by candidate index, and `temperatures` names each candidate's own.
+        return [drawn[t].pop(0) for t in config.schedule()]
 
     async def explore(
         self, task: Task, source: AssetStore, assets: AssetStore, record_id: str
