@@ -562,3 +562,27 @@ def test_trajectory_verifier_checks_gold_answers_exactly(tmp_path: Path) -> None
     }
     assert verdicts["traj-35.00"].judge == "gold" and not verdicts["traj-35.00"].passed
     assert verdicts["traj-None"].judge == "rules"
+
+
+def test_query_file_verdict_needs_all_three_checks_to_pass(tmp_path: Path) -> None:
+    from tracetune.judge.query_files import verify_task
+    from tracetune.store import AssetStore
+    from tracetune.testing.scripted import ScriptedChatModel
+
+    assets = AssetStore(tmp_path)
+    task = Task(
+        id="t",
+        query="What is the total?",
+        files=[assets.put_file(BUNDLED_POOL_IMAGES / "receipt.png")],
+        tools=["ocr"],
+    )
+
+    def judged(**fields: str) -> Verdict:
+        answer = {"thought": "Looks fine.", "correct": "yes", "updated_query": "", **fields}
+        model = ScriptedChatModel([json.dumps(answer)])
+        return asyncio.run(verify_task(task, task.query, assets, model, verdict_id="v"))
+
+    assert judged(relevant="yes", useful="yes", obtainable="yes").passed
+    inconsistent = judged(relevant="no", useful="yes", obtainable="yes")
+    assert not inconsistent.passed and inconsistent.details["relevant"] is False
+    assert inconsistent.reasons == ["Looks fine.", "judged correct, but not relevant"]

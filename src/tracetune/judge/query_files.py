@@ -84,6 +84,13 @@ async def verify_task(
     for field in ("relevant", "useful", "obtainable"):
         if field in answer:
             details[field] = yes(answer[field], field)
+    # The prompt defines "correct" as all three holding; a judge that says "correct" while
+    # answering no to one of them has not passed the task.
+    failed = [f for f in ("relevant", "useful", "obtainable") if details.get(f) is False]
+    reasons = [str(answer.get("thought") or "")]
+    if passed and failed:
+        passed = False
+        reasons.append(f"judged correct, but not {', '.join(failed)}")
     return Verdict(
         id=verdict_id,
         target_id=task.id,
@@ -91,7 +98,7 @@ async def verify_task(
         judge=model.spec,
         passed=passed,
         score=1.0 if passed else 0.0,
-        reasons=[str(answer.get("thought") or "")],
+        reasons=reasons,
         prompt_hash=prompt_hash(PROMPT),
         details=details,
         usage=generation.usage,
