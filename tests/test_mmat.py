@@ -193,6 +193,54 @@ def test_orr_is_derived_from_rr_byte_stably_with_every_thought_and_no_rag(
     assert first.id == "orr-qa-demo" and first.provenance.parent_id == rr.id
 
 
+def test_reflection_judges_see_the_image_and_the_repair_inserts_the_reflection_turns(
+    tmp_path: Path,
+) -> None:
+    from tracetune.engine.reflect import ReflectConfig, run_reflect
+
+    task, assets = _image_task(tmp_path)
+    source: Dataset[Dialogue] = Dataset.create(tmp_path / "rationale", Dialogue)
+    rr = rr_dialogue(task, _rationale(False), ["ocr"], True, Provenance(source="test"))
+    source.write_all([rr], sources=[assets])
+
+    def judge(body: dict[str, Any]) -> str:
+        prompt = _texts(body)[0]
+        if "Repair it" in prompt:
+            return json.dumps(
+                {
+                    "critique": "I gave the difference without the subtraction.",
+                    "derivation": ("TOTAL 36.69 minus Subtotal 33.97 is 36.69 - 33.97 = 2.72."),
+                }
+            )
+        return json.dumps({"flagged": "skips calculation" in prompt, "reason": "r"})
+
+    with ScriptedOpenAIServer(judge) as server:
+        cfg = ReflectConfig(
+            dialogues=tmp_path / "rationale",
+            out=tmp_path / "reflected",
+            judge="openai:judge",
+            backend=ModelOptions(base_url=server.base_url),
+        )
+        result, out = asyncio.run(run_reflect(cfg, progress=False))
+        requests = list(server.requests)
+    assert result.written == 1 and len(requests) == 3  # two checks, one repair
+    # "Would a plain look at the image give this?" needs the image: every call carries it.
+    assert all(len(r.image_urls()) == 1 for r in requests), [r.image_urls() for r in requests]
+    (repaired,) = out.records()
+    roles_texts = [(m.role, m.text) for m in repaired.messages]
+    # ... last results turn, then: the flagged final step now says its reasoning is
+    # insufficient (SIGNAL=reflection), the user asks to reflect, the corrected derivation
+    # ends SIGNAL=end, then the closing question and the short answer.
+    tail = roles_texts[-5:]
+    assert [role for role, _ in tail] == ["assistant", "user", "assistant", "user", "assistant"]
+    assert tail[0][1].endswith("<SIGNAL>reflection</SIGNAL>")
+    assert "The difference is 2.72." in tail[0][1] and "without the subtraction" in tail[0][1]
+    assert tail[1][1] == reflect_turn()
+    assert "36.69 - 33.97 = 2.72" in tail[2][1] and tail[2][1].endswith("<SIGNAL>end</SIGNAL>")
+    assert tail[3][1] == closing_turn(task.query) and tail[4][1] == "2.72"
+    assert parse_rr(repaired).reflected
+
+
 def test_rr_parser_rejects_dialogues_off_the_grammar(tmp_path: Path) -> None:
     task, _ = _image_task(tmp_path)
     rr = rr_dialogue(task, _rationale(False), ["ocr"], True, Provenance(source="test"))

@@ -2,10 +2,17 @@
 
 (a) ``unsupported``: read without its final answer, does the trace claim a conclusion the
 tool outputs and the image do not support? (b) ``math``: does it state computed numbers
-without the calculation? Flagged rationales are repaired, not dropped: a model writes a
-critique (appended to the final step, whose signal becomes ``reflection``) and a corrected
-derivation (a new step ending ``SIGNAL=end``). Every judgement is kept as a ``Verdict`` in
-``OUT/verdicts``; flagged counts per check are in ``OUT/stats.json``.
+without the calculation? The judge and the repairer see the task's images with the trace.
+
+Flagged rationales are repaired, not dropped: a model writes a critique and a corrected
+derivation. In RR the flagged final step becomes the assistant turn that says the reasoning
+is insufficient (its thought, then the critique; ``SIGNAL=reflection``), a user turn asks to
+reflect, and the derivation follows as an assistant turn ending ``SIGNAL=end``, before the
+closing question. The critique joins the final step rather than getting a turn of its own
+because turns alternate and a step signalled ``end`` is followed by the closing question:
+a separate turn would need an invented empty "no results" exchange in between. Every
+judgement is kept as a ``Verdict`` in ``OUT/verdicts``; flagged counts per check are in
+``OUT/stats.json``.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from tracetune.models.base import ChatModel, Sampling, text_message
 from tracetune.prompts import render
 from tracetune.runner import Budget, Drop, StageResult, run_stage
 from tracetune.schema import Dialogue, Provenance, Verdict
-from tracetune.store import Dataset
+from tracetune.store import AssetStore, Dataset
 
 STAGE = "mmat-reflect"
 Check = Literal["unsupported", "math"]
@@ -94,14 +101,25 @@ class Reflector:
         judge: ChatModel,
         repairer: ChatModel,
         verdicts: Dataset[Verdict],
+        source: AssetStore | None = None,
     ) -> None:
         self.options = options
         self.judge = judge
         self.repairer = repairer
         self.verdicts = verdicts.writer(chunk_size=16)
+        self.source = source
 
-    async def _json(self, model: ChatModel, prompt: str) -> dict[str, object]:
-        messages = [text_message("user", prompt)]
+    def _images(self, dialogue: Dialogue) -> list[str]:
+        """The task's image files: "unsupported" asks whether a plain look at the image gives
+        a claim, and the repair derives from the image, so neither can work from text alone."""
+        if self.source is None:
+            return []
+        return [str(self.source.path(ref)) for ref in dialogue.task.images]
+
+    async def _json(
+        self, model: ChatModel, prompt: str, images: list[str] | None = None
+    ) -> dict[str, object]:
+        messages = [text_message("user", prompt, images)]
         last = ""
         for attempt in range(self.options.max_tries):
             sampling = Sampling(
@@ -124,10 +142,13 @@ class Reflector:
         if rationale.reflection is not None:  # already repaired upstream
             return dialogue.model_copy(update={"metadata": {**meta, "stage": "reflect"}})
         trace = trace_text(rationale)
+        images = self._images(dialogue)
         results: dict[str, dict[str, object]] = {}
         for check in self.options.checks:
             reply = await self._json(
-                self.judge, render(_TEMPLATES[check], question=rationale.question, trace=trace)
+                self.judge,
+                render(_TEMPLATES[check], question=rationale.question, trace=trace),
+                images,
             )
             results[check] = {
                 "flagged": _flag(reply.get("flagged")),
@@ -184,7 +205,7 @@ class Reflector:
             answer=reference_text(task) if task.gold else rationale.answer,
             reasons=reasons,
         )
-        reply = await self._json(self.repairer, prompt)
+        reply = await self._json(self.repairer, prompt, self._images(dialogue))
         critique = strip_markers(str(reply.get("critique", "")))
         derivation = strip_markers(str(reply.get("derivation", "")))
         if not critique or not derivation:
@@ -222,7 +243,7 @@ async def run_reflect(
         repair_model = load_metered(
             config.repairer or config.judge, config.backend, out, STAGE, repairer
         )
-    reflector = Reflector(config, judge_model, repair_model, verdicts)
+    reflector = Reflector(config, judge_model, repair_model, verdicts, source.assets)
     try:
         result = await run_stage(
             STAGE,
