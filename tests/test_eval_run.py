@@ -221,6 +221,50 @@ def test_gta_rerun_refuses_changed_data_or_budgets_and_resumes_a_moved_folder(
         assert server.calls == calls
 
 
+def test_backend_outage_is_retried_on_rerun_not_scored_as_wrong(tmp_path: Path) -> None:
+    notes: list[str] = []
+    with ScriptedOpenAIServer(gta_gold_replay, failures=[503, 503]) as server:
+        config = EvalRunConfig(
+            bench="gta",
+            model="openai:m",
+            out=tmp_path / "run",
+            data=GTA,
+            mode="step",
+            embedder="packaged",
+            limit=1,
+            concurrency=1,
+            backend=ModelOptions(base_url=server.base_url, max_retries=0),
+        )
+        first = _run(config, notes)
+        # the two turns the endpoint refused are failed items, not error predictions
+        assert first["run"]["failed"] == 2 and first["run"]["trajectories"] == 1
+        assert any("rerun the same command" in n for n in notes)
+        assert first["reports"]["gta/step/official"]["metrics"]["tool_acc"] == 0.0
+        again = _run(config)
+    assert again["run"]["failed"] == 0 and again["run"]["written"] == 2
+    official = again["reports"]["gta/step/official"]["metrics"]
+    assert official["tool_acc"] == official["inst_align"] == 100.0
+    episodes = Dataset.open(tmp_path / "run" / "trajectories", Trajectory).records()
+    assert sorted(t.metadata["turn"] for t in episodes) == [0, 1, 2]
+    # the same for agent episodes (GAIA): the refused episode is asked again
+    with ScriptedOpenAIServer(
+        lambda body: _action("final_answer", {"answer": "37"}), failures=[503]
+    ) as server:
+        gaia = EvalRunConfig(
+            bench="gaia",
+            model="openai:m",
+            out=tmp_path / "gaia",
+            data=GAIA / "metadata.jsonl",
+            tools=["inspect_file"],
+            limit=1,
+            backend=ModelOptions(base_url=server.base_url, max_retries=0),
+        )
+        assert _run(gaia)["run"]["failed"] == 1
+        rerun = _run(gaia)
+    assert rerun["run"]["written"] == 1 and rerun["reports"]["gaia"]["n_items"] == 1
+    assert len(Dataset.open(tmp_path / "gaia" / "trajectories", Trajectory)) == 1
+
+
 def test_gta_step_unparseable_and_unknown_tools_are_errors(tmp_path: Path) -> None:
     def bad(body: dict[str, Any]) -> str:
         turn = sum(1 for m in body["messages"] if m["role"] == "assistant")

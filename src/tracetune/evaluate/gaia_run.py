@@ -25,6 +25,7 @@ from tracetune.evaluate.runs import (
     EvalRunError,
     Notify,
     RunContext,
+    check_backend,
     stable_id,
     trajectories_by,
     write_jsonl,
@@ -134,7 +135,7 @@ async def run_gaia(
         return stable_id("gaia", task.id, controller.spec, config.action_format)
 
     async def process(task: Task) -> Trajectory:
-        trajectory = await agent.run(task, out.assets, out.assets, key(task))
+        trajectory = check_backend(await agent.run(task, out.assets, out.assets, key(task)))
         trajectory.metadata.update(
             {
                 "bench": "gaia",

@@ -46,10 +46,12 @@ from tracetune.evaluate.gta_tools import (
     toolset_status,
 )
 from tracetune.evaluate.runs import (
+    EpisodeBackendError,
     EvalRunConfig,
     EvalRunError,
     Notify,
     RunContext,
+    check_backend,
     stable_id,
     trajectories_by,
     write_json,
@@ -69,7 +71,6 @@ from tracetune.schema import (
     Task,
     ToolCall,
     Trajectory,
-    Usage,
 )
 from tracetune.store import AssetStore
 
@@ -395,16 +396,14 @@ async def _run_steps(
         messages += gold_history(query, turn, fmt, out.assets.path, task)
         if final_turn:
             _append_text(messages[-1], final_text)
-        generation_error = None
         try:
             generation = await controller.generate(messages, n=1, sampling=sampling)
-            raw, usage, latency = generation.text, generation.usage, generation.latency_s
         except BackendError as exc:
-            raw, usage, latency, generation_error = "", Usage(), 0.0, str(exc)
+            # Not a wrong prediction: the runner records the turn as failed, and a rerun
+            # asks again.
+            raise EpisodeBackendError(f"{task.id} turn {turn}: {exc}") from exc
+        raw, usage, latency = generation.text, generation.usage, generation.latency_s
         prediction, step = step_prediction(raw, fmt, {t.name for t in tools}, final_turn)
-        if generation_error is not None:
-            step.error = StepError(kind=ErrorKind.BACKEND, message=generation_error)
-            prediction = {"role": "assistant", "content": "", "error": generation_error}
         step.usage, step.latency_s = usage, latency
         return Trajectory(
             id=key(item),
@@ -414,7 +413,7 @@ async def _run_steps(
             tools=[t.name for t in tools],
             steps=[step],
             final_answer=step.action.answer if step.action and step.action.answer else None,
-            status="failed" if generation_error else "completed",
+            status="completed",
             usage=usage,
             prompt_hash=fmt.prompt_hash,
             sampling=sampling.to_dict(),
@@ -481,7 +480,7 @@ async def _run_e2e(
             tool_options=copy.deepcopy(config.tool_options),
             tool_model=ctx.tool_model,
         )
-        trajectory = await agent.run(tasks[qid], out.assets, out.assets, key(qid))
+        trajectory = check_backend(await agent.run(tasks[qid], out.assets, out.assets, key(qid)))
         dialog = trajectory_dialog(trajectory)
         trajectory.metadata.update(
             {"bench": "gta", "mode": "e2e", "gta_id": qid, "prediction": dialog}

@@ -27,6 +27,7 @@ from tracetune.evaluate.runs import (
     EvalRunError,
     Notify,
     RunContext,
+    check_backend,
     stable_id,
     write_jsonl,
 )
@@ -225,7 +226,7 @@ async def run_programs(
 
     async def process(task: Task) -> Trajectory:
         agent = agent_for(task_options(task, config.tool_options))
-        trajectory = await agent.run(task, source, out.assets, key(task))
+        trajectory = check_backend(await agent.run(task, source, out.assets, key(task)))
         trajectory.metadata.update(
             {"bench": "programs", "task_id": task.id, "family": task.metadata.get("family")}
         )

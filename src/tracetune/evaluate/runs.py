@@ -41,6 +41,22 @@ class EvalRunError(ValueError):
     """A run cannot start as configured; the message says what to change."""
 
 
+class EpisodeBackendError(RuntimeError):
+    """The controller's backend failed for good on an item (after its retries).
+
+    Raised from an item's processing so that the stage runner records the item as failed
+    and retries it on the next run: an outage must not become a wrong answer on disk.
+    """
+
+
+def check_backend(trajectory: Trajectory) -> Trajectory:
+    """``trajectory``, unless the agent loop stopped it on a backend error."""
+    if trajectory.status == "failed":
+        why = trajectory.metadata.get("error") or "the backend failed"
+        raise EpisodeBackendError(f"{trajectory.task.id}: {why}")
+    return trajectory
+
+
 class EvalRunConfig(BaseModel):
     """Configuration of ``tracetune eval run`` (YAML keys are these field names)."""
 
@@ -276,6 +292,11 @@ class RunContext:
             },
             **(extra or {}),
         }
+        if result.failed:
+            self.notify(
+                f"{result.failed} item(s) failed at the backend and count as missing "
+                "predictions; rerun the same command to retry them"
+            )
         write_json(self.root / "metrics.json", metrics)
         records: list[EvalRecord] = []
         for report in reports.values():
