@@ -586,3 +586,31 @@ def test_query_file_verdict_needs_all_three_checks_to_pass(tmp_path: Path) -> No
     inconsistent = judged(relevant="no", useful="yes", obtainable="yes")
     assert not inconsistent.passed and inconsistent.details["relevant"] is False
     assert inconsistent.reasons == ["Looks fine.", "judged correct, but not relevant"]
+
+
+def test_stats_table_keeps_stage_names_whole_on_an_80_column_terminal() -> None:
+    from rich.console import Console
+
+    from tracetune.runner.stats import StageStats, stats_table
+    from tracetune.schema import Usage
+
+    names = ["queries.generate", "queries.filter", "files", "verify_tasks", "verify_trajectories"]
+    rows = [
+        StageStats(
+            stage=n,
+            directory="d",
+            done=1834,
+            dropped=166,
+            records=1834,
+            usage=Usage(prompt_tokens=1_000_000, completion_tokens=234_567, cost_usd=12.3456),
+        )
+        for n in names
+    ]
+    console = Console(width=80, record=True)
+    console.print(stats_table(rows, title="runs/mtrace"))
+    text = console.export_text()
+    assert "…" not in text
+    lines = text.splitlines()
+    for name in names:
+        (line,) = [ln for ln in lines if ln.startswith(name + " ")]
+        assert "1834 (92%)" in line and "1,234,567" in line and "$12.3456" in line

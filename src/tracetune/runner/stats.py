@@ -94,10 +94,24 @@ def stage_stats(root: str | os.PathLike[str]) -> list[StageStats]:
 
 def stats_table(rows: list[StageStats], title: str | None = None) -> Any:
     """A rich table of ``rows``: items, kept, dropped (with reasons), failed, tokens, cost."""
-    from rich.table import Table
+    from rich.table import Column, Table
 
+    # Cells never wrap (a stats row split over two lines is hard to read), and the table is
+    # drawn without borders or double padding so that it fits 80 columns at
+    # realistic counts; what still does not fit is cut at the numbers' end, never the
+    # stage names, which are what tells the rows apart.
     table = Table(
-        "stage", "items", "kept", "dropped", "failed", "records", "tokens", "cost", title=title
+        Column("stage", no_wrap=True, min_width=max((len(r.stage) for r in rows), default=5)),
+        *(
+            Column(h, no_wrap=True, justify="right")
+            for h in ("items", "kept", "dropped", "failed", "records", "tokens", "cost")
+        ),
+        title=title,
+        box=None,
+        show_edge=False,
+        pad_edge=False,
+        padding=(0, 1),
+        collapse_padding=True,
     )
     for r in rows:
         table.add_row(
