@@ -95,6 +95,32 @@ def test_step_grammar_round_trips_and_rejects_malformed_steps() -> None:
         parse_step("Sure.\n<thought>look</thought>", strict=False)
 
 
+def test_step_parser_rejects_two_steps_in_one_turn_and_reads_loose_model_output() -> None:
+    # Strict (training data): the lazy fields must not swallow a second step or a stray tag.
+    for bad, field in (
+        (
+            "<THOUGHT>a</THOUGHT><SIGNAL>end</SIGNAL><THOUGHT>b</THOUGHT><SIGNAL>continue</SIGNAL>",
+            "thought",
+        ),
+        ("<THOUGHT>a <THOUGHT>b</THOUGHT><SIGNAL>end</SIGNAL>", "thought"),
+        ("<THOUGHT>a</THOUGHT><RAG>q <SIGNAL>end</SIGNAL></RAG><SIGNAL>end</SIGNAL>", "rag"),
+    ):
+        with pytest.raises(GrammarError, match=f"inside the {field} field"):
+            parse_step(bad)
+    # Loose (a tuned model's reply): the first step, fields in either order, ';' separators.
+    two = "<THOUGHT>a</THOUGHT><SIGNAL>end</SIGNAL><THOUGHT>b</THOUGHT><SIGNAL>continue</SIGNAL>"
+    assert (parse_step(two, strict=False).thought, parse_step(two, strict=False).signal) == (
+        "a",
+        "end",
+    )
+    swapped = parse_step(
+        "<THOUGHT>t</THOUGHT><RAG>reef</RAG><OPERATOR>ocr; face_detection</OPERATOR>"
+        "<SIGNAL>continue</SIGNAL>",
+        strict=False,
+    )
+    assert (swapped.operators, swapped.rag) == (["ocr", "face_detection"], "reef")
+
+
 def test_teacher_steps_are_parsed_from_json_with_clear_errors() -> None:
     step = parse_teacher_step(
         '```json\n{"thought": "t", "operators": ["ocr", {"name": "x"}], '

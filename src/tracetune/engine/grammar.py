@@ -92,24 +92,58 @@ def render_step(thought: str, operators: list[str], rag: str | None, signal: Sig
 
 def parse_step(text: str, strict: bool = True) -> ParsedStep:
     """Parse an RR assistant step. ``strict=False`` (for model outputs at inference) allows
-    text around the step, lower-case tags and a missing signal after a final thought."""
-    match = _STEP.fullmatch(text) if strict else _STEP.search(_upper_tags(text))
+    text around the step, lower-case tags, ``<OPERATOR>``/``<RAG>`` in either order and
+    operators separated by semicolons; the first step of the text is taken."""
+    if not strict:
+        return _parse_step_loose(text)
+    match = _STEP.fullmatch(text)
     if match is None:
-        if not strict:
-            loose = re.search(r"<THOUGHT>(.*?)(?:</THOUGHT>|$)", _upper_tags(text), re.DOTALL)
-            if loose and "<SIGNAL>" not in _upper_tags(text):
-                raise GrammarError("the step has a <THOUGHT> but no <SIGNAL>...</SIGNAL>")
         raise GrammarError(
             "expected <THOUGHT>...</THOUGHT>, optional <OPERATOR>...</OPERATOR> and "
             "<RAG>...</RAG>, then <SIGNAL>continue|reflection|end</SIGNAL>"
         )
-    signal = match.group("signal").lower()
+    for name in ("thought", "operators", "rag"):
+        # The lazy groups would otherwise swallow a second step, or a stray tag, whole.
+        found = _MARKERS.search(match.group(name) or "")
+        if found is not None:
+            raise GrammarError(
+                f"a grammar tag {found.group(0)} inside the {name} field; one step per turn, "
+                "each tag once"
+            )
+    return _step(
+        match.group("thought"), match.group("operators"), match.group("rag"), match.group("signal")
+    )
+
+
+def _parse_step_loose(text: str) -> ParsedStep:
+    text = _upper_tags(text)
+    thought = re.search(r"<THOUGHT>(.*?)</THOUGHT>", text, re.DOTALL)
+    if thought is None:
+        raise GrammarError(
+            "expected <THOUGHT>...</THOUGHT>, optional <OPERATOR>...</OPERATOR> and "
+            "<RAG>...</RAG>, then <SIGNAL>continue|reflection|end</SIGNAL>"
+        )
+    rest = text[thought.end() :]
+    signal = re.search(r"<SIGNAL>\s*([a-zA-Z_]+)\s*</SIGNAL>", rest)
+    if signal is None:
+        raise GrammarError("the step has a <THOUGHT> but no <SIGNAL>...</SIGNAL>")
+    between = rest[: signal.start()]
+    ops = re.search(r"<OPERATOR>(.*?)</OPERATOR>", between, re.DOTALL)
+    rag = re.search(r"<RAG>(.*?)</RAG>", between, re.DOTALL)
+    return _step(
+        strip_markers(thought.group(1)),
+        strip_markers(ops.group(1)) if ops else None,
+        strip_markers(rag.group(1)) if rag else None,
+        signal.group(1),
+    )
+
+
+def _step(thought: str, ops_text: str | None, rag: str | None, signal: str) -> ParsedStep:
+    signal = signal.lower()
     if signal not in SIGNALS:
         raise GrammarError(f"unknown signal {signal!r}; use continue, reflection or end")
-    ops_text = match.group("operators") or ""
-    operators = [o.strip() for o in re.split(r"[,\n]", ops_text) if o.strip()]
-    rag = (match.group("rag") or "").strip() or None
-    return ParsedStep(match.group("thought").strip(), operators, rag, signal)  # type: ignore[arg-type]
+    operators = [o.strip() for o in re.split(r"[,;\n]", ops_text or "") if o.strip()]
+    return ParsedStep(thought.strip(), operators, (rag or "").strip() or None, signal)  # type: ignore[arg-type]
 
 
 def _upper_tags(text: str) -> str:
