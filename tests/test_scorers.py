@@ -346,6 +346,12 @@ def test_gta_bad_gold_and_missing_mode_are_reported(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--mode step" in result.output
     result = invoke("gaia --gold x --predictions y --mode step")
     assert result.exit_code == 2 and "gta only" in result.output
+    # GAIA's JSON lines given as GTA's gold: the error says what the file looks like
+    result = invoke(
+        f"gta --gold {GAIA / 'metadata.jsonl'} --predictions "
+        f"{GTA / 'predictions_step.jsonl'} --mode step"
+    )
+    assert result.exit_code == 2 and squash("looks like JSON lines") in squash(result.output)
 
 
 def test_gta_null_error_is_no_error_and_empty_tool_calls_is_an_answer(tmp_path: Path) -> None:

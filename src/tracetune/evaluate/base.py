@@ -89,8 +89,11 @@ def read_json(path: str | Path, what: str) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
+        hint = ""
+        if exc.msg == "Extra data":  # one object per line: a JSON-lines file given for JSON
+            hint = f"; {what} is one JSON document, and this looks like JSON lines"
         raise ScoringInputError(
-            f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+            f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}){hint}"
         ) from exc
 
 
