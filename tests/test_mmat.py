@@ -590,6 +590,27 @@ def test_ingest_drops_image_placeholders_so_exports_count_one_marker_per_image(
     assert markers == len(row["images"]) == 1
 
 
+def test_ingest_reads_base64_images_from_a_benchmark_tsv(tmp_path: Path) -> None:
+    import base64
+
+    # VLMEvalKit's benchmark TSVs carry each image as bare base64 text in the image column.
+    good = base64.b64encode(RECEIPT_IMAGE.read_bytes()).decode()
+    tsv = tmp_path / "bench.tsv"
+    tsv.write_text(
+        "index\timage\tquestion\tanswer\n"
+        f"7\t{good}\tWhat is the total?\t36.69\n"
+        f"8\t{'QUJD' * 100}\tWhat is this?\tcat\n"  # base64 of text, not of an image
+    )
+    cols = {"id": "index"}
+    result, tasks = asyncio.run(
+        run_ingest(IngestConfig(source=tsv, out=tmp_path / "t", columns=cols), False)
+    )
+    assert (result.written, result.drop_reasons) == (1, {"broken_image": 1})
+    (task,) = tasks.records()
+    assert tasks.assets.read_bytes(task.files[0]) == RECEIPT_IMAGE.read_bytes()
+    assert task.metadata["item_id"] == "7"
+
+
 def test_ingest_reports_and_skips_broken_and_missing_images_via_cli(tmp_path: Path) -> None:
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"this is not a png")

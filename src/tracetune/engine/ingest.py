@@ -3,16 +3,17 @@
 Reads a Hugging Face dataset directory (``save_to_disk`` output, or a folder of Parquet/JSONL
 files such as a hub snapshot), a Parquet file, a JSONL file or a CSV file. A column mapping
 names the image, question, answer and optional choices and id columns. Images may be paths
-(relative to ``images_root`` or the file's folder), raw bytes, ``data:`` URLs, Hugging Face
-image structs (``{"bytes", "path"}``) or decoded images, one or a list per row.
+(relative to ``images_root`` or the file's folder), raw bytes, ``data:`` URLs, bare base64
+text (as in VLMEvalKit's TSVs), Hugging Face image structs (``{"bytes", "path"}``) or decoded
+images, one or a list per row.
 
 Normalization: stable ids (from the id column, else from the row's content), images stored
 once in the asset store, ``<image>`` placeholders removed from the question text, and, for
 short answers, an answer-style constraint appended to the question (option letter, number,
-yes/no, word or phrase). Answers are kept as given, except
-that a multiple-choice answer given as the option's text becomes its letter (the original
-is kept as an alias and in the metadata). Rows whose image is missing or unreadable are
-dropped with the reason ``missing_image`` / ``broken_image`` and listed in ``stats.json``.
+yes/no, word or phrase). Answers are kept as given, except that a multiple-choice answer
+given as the option's text becomes its letter (the original is kept as an alias and in the
+metadata). Rows whose image is missing or unreadable are dropped with the reason
+``missing_image`` / ``broken_image`` and listed in ``stats.json``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ STAGE = "mmat-ingest"
 STYLE_PROMPT = "mmat/answer_style.jinja"
 SourceFormat = Literal["auto", "hf", "parquet", "jsonl", "csv"]
 _NUMBER = re.compile(r"^[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?%?$")
+_BASE64 = re.compile(r"[A-Za-z0-9+/=\s]+")
 _HAS_STYLE = re.compile(
     r"\banswer (?:with|using|in) (?:a|one|the|only|just)\b|\banswer the question using\b",
     re.IGNORECASE,
@@ -314,6 +316,12 @@ def image_bytes(value: Any, base: Path) -> tuple[bytes, str | None]:
                 return base64.b64decode(text.split(",", 1)[1]), None
             except (IndexError, ValueError) as exc:
                 raise BadImage("broken_image", f"bad data URL: {exc}") from None
+        if len(text) > 256 and _BASE64.fullmatch(text):
+            # Bytes in a text column (VLMEvalKit's benchmark TSVs): bare base64, no data: URL.
+            try:
+                return base64.b64decode(text, validate=False), None
+            except ValueError as exc:
+                raise BadImage("broken_image", f"bad base64 image: {exc}") from None
         path = Path(text).expanduser()
         path = path if path.is_absolute() else base / path
         if not path.is_file():
