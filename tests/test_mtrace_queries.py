@@ -247,3 +247,80 @@ def test_seed_file_errors_name_the_fix(tmp_path: Path) -> None:
     said = " ".join(result.output.split())
     assert result.exit_code == 2 and f"benchmark file {bench} is not valid JSON" in said
     assert not (tmp_path / "r3").exists()
+
+
+def test_filter_interrupted_anywhere_and_resumed_keeps_the_same_queries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Near-duplicate and quota decisions depend on what was kept before: a filter run that
+    crashes after any number of items and is rerun must keep exactly what one run keeps."""
+    import asyncio
+    import shutil
+
+    from tracetune.store import RunState
+    from tracetune.synth.mtrace import SynthConfig
+    from tracetune.synth.mtrace import queries as queries_mod
+
+    plan: list[object] = [
+        [
+            _q("Read the total on the receipt in the photo.", ["ocr"]),
+            _q("Count the red circles in the drawing.", ["visual_qa"]),
+            _q("Read the total on the receipt in this photo!", ["ocr"]),  # near-duplicate
+        ],
+        [
+            _q("What does the street sign in the photo forbid?", ["ocr"]),
+            _q("Count the red circles in this drawing.", ["visual_qa"]),  # near-duplicate
+            _q("Which item on the cafe menu board costs the most?", ["ocr"]),  # ocr quota
+        ],
+        [
+            _q("What colour are the squares in this picture?", ["visual_qa"]),
+            _q("Is the astronaut in the portrait smiling?", ["visual_qa"]),  # visual_qa quota
+        ],
+    ]
+    code, output, run = _queries(
+        tmp_path / "ref", plan, "--embedder", "hashing", "--tool-quota", "2"
+    )
+    assert code == 0, output
+    config = SynthConfig(
+        out=run,
+        embedder="hashing",
+        queries={  # type: ignore[arg-type]
+            "seeds": tmp_path / "ref" / "seeds.jsonl",
+            "tools": ["ocr", "visual_qa", "inspect_file", "calculator", "face_detection"],
+            "tool_quota": 2,
+        },
+    )
+
+    def outcome(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
+        kept = sorted(t.id for t in Dataset.open(root / "queries", Task))
+        state = RunState(root / "queries" / "state.sqlite")
+        drops = sorted(
+            (k, str(i["reason"])) for k, s, i in state.items("queries.filter") if s == "dropped"
+        )
+        state.close()
+        return kept, drops
+
+    reference = outcome(run)
+    assert len(reference[0]) == 4 and len(reference[1]) == 4
+    real = queries_mod.max_similarity
+    for crash_at in range(1, 9):
+        trial = tmp_path / f"crash{crash_at}"
+        trial.mkdir()
+        shutil.copytree(run / "candidates", trial / "candidates")
+        calls = {"n": 0}
+
+        def crashing(*args: object, _at: int = crash_at, calls: dict[str, int] = calls) -> object:
+            calls["n"] += 1
+            if calls["n"] == _at * 3:  # three similarity checks per candidate
+                raise KeyboardInterrupt  # a crash: not an item failure the runner catches
+            return real(*args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(queries_mod, "max_similarity", crashing)
+        cfg = config.model_copy(update={"out": trial})
+        with pytest.raises(KeyboardInterrupt):
+            asyncio.run(queries_mod.filter_queries(cfg, progress=False))
+        kept_before, drops_before = outcome(trial)
+        assert len(kept_before) + len(drops_before) == crash_at - 1  # a prefix was decided
+        monkeypatch.setattr(queries_mod, "max_similarity", real)
+        asyncio.run(queries_mod.filter_queries(cfg, progress=False))
+        assert outcome(trial) == reference, crash_at
