@@ -590,6 +590,35 @@ def test_ingest_drops_image_placeholders_so_exports_count_one_marker_per_image(
     assert markers == len(row["images"]) == 1
 
 
+def test_ingest_takes_the_consensus_of_vqav2_style_answer_lists(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    humans = ["2", "two", "2", "3", "2"]
+    source = tmp_path / "vqav2.parquet"
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {
+                    "image": str(RECEIPT_IMAGE),
+                    "question": "How many bananas?",
+                    "answers": [{"answer": a, "answer_confidence": "yes"} for a in humans],
+                }
+            ]
+        ),
+        source,
+    )
+    _, tasks = asyncio.run(
+        run_ingest(
+            IngestConfig(source=source, out=tmp_path / "t", columns={"answer": "answers"}), False
+        )
+    )
+    (task,) = tasks.records()
+    # The most frequent human answer is the reference; the rest stay as aliases.
+    assert (task.gold.value, task.gold.aliases) == ("2", ["two", "3"])  # type: ignore[union-attr]
+    assert task.query.endswith("Answer the question using a single number.")
+
+
 def test_ingest_reads_base64_images_from_a_benchmark_tsv(tmp_path: Path) -> None:
     import base64
 

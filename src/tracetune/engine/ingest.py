@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import re
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -273,6 +274,21 @@ def answer_style(answer: str, choices: list[str], max_words: int) -> str | None:
     return None
 
 
+def answer_values(value: Any) -> list[str]:
+    """A row's distinct reference answers, the most frequent first. VQAv2-style rows carry
+    ten human answers, as strings or ``{"answer": ...}`` records; the consensus answer is
+    the reference and the others stay as aliases."""
+    items = value if isinstance(value, list | tuple) else [value]
+    texts = []
+    for item in items:
+        if isinstance(item, dict):
+            item = item.get("answer", item.get("text"))
+        if item is not None and str(item).strip():
+            texts.append(str(item).strip())
+    counts = Counter(texts)
+    return sorted(dict.fromkeys(texts), key=lambda text: -counts[text])  # stable on ties
+
+
 def _image_values(value: Any) -> list[Any]:
     if value is None or (isinstance(value, str) and not value.strip()):
         return []
@@ -387,12 +403,7 @@ class Ingester:
             question = strip_image_markers(question)
         if not isinstance(question, str) or not question.strip():
             return Drop("no_question", {"row": index, "column": self.cols.question})
-        answers = (
-            [str(a) for a in answer]
-            if isinstance(answer, list)
-            else ([] if answer is None else [str(answer)])
-        )
-        answers = [a.strip() for a in answers if str(a).strip()]
+        answers = answer_values(answer)
         if not answers:
             return Drop("no_answer", {"row": index, "column": self.cols.answer})
         values = _image_values(_column(row, self.cols.image))
