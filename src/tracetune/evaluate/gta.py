@@ -58,7 +58,8 @@ on an accident; every such choice is listed here:
 - Step mode: GTA stops at the shorter of the predicted and gold turn lists; here a missing
   predicted turn (or a query with no prediction line) counts as wrong and every gold tool turn
   stays in the denominators. More predicted than gold turns is an input error.
-- A category with no gold calls has recall and F1 0 (GTA divides by zero).
+- A category with no gold calls gets no precision, recall or F1 (GTA divides by zero);
+  ``details.categories_without_gold_calls`` names it.
 - Cosine similarities are computed in float64 from each text's own embedding.
 """
 
@@ -466,12 +467,13 @@ class GTAScorer:
             hits = _total(items, f"{p}_hit")
             predicted = _total(items, f"{p}_pred")
             gold_calls = _total(items, f"{p}_gold")
-            precision = hits / (predicted + _F1_EPS)
-            if gold_calls:
-                recall = hits / gold_calls
-            else:
-                recall = 0.0
+            if not gold_calls:
+                # Recall (and F1) are undefined; a 0 would read as a failure, e.g. on the
+                # runnable subset when every creativity query needs a tool missing here.
                 no_gold.append(category)
+                continue
+            precision = hits / (predicted + _F1_EPS)
+            recall = hits / gold_calls
             f1 = 2 * precision * recall / (precision + recall + _F1_EPS)
             metrics[f"{p}_f1"] = 100.0 * f1
             metrics[f"{p}_precision"] = 100.0 * precision
