@@ -239,6 +239,60 @@ def test_branches_of_one_task_run_one_at_a_time_even_when_started_together(
     assert asyncio.run(main()) == ["['a.txt']", "['b.txt']", "['c.txt']", "a"]
 
 
+def test_branch_snapshots_link_files_a_branch_left_alone_and_copy_what_it_changed(
+    tmp_path: Path,
+) -> None:
+    """Hundreds of branches per task must not copy its files each time: an unchanged file
+    is one inode across snapshots; one rewritten in place (same size) is the branch's own."""
+    import os
+
+    from tracetune.agent.loop import Agent
+    from tracetune.prefs.base import (
+        _SNAPSHOTS,
+        apply_step,
+        close_branch,
+        fork_episode,
+        track_files,
+    )
+    from tracetune.tools import load_tools
+
+    store = Dataset.create(tmp_path / "tasks", Task)
+    Image.new("RGB", (64, 64), "green").save(tmp_path / "photo.png")
+    photo = store.assets.put_file(tmp_path / "photo.png", name="photo.png")
+    task = Task(id="files", query="Edit the notes.", tools=["calculator"], files=[photo])
+    read = code("print(open('notes.txt').read())")
+
+    async def main() -> None:
+        agent = Agent(ScriptedChatModel(["unused"]), load_tools(["calculator"]), "code")
+        root = await agent.start(task, store.assets, store.assets)
+        workspace = track_files(root)
+        await apply_step(root, code("open('notes.txt', 'w').write('aaaa')\nprint('ok')"))
+        edits, keeps = [await fork_episode(root) for _ in range(2)]
+        try:
+            edit = code("open('notes.txt', 'w').write('bbbb')\nprint('ok')")
+            seen = [(await apply_step(edits, edit)).observation.text]
+            seen += [(await apply_step(b, read)).observation.text for b in (keeps, edits)]
+            assert seen == ["ok", "aaaa", "bbbb"]
+            first, changed, untouched = (_SNAPSHOTS[e][1] for e in (root, edits, keeps))
+            ino = {
+                (s, n): os.stat(s / n).st_ino
+                for s in (first, changed, untouched)
+                for n in ("notes.txt", "photo.png")
+            }
+            assert len({ino[s, "photo.png"] for s in (first, changed, untouched)}) == 1
+            assert ino[untouched, "notes.txt"] == ino[first, "notes.txt"]
+            assert ino[changed, "notes.txt"] != ino[first, "notes.txt"]
+            assert (changed / "notes.txt").read_text() == "bbbb"
+            assert (first / "notes.txt").read_text() == "aaaa"
+        finally:
+            for branch in (edits, keeps):
+                await close_branch(branch)
+            await root.close()
+            workspace.cleanup()
+
+    asyncio.run(main())
+
+
 # -- the judge's reply parsing ---------------------------------------------------------------
 def test_judge_replies_are_parsed_or_rejected_with_the_reason() -> None:
     assert parse_judge_reply('{"best": 2}', "best", 3)[0] == [0.0, 1.0, 0.0]

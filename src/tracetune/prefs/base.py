@@ -50,7 +50,11 @@ class Workspace:
     def save(self) -> Path:
         snapshot = self.root / str(self._count)
         self._count += 1
-        _copy_tree(self.workdir, snapshot)
+        # Files the branch left as they were are hard links to the snapshot it started
+        # from: a task explores hundreds of branches (candidates and greedy completions),
+        # and copying its PDFs and images each time would fill the disk. Snapshots are
+        # never written after they are saved; `load` copies them out.
+        _copy_tree(self.workdir, snapshot, self._current)
         self._current = snapshot
         return snapshot
 
@@ -69,19 +73,54 @@ class Workspace:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _copy_tree(source: Path, target: Path) -> None:
-    """Copy files, directories and links with their modes and owners (sockets are skipped)."""
+def _copy_tree(source: Path, target: Path, same_as: Path | None = None) -> None:
+    """Copy files, directories and links with their modes and owners (sockets are skipped).
+
+    A file equal to its counterpart under ``same_as`` (an earlier snapshot) is hard-linked
+    to it instead of copied.
+    """
     target.mkdir(parents=True, exist_ok=True)
     _keep_owner(source, target)
     for entry in os.scandir(source):
         dest = target / entry.name
+        earlier = same_as / entry.name if same_as is not None else None
         if entry.is_symlink():
             os.symlink(os.readlink(entry.path), dest)
         elif entry.is_dir(follow_symlinks=False):
-            _copy_tree(Path(entry.path), dest)
+            _copy_tree(Path(entry.path), dest, earlier)
         elif stat.S_ISREG(entry.stat(follow_symlinks=False).st_mode):
+            if earlier is not None and _unchanged(Path(entry.path), earlier):
+                try:
+                    os.link(earlier, dest)
+                    continue
+                except OSError:  # no hard links here: copy
+                    pass
             shutil.copy2(entry.path, dest)
             _keep_owner(Path(entry.path), dest)
+
+
+def _unchanged(path: Path, earlier: Path) -> bool:
+    """Same bytes, mode and owner (a snapshot's file is never a link to anything else)."""
+    try:
+        a, b = path.stat(), earlier.lstat()
+    except OSError:
+        return False
+    same = stat.S_ISREG(b.st_mode) and (a.st_size, a.st_mode, a.st_uid, a.st_gid) == (
+        b.st_size,
+        b.st_mode,
+        b.st_uid,
+        b.st_gid,
+    )
+    if not same:
+        return False
+    # Bytes, not mtimes: a branch may rewrite a file within the clock's resolution.
+    with path.open("rb") as f, earlier.open("rb") as g:
+        while True:
+            a_block, b_block = f.read(1 << 20), g.read(1 << 20)
+            if a_block != b_block:
+                return False
+            if not a_block:
+                return True
 
 
 def _keep_owner(source: Path, target: Path) -> None:
