@@ -322,6 +322,8 @@ def test_cli_runs_the_engine_from_one_config(tmp_path: Path) -> None:
         result = CliRunner().invoke(app, ["mmat", "run", str(config), "--quiet"])
     assert result.exit_code == 0, result.output
     assert "mmat-rationale: 2 written" in result.output
+    assert "\nmmat-render-rr: 2 written" in result.output
+    assert "\nmmat-render-orr: 2 written" in result.output and "{'rr'" not in result.output
     assert len(Dataset.open(out / "tasks", Task)) == 2
     assert len(Dataset.open(out / "orr", Dialogue)) == 2
 

@@ -333,6 +333,8 @@ def run(
 
     cfg = _config(MMATRunConfig, config, {"stages": split_names(stages)})
     summary = _run(run_pipeline(cfg, progress=not quiet))
-    for stage, text in summary.items():
-        out_console.print(f"{stage}: {text}" if not isinstance(text, str) else text)
+    for text in summary.values():
+        # render reports one line per format (rr, orr); the other stages one line.
+        for line in text.values() if isinstance(text, dict) else [text]:
+            out_console.print(str(line), highlight=False)
     out_console.print(f"output: {cfg.out}")
