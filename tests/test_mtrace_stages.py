@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -249,6 +250,16 @@ def test_budget_stops_the_chain_cleanly_and_a_rerun_goes_on(tmp_path: Path) -> N
         results = asyncio.run(run_chain(config, progress=False))
         assert results[-1].stopped and "token budget reached" in results[-1].stopped
         assert len(results) < 6
+        # The stop reports the run's spend against the run's limit, not one stage's share.
+        spent = re.search(r"\((\d+) >= (\d+)\)", results[-1].stopped)
+        assert spent and spent.group(2) == "600" and int(spent.group(1)) >= 600
+        assert int(spent.group(1)) <= sum(
+            r.usage.total_tokens for r in chain_stats(tmp_path / "run")
+        )
+        # The same budget again: nothing more is spent, and it says why.
+        calls = srv.calls
+        again = asyncio.run(run_chain(config, progress=False))
+        assert srv.calls == calls and "token budget reached" in str(again[-1].stopped)
         resumed = config.model_copy(update={"max_tokens": None})
         results = asyncio.run(run_chain(resumed, progress=False))
     assert [r.stopped for r in results] == [None] * 6

@@ -8,6 +8,8 @@ import json
 import re
 from typing import Any
 
+from pydantic import Field
+
 from tracetune.models.base import ChatModel, ModelOptions, load_model
 from tracetune.runner import Budget, MeteredModel
 from tracetune.schema import Usage
@@ -91,18 +93,25 @@ def spent_elsewhere(config: Any, current: Dataset[Any]) -> Usage:
     return total
 
 
-def stage_budget(config: Any, out: Dataset[Any]) -> Budget:
-    """The run's budget as one stage sees it: what the other stages left of it.
+class RunBudget(Budget):
+    """The run's budget as one stage sees it: its own spend plus the other stages'."""
 
-    ``run_stage`` compares a budget with its own directory's usage, so the other stages'
-    spend is taken off the limits here.
-    """
+    elsewhere: Usage = Field(default_factory=Usage, description="The other stages' spend.")
+
+    def exceeded(self, usage: Usage) -> str | None:
+        # ``run_stage`` passes its own directory's usage; the limits are the whole run's,
+        # and so is the spend the stop message reports.
+        return super().exceeded(usage.add(self.elsewhere))
+
+
+def stage_budget(config: Any, out: Dataset[Any]) -> Budget:
+    """The run's budget (``max_cost_usd``, ``max_tokens``) for the stage writing ``out``."""
     if config.max_cost_usd is None and config.max_tokens is None:
         return Budget()
-    other = spent_elsewhere(config, out)
-    return Budget(
-        max_cost_usd=None if config.max_cost_usd is None else config.max_cost_usd - other.cost_usd,
-        max_tokens=None if config.max_tokens is None else config.max_tokens - other.total_tokens,
+    return RunBudget(
+        max_cost_usd=config.max_cost_usd,
+        max_tokens=config.max_tokens,
+        elsewhere=spent_elsewhere(config, out),
     )
 
 
