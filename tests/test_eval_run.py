@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from tracetune.cli import app
 from tracetune.evaluate.gta_tools import GTA_TOOL_NAMES, GTA_TOOLS, toolset_status
-from tracetune.evaluate.runs import EvalRunConfig, EvalRunError, run_benchmark
+from tracetune.evaluate.runs import EvalRunConfig, EvalRunError, headline_summary, run_benchmark
 from tracetune.models.base import ModelOptions
 from tracetune.schema import Task, Trajectory
 from tracetune.store import Dataset
@@ -334,6 +334,10 @@ def test_gta_e2e_runs_gta_tools_and_scores_affected_queries_apart(tmp_path: Path
     # query 0 calls no operation or creativity tool: no F1 for those, rather than a 0
     assert runnable["details"]["categories_without_gold_calls"] == ["operation", "creativity"]
     assert "c_f1" not in runnable["metrics"] and "o_f1" not in runnable["metrics"]
+    # what `eval run` prints says the headline covers 1 query, and where the rest are
+    printed = headline_summary(metrics)
+    assert printed["n_items"] == 1 and "gold tools all run here" in printed["subset"]
+    assert "gta/e2e/official/all-queries" in printed["other_reports"]
     everything = metrics["reports"]["gta/e2e/official/all-queries"]
     assert everything["n_items"] == len(GOLD)
     # the unavailable tools answered with why, as errors the controller could read

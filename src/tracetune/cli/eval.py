@@ -215,7 +215,12 @@ def run(
     """
     from tracetune.cli.common import build_config, console, run_async
     from tracetune.cli.tools import _parse_options
-    from tracetune.evaluate.runs import EvalRunConfig, EvalRunError, run_benchmark
+    from tracetune.evaluate.runs import (
+        EvalRunConfig,
+        EvalRunError,
+        headline_summary,
+        run_benchmark,
+    )
     from tracetune.models.base import BackendError, ModelOptions
     from tracetune.runner import StageAborted
 
@@ -265,18 +270,7 @@ def run(
     ) as exc:
         fail(str(exc).strip("'\""))
         return
-    headline = metrics["reports"][metrics["headline"]]
-    typer.echo(
-        json.dumps(
-            {
-                "benchmark": metrics["headline"],
-                "metrics": headline["metrics"],
-                "run": metrics["run"],
-            },
-            indent=2,
-            ensure_ascii=False,
-        )
-    )
+    typer.echo(json.dumps(headline_summary(metrics), indent=2, ensure_ascii=False))
     console.print(
         f"run directory: {cfg.out} (metrics.json, predictions.jsonl, records.jsonl)", markup=False
     )

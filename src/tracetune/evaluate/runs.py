@@ -307,6 +307,23 @@ class RunContext:
         return metrics
 
 
+def headline_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What ``eval run`` prints: the headline report's metrics, what they cover, the run."""
+    report = metrics["reports"][metrics["headline"]]
+    summary: dict[str, Any] = {
+        "benchmark": metrics["headline"],
+        "metrics": report["metrics"],
+        "n_items": report.get("n_items"),
+    }
+    subset = report.get("details", {}).get("subset")
+    if subset:
+        # e.g. GTA e2e without some tools: the headline leaves the affected queries out
+        summary["subset"] = subset
+        summary["other_reports"] = [n for n in metrics["reports"] if n != metrics["headline"]]
+    summary["run"] = metrics["run"]
+    return summary
+
+
 def trajectories_by(dataset: Dataset[Trajectory], key: str) -> dict[str, list[Trajectory]]:
     """Trajectories grouped by ``metadata[key]`` (e.g. the benchmark item id)."""
     groups: dict[str, list[Trajectory]] = {}
