@@ -6,7 +6,6 @@ taking precedence, and writes its sub-directory of the run directory ``--out``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -356,4 +355,3 @@ def stats_cmd(
         f"verified trajectories: {final.done if final else 0}; {tokens:,} tokens, ${total:.4f}",
         highlight=False,
     )
-    _ = json  # keep the import for --json callers of this module
