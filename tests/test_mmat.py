@@ -844,6 +844,31 @@ def test_rr_inference_completes_the_reflection_loop_and_extracts_the_answer(
     assert report.metrics["accuracy"] == 100.0
 
 
+def test_rr_inference_says_retrieval_is_off_instead_of_pretending_it_ran(tmp_path: Path) -> None:
+    replies = [
+        "<THOUGHT>Read it and look it up.</THOUGHT><OPERATOR>ocr</OPERATOR>"
+        "<RAG>receipt tax rate</RAG><SIGNAL>continue</SIGNAL>",
+        "<THOUGHT>TOTAL reads 36.69.</THOUGHT><SIGNAL>end</SIGNAL>",
+        "36.69",
+    ]
+    with ScriptedOpenAIServer(replies) as server:
+        cfg = InferConfig(
+            tasks=_receipt_tasks(tmp_path),
+            out=tmp_path / "infer",
+            model="openai:tuned",
+            operators=OperatorConfig(operators=["ocr"], rag=False),
+            backend=ModelOptions(base_url=server.base_url),
+        )
+        _, dataset = asyncio.run(run_infer(cfg, progress=False))
+        after = server.requests[1].texts()[-1]
+    assert (
+        after.startswith("Here are the results of ocr from") and "rag" not in after.split("\n")[0]
+    )
+    assert "retrieval is not available" in after and "(retrieval is disabled)" not in after
+    (dialogue,) = dataset.records()
+    assert dialogue.metadata["operator_calls"] == ["ocr"] and dialogue.metadata["answer"] == "36.69"
+
+
 def test_orr_inference_inlines_operator_results_first(tmp_path: Path) -> None:
     reply = (
         "<THOUGHT>The OCR lines show TOTAL 36.69.</THOUGHT><ANSWER>The answer is: 36.69</ANSWER>"

@@ -146,7 +146,9 @@ class MMATInference:
             )
             results = [(c.name, c.result) for c in calls]
             result.operator_calls += [c.name for c in calls]
-            if step.rag:
+            if step.rag and not self.operators.rag:
+                problems.append("retrieval is not available")
+            elif step.rag:
                 rag = await self.operators.retrieve(step.rag, workdir.path)
                 results.append((RAG, rag.result))
                 result.operator_calls.append(RAG)
