@@ -267,6 +267,56 @@ def test_reflection_judges_see_the_image_and_the_repair_inserts_the_reflection_t
     assert parse_rr(repaired).reflected
 
 
+def test_a_repair_that_says_the_answer_was_given_is_dropped_for_multiple_choice(
+    tmp_path: Path,
+) -> None:
+    from tracetune.engine.reflect import ReflectConfig, run_reflect
+
+    task, assets = _image_task(tmp_path)
+    question = "Which costs most?\nA. Eggs x12\nB. Coffee beans 250g"
+    task = task.model_copy(
+        update={
+            "query": question,
+            "gold": GoldAnswer(value="B", kind="choice"),
+            "metadata": {"choices": ["Eggs x12", "Coffee beans 250g"]},
+        }
+    )
+    rationale = Rationale(
+        question=question,
+        answer="B",
+        steps=[
+            RationaleStep(
+                thought="I will read the prices.",
+                operators=[
+                    OperatorCall(name="ocr", result="Eggs x12 6.80\nCoffee beans 250g 11.90")
+                ],
+            ),
+            RationaleStep(thought="Coffee beans cost the most, so the answer is B.", signal="end"),
+        ],
+    )
+    source: Dataset[Dialogue] = Dataset.create(tmp_path / "rationale", Dialogue)
+    source.write_all(
+        [rr_dialogue(task, rationale, ["ocr"], False, Provenance(source="t"))], sources=[assets]
+    )
+
+    def judge(body: dict[str, Any]) -> str:
+        if "Repair it" in _texts(body)[0]:
+            critique = "I went with the given answer B without comparing the two prices."
+            return json.dumps({"critique": critique, "derivation": "11.90 > 6.80, so B."})
+        return json.dumps({"flagged": True, "reason": "no comparison"})
+
+    with ScriptedOpenAIServer(judge) as server:
+        cfg = ReflectConfig(
+            dialogues=tmp_path / "rationale",
+            out=tmp_path / "reflected",
+            judge="openai:judge",
+            checks=["math"],
+            backend=ModelOptions(base_url=server.base_url),
+        )
+        result, _ = asyncio.run(run_reflect(cfg, progress=False))
+    assert result.drop_reasons == {"reveals_reference": 1}
+
+
 def test_rr_parser_rejects_dialogues_off_the_grammar(tmp_path: Path) -> None:
     task, _ = _image_task(tmp_path)
     rr = rr_dialogue(task, _rationale(False), ["ocr"], True, Provenance(source="test"))

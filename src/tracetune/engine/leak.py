@@ -158,13 +158,7 @@ class LeakChecker:
             if leak is not None:
                 return leak
             shown.extend(_outputs(step))
-        if rationale.reflection is not None:
-            i = len(rationale.steps)
-            texts = [rationale.reflection.critique, rationale.reflection.derivation]
-            for text in texts:
-                if (found := _REVEALS.search(text)) is not None:
-                    return Leak("reveals_reference", i, _excerpt(text, found.group(0)))
-        return None
+        return reflection_reveals(rationale)
 
     def check_text(self, step: int, texts: list[str], shown: list[str]) -> Leak | None:
         for text in texts:
@@ -176,6 +170,17 @@ class LeakChecker:
             if said is not None and not self.supported_by(shown):
                 return Leak("answer_before_evidence", step, _excerpt(text, said))
         return None
+
+
+def reflection_reveals(rationale: Rationale) -> Leak | None:
+    """Whether the repair (critique or derivation) says an answer was given. Its derivation
+    follows every tool output and states the answer by design, so only this kind counts."""
+    if rationale.reflection is None:
+        return None
+    for text in (rationale.reflection.critique, rationale.reflection.derivation):
+        if (found := _REVEALS.search(text)) is not None:
+            return Leak("reveals_reference", len(rationale.steps), _excerpt(text, found.group(0)))
+    return None
 
 
 def _outputs(step: RationaleStep) -> list[str]:

@@ -31,7 +31,7 @@ from tracetune.engine.common import (
     stage_stats,
 )
 from tracetune.engine.grammar import strip_markers
-from tracetune.engine.leak import LeakChecker
+from tracetune.engine.leak import reflection_reveals
 from tracetune.engine.render import mmat_prompt_hash, rr_dialogue
 from tracetune.engine.trace import Rationale, Reflection
 from tracetune.models.base import ChatModel, Sampling, text_message
@@ -213,10 +213,11 @@ class Reflector:
         reflection = Reflection(
             flagged=flagged, reasons=reasons, critique=critique, derivation=derivation
         )
-        leak = LeakChecker(rationale.answer).check(
-            rationale.model_copy(update={"reflection": reflection})
-        )
-        if leak is not None and leak.kind == "reveals_reference":
+        # Only the repair's own text is checked: the steps passed the leak check already,
+        # and re-checking them here without the question and choices could report a step
+        # first and hide a critique that says the answer was given.
+        leak = reflection_reveals(rationale.model_copy(update={"reflection": reflection}))
+        if leak is not None:
             return Drop("reveals_reference", {"where": leak.describe()})
         return reflection
 
