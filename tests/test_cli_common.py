@@ -45,3 +45,24 @@ def test_bad_config_files_fail_with_the_reason(tmp_path: Path) -> None:
 def test_split_names() -> None:
     assert split_names(" ocr, calculator ,,") == ["ocr", "calculator"]
     assert split_names(None) is None and split_names("") is None
+
+
+def test_an_error_of_the_whole_config_is_printed_without_an_empty_field_name(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from pydantic import model_validator
+
+    class Pair(BaseModel):
+        low: int
+        high: int
+
+        @model_validator(mode="after")
+        def ordered(self) -> Pair:
+            if self.low > self.high:
+                raise ValueError("low must not exceed high")
+            return self
+
+    with pytest.raises(typer.Exit):
+        build_config(Pair, None, low=3, high=1)
+    printed = " ".join(capsys.readouterr().err.split())
+    assert "invalid Pair: low must not exceed high" in printed and " : " not in printed

@@ -54,9 +54,16 @@ def build_config(cls: type[C], config: Path | None, **flags: Any) -> C:
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        lines = [f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()]
+        lines = [_error_line(err) for err in exc.errors()]
         fail(f"invalid {cls.__name__}:\n" + "\n".join(lines))
         raise  # unreachable
+
+
+def _error_line(err: Any) -> str:
+    where = ".".join(str(p) for p in err["loc"])
+    # A model validator's error belongs to no one field: its message says what is wrong.
+    message = str(err["msg"]).removeprefix("Value error, ")
+    return f"  {where}: {message}" if where else f"  {message}"
 
 
 def split_names(value: str | None) -> list[str] | None:
