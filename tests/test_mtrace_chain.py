@@ -95,6 +95,11 @@ def test_chain_produces_verified_trajectories_with_pool_images_xlsx_and_pdf(
         return [len(r.image_urls()) for r in requests if any(marker in t for t in r.texts())]
 
     assert images_in("You are checking a task written") == [1, 1]
+    # ... and the documents as markdown: the xlsx's cells and the pdf's text.
+    shown = "\n".join(
+        t for r in requests for t in r.texts() if "You are checking a task written" in t
+    )
+    assert "| groceries | 40 |" in shown and "January rainfall: 78 mm" in shown
     assert images_in("You are checking a worked example") == [1, 1]
     # The teacher saw the task's image too; the generator sampled at temperature 1.
     teacher = [r for r in requests if "calls tools" in str(r.messages[0].get("content"))]
