@@ -625,3 +625,56 @@ def test_stats_table_keeps_stage_names_whole_on_an_80_column_terminal() -> None:
     for name in names:
         (line,) = [ln for ln in lines if ln.startswith(name + " ")]
         assert "1834 (92%)" in line and "1,234,567" in line and "$12.3456" in line
+
+
+@pytest.mark.parametrize("repair", [True, False])
+def test_rejected_task_is_repaired_once_then_dropped_with_both_verdicts(
+    tmp_path: Path, repair: bool
+) -> None:
+    from tracetune.synth.mtrace.verify import verify_tasks
+
+    tasks: Dataset[Task] = Dataset.create(tmp_path / "run" / "tasks", Task)
+    image = tasks.assets.put_file(BUNDLED_POOL_IMAGES / "receipt.png")
+    tasks.write_all([Task(id="t1", query="What is the invoice number?", files=[image])])
+
+    def judge(body: dict[str, Any]) -> str:  # every query is rejected, with a rewrite
+        from mtrace_script import text_of
+
+        query = re.search(r"Query: (.*)", text_of(body)).group(1)  # type: ignore[union-attr]
+        return json.dumps(
+            {
+                "thought": f"No invoice number is visible for: {query}",
+                "correct": "no",
+                "updated_query": query + " (on the receipt)",
+            }
+        )
+
+    with ScriptedOpenAIServer(judge) as srv:
+        config = SynthConfig(
+            out=tmp_path / "run",
+            judge="openai:test-model",
+            backend={"base_url": srv.base_url},  # type: ignore[arg-type]
+            verify_tasks={"repair": repair},  # type: ignore[arg-type]
+        )
+        result = asyncio.run(verify_tasks(config, progress=False))
+        asked = srv.calls
+    reason = "rejected after repair" if repair else "rejected by query-file verifier"
+    assert result.drop_reasons == {reason: 1} and asked == (2 if repair else 1)
+    assert len(Dataset.open(tmp_path / "run" / "verified", Task)) == 0
+    verdicts = sorted(
+        Dataset.open(tmp_path / "run" / "verified" / "verdicts", Verdict),
+        key=lambda v: v.details["round"],
+    )
+    expected = ["What is the invoice number?"]
+    if repair:
+        expected.append("What is the invoice number? (on the receipt)")
+    assert [v.details["query"] for v in verdicts] == expected
+    assert all(not v.passed and v.reasons[0].startswith("No invoice number") for v in verdicts)
+    (info,) = [
+        i
+        for _, s, i in RunState(tmp_path / "run" / "verified" / "state.sqlite").items(
+            "verify_tasks"
+        )
+        if s == "dropped"
+    ]
+    assert info["why"] == verdicts[-1].reasons
