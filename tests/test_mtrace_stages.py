@@ -678,3 +678,29 @@ def test_rejected_task_is_repaired_once_then_dropped_with_both_verdicts(
         if s == "dropped"
     ]
     assert info["why"] == verdicts[-1].reasons
+
+
+def test_failure_threshold_aborts_a_stage_with_the_first_errors(tmp_path: Path) -> None:
+    verified: Dataset[Task] = Dataset.create(tmp_path / "run" / "verified", Task)
+    image = verified.assets.put_file(BUNDLED_POOL_IMAGES / "receipt.png")
+    verified.write_all(
+        [
+            Task(id=f"t{i}", query=f"What is line {i} of the receipt?", files=[image])
+            for i in range(3)
+        ]
+    )
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"out: {tmp_path / 'run'}\nmax_failures: 1\nmax_failure_rate: 0.5\n"
+        "backend: {base_url: 'http://127.0.0.1:9/v1', max_retries: 0}\n"
+        "rollout: {teacher: 'openai:test-model'}\nqueries: {tools: [ocr]}\n"
+    )
+    result = CliRunner().invoke(
+        app, ["synth", "rollout", "--config", str(config), "--concurrency", "1", "--quiet"]
+    )
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "rollout aborted: 2 of 2 items failed" in said
+    assert "TeacherBackendError" in said and "Connection error" in said
+    # The failures are in the run state, for `synth stats` (a rerun retries them).
+    (row,) = chain_stats(tmp_path / "run")
+    assert row.failed == 2 and row.done == 0 and len(row.failures) == 2
