@@ -232,10 +232,14 @@ def test_operator_outputs_come_from_the_real_tools(engine_run: dict[str, Any]) -
         r
         for r in engine_run["requests"]
         if "worked, step-by-step" not in (r.texts() or [""])[0]
+        and not (r.texts() or [""])[0].startswith(("You review", "A step-by-step solution"))
         and r.image_urls()
         and len(r.messages) == 1
     ]
     assert caption_requests and caption_requests[0].image_urls()[0].startswith("data:image/png")
+    # The reflection judges (and the repair) see the image too.
+    judge_requests = [r for r in engine_run["requests"] if r.texts()[0].startswith("You review")]
+    assert len(judge_requests) == 10 and all(r.image_urls() for r in judge_requests)
     reef = parse_rr(_by_question(rr, "which country"))
     assert dict(reef.steps[0].results)["ocr"].splitlines() == [
         "WELCOME TO THE",
