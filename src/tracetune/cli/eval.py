@@ -151,11 +151,21 @@ class RunBench(StrEnum):
     gta = "gta"
     gaia = "gaia"
     programs = "programs"
+    vqa = "vqa"
+    dynvqa = "dynvqa"
+
+
+class AnswerMode(StrEnum):
+    direct = "direct"
+    rr = "rr"
+    orr = "orr"
 
 
 @app.command("run")
 def run(
-    bench: Annotated[RunBench, typer.Argument(help="Benchmark to run: gta, gaia or programs.")],
+    bench: Annotated[
+        RunBench, typer.Argument(help="Benchmark to run: gta, gaia, programs, vqa or dynvqa.")
+    ],
     model: Annotated[
         str | None, typer.Option(help="Controller: openai:NAME or local:PATH (base or tuned).")
     ] = None,
@@ -164,10 +174,18 @@ def run(
         Path | None,
         typer.Option(
             help="gta: folder of dataset.json and its files; gaia: metadata.jsonl (files "
-            "beside it); programs: a task dataset (default: a held-out split drawn here)."
+            "beside it); programs: a task dataset (default: a held-out split drawn here); "
+            "vqa/dynvqa: JSONL/JSON of {question_id, image, question, answer[, choices]}."
         ),
     ] = None,
     mode: Annotated[GTAMode | None, typer.Option(help="gta: step or e2e.")] = None,
+    answer_mode: Annotated[
+        AnswerMode | None,
+        typer.Option(
+            help="vqa/dynvqa: direct (one turn), rr (MMAT multi-turn with operators) or orr "
+            "(operator results first)."
+        ),
+    ] = None,
     action_format: Annotated[
         str | None, typer.Option(help="gaia/programs: json or code actions.")
     ] = None,
@@ -176,19 +194,28 @@ def run(
         typer.Option(help="Model the vision tools ask (GTA ImageDescription, visual_qa)."),
     ] = None,
     tools: Annotated[
-        str | None, typer.Option(help="gaia: comma-separated tools (default includes search).")
+        str | None,
+        typer.Option(
+            help="gaia: comma-separated tools (default includes search); vqa/dynvqa rr/orr: "
+            "the MMAT operators (default: all)."
+        ),
     ] = None,
     option: Annotated[
         list[str] | None,
         typer.Option(help="Tool option TOOL.KEY=VALUE, e.g. object_localization.model=DIR."),
     ] = None,
     corpus: Annotated[
-        Path | None, typer.Option(help="Local search corpus (GTA GoogleSearch, GAIA search).")
+        Path | None,
+        typer.Option(
+            help="Local search corpus (GTA GoogleSearch, GAIA search, vqa/dynvqa rr/orr retrieval)."
+        ),
     ] = None,
     embedder: Annotated[
         str | None, typer.Option(help="gta: embedder for subjective answers (auto/packaged/path).")
     ] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Step budget per episode.")] = None,
+    max_steps: Annotated[
+        int | None, typer.Option(help="Step budget per episode (vqa/dynvqa rr: model turns).")
+    ] = None,
     max_errors: Annotated[int | None, typer.Option(help="Failed steps allowed.")] = None,
     temperature: Annotated[float | None, typer.Option(help="Sampling temperature.")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Max new tokens per step.")] = None,
@@ -215,6 +242,7 @@ def run(
     """
     from tracetune.cli.common import build_config, console, run_async
     from tracetune.cli.tools import _parse_options
+    from tracetune.engine.operators import OperatorUnavailable
     from tracetune.evaluate.runs import (
         EvalRunConfig,
         EvalRunError,
@@ -226,6 +254,8 @@ def run(
 
     if bench is not RunBench.gta and mode is not None:
         fail("--mode applies to gta only")
+    if bench not in (RunBench.vqa, RunBench.dynvqa) and answer_mode is not None:
+        fail("--answer-mode applies to vqa and dynvqa only")
     backend = None
     if base_url or adapter:
         backend = ModelOptions(base_url=base_url, adapter=str(adapter) if adapter else None)
@@ -238,6 +268,7 @@ def run(
         out=out,
         data=data,
         mode=mode.value if mode else None,
+        answer_mode=answer_mode.value if answer_mode else None,
         action_format=action_format,
         tool_model=tool_model,
         tools=split_names(tools),
@@ -267,6 +298,7 @@ def run(
         KeyError,
         BackendError,
         StageAborted,
+        OperatorUnavailable,
     ) as exc:
         fail(str(exc).strip("'\""))
         return

@@ -29,6 +29,8 @@ HEADLINE_SCORE = {
     "gta": ("answer_acc", "answer_acc_w_imggen"),
     "gaia": ("accuracy",),
     "programs": ("accuracy",),
+    "vqa": ("vqa_accuracy", "mc_accuracy"),
+    "dynvqa": ("token_recall",),
 }
 
 
@@ -89,7 +91,13 @@ def _load_trajectories(run: RunData, wanted: set[str]) -> None:
     path = run.root / "trajectories"
     if not wanted or not (path / "manifest.json").exists():
         return
-    item_key = {"gta": "gta_id", "gaia": "gaia_task_id", "programs": "task_id"}.get(run.bench)
+    item_key = {
+        "gta": "gta_id",
+        "gaia": "gaia_task_id",
+        "programs": "task_id",
+        "vqa": "item_id",
+        "dynvqa": "item_id",
+    }.get(run.bench)
     for trajectory in Dataset.open(path, Trajectory):
         item = str(trajectory.metadata.get(item_key or "", trajectory.task.id))
         if item in wanted:

@@ -32,7 +32,7 @@ from tracetune.runner import Budget, MeteredModel, StageResult
 from tracetune.schema import EvalRecord, Trajectory
 from tracetune.store import Dataset
 
-RUN_BENCHMARKS = ("gta", "gaia", "programs")
+RUN_BENCHMARKS = ("gta", "gaia", "programs", "vqa", "dynvqa")
 STAGE = "eval"
 Notify = Callable[[str], None]
 
@@ -62,17 +62,25 @@ class EvalRunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    bench: Literal["gta", "gaia", "programs"] = Field(description="Benchmark to run.")
+    bench: Literal["gta", "gaia", "programs", "vqa", "dynvqa"] = Field(
+        description="Benchmark to run."
+    )
     model: str = Field(description="Controller spec: 'openai:NAME' or 'local:PATH_OR_HUB_ID'.")
     out: Path = Field(description="Run directory (resumable; rerun to finish a killed run).")
     data: Path | None = Field(
         default=None,
         description="gta: the folder of dataset.json and its files; gaia: metadata.jsonl (its "
         "attached files beside it); programs: a task dataset (default: a held-out split drawn "
-        "here).",
+        "here); vqa/dynvqa: a JSONL/JSON file of {question_id, image, question, answer"
+        "[, choices]} rows, images beside it.",
     )
     mode: Literal["step", "e2e"] = Field(
         default="step", description="gta: step (step-by-step, gold history) or e2e (end-to-end)."
+    )
+    answer_mode: Literal["direct", "rr", "orr"] = Field(
+        default="direct",
+        description="vqa/dynvqa: answer directly in one turn, or the MMAT way: rr (multi-turn "
+        "with operators) or orr (operator results first, one turn).",
     )
     action_format: Literal["json", "code"] = Field(
         default="json", description="gaia/programs: how actions are written (gta: json)."
@@ -85,7 +93,8 @@ class EvalRunConfig(BaseModel):
     tools: list[str] = Field(
         default_factory=list,
         description="gaia: the agent's tools (default: search, inspect_file, ocr, calculator, "
-        "image_crop, plus visual_qa with a tool model).",
+        "image_crop, plus visual_qa with a tool model); vqa/dynvqa in rr/orr mode: the MMAT "
+        "operators (default: all).",
     )
     tool_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
@@ -125,6 +134,7 @@ class EvalRunConfig(BaseModel):
             "bench",
             "model",
             "mode",
+            "answer_mode",
             "action_format",
             "tool_model",
             "temperature",
@@ -349,6 +359,10 @@ async def run_benchmark(
         from tracetune.evaluate.gaia_run import run_gaia
 
         return await run_gaia(config, model, progress, notify)
+    if config.bench in ("vqa", "dynvqa"):
+        from tracetune.evaluate.vqa_run import run_vqa
+
+        return await run_vqa(config, model, progress, notify)
     from tracetune.evaluate.programs_run import run_programs
 
     return await run_programs(config, model, progress, notify)
