@@ -324,3 +324,32 @@ def test_filter_interrupted_anywhere_and_resumed_keeps_the_same_queries(
         monkeypatch.setattr(queries_mod, "max_similarity", real)
         asyncio.run(queries_mod.filter_queries(cfg, progress=False))
         assert outcome(trial) == reference, crash_at
+
+
+def test_seed_examples_that_are_benchmark_questions_are_refused(tmp_path: Path) -> None:
+    seeds = tmp_path / "seeds.jsonl"
+    copied = {"query": benchmark_questions(GTA)[0].upper(), "tools": ["ocr"]}
+    seeds.write_text("".join(json.dumps(s) + "\n" for s in [*SEEDS, copied]))
+    args = [
+        "synth",
+        "queries",
+        "--out",
+        str(tmp_path / "run"),
+        "--seeds",
+        str(seeds),
+        "--generator",
+        "openai:test-model",
+        "--base-url",
+        "http://127.0.0.1:9/v1",  # nothing may be asked
+        "--embedder",
+        "hashing",
+        "--benchmark",
+        str(GTA),
+        "--quiet",
+    ]
+    result = CliRunner().invoke(app, args)
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2, said
+    assert "1 seed example(s)" in said and "are benchmark questions: seed 4" in said
+    assert str(GTA) in said and "--no-decontaminate" in said
+    assert not (tmp_path / "run").exists()

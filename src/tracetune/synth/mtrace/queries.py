@@ -38,7 +38,7 @@ from tracetune.synth.mtrace.common import (
     stage_model,
 )
 from tracetune.synth.mtrace.config import SynthConfig
-from tracetune.synth.mtrace.embed import load_embedder, max_similarity
+from tracetune.synth.mtrace.embed import Embedder, load_embedder, max_similarity
 from tracetune.tools import Tool, load_tools
 
 GENERATE = "queries.generate"
@@ -146,6 +146,31 @@ def normalized(text: str) -> str:
     return " ".join(re.findall(r"\w+", text.lower()))
 
 
+class BenchmarkIndex:
+    """The questions of the benchmark files, to find what is too close to one of them."""
+
+    def __init__(self, paths: list[Path], embedder: Embedder, threshold: float) -> None:
+        self.questions = [(str(p), q) for p in paths for q in benchmark_questions(p)]
+        self.vectors = embedder.encode([q for _, q in self.questions])
+        self.exact = {normalized(q): i for i, (_, q) in enumerate(self.questions)}
+        self.threshold = threshold
+
+    def match(self, text: str, vector: np.ndarray) -> dict[str, Any] | None:
+        """The benchmark question ``text`` copies (same words, or embedding similarity at or
+        above the threshold), as ``{benchmark, question, similarity}``; None if none."""
+        score, best = max_similarity(vector[None, :], self.vectors)
+        index = self.exact.get(normalized(text))
+        if index is None and (best[0] < 0 or score[0] < self.threshold):
+            return None
+        index = int(best[0]) if index is None else index
+        file, question = self.questions[index]
+        return {
+            "benchmark": file,
+            "question": question,
+            "similarity": round(float(self.vectors[index] @ vector), 4),
+        }
+
+
 # -- generation -----------------------------------------------------------------------------
 def _batch_seed(seed: int, batch: int) -> int:
     digest = hashlib.sha256(f"mtrace-queries|{seed}|{batch}".encode()).digest()
@@ -186,9 +211,28 @@ async def generate_queries(config: SynthConfig, progress: bool = True) -> StageR
     tools: list[Tool] = load_tools(qc.tools)
     known = {t.name for t in tools}
     seeds = read_seeds(qc.seeds, known)
-    if qc.decontaminate:
-        for path in qc.benchmarks:  # a broken benchmark file fails now, before any spend
-            benchmark_questions(path)
+    if qc.decontaminate and qc.benchmarks:
+        # Few-shot examples taken from a test set are the contamination decontamination is
+        # for (the reference pipeline seeds with benchmark questions): refuse them up front.
+        # A broken benchmark file also fails here, before any spend.
+        embedder = load_embedder(config.embedder)
+        index = BenchmarkIndex(qc.benchmarks, embedder, qc.decontam_threshold)
+        vectors = embedder.encode([s["query"] for s in seeds])
+        copies = [
+            (n, hit)
+            for n, (seed, vector) in enumerate(zip(seeds, vectors, strict=True), 1)
+            if (hit := index.match(seed["query"], vector)) is not None
+        ]
+        if copies:
+            shown = "; ".join(
+                f"seed {n} {seeds[n - 1]['query']!r} ~ {hit['question']!r} "
+                f"({hit['benchmark']}, similarity {hit['similarity']})"
+                for n, hit in copies[:3]
+            )
+            raise ValueError(
+                f"{len(copies)} seed example(s) in {qc.seeds} are benchmark questions: "
+                f"{shown}. Remove them (or pass --no-decontaminate)"
+            )
     out: Dataset[Task] = Dataset.create(config.dir("candidates"), Task)
     model = stage_model(spec, config.backend, out.state, GENERATE)
     template_hash = prompt_hash(PROMPT)
@@ -273,12 +317,9 @@ async def filter_queries(config: SynthConfig, progress: bool = True) -> StageRes
     embedder = load_embedder(config.embedder)
     existing = {t.id: t for t in out}
 
-    bench: list[tuple[str, str]] = []  # (file, question)
-    if qc.decontaminate:
-        for path in qc.benchmarks:
-            bench += [(str(path), q) for q in benchmark_questions(path)]
-    bench_vectors = embedder.encode([q for _, q in bench])
-    bench_norm = {normalized(q): (f, q) for f, q in bench}
+    bench = BenchmarkIndex(
+        qc.benchmarks if qc.decontaminate else [], embedder, qc.decontam_threshold
+    )
     seeds = read_seeds(qc.seeds, set(qc.tools)) if qc.seeds else []
     seed_vectors = embedder.encode([s["query"] for s in seeds])
     valid = [t for t in ordered if not t.metadata.get("invalid")]
@@ -306,19 +347,9 @@ async def filter_queries(config: SynthConfig, progress: bool = True) -> StageRes
         if task.metadata.get("invalid"):
             return Drop("malformed query", {"error": task.metadata["invalid"], "item": task.query})
         vector = vectors[task.id][None, :]
-        copy = bench_norm.get(normalized(task.query))
-        score, best = max_similarity(vector, bench_vectors)
-        if copy is not None or (best[0] >= 0 and score[0] >= qc.decontam_threshold):
-            file, question = copy if copy is not None else bench[int(best[0])]
-            return Drop(
-                "benchmark near-copy",
-                {
-                    "benchmark": file,
-                    "question": question,
-                    "similarity": round(float(score[0]), 4),
-                    "query": task.query,
-                },
-            )
+        copy = bench.match(task.query, vectors[task.id])
+        if copy is not None:
+            return Drop("benchmark near-copy", {**copy, "query": task.query})
         score, best = max_similarity(vector, seed_vectors)
         if best[0] >= 0 and score[0] >= qc.dedup_threshold:
             return Drop(
