@@ -183,6 +183,9 @@ def test_vqa_wrong_layouts_say_what_rows_look_like(tmp_path: Path) -> None:
     missing.write_text(json.dumps(row) + "\n")
     with pytest.raises(EvalRunError, match="missing_image.*relative to the data file"):
         _run(config(missing, "b"))
+    gta = Path(__file__).parent / "fixtures" / "gta_small" / "dataset.json"
+    with pytest.raises(EvalRunError, match="must hold a JSON list of rows"):
+        _run(config(gta, "e"))
     with pytest.raises(EvalRunError, match="not a .jsonl or .json file"):
         _run(config(VQA, "c"))
     with pytest.raises(EvalRunError, match="--data"):

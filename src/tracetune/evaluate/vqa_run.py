@@ -73,7 +73,10 @@ def vqa_source(data: Path | None, bench: str) -> tuple[Path, IngestConfig]:
     try:
         first = next(read_qa_rows(path, IngestConfig(source=path, out=path)), None)
     except (IngestError, ValueError) as exc:
-        raise EvalRunError(f"{path}: {exc}") from exc
+        why = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+        raise EvalRunError(
+            f"{why}; --data for {bench} holds {{question_id, image, ...}} rows"
+        ) from exc
     if first is None:
         raise EvalRunError(f"{path} has no rows")
     if "__error__" in first:
