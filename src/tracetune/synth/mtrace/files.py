@@ -162,13 +162,19 @@ def check_file(path: Path, kind: str, workdir: Path) -> str | None:
     return None
 
 
-def _files_made(workdir: Path) -> list[str]:
-    """Files the code wrote (outside the sandbox's own dot-directories), for its error."""
-    made = []
+def _files_in(workdir: Path) -> dict[str, tuple[int, int]]:
+    """Files in ``workdir`` (not the sandbox's own dot-directories) with their mtime and
+    size: what changed across a run is what the code wrote, for its error message."""
+    found = {}
     for folder, dirs, names in os.walk(workdir):  # links are not followed
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        made += [(Path(folder) / n).relative_to(workdir).as_posix() for n in sorted(names)]
-    return made
+        for n in sorted(names):
+            info = (Path(folder) / n).lstat()
+            found[(Path(folder) / n).relative_to(workdir).as_posix()] = (
+                info.st_mtime_ns,
+                info.st_size,
+            )
+    return found
 
 
 def file_kind(file_type: str) -> str | None:
@@ -272,11 +278,12 @@ async def associate_files(config: SynthConfig, progress: bool = True) -> StageRe
                 shutil.rmtree(target)
             else:
                 target.unlink(missing_ok=True)
+            before = _files_in(workdir)
             result = await sandbox.execute(CODE_PRELUDE + code)
             if result.error is not None:
                 error = f"{result.error.kind.value}: {result.error.message}"[-3000:]
             elif not target.exists() and not target.is_symlink():
-                made = _files_made(workdir)
+                made = [f for f, st in _files_in(workdir).items() if before.get(f) != st]
                 error = f"the script ran but did not create {name} in the current directory" + (
                     f" (it created: {', '.join(made[:10])})" if made else ""
                 )
