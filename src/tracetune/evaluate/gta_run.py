@@ -9,8 +9,8 @@ does not offer, is a message with an ``error`` (it fails InstAcc, as in GTA).
 
 *End-to-end mode*: the controller runs with the GTA toolset (``gta_tools``) on the query
 alone, and its episode becomes a GTA dialog. Tools that cannot run here are reported before
-the run; queries whose gold chain needs one are scored apart (``.../runnable`` holds the
-rest), never silently counted as wrong answers.
+the run; queries whose gold chain needs one are scored apart (``gta/e2e/PROTOCOL`` covers
+the rest, ``gta/e2e/PROTOCOL/all-queries`` everything), never silently counted as wrong answers.
 
 Both protocols are scored: ``official`` (GTA's evaluator) and ``mat`` (the MAT/MATRIX
 substring rule), named apart. Prompts show the tools as the query's ``tools`` metadata
