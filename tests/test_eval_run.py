@@ -16,6 +16,7 @@ from tracetune.cli import app
 from tracetune.evaluate.gta_tools import GTA_TOOL_NAMES, GTA_TOOLS, toolset_status
 from tracetune.evaluate.runs import EvalRunConfig, EvalRunError, headline_summary, run_benchmark
 from tracetune.models.base import ModelOptions
+from tracetune.runner import StageAborted
 from tracetune.schema import Task, Trajectory
 from tracetune.store import Dataset
 from tracetune.testing import ScriptedOpenAIServer
@@ -259,7 +260,9 @@ def test_backend_outage_is_retried_on_rerun_not_scored_as_wrong(tmp_path: Path) 
             limit=1,
             backend=ModelOptions(base_url=server.base_url, max_retries=0),
         )
-        assert _run(gaia)["run"]["failed"] == 1
+        # the only item failed: the run stops with the reason instead of scoring nothing
+        with pytest.raises(StageAborted, match="1 of 1 items failed.*HTTP 503"):
+            _run(gaia)
         rerun = _run(gaia)
     assert rerun["run"]["written"] == 1 and rerun["reports"]["gaia"]["n_items"] == 1
     assert len(Dataset.open(tmp_path / "gaia" / "trajectories", Trajectory)) == 1

@@ -99,3 +99,13 @@ def test_budget_stops_cleanly_and_keeps_finished_work(tmp_path: Path) -> None:
     assert result.written == 3  # 11 tokens per call: stops once 25 are spent
     assert len(out) == 3 and out.state.usage("s").total_tokens == 33
     assert Budget(max_cost_usd=1.0).exceeded(Usage(cost_usd=1.5)) is not None
+
+
+def test_a_run_where_every_item_failed_is_aborted_however_few(tmp_path: Path) -> None:
+    async def always_fails(task: Task) -> Task:
+        raise ConnectionError("endpoint down")
+
+    out = Dataset.create(tmp_path / "out", Task)
+    with pytest.raises(StageAborted, match="2 of 2 items failed.*endpoint down"):
+        asyncio.run(run_stage("s", tasks(2), lambda t: t.id, always_fails, out, progress=False))
+    assert out.state.status("s", "t0") == "failed"  # recorded, so a rerun retries it

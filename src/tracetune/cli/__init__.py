@@ -55,4 +55,14 @@ def version() -> None:
 
 
 def main() -> None:
-    app()
+    from tracetune.runner import StageAborted
+
+    try:
+        app()
+    except StageAborted as exc:  # what failed is in the message; a traceback would bury it
+        from tracetune.cli.common import fail
+
+        try:
+            fail(f"{exc}\nFix the cause and rerun the same command: finished items are kept.")
+        except typer.Exit as exit_:
+            raise SystemExit(exit_.exit_code) from None

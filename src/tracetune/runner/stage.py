@@ -144,8 +144,9 @@ async def run_stage(
     """Process every item not yet done, writing its records to ``out``.
 
     The run stops early, cleanly, when ``budget`` is spent, and raises ``StageAborted``
-    when more than ``max_failures`` items and ``max_failure_rate`` of those processed fail
-    (a failure is an exception in ``process``; it is recorded and retried on the next run).
+    when more than ``max_failures`` items and ``max_failure_rate`` of those processed fail,
+    or when every item it processed failed (a failure is an exception in ``process``; it is
+    recorded and retried on the next run).
     """
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
@@ -220,6 +221,9 @@ async def run_stage(
         writer.flush()
         commit()
 
+    if stop is None and result.failed and result.failed == processed:
+        # Nothing came through: however few the items, this run is broken, not unlucky.
+        stop = f"aborted: {processed} of {processed} items failed"
     result.stopped = stop
     if stop and stop.startswith("aborted"):
         failures = [i for i in state.items(stage) if i[1] == "failed"][:3]
