@@ -704,3 +704,65 @@ def test_failure_threshold_aborts_a_stage_with_the_first_errors(tmp_path: Path) 
     # The failures are in the run state, for `synth stats` (a rerun retries them).
     (row,) = chain_stats(tmp_path / "run")
     assert row.failed == 2 and row.done == 0 and len(row.failures) == 2
+
+
+def test_trajectory_judge_sees_the_images_steps_returned_after_the_tasks(tmp_path: Path) -> None:
+
+    from tracetune.judge.trajectory import verify_trajectory
+    from tracetune.schema import Action, Observation, Step, ToolCall
+    from tracetune.testing import ScriptedChatModel
+    from tracetune.tools import get_tool
+
+    trajectories: Dataset[Trajectory] = Dataset.create(tmp_path / "t", Trajectory)
+    photo = trajectories.assets.put_image(Image.new("RGB", (40, 20), "white"), "photo.png")
+    crop = trajectories.assets.put_image(Image.new("RGB", (10, 10), "red"), "crop.png")
+    task = Task(id="t", query="What colour is the corner?", files=[photo], tools=["image_crop"])
+    call = ToolCall(name="image_crop", arguments={"image": "photo.png", "box": [0, 0, 10, 10]})
+    steps = [
+        Step(
+            index=0,
+            action=Action(type="tool_call", tool_call=call),
+            observation=Observation(text="cropped", images=[crop]),
+        ),
+        Step(index=1, action=Action(type="final_answer", answer="red")),
+    ]
+    trajectory = Trajectory(
+        id="traj", task=task, controller="x", steps=steps, final_answer="red", tools=["image_crop"]
+    )
+    seen: list[list[dict[str, Any]]] = []
+
+    def judge(messages: list[dict[str, Any]]) -> str:
+        seen.append(messages[0]["content"])
+        return '{"thought": "the crop is red", "correct": "yes", "problems": []}'
+
+    verdict = asyncio.run(
+        verify_trajectory(
+            trajectory,
+            [get_tool("image_crop")],
+            [trajectories.assets],
+            ScriptedChatModel(judge),
+            verdict_id="v",
+        )
+    )
+    assert verdict.passed
+    (content,) = seen
+    images = [part["image"] for part in content if part["type"] == "image"]
+    assert images == [trajectories.assets.path(photo), trajectories.assets.path(crop)]
+    assert (
+        "Images this step returned (shown after the task's images, in this order): crop.png"
+        in (content[-1]["text"])
+    )
+    # the cap counts every image: with one allowed, only the task's reaches the judge
+    seen.clear()
+    asyncio.run(
+        verify_trajectory(
+            trajectory,
+            [],
+            [trajectories.assets],
+            ScriptedChatModel(judge),
+            verdict_id="v",
+            max_images=1,
+        )
+    )
+    assert sum(part["type"] == "image" for part in seen[0]) == 1
+    assert "crop.png" not in seen[0][-1]["text"]

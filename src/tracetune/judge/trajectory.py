@@ -1,7 +1,8 @@
 """The trajectory verifier: is a teacher's worked example right, step by step?
 
 The judge model sees the tools, the task, its file descriptions and its images (as
-images), every step with its thought, action and observation, and the final answer; it
+images), every step with its thought, action and observation (images a step returned
+included, after the task's), and the final answer; it
 rejects for the reasons M-TRACE lists (``PROBLEMS``). Tasks with a gold answer are also
 checked exactly (``tracetune.judge.answers``), and that check decides on its own.
 """
@@ -86,16 +87,22 @@ async def verify_trajectory(
                 return store.path(ref)
         raise FileNotFoundError(f"image {ref.name} is in none of the asset stores")
 
+    # The task's images first, then what the steps returned (a crop, a drawn box), so the
+    # judge can check a step that reads an image against that image; both within max_images.
     images = task.images[:max_images]
-    steps = [
-        {
-            "index": s.index,
-            "thought": s.thought or "",
-            "action": _action_text(s),
-            "observation": _observation_text(s, max_observation_chars),
-        }
-        for s in trajectory.steps
-    ]
+    steps = []
+    for s in trajectory.steps:
+        returned = (s.observation.images if s.observation else [])[: max_images - len(images)]
+        images = [*images, *returned]
+        steps.append(
+            {
+                "index": s.index,
+                "thought": s.thought or "",
+                "action": _action_text(s),
+                "observation": _observation_text(s, max_observation_chars),
+                "images": [r.name for r in returned],
+            }
+        )
     text = render(
         PROMPT,
         tools=tools,
@@ -103,7 +110,7 @@ async def verify_trajectory(
         files=task.files,
         steps=steps,
         answer=trajectory.final_answer,
-        images=bool(images),
+        images=bool(task.images[:max_images]),
         problems=PROBLEMS,
     )
     content: list[dict[str, Any]] = [{"type": "image", "image": path(r)} for r in images]
