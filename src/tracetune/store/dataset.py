@@ -91,7 +91,7 @@ class Dataset(Generic[R]):
                 f"{root} was written with schema version {info['schema_version']}, newer than "
                 f"this tracetune ({SCHEMA_VERSION}); upgrade tracetune to read it"
             )
-        return cls(root, RECORD_TYPES[kind])
+        return cls(root, RECORD_TYPES[kind])  # type: ignore[arg-type]  # kind read from disk
 
     @property
     def state(self) -> RunState:

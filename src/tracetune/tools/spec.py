@@ -93,8 +93,8 @@ def _json_schema(annotation: Any) -> dict[str, Any]:
         values = list(get_args(annotation))
         return {"type": _JSON_TYPES.get(type(values[0]), "string"), "enum": values}
     if origin is list:
-        args = get_args(annotation)
-        return {"type": "array", **({"items": _json_schema(args[0])} if args else {})}
+        items = get_args(annotation)
+        return {"type": "array", **({"items": _json_schema(items[0])} if items else {})}
     if origin is dict:
         return {"type": "object"}
     if annotation in _JSON_TYPES:

@@ -33,7 +33,7 @@ def render_chart(path: Path) -> None:
     ax.bar(months, rain, color="#4a7ab5")
     ax.set_title("Monthly rainfall in Lisbon (mm)")
     ax.set_ylabel("mm")
-    for x, y in zip(months, rain, strict=True):
+    for x, y in enumerate(rain):  # bar positions of categorical x are 0, 1, ...
         ax.text(x, y + 1, str(y), ha="center", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
