@@ -153,6 +153,7 @@ class RunBench(StrEnum):
     programs = "programs"
     vqa = "vqa"
     dynvqa = "dynvqa"
+    agentx = "agentx"
 
 
 class AnswerMode(StrEnum):
@@ -164,7 +165,8 @@ class AnswerMode(StrEnum):
 @app.command("run")
 def run(
     bench: Annotated[
-        RunBench, typer.Argument(help="Benchmark to run: gta, gaia, programs, vqa or dynvqa.")
+        RunBench,
+        typer.Argument(help="Benchmark to run: gta, gaia, programs, vqa, dynvqa or agentx."),
     ],
     model: Annotated[
         str | None, typer.Option(help="Controller: openai:NAME or local:PATH (base or tuned).")
@@ -175,7 +177,8 @@ def run(
         typer.Option(
             help="gta: folder of dataset.json and its files; gaia: metadata.jsonl (files "
             "beside it); programs: a task dataset (default: a held-out split drawn here); "
-            "vqa/dynvqa: JSONL/JSON of {question_id, image, question, answer[, choices]}."
+            "vqa/dynvqa: JSONL/JSON of {question_id, image, question, answer[, choices]}; "
+            "agentx: Agent-X's data.json (images beside it)."
         ),
     ] = None,
     mode: Annotated[GTAMode | None, typer.Option(help="gta: step or e2e.")] = None,
@@ -233,6 +236,16 @@ def run(
     base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint URL.")] = None,
     adapter: Annotated[Path | None, typer.Option(help="LoRA adapter for local: models.")] = None,
     max_cost: Annotated[float | None, typer.Option(help="Stop after this many USD.")] = None,
+    judge: Annotated[
+        str | None,
+        typer.Option(
+            help="agentx: judge model spec for the judged metrics, e.g. openai:gpt-4o "
+            "(without it only tool_precision and toolset_accuracy are computed)."
+        ),
+    ] = None,
+    judge_base_url: Annotated[
+        str | None, typer.Option(help="agentx: OpenAI-compatible endpoint of the judge.")
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with these options.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
@@ -256,6 +269,8 @@ def run(
         fail("--mode applies to gta only")
     if bench not in (RunBench.vqa, RunBench.dynvqa) and answer_mode is not None:
         fail("--answer-mode applies to vqa and dynvqa only")
+    if bench is not RunBench.agentx and (judge is not None or judge_base_url is not None):
+        fail("--judge and --judge-base-url apply to agentx only")
     backend = None
     if base_url or adapter:
         backend = ModelOptions(base_url=base_url, adapter=str(adapter) if adapter else None)
@@ -286,6 +301,8 @@ def run(
         exclude=exclude,
         max_cost_usd=max_cost,
         backend=backend,
+        judge=judge,
+        judge_base_url=judge_base_url,
     )
     try:
         metrics = run_async(

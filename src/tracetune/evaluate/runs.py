@@ -32,7 +32,7 @@ from tracetune.runner import Budget, MeteredModel, StageResult
 from tracetune.schema import EvalRecord, Trajectory
 from tracetune.store import Dataset
 
-RUN_BENCHMARKS = ("gta", "gaia", "programs", "vqa", "dynvqa")
+RUN_BENCHMARKS = ("gta", "gaia", "programs", "vqa", "dynvqa", "agentx")
 STAGE = "eval"
 Notify = Callable[[str], None]
 
@@ -62,7 +62,7 @@ class EvalRunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    bench: Literal["gta", "gaia", "programs", "vqa", "dynvqa"] = Field(
+    bench: Literal["gta", "gaia", "programs", "vqa", "dynvqa", "agentx"] = Field(
         description="Benchmark to run."
     )
     model: str = Field(description="Controller spec: 'openai:NAME' or 'local:PATH_OR_HUB_ID'.")
@@ -72,7 +72,8 @@ class EvalRunConfig(BaseModel):
         description="gta: the folder of dataset.json and its files; gaia: metadata.jsonl (its "
         "attached files beside it); programs: a task dataset (default: a held-out split drawn "
         "here); vqa/dynvqa: a JSONL/JSON file of {question_id, image, question, answer"
-        "[, choices]} rows, images beside it.",
+        "[, choices]} rows, images beside it; agentx: Agent-X's data.json (or its folder), "
+        "images beside it.",
     )
     mode: Literal["step", "e2e"] = Field(
         default="step", description="gta: step (step-by-step, gold history) or e2e (end-to-end)."
@@ -89,6 +90,15 @@ class EvalRunConfig(BaseModel):
         default=None,
         description="Model that vision tools ask (GTA ImageDescription, RegionAttribute"
         "Description; visual_qa); none: those tools are reported unavailable.",
+    )
+    judge: str | None = Field(
+        default=None,
+        description="agentx: judge model spec for the judged metrics; none: only the "
+        "judge-free metrics (tool_precision, toolset_accuracy) are computed.",
+    )
+    judge_base_url: str | None = Field(
+        default=None,
+        description="agentx: OpenAI-compatible endpoint of the judge (default: the backend's).",
     )
     tools: list[str] = Field(
         default_factory=list,
@@ -160,7 +170,7 @@ def data_fingerprint(path: Path | None) -> str | None:
         return None
     path = Path(path)
     if path.is_dir():
-        for name in ("dataset.json", "metadata.jsonl"):
+        for name in ("dataset.json", "metadata.jsonl", "data.json"):
             if (path / name).is_file():
                 path = path / name
                 break
@@ -359,6 +369,10 @@ async def run_benchmark(
         from tracetune.evaluate.gaia_run import run_gaia
 
         return await run_gaia(config, model, progress, notify)
+    if config.bench == "agentx":
+        from tracetune.evaluate.agentx_run import run_agentx
+
+        return await run_agentx(config, model, progress, notify)
     if config.bench in ("vqa", "dynvqa"):
         from tracetune.evaluate.vqa_run import run_vqa
 

@@ -1,0 +1,441 @@
+"""Run a controller on Agent-X: each query with its images and an Agent-X toolset, judged.
+
+``--data`` is Agent-X's ``data.json`` (id -> ``[record]``, or a JSON list / JSON lines with
+``id``), or the folder holding it; each record names its image(s) under ``image``,
+``file_name``, ``files`` or ``images``, relative to the data file.
+
+Agent-X's tools run on the GTA toolset's wrappers (``gta_tools``), which already implement
+GTA's tools on tracetune's own, under Agent-X's names (``AGENTX_TO_GTA``). A query is offered
+the tools its ``tool_metadata`` lists (else those its gold steps call). Tools that cannot run
+here -- no weights, no tool VLM, no search corpus, or an Agent-X tool with no implementation at
+all -- are reported before the run; queries whose gold steps need one are scored apart
+(``agentx`` covers the rest, ``agentx/all-queries`` everything), as GTA end-to-end runs do.
+
+Each episode becomes an Agent-X prediction: one reasoning step per tool call (``step``,
+``task`` = the gist of its thought, ``tool``, ``input`` = the arguments, ``output`` = the
+observation text, ``thought``) and ``final_answer {value, justification}`` with the last
+thought as justification. ``score_agentx``'s scorer grades it with the ``--judge`` model;
+judge replies are cached in the run state, so a rerun asks neither model again. Without a
+judge only the scorer's judge-free metrics (``tool_precision``, ``toolset_accuracy``) are
+computed, and metrics.json says so.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+from tracetune.agent.loop import Agent
+from tracetune.evaluate.agentx import (
+    AgentXPrediction,
+    AgentXScorer,
+    AgentXTask,
+    JudgeResult,
+    load_agentx_gold,
+    load_agentx_predictions,
+    tool_name,
+)
+from tracetune.evaluate.base import ScoreReport, index_unique, read_records
+from tracetune.evaluate.gta_tools import GTA_TOOLS, GTATool, ToolStatus, gta_tool, toolset_status
+from tracetune.evaluate.runs import (
+    EvalRunConfig,
+    EvalRunError,
+    Notify,
+    RunContext,
+    check_backend,
+    stable_id,
+    trajectories_by,
+    write_json,
+    write_jsonl,
+)
+from tracetune.models.base import ChatMessage, ChatModel, Generation, Sampling, load_model
+from tracetune.runner import MeteredModel, run_stage
+from tracetune.schema import Provenance, Task, Trajectory
+from tracetune.tools import ToolContext, ToolResult, ToolUnavailable
+
+# Agent-X tool name -> the GTA wrapper that does the same job. GTA's own names map to
+# themselves too (some Agent-X records use them).
+AGENTX_TO_GTA: dict[str, str] = {
+    "ObjectCounter": "CountGivenObject",
+    "SceneDescriber": "ImageDescription",
+    "WebSearch": "GoogleSearch",
+    "RegionDescriber": "RegionAttributeDescription",
+    "LocateObjectByText": "TextToBbox",
+    "CodePlotter": "Plot",
+    "DrawBoundingBox": "DrawBox",
+    "OverlayText": "AddText",
+    "ImageGenerator": "TextToImage",
+    **{name: name for name in GTA_TOOLS},
+}
+IMAGE_KEYS = ("image", "file_name", "files", "images")
+JUDGE_STAGE = "eval:judge"
+
+
+# -- data ----------------------------------------------------------------------------------
+def agentx_data(data: Path | None) -> Path:
+    if data is None:
+        raise EvalRunError("agentx needs --data: Agent-X's data.json (its images beside it)")
+    path = Path(data)
+    if path.is_dir():
+        path = path / "data.json"
+    if not path.is_file():
+        raise EvalRunError(f"{path} does not exist; --data is Agent-X's data.json or its folder")
+    return path
+
+
+def record_images(row: dict[str, Any], where: str, root: Path) -> list[Path]:
+    """The image files a record names (under any of ``IMAGE_KEYS``), checked to exist."""
+    names: list[str] = []
+    for key in IMAGE_KEYS:
+        value = row.get(key)
+        if value is None or value == "":
+            continue
+        values = value if isinstance(value, list) else [value]
+        names += [str(v) for v in values if v]
+    files = []
+    for rel in dict.fromkeys(names):  # a record may name the same image under two keys
+        file = (root / rel).resolve()
+        if root.resolve() not in file.parents:
+            raise EvalRunError(f"{where}: image path {rel!r} leaves the data folder")
+        if not file.is_file():
+            raise EvalRunError(
+                f"{where}: image {rel!r} is not at {file}; Agent-X's images sit beside "
+                f"data.json under the names its records give ({', '.join(IMAGE_KEYS)})"
+            )
+        files.append(file)
+    return files
+
+
+def metadata_tools(meta: Any) -> dict[str, dict[str, Any]]:
+    """A record's ``tool_metadata`` as {tool name: its metadata}, whatever shape it has
+    (a dict keyed by name, a list of {name, ...} objects or of names, one {name, ...})."""
+    if isinstance(meta, dict) and isinstance(meta.get("name"), str):
+        meta = [meta]
+    out: dict[str, dict[str, Any]] = {}
+    if isinstance(meta, dict):
+        for name, value in meta.items():
+            out[str(name)] = value if isinstance(value, dict) else {"description": str(value)}
+    elif isinstance(meta, list):
+        for item in meta:
+            if isinstance(item, str):
+                out[item] = {}
+            elif isinstance(item, dict) and item.get("name"):
+                out[str(item["name"])] = item
+    return out
+
+
+def query_tools(task: AgentXTask) -> dict[str, dict[str, Any]]:
+    tools = metadata_tools(task.tool_metadata)
+    if not tools:  # no metadata: offer what the gold steps call
+        tools = {n: {} for s in task.steps if (n := tool_name(s))}
+    return tools
+
+
+# -- the toolset ---------------------------------------------------------------------------
+class UnknownAgentXTool(GTATool):
+    """An Agent-X tool tracetune has no implementation of: every call says so."""
+
+    backend = "none"
+    unavailable = "tracetune has no implementation of this Agent-X tool"
+
+    async def forward(self, ctx: ToolContext, **kwargs: Any) -> ToolResult:
+        raise ToolUnavailable(f"{self.name} is not available here: {self.unavailable}")
+
+
+def agentx_status(names: set[str], gta: dict[str, ToolStatus]) -> dict[str, ToolStatus]:
+    """What each Agent-X tool of the run runs on here, and which cannot run (with why)."""
+    out = {}
+    for name in sorted(names):
+        target = AGENTX_TO_GTA.get(name)
+        if target is None:
+            out[name] = ToolStatus(name, "unavailable", "none", UnknownAgentXTool.unavailable)
+            continue
+        s = gta[target]
+        backend = s.backend if target == name else f"GTA {target}: {s.backend}"
+        out[name] = ToolStatus(name, s.status, backend, s.note)
+    return out
+
+
+def agentx_tool(name: str, meta: dict[str, Any], status: ToolStatus) -> GTATool:
+    """The tool an episode gets for Agent-X's ``name``: the GTA wrapper under that name, with
+    the record's description (arguments stay the wrapper's: they are what it executes)."""
+    target = AGENTX_TO_GTA.get(name)
+    tool: GTATool = copy.copy(gta_tool(target)) if target else UnknownAgentXTool()
+    tool.name = name
+    if isinstance(meta.get("description"), str) and meta["description"].strip():
+        tool.description = meta["description"].strip()
+    if status.status == "unavailable":
+        tool.unavailable = status.note or "it cannot run here"
+    return tool
+
+
+# -- predictions from trajectories ---------------------------------------------------------
+def gist(thought: str, limit: int = 120) -> str:
+    """The first sentence of a thought, shortened: Agent-X's ``task`` of a step."""
+    text = " ".join(thought.split())
+    first = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
+    return first if len(first) <= limit else first[: limit - 1].rstrip() + "…"
+
+
+def trajectory_prediction(trajectory: Trajectory) -> dict[str, Any]:
+    """An episode in Agent-X's prediction shape."""
+    steps: list[dict[str, Any]] = []
+    last_thought = ""
+    for step in trajectory.steps:
+        if step.thought:
+            last_thought = step.thought
+        action = step.action
+        if action is None or action.tool_call is None:
+            continue
+        output = step.observation.text if step.observation else ""
+        if step.error is not None:
+            output = f"{output}\nerror ({step.error.kind.value}): {step.error.message}".strip()
+        steps.append(
+            {
+                "step": len(steps) + 1,
+                "task": gist(step.thought),
+                "tool": action.tool_call.name,
+                "input": action.tool_call.arguments,
+                "output": output,
+                "thought": step.thought,
+            }
+        )
+    return {
+        "id": trajectory.metadata["agentx_id"],
+        "reasoning_steps": steps,
+        "final_answer": {"value": trajectory.final_answer or "", "justification": last_thought},
+    }
+
+
+# -- scoring -------------------------------------------------------------------------------
+class _NoJudge(ChatModel):
+    spec = "none"
+
+    async def generate(
+        self,
+        messages: list[ChatMessage],
+        *,
+        n: int = 1,
+        sampling: Sampling = Sampling(),  # noqa: B008  (frozen: safe to share)
+        tools: list[dict[str, Any]] | None = None,
+    ) -> Generation:
+        raise AssertionError("the judge-free scorer never asks a judge")
+
+
+class JudgeFreeScorer(AgentXScorer):
+    """The Agent-X scorer without a judge: its judged metrics are dropped, so what is left
+    (the metrics it computes without the judge) comes from the very same code."""
+
+    def __init__(self) -> None:
+        super().__init__(_NoJudge())
+
+    async def _judge(  # type: ignore[override]
+        self, template: str, semaphore: Any, *, n_steps: int | None = None, **_: Any
+    ) -> JudgeResult:
+        return JudgeResult(0.0 if n_steps is None else [0.0] * n_steps)
+
+    async def ascore(
+        self, gold: dict[str, AgentXTask], predictions: dict[str, tuple[str, AgentXPrediction]]
+    ) -> ScoreReport:
+        report = await super().ascore(gold, predictions)
+        keep = set(report.details["deterministic_metrics"])
+        report.metrics = {k: v for k, v in report.metrics.items() if k in keep}
+        report.details["items_per_metric"] = {
+            k: v for k, v in report.details["items_per_metric"].items() if k in keep
+        }
+        report.details["judge"] = None
+        report.details["judged"] = False
+        report.details.pop("judge_fallbacks", None)
+        for item in report.items:
+            item.scores = {
+                k: v
+                for k, v in item.scores.items()
+                if k in keep or k in ("gold_steps", "predicted_steps")
+            }
+            item.details = {
+                k: v
+                for k, v in item.details.items()
+                if k in ("generative", "query_type", "no_prediction")
+            }
+        return report
+
+
+JUDGE_FREE_NOTE = (
+    "no --judge given: only the judge-free metrics (tool_precision, toolset_accuracy) were "
+    "computed; rerun with --judge SPEC for grounding, tool accuracy, faithfulness, context, "
+    "factual precision, semantic accuracy and goal accuracy (the episodes are not rerun)"
+)
+
+
+# -- the run -------------------------------------------------------------------------------
+async def run_agentx(
+    config: EvalRunConfig,
+    model: ChatModel | None = None,
+    progress: bool = True,
+    notify: Notify | None = None,
+    judge: ChatModel | None = None,
+) -> dict[str, Any]:
+    data = agentx_data(config.data)
+    if config.action_format != "json":
+        raise EvalRunError("agentx runs with the json action format")
+    gold = load_agentx_gold(data)
+    raw = index_unique(read_records(data, "Agent-X gold"), "id", "task")
+    ids = list(gold)[: config.limit] if config.limit else list(gold)
+    gold = {i: gold[i] for i in ids}
+    images = {i: record_images(raw[i][1], raw[i][0], data.parent) for i in ids}
+    offered = {i: query_tools(gold[i]) for i in ids}
+
+    gold_tools = {i: {n for s in gold[i].steps if (n := tool_name(s))} for i in ids}
+    names = set().union(*offered.values(), *gold_tools.values()) if ids else set()
+    status = agentx_status(
+        names, toolset_status(config.tool_options, tool_model=bool(config.tool_model))
+    )
+    affected = {
+        i: sorted(n for n in gold_tools[i] if status[n].status == "unavailable") for i in ids
+    }
+    affected = {i: v for i, v in affected.items() if v}
+    unknown = sorted(n for n in names if n not in AGENTX_TO_GTA)
+
+    ctx = RunContext(config, notify)
+    out = ctx.trajectories
+    ctx.notify(
+        "Agent-X toolset:\n"
+        + "\n".join(
+            f"  {n}: {s.status} ({s.backend}{'; ' + s.note if s.note else ''})"
+            for n, s in status.items()
+        )
+    )
+    if affected:
+        ctx.notify(
+            f"{len(affected)} of {len(ids)} queries need a tool that cannot run here; they are "
+            "scored apart (see metrics.json 'affected_queries')"
+        )
+    if config.judge is None:
+        ctx.notify(JUDGE_FREE_NOTE)
+    tasks = {
+        i: Task(
+            id=f"agentx-{i}",
+            query=gold[i].query,
+            files=[out.assets.put_file(f, name=f.name) for f in images[i]],
+            tools=list(offered[i]),
+            provenance=Provenance(source="import:agentx"),
+            metadata={"agentx_id": i, "query_type": gold[i].query_type},
+        )
+        for i in ids
+    }
+    write_json(ctx.root / "gold.json", {i: raw[i][1] for i in ids})
+    ctx.write_run(
+        {
+            "data": str(data),
+            "toolset": {n: s.as_dict() for n, s in status.items()},
+            "tool_names": {n: AGENTX_TO_GTA.get(n) for n in sorted(names)},
+            "affected_queries": affected,
+            "judge": config.judge,
+        }
+    )
+    controller = ctx.load_models(model)
+    sampling = ctx.sampling()
+
+    def key(qid: str) -> str:
+        return stable_id("agentx", qid, controller.spec, config.action_format)
+
+    async def process(qid: str) -> Trajectory:
+        tools = [agentx_tool(n, m, status[n]) for n, m in offered[qid].items()]
+        agent = Agent(
+            controller,
+            list(tools),
+            "json",
+            config.max_steps,
+            config.max_errors,
+            sampling,
+            tool_options=copy.deepcopy(config.tool_options),
+            tool_model=ctx.tool_model,
+        )
+        trajectory = check_backend(await agent.run(tasks[qid], out.assets, out.assets, key(qid)))
+        trajectory.metadata.update({"bench": "agentx", "agentx_id": qid})
+        trajectory.metadata["prediction"] = trajectory_prediction(trajectory)
+        return trajectory
+
+    try:
+        result = await run_stage(
+            "eval",
+            ids,
+            key=key,
+            process=process,
+            out=out,
+            concurrency=config.concurrency,
+            budget=ctx.budget(),
+            progress=progress,
+            total=len(ids),
+            chunk_size=max(1, min(16, len(ids) // 4)),
+        )
+    finally:
+        await ctx.close()
+
+    groups = trajectories_by(out, "agentx_id")
+    rows, trajectory_of = [], {}
+    for qid in ids:
+        if qid in groups:
+            rows.append(groups[qid][0].metadata["prediction"])
+            trajectory_of[qid] = groups[qid][0].id
+    predictions = ctx.root / "predictions.jsonl"
+    write_jsonl(predictions, rows)
+    loaded = load_agentx_predictions(predictions) if rows else {}
+
+    judge_model: ChatModel | None = None
+    if config.judge is not None:
+        loaded_judge = judge or load_model(
+            config.judge,
+            config.backend.model_copy(
+                update={"base_url": config.judge_base_url or config.backend.base_url}
+            ),
+        )
+        # Metered and cached in the run state: a rerun gets every judge reply from the cache.
+        judge_model = MeteredModel(loaded_judge, out.state, JUDGE_STAGE)
+    scorer = AgentXScorer(judge_model) if judge_model is not None else JudgeFreeScorer()
+    reports: dict[str, ScoreReport] = {}
+    try:
+        if affected:
+            runnable = {q: g for q, g in gold.items() if q not in affected}
+            report = await scorer.ascore(
+                runnable, {q: p for q, p in loaded.items() if q in runnable}
+            )
+            report.details["subset"] = "queries whose gold tools all run here"
+            reports["agentx"] = report
+            full = await scorer.ascore(gold, loaded)
+            full.benchmark = "agentx/all-queries"
+            full.details["subset"] = (
+                "all queries, including those needing a tool that cannot run here"
+            )
+            reports[full.benchmark] = full
+        else:
+            reports["agentx"] = await scorer.ascore(gold, loaded)
+    finally:
+        if judge_model is not None:
+            await judge_model.aclose()
+    extra = {
+        "judged": judge_model is not None,
+        "judge": config.judge,
+        "affected_queries": affected,
+        "unknown_tools": unknown,
+        "unavailable_tools": sorted(n for n, s in status.items() if s.status == "unavailable"),
+        "approximate_tools": sorted(n for n, s in status.items() if s.status == "approximate"),
+        "predictions": str(predictions),
+    }
+    if judge_model is None:
+        extra["note"] = JUDGE_FREE_NOTE
+    return ctx.finish(reports, "agentx", trajectory_of, result, extra)
+
+
+__all__ = [
+    "AGENTX_TO_GTA",
+    "JudgeFreeScorer",
+    "agentx_status",
+    "agentx_tool",
+    "metadata_tools",
+    "record_images",
+    "run_agentx",
+    "trajectory_prediction",
+]
