@@ -31,6 +31,7 @@ HEADLINE_SCORE = {
     "programs": ("accuracy",),
     "vqa": ("vqa_accuracy", "mc_accuracy"),
     "dynvqa": ("token_recall",),
+    "agentx": ("goal_accuracy", "goal_accuracy_generative"),
 }
 
 
@@ -97,6 +98,7 @@ def _load_trajectories(run: RunData, wanted: set[str]) -> None:
         "programs": "task_id",
         "vqa": "item_id",
         "dynvqa": "item_id",
+        "agentx": "agentx_id",
     }.get(run.bench)
     for trajectory in Dataset.open(path, Trajectory):
         item = str(trajectory.metadata.get(item_key or "", trajectory.task.id))
@@ -487,9 +489,25 @@ def build_report(
         for note in notes:
             html_parts.append(f"<p><i>{_e(note)}</i></p>")
             md_parts.append(f"*{note}*\n")
-        groups = {r.label: percent_metrics(r.report(name)) for r in having}
+        # Agent-X reports fractions in [0, 1] (its own scale), not percentages.
+        fractions = all(
+            str(r.report(name).get("details", {}).get("scale", "")).startswith("0-1")
+            for r in having
+        )
+        if fractions:
+            groups = {
+                r.label: {
+                    m: float(v)
+                    for m, v in r.report(name).get("metrics", {}).items()
+                    if isinstance(v, float)
+                }
+                for r in having
+            }
+        else:
+            groups = {r.label: percent_metrics(r.report(name)) for r in having}
         if any(groups.values()):
-            plot = bar_chart(out / "plots" / f"{_slug(name)}.png", name, groups, "%")
+            ylabel = "score (0-1)" if fractions else "%"
+            plot = bar_chart(out / "plots" / f"{_slug(name)}.png", name, groups, ylabel)
             plots.append(plot)
             rel = plot.relative_to(out).as_posix()
             html_parts.append(f'<p><img src="{_e(rel)}" alt="{_e(name)} metrics"></p>')
