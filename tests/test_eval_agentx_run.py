@@ -193,8 +193,14 @@ def test_agentx_run_with_a_judge_scores_and_reruns_without_calls(tmp_path: Path)
 
 
 def test_agentx_run_without_a_judge_computes_the_judge_free_metrics(tmp_path: Path) -> None:
-    with ScriptedOpenAIServer(controller) as agent:
+    with ScriptedOpenAIServer(controller) as agent, ScriptedOpenAIServer(judge) as jury:
         metrics = _run(_config(tmp_path, agent))
+        calls = len(agent.requests)
+        # a judge added later scores the same episodes: the controller is not asked again
+        judged = _run(_config(tmp_path, agent, judge="openai:judge", judge_base_url=jury.base_url))
+        assert len(agent.requests) == calls and jury.requests
+    assert judged["judged"] is True
+    assert judged["reports"]["agentx"]["metrics"]["tool_accuracy"] == pytest.approx(0.75)
     assert metrics["judged"] is False and "only the judge-free metrics" in metrics["note"]
     head = metrics["reports"]["agentx"]
     assert head["metrics"] == {"tool_precision": 1.0, "toolset_accuracy": 1.0}
