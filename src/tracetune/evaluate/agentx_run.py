@@ -51,7 +51,7 @@ from tracetune.evaluate.runs import (
     write_jsonl,
 )
 from tracetune.models.base import ChatMessage, ChatModel, Generation, Sampling, load_model
-from tracetune.runner import MeteredModel, run_stage
+from tracetune.runner import MeteredModel
 from tracetune.schema import Provenance, Task, Trajectory
 from tracetune.tools import ToolContext, ToolResult, ToolUnavailable
 
@@ -359,18 +359,7 @@ async def run_agentx(
         return trajectory
 
     try:
-        result = await run_stage(
-            "eval",
-            ids,
-            key=key,
-            process=process,
-            out=out,
-            concurrency=config.concurrency,
-            budget=ctx.budget(),
-            progress=progress,
-            total=len(ids),
-            chunk_size=max(1, min(16, len(ids) // 4)),
-        )
+        result = await ctx.run_items(ids, key, process, progress=progress)
     finally:
         await ctx.close()
 

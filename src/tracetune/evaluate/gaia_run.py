@@ -32,7 +32,6 @@ from tracetune.evaluate.runs import (
 )
 from tracetune.models.base import ChatModel
 from tracetune.prompts import prompt_hash, render
-from tracetune.runner import run_stage
 from tracetune.schema import Provenance, Task, Trajectory
 from tracetune.tools import load_tools
 
@@ -146,18 +145,7 @@ async def run_gaia(
         return trajectory
 
     try:
-        result = await run_stage(
-            "eval",
-            tasks,
-            key=key,
-            process=process,
-            out=out,
-            concurrency=config.concurrency,
-            budget=ctx.budget(),
-            progress=progress,
-            total=len(tasks),
-            chunk_size=max(1, min(16, len(tasks) // 4)),
-        )
+        result = await ctx.run_items(tasks, key, process, progress=progress)
     finally:
         await ctx.close()
     groups = trajectories_by(out, "gaia_task_id")

@@ -59,7 +59,6 @@ from tracetune.evaluate.runs import (
 )
 from tracetune.models.base import BackendError, ChatMessage, ChatModel
 from tracetune.prompts import prompt_hash, render
-from tracetune.runner import run_stage
 from tracetune.schema import (
     Action,
     ErrorKind,
@@ -431,18 +430,7 @@ async def _run_steps(
             },
         )
 
-    return await run_stage(
-        "eval",
-        items,
-        key=key,
-        process=process,
-        out=out,
-        concurrency=config.concurrency,
-        budget=ctx.budget(),
-        progress=progress,
-        total=len(items),
-        chunk_size=max(1, min(32, len(items) // 4)),
-    )
+    return await ctx.run_items(items, key, process, progress=progress, max_chunk=32)
 
 
 def _prompt_tools(tools: list[GTATool]) -> list[Any]:
@@ -487,18 +475,7 @@ async def _run_e2e(
         )
         return trajectory
 
-    return await run_stage(
-        "eval",
-        list(gold),
-        key=key,
-        process=process,
-        out=out,
-        concurrency=config.concurrency,
-        budget=ctx.budget(),
-        progress=progress,
-        total=len(gold),
-        chunk_size=max(1, min(16, len(gold) // 4)),
-    )
+    return await ctx.run_items(list(gold), key, process, progress=progress)
 
 
 def _score(

@@ -34,7 +34,6 @@ from tracetune.evaluate.runs import (
 from tracetune.judge.answers import check_answer
 from tracetune.models.base import ChatModel
 from tracetune.rollout import called_tools
-from tracetune.runner import run_stage
 from tracetune.schema import GoldAnswer, Task, Trajectory
 from tracetune.store import Dataset
 from tracetune.store.tasks import load_tasks
@@ -233,19 +232,7 @@ async def run_programs(
         return trajectory
 
     try:
-        result = await run_stage(
-            "eval",
-            tasks,
-            key=key,
-            process=process,
-            out=out,
-            concurrency=config.concurrency,
-            budget=ctx.budget(),
-            sources=[source],
-            progress=progress,
-            total=len(tasks),
-            chunk_size=max(1, min(16, len(tasks) // 4)),
-        )
+        result = await ctx.run_items(tasks, key, process, progress=progress, sources=[source])
     finally:
         await ctx.close()
     wanted = {t.id for t in tasks}

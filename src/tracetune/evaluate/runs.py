@@ -20,20 +20,21 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from tracetune.evaluate.base import ScoreReport
 from tracetune.models.base import ChatModel, ModelOptions, Sampling, load_model
-from tracetune.runner import Budget, MeteredModel, StageResult
+from tracetune.runner import Budget, MeteredModel, StageResult, run_stage
 from tracetune.schema import EvalRecord, Trajectory
-from tracetune.store import Dataset
+from tracetune.store import AssetStore, Dataset
 
 RUN_BENCHMARKS = ("gta", "gaia", "programs", "vqa", "dynvqa", "agentx")
 STAGE = "eval"
+T = TypeVar("T")
 Notify = Callable[[str], None]
 
 
@@ -266,6 +267,32 @@ class RunContext:
 
     def budget(self) -> Budget:
         return Budget(max_cost_usd=self.config.max_cost_usd)
+
+    async def run_items(
+        self,
+        items: Sequence[T],
+        key: Callable[[T], str],
+        process: Callable[[T], Awaitable[Trajectory]],
+        *,
+        progress: bool,
+        sources: Iterable[AssetStore] = (),
+        max_chunk: int = 16,
+    ) -> StageResult:
+        """Every benchmark item through ``process`` into the run's trajectories, on the
+        stage runner (resumable; a failed item is retried on the next run)."""
+        return await run_stage(
+            STAGE,
+            items,
+            key=key,
+            process=process,
+            out=self.trajectories,
+            concurrency=self.config.concurrency,
+            budget=self.budget(),
+            sources=sources,
+            progress=progress,
+            total=len(items),
+            chunk_size=max(1, min(max_chunk, len(items) // 4)),
+        )
 
     def write_run(self, extra: dict[str, Any]) -> None:
         config = self.config.model_dump(mode="json")

@@ -43,7 +43,6 @@ from tracetune.evaluate.runs import (
 from tracetune.evaluate.vqa import extract_answer, score_vqa
 from tracetune.models.base import BackendError, ChatModel, Sampling, text_message
 from tracetune.prompts import prompt_hash, render
-from tracetune.runner import run_stage
 from tracetune.schema import Action, Observation, Step, Task, Trajectory, TrajectoryStatus, Usage
 from tracetune.store import Dataset
 
@@ -267,18 +266,8 @@ async def run_vqa(
             )
             return trajectory
 
-        result = await run_stage(
-            "eval",
-            tasks,
-            key=key,
-            process=process,
-            out=ctx.trajectories,
-            concurrency=config.concurrency,
-            budget=ctx.budget(),
-            sources=[task_store.assets],
-            progress=progress,
-            total=len(tasks),
-            chunk_size=max(1, min(16, len(tasks) // 4)),
+        result = await ctx.run_items(
+            tasks, key, process, progress=progress, sources=[task_store.assets]
         )
     finally:
         await ctx.close()
