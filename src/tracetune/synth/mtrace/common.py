@@ -6,14 +6,17 @@ import asyncio
 import hashlib
 import json
 import re
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 from pydantic import Field
 
 from tracetune.models.base import ChatModel, ModelOptions, load_model
-from tracetune.runner import Budget, MeteredModel
+from tracetune.runner import Budget, MeteredModel, StageResult, run_stage
 from tracetune.schema import Usage
-from tracetune.store import Dataset, RunState
+from tracetune.store import AssetStore, Dataset, RunState
+
+T = TypeVar("T")
 
 
 class MalformedOutput(ValueError):
@@ -112,6 +115,36 @@ def stage_budget(config: Any, out: Dataset[Any]) -> Budget:
         max_cost_usd=config.max_cost_usd,
         max_tokens=config.max_tokens,
         elsewhere=spent_elsewhere(config, out),
+    )
+
+
+async def run_synth_stage(
+    config: Any,
+    stage: str,
+    items: Sequence[T],
+    key: Callable[[T], str],
+    process: Callable[[T], Awaitable[Any]],
+    out: Dataset[Any],
+    *,
+    progress: bool,
+    sources: Iterable[AssetStore] = (),
+) -> StageResult:
+    """One M-TRACE stage on the stage runner, with the run's concurrency, budget and
+    failure threshold (``config`` is the SynthConfig)."""
+    return await run_stage(
+        stage,
+        items,
+        key=key,
+        process=process,
+        out=out,
+        concurrency=config.concurrency,
+        budget=stage_budget(config, out),
+        sources=sources,
+        max_failures=config.max_failures,
+        max_failure_rate=config.max_failure_rate,
+        progress=progress,
+        total=len(items),
+        chunk_size=4,
     )
 
 

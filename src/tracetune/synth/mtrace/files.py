@@ -30,7 +30,7 @@ from typing import Any
 
 from tracetune.models.base import ChatMessage, Sampling
 from tracetune.prompts import prompt_hash, render
-from tracetune.runner import Drop, StageResult, run_stage
+from tracetune.runner import Drop, StageResult
 from tracetune.schema import FileRef, Provenance, Task
 from tracetune.store import Dataset
 from tracetune.synth.mtrace.common import (
@@ -38,7 +38,7 @@ from tracetune.synth.mtrace.common import (
     Turns,
     extract_code,
     extract_json,
-    stage_budget,
+    run_synth_stage,
     stage_model,
 )
 from tracetune.synth.mtrace.config import SynthConfig
@@ -430,20 +430,15 @@ async def associate_files(config: SynthConfig, progress: bool = True) -> StageRe
             await turns.done(task.id)
 
     try:
-        return await run_stage(
+        return await run_synth_stage(
+            config,
             STAGE,
             items,
-            key=lambda t: t.id,
-            process=process,
-            out=out,
-            concurrency=config.concurrency,
-            budget=stage_budget(config, out),
-            sources=[pool.assets],
-            max_failures=config.max_failures,
-            max_failure_rate=config.max_failure_rate,
+            lambda t: t.id,
+            process,
+            out,
             progress=progress,
-            total=len(items),
-            chunk_size=4,
+            sources=[pool.assets],
         )
     finally:
         await model.aclose()

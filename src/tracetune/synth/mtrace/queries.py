@@ -33,8 +33,8 @@ from tracetune.store import Dataset
 from tracetune.synth.mtrace.common import (
     MalformedOutput,
     extract_json,
+    run_synth_stage,
     stable_id,
-    stage_budget,
     stage_model,
 )
 from tracetune.synth.mtrace.config import SynthConfig
@@ -287,19 +287,14 @@ async def generate_queries(config: SynthConfig, progress: bool = True) -> StageR
         return records
 
     try:
-        return await run_stage(
+        return await run_synth_stage(
+            config,
             GENERATE,
             range(qc.batches),
-            key=lambda b: f"batch-{b:05d}",
-            process=process,
-            out=out,
-            concurrency=config.concurrency,
-            budget=stage_budget(config, out),
-            max_failures=config.max_failures,
-            max_failure_rate=config.max_failure_rate,
+            lambda b: f"batch-{b:05d}",
+            process,
+            out,
             progress=progress,
-            total=qc.batches,
-            chunk_size=4,
         )
     finally:
         await model.aclose()

@@ -16,10 +16,10 @@ from typing import Any
 from tracetune.agent.loop import DEFAULT_STOP, Agent
 from tracetune.agent.run import trajectory_id
 from tracetune.models.base import Sampling
-from tracetune.runner import StageResult, run_stage
+from tracetune.runner import StageResult
 from tracetune.schema import Task, Trajectory
 from tracetune.store import Dataset
-from tracetune.synth.mtrace.common import stage_budget, stage_model
+from tracetune.synth.mtrace.common import run_synth_stage, stage_model
 from tracetune.synth.mtrace.config import SynthConfig
 from tracetune.tools import load_tools
 
@@ -81,20 +81,8 @@ async def rollout_tasks(config: SynthConfig, progress: bool = True) -> StageResu
         return trajectory
 
     try:
-        return await run_stage(
-            STAGE,
-            items,
-            key=key,
-            process=process,
-            out=out,
-            concurrency=config.concurrency,
-            budget=stage_budget(config, out),
-            sources=[tasks.assets],
-            max_failures=config.max_failures,
-            max_failure_rate=config.max_failure_rate,
-            progress=progress,
-            total=len(items),
-            chunk_size=4,
+        return await run_synth_stage(
+            config, STAGE, items, key, process, out, progress=progress, sources=[tasks.assets]
         )
     finally:
         await teacher.aclose()

@@ -16,10 +16,10 @@ from typing import Any
 from tracetune.judge.answers import judge_answer
 from tracetune.judge.query_files import MalformedVerdict, verify_task
 from tracetune.judge.trajectory import verify_trajectory
-from tracetune.runner import Drop, StageResult, run_stage
+from tracetune.runner import Drop, StageResult
 from tracetune.schema import Task, Trajectory, Verdict
 from tracetune.store import Dataset
-from tracetune.synth.mtrace.common import stable_id, stage_budget, stage_model
+from tracetune.synth.mtrace.common import run_synth_stage, stable_id, stage_model
 from tracetune.synth.mtrace.config import SynthConfig
 from tracetune.tools import load_tools
 
@@ -95,20 +95,15 @@ async def verify_tasks(config: SynthConfig, progress: bool = True) -> StageResul
         return task.model_copy(update={"query": query, "metadata": metadata})
 
     try:
-        result = await run_stage(
+        result = await run_synth_stage(
+            config,
             TASKS_STAGE,
             sorted(tasks, key=lambda t: t.id),
-            key=lambda t: t.id,
-            process=process,
-            out=out,
-            concurrency=config.concurrency,
-            budget=stage_budget(config, out),
-            sources=[tasks.assets],
-            max_failures=config.max_failures,
-            max_failure_rate=config.max_failure_rate,
+            lambda t: t.id,
+            process,
+            out,
             progress=progress,
-            total=len(tasks),
-            chunk_size=4,
+            sources=[tasks.assets],
         )
     finally:
         await model.aclose()
@@ -179,20 +174,15 @@ async def verify_trajectories(config: SynthConfig, progress: bool = True) -> Sta
         return trajectory.model_copy(update={"metadata": metadata})
 
     try:
-        result = await run_stage(
+        result = await run_synth_stage(
+            config,
             TRAJECTORIES_STAGE,
             sorted(trajectories, key=lambda t: t.id),
-            key=lambda t: t.id,
-            process=process,
-            out=out,
-            concurrency=config.concurrency,
-            budget=stage_budget(config, out),
-            sources=[trajectories.assets],
-            max_failures=config.max_failures,
-            max_failure_rate=config.max_failure_rate,
+            lambda t: t.id,
+            process,
+            out,
             progress=progress,
-            total=len(trajectories),
-            chunk_size=4,
+            sources=[trajectories.assets],
         )
     finally:
         await model.aclose()
