@@ -31,7 +31,9 @@ def quickstart(
         ),
     ] = True,
 ) -> None:
-    """Generate verifiable tasks, roll out gold trajectories with the real tools, check
+    """The whole pipeline in miniature, offline, on bundled data.
+
+    Generate verifiable tasks, roll out gold trajectories with the real tools, check
     them, write an SFT-ready dataset, run a tiny local VLM as an agent, and run the whole
     MATRIX loop in miniature on it (SFT, step-wise exploration, pairs, DPO, evaluation).
 
