@@ -40,6 +40,30 @@ def load_metered(
     return MeteredModel(model or load_model(spec, backend), out.state, stage)
 
 
+def load_stage_models(
+    spec: str,
+    second_spec: str | None,
+    backend: ModelOptions,
+    out: Dataset[Any],
+    stage: str,
+    model: ChatModel | None = None,
+    second_model: ChatModel | None = None,
+) -> tuple[MeteredModel, MeteredModel]:
+    """The stage's model and a second one for another role (the model behind
+    ``image_caption``, the reflection repairer): the same model unless the second is named
+    (or passed). Close both with ``close_models``."""
+    metered = load_metered(spec, backend, out, stage, model)
+    if not second_spec and second_model is None:
+        return metered, metered
+    return metered, load_metered(second_spec or spec, backend, out, stage, second_model)
+
+
+async def close_models(*models: ChatModel) -> None:
+    """Close each distinct model once."""
+    for model in {id(m): m for m in models}.values():
+        await model.aclose()
+
+
 class ReplyError(ValueError):
     """A model reply that is not the JSON object asked for."""
 

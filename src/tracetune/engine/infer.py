@@ -17,7 +17,13 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from tracetune.engine.common import StageOptions, choices_of, load_metered, stage_stats
+from tracetune.engine.common import (
+    StageOptions,
+    choices_of,
+    close_models,
+    load_stage_models,
+    stage_stats,
+)
 from tracetune.engine.grammar import (
     GrammarError,
     closing_turn,
@@ -196,16 +202,15 @@ async def run_infer(
     tasks = tasks_ds.records()
     if config.limit:
         tasks = tasks[: config.limit]
-    metered = load_metered(config.model, config.backend, out, STAGE, model)
-    captioner: Any = metered
-    if config.operators.caption_model or caption_model is not None:
-        captioner = load_metered(
-            config.operators.caption_model or config.model,
-            config.backend,
-            out,
-            STAGE,
-            caption_model,
-        )
+    metered, captioner = load_stage_models(
+        config.model,
+        config.operators.caption_model,
+        config.backend,
+        out,
+        STAGE,
+        model,
+        caption_model,
+    )
     operators = OperatorSet(config.operators, captioner)
     try:
         await operators.startup()
@@ -249,9 +254,7 @@ async def run_infer(
             chunk_size=max(1, min(16, len(tasks) // 4)),
         )
     finally:
-        await metered.aclose()
-        if captioner is not metered:
-            await captioner.aclose()
+        await close_models(metered, captioner)
     write_eval_files(out)
     stage_stats(out, STAGE, result)
     return result, out

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from pydantic import Field
 
@@ -23,8 +22,9 @@ from tracetune.engine.common import (
     StageOptions,
     answer_agrees,
     choices_of,
+    close_models,
     json_object,
-    load_metered,
+    load_stage_models,
     reference_text,
     stage_stats,
 )
@@ -265,11 +265,15 @@ async def run_rationale(
     tasks = tasks_ds.records()
     if config.limit:
         tasks = tasks[: config.limit]
-    metered = load_metered(config.teacher, config.backend, out, STAGE, teacher)
-    captioner: Any = metered
-    if config.operators.caption_model or caption_model is not None:
-        spec = config.operators.caption_model or config.teacher
-        captioner = load_metered(spec, config.backend, out, STAGE, caption_model)
+    metered, captioner = load_stage_models(
+        config.teacher,
+        config.operators.caption_model,
+        config.backend,
+        out,
+        STAGE,
+        teacher,
+        caption_model,
+    )
     operators = OperatorSet(config.operators, captioner)
     try:
         await operators.startup()
@@ -288,9 +292,7 @@ async def run_rationale(
             chunk_size=max(1, min(16, len(tasks) // 4)),
         )
     finally:
-        await metered.aclose()
-        if captioner is not metered:
-            await captioner.aclose()
+        await close_models(metered, captioner)
     steps = [len(d.metadata.get("rationale", {}).get("steps", [])) for d in out]
     stage_stats(
         out,

@@ -25,8 +25,9 @@ from pydantic import Field
 from tracetune.engine.common import (
     ReplyError,
     StageOptions,
+    close_models,
     json_object,
-    load_metered,
+    load_stage_models,
     reference_text,
     stage_stats,
 )
@@ -238,12 +239,9 @@ async def run_reflect(
     items = [d for d in source if d.format == "rr"]
     if config.limit:
         items = items[: config.limit]
-    judge_model = load_metered(config.judge, config.backend, out, STAGE, judge)
-    repair_model = judge_model
-    if config.repairer or repairer is not None:
-        repair_model = load_metered(
-            config.repairer or config.judge, config.backend, out, STAGE, repairer
-        )
+    judge_model, repair_model = load_stage_models(
+        config.judge, config.repairer, config.backend, out, STAGE, judge, repairer
+    )
     reflector = Reflector(config, judge_model, repair_model, verdicts, source.assets)
     try:
         result = await run_stage(
@@ -261,9 +259,7 @@ async def run_reflect(
         )
     finally:
         reflector.close()
-        await judge_model.aclose()
-        if repair_model is not judge_model:
-            await repair_model.aclose()
+        await close_models(judge_model, repair_model)
     stage_stats(out, STAGE, result, reflection_counts(out))
     return result, out
 
