@@ -1,4 +1,4 @@
-"""Benchmark scorers: every rule of REFERENCE.md section 3 on hand-made cases, and
+"""Benchmark scorers: every rule of the benchmarks' official scorers on hand-made cases, and
 ``tracetune eval score`` on small fixtures against metrics computed by hand."""
 
 from __future__ import annotations

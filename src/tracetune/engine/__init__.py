@@ -1,5 +1,5 @@
 """The MMAT data engine: QA ingestion, rationales with operators and retrieval, reflection,
-RR and ORR renderings, and RR/ORR inference (REFERENCE.md 1.2).
+RR and ORR renderings, and RR/ORR inference (as MMAT-1M describes them).
 
 Stages (each resumable on the shared stage runner):
 ``ingest`` (QA rows -> tasks), ``rationale`` (teacher + real operators -> RR dialogues),

@@ -1,4 +1,4 @@
-"""Agent-X metrics: LLM-judge scores per query in [0, 1], averaged (REFERENCE.md 3.3).
+"""Agent-X metrics: LLM-judge scores per query in [0, 1], averaged (Agent-X's evaluation protocol).
 
 Gold: Agent-X's ``data.json`` (id -> ``[record]`` or record) or JSON lines with ``id``; a record
 has ``query``, ``tool_metadata``, ``reasoning_steps`` (``{step, task, tool, input, output,

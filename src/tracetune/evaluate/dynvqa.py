@@ -1,4 +1,4 @@
-"""Dyn-VQA's answer score: token recall against the best alias (REFERENCE.md 3.4).
+"""Dyn-VQA's answer score: token recall against the best alias (OmniSearch's Dyn-VQA evaluation).
 
 Per question: prediction and each gold alias are normalized VQA-style
 (``normalize_vqa_answer``: punctuation, number words to digits, articles dropped, lowercase)

@@ -2,7 +2,7 @@
 
 Gold is GAIA's metadata JSONL (``task_id``, ``Question``, ``Level``, ``Final answer``, ...);
 predictions are its submission JSONL (``task_id``, ``model_answer``). The rules are those of
-the leaderboard's ``question_scorer`` (REFERENCE.md 3.2):
+the leaderboard's ``question_scorer``:
 
 1. If the gold answer parses as a float, the prediction is stripped of ``$``, ``%`` and ``,``
    and compared as a float, exactly. A prediction that does not parse is wrong ("12 km" for

@@ -11,7 +11,7 @@ JSON lines in GTA's message shapes:
 A tool call is ``{"type": "function", "function": {"name", "arguments"}}`` (or the bare
 ``{"name", "arguments"}``); ``arguments`` may be a dict or its JSON text.
 
-How the rules are read (REFERENCE.md 3.1, checked against GTA's evaluator,
+How the rules are read (checked against GTA's evaluator,
 ``GTABenchEvaluator`` in open-compass/GTA):
 
 - *Objective answers* (``gt_answer = {whitelist, blacklist}``): correct when, for every

@@ -1,4 +1,4 @@
-"""Pref-X: step-wise exploration, step verifiers and preference pairs (REFERENCE.md 1.1.3)."""
+"""Pref-X: step-wise exploration, step verifiers and preference pairs (MATRIX's Pref-X)."""
 
 from tracetune.prefs.base import Candidate, Ranking, StepContext, close_branch, fork_episode
 from tracetune.prefs.explore import ExploreConfig, Explorer, explore_id, run_explore
