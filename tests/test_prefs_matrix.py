@@ -140,13 +140,68 @@ def test_matrix_config_fails_early_with_the_stage_and_field(tmp_path: Path) -> N
     assert result.exit_code == 2 and "needs a judge model" in result.output
 
 
+@pytest.mark.slow  # gold rollouts, SFT until killed, then the rest of the loop (~90 s)
 def test_a_killed_training_stage_resumes_from_its_checkpoint(tmp_path: Path) -> None:
-    from tracetune.prefs.matrix import _resumable
+    """`run matrix` is SIGKILLed while its SFT stage trains, once a checkpoint is on disk; the
+    rerun continues that run from the checkpoint (the trainer says so) and finishes the loop."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
 
-    config = miniature(tmp_path / "loop", "tiny:qwen2_vl")
-    sft = config.sft_config(tmp_path / "gold", "base")
-    assert not _resumable(sft).resume  # a fresh run starts fresh
-    checkpoint = sft.out / "checkpoints" / "checkpoint-4"
-    checkpoint.mkdir(parents=True)
-    (checkpoint / "trainer_state.json").write_text("{}")
-    assert _resumable(sft).resume
+    from tracetune.train.model import RUN_FILE, last_complete_checkpoint
+
+    out = tmp_path / "loop"
+    sft = {"max_steps": 100_000, "save_steps": 2, "save_total_limit": 2, "logging_steps": 1}
+    config = miniature(out, "tiny:qwen2_vl")
+    sft = {**config.sft, **sft}
+    path = tmp_path / "matrix.yaml"
+    data = json.loads(config.model_dump_json())
+    data["sft"] = sft
+    path.write_text(yaml.safe_dump(data))
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "info"}
+    command = [sys.executable, "-m", "tracetune.cli", "run", "matrix", str(path), "--quiet"]
+    checkpoints = out / "sft" / "checkpoints"
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            last = last_complete_checkpoint(checkpoints)
+            if last is not None and last.name != "checkpoint-2":  # a few steps in
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the loop ended before its SFT stage was killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (out / "sft" / RUN_FILE).exists()  # the stage really was cut short
+    killed_at = last_complete_checkpoint(checkpoints)
+    assert killed_at is not None
+    step = int(killed_at.name.removeprefix("checkpoint-"))
+
+    # The rerun asks for two more steps than the checkpoint holds.
+    data["sft"] = {**sft, "max_steps": step + 2}
+    path.write_text(yaml.safe_dump(data))
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "Resuming training from checkpoint" in rerun.stderr
+    assert f"global step {step}" in rerun.stderr.split("Resuming training from checkpoint")[1]
+    report = json.loads((out / "report.json").read_text())["stages"]
+    assert report["sft"]["steps"] == step + 2
+    assert (out / "dpo" / RUN_FILE).is_file() and "eval" in report
+
+
+def test_a_checkpoint_cut_short_by_a_kill_is_not_resumed_from(tmp_path: Path) -> None:
+    """The trainer writes trainer_state.json last: a checkpoint without it is skipped."""
+    from tracetune.train.model import last_complete_checkpoint
+
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "checkpoint-4").mkdir(parents=True)
+    (checkpoints / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    (checkpoints / "checkpoint-6").mkdir()
+    (checkpoints / "checkpoint-6" / "model.safetensors").write_text("")  # killed mid-save
+    (checkpoints / "checkpoint-10.tmp").mkdir()
+    assert last_complete_checkpoint(checkpoints) == checkpoints / "checkpoint-4"
+    assert last_complete_checkpoint(tmp_path / "missing") is None

@@ -191,10 +191,9 @@ def _trained(train_dir: Path) -> bool:
 
 def _resumable(train_config: Any) -> Any:
     """The training config, set to resume when a killed run left a checkpoint behind."""
-    from transformers.trainer_utils import get_last_checkpoint
+    from tracetune.train.model import last_complete_checkpoint
 
-    checkpoints = train_config.out / "checkpoints"
-    if checkpoints.is_dir() and get_last_checkpoint(str(checkpoints)) is not None:
+    if last_complete_checkpoint(train_config.out / "checkpoints") is not None:
         return train_config.model_copy(update={"resume": True})
     return train_config
 

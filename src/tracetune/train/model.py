@@ -123,12 +123,33 @@ def lora_config(options: TrainOptions, model: Any) -> Any:
     )
 
 
+def last_complete_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest checkpoint that was written to the end, or None.
+
+    The trainer writes a checkpoint's files one by one and its ``trainer_state.json`` last, so
+    a run killed while saving leaves a directory without it; resuming from that one would
+    fail. Such a partial checkpoint is skipped (and logged): the previous one is complete.
+    """
+    import re
+
+    if not ckpt_dir.is_dir():
+        return None
+    numbered = []
+    for child in ckpt_dir.iterdir():
+        match = re.fullmatch(r"checkpoint-(\d+)", child.name)
+        if match and child.is_dir():
+            numbered.append((int(match.group(1)), child))
+    for _, path in sorted(numbered, reverse=True):
+        if (path / "trainer_state.json").is_file():
+            return path
+        log.warning("skipping %s: it was not written to the end (the run was killed)", path)
+    return None
+
+
 def resume_checkpoint(options: TrainOptions) -> str | None:
     """The checkpoint to resume from; refuses to silently mix two runs in one directory."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     ckpt_dir = options.out / "checkpoints"
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    last = last_complete_checkpoint(ckpt_dir)
     if options.resume:
         if last is None:
             raise ValueError(
