@@ -167,15 +167,52 @@ def test_stop_strings_cut_the_output(local: LocalVLM) -> None:
     assert cut.usage.completion_tokens <= 24
 
 
-def test_concurrent_episodes_share_the_model(local: LocalVLM) -> None:
-    async def many() -> list[str]:
-        gens = await asyncio.gather(
-            *(local.generate(image_chat(), sampling=Sampling(max_tokens=8)) for _ in range(4))
-        )
-        return [g.text for g in gens]
+def test_concurrent_episodes_share_the_model(local: LocalVLM, tmp_path: Path) -> None:
+    """Four agent episodes in flight at once all call the one loaded model: its calls
+    overlap (each episode's request is waiting while the others are), no second copy of the
+    weights is made, and every episode gets its own answer from it."""
+    from tracetune.agent import Agent
+    from tracetune.schema import Task
+    from tracetune.store import AssetStore
+    from tracetune.tools import get_tool
 
-    texts = run(many())
-    assert len(texts) == 4 and len(set(texts)) == 1
+    weights = {id(p) for p in local.model.parameters()}
+    in_flight = peak = 0
+    models_seen: set[int] = set()
+    generate, blocking = local.generate, local.generate_blocking
+
+    async def counting_generate(*args: Any, **kwargs: Any) -> Any:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            return await generate(*args, **kwargs)
+        finally:
+            in_flight -= 1
+
+    def recording_blocking(*args: Any, **kwargs: Any) -> Any:
+        models_seen.add(id(local.model))
+        return blocking(*args, **kwargs)
+
+    local.generate = counting_generate  # type: ignore[method-assign]
+    local.generate_blocking = recording_blocking  # type: ignore[method-assign]
+    try:
+        agent = Agent(local, [get_tool("calculator")], max_steps=2, sampling=Sampling(max_tokens=8))
+        source, assets = AssetStore(tmp_path / "src"), AssetStore(tmp_path / "out")
+
+        async def episodes() -> list[Any]:
+            return await asyncio.gather(
+                *(agent.run(Task(id=f"t{i}", query="2+2?"), source, assets) for i in range(4))
+            )
+
+        trajectories = run(episodes())
+    finally:
+        del local.generate, local.generate_blocking
+    assert len(trajectories) == 4 and {t.task.id for t in trajectories} == {"t0", "t1", "t2", "t3"}
+    assert all(t.steps for t in trajectories)  # each episode got model output
+    assert peak >= 2  # the episodes' model calls were in flight together
+    assert models_seen == {id(local.model)}
+    assert {id(p) for p in local.model.parameters()} == weights  # no copy was loaded
 
 
 def test_lora_adapter_loads_changes_logits_and_merges(
