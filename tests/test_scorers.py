@@ -506,15 +506,18 @@ def test_gaia_bad_files_name_the_line_and_key(tmp_path: Path) -> None:
 
 # -- Dyn-VQA ---------------------------------------------------------------------------------------
 def test_dynvqa_token_recall_normalizes_numbers_articles_and_punctuation() -> None:
-    assert token_recall("There are three dogs.", ["3 dogs"]) == 1.0
-    assert token_recall("the Eiffel Tower!", ["Eiffel Tower"]) == 1.0
-    assert token_recall("A red, big car", ["the big red car"]) == 1.0  # order-free
-    assert token_recall("Paris", ["Paris, France"]) == pytest.approx(0.5)
-    # Multiset overlap: gold "new new york" has "new" twice; one "new" in the answer.
-    assert token_recall("new york", ["new new york"]) == pytest.approx(2 / 3)
-    # Max over aliases; a long answer with all gold tokens scores 1 (it is recall).
-    assert token_recall("It was Joe Biden, elected in 2020", ["Biden", "Obama"]) == 1.0
-    assert token_recall("nothing relevant", ["Biden"]) == 0.0
+    for rule in ("official", "symmetric"):
+        assert token_recall("There are three dogs.", ["3 dogs"], rule) == 1.0
+        assert token_recall("the Eiffel Tower!", ["Eiffel Tower"], rule) == 1.0
+        assert token_recall("Paris", ["Paris, France"], rule) == pytest.approx(0.5)
+        # Multiset overlap: gold "new new york" has "new" twice; one "new" in the answer.
+        assert token_recall("new york", ["new new york"], rule) == pytest.approx(2 / 3)
+        # Max over aliases; a long answer with all gold tokens scores 1 (it is recall).
+        assert token_recall("It was Joe Biden, elected in 2020", ["Biden", "Obama"], rule) == 1.0
+        assert token_recall("nothing relevant", ["Biden"], rule) == 0.0
+    # Order-free; the gold's article counts under the official rule (gold is not normalized).
+    assert token_recall("A red, big car", ["the big red car"], "symmetric") == 1.0
+    assert token_recall("A red, big car", ["the big red car"]) == pytest.approx(3 / 4)
 
 
 def test_dynvqa_scores_a_file(tmp_path: Path) -> None:
@@ -537,9 +540,14 @@ def test_dynvqa_scores_a_file(tmp_path: Path) -> None:
             {"question_id": 3, "prediction": "France"},
         ],
     )
-    # 1: best alias "Biden" -> 1; 2: "two moons" -> {2, moons} both present -> 1;
-    # 3: "paris france" vs "france" -> 1/2. Mean 2.5/3.
+    # Official rule (the default): 1: best alias "Biden" -> 1; 2: gold "two moons" is not
+    # normalized, so the predicted "2" misses "two" -> 1/2; 3: "paris , france" (comma
+    # dropped) vs "france" -> 1/2. Mean 2/3.
     report = cli_score(f"dynvqa --gold {gold} --predictions {preds}")
+    assert report["metrics"]["token_recall"] == pytest.approx(100 * 2 / 3, abs=1e-6)
+    assert report["details"]["rule"] == "official"
+    # Symmetric (labelled lenient): "two moons" -> {2, moons} both present -> 1. Mean 2.5/3.
+    report = cli_score(f"dynvqa --gold {gold} --predictions {preds} --rule symmetric")
     assert report["metrics"]["token_recall"] == pytest.approx(100 * 2.5 / 3, abs=1e-6)
 
 

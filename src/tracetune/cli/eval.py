@@ -32,6 +32,17 @@ class GTAProtocol(StrEnum):
     mat = "mat"
 
 
+class DynVQARule(StrEnum):
+    official = "official"
+    symmetric = "symmetric"
+
+
+class DynVQALang(StrEnum):
+    auto = "auto"
+    en = "en"
+    zh = "zh"
+
+
 @app.command("score")
 def score(
     bench: Annotated[Bench, typer.Argument(help="Benchmark whose rules to apply.")],
@@ -75,6 +86,21 @@ def score(
         bool,
         typer.Option(help="GAIA only: score the text after the last 'FINAL ANSWER:' marker."),
     ] = True,
+    rule: Annotated[
+        DynVQARule,
+        typer.Option(
+            help="Dyn-VQA only: official (OmniSearch's evaluation: only the prediction is "
+            "normalized; the default) or symmetric (both sides normalized; lenient, not "
+            "comparable with published numbers)."
+        ),
+    ] = DynVQARule.official,
+    lang: Annotated[
+        DynVQALang,
+        typer.Option(
+            help="Dyn-VQA only: tokenization: en (NLTK), zh (jieba, the DynVQA_zh split) or "
+            "auto (zh when most gold answers are Chinese)."
+        ),
+    ] = DynVQALang.auto,
 ) -> None:
     """Score a predictions file against gold and print the metrics as JSON."""
     from tracetune.evaluate import ScoringInputError
@@ -83,8 +109,14 @@ def score(
         fail("--mode and --protocol apply to gta only")
     if bench is not Bench.agentx and judge is not None:
         fail("--judge applies to agentx only (the other scorers use no judge)")
+    if bench is not Bench.dynvqa and (
+        rule is not DynVQARule.official or lang is not DynVQALang.auto
+    ):
+        fail("--rule and --lang apply to dynvqa only")
     try:
-        report = _score(bench, gold, predictions, mode, protocol, judge, embedder, extract)
+        report = _score(
+            bench, gold, predictions, mode, protocol, judge, embedder, extract, rule, lang
+        )
     except (ScoringInputError, FileNotFoundError, ModuleNotFoundError) as exc:
         fail(str(exc))
         return
@@ -107,6 +139,8 @@ def _score(
     judge: str | None,
     embedder: str,
     extract: bool,
+    rule: DynVQARule = DynVQARule.official,
+    lang: DynVQALang = DynVQALang.auto,
 ) -> Any:
     if bench is Bench.gta:
         from tracetune.evaluate.gta import score_gta
@@ -124,7 +158,7 @@ def _score(
     if bench is Bench.dynvqa:
         from tracetune.evaluate.dynvqa import score_dynvqa
 
-        return score_dynvqa(gold, predictions)
+        return score_dynvqa(gold, predictions, rule.value, lang.value)  # type: ignore[arg-type]
     if bench is Bench.vqa:
         from tracetune.evaluate.vqa import score_vqa
 
@@ -263,7 +297,6 @@ def run(
         run_benchmark,
     )
     from tracetune.models.base import BackendError, ModelOptions
-    from tracetune.runner import StageAborted
 
     if bench is not RunBench.gta and mode is not None:
         fail("--mode applies to gta only")
@@ -314,7 +347,6 @@ def run(
         FileNotFoundError,
         KeyError,
         BackendError,
-        StageAborted,
         OperatorUnavailable,
     ) as exc:
         fail(str(exc).strip("'\""))
