@@ -1,4 +1,4 @@
-"""``tracetune model``: build tiny test models and manage checkpoints."""
+"""``tracetune model``: build controllers from config (tiny test models to 100M) and merge."""
 
 from __future__ import annotations
 
@@ -44,6 +44,94 @@ def init_tiny(
     typer.echo(
         f"built tiny {arch.value}: {params:,} parameters in {time.perf_counter() - start:.1f} s, "
         f"saved to {path}"
+    )
+
+
+class Size(enum.StrEnum):
+    s250k = "250k"
+    s5m = "5m"
+    s20m = "20m"
+    s100m = "100m"
+
+
+@app.command("init")
+def init(
+    arch: Annotated[Arch, typer.Option("--arch", help="Model family to build.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory to write the checkpoint to.")],
+    size: Annotated[
+        Size, typer.Option("--size", help="Named size; the shape flags below override it.")
+    ] = Size.s5m,
+    tokenizer_corpus: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--tokenizer-corpus",
+            help="Trajectory or dialogue dataset dir to train the tokenizer on (repeatable); "
+            "default: a small built-in corpus.",
+        ),
+    ] = None,
+    vocab_size: Annotated[
+        int | None,
+        typer.Option(help="Tokenizer size (default: 768 built-in; 4096/8192/16384 by size)."),
+    ] = None,
+    hidden_size: Annotated[int | None, typer.Option(help="Text tower width.")] = None,
+    layers: Annotated[int | None, typer.Option(help="Text tower layers.")] = None,
+    heads: Annotated[int | None, typer.Option(help="Attention heads.")] = None,
+    kv_heads: Annotated[int | None, typer.Option(help="Key/value heads (GQA).")] = None,
+    intermediate_size: Annotated[int | None, typer.Option(help="MLP width.")] = None,
+    vision_depth: Annotated[int | None, typer.Option(help="Vision tower blocks.")] = None,
+    vision_hidden_size: Annotated[int | None, typer.Option(help="Vision tower width.")] = None,
+    vision_heads: Annotated[int | None, typer.Option(help="Vision attention heads.")] = None,
+    corpus_limit: Annotated[
+        int | None, typer.Option(help="Train the tokenizer on at most this many records.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for the random weights.")] = 0,
+    image_size: Annotated[
+        int,
+        typer.Option(
+            "--image-size", help="Pixels per image side (multiple of 28); 112 = 16 tokens."
+        ),
+    ] = 112,
+) -> None:
+    """Build a randomly initialized controller of a real size, to train from scratch.
+
+    With --tokenizer-corpus the tokenizer is trained on your trajectories, so the system
+    prompt, tool names and action JSON cost few tokens and samples stay short.
+    """
+    from tracetune.models.tiny import SIZES, corpus_from_datasets, init_model, shape_with
+
+    start = time.perf_counter()
+    try:
+        shape = shape_with(
+            SIZES[size.value],
+            hidden_size=hidden_size,
+            layers=layers,
+            heads=heads,
+            kv_heads=kv_heads,
+            intermediate_size=intermediate_size,
+            vision_depth=vision_depth,
+            vision_hidden_size=vision_hidden_size,
+            vision_heads=vision_heads,
+        )
+        corpus = (
+            corpus_from_datasets(tokenizer_corpus, limit=corpus_limit) if tokenizer_corpus else None
+        )
+        path = init_model(
+            arch.value,
+            out,
+            shape,
+            seed=seed,
+            image_size=image_size,
+            corpus=corpus,
+            vocab_size=vocab_size,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    info = json.loads((path / "tracetune_tiny.json").read_text())
+    source = f"{len(corpus)} records" if corpus else "the built-in corpus"
+    typer.echo(
+        f"built {arch.value}: {info['parameters']:,} parameters (hidden {shape.hidden_size}, "
+        f"{shape.layers} layers), {info['vocab_size']}-token tokenizer trained on {source}, "
+        f"in {time.perf_counter() - start:.1f} s; saved to {path}"
     )
 
 

@@ -11,12 +11,19 @@ assistant turns with ``{% generation %}`` for assistant-only loss. The directory
 
 The outputs are random, but the shapes, token bookkeeping and training code paths are the
 real ones, which is what tests need.
+
+:func:`init_model` is the same builder at real sizes (``SIZES``: 250k, 5m, 20m, 100m, or an
+explicit :class:`ModelShape`) for controllers trained from scratch, optionally with a
+tokenizer trained on the user's own trajectories and dialogues
+(:func:`corpus_from_datasets`), so that the system prompt, tool names and the JSON of an
+action cost a handful of tokens each.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -135,25 +142,46 @@ def chat_template(name: str) -> str:
     )
 
 
-def build_tokenizer(arch: str, vocab_size: int = VOCAB_SIZE) -> Any:
-    """A byte-level BPE tokenizer trained on the built-in corpus, with ``arch``'s special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(
+    arch: str, vocab_size: int = VOCAB_SIZE, corpus: Sequence[str] | None = None
+) -> Any:
+    """A byte-level BPE tokenizer with ``arch``'s special tokens.
+
+    Without ``corpus`` it is trained on a small built-in agent corpus (tests). With
+    ``corpus`` (texts, e.g. rendered trajectories from :func:`corpus_from_datasets`) it is
+    trained on those texts: pre-tokenization then splits only at newlines and digits, so BPE
+    may merge across words and a line that recurs in every sample (the system prompt, a
+    tool's description, ``Action: {"name": "ocr", "arguments": {"image": "``) becomes one or
+    a few tokens, while numbers stay one token per digit (copyable from observations).
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     fam = _family(arch)
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    template = chat_template(fam.template)
+    if corpus is None:
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        lines = [line for line in (_CORPUS + template).splitlines() if line]
+    else:
+        bpe.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"),
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        lines = [_CORPUS, template, *corpus]
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=fam.special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        min_frequency=1,
+        min_frequency=1 if corpus is None else 2,
         show_progress=False,
     )
     # Template words go into the corpus too, so rendered chats stay short.
-    corpus = [line for line in (_CORPUS + chat_template(fam.template)).splitlines() if line]
-    bpe.train_from_iterator(corpus, trainer=trainer)
+    bpe.train_from_iterator(lines, trainer=trainer)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         eos_token=fam.eos,
@@ -163,8 +191,107 @@ def build_tokenizer(arch: str, vocab_size: int = VOCAB_SIZE) -> Any:
         model_max_length=4096,
         padding_side="left",  # decoder-only generation pads on the left
     )
-    tok.chat_template = chat_template(fam.template)
+    tok.chat_template = template
     return tok
+
+
+def corpus_from_datasets(paths: Iterable[str | Path], limit: int | None = None) -> list[str]:
+    """Texts to train a tokenizer on: each trajectory or dialogue rendered as the model sees it.
+
+    Trajectories are rendered exactly as training and inference render them (the agent's
+    system prompt, the task, every step and observation); dialogues give their messages'
+    text. ``paths`` are dataset directories (trajectories or dialogues).
+    """
+    from tracetune.formats.chat import dialogue_chat, trajectory_chat
+    from tracetune.schema import Dialogue, Trajectory
+    from tracetune.store import Dataset
+
+    texts: list[str] = []
+    for path in paths:
+        path = Path(path)
+        if not (path / "manifest.json").is_file():
+            raise ValueError(
+                f"--tokenizer-corpus {path} is not a tracetune dataset directory (no "
+                "manifest.json); pass a trajectory or dialogue dataset, e.g. the output of "
+                "`tracetune rollout`"
+            )
+        kind = json.loads((path / "manifest.json").read_text()).get("kind", "trajectory")
+        if kind == "dialogue":
+            chats = (dialogue_chat(d) for d in Dataset.open(path, Dialogue))
+        elif kind == "trajectory":
+            chats = (trajectory_chat(t) for t in Dataset.open(path, Trajectory))
+        else:
+            raise ValueError(
+                f"--tokenizer-corpus {path} holds {kind} records; pass trajectories or dialogues"
+            )
+        for chat in chats:
+            parts = []
+            for message in chat["messages"]:
+                content = message["content"]
+                if isinstance(content, str):
+                    parts.append(content)
+                    continue
+                parts.extend(p.get("text") or "" for p in content if p.get("type") == "text")
+            texts.append("\n".join(parts))
+            if limit is not None and len(texts) >= limit:
+                return texts
+    if not texts:
+        raise ValueError(
+            f"--tokenizer-corpus: no trajectories or dialogues in {', '.join(map(str, paths))}"
+        )
+    return texts
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a controller: its text tower and its vision tower."""
+
+    hidden_size: int = 64
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate_size: int = 128
+    vision_depth: int = 1
+    vision_hidden_size: int = 32
+    vision_heads: int = 2
+    max_positions: int = 4096
+
+    def check(self) -> None:
+        if self.hidden_size % self.heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} must be a multiple of heads={self.heads}"
+            )
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads={self.heads} must be a multiple of kv_heads={self.kv_heads}")
+        head_dim = self.hidden_size // self.heads
+        if head_dim % 2 or head_dim < 8:
+            raise ValueError(
+                f"head size hidden_size/heads = {head_dim} must be even and at least 8"
+            )
+        if self.vision_hidden_size % self.vision_heads:
+            raise ValueError(
+                f"vision_hidden_size={self.vision_hidden_size} must be a multiple of "
+                f"vision_heads={self.vision_heads}"
+            )
+        for name in ("layers", "intermediate_size", "vision_depth", "max_positions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+
+TINY_SHAPE = ModelShape()
+SIZES: dict[str, ModelShape] = {
+    # ~0.25M parameters with the 768-token built-in tokenizer: tests and CI.
+    "250k": TINY_SHAPE,
+    # ~5M with a 4K-token tokenizer: learns the action format and tool choice on a CPU.
+    "5m": ModelShape(256, 4, 4, 2, 768, 2, 64, 2),
+    # ~20M: hidden 384, 8 layers.
+    "20m": ModelShape(384, 8, 6, 2, 1152, 2, 96, 2),
+    # ~100M: hidden 768, 12 layers (GPU).
+    "100m": ModelShape(768, 12, 12, 4, 2048, 4, 192, 4),
+}
+"""Named sizes for ``tracetune model init --size`` (parameter counts are approximate)."""
+
+DEFAULT_VOCAB = {"250k": VOCAB_SIZE, "5m": 4096, "20m": 8192, "100m": 16384}
 
 
 def init_tiny(
@@ -185,14 +312,54 @@ def init_tiny(
         ``out_dir`` as a :class:`Path`, loadable with ``AutoModelForImageTextToText`` and
         :func:`~tracetune.models.processors.load_processor`.
     """
+    return init_model(arch, out_dir, TINY_SHAPE, seed=seed, image_size=image_size)
+
+
+def init_model(
+    arch: str,
+    out_dir: str | Path,
+    shape: ModelShape | str = TINY_SHAPE,
+    *,
+    seed: int = 0,
+    image_size: int = 112,
+    corpus: Sequence[str] | None = None,
+    vocab_size: int | None = None,
+) -> Path:
+    """Build a randomly initialized ``arch`` VLM of a given shape, ready to train from scratch.
+
+    Args:
+        arch: One of ``qwen2_vl``, ``qwen2_5_vl``, ``llava``, ``idefics3``.
+        out_dir: Directory to write (created; existing files are overwritten).
+        shape: A :class:`ModelShape` or a name in :data:`SIZES` (``250k``, ``5m``, ...).
+        seed: Seed for the weights.
+        image_size: Images are resized to about this many pixels a side (a multiple of 28).
+        corpus: Texts to train the tokenizer on (see :func:`corpus_from_datasets`); None: the
+            small built-in corpus.
+        vocab_size: Tokenizer size (default: 768 without a corpus, else by size, 4096 for 5m).
+
+    Returns:
+        ``out_dir``; ``tracetune_tiny.json`` in it records the shape and parameter count.
+    """
     import torch
 
+    if isinstance(shape, str):
+        if shape not in SIZES:
+            raise ValueError(f"unknown size {shape!r}; choose one of {', '.join(SIZES)}")
+        size_name: str | None = shape
+        shape = SIZES[shape]
+    else:
+        size_name = next((k for k, v in SIZES.items() if v == shape), None)
+    shape.check()
     if image_size < 28 or image_size % 28:
         raise ValueError(
             f"image_size={image_size} must be a positive multiple of 28 (e.g. 56 or 112) so "
             "every family's patch grid divides it"
         )
-    tokenizer = build_tokenizer(arch)
+    if vocab_size is None:
+        vocab_size = VOCAB_SIZE if corpus is None else DEFAULT_VOCAB.get(size_name or "", 4096)
+    if vocab_size < 300:
+        raise ValueError(f"vocab_size={vocab_size} is too small (256 byte symbols + specials)")
+    tokenizer = build_tokenizer(arch, vocab_size=vocab_size, corpus=corpus)
     builder = {
         "qwen2_vl": _build_qwen2_vl,
         "qwen2_5_vl": _build_qwen2_5_vl,
@@ -200,7 +367,7 @@ def init_tiny(
         "idefics3": _build_idefics3,
     }[arch]
     torch.manual_seed(seed)
-    model, processor = builder(tokenizer, image_size)
+    model, processor = builder(tokenizer, image_size, shape)
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(_family(arch).eos)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
@@ -216,6 +383,10 @@ def init_tiny(
                 "seed": seed,
                 "image_size": image_size,
                 "parameters": count_parameters(model),
+                "size": size_name,
+                "shape": asdict(shape),
+                "vocab_size": len(tokenizer),
+                "tokenizer_corpus_texts": len(corpus) if corpus is not None else 0,
             },
             indent=2,
         )
@@ -224,20 +395,28 @@ def init_tiny(
     return out
 
 
+def shape_with(base: ModelShape, **overrides: int | None) -> ModelShape:
+    """``base`` with the given fields replaced (None values are ignored)."""
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
 def count_parameters(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
 # -- one builder per family -------------------------------------------------------------------
-# Text towers share one shape: 2 layers, hidden 64, 4 heads of 16, 2 KV heads.
-_TEXT = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=4096,
-)
+# Text towers share one shape (ModelShape); the tiny one is 2 layers, hidden 64, 4 heads of 16.
+
+
+def _text(shape: ModelShape) -> dict[str, Any]:
+    return dict(
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=shape.max_positions,
+    )
 
 
 def _token_ids(tokenizer: Any) -> dict[str, int | None]:
@@ -270,32 +449,40 @@ def _qwen_ids(tokenizer: Any) -> dict[str, Any]:
     return {k: tokenizer.convert_tokens_to_ids(v) for k, v in ids.items()}
 
 
-def _qwen_text_config(tokenizer: Any) -> dict[str, Any]:
-    # M-RoPE splits each head's rotary half (head_dim/2 = 8) over time/height/width.
+def mrope_section(head_dim: int) -> list[int]:
+    """M-RoPE's split of a head's rotary half over time/height/width (sums to head_dim/2)."""
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+def _qwen_text_config(tokenizer: Any, shape: ModelShape) -> dict[str, Any]:
+    # M-RoPE splits each head's rotary half (head_dim/2, 8 for the tiny shape: [2, 3, 3]).
     return {
-        **_TEXT,
+        **_text(shape),
         **_token_ids(tokenizer),
         "rope_parameters": {
             "rope_type": "default",
             "rope_theta": 10000.0,
-            "mrope_section": [2, 3, 3],
+            "mrope_section": mrope_section(shape.hidden_size // shape.heads),
         },
     }
 
 
-def _build_qwen2_vl(tokenizer: Any, image_size: int) -> tuple[Any, Any]:
+def _build_qwen2_vl(tokenizer: Any, image_size: int, shape: ModelShape) -> tuple[Any, Any]:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     from tracetune.models.processors import ImageOnlyQwen2VLProcessor
 
     config = Qwen2VLConfig(
-        text_config=_qwen_text_config(tokenizer),
+        text_config=_qwen_text_config(tokenizer, shape),
         vision_config={
-            "depth": 1,
-            "embed_dim": 32,
-            "hidden_size": _TEXT["hidden_size"],
+            "depth": shape.vision_depth,
+            "embed_dim": shape.vision_hidden_size,
+            "hidden_size": shape.hidden_size,
             "mlp_ratio": 2,
-            "num_heads": 2,
+            "num_heads": shape.vision_heads,
             "patch_size": 14,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
@@ -311,25 +498,25 @@ def _build_qwen2_vl(tokenizer: Any, image_size: int) -> tuple[Any, Any]:
     return model, processor
 
 
-def _build_qwen2_5_vl(tokenizer: Any, image_size: int) -> tuple[Any, Any]:
+def _build_qwen2_5_vl(tokenizer: Any, image_size: int, shape: ModelShape) -> tuple[Any, Any]:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from tracetune.models.processors import ImageOnlyQwen2_5_VLProcessor
 
     config = Qwen2_5_VLConfig(
-        text_config=_qwen_text_config(tokenizer),
+        text_config=_qwen_text_config(tokenizer, shape),
         vision_config={
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": _TEXT["hidden_size"],
+            "depth": max(2, shape.vision_depth),
+            "hidden_size": shape.vision_hidden_size,
+            "intermediate_size": 2 * shape.vision_hidden_size,
+            "num_heads": shape.vision_heads,
+            "out_hidden_size": shape.hidden_size,
             "patch_size": 14,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
             # Windowed attention in block 0, full attention in block 1, as in the real model.
             "window_size": 56,
-            "fullatt_block_indexes": [1],
+            "fullatt_block_indexes": [max(2, shape.vision_depth) - 1],
         },
         **_qwen_ids(tokenizer),
     )
@@ -342,7 +529,7 @@ def _build_qwen2_5_vl(tokenizer: Any, image_size: int) -> tuple[Any, Any]:
     return model, processor
 
 
-def _build_llava(tokenizer: Any, image_size: int) -> tuple[Any, Any]:
+def _build_llava(tokenizer: Any, image_size: int, shape: ModelShape) -> tuple[Any, Any]:
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
@@ -350,15 +537,15 @@ def _build_llava(tokenizer: Any, image_size: int) -> tuple[Any, Any]:
     config = LlavaConfig(
         vision_config={
             "model_type": "clip_vision_model",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
+            "hidden_size": shape.vision_hidden_size,
+            "intermediate_size": 2 * shape.vision_hidden_size,
+            "num_hidden_layers": max(2, shape.vision_depth),
+            "num_attention_heads": shape.vision_heads,
             "image_size": image_size,
             "patch_size": patch,
-            "projection_dim": 32,
+            "projection_dim": shape.vision_hidden_size,
         },
-        text_config={"model_type": "llama", **_TEXT, **_token_ids(tokenizer)},
+        text_config={"model_type": "llama", **_text(shape), **_token_ids(tokenizer)},
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         image_seq_length=(image_size // patch) ** 2,
         vision_feature_select_strategy="default",
@@ -380,7 +567,7 @@ def _build_llava(tokenizer: Any, image_size: int) -> tuple[Any, Any]:
     return model, processor
 
 
-def _build_idefics3(tokenizer: Any, image_size: int) -> tuple[Any, Any]:
+def _build_idefics3(tokenizer: Any, image_size: int, shape: ModelShape) -> tuple[Any, Any]:
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
     from transformers.models.idefics3.image_processing_pil_idefics3 import (
         Idefics3ImageProcessorPil,
@@ -389,14 +576,14 @@ def _build_idefics3(tokenizer: Any, image_size: int) -> tuple[Any, Any]:
     patch, scale = 14, 2  # 112 px: 8x8 patches, pixel-shuffled 2x2: 16 image tokens
     config = Idefics3Config(
         vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
+            "hidden_size": shape.vision_hidden_size,
+            "intermediate_size": 2 * shape.vision_hidden_size,
+            "num_hidden_layers": max(2, shape.vision_depth),
+            "num_attention_heads": shape.vision_heads,
             "image_size": image_size,
             "patch_size": patch,
         },
-        text_config={"model_type": "llama", **_TEXT, **_token_ids(tokenizer)},
+        text_config={"model_type": "llama", **_text(shape), **_token_ids(tokenizer)},
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         scale_factor=scale,
     )
