@@ -219,7 +219,7 @@ def test_agentx_missing_image_names_the_record(tmp_path: Path) -> None:
     shutil.copytree(DATA, data)
     (data / "street.png").unlink()
     with ScriptedOpenAIServer(controller) as agent:
-        with pytest.raises(EvalRunError, match=r"ax-street.*image 'street.png' is not at"):
+        with pytest.raises(EvalRunError, match=r"ax-street.*media 'street.png' is at neither"):
             _run(_config(tmp_path, agent, data=data))
         assert not agent.requests
     with pytest.raises(EvalRunError, match="data.json does not exist"):

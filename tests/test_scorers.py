@@ -837,7 +837,10 @@ def test_agentx_missing_prediction_scores_zero_without_the_judge(tmp_path: Path)
     assert report.details["missing_predictions"] == ["q1"]
 
 
-def test_agentx_cli_needs_a_judge(tmp_path: Path) -> None:
+def test_agentx_cli_without_a_judge_computes_the_judge_free_metrics(tmp_path: Path) -> None:
     gold, preds = agentx_gold(tmp_path), agentx_predictions(tmp_path)
     result = invoke(f"agentx --gold {gold} --predictions {preds}")
-    assert result.exit_code == 2 and "--judge" in result.output
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert set(report["metrics"]) == {"tool_precision", "toolset_accuracy"}
+    assert report["details"]["judged"] is False and "--judge" in report["details"]["note"]

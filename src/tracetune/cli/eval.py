@@ -70,7 +70,10 @@ def score(
     ] = None,
     judge: Annotated[
         str | None,
-        typer.Option(help="Agent-X only: judge model spec, e.g. openai:gpt-4o."),
+        typer.Option(
+            help="Agent-X only: judge model spec, e.g. openai:gpt-4o. Without it only the "
+            "judge-free metrics (tool_precision, toolset_accuracy) are computed."
+        ),
     ] = None,
     embedder: Annotated[
         str,
@@ -167,8 +170,11 @@ def _score(
     from tracetune.models.base import BackendError, load_model
 
     if judge is None:
-        fail("agentx needs --judge SPEC, e.g. --judge openai:gpt-4o")
-        return None
+        from tracetune.evaluate.agentx_run import JUDGE_FREE_NOTE, JudgeFreeScorer
+
+        report = JudgeFreeScorer().score_files(gold, predictions)
+        report.details["note"] = JUDGE_FREE_NOTE.replace(" (the episodes are not rerun)", "")
+        return report
     try:
         judge_model = load_model(judge)
     except BackendError as exc:
@@ -256,7 +262,10 @@ def run(
     max_errors: Annotated[int | None, typer.Option(help="Failed steps allowed.")] = None,
     temperature: Annotated[float | None, typer.Option(help="Sampling temperature.")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Max new tokens per step.")] = None,
-    concurrency: Annotated[int | None, typer.Option(help="Episodes in flight.")] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(help="Model requests in flight, and episodes run at once (default 2)."),
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N items.")] = None,
     n: Annotated[int | None, typer.Option(help="programs: size of the held-out split.")] = None,
     seed: Annotated[int | None, typer.Option(help="programs: held-out split seed.")] = None,

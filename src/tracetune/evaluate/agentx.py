@@ -6,7 +6,9 @@ thought}``), ``final_answer`` (``{value, justification}``) and ``query_type``
 (objective|subjective). A record with ``"generative": true`` (or ``query_type: generative``,
 or an id passed in ``generative_ids``) is a generation task without a checkable answer.
 Predictions: JSON lines (or a JSON object keyed by id) ``{"id", "reasoning_steps": [...],
-"final_answer": {...} | str}``.
+"final_answer": {...} | str}``, or Agent-X's own prediction file (what its inference scripts
+save): a JSON list of ``{id: {query, filename, reasoning_steps, final_answer}}``, steps naming
+their tool under ``tool`` or ``tool_used``.
 
 Metrics (Agent-X's own result keys in brackets):
 
@@ -135,7 +137,11 @@ def _steps(value: Any, where: str) -> list[dict[str, Any]]:
 
 
 def tool_name(step: dict[str, Any]) -> str:
+    """A step's tool: ``tool`` (Agent-X's gold) or ``tool_used`` (what its inference scripts
+    ask models to write), a name or ``{name, ...}``."""
     tool = step.get("tool")
+    if tool is None or tool == "":
+        tool = step.get("tool_used")
     if isinstance(tool, dict):
         tool = tool.get("name")
     return str(tool or "").strip()
@@ -161,9 +167,32 @@ def load_agentx_gold(path: str | Path, generative_ids: Iterable[str] = ()) -> di
     return tasks
 
 
+def _keyed_rows(
+    rows: list[tuple[str, dict[str, Any]]],
+) -> list[tuple[str, dict[str, Any]]]:
+    """Agent-X's own prediction file is a JSON list of one-key objects
+    ``{id: {query, filename, reasoning_steps, final_answer}}``: give each its ``id``."""
+    out = []
+    for where, row in rows:
+        if "id" not in row and len(row) == 1:
+            ((key, value),) = row.items()
+            if isinstance(value, dict):
+                out.append((f"{where}[{key!r}]", {"id": key, **value}))
+                continue
+        out.append((where, row))
+    return out
+
+
 def load_agentx_predictions(path: str | Path) -> dict[str, tuple[str, AgentXPrediction]]:
-    hint = 'prediction lines are {"id", "reasoning_steps": [...], "final_answer": ...}'
-    rows = index_unique(read_records(path, "Agent-X predictions"), "id", "task", hint)
+    """Predictions as tracetune writes them (JSON lines ``{"id", "reasoning_steps",
+    "final_answer"}``, or a JSON object keyed by id) or as Agent-X's inference scripts write
+    them (a JSON list of ``{id: {query, filename, reasoning_steps, final_answer}}``, where a
+    failed query has ``reasoning_steps: ""``)."""
+    hint = (
+        'prediction lines are {"id", "reasoning_steps": [...], "final_answer": ...}, or '
+        "Agent-X's list of {id: {query, filename, reasoning_steps, final_answer}}"
+    )
+    rows = index_unique(_keyed_rows(read_records(path, "Agent-X predictions")), "id", "task", hint)
     out = {}
     for tid, (where, row) in rows.items():
         if "reasoning_steps" not in row and "final_answer" not in row:

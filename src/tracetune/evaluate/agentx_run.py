@@ -1,8 +1,15 @@
 """Run a controller on Agent-X: each query with its images and an Agent-X toolset, judged.
 
 ``--data`` is Agent-X's ``data.json`` (id -> ``[record]``, or a JSON list / JSON lines with
-``id``), or the folder holding it; each record names its image(s) under ``image``,
-``file_name``, ``files`` or ``images``, relative to the data file.
+``id``), or the folder holding it. Each record names its media under ``file_path`` (Agent-X's
+field: one file name, a comma-separated list of images, or a video), or under ``image``,
+``file_name``, ``files`` or ``images``; names are looked up beside the data file, then in its
+``files/`` folder (the release's layout). A video (.mp4, .avi, .mov, .mkv, .webm) is shown as
+``VIDEO_FRAMES`` (8) frames evenly spaced over the clip. A query is never run without its
+media: a record that names none, or a file that is missing, stops the run before any model
+call, naming every such record; a video that opencv cannot decode skips its query, and the
+skips are counted with their reasons in metrics.json (``skipped_queries``) and scored as
+missing predictions.
 
 Agent-X's tools run on the GTA toolset's wrappers (``gta_tools``), which already implement
 GTA's tools on tracetune's own, under Agent-X's names (``AGENTX_TO_GTA``). A query is offered
@@ -69,14 +76,22 @@ AGENTX_TO_GTA: dict[str, str] = {
     "ImageGenerator": "TextToImage",
     **{name: name for name in GTA_TOOLS},
 }
-IMAGE_KEYS = ("image", "file_name", "files", "images")
+# Where records name their media: Agent-X's data.json uses ``file_path`` (one name, a
+# comma-separated list of images, or one video); the rest are accepted for hand-made files.
+MEDIA_KEYS = ("file_path", "image", "file_name", "files", "images")
+VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"})
+# Frames a video query is shown: evenly spaced over the whole clip, first and last included
+# (Agent-X's GPT-4o script also shows 8, though it takes the first 8 consecutive frames).
+VIDEO_FRAMES = 8
 JUDGE_STAGE = "eval:judge"
 
 
 # -- data ----------------------------------------------------------------------------------
 def agentx_data(data: Path | None) -> Path:
     if data is None:
-        raise EvalRunError("agentx needs --data: Agent-X's data.json (its images beside it)")
+        raise EvalRunError(
+            "agentx needs --data: Agent-X's data.json (its media beside it or in files/)"
+        )
     path = Path(data)
     if path.is_dir():
         path = path / "data.json"
@@ -85,27 +100,118 @@ def agentx_data(data: Path | None) -> Path:
     return path
 
 
-def record_images(row: dict[str, Any], where: str, root: Path) -> list[Path]:
-    """The image files a record names (under any of ``IMAGE_KEYS``), checked to exist."""
+def media_names(row: dict[str, Any]) -> list[str]:
+    """The media file names a record gives, in order, without repeats: ``file_path`` and the
+    other ``MEDIA_KEYS``, each a name, a comma-separated list of names, or a JSON list."""
     names: list[str] = []
-    for key in IMAGE_KEYS:
+    for key in MEDIA_KEYS:
         value = row.get(key)
-        if value is None or value == "":
-            continue
         values = value if isinstance(value, list) else [value]
-        names += [str(v) for v in values if v]
+        for v in values:
+            if isinstance(v, str):
+                names += [part.strip() for part in v.split(",") if part.strip()]
+    return list(dict.fromkeys(names))
+
+
+def media_roots(data: Path) -> list[Path]:
+    """Folders media names are looked up in: beside data.json, then its ``files/`` folder
+    (the layout of Agent-X's release, whose scripts read ``AgentX/files/NAME``)."""
+    return [data.parent, data.parent / "files"]
+
+
+def record_media(row: dict[str, Any], where: str, roots: list[Path]) -> list[Path]:
+    """The media files a record names, checked to exist under one of ``roots``.
+
+    Raises ``EvalRunError`` when the record names no media at all (every Agent-X query comes
+    with an image or a video: running it without would be a different task) or names a file
+    that is not there.
+    """
+    names = media_names(row)
+    if not names:
+        raise EvalRunError(
+            f"{where}: names no image or video (Agent-X records give them under 'file_path'; "
+            f"also read: {', '.join(MEDIA_KEYS[1:])})"
+        )
     files = []
-    for rel in dict.fromkeys(names):  # a record may name the same image under two keys
-        file = (root / rel).resolve()
-        if root.resolve() not in file.parents:
-            raise EvalRunError(f"{where}: image path {rel!r} leaves the data folder")
-        if not file.is_file():
-            raise EvalRunError(
-                f"{where}: image {rel!r} is not at {file}; Agent-X's images sit beside "
-                f"data.json under the names its records give ({', '.join(IMAGE_KEYS)})"
-            )
-        files.append(file)
+    for rel in names:
+        found = None
+        for root in roots:
+            file = (root / rel).resolve()
+            if root.resolve() not in file.parents:
+                raise EvalRunError(f"{where}: media path {rel!r} leaves the data folder")
+            if file.is_file():
+                found = file
+                break
+        if found is None:
+            tried = " or ".join(str(r / rel) for r in roots)
+            raise EvalRunError(f"{where}: media {rel!r} is at neither {tried}")
+        files.append(found)
     return files
+
+
+def record_images(row: dict[str, Any], where: str, root: Path) -> list[Path]:
+    """``record_media`` with the files looked up beside ``root`` and in ``root/files``."""
+    return record_media(row, where, [root, root / "files"])
+
+
+class VideoUnreadable(Exception):
+    """A video that yields no frame: its query is skipped, with this as the reason."""
+
+
+def video_frames(path: Path, n: int = VIDEO_FRAMES) -> list[tuple[float, Any]]:
+    """Up to ``n`` frames evenly spaced over the video, as ``(seconds, PIL image)``."""
+    import cv2
+    from PIL import Image
+
+    cap = cv2.VideoCapture(str(path))
+    try:
+        if not cap.isOpened():
+            raise VideoUnreadable(f"opencv cannot open the video {path.name}")
+        count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        if count > 0:
+            wanted = sorted({round(i * (count - 1) / max(n - 1, 1)) for i in range(n)})
+        else:  # a stream without a frame count: its first n frames
+            wanted = list(range(n))
+        frames: list[tuple[float, Any]] = []
+        for index in wanted:
+            if count > 0:
+                cap.set(cv2.CAP_PROP_POS_FRAMES, index)
+            ok, frame = cap.read()
+            if not ok or frame is None:
+                continue
+            rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+            frames.append((index / fps if fps > 0 else float(index), Image.fromarray(rgb)))
+    finally:
+        cap.release()
+    if not frames:
+        raise VideoUnreadable(f"opencv decoded no frame of the video {path.name}")
+    return frames
+
+
+def is_video(path: Path) -> bool:
+    return path.suffix.lower() in VIDEO_SUFFIXES
+
+
+def load_media(files: list[Path], assets: Any) -> list[Any]:
+    """Store a query's media: images as they are, each video as ``VIDEO_FRAMES`` frames
+    (named ``STEM_frameK_of_N.jpg``, described with their time in the clip)."""
+    refs = []
+    for file in files:
+        if not is_video(file):
+            refs.append(assets.put_file(file, name=file.name))
+            continue
+        frames = video_frames(file)
+        for k, (seconds, image) in enumerate(frames, 1):
+            refs.append(
+                assets.put_image(
+                    image.convert("RGB"),
+                    name=f"{file.stem}_frame{k}_of_{len(frames)}.jpg",
+                    description=f"frame {k} of {len(frames)} sampled from the video "
+                    f"{file.name}, at {seconds:.1f} s",
+                )
+            )
+    return refs
 
 
 def metadata_tools(meta: Any) -> dict[str, dict[str, Any]]:
@@ -284,7 +390,21 @@ async def run_agentx(
     raw = index_unique(read_records(data, "Agent-X gold"), "id", "task")
     ids = list(gold)[: config.limit] if config.limit else list(gold)
     gold = {i: gold[i] for i in ids}
-    images = {i: record_images(raw[i][1], raw[i][0], data.parent) for i in ids}
+    media: dict[str, list[Path]] = {}
+    problems: list[str] = []
+    for i in ids:
+        try:
+            media[i] = record_media(raw[i][1], raw[i][0], media_roots(data))
+        except EvalRunError as exc:
+            problems.append(str(exc))
+    if problems:
+        shown = "\n  ".join(problems[:10])
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise EvalRunError(
+            f"{len(problems)} of {len(ids)} Agent-X queries cannot get their media, so none "
+            f"was run:\n  {shown}{more}\nput Agent-X's files (its 'files' folder) beside "
+            f"{data.name}, or give --data the folder that holds both"
+        )
     offered = {i: query_tools(gold[i]) for i in ids}
 
     gold_tools = {i: {n for s in gold[i].steps if (n := tool_name(s))} for i in ids}
@@ -314,17 +434,33 @@ async def run_agentx(
         )
     if config.judge is None:
         ctx.notify(JUDGE_FREE_NOTE)
-    tasks = {
-        i: Task(
+    tasks: dict[str, Task] = {}
+    skipped: dict[str, str] = {}
+    for i in ids:
+        try:
+            files = load_media(media[i], out.assets)
+        except VideoUnreadable as exc:
+            skipped[i] = str(exc)
+            continue
+        tasks[i] = Task(
             id=f"agentx-{i}",
             query=gold[i].query,
-            files=[out.assets.put_file(f, name=f.name) for f in images[i]],
+            files=files,
             tools=list(offered[i]),
             provenance=Provenance(source="import:agentx"),
-            metadata={"agentx_id": i, "query_type": gold[i].query_type},
+            metadata={
+                "agentx_id": i,
+                "query_type": gold[i].query_type,
+                "media": [f.name for f in media[i]],
+                **({"video_frames": VIDEO_FRAMES} if any(map(is_video, media[i])) else {}),
+            },
         )
-        for i in ids
-    }
+    if skipped:
+        ctx.notify(
+            f"{len(skipped)} of {len(ids)} queries skipped (scored as missing predictions):\n"
+            + "\n".join(f"  {q}: {why}" for q, why in skipped.items())
+        )
+    run_ids = [i for i in ids if i not in skipped]
     write_json(ctx.root / "gold.json", {i: raw[i][1] for i in ids})
     ctx.write_run(
         {
@@ -359,7 +495,7 @@ async def run_agentx(
         return trajectory
 
     try:
-        result = await ctx.run_items(ids, key, process, progress=progress)
+        result = await ctx.run_items(run_ids, key, process, progress=progress)
     finally:
         await ctx.close()
 
@@ -408,6 +544,8 @@ async def run_agentx(
         "judged": judge_model is not None,
         "judge": config.judge,
         "affected_queries": affected,
+        "skipped_queries": skipped,
+        "video_frames": VIDEO_FRAMES,
         "unknown_tools": unknown,
         "unavailable_tools": sorted(n for n, s in status.items() if s.status == "unavailable"),
         "approximate_tools": sorted(n for n, s in status.items() if s.status == "approximate"),
@@ -424,7 +562,10 @@ __all__ = [
     "agentx_status",
     "agentx_tool",
     "metadata_tools",
+    "media_names",
     "record_images",
+    "record_media",
     "run_agentx",
+    "video_frames",
     "trajectory_prediction",
 ]
