@@ -108,14 +108,16 @@ def test_step_and_error_budgets(stores) -> None:
     assert traj.status == "max_errors" and len(traj.steps) == 2
 
 
-def test_backend_failure_ends_episode_as_failed(stores) -> None:
+def test_backend_failure_raises_instead_of_writing_an_episode(stores) -> None:
+    """An outage is not an episode: it is raised (typed) so the runner retries the item."""
+    from tracetune.agent import EpisodeBackendError
+
     class Down(ScriptedChatModel):
         async def generate(self, *a, **k):  # type: ignore[override]
             raise BackendError("endpoint unreachable after 6 retries")
 
-    traj = run(Agent(Down([]), [get_tool("calculator")]), Task(id="t", query="q"), stores)
-    assert traj.status == "failed" and traj.steps == []
-    assert "unreachable" in traj.metadata["error"]
+    with pytest.raises(EpisodeBackendError, match="task t, step 0: endpoint unreachable"):
+        run(Agent(Down([]), [get_tool("calculator")]), Task(id="t", query="q"), stores)
 
 
 def test_task_needing_missing_tool_is_refused(stores) -> None:

@@ -68,7 +68,7 @@ def test_an_error_of_the_whole_config_is_printed_without_an_empty_field_name(
     assert "invalid Pair: low must not exceed high" in printed and " : " not in printed
 
 
-def test_an_aborted_stage_exits_2_with_its_reason_and_no_traceback(
+def test_an_aborted_stage_exits_3_with_its_reason_and_no_traceback(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import tracetune.cli as cli
@@ -81,5 +81,5 @@ def test_an_aborted_stage_exits_2_with_its_reason_and_no_traceback(
     with pytest.raises(SystemExit) as exit_:
         cli.main()
     err = " ".join(capsys.readouterr().err.split())
-    assert exit_.value.code == 2
+    assert exit_.value.code == 3
     assert "3 of 3 items failed" in err and "rerun" in err and "Traceback" not in err

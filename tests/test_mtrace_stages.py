@@ -699,7 +699,7 @@ def test_failure_threshold_aborts_a_stage_with_the_first_errors(tmp_path: Path) 
         app, ["synth", "rollout", "--config", str(config), "--concurrency", "1", "--quiet"]
     )
     said = " ".join(result.output.split())
-    assert result.exit_code == 2 and "rollout aborted: 2 of 2 items failed" in said
+    assert result.exit_code == 3 and "rollout aborted: 2 of 2 items failed" in said
     assert "TeacherBackendError" in said and "Connection error" in said
     # The failures are in the run state, for `synth stats` (a rerun retries them).
     (row,) = chain_stats(tmp_path / "run")

@@ -8,7 +8,14 @@ from tracetune.agent.formats import (
     first_json_object,
     get_format,
 )
-from tracetune.agent.loop import Agent, Episode, Executor, Outcome, ToolCallExecutor
+from tracetune.agent.loop import (
+    Agent,
+    Episode,
+    EpisodeBackendError,
+    Executor,
+    Outcome,
+    ToolCallExecutor,
+)
 from tracetune.agent.render import episode_messages, file_names, observation_text, task_text
 from tracetune.agent.toolbox import CallOutcome, ToolBox
 
@@ -17,6 +24,7 @@ __all__ = [
     "CallOutcome",
     "CodeFormat",
     "Episode",
+    "EpisodeBackendError",
     "Executor",
     "JsonFormat",
     "Outcome",

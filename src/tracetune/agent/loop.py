@@ -8,7 +8,9 @@ final answer, after ``max_steps`` steps, or after ``max_errors`` failed steps.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from tracetune.agent.formats import CodeFormat, JsonFormat, ParseError, get_format
@@ -35,6 +37,16 @@ DEFAULT_STOP = ("\nObservation:",)
 
 @dataclass
 class Outcome:
+class EpisodeBackendError(BackendError):
+    """The controller's backend failed for good during an episode (after its retries).
+
+    Raised out of :meth:`Agent.run` rather than written down as a finished episode, so that
+    the stage runner records the item as failed and retries it on the next run: an outage
+    (HTTP 503, an unreachable URL, a prompt over the model's context) must never turn into
+    a trajectory on disk or an item marked done.
+    """
+
+
     """What executing one action produced."""
 
     observation: Observation | None
@@ -178,6 +190,7 @@ class Agent:
         self.sampling = sampling or Sampling(stop=DEFAULT_STOP)
         self.tool_options = tool_options or {}
         self.tool_model = tool_model  # the VLM that visual_qa / inspect_file ask; none by default
+        self._assets: AssetStore | None = None
 
     async def start(self, task: Task, source: AssetStore, assets: AssetStore) -> Episode:
         """Set up an episode: working directory with the task's files, and its executor."""
@@ -190,23 +203,48 @@ class Agent:
         executor = await make_executor(self.fmt, toolbox)
         return Episode(task, self.model, self.fmt, self.tools, executor, toolbox, source)
 
+    @property
+    def assets(self) -> AssetStore:
+        """Where episodes run without stores keep their files: a temporary directory made on
+        first use and kept for the agent's lifetime (pass stores to :meth:`run` to choose)."""
+        if self._assets is None:
+            import tempfile
+
+            self._assets = AssetStore(tempfile.mkdtemp(prefix="tracetune-agent-"))
+        return self._assets
+
+    def ask(
+        self, query: str, files: Sequence[str | Path] = (), sampling: Sampling | None = None
+    ) -> Trajectory:
+        """Run one episode on ``query`` with local ``files`` (images, documents) and return
+        its trajectory; the blocking entry point for scripts and notebooks."""
+        import asyncio
+
+        from tracetune.store.tasks import task_from_inputs
+
+        task = task_from_inputs(query, list(files), self.assets, source="python")
+        return asyncio.run(self.run(task, sampling=sampling))
+
     async def run(
         self,
         task: Task,
-        source: AssetStore,
-        assets: AssetStore,
+        source: AssetStore | None = None,
+        assets: AssetStore | None = None,
         trajectory_id: str | None = None,
         sampling: Sampling | None = None,
     ) -> Trajectory:
-        """Run ``task`` to a final answer or a budget; images go to ``assets``.
+        """Run ``task`` to a final answer or a budget.
 
-        ``sampling`` overrides the agent's for this episode (e.g. a per-sample seed).
+        The task's files are read from ``source`` and the images tools return are written to
+        ``assets``; both default to :attr:`assets`. ``sampling`` overrides the agent's for
+        this episode (e.g. a per-sample seed).
         """
+        assets = assets or self.assets
+        source = source or assets
         sampling = sampling or self.sampling
         started_at, t0 = time.time(), time.monotonic()
         episode = await self.start(task, source, assets)
         status: TrajectoryStatus = "max_steps"
-        error_message = None
         try:
             for _ in range(self.max_steps):
                 try:
@@ -214,8 +252,9 @@ class Agent:
                         episode.messages(), n=1, sampling=sampling
                     )
                 except BackendError as exc:
-                    status, error_message = "failed", str(exc)
-                    break
+                    raise EpisodeBackendError(
+                        f"task {task.id}, step {len(episode.steps)}: {exc}"
+                    ) from exc
                 step = await episode.apply(generation.text, generation.usage, generation.latency_s)
                 if episode.final_answer is not None:
                     status = "completed"
@@ -242,5 +281,4 @@ class Agent:
             duration_s=time.monotonic() - t0,
             prompt_hash=self.fmt.prompt_hash,
             sampling=sampling.to_dict(),
-            metadata={"error": error_message} if error_message else {},
         )

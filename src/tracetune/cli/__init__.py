@@ -6,8 +6,11 @@ import importlib
 
 import typer
 
+from tracetune.cli.common import CommandGroup
+
 app = typer.Typer(
     name="tracetune",
+    cls=CommandGroup,
     help="Tune vision-language models into robust tool-using agents.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
@@ -59,10 +62,14 @@ def main() -> None:
 
     try:
         app()
+    from tracetune.runner.outcome import ITEMS_FAILED_EXIT
     except StageAborted as exc:  # what failed is in the message; a traceback would bury it
         from tracetune.cli.common import fail
 
         try:
-            fail(f"{exc}\nFix the cause and rerun the same command: finished items are kept.")
+            fail(
+                f"{exc}\nFix the cause and rerun the same command: finished items are kept.",
+                code=ITEMS_FAILED_EXIT,
+            )
         except typer.Exit as exit_:
             raise SystemExit(exit_.exit_code) from None

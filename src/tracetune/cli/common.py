@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 C = TypeVar("C", bound=BaseModel)
 T = TypeVar("T")
@@ -75,6 +76,33 @@ def fail(message: str, code: int = 2) -> None:
     # Messages quote user input and data (e.g. "[x1, y1, x2, y2]"): never read them as markup.
     console.print(f"[red]error:[/red] {escape(message)}")
     raise typer.Exit(code)
+
+
+class CommandGroup(TyperGroup):
+    """The root command group: after any command, failed items decide the exit status.
+
+    Every stage records its result (:mod:`tracetune.runner.outcome`); a command that leaves
+    items failed prints them with their reasons and exits with ``ITEMS_FAILED_EXIT`` (3),
+    as does one whose stage aborted because too many items failed. Exit status 2 is kept
+    for input and configuration errors, 1 for crashes.
+    """
+
+    def invoke(self, ctx: Any) -> Any:
+        from tracetune.runner import StageAborted, outcome
+
+        outcome.reset()
+        try:
+            value = super().invoke(ctx)
+        except StageAborted as exc:  # what failed is in the message; a traceback would bury it
+            fail(
+                f"{exc}\nFix the cause and rerun the same command: finished items are kept.",
+                code=outcome.ITEMS_FAILED_EXIT,
+            )
+            raise  # unreachable
+        if (report := outcome.failure_report()) is not None:
+            console.print(f"[red]error:[/red] {escape(report)}")
+            raise typer.Exit(outcome.ITEMS_FAILED_EXIT)
+        return value
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:

@@ -72,7 +72,6 @@ def _backend(base_url: str | None) -> dict[str, Any]:
 def _run(coro: Any) -> Any:
     from tracetune.engine import GrammarError, IngestError, OperatorUnavailable
     from tracetune.models.base import BackendError
-    from tracetune.runner import StageAborted
     from tracetune.store import DatasetError
 
     try:
@@ -82,7 +81,6 @@ def _run(coro: Any) -> Any:
         OperatorUnavailable,
         DatasetError,
         BackendError,
-        StageAborted,
         GrammarError,
         FileNotFoundError,
         ValueError,

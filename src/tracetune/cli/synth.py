@@ -40,7 +40,6 @@ def load_config(config: Path | None, **flags: Any) -> Any:
 
 def _run(cfg: Any, stages: list[str], quiet: bool, as_json: bool) -> None:
     from tracetune.models.base import BackendError
-    from tracetune.runner import StageAborted
     from tracetune.runner.stats import stage_stats, stats_json, stats_table
     from tracetune.store import DatasetError
     from tracetune.synth.mtrace.config import LAYOUT
@@ -69,7 +68,6 @@ def _run(cfg: Any, stages: list[str], quiet: bool, as_json: bool) -> None:
         FileNotFoundError,
         KeyError,
         BackendError,
-        StageAborted,
         PoolError,
         DatasetError,
     ) as exc:

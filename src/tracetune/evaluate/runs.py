@@ -26,6 +26,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tracetune.agent.loop import EpisodeBackendError  # noqa: F401  (raised by the runs)
 from tracetune.evaluate.base import ScoreReport
 from tracetune.models.base import ChatModel, ModelOptions, Sampling, load_model
 from tracetune.runner import Budget, MeteredModel, StageResult, run_stage
@@ -40,14 +41,6 @@ Notify = Callable[[str], None]
 
 class EvalRunError(ValueError):
     """A run cannot start as configured; the message says what to change."""
-
-
-class EpisodeBackendError(RuntimeError):
-    """The controller's backend failed for good on an item (after its retries).
-
-    Raised from an item's processing so that the stage runner records the item as failed
-    and retries it on the next run: an outage must not become a wrong answer on disk.
-    """
 
 
 def check_backend(trajectory: Trajectory) -> Trajectory:
