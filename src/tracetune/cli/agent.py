@@ -37,16 +37,27 @@ def run(
         Path | None, typer.Option(help="LoRA adapter dir for local: models.")
     ] = None,
     max_cost: Annotated[float | None, typer.Option(help="Stop after this many USD.")] = None,
+    no_stop: Annotated[
+        bool,
+        typer.Option(
+            "--no-stop",
+            help="Send no stop strings (for servers that reject `stop`); replies are cut at "
+            "them here instead. YAML: backend: {stop: none}.",
+        ),
+    ] = False,
     config: Annotated[Path | None, typer.Option(help="YAML file with these options.")] = None,
     quiet: Annotated[bool, typer.Option(help="No transcript or progress bar.")] = False,
 ) -> None:
     """Run an agent on one task (--task) or many (--tasks); rerunning skips finished work."""
     from tracetune.agent.run import AgentRunConfig, run_agent
-    from tracetune.models.base import BackendError, ModelOptions
+    from tracetune.models.base import BackendError
 
-    backend = None
-    if base_url or adapter:
-        backend = ModelOptions(base_url=base_url, adapter=str(adapter) if adapter else None)
+    # A dict, not ModelOptions: merged key by key into a YAML backend section.
+    backend = {
+        "base_url": base_url,
+        "adapter": str(adapter) if adapter else None,
+        "stop": "none" if no_stop else None,
+    }
     cfg = build_config(
         AgentRunConfig,
         config,

@@ -21,10 +21,10 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tracetune.schema import Usage
 
@@ -115,6 +115,35 @@ class ModelOptions(BaseModel):
     max_pixels: int | None = Field(
         default=None, description="Cap on image pixels for local: processors (e.g. 1003520)."
     )
+    stop: Literal["default", "none"] | list[str] = Field(
+        default="default",
+        description="Stop strings sent to the server: default (the caller's, e.g. the agent's "
+        "'\\nObservation:'), none (send no `stop`, for servers that reject it: replies are "
+        "cut at the caller's stop strings on arrival instead), or a list to send instead.",
+    )
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_none(cls, value: Any) -> Any:
+        # YAML `stop: none`, `stop: null`, `stop: false` and `stop: []` all mean "send none".
+        if (
+            value is None
+            or value is False
+            or value == []
+            or (isinstance(value, str) and value.strip().lower() in ("none", "null", "off", ""))
+        ):
+            return "none"
+        if isinstance(value, str) and value != "default":
+            return [value]
+        return value
+
+    def stop_strings(self, requested: tuple[str, ...]) -> tuple[str, ...]:
+        """The stop strings to send for a request whose caller asked for ``requested``."""
+        if self.stop == "default":
+            return requested
+        if self.stop == "none":
+            return ()
+        return tuple(self.stop)
 
 
 class ChatModel(abc.ABC):

@@ -23,6 +23,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -121,6 +122,9 @@ class OpenAIChatModel(ChatModel):
         self._client: openai.AsyncOpenAI = make_client()
         self._loop: object = None  # the event loop the client's connections belong to
         self._semaphore = asyncio.Semaphore(options.concurrency)
+        self._warned_identical = False
+        self._identical_pairs = 0
+        self._samples_seen: dict[str, tuple[int | None, str]] = {}
         price = builtin_price(name) or (0.0, 0.0)
         self.price_input_per_mtok = (
             options.price_input_per_mtok if options.price_input_per_mtok is not None else price[0]
@@ -160,8 +164,10 @@ class OpenAIChatModel(ChatModel):
             choices = response.get("choices")
             if not choices or not isinstance(choices, list):
                 raise BackendError(f"{self.endpoint} returned no choices for model {self.name!r}")
-            completions.extend(_completion(c) for c in choices)
-            usage = response.get("usage") or {}
+            # Cut at the caller's stop strings here too: the server was not sent them
+            # (options.stop: none) or may ignore them.
+            completions.extend(_cut_at_stop(_completion(c), sampling.stop) for c in choices)
+                usage = response.get("usage") or {}
             prompt_tokens += usage.get("prompt_tokens") or 0
             completion_tokens += usage.get("completion_tokens") or 0
             calls += 1
@@ -196,6 +202,10 @@ class OpenAIChatModel(ChatModel):
             for response, attempts in results:
                 take(response, attempts)
         completions = completions[:n]
+        if rounds and n > 1:
+            self._check_varied(sampling, [c.text for c in completions], seed_varied=True)
+        elif sampling.temperature > 0 and sampling.seed is not None:
+            self._check_varied(sampling, [c.text for c in completions], messages=messages)
 
         await self.store(key, completions)
         cost = (
@@ -233,13 +243,54 @@ class OpenAIChatModel(ChatModel):
         # OpenAI deprecated max_tokens (its reasoning models reject it); most other servers
         # only know max_tokens.
         params["max_completion_tokens" if self._openai_api else "max_tokens"] = sampling.max_tokens
-        if sampling.stop:
-            params["stop"] = list(sampling.stop)
+        if stop := self.options.stop_strings(sampling.stop):
+            params["stop"] = list(stop)
         if sampling.seed is not None:
             params["seed"] = sampling.seed
         if tools:
             params["tools"] = tools
         return params
+
+    def _check_varied(
+        self,
+        sampling: Sampling,
+        texts: list[str],
+        *,
+        seed_varied: bool = False,
+        messages: list[ChatMessage] | None = None,
+    ) -> None:
+        """Warn once when samples that should differ come back identical.
+
+        A server that ignores ``n`` is re-asked with varied seeds; one that also ignores
+        ``seed`` (e.g. ``transformers serve``) answers each re-ask with the same text at any
+        temperature, so "n samples" are copies. Across calls, the same prompt sampled at
+        temperature > 0 under different seeds that keeps coming back identical says the same.
+        """
+        if self._warned_identical or sampling.temperature <= 0:
+            return
+        identical = False
+        if seed_varied:
+            identical = len(texts) > 1 and len(set(texts)) == 1
+        elif messages is not None and texts:
+            unseeded = replace(sampling, seed=None)
+            prompt = cache_key(self.name, self.endpoint, messages, 1, unseeded, None)
+            seen = self._samples_seen.get(prompt)
+            if seen is None:
+                if len(self._samples_seen) >= 4096:  # bounded: the oldest prompt goes
+                    self._samples_seen.pop(next(iter(self._samples_seen)))
+                self._samples_seen[prompt] = (sampling.seed, texts[0])
+            elif seen[0] != sampling.seed and seen[1] == texts[0]:
+                self._identical_pairs += 1
+                identical = self._identical_pairs >= 2  # one coincidence is not a pattern
+        if identical:
+            self._warned_identical = True
+            logger.warning(
+                "%s seems to ignore `n` and `seed`: samples asked at temperature %s with "
+                "different seeds came back identical, so several samples of one prompt are "
+                "copies. Use a server that honours seed (vLLM, SGLang) or n, or sample once.",
+                self.endpoint,
+                sampling.temperature,
+            )
 
     def _bind_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -281,6 +332,15 @@ class OpenAIChatModel(ChatModel):
                 delay = _retry_after(e.response.headers)
             except openai.APIConnectionError as e:  # includes APITimeoutError
                 reason = f"{type(e).__name__}: {e}"
+                if _cut_off(e):
+                    reason = f"the endpoint's reply was cut off before its end ({reason})"
+                delay = None
+            except json.JSONDecodeError as e:
+                # A 2xx whose JSON ends early: the server or a proxy dropped the rest.
+                reason = (
+                    f"the endpoint's reply was cut off or is not JSON ({e.msg} at character "
+                    f"{e.pos} of {len(e.doc)})"
+                )
                 delay = None
             if attempt >= self.options.max_retries:
                 raise BackendError(
@@ -370,6 +430,24 @@ def _content_part(part: Any, index: int) -> dict[str, Any]:
         f"message {index}: unsupported content part {part!r:.120}; "
         "use {'type': 'text', 'text': ...} or {'type': 'image', 'image': PIL|bytes|path}"
     )
+
+
+def _cut_off(error: BaseException) -> bool:
+    """Whether a connection error is a reply that ended early (a body shorter than announced,
+    a connection closed mid-reply)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if type(seen).__name__ in ("RemoteProtocolError", "ReadError", "IncompleteRead"):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _cut_at_stop(completion: Completion, stop: tuple[str, ...]) -> Completion:
+    cut = min((i for s in stop if s and (i := completion.text.find(s)) >= 0), default=-1)
+    if cut < 0:
+        return completion
+    return Completion(completion.text[:cut], "stop")
 
 
 def _completion(choice: Mapping[str, Any]) -> Completion:
