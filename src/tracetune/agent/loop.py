@@ -35,8 +35,6 @@ from tracetune.tools import Tool
 DEFAULT_STOP = ("\nObservation:",)
 
 
-@dataclass
-class Outcome:
 class EpisodeBackendError(BackendError):
     """The controller's backend failed for good during an episode (after its retries).
 
@@ -47,6 +45,8 @@ class EpisodeBackendError(BackendError):
     """
 
 
+@dataclass
+class Outcome:
     """What executing one action produced."""
 
     observation: Observation | None
