@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tracetune.models.base import ChatMessage, ChatModel, Generation, Sampling
+from tracetune.runner import outcome
 from tracetune.schema import Record, Usage
 from tracetune.store import AssetStore, Dataset, RunState
 
@@ -62,6 +63,8 @@ class StageResult:
     failed: int = 0
     stopped: str | None = None  # why the run stopped early, if it did
     drop_reasons: dict[str, int] = field(default_factory=dict)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    """(item key, error) of the items that failed in this run (retried on the next)."""
 
     def summary(self) -> str:
         parts = [f"{self.written} written", f"{self.skipped} already done"]
@@ -187,6 +190,7 @@ async def run_stage(
                     produced = await process(item)
                 except Exception as exc:  # recorded, counted against the threshold, retried later
                     result.failed += 1
+                    result.failures.append((item_key, f"{type(exc).__name__}: {exc}"))
                     state.mark(
                         stage,
                         item_key,
@@ -225,6 +229,7 @@ async def run_stage(
         # Nothing came through: however few the items, this run is broken, not unlucky.
         stop = f"aborted: {processed} of {processed} items failed"
     result.stopped = stop
+    outcome.record(result)
     if stop and stop.startswith("aborted"):
         failures = [i for i in state.items(stage) if i[1] == "failed"][:3]
         detail = "; ".join(f"{k}: {info.get('error')}" for k, _, info in failures)
