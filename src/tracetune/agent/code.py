@@ -14,6 +14,7 @@ from typing import Any
 from tracetune.agent.loop import Outcome
 from tracetune.agent.toolbox import ToolBox
 from tracetune.sandbox import Sandbox, SandboxLimits, ToolReply, ToolStub
+from tracetune.sandbox._fs import exists_beneath
 from tracetune.schema import Action, ErrorKind, FileRef, Observation, StepError
 from tracetune.tools import ToolError, ToolResult, ToolUnavailable
 
@@ -86,7 +87,7 @@ class CodeExecutor:
         base = f"{name}{self.branch}"
         label, n = base, 1
         while any(
-            (self.toolbox.workdir / f"{label}_step{self._step_index}_{k}.png").exists()
+            exists_beneath(self.toolbox.workdir, f"{label}_step{self._step_index}_{k}.png")
             for k in range(count)
         ):
             n += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -89,9 +90,13 @@ class ToolBox:
         refs: list[FileRef] = []
         names: list[str] = []
         for i, image in enumerate(result.images):
-            name = f"{tool_name}_step{step_index}_{i}.png"
-            image.save(self.workdir / name)
-            refs.append(self.assets.put_file(self.workdir / name, name=name))
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            data = buffer.getvalue()
+            # A new file, created beneath the workdir's fd: if the code planted a link or a
+            # file at the expected name, the image gets another name instead of following it.
+            name = self.context.write_file(f"{tool_name}_step{step_index}_{i}.png", data)
+            refs.append(self.assets.put_bytes(data, name))
             names.append(name)
         text = result.text
         if names:

@@ -33,6 +33,7 @@ report them up front and count the queries that need them apart.
 from __future__ import annotations
 
 import copy
+import io
 import re
 import shutil
 import tempfile
@@ -296,9 +297,12 @@ class GTARegionAttributeDescription(_VLMTool):
         x1, y1, x2, y2 = pixel_box(parse_box(bbox), img.width, img.height)
         # The crop lives in a hidden folder of the episode: ask_about_image reads files there.
         crops = ctx.workdir / ".gta"
-        crops.mkdir(exist_ok=True)
-        crop_name = f".gta/region_{x1}_{y1}_{x2}_{y2}.png"
-        img.crop((x1, y1, x2, y2)).save(ctx.workdir / crop_name)
+        if not crops.is_symlink():
+            crops.mkdir(exist_ok=True)
+        buffer = io.BytesIO()
+        img.crop((x1, y1, x2, y2)).save(buffer, format="PNG")
+        # Created beneath the workdir's fd, never through a link the code planted.
+        crop_name = ctx.write_file(f".gta/region_{x1}_{y1}_{x2}_{y2}.png", buffer.getvalue())
         prompt = render(REGION_PROMPT, attribute=attribute)
         answer = await ask_about_image(ctx, "visual_qa", crop_name, prompt)
         return ToolResult(

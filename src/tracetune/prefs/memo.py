@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
-from tracetune.tools import Tool, ToolContext, ToolResult
+from tracetune.tools import Tool, ToolContext, ToolError, ToolResult
 
 DETERMINISTIC = ["calculator", "ocr", "face_detection", "image_crop", "image_zoom", "search"]
 
@@ -47,11 +46,9 @@ class MemoTool(Tool):
         files = {}
         for name, value in arguments.items():
             if isinstance(value, str) and value and len(value) < 512:
-                path = Path(ctx.workdir) / value
-                try:
-                    if path.is_file():
-                        files[name] = hashlib.sha256(path.read_bytes()).hexdigest()
-                except OSError:
+                try:  # by fd, never through a link the code planted
+                    files[name] = hashlib.sha256(ctx.read_bytes(value)).hexdigest()
+                except (ToolError, OSError):
                     pass
         blob = json.dumps(
             [self.name, arguments, files, ctx.options.get(self.name)], sort_keys=True, default=str

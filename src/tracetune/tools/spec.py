@@ -12,15 +12,18 @@ import importlib
 import importlib.util
 import inspect
 import json
+import os
 import re
 import threading
 import types
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, BinaryIO, Literal, Union, get_args, get_origin, get_type_hints
 
 from PIL import Image
+
+from tracetune.sandbox import _fs
 
 OutputType = Literal["text", "number", "json", "image", "file"]
 
@@ -52,25 +55,80 @@ class ToolContext:
     model: Any = None  # a tracetune.models.ChatModel, for visual_qa / inspect_file questions
     options: dict[str, Any] = field(default_factory=dict)  # per-tool settings, e.g. corpus path
 
+    # Largest working-directory file a tool reads (a file the code wrote can be any size).
+    max_file_bytes: int = 512 * 1024 * 1024
+
     def resolve(self, path: str) -> Path:
-        """A path inside the working directory; anything outside it is refused."""
+        """The full name of ``path`` inside the working directory, for messages and names.
+
+        A name check only: sandboxed code may swap what the name points to at any moment,
+        so a tool must not open the returned path. Read through ``open_file`` /
+        ``read_bytes`` / ``image`` and write through ``write_file``, which never follow a
+        link in the working directory.
+        """
         if not isinstance(path, str) or not path:
             raise ToolError(f"expected a file name in the working directory, got {path!r}")
         root = self.workdir.resolve()
-        full = (root / path).resolve()
-        if full != root and root not in full.parents:
-            raise ToolError(f"{path!r} is outside the working directory")
-        if not full.exists():
-            names = sorted(p.name for p in root.iterdir()) if root.exists() else []
-            raise ToolError(f"no file {path!r}; files available: {', '.join(names) or 'none'}")
+        try:
+            full = _fs.workdir_path(root, path)
+        except _fs.UnsafePath as exc:
+            raise ToolError(str(exc)) from None
+        if not _fs.exists_beneath(root, path):
+            raise ToolError(self._missing(path))
         return full
+
+    def _missing(self, path: str) -> str:
+        root = self.workdir
+        names = (
+            sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
+            if root.exists()
+            else []
+        )
+        return f"no file {path!r}; files available: {', '.join(names) or 'none'}"
+
+    def open_file(self, path: str) -> BinaryIO:
+        """``path`` in the working directory, opened for reading by a directory fd: never
+        through a link, only a regular file of at most ``max_file_bytes``."""
+        if not isinstance(path, str) or not path:
+            raise ToolError(f"expected a file name in the working directory, got {path!r}")
+        try:
+            with _fs.directory(self.workdir) as dirfd:
+                fd = _fs.open_regular(dirfd, path, self.max_file_bytes)
+        except FileNotFoundError:
+            raise ToolError(self._missing(path)) from None
+        except OSError as exc:
+            raise ToolError(
+                str(exc)
+                if isinstance(exc, _fs.UnsafePath)
+                else f"cannot open {path!r}: {exc.strerror}"
+            ) from None
+        return os.fdopen(fd, "rb")
+
+    def read_bytes(self, path: str) -> bytes:
+        """The bytes of ``path`` in the working directory (see ``open_file``)."""
+        with self.open_file(path) as f:
+            data = f.read(self.max_file_bytes + 1)
+        if len(data) > self.max_file_bytes:
+            raise ToolError(f"{path!r} is over the {self.max_file_bytes} byte limit")
+        return data
+
+    def write_file(self, name: str, data: bytes) -> str:
+        """Create a new file in the working directory; returns the name it got.
+
+        Never writes through a link or into an existing file: if something already sits at
+        ``name``, a random suffix is added to it.
+        """
+        try:
+            return _fs.write_new(self.workdir, name, data)
+        except OSError as exc:
+            raise ToolError(f"cannot write {name!r}: {exc}") from None
 
     def image(self, path: str) -> Image.Image:
         try:
-            with Image.open(self.resolve(path)) as img:
+            with self.open_file(path) as f, Image.open(f) as img:
                 img.load()
                 return img.convert("RGB") if img.mode not in ("RGB", "L", "RGBA") else img
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise ToolError(f"{path!r} is not a readable image: {exc}") from exc
 
 

@@ -17,6 +17,7 @@ order (``Turns``), so the reuse cap gives the same assignment after any resume.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -31,6 +32,7 @@ from typing import Any
 from tracetune.models.base import ChatMessage, Sampling
 from tracetune.prompts import prompt_hash, render
 from tracetune.runner import Drop, StageResult
+from tracetune.sandbox._fs import UnsafePath, read_beneath
 from tracetune.schema import FileRef, Provenance, Task
 from tracetune.store import Dataset
 from tracetune.synth.mtrace.common import (
@@ -81,29 +83,46 @@ CODE_PRELUDE = (
     "import mimetypes\nmimetypes.knownfiles = []\nmimetypes.init()\n"
 )
 # Office files are zips whose entries carry the time of writing, and whose core.xml says
-# when they were created: both are pinned (in the sandbox), so that a file made again after
-# a resume has the same content address as the first time.
-NORMALIZE = """
-import io, re, zipfile
-def _normalize(name):
-    if not zipfile.is_zipfile(name):
-        return
-    with zipfile.ZipFile(name) as src:
-        entries = [(i, src.read(i.filename)) for i in src.infolist()]
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as dst:
-        for info, data in entries:
-            if info.filename == "docProps/core.xml":
-                data = re.sub(rb"(<dcterms:(?:created|modified)[^>]*>)[^<]*",
-                              rb"\\g<1>2000-01-01T00:00:00Z", data)
-            fixed = zipfile.ZipInfo(info.filename, date_time=(2000, 1, 1, 0, 0, 0))
-            fixed.compress_type = zipfile.ZIP_DEFLATED
-            fixed.external_attr = info.external_attr
-            dst.writestr(fixed, data)
-    with open(name, "wb") as out:
-        out.write(buf.getvalue())
-_normalize(%r)
-"""
+# when they were created: both are pinned, so that a file made again after a resume has the
+# same content address as the first time. This runs in the host on the bytes it read (by fd,
+# after the sandbox stopped): code in the sandbox can patch any library it imports, so no
+# step after ``check_file`` may run there.
+MAX_FILE_BYTES = 64 * 1024 * 1024
+_MAX_UNPACKED_BYTES = 256 * 1024 * 1024
+_MAX_ENTRIES = 10_000
+
+
+def normalize_file(data: bytes) -> bytes:
+    """``data`` with its zip entries' dates (and Office core.xml dates) pinned; other bytes
+    unchanged. Raises ``ValueError`` for a zip too large to unpack."""
+    if not data.startswith(b"PK"):
+        return data
+    try:
+        src = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile:
+        return data
+    with src:
+        infos = src.infolist()
+        if len(infos) > _MAX_ENTRIES:
+            raise ValueError(f"the zip package has {len(infos)} entries")
+        if sum(i.file_size for i in infos) > _MAX_UNPACKED_BYTES:
+            raise ValueError(f"the zip package unpacks to over {_MAX_UNPACKED_BYTES} bytes")
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as dst:
+            for info in infos:
+                # ZipExtFile stops at the declared size, so the sum above bounds the memory.
+                content = src.read(info.filename)
+                if info.filename == "docProps/core.xml":
+                    content = re.sub(
+                        rb"(<dcterms:(?:created|modified)[^>]*>)[^<]*",
+                        rb"\g<1>2000-01-01T00:00:00Z",
+                        content,
+                    )
+                fixed = zipfile.ZipInfo(info.filename, date_time=(2000, 1, 1, 0, 0, 0))
+                fixed.compress_type = zipfile.ZIP_DEFLATED
+                fixed.external_attr = info.external_attr
+                dst.writestr(fixed, content)
+    return buf.getvalue()
 
 
 # What a file of each generated kind must be, checked on its bytes in the host (no code
@@ -116,20 +135,47 @@ _ZIP_PARTS = {
 _TEXT_KINDS = {"csv", "txt", "md", "html", "json"}
 
 
+def read_produced(path: Path, workdir: Path) -> bytes | str:
+    """The bytes of the file the code made at ``path`` (in ``workdir``), or why not.
+
+    Read by a descriptor of ``workdir``, never through a link (anywhere on the way), and only
+    from a regular file with one link: the code could otherwise point the host at any file.
+    """
+    name = path.name
+    try:
+        rel = path.relative_to(workdir).as_posix()
+    except ValueError:
+        return f"{name} is not in the working directory"
+    try:
+        return read_beneath(workdir, rel, MAX_FILE_BYTES)
+    except UnsafePath as exc:
+        if exc.errno == errno.EMLINK:
+            return f"{name} is a hard link; write the file itself in the current directory"
+        if exc.errno in (errno.ELOOP, errno.EXDEV, errno.ENOTDIR):
+            return f"{name} is a link; write the file itself in the current directory"
+        if exc.errno == errno.EFBIG:
+            return f"{name} is larger than {MAX_FILE_BYTES // (1024 * 1024)} MB"
+        return f"{name} is not a regular file"
+    except FileNotFoundError:
+        return f"{name} does not exist"
+    except OSError as exc:
+        return f"{name} cannot be read: {exc.strerror}"
+
+
 def check_file(path: Path, kind: str, workdir: Path) -> str | None:
     """Why the file the code made at ``path`` is not a ``kind`` file in ``workdir``, or None.
 
     A link (which could point anywhere on the host) or a file outside ``workdir`` is
     refused before its bytes are read.
     """
-    name = path.name
-    if path.is_symlink() or not path.resolve().is_relative_to(workdir.resolve()):
-        return f"{name} is a link; write the file itself in the current directory"
-    if not path.is_file():
-        return f"{name} is not a regular file"
-    if path.stat().st_nlink > 1:
-        return f"{name} is a hard link; write the file itself in the current directory"
-    data = path.read_bytes()
+    data = read_produced(path, workdir)
+    if isinstance(data, str):
+        return data
+    return check_bytes(path.name, data, kind)
+
+
+def check_bytes(name: str, data: bytes, kind: str) -> str | None:
+    """Why ``data`` (the file ``name``) is not a ``kind`` file, or None."""
     if not data:
         return f"the script created {name} but left it empty"
     if kind == "pdf" and not data.startswith(b"%PDF-"):
@@ -245,7 +291,7 @@ async def associate_files(config: SynthConfig, progress: bool = True) -> StageRe
     items = sorted(queries, key=lambda t: t.id)
     done = out.state.keys(STAGE, "done") | out.state.keys(STAGE, "dropped")
     turns = Turns([t.id for t in items if t.id not in done])
-    model = stage_model(spec, config.backend, out.state, STAGE)
+    model = stage_model(spec, config.backend.for_stage(config.concurrency), out.state, STAGE)
     sampling = Sampling(temperature=fc.temperature, max_tokens=fc.max_tokens)
     hashes = {"scenario": prompt_hash(SCENARIO_PROMPT), "file_code": prompt_hash(CODE_PROMPT)}
 
@@ -253,9 +299,14 @@ async def associate_files(config: SynthConfig, progress: bool = True) -> StageRe
         return (await model.generate(messages, sampling=sampling)).text
 
     async def make_file(
-        sandbox: Any, workdir: Path, spec_: dict[str, str], kind: str, name: str
-    ) -> tuple[Path | None, str, str | None]:
-        """(path, code, error) after up to 1 + code_retries attempts."""
+        start: Any, workdir: Path, spec_: dict[str, str], kind: str, name: str
+    ) -> tuple[bytes | None, str, str | None]:
+        """(normalized bytes, code, error) after up to 1 + code_retries attempts.
+
+        Each attempt runs in a sandbox of its own that is closed (every process of it
+        killed) before the host reads the file: nothing the code left running can swap
+        the file, or patch what the host does with it, while it is read.
+        """
         error = None
         code = ""
         for _ in range(1 + fc.code_retries):
@@ -279,22 +330,27 @@ async def associate_files(config: SynthConfig, progress: bool = True) -> StageRe
             else:
                 target.unlink(missing_ok=True)
             before = _files_in(workdir)
-            result = await sandbox.execute(CODE_PRELUDE + code)
+            async with await start() as sandbox:
+                result = await sandbox.execute(CODE_PRELUDE + code)
             if result.error is not None:
                 error = f"{result.error.kind.value}: {result.error.message}"[-3000:]
-            elif not target.exists() and not target.is_symlink():
+                continue
+            if not target.exists() and not target.is_symlink():
                 made = [f for f, st in _files_in(workdir).items() if before.get(f) != st]
                 error = f"the script ran but did not create {name} in the current directory" + (
                     f" (it created: {', '.join(made[:10])})" if made else ""
                 )
-            elif (wrong := check_file(target, kind, workdir)) is not None:
+                continue
+            data = read_produced(target, workdir)
+            if isinstance(data, str):
+                error = data
+            elif (wrong := check_bytes(name, data, kind)) is not None:
                 error = wrong
             else:
-                pinned = await sandbox.execute(NORMALIZE % name)
-                if pinned.error is not None:
-                    error = f"{name} is not a well-formed file: {pinned.error.message}"[-3000:]
-                    continue
-                return target, code, None
+                try:
+                    return normalize_file(data), code, None
+                except (ValueError, zipfile.BadZipFile, OSError, EOFError) as exc:
+                    error = f"{name} is not a well-formed file: {exc}"[-3000:]
         return None, code, error
 
     async def produce(task: Task) -> Task | Drop:
@@ -336,21 +392,30 @@ async def associate_files(config: SynthConfig, progress: bool = True) -> StageRe
 
             workdir = Path(tempfile.mkdtemp(prefix="mtrace-files-"))
             limits = SandboxLimits(timeout_s=fc.code_timeout_s, cpu_s=int(fc.code_timeout_s))
+
+            async def start() -> Sandbox:
+                nonlocal limits
+                sandbox = await Sandbox.start(workdir, [], no_tools, limits)
+                if sandbox.uid is not None and limits.uid is None:
+                    # Every attempt of this task runs as one uid: files and folders an
+                    # earlier attempt made stay writable for the next one.
+                    limits = limits.model_copy(update={"uid": sandbox.uid})
+                return sandbox
+
             try:
-                async with await Sandbox.start(workdir, [], no_tools, limits) as sandbox:
-                    for i, (s, kind) in enumerate(zip(specs, kinds, strict=True)):
-                        if kind == "image":
-                            continue
-                        path, code, error = await make_file(sandbox, workdir, s, kind, names[i])
-                        if path is None:
-                            return Drop(
-                                "file code failed",
-                                {"file": names[i], "error": error, "code": code[:3000]},
-                            )
-                        generated[i] = out.assets.put_bytes(
-                            path.read_bytes(), names[i], description=s["file_content"]
+                for i, (s, kind) in enumerate(zip(specs, kinds, strict=True)):
+                    if kind == "image":
+                        continue
+                    data, code, error = await make_file(start, workdir, s, kind, names[i])
+                    if data is None:
+                        return Drop(
+                            "file code failed",
+                            {"file": names[i], "error": error, "code": code[:3000]},
                         )
-                        sources[i] = {"name": names[i], "kind": "generated", "code": code}
+                    generated[i] = out.assets.put_bytes(
+                        data, names[i], description=s["file_content"]
+                    )
+                    sources[i] = {"name": names[i], "kind": "generated", "code": code}
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import io
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,24 @@ from tracetune.tools.builtin._common import TypedTool, tool_options
 from tracetune.tools.spec import ToolContext, ToolError, ToolResult, register_tool
 
 DEFAULT_MAX_CHARS = 20_000
-SUPPORTED = (".pdf", ".docx", ".xlsx", ".xls", ".pptx", ".csv", ".html", ".htm", ".json",
-             ".jsonl", ".xml", ".zip", ".txt", ".md", ".epub", ".ipynb")
+SUPPORTED = (
+    ".pdf",
+    ".docx",
+    ".xlsx",
+    ".xls",
+    ".pptx",
+    ".csv",
+    ".html",
+    ".htm",
+    ".json",
+    ".jsonl",
+    ".xml",
+    ".zip",
+    ".txt",
+    ".md",
+    ".epub",
+    ".ipynb",
+)
 
 QUESTION_PROMPT = "tools/inspect_file_question.jinja"  # under tracetune/prompts
 
@@ -42,11 +59,18 @@ class InspectFile(TypedTool):
 
         self.converter = MarkItDown(enable_plugins=False)
 
-    def to_markdown(self, path: Path) -> str:
-        from markitdown import MarkItDownException
+    def to_markdown(self, path: Path, data: bytes | None = None) -> str:
+        """``path`` as markdown; from ``data`` (its bytes, already read) when given."""
+        from markitdown import MarkItDownException, StreamInfo
 
         try:
-            result = self.converter.convert(str(path))
+            if data is None:
+                result = self.converter.convert(str(path))
+            else:
+                info = StreamInfo(
+                    extension=path.suffix.lower() or None, filename=path.name, local_path=None
+                )
+                result = self.converter.convert_stream(io.BytesIO(data), stream_info=info)
         except MarkItDownException as exc:
             # markitdown's message already names the missing extra (e.g. markitdown[pptx]).
             raise ToolError(f"cannot read {path.name}: {exc}") from exc
@@ -66,21 +90,22 @@ class InspectFile(TypedTool):
         options = tool_options(ctx, "inspect_file")
         max_chars = int(options.get("max_chars", DEFAULT_MAX_CHARS))
         full = ctx.resolve(path)
-        if full.is_dir():
-            raise ToolError(f"{path!r} is a folder; pass a file inside it")
+        # Read once, by fd, never through a link: the code may swap the name meanwhile.
+        raw = ctx.read_bytes(path)
         if question and ctx.model is None:
             raise ToolError(
                 "inspect_file was asked a question but no model is configured to answer it; "
                 "call it without a question to get the file's text, or configure a model "
                 "(e.g. `--model openai:gpt-4o-mini`)"
             )
-        markdown = await asyncio.to_thread(functools.partial(self.to_markdown, full))
+        markdown = await asyncio.to_thread(functools.partial(self.to_markdown, full, raw))
         # Converters quote the absolute path (zip listings); the model knows the file by name.
         markdown = markdown.replace(str(full), path)
         if not markdown:
             suffix = full.suffix.lower()
             hint = (
-                "" if suffix in SUPPORTED
+                ""
+                if suffix in SUPPORTED
                 else f" ({suffix or 'no extension'} is not a known format)"
             )
             raise ToolError(f"no text could be extracted from {path}{hint}")

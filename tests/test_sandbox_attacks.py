@@ -1,0 +1,266 @@
+"""The sandbox boundary seen from the host: model-written code attacks the host side.
+
+Each test is written as an attacker would write it: the code plants or races links at the
+names the host will use, forges protocol frames, hides daemons, hogs memory and disk, or
+calls the kernel directly. Every test asserts that the host's files, processes and memory
+are untouched, and that the step's error (if any) is typed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import re
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from tracetune.agent.code import CodeExecutor
+from tracetune.agent.toolbox import ToolBox
+from tracetune.sandbox import SandboxLimits
+from tracetune.schema import Action
+from tracetune.store import AssetStore
+from tracetune.tools import get_tool
+
+pytestmark = pytest.mark.timeout(90)
+
+# The audit hook is off in every attack: it gives the model clear errors, but code can get
+# past it, so the host side and the kernel layers must hold without it.
+LIMITS = SandboxLimits(timeout_s=20.0, audit_hook=False)
+SECRET = "TOP-SECRET-HOST-CONTENT-8d1f"
+
+
+def async_test(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(fn(*args, **kwargs))
+
+    return run
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Path:
+    """Host files the code must never reach: a secret text, a secret image, a config."""
+    root = tmp_path / "host"
+    root.mkdir(mode=0o700)
+    (root / "secret.txt").write_text(SECRET)
+    Image.new("RGB", (64, 64), (7, 7, 7)).save(root / "secret.png")
+    (root / "config.ini").write_text("owner=host\n")
+    for p in root.iterdir():
+        p.chmod(0o600)
+    return root
+
+
+def host_unchanged(root: Path) -> None:
+    assert sorted(p.name for p in root.iterdir()) == ["config.ini", "secret.png", "secret.txt"]
+    assert (root / "config.ini").read_text() == "owner=host\n"
+    assert (root / "secret.txt").read_text() == SECRET
+
+
+async def executor(tmp_path: Path, *tools: str) -> tuple[CodeExecutor, AssetStore]:
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(workdir / "photo.png")
+    (workdir / "docs").mkdir()
+    (workdir / "docs" / "secret.txt").write_text("public notes")
+    assets = AssetStore(tmp_path / "assets")
+    toolbox = ToolBox([get_tool(t) for t in tools], workdir, assets)
+    return await CodeExecutor.start(toolbox, LIMITS), assets
+
+
+def code(source: str) -> Action:
+    return Action(type="code", code=source)
+
+
+# -- 1. host writes through planted and raced links ------------------------------------------
+
+
+@async_test
+async def test_tool_output_never_follows_a_link_planted_at_its_name(
+    tmp_path: Path, host: Path
+) -> None:
+    ex, assets = await executor(tmp_path, "image_crop")
+    try:
+        dangling = host / "created_by_host.png"
+        attack = f"""
+import os
+for k in range(3):
+    os.symlink({str(dangling)!r}, f"image_crop_step1_{{k}}.png")
+    os.symlink({str(host / "config.ini")!r}, f"image_crop-2_step1_{{k}}.png")
+name = image_crop(image="photo.png", box=[0, 0, 16, 16])
+print(name, os.path.islink(name))
+"""
+        out = await ex.execute(code(attack), 1)
+        assert out.error is None, out.error
+        name, is_link = out.observation.text.split()[:2]
+        assert is_link == "False" and name.endswith(".png")
+        saved = ex.toolbox.workdir / name
+        assert not saved.is_symlink() and Image.open(saved).size == (16, 16)
+        assert not dangling.exists() and not dangling.is_symlink()
+        host_unchanged(host)
+        assert assets.open_image(out.observation.images[0]).size == (16, 16)
+    finally:
+        await ex.close()
+
+
+RACE = """
+import os, threading, time
+stop = time.time() + {seconds}
+def flip(names, target):
+    while time.time() < stop:
+        for n in names:
+            try:
+                os.symlink(target, n + ".tmp")
+                os.replace(n + ".tmp", n)
+                os.unlink(n)
+                open(n, "wb").close()
+                os.unlink(n)
+            except OSError:
+                pass
+names = [f"image_crop{{tag}}_step{{i}}_0.png" for i in range(1, 4) for tag in ("", "-2", "-3")]
+t = threading.Thread(target=flip, args=(names, {target!r}), daemon=True)
+t.start()
+made = 0
+while time.time() < stop:
+    try:
+        image_crop(image="photo.png", box=[0, 0, 8, 8])
+        made += 1
+    except ToolError:
+        pass
+t.join()
+print("crops", made)
+"""
+
+
+@async_test
+async def test_a_thread_flipping_output_names_between_link_and_file_never_reaches_the_host(
+    tmp_path: Path, host: Path
+) -> None:
+    ex, _ = await executor(tmp_path, "image_crop")
+    try:
+        config = host / "config.ini"
+        for step in (1, 2):
+            src = RACE.format(seconds=1.5, target=str(config))
+            out = await ex.execute(code(src), step)
+            assert out.error is None, out.error
+            made = re.search(r"crops (\d+)", out.observation.text)
+            assert made is not None and int(made.group(1)) > 0, out.observation.text
+        host_unchanged(host)
+    finally:
+        await ex.close()
+
+
+# -- 4. a directory swapped for a link between the host's check and its open ---------------
+
+
+SWAP = """
+import os, threading, time
+stop = time.time() + {seconds}
+def swap():
+    while time.time() < stop:
+        try:
+            os.rename("docs", "docs.real")
+            os.symlink({host!r}, "docs")
+            os.unlink("docs")
+            os.rename("docs.real", "docs")
+        except OSError:
+            pass
+t = threading.Thread(target=swap, daemon=True)
+t.start()
+seen = set()
+while time.time() < stop:
+    for call in (lambda: inspect_file(path="docs/secret.txt")["markdown"],
+                 lambda: str(image_crop(image="docs/secret.png", box=[0, 0, 4, 4]))):
+        try:
+            seen.add(call())
+        except ToolError as exc:
+            seen.add(type(exc).__name__)
+t.join()
+print(sorted(seen))
+"""
+
+
+@async_test
+async def test_a_directory_swapped_during_tool_calls_never_shows_host_files(
+    tmp_path: Path, host: Path
+) -> None:
+    ex, assets = await executor(tmp_path, "inspect_file", "image_crop")
+    try:
+        out = await ex.execute(code(SWAP.format(seconds=2.0, host=str(host))), 1)
+        assert out.error is None, out.error
+        assert SECRET not in out.observation.text
+        assert "public notes" in out.observation.text  # the real file was read
+        # No crop of the host's secret image was made: every crop came from a workdir file.
+        for ref in out.observation.images:
+            assert assets.open_image(ref).getpixel((0, 0)) != (7, 7, 7)
+        host_unchanged(host)
+    finally:
+        await ex.close()
+
+
+# -- 2. M-TRACE file code that patches what the host runs next and swaps its output ----------
+
+
+def test_file_code_cannot_patch_normalization_or_swap_its_output_for_a_host_file(
+    tmp_path: Path, host: Path
+) -> None:
+    from mtrace_script import XLSX_CODE, Script
+    from test_mtrace_stages import _config
+
+    from tracetune.schema import Task
+    from tracetune.store import Dataset
+    from tracetune.synth.mtrace.pipeline import STAGES
+    from tracetune.testing.openai_server import ScriptedOpenAIServer
+
+    secret = str(host / "secret.txt")
+
+    class Exfiltrate(Script):
+        def code(self, text: str) -> str:
+            if "budget.xlsx" in text:
+                # Valid xlsx first; then every zipfile entry point the host might call
+                # afterwards swaps the output for a link to a host file, and a thread does
+                # the same a moment later, after the code step has returned.
+                attack = (
+                    XLSX_CODE
+                    + f"""
+import os, threading, time, zipfile
+def swap(*args, **kwargs):
+    try:
+        os.replace("budget.xlsx", ".sandbox/kept.xlsx")
+        os.symlink({secret!r}, "budget.xlsx")
+    except OSError:
+        pass
+    return False
+zipfile.is_zipfile = swap
+zipfile.ZipFile.__init__ = lambda self, *a, **k: swap()
+threading.Thread(target=lambda: (time.sleep(0.05), swap()), daemon=True).start()
+"""
+                )
+                return f"```python\n{attack}\n```"
+            return super().code(text)
+
+    with ScriptedOpenAIServer(Exfiltrate()) as srv:
+        config = _config(tmp_path, srv.base_url)
+
+        async def up_to_files() -> None:
+            for _, stage in STAGES[:3]:
+                await stage(config, False)
+
+        asyncio.run(up_to_files())
+    tasks = Dataset.open(tmp_path / "run" / "tasks", Task)
+    found = 0
+    for task in tasks.records():
+        for ref in task.files:
+            data = tasks.assets.read_bytes(ref)
+            assert SECRET.encode() not in data
+            if ref.name == "budget.xlsx":
+                found += 1
+                assert data[:2] == b"PK"  # the real workbook, read before anything swapped it
+    assert found == 1
+    for blob in (tmp_path / "run").rglob("*"):
+        if blob.is_file():
+            assert SECRET.encode() not in blob.read_bytes(), blob
+    host_unchanged(host)
