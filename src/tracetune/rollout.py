@@ -77,7 +77,9 @@ class RolloutConfig(BaseModel):
     max_errors: int = Field(default=3, ge=1, description="Failed steps allowed per episode.")
     temperature: float = Field(default=0.0, ge=0, description="Sampling temperature.")
     max_tokens: int = Field(default=512, ge=1, description="Max new tokens per step.")
-    concurrency: int = Field(default=2, ge=1, description="Episodes in flight.")
+    concurrency: int = Field(
+        default=2, ge=1, description="Model requests in flight, and episodes run at once."
+    )
     max_cost_usd: float | None = Field(default=None, description="Stop after this much spend.")
     limit: int | None = Field(default=None, ge=1, description="Only the first N tasks.")
     backend: ModelOptions = Field(default_factory=ModelOptions, description="Backend options.")
@@ -486,7 +488,7 @@ async def run_rollout(
     else:
         from tracetune.models.base import load_model
 
-        loaded = model or load_model(config.teacher, config.backend)
+        loaded = model or load_model(config.teacher, config.backend.for_stage(config.concurrency))
         teacher_model = MeteredModel(loaded, out.state, STAGE)
 
     def agent_for(options: dict[str, Any]) -> Agent:
@@ -535,7 +537,6 @@ async def run_rollout(
             sources=[source],
             progress=progress,
             total=len(items),
-            chunk_size=max(1, min(32, len(items) // 4)),
         )
     finally:
         if reject_writer is not None:

@@ -50,7 +50,9 @@ class AgentRunConfig(BaseModel):
     seed: int | None = Field(
         default=None, description="Sampling seed, where the backend supports it."
     )
-    concurrency: int = Field(default=4, ge=1, description="Episodes in flight.")
+    concurrency: int = Field(
+        default=4, ge=1, description="Model requests in flight, and episodes run at once."
+    )
     max_cost_usd: float | None = Field(default=None, description="Stop after this much spend.")
     max_total_tokens: int | None = Field(default=None, description="Stop after this many tokens.")
     backend: ModelOptions = Field(default_factory=ModelOptions, description="Backend options.")
@@ -84,7 +86,7 @@ async def run_agent(
     out: Dataset[Trajectory] = Dataset.create(config.out, Trajectory)
     tasks, source = prepare_tasks(config, out)
     tools = load_tools(config.tools, config.tool_modules)
-    model = model or load_model(config.model, config.backend)
+    model = model or load_model(config.model, config.backend.for_stage(config.concurrency))
     metered = MeteredModel(model, out.state, "agent")
     sampling = Sampling(
         temperature=config.temperature,
@@ -120,7 +122,6 @@ async def run_agent(
             sources=[source],
             progress=progress,
             total=len(items),
-            chunk_size=max(1, min(8, len(items) // 4)),
         )
     finally:
         await model.aclose()

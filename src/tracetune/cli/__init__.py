@@ -34,6 +34,7 @@ _GROUPS = {
     "prefs": ("tracetune.cli.prefs", "Step-wise exploration, preference pairs and their stats."),
     "mmat": ("tracetune.cli.mmat", "MMAT data engine: QA to RR/ORR rationale dialogues."),
     "run": ("tracetune.cli.run", "Whole pipelines from one config (the MATRIX loop)."),
+    "data": ("tracetune.cli.data", "Check dataset directories against their run state."),
 }
 
 for _name, (_module, _help) in _GROUPS.items():

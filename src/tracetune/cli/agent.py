@@ -31,7 +31,10 @@ def run(
     samples: Annotated[int | None, typer.Option(help="Trajectories per task.")] = None,
     temperature: Annotated[float | None, typer.Option(help="Sampling temperature.")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Max new tokens per step.")] = None,
-    concurrency: Annotated[int | None, typer.Option(help="Episodes in flight.")] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(help="Model requests in flight, and episodes run at once (default 4)."),
+    ] = None,
     base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint URL.")] = None,
     adapter: Annotated[
         Path | None, typer.Option(help="LoRA adapter dir for local: models.")

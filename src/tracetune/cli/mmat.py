@@ -166,7 +166,10 @@ def rationale(
     max_attempts: Annotated[
         int | None, typer.Option(help="Tries per sample when the leak check rejects one.")
     ] = None,
-    concurrency: Annotated[int | None, typer.Option(help="Samples in flight.")] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(help="Model requests in flight, and samples run at once (default 4)."),
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N tasks.")] = None,
     max_cost: Annotated[float | None, typer.Option(help="Stop after this many USD.")] = None,
     base_url: BaseUrlOpt = None,
@@ -208,7 +211,10 @@ def reflect(
     judge: Annotated[str | None, typer.Option(help="Judge model spec.")] = None,
     repairer: Annotated[str | None, typer.Option(help="Repair model (default: judge).")] = None,
     checks: Annotated[str | None, typer.Option(help="Comma-separated: unsupported, math.")] = None,
-    concurrency: Annotated[int | None, typer.Option(help="Samples in flight.")] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(help="Model requests in flight, and samples run at once (default 4)."),
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N dialogues.")] = None,
     max_cost: Annotated[float | None, typer.Option(help="Stop after this many USD.")] = None,
     base_url: BaseUrlOpt = None,
@@ -279,7 +285,10 @@ def infer(
     caption_model: CaptionOpt = None,
     max_turns: Annotated[int | None, typer.Option(help="RR: model steps per question.")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Max new tokens per turn.")] = None,
-    concurrency: Annotated[int | None, typer.Option(help="Questions in flight.")] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(help="Model requests in flight, and questions run at once (default 4)."),
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N tasks.")] = None,
     base_url: BaseUrlOpt = None,
     config: ConfigOpt = None,

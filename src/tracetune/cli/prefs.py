@@ -55,7 +55,10 @@ def explore(
     max_tokens: Annotated[int | None, typer.Option(help="Max new tokens per candidate.")] = None,
     seed: Annotated[int | None, typer.Option(help="Base sampling seed.")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N tasks.")] = None,
-    concurrency: Annotated[int | None, typer.Option(help="Tasks explored at once.")] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(help="Model requests in flight, and tasks explored at once (default 2)."),
+    ] = None,
     base_url: Annotated[str | None, typer.Option(help="Policy's OpenAI-compatible URL.")] = None,
     judge_base_url: Annotated[str | None, typer.Option(help="Judge's endpoint URL.")] = None,
     max_cost: Annotated[float | None, typer.Option(help="Stop after this many USD.")] = None,

@@ -19,28 +19,44 @@ out_console = Console()
 def rollout(
     tasks: Annotated[Path | None, typer.Option(help="Task dataset dir with gold answers.")] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory (resumable).")] = None,
-    teacher: Annotated[str | None, typer.Option(
-        help="'gold' replays the gold tool chains, or a model spec (openai:NAME, local:PATH)."
-    )] = None,
+    teacher: Annotated[
+        str | None,
+        typer.Option(
+            help="'gold' replays the gold tool chains, or a model spec (openai:NAME, local:PATH)."
+        ),
+    ] = None,
     action_format: Annotated[str | None, typer.Option(help="json or code.")] = None,
-    corpus: Annotated[Path | None, typer.Option(
-        help="Search corpus (default: the one each task was written against).")] = None,
-    tool_module: Annotated[list[str] | None, typer.Option(
-        help="Module that registers tools (repeatable).")] = None,
+    corpus: Annotated[
+        Path | None,
+        typer.Option(help="Search corpus (default: the one each task was written against)."),
+    ] = None,
+    tool_module: Annotated[
+        list[str] | None, typer.Option(help="Module that registers tools (repeatable).")
+    ] = None,
     samples: Annotated[int | None, typer.Option(help="Trajectories per task (models).")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Step budget (models).")] = None,
     temperature: Annotated[float | None, typer.Option(help="Sampling temperature.")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Max new tokens per step.")] = None,
-    concurrency: Annotated[int | None, typer.Option(help="Episodes in flight.")] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(help="Model requests in flight, and episodes run at once (default 2)."),
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N tasks.")] = None,
     base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint URL.")] = None,
     max_cost: Annotated[float | None, typer.Option(help="Stop after this many USD.")] = None,
-    require_tools: Annotated[bool | None, typer.Option(
-        "--require-tools/--no-require-tools",
-        help="Reject model trajectories that skip the gold chain's tools.")] = None,
-    keep_rejected: Annotated[bool | None, typer.Option(
-        "--keep-rejected/--no-keep-rejected", help="Write failed trajectories to OUT/rejected."
-    )] = None,
+    require_tools: Annotated[
+        bool | None,
+        typer.Option(
+            "--require-tools/--no-require-tools",
+            help="Reject model trajectories that skip the gold chain's tools.",
+        ),
+    ] = None,
+    keep_rejected: Annotated[
+        bool | None,
+        typer.Option(
+            "--keep-rejected/--no-keep-rejected", help="Write failed trajectories to OUT/rejected."
+        ),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the gold thought templates.")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with these options.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
@@ -55,11 +71,25 @@ def rollout(
 
     backend = ModelOptions(base_url=base_url) if base_url else None
     cfg = build_config(
-        RolloutConfig, config, tasks=tasks, out=out, teacher=teacher,
-        action_format=action_format, corpus=corpus, tool_modules=tool_module, samples=samples,
-        max_steps=max_steps, temperature=temperature, max_tokens=max_tokens,
-        concurrency=concurrency, limit=limit, max_cost_usd=max_cost, require_tools=require_tools,
-        keep_rejected=keep_rejected, seed=seed, backend=backend,
+        RolloutConfig,
+        config,
+        tasks=tasks,
+        out=out,
+        teacher=teacher,
+        action_format=action_format,
+        corpus=corpus,
+        tool_modules=tool_module,
+        samples=samples,
+        max_steps=max_steps,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        concurrency=concurrency,
+        limit=limit,
+        max_cost_usd=max_cost,
+        require_tools=require_tools,
+        keep_rejected=keep_rejected,
+        seed=seed,
+        backend=backend,
     )
     try:
         result, dataset = run_async(run_rollout(cfg, progress=not quiet))
@@ -74,10 +104,15 @@ def rollout(
     table = Table("family", "passed", "total", "pass rate")
     for family, row in summary["by_family"].items():
         table.add_row(family, str(row["passed"]), str(row["total"]), f"{row['pass_rate']:.1%}")
-    table.add_row("[bold]all[/bold]", str(summary["passed"]), str(summary["total"]),
-                  f"{summary['pass_rate']:.1%}")
+    table.add_row(
+        "[bold]all[/bold]",
+        str(summary["passed"]),
+        str(summary["total"]),
+        f"{summary['pass_rate']:.1%}",
+    )
     out_console.print(table)
     for reason, count in list(summary["failures"].items())[:8]:
         out_console.print(f"  {count} x {reason}", highlight=False)
-    out_console.print(f"trajectories: {dataset.root} ({len(dataset)} kept); "
-                      f"verdicts: {dataset.root / 'verdicts'}")
+    out_console.print(
+        f"trajectories: {dataset.root} ({len(dataset)} kept); verdicts: {dataset.root / 'verdicts'}"
+    )

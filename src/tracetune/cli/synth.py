@@ -20,7 +20,10 @@ out_console = Console()
 ConfigOpt = Annotated[Path | None, typer.Option(help="YAML SynthConfig (flags override it).")]
 OutOpt = Annotated[Path | None, typer.Option(help="Run directory (resumable).")]
 BaseUrlOpt = Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint URL.")]
-ConcurrencyOpt = Annotated[int | None, typer.Option(help="Items in flight per stage.")]
+ConcurrencyOpt = Annotated[
+    int | None,
+    typer.Option(help="Model requests in flight, and items run at once, per stage (default 4)."),
+]
 MaxCostOpt = Annotated[float | None, typer.Option(help="Stop the run at this many USD.")]
 MaxTokensOpt = Annotated[int | None, typer.Option(help="Stop the run at this many tokens.")]
 EmbedderOpt = Annotated[str | None, typer.Option(help="Embedder: minilm (default) or hashing.")]

@@ -20,7 +20,9 @@ class StageOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    concurrency: int = Field(default=4, ge=1, description="Samples in flight.")
+    concurrency: int = Field(
+        default=4, ge=1, description="Model requests in flight, and samples run at once."
+    )
     limit: int | None = Field(default=None, ge=1, description="Only the first N inputs.")
     max_cost_usd: float | None = Field(default=None, description="Stop after this much spend.")
     max_total_tokens: int | None = Field(
@@ -90,8 +92,8 @@ def choices_of(task: Task) -> list[str]:
 
 def answer_agrees(prediction: str, task: Task) -> bool:
     """Whether a short answer matches the task's reference answer."""
-    from tracetune.evaluate.vqa import extract_choice
     from tracetune.judge.answers import check_answer
+    from tracetune.judge.vqa import extract_choice
 
     if task.gold is None:
         return True

@@ -37,7 +37,7 @@ from tracetune.engine.grammar import (
 from tracetune.engine.operators import OperatorConfig, OperatorName, OperatorSet, Workdir
 from tracetune.engine.render import mmat_prompt_hash, orr_system_prompt, rr_system_prompt
 from tracetune.engine.trace import RAG
-from tracetune.evaluate.vqa import extract_answer
+from tracetune.judge.vqa import extract_answer
 from tracetune.models.base import ChatMessage, ChatModel, Sampling, text_message
 from tracetune.prompts import render
 from tracetune.runner import Budget, StageResult, run_stage
@@ -205,7 +205,7 @@ async def run_infer(
     metered, captioner = load_stage_models(
         config.model,
         config.operators.caption_model,
-        config.backend,
+        config.backend.for_stage(config.concurrency),
         out,
         STAGE,
         model,
@@ -251,7 +251,6 @@ async def run_infer(
             sources=[tasks_ds.assets],
             progress=progress,
             total=len(tasks),
-            chunk_size=max(1, min(16, len(tasks) // 4)),
         )
     finally:
         await close_models(metered, captioner)

@@ -268,7 +268,7 @@ async def run_rationale(
     metered, captioner = load_stage_models(
         config.teacher,
         config.operators.caption_model,
-        config.backend,
+        config.backend.for_stage(config.concurrency),
         out,
         STAGE,
         teacher,
@@ -289,7 +289,6 @@ async def run_rationale(
             sources=[tasks_ds.assets],
             progress=progress,
             total=len(tasks),
-            chunk_size=max(1, min(16, len(tasks) // 4)),
         )
     finally:
         await close_models(metered, captioner)

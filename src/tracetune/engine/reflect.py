@@ -240,7 +240,13 @@ async def run_reflect(
     if config.limit:
         items = items[: config.limit]
     judge_model, repair_model = load_stage_models(
-        config.judge, config.repairer, config.backend, out, STAGE, judge, repairer
+        config.judge,
+        config.repairer,
+        config.backend.for_stage(config.concurrency),
+        out,
+        STAGE,
+        judge,
+        repairer,
     )
     reflector = Reflector(config, judge_model, repair_model, verdicts, source.assets)
     try:
@@ -255,7 +261,6 @@ async def run_reflect(
             sources=[source.assets],
             progress=progress,
             total=len(items),
-            chunk_size=max(1, min(16, len(items) // 4)),
         )
     finally:
         reflector.close()

@@ -112,7 +112,9 @@ class EvalRunConfig(BaseModel):
     max_errors: int = Field(default=3, ge=1, description="Failed steps allowed per episode.")
     temperature: float = Field(default=0.0, ge=0, description="Sampling temperature.")
     max_tokens: int = Field(default=512, ge=1, description="Max new tokens per step.")
-    concurrency: int = Field(default=2, ge=1, description="Episodes in flight.")
+    concurrency: int = Field(
+        default=2, ge=1, description="Model requests in flight, and episodes run at once."
+    )
     limit: int | None = Field(default=None, ge=1, description="Only the first N items.")
     max_cost_usd: float | None = Field(default=None, description="Stop after this much spend.")
     n: int = Field(default=40, ge=1, description="programs: size of the held-out split.")
@@ -234,13 +236,17 @@ class RunContext:
             )
 
     def load_models(self, model: ChatModel | None = None) -> ChatModel:
-        loaded = model or load_model(self.config.model, self.config.backend)
+        loaded = model or load_model(
+            self.config.model, self.config.backend.for_stage(self.config.concurrency)
+        )
         self.model = MeteredModel(loaded, self.trajectories.state, STAGE)
         if self.config.tool_model:
             tool = (
                 loaded
                 if self.config.tool_model == self.config.model
-                else load_model(self.config.tool_model, self.config.backend)
+                else load_model(
+                    self.config.tool_model, self.config.backend.for_stage(self.config.concurrency)
+                )
             )
             self.tool_model = MeteredModel(tool, self.trajectories.state, STAGE + ":tools")
         return self.model

@@ -86,6 +86,10 @@ class BackendError(RuntimeError):
     """A backend failed for good (after retries), or was configured wrongly."""
 
 
+# Requests in flight for a backend loaded outside any stage, with no concurrency set.
+DEFAULT_REQUESTS_IN_FLIGHT = 16
+
+
 class ModelOptions(BaseModel):
     """Options any backend may use; each ignores what does not apply to it."""
 
@@ -97,7 +101,14 @@ class ModelOptions(BaseModel):
     api_key_env: str = Field(
         default="OPENAI_API_KEY", description="Environment variable holding the API key."
     )
-    concurrency: int = Field(default=16, ge=1, description="Max requests in flight.")
+    concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Max requests in flight. Unset: the stage's --concurrency when a command loads "
+            f"the model, {DEFAULT_REQUESTS_IN_FLIGHT} when the model is used on its own."
+        ),
+    )
     max_retries: int = Field(default=6, ge=0, description="Retries on 429/5xx/timeouts.")
     timeout_s: float = Field(default=120.0, gt=0, description="Per-request timeout.")
     price_input_per_mtok: float | None = Field(
@@ -144,6 +155,18 @@ class ModelOptions(BaseModel):
         if self.stop == "none":
             return ()
         return tuple(self.stop)
+
+    @property
+    def requests_in_flight(self) -> int:
+        """The bound on concurrent requests: ``concurrency``, or the standalone default."""
+        return self.concurrency if self.concurrency is not None else DEFAULT_REQUESTS_IN_FLIGHT
+
+    def for_stage(self, concurrency: int) -> ModelOptions:
+        """These options for a model that a stage with ``concurrency`` calls: the stage's
+        setting becomes the requests in flight, unless ``concurrency`` was set here."""
+        if self.concurrency is not None:
+            return self
+        return self.model_copy(update={"concurrency": concurrency})
 
 
 class ChatModel(abc.ABC):

@@ -4,7 +4,8 @@
 ``azure:DEPLOYMENT`` talks to Azure OpenAI. Both use the official async ``openai`` client with
 its own retries switched off: this module retries itself (exponential backoff with jitter,
 ``Retry-After`` honoured) so that every retry is counted in ``Usage.retries`` and a request that
-is waiting to retry does not hold one of the ``options.concurrency`` slots.
+is waiting to retry does not hold one of the ``options.concurrency`` slots (a command's
+``--concurrency`` unless the backend section sets its own).
 
 Completions are plain text. When a server answers with native tool calls, each call is
 appended to the text as ``Action: {"name": ..., "arguments": {...}}``, the same line the JSON
@@ -121,7 +122,7 @@ class OpenAIChatModel(ChatModel):
         # from another event loop (connections and semaphores belong to one loop).
         self._client: openai.AsyncOpenAI = make_client()
         self._loop: object = None  # the event loop the client's connections belong to
-        self._semaphore = asyncio.Semaphore(options.concurrency)
+        self._semaphore = asyncio.Semaphore(options.requests_in_flight)
         self._warned_identical = False
         self._identical_pairs = 0
         self._samples_seen: dict[str, tuple[int | None, str]] = {}
@@ -167,7 +168,7 @@ class OpenAIChatModel(ChatModel):
             # Cut at the caller's stop strings here too: the server was not sent them
             # (options.stop: none) or may ignore them.
             completions.extend(_cut_at_stop(_completion(c), sampling.stop) for c in choices)
-                usage = response.get("usage") or {}
+            usage = response.get("usage") or {}
             prompt_tokens += usage.get("prompt_tokens") or 0
             completion_tokens += usage.get("completion_tokens") or 0
             calls += 1
@@ -300,7 +301,7 @@ class OpenAIChatModel(ChatModel):
             # Closed, or the previous loop is gone (e.g. a second asyncio.run): its pooled
             # connections can be neither reused nor closed from here.
             self._client = self._make_client()
-            self._semaphore = asyncio.Semaphore(self.options.concurrency)
+            self._semaphore = asyncio.Semaphore(self.options.requests_in_flight)
         self._loop = loop
 
     async def _request(self, params: dict[str, Any]) -> tuple[dict[str, Any], int]:
@@ -505,8 +506,8 @@ def _http_client(options: ModelOptions) -> Any:
     # that at high concurrency every request reuses a warm connection instead of reconnecting.
     limits_type = type(openai.DEFAULT_CONNECTION_LIMITS)  # httpx.Limits or httpx2.Limits
     limits = limits_type(
-        max_connections=options.concurrency + 8,
-        max_keepalive_connections=options.concurrency + 8,
+        max_connections=options.requests_in_flight + 8,
+        max_keepalive_connections=options.requests_in_flight + 8,
     )
     return openai.DefaultAsyncHttpxClient(limits=limits, timeout=options.timeout_s)
 

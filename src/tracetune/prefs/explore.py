@@ -102,7 +102,9 @@ class ExploreConfig(BaseModel):
     corpus: Path | None = Field(
         default=None, description="Search corpus for tasks that use search (default: the task's)."
     )
-    concurrency: int = Field(default=2, ge=1, description="Tasks explored at once.")
+    concurrency: int = Field(
+        default=2, ge=1, description="Model requests in flight, and tasks explored at once."
+    )
     max_cost_usd: float | None = Field(default=None, description="Stop after this much spend.")
     max_total_tokens: int | None = Field(default=None, description="Stop after this many tokens.")
     backend: ModelOptions = Field(default_factory=ModelOptions, description="Policy backend.")
@@ -392,12 +394,17 @@ async def run_explore(
     names = sorted({n for t in tasks for n in t.tools} | {"final_answer"})
     tools = load_tools(names, config.tool_modules)
     policy_model = MeteredModel(
-        policy or load_model(config.policy, config.backend), out.state, STAGE
+        policy or load_model(config.policy, config.backend.for_stage(config.concurrency)),
+        out.state,
+        STAGE,
     )
     judge_model: ChatModel | None = None
     if judge is not None or config.judge:
         judge_model = MeteredModel(
-            judge or load_model(str(config.judge), config.judge_backend), out.state, STAGE
+            judge
+            or load_model(str(config.judge), config.judge_backend.for_stage(config.concurrency)),
+            out.state,
+            STAGE,
         )
     greedy = Sampling(temperature=0.0, max_tokens=config.max_tokens, stop=STOP)
     verifier = make_verifier(
@@ -446,7 +453,6 @@ async def run_explore(
             sources=[source],
             progress=progress,
             total=len(tasks),
-            chunk_size=max(1, min(8, len(tasks) // 4)),
         )
     finally:
         await policy_model.aclose()

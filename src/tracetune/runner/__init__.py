@@ -5,6 +5,7 @@ from tracetune.runner.stage import (
     Drop,
     MeteredModel,
     StageAborted,
+    StageCore,
     StageResult,
     run_stage,
 )
@@ -15,6 +16,7 @@ __all__ = [
     "Drop",
     "MeteredModel",
     "StageAborted",
+    "StageCore",
     "StageResult",
     "StageStats",
     "run_stage",

@@ -8,8 +8,10 @@ DIR/
   state.sqlite           run state: item status, model-call cache, usage
 ```
 
-Writers append in small chunks, each written to a temporary name and renamed, so a killed
-writer loses at most the chunk in flight; the ids already on disk are skipped on rerun.
+Writers append chunks sized by bytes (``target_bytes`` of Parquet, whatever the records'
+size) and by time (at least every ``flush_interval_s``), each written to a temporary name and
+renamed, so a killed writer loses at most the chunk in flight; the ids already on disk are
+skipped on rerun.
 The directory loads with ``datasets.load_dataset("parquet", data_dir=DIR + "/data")``.
 """
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, TypeVar
@@ -34,6 +36,13 @@ from tracetune.store.state import RunState
 R = TypeVar("R", bound=Record)
 
 MANIFEST = "manifest.json"
+# A chunk is flushed once its records reach about this many bytes of Parquet...
+DEFAULT_CHUNK_BYTES = 8 << 20
+# ...or when it has waited this long, so a killed run loses little work.
+DEFAULT_FLUSH_INTERVAL_S = 10.0
+# Bounds on records per chunk while the size of a record is being learnt.
+FIRST_CHUNK_ROWS = 1024
+MAX_CHUNK_ROWS = 200_000
 
 
 class DatasetError(ValueError):
@@ -138,8 +147,20 @@ class Dataset(Generic[R]):
         return datasets.load_dataset("parquet", data_files=files, split="train")
 
     # -- writing -----------------------------------------------------------------------
-    def writer(self, chunk_size: int = 32, flush_interval_s: float = 30.0) -> DatasetWriter[R]:
-        return DatasetWriter(self, chunk_size=chunk_size, flush_interval_s=flush_interval_s)
+    def writer(
+        self,
+        chunk_size: int | None = None,
+        flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S,
+        target_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> DatasetWriter[R]:
+        """A writer appending chunks of about ``target_bytes`` (at most ``chunk_size`` records
+        when given), flushed at least every ``flush_interval_s`` seconds while records come."""
+        return DatasetWriter(
+            self,
+            chunk_size=chunk_size,
+            flush_interval_s=flush_interval_s,
+            target_bytes=target_bytes,
+        )
 
     def write_all(self, records: Iterable[R], sources: Iterable[AssetStore] = ()) -> int:
         """Write records (skipping ids already present); returns how many were new."""
@@ -150,10 +171,22 @@ class Dataset(Generic[R]):
 class DatasetWriter(Generic[R]):
     """Buffers records and appends them as Parquet chunks, skipping ids already written."""
 
-    def __init__(self, dataset: Dataset[R], chunk_size: int, flush_interval_s: float) -> None:
+    def __init__(
+        self,
+        dataset: Dataset[R],
+        chunk_size: int | None = None,
+        flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S,
+        target_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> None:
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError("chunk_size must be at least 1")
         self.dataset = dataset
         self.chunk_size = chunk_size
         self.flush_interval_s = flush_interval_s
+        self.target_bytes = target_bytes
+        # Records per chunk: learnt from the bytes per record of the chunks written so far.
+        self._row_limit = min(chunk_size or FIRST_CHUNK_ROWS, FIRST_CHUNK_ROWS)
+        self.on_flush: list[Callable[[], None]] = []  # called after each chunk is on disk
         self.schema: pa.Schema = arrow_schema(dataset.record_type)
         self._seen = dataset.ids()
         self._buffer: list[dict[str, Any]] = []
@@ -200,11 +233,16 @@ class DatasetWriter(Generic[R]):
         self._seen.add(record.id)
         self._buffer.append(record.model_dump(mode="json", context=STORAGE_CONTEXT))
         if (
-            len(self._buffer) >= self.chunk_size
+            len(self._buffer) >= self._row_limit
             or time.monotonic() - self._last_flush >= self.flush_interval_s
         ):
             self.flush()
         return True
+
+    def due(self) -> bool:
+        """Whether buffered records have waited ``flush_interval_s`` (for callers between
+        writes: a slow stage's last records should not wait for the next one)."""
+        return bool(self._buffer) and time.monotonic() - self._last_flush >= self.flush_interval_s
 
     def flush(self) -> None:
         self._last_flush = time.monotonic()
@@ -217,7 +255,18 @@ class DatasetWriter(Generic[R]):
         pq.write_table(table, tmp)
         os.replace(tmp, data_dir / name)
         self._next_chunk += 1
+        rows = len(self._buffer)
         self._buffer.clear()
+        self._learn_row_limit(data_dir / name, rows)
+        for callback in self.on_flush:
+            callback()
+
+    def _learn_row_limit(self, path: Path, rows: int) -> None:
+        per_row = max(1.0, path.stat().st_size / rows)
+        limit = int(self.target_bytes / per_row)
+        if self.chunk_size is not None:
+            limit = min(limit, self.chunk_size)
+        self._row_limit = max(1, min(MAX_CHUNK_ROWS, limit))
 
     def close(self) -> None:
         self.flush()

@@ -31,6 +31,10 @@ CREATE TABLE IF NOT EXISTS usage (
 """
 
 
+# How long usage() may answer from its cache when this process added no usage meanwhile.
+USAGE_TTL_S = 0.5
+
+
 class RunState:
     """What a run has done, what its model calls returned, and what they cost."""
 
@@ -43,6 +47,11 @@ class RunState:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         self._db.commit()
+        # usage() totals, reused until this connection adds usage or USAGE_TTL_S passes (other
+        # processes sharing the file show up within that time): budget checks and progress
+        # read them once per item.
+        self._usage_cache: dict[str | None, tuple[int, float, Usage]] = {}
+        self._usage_version = 0
 
     def close(self) -> None:
         with self._lock:
@@ -61,6 +70,36 @@ class RunState:
             "INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?)",
             (stage, key, status, json.dumps(info or {}), time.time()),
         )
+
+    def mark_many(self, stage: str, rows: list[tuple[str, str, dict[str, Any] | None]]) -> None:
+        """Record many outcomes of a stage, ``(key, status, info)`` each, in one transaction."""
+        if not rows:
+            return
+        now = time.time()
+        args = [(stage, k, status, json.dumps(info or {}), now) for k, status, info in rows]
+        with self._lock:
+            self._db.executemany("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?)", args)
+            self._db.commit()
+
+    def forget(self, stage: str, keys: list[str]) -> None:
+        """Put ``keys`` back to pending: the next run of ``stage`` processes them again."""
+        with self._lock:
+            self._db.executemany(
+                "DELETE FROM items WHERE stage=? AND key=?", [(stage, k) for k in keys]
+            )
+            self._db.commit()
+
+    def iter_items(
+        self, stage: str, status: str | None = None
+    ) -> list[tuple[str, str, dict[str, Any]]]:
+        """Like :meth:`items`, optionally of one status only, in no particular order."""
+        if status is None:
+            rows = self._run("SELECT key, status, info FROM items WHERE stage=?", (stage,))
+        else:
+            rows = self._run(
+                "SELECT key, status, info FROM items WHERE stage=? AND status=?", (stage, status)
+            )
+        return [(k, s, json.loads(i or "{}")) for k, s, i in rows]
 
     def status(self, stage: str, key: str) -> str | None:
         rows = self._run("SELECT status FROM items WHERE stage=? AND key=?", (stage, key))
@@ -101,6 +140,7 @@ class RunState:
 
     # -- usage -------------------------------------------------------------------------
     def add_usage(self, stage: str, model: str, usage: Usage) -> None:
+        self._usage_version += 1
         self._run(
             """INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?)
             ON CONFLICT(stage, model) DO UPDATE SET
@@ -123,6 +163,20 @@ class RunState:
         )
 
     def usage(self, stage: str | None = None) -> Usage:
+        """Total usage (of ``stage``, or of all stages)."""
+        cached = self._usage_cache.get(stage)
+        now = time.monotonic()
+        if (
+            cached is not None
+            and cached[0] == self._usage_version
+            and now - cached[1] < USAGE_TTL_S
+        ):
+            return cached[2]
+        usage = self._read_usage(stage)
+        self._usage_cache[stage] = (self._usage_version, now, usage)
+        return usage
+
+    def _read_usage(self, stage: str | None) -> Usage:
         where, args = ("WHERE stage=?", (stage,)) if stage else ("", ())
         rows = self._run(
             "SELECT COALESCE(SUM(prompt_tokens),0), COALESCE(SUM(completion_tokens),0), "

@@ -144,7 +144,6 @@ async def run_synth_stage(
         max_failure_rate=config.max_failure_rate,
         progress=progress,
         total=len(items),
-        chunk_size=4,
     )
 
 

@@ -149,7 +149,9 @@ class SynthConfig(_Section):
     )
     judge: str | None = Field(default=None, description="Model spec of both verifiers.")
     embedder: str = Field(default="minilm", description=f"Embedder: {', '.join(EMBEDDERS)}.")
-    concurrency: int = Field(default=4, ge=1, description="Items in flight per stage.")
+    concurrency: int = Field(
+        default=4, ge=1, description="Model requests in flight, and items run at once, per stage."
+    )
     max_cost_usd: float | None = Field(default=None, description="Stop the run at this spend.")
     max_tokens: int | None = Field(default=None, description="Stop the run at this many tokens.")
     max_failures: int = Field(

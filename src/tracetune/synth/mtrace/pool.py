@@ -68,7 +68,7 @@ class PoolConfig(BaseModel):
     dedup_bits: int = Field(
         default=4, ge=0, le=32, description="Merge images whose 64-bit dHashes differ in <= this."
     )
-    concurrency: int = Field(default=4, ge=1, description="Caption calls in flight.")
+    concurrency: int = Field(default=4, ge=1, description="Caption requests in flight.")
     backend: ModelOptions = Field(default_factory=ModelOptions, description="Backend options.")
 
 
@@ -354,7 +354,9 @@ async def _caption_images(config: PoolConfig, items: list[dict[str, Any]], progr
 
     assert config.captioner is not None
     state = RunState(config.out / "state.sqlite")
-    model = stage_model(config.captioner, config.backend, state, "pool.caption")
+    model = stage_model(
+        config.captioner, config.backend.for_stage(config.concurrency), state, "pool.caption"
+    )
     tool = get_tool("caption")
     ctx = ToolContext(workdir=config.images, model=model)
     limit = asyncio.Semaphore(config.concurrency)

@@ -92,7 +92,7 @@ def _row_question(row: Any) -> str | None:
             return str(row[key])
     dialogs = row.get("dialogs")  # GTA: the first user turn is the query
     if isinstance(dialogs, list):
-        from tracetune.evaluate.gta import content_text
+        from tracetune.models.replies import content_text
 
         for message in dialogs:
             if isinstance(message, dict) and message.get("role") == "user":
@@ -234,7 +234,7 @@ async def generate_queries(config: SynthConfig, progress: bool = True) -> StageR
                 f"{shown}. Remove them (or pass --no-decontaminate)"
             )
     out: Dataset[Task] = Dataset.create(config.dir("candidates"), Task)
-    model = stage_model(spec, config.backend, out.state, GENERATE)
+    model = stage_model(spec, config.backend.for_stage(config.concurrency), out.state, GENERATE)
     template_hash = prompt_hash(PROMPT)
 
     async def process(batch: int) -> list[Record] | Drop:
@@ -390,5 +390,4 @@ async def filter_queries(config: SynthConfig, progress: bool = True) -> StageRes
         max_failure_rate=config.max_failure_rate,
         progress=progress,
         total=len(ordered),
-        chunk_size=16,
     )

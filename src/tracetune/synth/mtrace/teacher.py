@@ -41,10 +41,12 @@ async def rollout_tasks(config: SynthConfig, progress: bool = True) -> StageResu
         set(config.queries.tools) | {n for t, _ in items for n in t.tools} | {"final_answer"}
     )
     tools = load_tools(names)
-    teacher = stage_model(spec, config.backend, out.state, STAGE)
+    teacher = stage_model(spec, config.backend.for_stage(config.concurrency), out.state, STAGE)
     # The tools' model calls (visual_qa, caption) count as the stage's spend, for budgets
     # and for `synth stats`.
-    tool_model = stage_model(rc.tool_model or spec, config.backend, out.state, STAGE)
+    tool_model = stage_model(
+        rc.tool_model or spec, config.backend.for_stage(config.concurrency), out.state, STAGE
+    )
     options: dict[str, Any] = {}
     if rc.corpus is not None:
         options["search"] = {"corpus": str(rc.corpus)}

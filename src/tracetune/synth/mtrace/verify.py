@@ -50,7 +50,7 @@ async def verify_tasks(config: SynthConfig, progress: bool = True) -> StageResul
     spec = config.need("judge", "verify-tasks")
     tasks: Dataset[Task] = Dataset.open(config.dir("tasks"), Task)
     out: Dataset[Task] = Dataset.create(config.dir("verified"), Task)
-    model = stage_model(spec, config.backend, out.state, TASKS_STAGE)
+    model = stage_model(spec, config.backend.for_stage(config.concurrency), out.state, TASKS_STAGE)
 
     async def process(task: Task) -> Task | Drop:
         verdicts: list[Verdict] = []
@@ -117,7 +117,9 @@ async def verify_trajectories(config: SynthConfig, progress: bool = True) -> Sta
     spec = config.need("judge", "verify-trajectories")
     trajectories: Dataset[Trajectory] = Dataset.open(config.dir("trajectories"), Trajectory)
     out: Dataset[Trajectory] = Dataset.create(config.dir("final"), Trajectory)
-    model = stage_model(spec, config.backend, out.state, TRAJECTORIES_STAGE)
+    model = stage_model(
+        spec, config.backend.for_stage(config.concurrency), out.state, TRAJECTORIES_STAGE
+    )
     tool_cache: dict[tuple[str, ...], list[Any]] = {}
 
     def tools_of(trajectory: Trajectory) -> list[Any]:

@@ -1,0 +1,144 @@
+"""Scale: one concurrency knob, batched state, `data check`, sub-quadratic dedup, the bench."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from tracetune.cli import app
+from tracetune.runner import run_stage
+from tracetune.schema import Task
+from tracetune.store import Dataset
+from tracetune.store.check import check_dataset
+from tracetune.testing import ScriptedOpenAIServer
+
+ANSWER = 'Thought: easy\nAction: {"name": "final_answer", "arguments": {"answer": "ok"}}'
+
+
+def _tasks_file(tmp_path: Path, n: int) -> Path:
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("\n".join(json.dumps({"query": f"Compute {i}+1"}) for i in range(n)))
+    return path
+
+
+def _agent_run(tmp_path: Path, server: ScriptedOpenAIServer, *extra: str) -> None:
+    args = ["agent", "run", "--model", "openai:test-model", "--base-url", server.base_url]
+    args += ["--tasks", str(tmp_path / "tasks.jsonl"), "--quiet", *extra]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    ("flag", "yaml_text", "expected"),
+    [
+        (["--concurrency", "24"], None, 24),  # the flag: requests in flight, uncapped
+        ([], "concurrency: 12\n", 12),  # the same key in YAML
+        ([], None, 4),  # the documented default
+        (["--concurrency", "24"], "backend:\n  concurrency: 6\n", 6),  # asked for: honoured
+    ],
+)
+def test_concurrency_sets_requests_in_flight_at_the_server(
+    tmp_path: Path, flag: list[str], yaml_text: str | None, expected: int
+) -> None:
+    _tasks_file(tmp_path, 48)
+    extra = [*flag, "--out", str(tmp_path / "out")]
+    if yaml_text is not None:
+        (tmp_path / "run.yaml").write_text(yaml_text)
+        extra += ["--config", str(tmp_path / "run.yaml")]
+    with ScriptedOpenAIServer(lambda body: ANSWER, latency_s=0.25) as server:
+        _agent_run(tmp_path, server, *extra)
+        assert server.calls == 48
+        assert server.max_in_flight == expected
+
+
+def test_help_shows_the_concurrency_default() -> None:
+    result = CliRunner().invoke(app, ["agent", "run", "--help"])
+    text = " ".join(result.output.replace("│", " ").split())  # rich wraps help in a box
+    assert "--concurrency" in text
+    assert "Model requests in flight, and episodes run at once (default 4)." in text
+
+
+async def _upper(task: Task) -> Task:
+    return task.model_copy(update={"query": task.query.upper()})
+
+
+def _stage(out: Dataset[Task], n: int) -> tuple[int, int]:
+    tasks = [Task(id=f"t{i}", query=f"q{i}") for i in range(n)]
+    result = asyncio.run(
+        run_stage("s", tasks, lambda t: t.id, _upper, out, progress=False, chunk_size=10)
+    )
+    return result.written, result.skipped
+
+
+def test_data_check_finds_and_repairs_a_deleted_chunk(tmp_path: Path) -> None:
+    out = Dataset.create(tmp_path / "out", Task)
+    assert _stage(out, 50) == (50, 0)
+    chunks = out.chunk_files()
+    assert len(chunks) == 5
+    assert check_dataset(out.root).ok
+    lost = set(pq.read_table(chunks[2], columns=["id"]).column("id").to_pylist())
+    chunks[2].unlink()
+    # Another chunk is damaged: unreadable files are set aside, their items redone too.
+    chunks[4].write_bytes(b"not parquet")
+    dry = CliRunner().invoke(app, ["data", "check", str(out.root), "--dry-run"])
+    assert dry.exit_code == 1 and "20 with records missing" in dry.output
+    assert out.state.counts("s") == {"done": 50}  # a dry run changes nothing
+    fixed = CliRunner().invoke(app, ["data", "check", str(out.root)])
+    assert fixed.exit_code == 0, fixed.output
+    assert out.state.counts("s") == {"done": 30}
+    assert (chunks[4].parent / (chunks[4].name + ".unreadable")).exists()
+    # The rerun redoes exactly the lost items, and nothing is duplicated.
+    assert _stage(Dataset.open(out.root, Task), 50) == (20, 30)
+    ids = [t.id for t in Dataset.open(out.root, Task)]
+    assert sorted(ids) == sorted(f"t{i}" for i in range(50)) and len(ids) == 50
+    assert lost <= set(ids)
+    assert check_dataset(out.root).ok
+
+
+KILLED_STAGE = """
+import asyncio, sys
+from tracetune.runner import run_stage
+from tracetune.schema import Task
+from tracetune.store import Dataset
+
+async def process(task):
+    await asyncio.sleep(0.005)
+    return [task, task.model_copy(update={"id": task.id + "-b"})]
+
+out = Dataset.create(sys.argv[1], Task)
+tasks = [Task(id=f"t{i}", query=f"q{i}") for i in range(int(sys.argv[2]))]
+r = asyncio.run(run_stage("s", tasks, lambda t: t.id, process, out, concurrency=8,
+                          progress=False, chunk_size=37, flush_interval_s=0.05))
+print(r.written, r.skipped)
+"""
+
+
+def test_sigkill_at_random_moments_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    n = 3000
+    cmd = [sys.executable, "-c", KILLED_STAGE, str(tmp_path / "out"), str(n)]
+    rng = random.Random(13)
+    for _ in range(3):
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(rng.uniform(1.0, 1.8))  # start-up takes about a second
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        report = check_dataset(tmp_path / "out", repair=False)
+        assert report.ok, report.summary()  # every item marked done has its records
+    final = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert final.returncode == 0, final.stderr
+    ids = [t.id for t in Dataset.open(tmp_path / "out", Task)]
+    assert len(ids) == len(set(ids)) == 2 * n
+    out = Dataset.open(tmp_path / "out", Task)
+    assert out.state.counts("s") == {"done": n}
+    assert check_dataset(out.root, repair=False).ok
