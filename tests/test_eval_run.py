@@ -334,9 +334,9 @@ def test_gta_e2e_runs_gta_tools_and_scores_affected_queries_apart(tmp_path: Path
     runnable = metrics["reports"]["gta/e2e/official"]
     assert runnable["n_items"] == 1 and runnable["metrics"]["answer_acc"] == 100.0
     assert runnable["metrics"]["tool_call_error"] == 0
-    # query 0 calls no operation or creativity tool: no F1 for those, rather than a 0
+    # query 0 calls no operation or creativity tool: F1 0 as GTA reports it, and named
     assert runnable["details"]["categories_without_gold_calls"] == ["operation", "creativity"]
-    assert "c_f1" not in runnable["metrics"] and "o_f1" not in runnable["metrics"]
+    assert runnable["metrics"]["c_f1"] == 0.0 and runnable["metrics"]["o_f1"] == 0.0
     # what `eval run` prints says the headline covers 1 query, and where the rest are
     printed = headline_summary(metrics)
     assert printed["n_items"] == 1 and "gold tools all run here" in printed["subset"]

@@ -382,9 +382,9 @@ def test_gta_null_error_is_no_error_and_empty_tool_calls_is_an_answer(tmp_path: 
     assert item.scores["answer_acc"] == 1.0
 
 
-def test_gta_e2e_category_without_gold_calls_gets_no_f1(tmp_path: Path) -> None:
+def test_gta_e2e_category_without_gold_calls_reports_zero_f1(tmp_path: Path) -> None:
     # Only query 0 (OCR: perception, Calculator: logic): operation and creativity have no
-    # gold calls, so their recall is undefined; a 0 there would read as a failure.
+    # gold calls; GTA's evaluator still reports o_f1/c_f1 (0: no hit), and details say why.
     gold = json.loads((GTA / "dataset.json").read_text())
     (tmp_path / "dataset.json").write_text(json.dumps({"0": gold["0"]}))
     rows = [json.loads(x) for x in (GTA / "predictions_e2e.jsonl").read_text().splitlines()]
@@ -392,7 +392,8 @@ def test_gta_e2e_category_without_gold_calls_gets_no_f1(tmp_path: Path) -> None:
     report = score_gta(tmp_path, path, "e2e")
     p = 1 / (1 + 1e-5)  # OCR: one predicted perception call, one gold, one hit
     assert report.metrics["p_f1"] == pytest.approx(100 * 2 * p / (p + 1 + 1e-5), abs=1e-6)
-    assert not {k for k in report.metrics if k[:2] in ("o_", "c_")}
+    assert report.metrics["o_f1"] == 0.0 and report.metrics["c_f1"] == 0.0
+    assert report.metrics["o_recall"] == 0.0 and report.metrics["c_precision"] == 0.0
     assert report.details["categories_without_gold_calls"] == ["operation", "creativity"]
 
 

@@ -54,7 +54,12 @@ def score(
         ),
     ],
     predictions: Annotated[
-        Path, typer.Option(help="Predictions, JSON lines in the benchmark's format.")
+        Path,
+        typer.Option(
+            help="Predictions: JSON lines in the benchmark's format, or the benchmark's own "
+            "prediction file (GTA's OpenCompass gta_bench.json, Agent-X's list of "
+            "{id: {query, filename, reasoning_steps, final_answer}})."
+        ),
     ],
     mode: Annotated[
         GTAMode | None, typer.Option(help="GTA only: step (step-by-step) or e2e (end-to-end).")

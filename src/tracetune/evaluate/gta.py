@@ -1,7 +1,10 @@
 """GTA scorers: GTA's own step-by-step and end-to-end metrics, and the MAT/MATRIX protocol.
 
 Gold is GTA's ``dataset.json`` (id -> ``{tools, files, dialogs, gt_answer}``). Predictions are
-JSON lines in GTA's message shapes:
+GTA's own OpenCompass prediction file (``{"0": {"origin_prompt", "prediction", "gold"}}``,
+keyed by the row's position in dataset.json; ``prediction`` is ``[[message, ...]]`` in the
+``every`` (e2e) config and one assistant message per gold turn in ``every_with_gt`` (step)),
+or JSON lines in GTA's message shapes:
 
 - step mode: ``{"id", "steps": [assistant message, ...]}``, one predicted assistant message
   per gold assistant turn (the model saw the gold history before each turn);
@@ -58,8 +61,12 @@ on an accident; every such choice is listed here:
 - Step mode: GTA stops at the shorter of the predicted and gold turn lists; here a missing
   predicted turn (or a query with no prediction line) counts as wrong and every gold tool turn
   stays in the denominators. More predicted than gold turns is an input error.
-- A category with no gold calls gets no precision, recall or F1 (GTA divides by zero);
-  ``details.categories_without_gold_calls`` names it.
+- A category with no gold calls (a subset of the queries, such as the runnable subset of an
+  end-to-end run) is reported as GTA's evaluator reports it: ``p_f1``, ``o_f1``, ``l_f1`` and
+  ``c_f1`` are always present; with no gold call there is no hit, so its precision, recall
+  and F1 are 0 (GTA's recall divides 0 by 0 there; it is taken as 0).
+  ``details.categories_without_gold_calls`` names such categories, so a 0 there is not read
+  as a failure of the agent.
 - Cosine similarities are computed in float64 from each text's own embedding.
 """
 
@@ -325,7 +332,8 @@ class GTAScorer:
 
     # entry points
     def score_files(self, gold: str | Path, predictions: str | Path) -> ScoreReport:
-        return self.score(load_gta_gold(gold), load_gta_predictions(predictions, self.mode))
+        queries = load_gta_gold(gold)
+        return self.score(queries, load_gta_predictions(predictions, self.mode, list(queries)))
 
     def score(
         self,
@@ -468,12 +476,12 @@ class GTAScorer:
             predicted = _total(items, f"{p}_pred")
             gold_calls = _total(items, f"{p}_gold")
             if not gold_calls:
-                # Recall (and F1) are undefined; a 0 would read as a failure, e.g. on the
-                # runnable subset when every creativity query needs a tool missing here.
+                # GTA's evaluator always reports all four F1s; with no gold call in a
+                # category it has no hit, so precision is 0, recall is taken as 0 and the F1
+                # is 0. details.categories_without_gold_calls says why.
                 no_gold.append(category)
-                continue
             precision = hits / (predicted + _F1_EPS)
-            recall = hits / gold_calls
+            recall = hits / gold_calls if gold_calls else 0.0
             f1 = 2 * precision * recall / (precision + recall + _F1_EPS)
             metrics[f"{p}_f1"] = 100.0 * f1
             metrics[f"{p}_precision"] = 100.0 * precision
@@ -646,10 +654,78 @@ def _total(items: list[ItemScore], key: str) -> float:
     return sum(float(v) for item in items if (v := item.scores.get(key)) is not None)
 
 
-def load_gta_predictions(
-    path: str | Path, mode: Mode
+def _opencompass_rows(path: Path) -> dict[str, Any] | None:
+    """The rows of an OpenCompass prediction file (``{"0": {origin_prompt, prediction,
+    gold}, ...}``), or None when ``path`` is something else (JSON lines)."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if (
+        isinstance(data, dict)
+        and data
+        and all(isinstance(v, dict) and "prediction" in v for v in data.values())
+    ):
+        return data
+    return None
+
+
+def _opencompass_messages(value: Any, mode: Mode, where: str) -> list[dict[str, Any]]:
+    # e2e ("every"): GTA's evaluator reads preds[0] as the dialog; step ("every_with_gt"): the
+    # list itself holds one assistant message per gold assistant turn.
+    if mode == "e2e" and isinstance(value, list) and len(value) == 1 and isinstance(value[0], list):
+        value = value[0]
+    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+        shape = "[[message, ...]] (the dialog)" if mode == "e2e" else "[assistant message, ...]"
+        raise ScoringInputError(
+            f"{where}: 'prediction' must be {shape} in {mode} mode, got "
+            f"{type(value).__name__}; was the file made by GTA's OpenCompass config for this "
+            "mode (every = e2e, every_with_gt = step)?"
+        )
+    return value
+
+
+def load_opencompass_predictions(
+    path: str | Path, mode: Mode, gold_ids: Sequence[str] | None = None
 ) -> dict[str, tuple[str, list[dict[str, Any]]]]:
-    """Predictions keyed by query id: (location for errors, list of messages)."""
+    """GTA predictions as OpenCompass writes them (``predictions/MODEL/gta_bench.json``):
+    ``{"0": {"origin_prompt", "prediction", "gold"}, ...}``, keyed by the row's position in
+    ``dataset.json`` (OpenCompass numbers rows in file order), which ``gold_ids`` (the gold
+    ids in file order) turns back into GTA ids."""
+    path = Path(path)
+    rows = _opencompass_rows(path)
+    if rows is None:
+        raise ScoringInputError(
+            f'{path}: not an OpenCompass prediction file ({{"0": {{"origin_prompt", '
+            '"prediction", "gold"}, ...})'
+        )
+    out: dict[str, tuple[str, list[dict[str, Any]]]] = {}
+    for key, row in rows.items():
+        where = f"{path}[{key!r}]"
+        qid = str(key)
+        if gold_ids is not None:
+            if not str(key).isdigit() or int(key) >= len(gold_ids):
+                raise ScoringInputError(
+                    f"{where}: OpenCompass numbers rows 0..{len(gold_ids) - 1} in the order of "
+                    "dataset.json; this key is not one of them (score against the dataset.json "
+                    "the predictions were made for)"
+                )
+            qid = gold_ids[int(key)]
+        out[qid] = (where, _opencompass_messages(row["prediction"], mode, where))
+    return out
+
+
+def load_gta_predictions(
+    path: str | Path, mode: Mode, gold_ids: Sequence[str] | None = None
+) -> dict[str, tuple[str, list[dict[str, Any]]]]:
+    """Predictions keyed by query id: (location for errors, list of messages).
+
+    Reads tracetune's JSON lines (``{"id", "steps"|"dialog"}``) or GTA's OpenCompass
+    prediction file (see ``load_opencompass_predictions``)."""
+    if _opencompass_rows(Path(path)) is not None:
+        return load_opencompass_predictions(path, mode, gold_ids)
     key = "steps" if mode == "step" else "dialog"
     hint = (
         'step mode wants {"id", "steps": [assistant message per gold assistant turn]}'

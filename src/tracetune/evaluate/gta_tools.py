@@ -20,7 +20,8 @@ Solver                      GTA's ``solution()`` sympy code, run in ``tracetune.
 Plot                        GTA's ``solution()`` matplotlib code, run in the sandbox
 MathOCR                     ``ocr``: plain text, no LaTeX (GTA uses a math OCR service),
                             so it is reported as *approximate*
-CountGivenObject            ``object_localization``: the number of boxes found
+CountGivenObject            ``object_localization``: the number of boxes found (inside
+                            the crop when GTA's optional ``bbox`` is given)
 TextToImage                 ``image_generation`` (diffusers weights)
 ImageStylization            ``image_edit`` (diffusers weights)
 =========================== =============================================================
@@ -33,6 +34,7 @@ report them up front and count the queries that need them apart.
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import re
 import shutil
@@ -118,7 +120,13 @@ def format_box(box: list[float] | list[int]) -> str:
 
 
 class GTATool(Tool):
-    """A GTA tool: GTA's name and arguments, a tracetune tool underneath."""
+    """A GTA tool: GTA's name and arguments, a tracetune tool underneath.
+
+    ``forward`` must take every argument the tool's schema (or a GTA query's metadata) shows
+    the model: a shown argument it cannot take would pass validation and then fail every call
+    that uses it. ``check_signature`` enforces this for the schema at import and for a query's
+    metadata before a run starts.
+    """
 
     backend: str = ""
     approximate: str = ""  # why the implementation only approximates GTA's tool, if it does
@@ -140,6 +148,34 @@ class GTATool(Tool):
         if self.approximate:
             return ToolStatus(self.name, "approximate", self.backend, self.approximate)
         return ToolStatus(self.name, "available", self.backend)
+
+    def forward_arguments(self) -> set[str] | None:
+        """The argument names ``forward`` takes (None: it takes any, via ``**kwargs``)."""
+        params = list(inspect.signature(self.forward).parameters.values())[1:]  # after ctx
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            return None
+        return {p.name for p in params}
+
+    def check_signature(self, names: Any = None, where: str = "its schema") -> None:
+        """Raise ValueError when ``forward`` cannot take an argument named in ``names``
+        (default: the schema's properties), or misses a required one's default."""
+        taken = self.forward_arguments()
+        shown = set(names if names is not None else self.parameters.get("properties", {}))
+        if taken is not None and not shown <= taken:
+            missing = ", ".join(sorted(shown - taken))
+            raise ValueError(
+                f"GTA tool {self.name}: {where} shows argument(s) {missing} that tracetune's "
+                f"wrapper cannot take (it takes {', '.join(sorted(taken))})"
+            )
+        params = list(inspect.signature(self.forward).parameters.values())[1:]
+        required = set(self.parameters.get("required", [])) if names is None else set()
+        for p in params:
+            if p.default is inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD:
+                if names is None and p.name not in required:
+                    raise ValueError(
+                        f"GTA tool {self.name}: argument {p.name} has no default but the "
+                        "schema does not require it"
+                    )
 
     def with_meta(self, meta: dict[str, Any]) -> GTATool:
         """This tool as a GTA query's ``tools`` entry shows it: GTA's description and inputs.
@@ -166,6 +202,7 @@ class GTATool(Tool):
                     required.append(str(item["name"]))
                 props[str(item["name"])] = prop
             if props:
+                self.check_signature(props, f"the query's tool metadata for {self.name}")
                 view.parameters = {"type": "object", "properties": props, "required": required}
         return view
 
@@ -272,6 +309,26 @@ class GTAImageDescription(_VLMTool):
 REGION_PROMPT = "eval/gta_region_attribute.jinja"
 
 
+def crop_region(ctx: ToolContext, image: str, bbox: Any) -> tuple[str, tuple[int, int, int, int]]:
+    """Crop ``bbox`` (GTA's ``"(x1, y1, x2, y2)"`` pixels) out of ``image`` into a hidden
+    folder of the episode; returns the crop's file name (tools read it like any file) and the
+    pixel box."""
+    from tracetune.tools.builtin._common import pixel_box
+
+    img = ctx.image(image)
+    x1, y1, x2, y2 = pixel_box(parse_box(bbox), img.width, img.height)
+    if x2 <= x1 or y2 <= y1:
+        raise ToolError(f"bbox {bbox!r} is empty inside the {img.width}x{img.height} image")
+    crops = ctx.workdir / ".gta"
+    if not crops.is_symlink():
+        crops.mkdir(exist_ok=True)
+    buffer = io.BytesIO()
+    img.crop((x1, y1, x2, y2)).save(buffer, format="PNG")
+    # Created beneath the workdir's fd, never through a link the code planted.
+    name = ctx.write_file(f".gta/region_{x1}_{y1}_{x2}_{y2}.png", buffer.getvalue())
+    return name, (x1, y1, x2, y2)
+
+
 class GTARegionAttributeDescription(_VLMTool):
     name = "RegionAttributeDescription"
     backend = "visual_qa on the cropped region"
@@ -290,19 +347,9 @@ class GTARegionAttributeDescription(_VLMTool):
         self, ctx: ToolContext, image: str, bbox: str, attribute: str
     ) -> ToolResult:
         from tracetune.prompts import prompt_hash, render
-        from tracetune.tools.builtin._common import pixel_box
         from tracetune.tools.builtin.vlm import ask_about_image
 
-        img = ctx.image(image)
-        x1, y1, x2, y2 = pixel_box(parse_box(bbox), img.width, img.height)
-        # The crop lives in a hidden folder of the episode: ask_about_image reads files there.
-        crops = ctx.workdir / ".gta"
-        if not crops.is_symlink():
-            crops.mkdir(exist_ok=True)
-        buffer = io.BytesIO()
-        img.crop((x1, y1, x2, y2)).save(buffer, format="PNG")
-        # Created beneath the workdir's fd, never through a link the code planted.
-        crop_name = ctx.write_file(f".gta/region_{x1}_{y1}_{x2}_{y2}.png", buffer.getvalue())
+        crop_name, (x1, y1, x2, y2) = crop_region(ctx, image, bbox)
         prompt = render(REGION_PROMPT, attribute=attribute)
         answer = await ask_about_image(ctx, "visual_qa", crop_name, prompt)
         return ToolResult(
@@ -347,20 +394,32 @@ class GTATextToBbox(_WeightsTool):
 
 class GTACountGivenObject(GTATextToBbox):
     name = "CountGivenObject"
-    description = "Count the objects of a given kind in an image."
+    description = "Count the objects of a given kind in an image (or in a region of it)."
     parameters = {
         "type": "object",
         "properties": {
             "image": _arg("string", "File name of the image."),
             "text": _arg("string", "The kind of object to count."),
+            "bbox": _arg(
+                "string", "Only count inside this region, as '(x1, y1, x2, y2)' in pixels."
+            ),
         },
         "required": ["image", "text"],
     }
 
-    async def forward(self, ctx: ToolContext, image: str, text: str) -> ToolResult:  # type: ignore[override]
+    async def forward(  # type: ignore[override]
+        self, ctx: ToolContext, image: str, text: str, bbox: str | None = None
+    ) -> ToolResult:
+        # GTA's tool counts inside the crop when a bbox is given (its gold calls pass one).
+        region = None
+        if bbox is not None and str(bbox).strip():
+            image, region = crop_region(ctx, image, bbox)
         result = await self.use("object_localization", ctx, {"image": image, "text": text})
         found = result.data.get("objects", []) if isinstance(result.data, dict) else []
-        return ToolResult(text=str(len(found)), data={"count": len(found), "objects": found})
+        data: dict[str, Any] = {"count": len(found), "objects": found}
+        if region is not None:
+            data["region"] = list(region)
+        return ToolResult(text=str(len(found)), data=data)
 
 
 # -- operation -----------------------------------------------------------------------------
@@ -643,6 +702,8 @@ GTA_TOOLS: dict[str, GTATool] = {
     )
 }
 assert tuple(GTA_TOOLS) == GTA_TOOL_NAMES
+for _tool in GTA_TOOLS.values():
+    _tool.check_signature()
 
 
 def gta_tool(name: str, meta: dict[str, Any] | None = None) -> GTATool:
