@@ -228,9 +228,9 @@ def by_id(path: Path) -> dict[str, Any]:
 def test_trajectories_round_trip(
     fmt: str, tool_turns: str, data: dict[str, Path], tmp_path: Path
 ) -> None:
-    report = export_dataset(
-        fmt, data["trajectory"], tmp_path / "out", ExportOptions(tool_turns=tool_turns)
-    )
+    # The episodes hold a failed step on purpose: exported as they are, they come back whole.
+    options = ExportOptions(tool_turns=tool_turns, include_failed=True)
+    report = export_dataset(fmt, data["trajectory"], tmp_path / "out", options)
     assert report.rows == 2 and not report.skipped
     imported = import_file(fmt, tmp_path / "out", tmp_path / "back")
     assert imported.record_type == "trajectory" and imported.imported == 2
@@ -324,7 +324,8 @@ def test_structured_turns_normalize_the_step_text(data: dict[str, Path], tmp_pat
         ("structured", act("calculator", expression="(3 + 4) * 2")),
         ("text", sloppy),
     ):
-        export_dataset("llamafactory", ds.root, tmp_path / turns, ExportOptions(tool_turns=turns))
+        options = ExportOptions(tool_turns=turns, include_failed=True)
+        export_dataset("llamafactory", ds.root, tmp_path / turns, options)
         import_file("llamafactory", tmp_path / turns, tmp_path / f"{turns}-back")
         again = next(iter(Dataset.open(tmp_path / f"{turns}-back")))
         assert again.steps[2].raw == expected
@@ -333,7 +334,9 @@ def test_structured_turns_normalize_the_step_text(data: dict[str, Path], tmp_pat
 
 # -- the trainers' own checks -----------------------------------------------------------------
 def test_llamafactory_rows_follow_its_rules_and_load(data: dict[str, Path], tmp_path: Path) -> None:
-    export_dataset("llamafactory", data["trajectory"], tmp_path / "sft")
+    export_dataset(
+        "llamafactory", data["trajectory"], tmp_path / "sft", ExportOptions(include_failed=True)
+    )
     export_dataset(
         "llamafactory-dpo", data["pair"], tmp_path / "dpo", ExportOptions(name="agent_pairs")
     )
@@ -371,7 +374,10 @@ def test_llamafactory_rows_follow_its_rules_and_load(data: dict[str, Path], tmp_
     assert [t["from"] for t in sft["code-episode"]["conversations"]] == ["human", "gpt"] * 3
     # Plain-text steps: no tools column, or LLaMA-Factory would add its own tool-call syntax.
     export_dataset(
-        "llamafactory", data["trajectory"], tmp_path / "text", ExportOptions(tool_turns="text")
+        "llamafactory",
+        data["trajectory"],
+        tmp_path / "text",
+        ExportOptions(tool_turns="text", include_failed=True),
     )
     entry = json.loads((tmp_path / "text/dataset_info.json").read_text())["text"]
     assert "tools" not in entry["columns"]
@@ -485,7 +491,8 @@ def test_trl_dpo_rows_run_through_trls_vision_preference_collator(
 
 
 def test_swift_rows_load_and_mark_images(data: dict[str, Path], tmp_path: Path) -> None:
-    export_dataset("swift", data["trajectory"], tmp_path / "s", ExportOptions(absolute_paths=True))
+    options = ExportOptions(absolute_paths=True, include_failed=True)
+    export_dataset("swift", data["trajectory"], tmp_path / "s", options)
     ds = datasets.load_dataset("json", data_files=str(tmp_path / "s/train.jsonl"), split="train")
     roles = {r["id"]: [m["role"] for m in r["messages"]] for r in ds}
     assert roles["json-episode"] == [

@@ -43,11 +43,21 @@ def export_cmd(
         str | None,
         typer.Option(help="Dataset name for dataset_info.json (default: OUT's name)."),
     ] = None,
+    include_failed: Annotated[
+        bool,
+        typer.Option(
+            help="Export trajectories as they are. By default only those that ended in a "
+            "final answer (and passed their verdict) are exported, without their failed steps, "
+            "as `tracetune train sft` selects them."
+        ),
+    ] = False,
 ) -> None:
     """Export a dataset in a trainer's format (TRL, LLaMA-Factory, ms-swift).
 
     trl-sft, llamafactory and swift take trajectories and dialogues; trl-dpo,
-    llamafactory-dpo and swift take preference pairs.
+    llamafactory-dpo and swift take preference pairs. Trajectories are selected as
+    `tracetune train sft` selects them: unfinished or rejected ones and failed steps are
+    left out (and listed) unless --include-failed.
     """
     from pydantic import ValidationError
 
@@ -62,6 +72,7 @@ def export_cmd(
             skip_invalid=skip_invalid,
             overwrite=overwrite,
             name=name,
+            include_failed=include_failed,
         )
     except ValidationError as exc:
         fail(_options_error(exc))
@@ -72,6 +83,10 @@ def export_cmd(
         fail(str(exc))
         return
     out_console.print(report.summary())
+    for line in report.left_out_summary():
+        out_console.print(line, highlight=False)
+    for rid, reason in report.left_out[:20]:
+        out_console.print(f"  left out {rid}: {reason}", highlight=False)
     for rid, reason in report.skipped[:20]:
         out_console.print(f"  skipped {rid}: {reason}")
 

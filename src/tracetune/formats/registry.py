@@ -87,6 +87,14 @@ class ExportOptions(BaseModel):
         description="dataset name for registries such as LLaMA-Factory's dataset_info.json "
         "(default: OUT's directory name).",
     )
+    include_failed: bool = Field(
+        default=False,
+        description="export trajectories as they are. By default, as `tracetune train sft` "
+        "selects them, only trajectories that ended in a final answer and passed their "
+        "verdict (if judged) are exported, and their failed steps (an unparsable output, a "
+        "bad tool call, a raising tool) are left out with the error they caused, since the "
+        "trainers' formats cannot turn the loss off for one turn.",
+    )
 
 
 class ImportOptions(BaseModel):
@@ -130,6 +138,10 @@ class ExportReport:
     files: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
+    left_out: list[tuple[str, str]] = field(default_factory=list)
+    """(record id, why) of records not fit to train on (unfinished, failed verdict)."""
+    failed_steps: dict[str, int] = field(default_factory=dict)
+    """Record id -> how many failed steps were left out of its exported trajectory."""
 
     def summary(self) -> str:
         text = (
@@ -139,6 +151,29 @@ class ExportReport:
         if self.skipped:
             text += f"; {len(self.skipped)} skipped (see {self.out_dir / 'export.json'})"
         return text
+
+    def left_out_summary(self) -> list[str]:
+        """What the training selection left out, and why (empty when nothing was)."""
+        lines = []
+        if self.left_out:
+            counts: dict[str, int] = {}
+            for _, why in self.left_out:
+                kind = why.split(":", 1)[0]
+                counts[kind] = counts.get(kind, 0) + 1
+            detail = ", ".join(f"{n} {why}" for why, n in sorted(counts.items()))
+            lines.append(
+                f"left out {len(self.left_out)} {self.record_type} records not fit to train "
+                f"on ({detail})"
+            )
+        if self.failed_steps:
+            steps = sum(self.failed_steps.values())
+            lines.append(
+                f"left out {steps} failed steps (with their errors) from "
+                f"{len(self.failed_steps)} exported records"
+            )
+        if lines:
+            lines.append("pass --include-failed to export them as they are")
+        return lines
 
 
 @dataclass
@@ -491,6 +526,11 @@ def export_dataset(
     tmp = data_path.with_name(f".{DATA_FILE}.tmp")
     with tmp.open("w", encoding="utf-8") as fh:
         for record in dataset:
+            if not options.include_failed and kind == "trajectory":
+                selected = _select_for_training(record, report)
+                if selected is None:
+                    continue
+                record = selected
             try:
                 row = exporter.row(record, media)
             except (FormatError, ChatFormatError, FileNotFoundError, KeyError) as exc:
@@ -517,6 +557,22 @@ def export_dataset(
     return report
 
 
+def _select_for_training(record: Any, report: ExportReport) -> Any:
+    """The trajectory as ``train sft`` selects it (failed steps out), or None (left out)."""
+    from tracetune.train.selection import NOTHING_TO_TRAIN, skip_reason, without_failed_steps
+
+    if why := skip_reason(record):
+        report.left_out.append((record.id, why))
+        return None
+    kept, dropped = without_failed_steps(record)
+    if not kept.steps:
+        report.left_out.append((record.id, NOTHING_TO_TRAIN))
+        return None
+    if dropped:
+        report.failed_steps[record.id] = dropped
+    return kept
+
+
 def _export_manifest(report: ExportReport) -> dict[str, Any]:
     from tracetune import __version__
 
@@ -529,6 +585,8 @@ def _export_manifest(report: ExportReport) -> dict[str, Any]:
         "files": report.files,
         "options": report.options,
         "skipped": [{"id": rid, "reason": why} for rid, why in report.skipped],
+        "left_out": [{"id": rid, "reason": why} for rid, why in report.left_out],
+        "failed_steps_left_out": report.failed_steps,
         "tracetune_version": __version__,
     }
 

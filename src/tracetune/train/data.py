@@ -43,6 +43,7 @@ from tracetune.train.families import (
     image_token_id,
     image_token_strings,
 )
+from tracetune.train.selection import NOTHING_TO_TRAIN, skip_reason, trained_steps
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def _end_on_assistant(messages: list[Row], images: list[Any]) -> tuple[list[Row]
 def trajectory_row(traj: Trajectory, dataset: Dataset[Any], mask_failed_steps: bool) -> Row:
     chat = trajectory_chat(traj, asset_loader(dataset.assets, as_pil=False))
     messages, images = _end_on_assistant(chat["messages"], chat["images"])
-    turns = [not (mask_failed_steps and s.error is not None) for s in traj.steps]
+    turns = trained_steps(traj, mask_failed_steps=mask_failed_steps)
     return {"id": traj.id, "messages": messages, "images": images, "train_turns": turns}
 
 
@@ -158,7 +159,8 @@ def sft_rows(
 
     Args:
         paths: Dataset directories holding ``trajectory`` or ``dialogue`` records.
-        only_completed: Skip trajectories that did not end in a final answer.
+        only_completed: Skip trajectories that did not end in a final answer or whose
+            verdict failed (:func:`tracetune.train.selection.skip_reason`).
         mask_failed_steps: No loss on assistant turns whose step failed (see module doc).
         report: Collects skipped records and counts.
     """
@@ -176,8 +178,8 @@ def sft_rows(
             report.records += 1
             try:
                 if isinstance(record, Trajectory):
-                    if only_completed and record.status != "completed":
-                        report.skipped.append((record.id, f"status {record.status}"))
+                    if why := skip_reason(record, only_completed=only_completed):
+                        report.skipped.append((record.id, why))
                         continue
                     row = trajectory_row(record, dataset, mask_failed_steps)
                 else:
@@ -185,7 +187,7 @@ def sft_rows(
             except ChatFormatError as exc:
                 raise TrainingDataError(f"{path}: {exc}") from exc
             if not any(row["train_turns"]):
-                report.skipped.append((record.id, "no assistant turn to train on"))
+                report.skipped.append((record.id, NOTHING_TO_TRAIN))
                 continue
             rows.append(row)
     return rows
