@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import re
+import subprocess
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -20,8 +23,8 @@ from PIL import Image
 
 from tracetune.agent.code import CodeExecutor
 from tracetune.agent.toolbox import ToolBox
-from tracetune.sandbox import SandboxLimits
-from tracetune.schema import Action
+from tracetune.sandbox import Sandbox, SandboxError, SandboxLimits, ToolReply
+from tracetune.schema import Action, ErrorKind
 from tracetune.store import AssetStore
 from tracetune.tools import get_tool
 
@@ -264,3 +267,156 @@ threading.Thread(target=lambda: (time.sleep(0.05), swap()), daemon=True).start()
         if blob.is_file():
             assert SECRET.encode() not in blob.read_bytes(), blob
     host_unchanged(host)
+
+
+# -- 3 and 10. a worker taken over by the code: forged fork replies and forged frames --------
+
+EVIL_WORKER = """
+import json, os, socket, sys
+sys.path.insert(0, {worker_dir!r})
+import _worker
+
+VICTIM = {victim}
+
+
+class Evil(_worker.Worker):
+    def fork(self):
+        mode = open({mode_file!r}).read().strip()
+        fd = self.channel.fds.pop(0)
+        sock = socket.socket(fileno=fd)
+        if mode == "claim":  # say the victim is the fork; answer for it from here
+            self.channel.send({{"op": "forked", "pid": VICTIM}})
+            _worker.Channel(sock).send({{"op": "ready", "pid": VICTIM}})
+        elif mode == "grandchild":  # the ready comes from a grandchild, not a child
+            if os.fork() == 0:
+                if os.fork() == 0:
+                    _worker.Channel(sock).send({{"op": "ready", "pid": VICTIM}})
+                    os._exit(0)
+                os._exit(0)
+            self.channel.send({{"op": "forked", "pid": VICTIM}})
+        elif mode == "badpid":  # a real child, but a pid that is not a number
+            if os.fork() == 0:
+                _worker.Channel(sock).send({{"op": "ready", "pid": "x"}})
+                os._exit(0)
+            self.channel.send({{"op": "forked", "pid": "not a pid"}})
+        sock.close()
+
+    def run(self, code, step, cpu_s):
+        forged = {{
+            "kind": {{"op": "done", "stdout": "", "error": {{"kind": "bogus", "message": "m"}}}},
+            "nokind": {{"op": "done", "stdout": "", "error": {{"message": 1}}}},
+            "dropped": {{"op": "done", "stdout": "", "dropped": "many"}},
+            "stdout": {{"op": "done", "stdout": 5}},
+            "final": {{"op": "done", "stdout": "", "final_answer": {{"a": 1}}}},
+            "op": {{"op": "forked", "pid": VICTIM}},
+            "nodict": [1, 2],
+        }}
+        if code in forged:
+            return forged[code]
+        return super().run(code, step, cpu_s)
+
+    def serve(self):
+        while True:
+            msg = self.channel.recv()
+            if msg.get("op") == "exec" and msg["code"] == "nodict":
+                self.channel.send_raw(b"[1, 2]")
+                continue
+            if msg.get("op") == "exec":
+                self.channel.send(self.run(msg["code"], int(msg["step"]), int(msg["cpu_s"])))
+            elif msg.get("op") == "fork":
+                self.fork()
+
+
+_worker.Worker = Evil
+_worker.main()
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(") ")[1][0] != "Z"
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def evil_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import tracetune.sandbox._sandbox as host_side
+
+    victim = subprocess.Popen(["sleep", "60"])  # a process of the host user
+    mode_file = tmp_path / "mode"
+    script = tmp_path / "evil_worker.py"
+    script.write_text(
+        EVIL_WORKER.format(
+            worker_dir=str(Path(host_side.WORKER_SCRIPT).parent),
+            victim=victim.pid,
+            mode_file=str(mode_file),
+        )
+    )
+    script.chmod(0o644)
+    monkeypatch.setattr(host_side, "WORKER_SCRIPT", script)
+    yield victim, mode_file
+    victim.kill()
+    victim.wait()
+
+
+async def _noop(name: str, arguments: dict[str, Any]) -> ToolReply:
+    return ToolReply(value=None)
+
+
+@async_test
+async def test_a_forged_fork_reply_never_makes_the_host_signal_another_process(
+    tmp_path: Path, evil_worker: tuple[subprocess.Popen[bytes], Path]
+) -> None:
+    victim, mode_file = evil_worker
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    limits = SandboxLimits(timeout_s=10.0, startup_timeout_s=5.0, read_paths=(str(tmp_path),))
+    fds = _open_fds()
+    sb = await Sandbox.start(workdir, [], _noop, limits)
+    try:
+        for mode in ("claim", "grandchild", "badpid"):
+            mode_file.write_text(mode)
+            try:
+                twin = await sb.fork()
+            except SandboxError as exc:
+                assert "fork failed" in str(exc)
+            else:  # only a verified child can become a fork; closing it spares the victim
+                assert mode == "badpid" and twin.pid != victim.pid
+                await twin.close()
+            assert _alive(victim.pid), mode
+            result = await sb.execute("print('still here')")  # a fresh worker if needed
+            assert result.stdout.strip() == "still here", result
+    finally:
+        await sb.close()
+    time.sleep(0.2)
+    assert _alive(victim.pid) and victim.poll() is None
+    assert _open_fds() == fds  # no socket, pidfd or pipe left behind
+
+
+@async_test
+async def test_forged_frames_are_typed_sandbox_errors_without_leaks(
+    tmp_path: Path, evil_worker: tuple[subprocess.Popen[bytes], Path]
+) -> None:
+    victim, _ = evil_worker
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    limits = SandboxLimits(timeout_s=10.0, startup_timeout_s=5.0, read_paths=(str(tmp_path),))
+    fds = _open_fds()
+    sb = await Sandbox.start(workdir, [], _noop, limits)
+    try:
+        for forged in ("kind", "nokind", "dropped", "stdout", "final", "op", "nodict"):
+            result = await sb.execute(forged)
+            assert result.error is not None and result.error.kind == ErrorKind.SANDBOX, forged
+            assert "protocol" in result.error.message and result.state_lost, result.error
+            assert (await sb.execute("print(1)")).stdout == "1\n"
+    finally:
+        await sb.close()
+    assert _alive(victim.pid)
+    assert _open_fds() == fds

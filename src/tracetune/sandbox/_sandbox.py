@@ -36,6 +36,7 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 _UID_BASE = 1_900_000_000
 _UID_SPAN = 100_000_000
 _warned: set[str] = set()
+_LINUX = sys.platform.startswith("linux")
 
 
 class SandboxLimits(BaseModel):
@@ -156,9 +157,11 @@ class _Worker:
         sock: socket.socket,
         pid: int,
         proc: asyncio.subprocess.Process | None,
+        uid: int | None = None,
     ) -> None:
         self.sock = sock
-        self.pid = pid
+        self.pid = pid  # from the host's own spawn, or kernel-checked credentials (forks)
+        self.uid = uid  # real uid, read from /proc once the worker is ready
         self.proc = proc  # set for a worker this process started; forks are grandchildren
         self.buf = bytearray()
         self.pidfd: int | None = None
@@ -215,8 +218,8 @@ class _Worker:
             elif self.proc is not None:
                 if self.proc.returncode is None:
                     self.proc.send_signal(sig)
-            else:
-                os.kill(self.pid, sig)
+            # A fork without a pidfd is never signalled by its number: the number is only
+            # what the kernel vouched for once, and may name another process by now.
 
     def alive(self) -> bool:
         if self.pidfd is not None:
@@ -389,10 +392,17 @@ class Sandbox:
                 f"the sandbox worker did not start ({type(exc).__name__}: {exc}); "
                 f"its stderr: {stderr.decode(errors='replace').strip() or '(empty)'}"
             ) from None
-        if msg["op"] != "ready":
+        if msg.get("op") != "ready":
             await worker.kill()
             raise SandboxError(f"the sandbox worker failed to start:\n{msg.get('message', msg)}")
-        self.isolation = dict(msg.get("isolation", {}))
+        if _LINUX:
+            ids = _proc_ids(proc.pid)
+            if ids is None:
+                await worker.kill()
+                raise SandboxError("the sandbox worker exited right after it started")
+            worker.uid = ids[1]
+        isolation = msg.get("isolation", {})
+        self.isolation = dict(isolation) if isinstance(isolation, dict) else {}
         self.startup_s = time.perf_counter() - t0
         _warn_missing_layers(self.isolation)
         return worker
@@ -433,7 +443,9 @@ class Sandbox:
                 status = await worker.kill()
                 kind, why = _death(status, self.limits, str(exc))
                 return await self._lost(t0, calls, kind, why)
-            except _ProtocolError as exc:
+            except (_ProtocolError, ValueError, TypeError, KeyError) as exc:
+                # A frame that is not what the protocol allows (forged by code that reached
+                # the channel): the worker cannot be trusted any more, so it goes.
                 await worker.kill()
                 return await self._lost(
                     t0, calls, ErrorKind.SANDBOX, f"the sandbox broke protocol: {exc}"
@@ -523,12 +535,7 @@ class Sandbox:
         return {"value": value}
 
     def _result(self, msg: dict[str, Any], calls: list[dict[str, Any]], t0: float) -> ExecResult:
-        stdout = str(msg.get("stdout", ""))
-        dropped = int(msg.get("dropped", 0))
-        error = None
-        raw = msg.get("error")
-        if isinstance(raw, dict):
-            error = StepError(kind=ErrorKind(raw["kind"]), message=str(raw["message"]))
+        stdout, dropped, error, final = _parse_done(msg)
         if dropped:
             note = (
                 f"[output truncated: {dropped} more characters not shown; the limit is "
@@ -539,7 +546,6 @@ class Sandbox:
                 error = StepError(kind=ErrorKind.OUTPUT_LIMIT, message=note)
             else:
                 error = StepError(kind=error.kind, message=f"{error.message}\n{note}")
-        final = msg.get("final_answer")
         if final is not None:
             calls.append(
                 {
@@ -594,24 +600,7 @@ class Sandbox:
                 await self._restart()
             worker = self._worker
             assert worker is not None
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                worker.send_fd({"op": "fork"}, theirs.fileno())
-            finally:
-                theirs.close()
-            ours.setblocking(False)
-            try:
-                reply = await asyncio.wait_for(worker.recv(), self.limits.startup_timeout_s)
-                if reply["op"] != "forked":
-                    raise SandboxError(f"fork failed: {reply.get('message', reply)}")
-                child = _Worker(ours, int(reply["pid"]), None)
-                hello = await asyncio.wait_for(child.recv(), self.limits.startup_timeout_s)
-                if hello["op"] != "ready":
-                    await child.kill()
-                    raise SandboxError(f"forked worker failed: {hello.get('message', hello)}")
-            except (_WorkerGone, _ProtocolError, TimeoutError) as exc:
-                ours.close()
-                raise SandboxError(f"fork failed: {type(exc).__name__}: {exc}") from None
+            child = await self._fork_child(worker)
             twin = Sandbox(
                 self.workdir, self.tools, self.handler, self.limits, self.preload, self.uid
             )
@@ -619,6 +608,148 @@ class Sandbox:
             twin._worker = child
             twin._steps = self._steps
             return twin
+
+    async def _fork_child(self, worker: _Worker) -> _Worker:
+        """Ask ``worker`` to fork; the child, verified to be that worker's own child.
+
+        The child's pid is never taken from what the worker says: the kernel attaches the
+        sender's credentials to the child's first message, and the host checks that this
+        pid is a child of ``worker`` running under its uid before it opens a pidfd on it.
+        Any failure closes every socket and kills the parent worker, whose state can no
+        longer be trusted: the next step starts a fresh one.
+        """
+        if not _LINUX:
+            raise SandboxError("fork needs Linux (the kernel's credentials verify the child)")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        child: _Worker | None = None
+        try:
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            ours.setblocking(False)
+            try:
+                worker.send_fd({"op": "fork"}, theirs.fileno())
+            finally:
+                theirs.close()
+            timeout = self.limits.startup_timeout_s
+            reply = await asyncio.wait_for(worker.recv(), timeout)
+            if reply["op"] != "forked":
+                raise _ProtocolError(f"fork failed: {str(reply.get('message', reply))[:2000]}")
+            data, pid, uid = await _recv_with_credentials(ours, timeout)
+            if pid <= 0 or pid == worker.pid:
+                raise _ProtocolError(f"the fork's first message came from pid {pid}, not a child")
+            ids = _proc_ids(pid)
+            if ids is None or ids != (worker.pid, worker.uid) or uid != worker.uid:
+                raise _ProtocolError(
+                    f"pid {pid} (parent, uid {ids}) is not a child of the sandbox worker "
+                    f"{worker.pid} under its uid {worker.uid}"
+                )
+            child = _Worker(ours, pid, None, uid=uid)
+            if child.pidfd is None or _proc_ids(pid) != (worker.pid, worker.uid):
+                raise _ProtocolError(f"pid {pid} could not be pinned (pidfd) as the fork")
+            child.buf += data
+            hello = await asyncio.wait_for(child.recv(), timeout)
+            if hello["op"] != "ready":
+                raise _ProtocolError(f"forked worker failed: {hello.get('message', hello)}")
+            return child
+        except (_WorkerGone, _ProtocolError, TimeoutError, ValueError, TypeError, KeyError) as exc:
+            if child is not None:
+                await child.kill()
+            else:
+                ours.close()
+            await worker.kill()
+            self._worker = None
+            self._lost_note = "the previous fork broke protocol"
+            raise SandboxError(f"fork failed: {type(exc).__name__}: {exc}") from None
+        except BaseException:
+            if child is not None:
+                await child.kill()
+            else:
+                ours.close()
+            raise
+
+
+# Error kinds a worker may report for a step; anything else is a forged frame.
+_WORKER_KINDS = {
+    ErrorKind.TIMEOUT,
+    ErrorKind.MEMORY,
+    ErrorKind.SANDBOX,
+    ErrorKind.CODE,
+    ErrorKind.TOOL,
+    ErrorKind.OUTPUT_LIMIT,
+}
+
+
+def _parse_done(msg: dict[str, Any]) -> tuple[str, int, StepError | None, str | None]:
+    """(stdout, dropped, error, final answer) of a ``done`` frame; _ProtocolError if forged."""
+    stdout = msg.get("stdout", "")
+    dropped = msg.get("dropped", 0)
+    raw = msg.get("error")
+    final = msg.get("final_answer")
+    if not isinstance(stdout, str) or len(stdout) > MAX_MESSAGE_BYTES:
+        raise _ProtocolError("a 'done' frame whose stdout is not text")
+    if type(dropped) is not int or dropped < 0:
+        raise _ProtocolError("a 'done' frame whose 'dropped' is not a count")
+    if final is not None and not isinstance(final, str):
+        raise _ProtocolError("a 'done' frame whose final answer is not text")
+    error = None
+    if raw is not None:
+        if not isinstance(raw, dict) or not isinstance(raw.get("message"), str):
+            raise _ProtocolError("a 'done' frame with a malformed error")
+        try:
+            kind = ErrorKind(raw.get("kind"))
+        except ValueError:
+            raise _ProtocolError(
+                f"a 'done' frame with an unknown error kind {raw.get('kind')!r}"
+            ) from None
+        if kind not in _WORKER_KINDS:
+            raise _ProtocolError(f"a 'done' frame with the error kind {kind.value!r}")
+        error = StepError(kind=kind, message=raw["message"])
+    return stdout, dropped, error, final
+
+
+def _proc_ids(pid: int) -> tuple[int, int] | None:
+    """(parent pid, real uid) of ``pid`` from /proc, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            status = f.read()
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    try:
+        return int(fields["PPid"].split()[0]), int(fields["Uid"].split()[0])
+    except (KeyError, ValueError, IndexError):
+        return None
+
+
+async def _recv_with_credentials(sock: socket.socket, timeout: float) -> tuple[bytes, int, int]:
+    """The first bytes on ``sock`` and the pid and uid the kernel vouches sent them.
+
+    ``SO_PASSCRED`` was set on ``sock`` before its other end was handed out, so every
+    message carries ``SCM_CREDENTIALS`` filled in (and checked) by the kernel: a process can
+    claim only its own pid unless it holds CAP_SYS_ADMIN, which no sandbox process has.
+    """
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), wake)
+    try:
+        await asyncio.wait_for(ready, timeout)
+    finally:
+        loop.remove_reader(sock.fileno())
+    try:
+        data, ancillary, _flags, _addr = sock.recvmsg(1 << 16, socket.CMSG_SPACE(12))
+    except OSError as exc:
+        raise _WorkerGone(str(exc)) from None
+    if not data:
+        raise _WorkerGone("the forked worker closed its channel")
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= 12:
+            pid, uid, _gid = struct.unpack("3i", payload[:12])
+            return data, pid, uid
+    raise _ProtocolError("the forked worker's first message carried no credentials")
 
 
 def _death(status: int | None, limits: SandboxLimits, detail: str) -> tuple[ErrorKind, str]:
