@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 
 from tracetune.engine.trace import Rationale, RationaleStep
-from tracetune.evaluate.vqa import normalize_vqa_answer
+from tracetune.judge.vqa import normalize_vqa_answer
 
 _REVEALS = re.compile(
     r"\b(?:(?:reference|given|provided|expected|gold|ground[- ]truth|supplied) answer"

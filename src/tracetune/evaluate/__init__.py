@@ -19,11 +19,11 @@ from tracetune.evaluate.gta import (
 from tracetune.evaluate.gta_tools import GTA_TOOLS, toolset_status
 from tracetune.evaluate.report import build_report
 from tracetune.evaluate.runs import RUN_BENCHMARKS, EvalRunConfig, run_benchmark
-from tracetune.evaluate.vqa import (
+from tracetune.evaluate.vqa import score_vqa
+from tracetune.judge.vqa import (
     extract_answer,
     extract_choice,
     normalize_vqa_answer,
-    score_vqa,
     vqa_accuracy,
 )
 

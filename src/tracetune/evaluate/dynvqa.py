@@ -56,7 +56,7 @@ from tracetune.evaluate.base import (
     percent,
     require,
 )
-from tracetune.evaluate.vqa import extract_answer, normalize_vqa_answer
+from tracetune.judge.vqa import extract_answer, normalize_vqa_answer
 
 Rule = Literal["official", "symmetric"]
 Lang = Literal["en", "zh", "auto"]

@@ -90,6 +90,7 @@ from tracetune.evaluate.base import (
     require,
 )
 from tracetune.evaluate.embeddings import SentenceEmbedder, load_embedder
+from tracetune.models.replies import content_text
 
 Mode = Literal["step", "e2e"]
 Protocol = Literal["official", "mat"]
@@ -170,19 +171,6 @@ def mat_correct(answer: str, gt: dict[str, Any]) -> bool:
 
 
 # -- messages ------------------------------------------------------------------------------
-def content_text(content: Any) -> str:
-    """The text of a message's content: a string, a list of parts, or GTA's ``{type, content}``."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(str(p.get("text") or "") if isinstance(p, dict) else str(p) for p in content)
-    if isinstance(content, dict) and "content" in content:
-        return content_text(content["content"])
-    return str(content)
-
-
 def first_call(message: dict[str, Any], where: str) -> ToolCallView | None:
     """The first tool call of a message (the only one GTA scores), or None."""
     calls = message.get("tool_calls")

@@ -40,7 +40,8 @@ from tracetune.evaluate.runs import (
     trajectories_by,
     write_jsonl,
 )
-from tracetune.evaluate.vqa import extract_answer, score_vqa
+from tracetune.evaluate.vqa import score_vqa
+from tracetune.judge.vqa import extract_answer
 from tracetune.models.base import BackendError, ChatModel, Sampling, text_message
 from tracetune.prompts import prompt_hash, render
 from tracetune.schema import Action, Observation, Step, Task, Trajectory, TrajectoryStatus, Usage

@@ -32,7 +32,7 @@ PROBLEMS = (
 
 def read_verdict_json(text: str) -> dict[str, Any]:
     from tracetune.judge.query_files import MalformedVerdict
-    from tracetune.synth.mtrace.common import MalformedOutput, extract_json
+    from tracetune.models.replies import MalformedOutput, extract_json
 
     try:
         answer: dict[str, Any] = extract_json(text, dict)

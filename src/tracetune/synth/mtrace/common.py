@@ -12,6 +12,8 @@ from typing import Any, TypeVar
 from pydantic import Field
 
 from tracetune.models.base import ChatModel, ModelOptions, load_model
+from tracetune.models.replies import MalformedOutput as MalformedOutput  # the stages' import
+from tracetune.models.replies import extract_json as extract_json
 from tracetune.runner import Budget, MeteredModel, StageResult, run_stage
 from tracetune.schema import Usage
 from tracetune.store import AssetStore, Dataset, RunState
@@ -19,42 +21,10 @@ from tracetune.store import AssetStore, Dataset, RunState
 T = TypeVar("T")
 
 
-class MalformedOutput(ValueError):
-    """A model's output could not be read as what the prompt asked for."""
-
-
 def stable_id(prefix: str, *parts: Any) -> str:
     """An id that a rerun computes again from the same inputs (so resume never duplicates)."""
     blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str)
     return f"{prefix}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
-
-
-_FENCE = re.compile(r"```(?:json|JSON)?\s*\n(.*?)```", re.S)
-
-
-def extract_json(text: str, kind: type[list[Any]] | type[dict[str, Any]]) -> Any:
-    """The first JSON list or object in ``text`` (fenced or bare), else ``MalformedOutput``.
-
-    Models wrap JSON in prose and code fences; the first well-formed value of the wanted
-    kind is taken, so a sentence before it does not sink an otherwise good answer.
-    """
-    candidates = [m.group(1) for m in _FENCE.finditer(text)] + [text]
-    opener = "[" if kind is list else "{"
-    decoder = json.JSONDecoder()
-    for candidate in candidates:
-        start = candidate.find(opener)
-        while start != -1:
-            try:
-                value, _ = decoder.raw_decode(candidate[start:])
-            except json.JSONDecodeError:
-                start = candidate.find(opener, start + 1)
-                continue
-            if isinstance(value, kind):
-                return value
-            start = candidate.find(opener, start + 1)
-    what = "a JSON list" if kind is list else "a JSON object"
-    snippet = " ".join(text.split())[:160]
-    raise MalformedOutput(f"expected {what}, got: {snippet!r}")
 
 
 _CODE = re.compile(r"```(?:py|python|python3)?[ \t]*\n(.*?)```", re.S | re.I)
