@@ -137,11 +137,19 @@ def init(
 
 @app.command("merge")
 def merge(
-    base: Annotated[Path, typer.Option("--base", help="Base model directory.")],
     adapter: Annotated[Path, typer.Option("--adapter", help="LoRA adapter directory (PEFT).")],
     out: Annotated[Path, typer.Option("--out", help="Directory to write the merged model to.")],
+    base: Annotated[
+        Path | None,
+        typer.Option(
+            "--base", help="Base model directory (default: the base the adapter records)."
+        ),
+    ] = None,
 ) -> None:
-    """Merge a LoRA adapter into its base model; save model and processor to --out."""
+    """Merge a LoRA adapter into its base model; save a standard checkpoint to --out.
+
+    The result loads with transformers (from_pretrained), `local:OUT` and `vllm serve OUT`.
+    """
     from tracetune.models.base import BackendError
     from tracetune.models.local import merge_adapter
 
@@ -150,4 +158,4 @@ def merge(
     except BackendError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
-    typer.echo(f"merged {adapter} into {base}: saved to {path}")
+    typer.echo(f"merged {adapter} into {base or 'its base'}: saved to {path}")

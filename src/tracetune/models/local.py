@@ -13,6 +13,7 @@ import copy
 import re
 import threading
 import time
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any
@@ -318,7 +319,61 @@ def _apply_adapter(model: Any, adapter: str) -> Any:
         from peft import PeftModel
     except ImportError as exc:  # pragma: no cover - peft is a core dependency
         raise BackendError("adapters need peft: pip install peft") from exc
-    return PeftModel.from_pretrained(model, str(adapter_dir))
+    base = _adapter_base(adapter_dir)
+    mismatch = (
+        f"adapter {adapter!r} does not fit this model: it was trained on {base or 'another base'}"
+        " (base_model_name_or_path in its adapter_config.json); load that base, or the adapter "
+        "trained on this one"
+    )
+    try:
+        with warnings.catch_warnings():
+            # PEFT only warns about missing adapter weights; the check below raises instead.
+            warnings.filterwarnings("ignore", message="Found missing adapter keys")
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    except (RuntimeError, ValueError, KeyError) as exc:  # shape mismatches, unknown modules
+        raise BackendError(f"{mismatch}: {' '.join(str(exc).split())[:300]}") from None
+    missing, unexpected = _adapter_key_mismatch(peft_model, adapter_dir)
+    if missing or unexpected:
+        # PEFT only warns when the adapter's modules are not the model's (another family or
+        # size): the model would silently run as the plain base.
+        example = (
+            f"this model has no {unexpected[0]!r}"
+            if unexpected
+            else f"the adapter lacks {missing[0]!r}"
+        )
+        raise BackendError(
+            f"{mismatch}; e.g. {example} ({len(missing)} weights missing, "
+            f"{len(unexpected)} unexpected)"
+        )
+    return peft_model
+
+
+def _adapter_base(adapter_dir: Path) -> str | None:
+    """The base model an adapter was trained on, as its adapter_config.json records it."""
+    import json
+
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    return str(base) if base else None
+
+
+def _adapter_key_mismatch(peft_model: Any, adapter_dir: Path) -> tuple[list[str], list[str]]:
+    """LoRA weights the model expects but the file lacks, and ones the file has in excess."""
+    path = adapter_dir / "adapter_model.safetensors"
+    if not path.is_file():
+        return [], []  # legacy .bin adapters: PEFT's own checks only
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        saved = {k for k in f.keys() if ".lora_" in k}  # noqa: SIM118  (not a dict)
+    name = getattr(peft_model, "active_adapter", "default")
+    expected = {
+        k.replace(f".{name}.", ".") for k, _ in peft_model.named_parameters() if ".lora_" in k
+    }
+    return sorted(expected - saved), sorted(saved - expected)
 
 
 # -- messages ---------------------------------------------------------------------------------
@@ -399,18 +454,33 @@ def _first(ids: Any) -> int | None:
 
 
 # -- checkpoints ------------------------------------------------------------------------------
-def merge_adapter(base: str | Path, adapter: str | Path, out_dir: str | Path) -> Path:
+def merge_adapter(base: str | Path | None, adapter: str | Path, out_dir: str | Path) -> Path:
     """Fold a LoRA adapter into its base model and save model + processor to ``out_dir``.
 
-    The merged checkpoint loads like any other (``local:OUT``) and serves as the reference
-    model for DPO after SFT. The processor comes from the adapter directory when training
+    The merged checkpoint is a standard transformers checkpoint (the hub's weight names), so
+    it loads like any other (``local:OUT``, ``vllm serve OUT``) and serves as the reference
+    model for DPO after SFT. ``base`` defaults to the base recorded in the adapter's
+    ``adapter_config.json``. The processor comes from the adapter directory when training
     saved one there (it may carry a changed chat template), else from the base.
     """
     from transformers import AutoModelForImageTextToText
 
     from tracetune.models.processors import load_processor
 
-    base_path, adapter_path, out = Path(base), Path(adapter), Path(out_dir)
+    adapter_path, out = Path(adapter), Path(out_dir)
+    if not (adapter_path / "adapter_config.json").is_file():
+        raise BackendError(
+            f"adapter {str(adapter)!r} is not a PEFT adapter directory (no adapter_config.json)"
+        )
+    if base is None:
+        recorded = _adapter_base(adapter_path)
+        if recorded is None or not (Path(recorded) / "config.json").is_file():
+            raise BackendError(
+                f"the adapter records its base as {recorded!r}, which is not a local model "
+                "directory here; pass the base with --base DIR"
+            )
+        base = recorded
+    base_path = Path(base)
     if not (base_path / "config.json").is_file():
         raise BackendError(f"base {str(base)!r} is not a model directory (no config.json)")
     if out.resolve() in (base_path.resolve(), adapter_path.resolve()):
