@@ -43,11 +43,13 @@ for _name, (_module, _help) in _GROUPS.items():
 from tracetune.cli.io import export_cmd, import_cmd  # noqa: E402
 from tracetune.cli.quickstart import quickstart  # noqa: E402
 from tracetune.cli.rollout import rollout  # noqa: E402
+from tracetune.cli.serve import serve_cmd  # noqa: E402
 
 app.command("rollout")(rollout)
 app.command("export")(export_cmd)
 app.command("import")(import_cmd)
 app.command("quickstart")(quickstart)
+app.command("serve")(serve_cmd)
 
 
 @app.command("version")
