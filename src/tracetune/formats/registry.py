@@ -421,6 +421,7 @@ _BUILTIN_IMPORTERS = {
     "llamafactory-dpo": "tracetune.formats.llamafactory",
     "swift": "tracetune.formats.swift",
     "mat": "tracetune.formats.mat",
+    "mat-dpo": "tracetune.formats.mat",
 }
 
 E = TypeVar("E", bound=type[Exporter])
