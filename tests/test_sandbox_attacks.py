@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import os
 import re
 import subprocess
@@ -23,7 +24,7 @@ from PIL import Image
 
 from tracetune.agent.code import CodeExecutor
 from tracetune.agent.toolbox import ToolBox
-from tracetune.sandbox import Sandbox, SandboxError, SandboxLimits, ToolReply
+from tracetune.sandbox import Sandbox, SandboxError, SandboxLimits, ToolReply, ToolStub
 from tracetune.schema import Action, ErrorKind
 from tracetune.store import AssetStore
 from tracetune.tools import get_tool
@@ -313,6 +314,12 @@ class Evil(_worker.Worker):
         }}
         if code in forged:
             return forged[code]
+        if code == "bigtool":  # past the worker's own check, straight onto the channel
+            expression = "1+" * 3_500_000 + "1"
+            self.channel.send({{"op": "tool", "name": "calculator",
+                               "arguments": {{"expression": expression}}}})
+            reply = self.channel.recv()
+            return {{"op": "done", "stdout": str(reply.get("error")), "error": None}}
         return super().run(code, step, cpu_s)
 
     def serve(self):
@@ -420,3 +427,103 @@ async def test_forged_frames_are_typed_sandbox_errors_without_leaks(
         await sb.close()
     assert _alive(victim.pid)
     assert _open_fds() == fds
+
+
+# -- 8. host DoS through the tool proxy ---------------------------------------------------------
+
+
+@async_test
+async def test_a_huge_calculator_expression_costs_the_host_nothing(tmp_path: Path) -> None:
+    import resource
+
+    ex, _ = await executor(tmp_path, "calculator")
+    try:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        cpu = time.process_time()
+        attack = """
+results = []
+for expr in ["1+" * 3_500_000 + "1", "9*" * 30_000 + "9", "(" * 5000 + "1" + ")" * 5000,
+             "((10**100)**100)**100", "2**100*" * 200 + "1"]:
+    try:
+        results.append(str(calculator(expression=expr))[:50])
+    except ToolError as exc:
+        results.append("refused: " + str(exc)[:80])
+print("\\n".join(results))
+"""
+        t0 = time.perf_counter()
+        out = await ex.execute(code(attack), 1)
+        took = time.perf_counter() - t0
+        assert out.error is None, out.error
+        lines = out.observation.text.splitlines()
+        assert len(lines) == 5 and all(line.startswith("refused") for line in lines), lines
+        assert "byte limit" in lines[0] and "characters long" in lines[1]
+        assert took < 5 and time.process_time() - cpu < 3
+        grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024
+        assert grown_mb < 300
+        # The trajectory keeps a short preview of the 7 MB argument, not the argument.
+        recorded = out.observation.data["tool_calls"]
+        assert len(str(recorded)) < 5000
+    finally:
+        await ex.close()
+
+
+@async_test
+async def test_a_host_tool_thread_stops_at_the_steps_time_limit(tmp_path: Path) -> None:
+    import threading
+
+    from tracetune.tools import ToolContext, tool
+
+    @tool(register=False)
+    def spin(n: int) -> int:
+        """Count forever.
+
+        Args:
+            n: Start.
+        """
+        while True:
+            n += 1
+
+    ctx = ToolContext(workdir=tmp_path)
+
+    async def handler(name: str, arguments: dict[str, Any]) -> ToolReply:
+        return ToolReply(value=(await spin.acall(ctx, arguments)).data)
+
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    limits = SandboxLimits(timeout_s=1.0, grace_s=1.0, audit_hook=False)
+    async with await Sandbox.start(workdir, [spin], handler, limits) as sb:
+        result = await sb.execute("spin(1)")
+        assert result.error is not None and result.error.kind == ErrorKind.TIMEOUT
+        deadline = time.time() + 3
+        while any(t.name == "tool:spin" for t in threading.enumerate()):
+            assert time.time() < deadline, "the tool's thread kept running after the step"
+            await asyncio.sleep(0.05)
+        assert (await sb.execute("print(2)")).stdout == "2\n"
+
+
+@async_test
+async def test_an_oversized_tool_call_sent_past_the_worker_never_reaches_the_tool(
+    tmp_path: Path, evil_worker: tuple[subprocess.Popen[bytes], Path]
+) -> None:
+    import resource
+
+    calls: list[dict[str, Any]] = []
+
+    async def calculator(name: str, arguments: dict[str, Any]) -> ToolReply:
+        calls.append(arguments)
+        return ToolReply(value=0)
+
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    limits = SandboxLimits(timeout_s=10.0, read_paths=(str(tmp_path),))
+    stub = ToolStub("calculator", ["expression"], ["expression"])
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    async with await Sandbox.start(workdir, [stub], calculator, limits) as sb:
+        t0 = time.perf_counter()
+        result = await sb.execute("bigtool")
+        assert time.perf_counter() - t0 < 3
+    assert calls == []
+    assert "byte limit" in result.stdout
+    (call,) = result.tool_calls
+    assert call["error"] and len(json.dumps(call["arguments"])) < 1000
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024 < 200

@@ -60,6 +60,12 @@ class SandboxLimits(BaseModel):
     output_chars: int = Field(
         default=65536, ge=1024, description="Printed output kept per step; the rest is cut off."
     )
+    tool_args_bytes: int = Field(
+        default=65536,
+        ge=1024,
+        description="Largest tool call (its arguments as JSON, in bytes) the host accepts from "
+        "the code; a larger one is refused inside the code without reaching the tool.",
+    )
     max_file_mb: int = Field(
         default=1024, ge=1, description="Largest file the code may write (RLIMIT_FSIZE), MB."
     )
@@ -261,6 +267,14 @@ def _json_value(value: Any) -> Any:
         return str(value)
 
 
+_RECORDED_ARGS_BYTES = 4096
+
+
+def _preview(arguments: dict[str, Any]) -> dict[str, Any]:
+    """Long tool arguments as the trajectory records them: each value cut to 200 characters."""
+    return {str(k)[:100]: _summary(v) for k, v in list(arguments.items())[:20]}
+
+
 def _summary(value: Any, limit: int = 200) -> str:
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -378,6 +392,7 @@ class Sandbox:
             "host_pid": os.getpid(),
             "preload": self.preload,
             "max_message_bytes": MAX_MESSAGE_BYTES // 2,
+            "max_tool_bytes": self.limits.tool_args_bytes,
         }
         try:
             await worker.send(config)
@@ -507,13 +522,25 @@ class Sandbox:
         name, arguments = msg.get("name"), msg.get("arguments")
         if not isinstance(name, str) or not isinstance(arguments, dict):
             raise _ProtocolError("malformed tool request")
+        if len(name) > 200:
+            raise _ProtocolError("a tool request with a 200+ character name")
+        size = len(json.dumps(arguments, ensure_ascii=False).encode("utf-8", "replace"))
         record: dict[str, Any] = {
             "name": name,
-            "arguments": arguments,
+            # What the trajectory keeps: the arguments, or a preview of each when they are long.
+            "arguments": arguments if size <= _RECORDED_ARGS_BYTES else _preview(arguments),
             "reply": None,
             "error": None,
         }
         calls.append(record)
+        cap = self.limits.tool_args_bytes
+        if size > cap:
+            # Never reaches the tool.
+            record["error"] = (
+                f"{name}(): the arguments are {size} bytes, over the {cap} byte limit for one "
+                "tool call; write large data to a file and pass its name"
+            )
+            return {"error": record["error"]}
         if name not in {t.name for t in self.tools}:
             record["error"] = f"unknown tool {name!r}"
             return {"error": record["error"]}
@@ -695,7 +722,7 @@ def _parse_done(msg: dict[str, Any]) -> tuple[str, int, StepError | None, str | 
         if not isinstance(raw, dict) or not isinstance(raw.get("message"), str):
             raise _ProtocolError("a 'done' frame with a malformed error")
         try:
-            kind = ErrorKind(raw.get("kind"))
+            kind = ErrorKind(str(raw.get("kind")))
         except ValueError:
             raise _ProtocolError(
                 f"a 'done' frame with an unknown error kind {raw.get('kind')!r}"

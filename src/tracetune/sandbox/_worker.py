@@ -799,10 +799,11 @@ class Worker:
             )
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{name}(): {exc}") from None
-        if len(body) > int(self.config["max_message_bytes"]):
-            raise ValueError(
-                f"{name}(): arguments are {len(body)} bytes, over the "
-                f"{self.config['max_message_bytes']} byte limit; pass a file name instead"
+        limit = int(self.config.get("max_tool_bytes") or self.config["max_message_bytes"])
+        if len(body) > limit + 256:
+            raise self.tool_error(
+                f"{name}(): the arguments are about {len(body)} bytes, over the {limit} byte "
+                "limit for one tool call; write large data to a file and pass its name"
             )
         was_armed, self.armed = self.armed, False
         try:

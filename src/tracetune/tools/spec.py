@@ -8,6 +8,8 @@ evaluation always see the same tools.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import importlib
 import importlib.util
 import inspect
@@ -34,6 +36,66 @@ class ToolError(Exception):
 
 class ToolUnavailable(ToolError):
     """A tool's optional dependency or model is missing; the message names the fix."""
+
+
+class ToolInterrupted(BaseException):
+    """Raised inside a tool's thread when the call was cancelled (e.g. the step's time ran
+    out): a BaseException, so that a tool's ``except Exception`` does not swallow it."""
+
+
+def _interrupt_thread(ident: int) -> bool:
+    """Raise ``ToolInterrupted`` in the thread ``ident`` at its next Python instruction.
+
+    A thread cannot be killed; this stops one that runs Python code. A single long C call
+    (one huge regex or integer operation) finishes first: tools bound their inputs for that.
+    """
+    import ctypes
+
+    set_async = ctypes.pythonapi.PyThreadState_SetAsyncExc
+    set_async.argtypes = (ctypes.c_ulong, ctypes.py_object)
+    return bool(set_async(ident, ToolInterrupted) == 1)
+
+
+async def run_stoppable(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` in a thread of its own that stops when the call is cancelled.
+
+    Like ``asyncio.to_thread``, but cancelling the awaiting task (a step's time limit,
+    ``asyncio.wait_for``) also interrupts the thread, so a host tool never keeps running,
+    and holding CPU and memory, after the code step that called it has ended.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Any] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(ok: bool, value: Any) -> None:
+        if done.done():
+            return
+        if ok:
+            done.set_result(value)
+        else:
+            done.set_exception(value)
+
+    def target() -> None:
+        try:
+            result = context.run(fn, *args, **kwargs)
+        except ToolInterrupted:
+            return
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                loop.call_soon_threadsafe(settle, False, exc)
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, True, result)
+
+    thread = threading.Thread(target=target, name=f"tool:{getattr(fn, '__name__', 'call')}")
+    thread.daemon = True
+    thread.start()
+    try:
+        return await done
+    except asyncio.CancelledError:
+        if thread.ident is not None and thread.is_alive():
+            _interrupt_thread(thread.ident)
+        raise
 
 
 @dataclass
@@ -276,7 +338,7 @@ class Tool:
         if inspect.iscoroutinefunction(self.forward):
             value = await self.forward(ctx, **kwargs)
         else:
-            value = await asyncio.to_thread(self.forward, ctx, **kwargs)
+            value = await run_stoppable(self.forward, ctx, **kwargs)
         return to_result(value)
 
     def __call__(self, ctx: ToolContext, **kwargs: Any) -> ToolResult:

@@ -38,28 +38,56 @@ _FUNCS: dict[str, Any] = {
 _CONSTS = {"pi": math.pi, "e": math.e}
 
 
+# Bounds that keep one call cheap for the host, whatever the expression: its length, its
+# nesting, and the size of every integer it builds (a Python int can grow without limit).
+MAX_EXPRESSION_CHARS = 2000
+MAX_DEPTH = 100
+MAX_INT_BITS = 4096
+
+
+def _bounded(value: Any) -> Any:
+    if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
+        raise ToolError(f"the result is too large (over {MAX_INT_BITS} bits)")
+    return value
+
+
 def safe_eval(expression: str) -> float | int:
     """Evaluate arithmetic by walking its syntax tree: no names, attributes or calls
-    beyond a fixed list of math functions, and bounded exponents."""
+    beyond a fixed list of math functions, bounded exponents, length, depth and size."""
+    if len(expression) > MAX_EXPRESSION_CHARS:
+        raise ToolError(
+            f"the expression is {len(expression)} characters long, over the "
+            f"{MAX_EXPRESSION_CHARS} character limit; compute parts of it separately"
+        )
     expression = expression.replace("^", "**").replace("×", "*").replace("÷", "/")
     expression = expression.replace(",", "") if "(" not in expression else expression
     try:
         tree = ast.parse(expression.strip(), mode="eval")
-    except SyntaxError as exc:
-        raise ToolError(f"not an arithmetic expression: {expression!r}") from exc
+    except (SyntaxError, RecursionError, MemoryError) as exc:
+        raise ToolError(f"not an arithmetic expression: {expression[:200]!r}") from exc
 
-    def ev(node: ast.AST) -> Any:
+    def ev(node: ast.AST, depth: int = 0) -> Any:
+        if depth > MAX_DEPTH:
+            raise ToolError(f"the expression is nested more than {MAX_DEPTH} levels deep")
+        depth += 1
         if isinstance(node, ast.Expression):
-            return ev(node.body)
+            return ev(node.body, depth)
         if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
-            return node.value
+            return _bounded(node.value)
         if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-            left, right = ev(node.left), ev(node.right)
-            if isinstance(node.op, ast.Pow) and abs(right) > 100:
-                raise ToolError("exponent too large")
-            return _BINOPS[type(node.op)](left, right)
+            left, right = ev(node.left, depth), ev(node.right, depth)
+            if isinstance(node.op, ast.Pow):
+                if abs(right) > 100:
+                    raise ToolError("exponent too large")
+                if isinstance(left, int) and isinstance(right, int):
+                    if left.bit_length() * abs(right) > MAX_INT_BITS:
+                        raise ToolError(f"the result is too large (over {MAX_INT_BITS} bits)")
+            if isinstance(node.op, ast.Mult) and isinstance(left, int) and isinstance(right, int):
+                if left.bit_length() + right.bit_length() > MAX_INT_BITS + 1:
+                    raise ToolError(f"the result is too large (over {MAX_INT_BITS} bits)")
+            return _bounded(_BINOPS[type(node.op)](left, right))
         if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
-            return _UNARY[type(node.op)](ev(node.operand))
+            return _UNARY[type(node.op)](ev(node.operand, depth))
         if isinstance(node, ast.Name) and node.id in _CONSTS:
             return _CONSTS[node.id]
         if (
@@ -68,7 +96,7 @@ def safe_eval(expression: str) -> float | int:
             and node.func.id in _FUNCS
             and not node.keywords
         ):
-            return _FUNCS[node.func.id](*[ev(a) for a in node.args])
+            return _bounded(_FUNCS[node.func.id](*[ev(a, depth) for a in node.args]))
         raise ToolError(f"unsupported element in expression: {ast.dump(node)[:60]}")
 
     try:
@@ -76,7 +104,7 @@ def safe_eval(expression: str) -> float | int:
     except ZeroDivisionError as exc:
         raise ToolError("division by zero") from exc
     except (OverflowError, ValueError, TypeError) as exc:
-        raise ToolError(f"cannot evaluate {expression!r}: {exc}") from exc
+        raise ToolError(f"cannot evaluate {expression[:200]!r}: {exc}") from exc
     if isinstance(value, float):
         value = round(value, 10)
         if value.is_integer():
