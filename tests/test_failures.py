@@ -194,3 +194,62 @@ def test_a_server_ignoring_n_and_seed_is_warned_about_once(
             texts = asyncio.run(sample(server.base_url))
     assert len(set(texts[0])) == 3
     assert not [r for r in caplog.records if "ignore `n`" in r.getMessage()]
+
+
+# -- retrying drops of a sampling kind --------------------------------------------------------
+def test_retry_dropped_asks_the_model_again_for_drops_of_that_reason(tmp_path: Path) -> None:
+    """A malformed generator reply is dropped ("malformed generator output"); a plain rerun
+    keeps the drop, `--retry-dropped` processes the item again with a fresh model call (not the
+    cached malformed reply) and keeps what the model now writes."""
+    from mtrace_script import write_seeds
+
+    from tracetune.schema import Task
+
+    seeds = tmp_path / "seeds.jsonl"
+    write_seeds(seeds)
+    replies = iter(
+        [
+            'Sure! Here are the tasks: [{"query": "broken',
+            json.dumps(
+                [{"query": "Read the total on the receipt in the photo.", "tools": ["ocr"]}]
+            ),
+        ]
+    )
+    run = tmp_path / "run"
+
+    def queries(server: ScriptedOpenAIServer, *extra: str) -> Any:
+        return CliRunner().invoke(
+            app,
+            ["synth", "queries", "--out", str(run), "--seeds", str(seeds),
+             "--generator", "openai:test-model", "--base-url", server.base_url,
+             "--batches", "1", "--tools", "ocr,visual_qa,inspect_file,calculator,face_detection",
+             "--embedder", "hashing",
+             "--quiet", *extra],
+        )  # fmt: skip
+
+    with ScriptedOpenAIServer(lambda body: next(replies)) as server:
+        first = queries(server)
+        assert first.exit_code == 0, first.output
+        assert "malformed generator output" in first.output
+        assert server.calls == 1
+
+        again = queries(server)  # a drop is final by default: nothing is asked
+        assert again.exit_code == 0 and server.calls == 1
+
+        unmatched = queries(server, "--retry-dropped", "near-duplicate")
+        assert unmatched.exit_code == 0 and server.calls == 1
+        assert "no dropped item matches" in unmatched.output
+        assert "'malformed generator output' (1)" in unmatched.output
+
+        retried = queries(server, "--retry-dropped", "Malformed")
+        assert retried.exit_code == 0, retried.output
+        assert server.calls == 2  # asked afresh, not answered from the cache
+        assert "retrying 1 dropped item" in retried.output
+
+    kept = [t.query for t in Dataset.open(run / "queries", Task)]
+    assert kept == ["Read the total on the receipt in the photo."]
+    state = RunState(run / "candidates" / "state.sqlite")
+    try:
+        assert {s for _, s, _ in state.items("queries.generate")} == {"done"}
+    finally:
+        state.close()

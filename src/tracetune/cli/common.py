@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 import yaml
@@ -65,6 +65,18 @@ def _error_line(err: Any) -> str:
     # A model validator's error belongs to no one field: its message says what is wrong.
     message = str(err["msg"]).removeprefix("Value error, ")
     return f"  {where}: {message}" if where else f"  {message}"
+
+
+RetryDroppedOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--retry-dropped",
+        metavar="REASON",
+        help="Process again the items this command's stages dropped for REASON (a drop reason "
+        "as the stats list it, or its first words; repeatable), asking the model afresh "
+        "instead of reading its cached reply.",
+    ),
+]
 
 
 def split_names(value: str | None) -> list[str] | None:

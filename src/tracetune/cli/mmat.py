@@ -15,7 +15,7 @@ import typer
 from pydantic import BaseModel
 from rich.console import Console
 
-from tracetune.cli.common import build_config, fail, run_async, split_names
+from tracetune.cli.common import RetryDroppedOpt, build_config, fail, run_async, split_names
 
 app = typer.Typer(no_args_is_help=True)
 out_console = Console(soft_wrap=True)
@@ -69,13 +69,15 @@ def _backend(base_url: str | None) -> dict[str, Any]:
     return {"base_url": base_url}
 
 
-def _run(coro: Any) -> Any:
+def _run(coro: Any, retry_dropped: list[str] | None = None) -> Any:
     from tracetune.engine import GrammarError, IngestError, OperatorUnavailable
     from tracetune.models.base import BackendError
+    from tracetune.runner.outcome import retrying_dropped
     from tracetune.store import DatasetError
 
     try:
-        return run_async(coro)
+        with retrying_dropped(retry_dropped):
+            return run_async(coro)
     except (
         IngestError,
         OperatorUnavailable,
@@ -120,6 +122,7 @@ def ingest(
     limit: Annotated[int | None, typer.Option(help="Only the first N rows.")] = None,
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
+    retry_dropped: RetryDroppedOpt = None,
 ) -> None:
     """Normalize a multimodal QA dataset into tasks: stable ids, images in the asset store,
     answer-style constraints on short answers; broken or missing images are reported and
@@ -148,7 +151,7 @@ def ingest(
             }
         },
     )
-    result, dataset = _run(run_ingest(cfg, progress=not quiet))
+    result, dataset = _run(run_ingest(cfg, progress=not quiet), retry_dropped)
     _report(result, dataset.root)
 
 
@@ -175,6 +178,7 @@ def rationale(
     base_url: BaseUrlOpt = None,
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
+    retry_dropped: RetryDroppedOpt = None,
 ) -> None:
     """A teacher reasons step by step toward each reference answer; the engine runs the
     operators and retrieval it asks for. Leaking samples are regenerated or dropped."""
@@ -198,7 +202,7 @@ def rationale(
             "backend": _backend(base_url),
         },
     )
-    result, dataset = _run(run_rationale(cfg, progress=not quiet))
+    result, dataset = _run(run_rationale(cfg, progress=not quiet), retry_dropped)
     _report(result, dataset.root)
 
 
@@ -220,6 +224,7 @@ def reflect(
     base_url: BaseUrlOpt = None,
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
+    retry_dropped: RetryDroppedOpt = None,
 ) -> None:
     """Judge each rationale for unsupported reasoning and skipped calculations; repair the
     flagged ones with reflection turns (OUT/verdicts keeps every judgement)."""
@@ -240,7 +245,7 @@ def reflect(
         },
         {"backend": _backend(base_url)},
     )
-    result, dataset = _run(run_reflect(cfg, progress=not quiet))
+    result, dataset = _run(run_reflect(cfg, progress=not quiet), retry_dropped)
     _report(result, dataset.root)
     stats = json.loads((dataset.root / "stats.json").read_text())
     out_console.print(f"flagged: {stats.get('flagged', {})}; repaired: {stats.get('repaired')}")
@@ -255,6 +260,7 @@ def render(
     formats: Annotated[str | None, typer.Option(help="Comma-separated: rr, orr.")] = None,
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
+    retry_dropped: RetryDroppedOpt = None,
 ) -> None:
     """Write the RR training dialogues that parse with the grammar, and ORR derived from
     them; export either with `tracetune export --format trl-sft|llamafactory|swift`."""
@@ -263,7 +269,7 @@ def render(
     cfg = _config(
         RenderConfig, config, {"dialogues": dialogues, "out": out, "formats": split_names(formats)}
     )
-    results = _run(run_render(cfg, progress=not quiet))
+    results = _run(run_render(cfg, progress=not quiet), retry_dropped)
     for fmt, result in results.items():
         _report(result, cfg.out / fmt)
 
@@ -334,12 +340,13 @@ def run(
         str | None, typer.Option(help="Comma-separated subset: ingest, rationale, reflect, render.")
     ] = None,
     quiet: QuietOpt = False,
+    retry_dropped: RetryDroppedOpt = None,
 ) -> None:
     """Run the engine's stages in order from one config (each stage resumes)."""
     from tracetune.engine.pipeline import MMATRunConfig, run_pipeline
 
     cfg = _config(MMATRunConfig, config, {"stages": split_names(stages)})
-    summary = _run(run_pipeline(cfg, progress=not quiet))
+    summary = _run(run_pipeline(cfg, progress=not quiet), retry_dropped)
     for text in summary.values():
         # render reports one line per format (rr, orr); the other stages one line.
         for line in text.values() if isinstance(text, dict) else [text]:

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tracetune.cli.common import build_config, fail, run_async
+from tracetune.cli.common import RetryDroppedOpt, build_config, fail, run_async
 
 out_console = Console()
 
@@ -61,6 +61,7 @@ def rollout(
     config: Annotated[Path | None, typer.Option(help="YAML file with these options.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    retry_dropped: RetryDroppedOpt = None,
 ) -> None:
     """Roll out a teacher on tasks with gold answers; keep the trajectories that pass.
 
@@ -91,8 +92,11 @@ def rollout(
         seed=seed,
         backend=backend,
     )
+    from tracetune.runner.outcome import retrying_dropped
+
     try:
-        result, dataset = run_async(run_rollout(cfg, progress=not quiet))
+        with retrying_dropped(retry_dropped):
+            result, dataset = run_async(run_rollout(cfg, progress=not quiet))
     except (ValueError, FileNotFoundError, KeyError, BackendError) as exc:
         fail(str(exc).strip("'\""))
         return

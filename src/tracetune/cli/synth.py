@@ -12,7 +12,13 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from tracetune.cli.common import build_config, fail, run_async, split_names
+from tracetune.cli.common import (
+    RetryDroppedOpt,
+    build_config,
+    fail,
+    run_async,
+    split_names,
+)
 
 app = typer.Typer(no_args_is_help=True)
 out_console = Console()
@@ -41,8 +47,11 @@ def load_config(config: Path | None, **flags: Any) -> Any:
     return build_config(SynthConfig, config, **flags)
 
 
-def _run(cfg: Any, stages: list[str], quiet: bool, as_json: bool) -> None:
+def _run(
+    cfg: Any, stages: list[str], quiet: bool, as_json: bool, retry: list[str] | None = None
+) -> None:
     from tracetune.models.base import BackendError
+    from tracetune.runner.outcome import retrying_dropped
     from tracetune.runner.stats import stage_stats, stats_json, stats_table
     from tracetune.store import DatasetError
     from tracetune.synth.mtrace.config import LAYOUT
@@ -65,7 +74,8 @@ def _run(cfg: Any, stages: list[str], quiet: bool, as_json: bool) -> None:
         return results
 
     try:
-        run_async(go())
+        with retrying_dropped(retry):
+            run_async(go())
     except (
         ValueError,
         FileNotFoundError,
@@ -128,6 +138,7 @@ def queries(
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
+    retry_dropped: RetryDroppedOpt = None,
 ) -> None:
     """Generate queries from seeds and the tool catalogue, then drop malformed ones,
     benchmark near-copies, near-duplicates and those over quota (OUT/candidates,
@@ -157,7 +168,7 @@ def queries(
             "seed": seed,
         },
     )
-    _run(cfg, ["queries.generate", "queries.filter"], quiet, as_json)
+    _run(cfg, ["queries.generate", "queries.filter"], quiet, as_json, retry_dropped)
 
 
 @app.command("files")
@@ -179,6 +190,7 @@ def files(
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
+    retry_dropped: RetryDroppedOpt = None,
 ) -> None:
     """Give each query a solving scenario and its files: pool images retrieved by
     embedding, other files made by model-written code in the sandbox (OUT/tasks)."""
@@ -197,7 +209,7 @@ def files(
             "code_retries": code_retries,
         },
     )
-    _run(cfg, ["files"], quiet, as_json)
+    _run(cfg, ["files"], quiet, as_json, retry_dropped)
 
 
 @app.command("verify-tasks")
@@ -217,6 +229,7 @@ def verify_tasks_cmd(
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
+    retry_dropped: RetryDroppedOpt = None,
 ) -> None:
     """Judge each task's query against its files (images as images, documents as
     markdown); repair or drop the rejected ones (OUT/verified, OUT/verified/verdicts)."""
@@ -230,7 +243,7 @@ def verify_tasks_cmd(
         max_tokens=max_tokens,
         verify_tasks={"repair": repair},
     )
-    _run(cfg, ["verify_tasks"], quiet, as_json)
+    _run(cfg, ["verify_tasks"], quiet, as_json, retry_dropped)
 
 
 @app.command("rollout")
@@ -255,6 +268,7 @@ def rollout_cmd(
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
+    retry_dropped: RetryDroppedOpt = None,
 ) -> None:
     """Roll out the teacher on the verified tasks with the full tool set (code actions run
     in the sandbox) (OUT/trajectories)."""
@@ -275,7 +289,7 @@ def rollout_cmd(
             "corpus": corpus,
         },
     )
-    _run(cfg, ["rollout"], quiet, as_json)
+    _run(cfg, ["rollout"], quiet, as_json, retry_dropped)
 
 
 @app.command("verify-trajectories")
@@ -289,6 +303,7 @@ def verify_trajectories_cmd(
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
+    retry_dropped: RetryDroppedOpt = None,
 ) -> None:
     """Judge every trajectory (tools, query, images, steps, answer; gold answers checked
     exactly); keep the ones that pass (OUT/final, OUT/final/verdicts)."""
@@ -301,7 +316,7 @@ def verify_trajectories_cmd(
         max_cost_usd=max_cost,
         max_tokens=max_tokens,
     )
-    _run(cfg, ["verify_trajectories"], quiet, as_json)
+    _run(cfg, ["verify_trajectories"], quiet, as_json, retry_dropped)
 
 
 @app.command("run")
@@ -314,6 +329,7 @@ def run_cmd(
     max_tokens: MaxTokensOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
+    retry_dropped: RetryDroppedOpt = None,
 ) -> None:
     """Run the whole chain: queries, files, verify-tasks, rollout, verify-trajectories.
     Rerunning resumes; a budget stop ends the run cleanly."""
@@ -327,7 +343,7 @@ def run_cmd(
         max_cost_usd=max_cost,
         max_tokens=max_tokens,
     )
-    _run(cfg, [name for name, _ in STAGES], quiet, as_json)
+    _run(cfg, [name for name, _ in STAGES], quiet, as_json, retry_dropped)
 
 
 @app.command("stats")

@@ -19,6 +19,7 @@ import io
 import json
 import os
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -84,6 +85,11 @@ class Generation:
 
 class BackendError(RuntimeError):
     """A backend failed for good (after retries), or was configured wrongly."""
+
+
+fresh_samples: ContextVar[bool] = ContextVar("fresh_samples", default=False)
+"""True while the calls made must be answered by the model, not the response cache (a
+retried drop: its cached reply is what was dropped). The new answer replaces the cached one."""
 
 
 # Requests in flight for a backend loaded outside any stage, with no concurrency set.
@@ -190,7 +196,7 @@ class ChatModel(abc.ABC):
 
     async def cached(self, key: str | None) -> Generation | None:
         """The cached answer for ``key`` (from ``cache_key``), or None; no cache, no hit."""
-        if key is None or self.cache is None:
+        if key is None or self.cache is None or fresh_samples.get():
             return None
         hit = await asyncio.to_thread(self.cache.cache_get, key)
         if hit is None:

@@ -8,10 +8,20 @@ command that processes items can finish "successfully" while items failed.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, TypeVar
+
+from tracetune.models.base import fresh_samples
 
 if TYPE_CHECKING:
     from tracetune.runner.stage import StageResult
+    from tracetune.store import RunState
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 ITEMS_FAILED_EXIT = 3
 """Exit status of a command in which items failed (recorded as failed, retried on a rerun),
@@ -53,3 +63,92 @@ def failure_report(shown: int = 5) -> str | None:
         "retry them (finished items are kept)."
     )
     return "\n".join(lines)
+
+
+# -- retrying drops -------------------------------------------------------------------------
+_retry_dropped: ContextVar[tuple[str, ...]] = ContextVar("retry_dropped", default=())
+
+
+@contextmanager
+def retrying_dropped(reasons: Iterable[str] | None) -> Iterator[None]:
+    """Within this block, stages process again the items they dropped for one of ``reasons``.
+
+    A reason matches a drop when it equals the drop's reason or begins it, ignoring case
+    (``malformed`` retries "malformed generator output" and "malformed scenario"). Their
+    model calls are answered by the backend afresh, not from the response cache, or a
+    malformed reply would only be read back again.
+    """
+    token = _retry_dropped.set(tuple(r.strip() for r in reasons or () if r.strip()))
+    try:
+        yield
+    finally:
+        _retry_dropped.reset(token)
+
+
+def _matches(reason: str, wanted: tuple[str, ...]) -> bool:
+    reason = reason.lower()
+    return any(reason == w.lower() or reason.startswith(w.lower()) for w in wanted)
+
+
+def dropped_to_retry(state: RunState, stage: str) -> set[str]:
+    """Keys of ``stage``'s dropped items to process again (see :func:`retrying_dropped`)."""
+    wanted = _retry_dropped.get()
+    if not wanted:
+        return set()
+    keys: set[str] = set()
+    reasons: Counter[str] = Counter()
+    for key, status, info in state.items(stage):
+        if status != "dropped":
+            continue
+        reason = str(info.get("reason", ""))
+        reasons[reason] += 1
+        if _matches(reason, wanted):
+            keys.add(key)
+    if keys:
+        _say(f"{stage}: retrying {len(keys)} dropped item(s) (--retry-dropped)")
+    elif reasons:
+        known = ", ".join(f"{r!r} ({n})" for r, n in reasons.most_common())
+        asked = " ".join(repr(w) for w in wanted)
+        _say(
+            f"{stage}: no dropped item matches --retry-dropped {asked}; this stage dropped "
+            f"items for: {known}"
+        )
+    return keys
+
+
+def _say(message: str) -> None:
+    # Where the progress bars go (stderr), whatever the logging setup.
+    from rich.console import Console
+
+    Console(stderr=True, soft_wrap=True).print(message, markup=False, highlight=False)
+
+
+def fresh_for(
+    retried: set[str], key: Callable[[T], str], process: Callable[[T], Awaitable[R]]
+) -> Callable[[T], Awaitable[R]]:
+    """``process``, answering the model calls of ``retried`` items without the cache."""
+    if not retried:
+        return process
+
+    async def fresh(item: T) -> R:
+        if key(item) not in retried:
+            return await process(item)
+        token = fresh_samples.set(True)
+        try:
+            return await process(item)
+        finally:
+            fresh_samples.reset(token)
+
+    return fresh
+
+
+__all__ = [
+    "ITEMS_FAILED_EXIT",
+    "dropped_to_retry",
+    "failure_report",
+    "fresh_for",
+    "record",
+    "reset",
+    "results",
+    "retrying_dropped",
+]

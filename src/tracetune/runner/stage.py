@@ -200,6 +200,9 @@ class StageCore(Generic[T]):
         # Loaded once: the cost of a rerun does not grow with what each item checks.
         self.done: set[str] = self.state.keys(stage, "done") | self.state.keys(stage, "dropped")
         self.writer = out.writer(
+        # Drops the user asked to retry (--retry-dropped REASON) are pending again.
+        self.retried = outcome.dropped_to_retry(self.state, stage)
+        self.done -= self.retried
             chunk_size=chunk_size, flush_interval_s=flush_interval_s, target_bytes=chunk_bytes
         )
         self.writer.on_flush.append(self._commit_done)
@@ -373,6 +376,7 @@ async def run_stage(
         try:
             await asyncio.gather(*(worker() for _ in range(concurrency)))
         except BaseException:
+    process = outcome.fresh_for(core.retried, key, process)
             core.flush()  # what finished before the error is kept and marked done
             raise
         finally:
