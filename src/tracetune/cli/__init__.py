@@ -43,12 +43,14 @@ for _name, (_module, _help) in _GROUPS.items():
 from tracetune.cli.io import export_cmd, import_cmd  # noqa: E402
 from tracetune.cli.quickstart import quickstart  # noqa: E402
 from tracetune.cli.rollout import rollout  # noqa: E402
+from tracetune.cli.view import view  # noqa: E402
 from tracetune.cli.serve import serve_cmd  # noqa: E402
 
 app.command("rollout")(rollout)
 app.command("export")(export_cmd)
 app.command("import")(import_cmd)
 app.command("quickstart")(quickstart)
+app.command("view")(view)
 app.command("serve")(serve_cmd)
 
 
@@ -62,10 +64,10 @@ def version() -> None:
 
 def main() -> None:
     from tracetune.runner import StageAborted
+    from tracetune.runner.outcome import ITEMS_FAILED_EXIT
 
     try:
         app()
-    from tracetune.runner.outcome import ITEMS_FAILED_EXIT
     except StageAborted as exc:  # what failed is in the message; a traceback would bury it
         from tracetune.cli.common import fail
 

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
+import shutil
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tracetune.schema import EvalRecord, Step, Trajectory
+from tracetune.schema import EvalRecord, FileRef, Trajectory
 
 HEADLINE_SCORE = {
     "gta": ("answer_acc", "answer_acc_w_imggen"),
@@ -322,36 +325,33 @@ def _page(title: str, body: str) -> str:
     )
 
 
-def _step_html(step: Step) -> str:
-    parts = [f"<h4>step {step.index}</h4>"]
-    if step.thought:
-        parts.append(f"<p><b>thought</b> {_e(step.thought)}</p>")
-    action = step.action
-    if action is not None and action.type == "tool_call" and action.tool_call is not None:
-        call = json.dumps(action.tool_call.arguments, ensure_ascii=False)
-        parts.append(f"<p><b>call</b> <code>{_e(action.tool_call.name)}({_e(call)})</code></p>")
-    elif action is not None and action.type == "code":
-        parts.append(f"<b>code</b><pre>{_e(action.code or '')}</pre>")
-    elif action is not None:
-        parts.append(f"<p><b>answer</b> {_e(action.answer or '')}</p>")
-    else:
-        parts.append(f"<b>raw output</b><pre>{_e(step.raw)}</pre>")
-    if step.error is not None:
-        parts.append(
-            f'<p class="err"><b>error ({_e(step.error.kind.value)})</b> '
-            f"{_e(step.error.message)}</p>"
-        )
-    elif (
-        step.observation is not None
-        and step.observation.text
-        and (action is None or action.type != "final_answer")
-    ):
-        parts.append(f"<b>observation</b><pre>{_e(step.observation.text[:4000])}</pre>")
-    return "\n".join(parts)
+def asset_copier(run: RunData, out: Path, page_dir: Path) -> Callable[[FileRef], str | None]:
+    """An image source for item pages: copies each image of the run's trajectories into
+    ``out/assets/`` (once) and returns its path relative to ``page_dir``; None if missing."""
+    store = run.root / "trajectories"
+    prefix = Path(os.path.relpath(out, page_dir)).as_posix()
+
+    def src(ref: FileRef) -> str | None:
+        source = store / ref.asset_path
+        if not source.is_file():
+            return None
+        dest = out / ref.asset_path
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, dest)
+        return f"{prefix}/{ref.asset_path}"
+
+    return src
 
 
-def item_page(run: RunData, record: EvalRecord) -> str:
-    """Every trajectory behind one scored item, with the item's scores."""
+def item_page(
+    run: RunData, record: EvalRecord, image_src: Callable[[FileRef], str | None] | None = None
+) -> str:
+    """Every trajectory behind one scored item, with the item's scores; with ``image_src``
+    the task's and the observations' images are shown (as ``tracetune view`` shows them)."""
+    from tracetune.view.render import css, step_html
+
+    images = image_src or (lambda ref: None)
     scores = {k: v for k, v in record.scores.items() if v is not None}
     body = [
         f"<p>run <b>{_e(run.label)}</b>, benchmark <code>{_e(record.benchmark)}</code></p>",
@@ -384,8 +384,18 @@ def item_page(run: RunData, record: EvalRecord) -> str:
         )
         if turn is None or turn == 0:
             body.append(f"<p><b>task</b></p><pre>{_e(trajectory.task.query)}</pre>")
-        body.extend(_step_html(step) for step in trajectory.steps)
-    return _page(f"{record.benchmark} item {record.item_id}", "\n".join(body))
+            for ref in trajectory.task.images:
+                src = images(ref)
+                if src is None:
+                    body.append(f'<p class="missing">missing image {_e(ref.name)}</p>')
+                else:
+                    body.append(
+                        f'<figure><img src="{_e(src)}" alt="{_e(ref.name)}">'
+                        f"<figcaption>{_e(ref.name)}</figcaption></figure>"
+                    )
+        body.extend(step_html(step, images) for step in trajectory.steps)
+    page = _page(f"{record.benchmark} item {record.item_id}", "\n".join(body))
+    return page.replace("</style>", css() + "</style>", 1)
 
 
 # -- the report ----------------------------------------------------------------------------
@@ -552,7 +562,8 @@ def build_report(
         for record in chosen:
             page = out / "items" / run.slug / f"{_slug(record.item_id)}.html"
             page.parent.mkdir(parents=True, exist_ok=True)
-            page.write_text(item_page(run, record), encoding="utf-8")
+            copier = asset_copier(run, out, page.parent)
+            page.write_text(item_page(run, record, copier), encoding="utf-8")
             pages.append(page)
             rel = page.relative_to(out).as_posix()
             keys = HEADLINE_SCORE.get(run.bench, ("accuracy",))
