@@ -114,7 +114,9 @@ def test_sampling_and_tools_are_sent_as_the_api_names_them(srv: ScriptedOpenAISe
     assert "n" not in body
 
 
-def test_native_tool_calls_come_back_as_action_lines() -> None:
+def test_native_tool_calls_come_back_as_tool_calls() -> None:
+    from tracetune.agent.formats import get_format
+
     call = {
         "id": "call_1",
         "type": "function",
@@ -122,10 +124,16 @@ def test_native_tool_calls_come_back_as_action_lines() -> None:
     }
     with ScriptedOpenAIServer(replies=[{"content": "Adding.", "tool_calls": [call]}]) as srv:
         generation = ask(openai_model(srv), HELLO)
-    assert generation.text == (
+    completion = generation.completions[0]
+    assert completion.text == "Adding."  # not flattened into the text
+    assert completion.tool_calls == [
+        {"id": "call_1", "name": "calculator", "arguments": {"expression": "2+2"}}
+    ]
+    assert completion.finish_reason == "tool_calls"
+    # the json action format reads a native call as its Action line
+    assert get_format("json").raw(completion) == (
         'Adding.\nAction: {"name": "calculator", "arguments": {"expression": "2+2"}}'
     )
-    assert generation.completions[0].finish_reason == "tool_calls"
 
 
 def test_assistant_tool_calls_and_tool_results_are_paired_for_the_api(

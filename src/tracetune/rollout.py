@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tracetune.agent.formats import CodeFormat, JsonFormat, _py_literal, get_format
+from tracetune.agent.formats import ActionFormat, _py_literal, get_format
 from tracetune.agent.loop import Agent
 from tracetune.agent.run import trajectory_id
 from tracetune.judge.answers import judge_answer, numbers_equal, numbers_in
@@ -55,7 +55,7 @@ class RolloutConfig(BaseModel):
     tasks: Path = Field(description="Task dataset directory (or JSONL) with gold answers.")
     out: Path = Field(description="Output directory: passing trajectories, verdicts/, rejected/.")
     teacher: str = Field(default=GOLD, description="'gold' (replay gold chains) or a model spec.")
-    action_format: Literal["json", "code"] = Field(
+    action_format: Literal["json", "code", "tools"] = Field(
         default="json", description="How actions are written."
     )
     tool_modules: list[str] = Field(

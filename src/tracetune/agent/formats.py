@@ -3,6 +3,10 @@
 ``json``: a thought and one tool call as a JSON object (OpenAI function-calling shape).
 ``code``: a thought and a block of Python that calls tools as functions (the MATRIX style),
 executed in the sandbox.
+``tools``: native tool calls. The tool schemas travel in the request's ``tools`` (so the chat
+template or the endpoint renders them), the controller answers with ``tool_calls`` (hermes
+``<tool_call>`` text for local models), and results go back as ``tool`` messages. A step's raw
+text spells its call the hermes way, which is also what training renders teach.
 """
 
 from __future__ import annotations
@@ -12,11 +16,13 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from tracetune.models.base import Completion
+from tracetune.models.toolcalls import parse_tool_calls, render_tool_call
 from tracetune.prompts import prompt_hash, render
 from tracetune.schema import Action, ToolCall
 from tracetune.tools import Tool
 
-ActionFormatName = Literal["json", "code"]
+ActionFormatName = Literal["json", "code", "tools"]
 
 
 class ParseError(ValueError):
@@ -92,6 +98,18 @@ class JsonFormat:
             thought, Action(type="tool_call", tool_call=ToolCall(name=name, arguments=arguments))
         )
 
+    native_tools = False
+
+    def raw(self, completion: Completion) -> str:
+        """The step's text; a native tool call an endpoint returned reads as its Action line."""
+        text = completion.text
+        for call in completion.tool_calls or []:
+            action = json.dumps(
+                {"name": call.get("name"), "arguments": call.get("arguments")}, ensure_ascii=False
+            )
+            text = f"{text}\nAction: {action}" if text else f"Action: {action}"
+        return text
+
     def render(self, thought: str, action: Action) -> str:
         """Canonical text of a step, as the controller should have written it."""
         if action.type == "final_answer":
@@ -130,6 +148,11 @@ class CodeFormat:
         thought_text = re.sub(r"Code\s*:\s*$", "", thought_text.strip(), flags=re.I)
         return Parsed(_thought(thought_text), Action(type="code", code=match.group(1).rstrip()))
 
+    native_tools = False
+
+    def raw(self, completion: Completion) -> str:
+        return completion.text
+
     def render(self, thought: str, action: Action) -> str:
         if action.type == "final_answer":
             code = f"final_answer({json.dumps(action.answer or '', ensure_ascii=False)})"
@@ -140,6 +163,69 @@ class CodeFormat:
         else:
             raise ValueError(f"cannot render {action!r} as code")
         return f"Thought: {thought}\nCode:\n```py\n{code}\n```"
+
+
+class ToolsFormat:
+    """Native tool calls: schemas in the request's ``tools``, answers as ``tool_calls``.
+
+    One call runs per step: when a turn holds several, the first runs and the rest are
+    dropped (the rendered turn then shows only the call that ran).
+    """
+
+    name: ActionFormatName = "tools"
+    template = "agent/tools.jinja"
+    native_tools = True
+
+    def system_prompt(self, tools: list[Tool]) -> str:
+        return render(self.template, tools=tools)
+
+    @property
+    def prompt_hash(self) -> str:
+        return prompt_hash(self.template)
+
+    def raw(self, completion: Completion) -> str:
+        """The turn as text: the content, then each native call in the hermes spelling."""
+        parts = [completion.text.strip()] if completion.text.strip() else []
+        for call in completion.tool_calls or []:
+            arguments = call.get("arguments")
+            if not isinstance(arguments, dict):  # what the model wrote; parse() reports it
+                text = json.dumps({"name": call.get("name"), "arguments": arguments})
+                parts.append(f"<tool_call>\n{text}\n</tool_call>")
+            else:
+                parts.append(render_tool_call(str(call.get("name")), arguments))
+        return "\n".join(parts)
+
+    def parse(self, text: str) -> Parsed:
+        parsed = parse_tool_calls(text)
+        if not parsed.calls:
+            if "<tool_call>" in text:
+                raise ParseError(
+                    'the tool call is not valid JSON with a "name" and an "arguments" object'
+                )
+            raise ParseError(
+                "no tool call found. Call one of the tools; when you know the answer, call "
+                "final_answer with it"
+            )
+        call = parsed.calls[0]
+        thought = _thought(parsed.content)
+        if call["name"] == "final_answer":
+            arguments = call["arguments"]
+            answer = arguments.get("answer", next(iter(arguments.values()), ""))
+            return Parsed(thought, Action(type="final_answer", answer=_answer_text(answer)))
+        tool_call = ToolCall(name=call["name"], arguments=call["arguments"])
+        return Parsed(thought, Action(type="tool_call", tool_call=tool_call))
+
+    def render(self, thought: str, action: Action) -> str:
+        if action.type == "final_answer":
+            call = render_tool_call("final_answer", {"answer": action.answer or ""})
+        elif action.tool_call is not None:
+            call = render_tool_call(action.tool_call.name, action.tool_call.arguments)
+        else:
+            raise ValueError("tools format cannot render a code action")
+        return f"{thought}\n{call}" if thought else call
+
+
+ActionFormat = JsonFormat | CodeFormat | ToolsFormat
 
 
 def call_as_code(call: ToolCall, assign: str | None = None) -> str:
@@ -171,10 +257,14 @@ def _answer_text(value: object) -> str:
     return json.dumps(value, ensure_ascii=False) if isinstance(value, list | dict) else str(value)
 
 
-FORMATS: dict[str, type[JsonFormat] | type[CodeFormat]] = {"json": JsonFormat, "code": CodeFormat}
+FORMATS: dict[str, type[JsonFormat] | type[CodeFormat] | type[ToolsFormat]] = {
+    "json": JsonFormat,
+    "code": CodeFormat,
+    "tools": ToolsFormat,
+}
 
 
-def get_format(name: str) -> JsonFormat | CodeFormat:
+def get_format(name: str) -> ActionFormat:
     if name not in FORMATS:
         raise ValueError(f"unknown action format {name!r}; choose one of: {', '.join(FORMATS)}")
     return FORMATS[name]()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from tracetune.agent.formats import CodeFormat, JsonFormat, ParseError, get_format
+from tracetune.agent.formats import ActionFormat, ParseError, get_format
 from tracetune.agent.render import episode_messages
 from tracetune.agent.toolbox import ToolBox
 from tracetune.models.base import BackendError, ChatMessage, ChatModel, Sampling
@@ -83,8 +83,8 @@ class ToolCallExecutor:
         self.toolbox.cleanup()
 
 
-async def make_executor(fmt: JsonFormat | CodeFormat, toolbox: ToolBox) -> Executor:
-    if fmt.name == "json":
+async def make_executor(fmt: ActionFormat, toolbox: ToolBox) -> Executor:
+    if fmt.name in ("json", "tools"):
         return ToolCallExecutor(toolbox)
     from tracetune.agent.code import CodeExecutor  # needs the sandbox
 
@@ -102,7 +102,7 @@ class Episode:
         self,
         task: Task,
         model: ChatModel,
-        fmt: JsonFormat | CodeFormat,
+        fmt: ActionFormat,
         tools: list[Tool],
         executor: Executor,
         toolbox: ToolBox,
@@ -127,7 +127,13 @@ class Episode:
         raise FileNotFoundError(f"image {ref.name} is in neither the input nor output assets")
 
     def messages(self) -> list[ChatMessage]:
-        return episode_messages(self.system_prompt, self.task, self.steps, self._resolve)
+        return episode_messages(
+            self.system_prompt, self.task, self.steps, self._resolve, self.fmt.name
+        )
+
+    def tool_schemas(self) -> list[dict[str, Any]] | None:
+        """The request's ``tools`` (native tool-call format only)."""
+        return [t.openai_schema() for t in self.tools] if self.fmt.native_tools else None
 
     async def apply(self, raw: str, usage: Usage | None = None, latency_s: float = 0.0) -> Step:
         """Parse a model output, execute its action, and append the step."""
@@ -178,7 +184,7 @@ class Agent:
             raise ValueError("max_steps must be at least 1")
         if max_errors < 1:
             raise ValueError("max_errors must be at least 1")
-        if not any(t.name == "final_answer" for t in tools) and action_format == "json":
+        if not any(t.name == "final_answer" for t in tools) and action_format != "code":
             from tracetune.tools import get_tool
 
             tools = [*tools, get_tool("final_answer")]
@@ -249,13 +255,14 @@ class Agent:
             for _ in range(self.max_steps):
                 try:
                     generation = await self.model.generate(
-                        episode.messages(), n=1, sampling=sampling
+                        episode.messages(), n=1, sampling=sampling, tools=episode.tool_schemas()
                     )
                 except BackendError as exc:
                     raise EpisodeBackendError(
                         f"task {task.id}, step {len(episode.steps)}: {exc}"
                     ) from exc
-                step = await episode.apply(generation.text, generation.usage, generation.latency_s)
+                raw = self.fmt.raw(generation.completions[0]) if generation.completions else ""
+                step = await episode.apply(raw, generation.usage, generation.latency_s)
                 if episode.final_answer is not None:
                     status = "completed"
                     break

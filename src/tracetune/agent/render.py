@@ -61,12 +61,61 @@ def step_messages(step: Step, resolve: ImageResolver) -> list[ChatMessage]:
     return [{"role": "assistant", "content": step.raw}, {"role": "user", "content": obs}]
 
 
+def tool_call_id(step: Step) -> str:
+    """The id a step's native tool call gets in the chat (stable, so renders repeat)."""
+    return f"call_{step.index}"
+
+
+def native_step_messages(step: Step, resolve: ImageResolver) -> list[ChatMessage]:
+    """A ``tools``-format step: the assistant's thought with its ``tool_calls``, then a
+    ``tool`` message with the result (images the tool returned follow in a user turn, since
+    tool messages carry text only). A step without a parsed call is an assistant text turn
+    and the error as a user turn."""
+    action = step.action
+    if (
+        action is None
+        or action.type not in ("tool_call", "final_answer")
+        or (action.type == "tool_call" and action.tool_call is None)
+    ):
+        error: list[dict[str, Any]] = [{"type": "text", "text": observation_text(step)}]
+        return [{"role": "assistant", "content": step.raw}, {"role": "user", "content": error}]
+    if action.type == "final_answer":
+        name, arguments = "final_answer", {"answer": action.answer or ""}
+    else:
+        assert action.tool_call is not None
+        name, arguments = action.tool_call.name, action.tool_call.arguments
+    call_id = tool_call_id(step)
+    call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+    text = observation_text(step).removeprefix("Observation: ").removeprefix("Observation:")
+    messages: list[ChatMessage] = [
+        {"role": "assistant", "content": step.thought, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call_id, "name": name, "content": text},
+    ]
+    images = step.observation.images if step.observation and step.error is None else []
+    if images:
+        parts: list[dict[str, Any]] = [{"type": "image", "image": resolve(f)} for f in images]
+        parts.append({"type": "text", "text": f"Images returned by {name}."})
+        messages.append({"role": "user", "content": parts})
+    return messages
+
+
 def episode_messages(
-    system_prompt: str, task: Task, steps: list[Step], resolve: ImageResolver
+    system_prompt: str,
+    task: Task,
+    steps: list[Step],
+    resolve: ImageResolver,
+    action_format: str = "json",
 ) -> list[ChatMessage]:
-    """System prompt, the task, then each step's action and observation."""
+    """System prompt, the task, then each step's action and observation.
+
+    In the ``tools`` format, steps are native tool-call turns (see
+    :func:`native_step_messages`); otherwise the assistant's text and an observation turn.
+    """
     messages: list[ChatMessage] = [{"role": "system", "content": system_prompt}]
     messages.append(task_message(task, resolve))
     for step in steps:
-        messages.extend(step_messages(step, resolve))
+        if action_format == "tools":
+            messages.extend(native_step_messages(step, resolve))
+        else:
+            messages.extend(step_messages(step, resolve))
     return messages

@@ -38,7 +38,7 @@ class AgentRunConfig(BaseModel):
     tool_modules: list[str] = Field(
         default_factory=list, description="Python modules to import first (they register tools)."
     )
-    action_format: Literal["json", "code"] = Field(
+    action_format: Literal["json", "code", "tools"] = Field(
         default="json", description="How actions are written."
     )
     max_steps: int = Field(default=8, ge=1, description="Step budget per episode.")

@@ -25,7 +25,7 @@ def run(
     image: Annotated[list[Path] | None, typer.Option(help="Image for --task (repeatable).")] = None,
     tasks: Annotated[Path | None, typer.Option(help="Task dataset dir or JSONL file.")] = None,
     tools: Annotated[str | None, typer.Option(help="Comma-separated tool names.")] = None,
-    action_format: Annotated[str | None, typer.Option(help="json or code.")] = None,
+    action_format: Annotated[str | None, typer.Option(help="json, code or tools.")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Step budget per episode.")] = None,
     max_errors: Annotated[int | None, typer.Option(help="Failed steps allowed.")] = None,
     samples: Annotated[int | None, typer.Option(help="Trajectories per task.")] = None,

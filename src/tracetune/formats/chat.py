@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from tracetune.agent.formats import get_format
-from tracetune.agent.render import episode_messages
+from tracetune.agent.render import episode_messages, native_step_messages
 from tracetune.models.base import ChatMessage
 from tracetune.schema import Dialogue, FileRef, PreferencePair, Step, Task, Trajectory
 from tracetune.store import AssetStore
@@ -42,7 +42,8 @@ def _split_images(messages: list[ChatMessage], load: Any) -> tuple[list[dict[str
             content = parts
         else:
             content = [{"type": "text", "text": content}]
-        out.append({"role": m["role"], "content": content})
+        # tool_calls, tool_call_id and name (native tool-call turns) go to the template as is.
+        out.append({**{k: v for k, v in m.items() if k != "content"}, "content": content})
     return out, images
 
 
@@ -78,6 +79,7 @@ def trajectory_chat(trajectory: Trajectory, load_image: Any = _identity) -> Chat
         trajectory.task,
         _steps_with_raw(trajectory.steps, trajectory.action_format),
         _identity,
+        trajectory.action_format,
     )
     msgs, images = _split_images(messages, load_image)
     chat = {"messages": msgs, "images": images, "tools": tool_schemas(tools)}
@@ -93,18 +95,28 @@ def pair_chat(pair: PreferencePair, load_image: Any = _identity) -> Chat:
         pair.task,
         _steps_with_raw(pair.prefix, pair.action_format),
         _identity,
+        pair.action_format,
     )
     prompt, images = _split_images(prefix, load_image)
     chosen, rejected = _steps_with_raw([pair.chosen, pair.rejected], pair.action_format)
     chat = {
         "prompt": prompt,
-        "chosen": [{"role": "assistant", "content": [{"type": "text", "text": chosen.raw}]}],
-        "rejected": [{"role": "assistant", "content": [{"type": "text", "text": rejected.raw}]}],
+        "chosen": [_assistant_turn(chosen, pair.action_format)],
+        "rejected": [_assistant_turn(rejected, pair.action_format)],
         "images": images,
         "tools": tool_schemas(tools),
     }
     check_chat({"messages": prompt, "images": images}, pair.id)
     return chat
+
+
+def _assistant_turn(step: Step, action_format: str) -> dict[str, Any]:
+    """A step's assistant turn: its text, or (tools format) its thought and tool call."""
+    if action_format == "tools":
+        message = native_step_messages(step, _identity)[0]
+        text = message["content"] or ""
+        return {**message, "content": [{"type": "text", "text": text}]}
+    return {"role": "assistant", "content": [{"type": "text", "text": step.raw}]}
 
 
 def dialogue_chat(dialogue: Dialogue, load_image: Any = _identity) -> Chat:
@@ -148,6 +160,8 @@ def asset_loader(assets: AssetStore, as_pil: bool = True) -> Any:
 
 def task_chat_prompt(task: Task, action_format: str, tool_names: list[str]) -> Chat:
     """The opening prompt of an episode (system + task), as placeholders and images."""
-    messages = episode_messages(system_prompt(action_format, tool_names), task, [], _identity)
+    messages = episode_messages(
+        system_prompt(action_format, tool_names), task, [], _identity, action_format
+    )
     msgs, images = _split_images(messages, _identity)
     return {"messages": msgs, "images": images}

@@ -61,8 +61,13 @@ class Sampling:
 
 @dataclass
 class Completion:
+    """One completion: its text and, when the endpoint answered with native tool calls,
+    those calls as ``{"id", "name", "arguments"}`` (arguments parsed from JSON when they
+    parse, else the string the model wrote)."""
+
     text: str
     finish_reason: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -202,7 +207,10 @@ class ChatModel(abc.ABC):
         if hit is None:
             return None
         return Generation(
-            [Completion(c["text"], c.get("finish_reason")) for c in hit["completions"]],
+            [
+                Completion(c["text"], c.get("finish_reason"), c.get("tool_calls"))
+                for c in hit["completions"]
+            ],
             usage=Usage(calls=1, cached_calls=1),
             cached=True,
         )
@@ -212,7 +220,11 @@ class ChatModel(abc.ABC):
         if key is None or self.cache is None:
             return
         value = {
-            "completions": [{"text": c.text, "finish_reason": c.finish_reason} for c in completions]
+            "completions": [
+                {"text": c.text, "finish_reason": c.finish_reason}
+                | ({"tool_calls": c.tool_calls} if c.tool_calls else {})
+                for c in completions
+            ]
         }
         await asyncio.to_thread(self.cache.cache_put, key, value)
 

@@ -61,7 +61,8 @@ class LocalVLM(ChatModel):
     file paths or ``image_url`` parts with a data URL. Chat templates without a ``tool`` role
     (most hub VLMs before Qwen2.5-VL) get tool messages as ``user`` turns instead, since the
     observation must reach the model either way. ``tools`` is passed to the chat template when
-    the template renders tools, and otherwise left to the agent prompt (which lists them).
+    the template renders tools; otherwise the system turn gets the same hermes tools block
+    (see :mod:`tracetune.models.toolcalls`), so native tool calls work with any template.
 
     Calls from concurrent episodes share one model: each ``generate`` runs in a worker thread
     and calls are serialized, so the event loop stays free for tools and other backends.
@@ -147,6 +148,16 @@ class LocalVLM(ChatModel):
         kwargs: dict[str, Any] = {"add_generation_prompt": True, "tokenize": False}
         if tools and self.supports_tools:
             kwargs["tools"] = tools
+        elif tools:
+            # The template cannot list tools: the system turn gets the hermes block that
+            # templates with tool support write, so the model sees them the same way.
+            from tracetune.models.toolcalls import tools_system_block
+
+            block = tools_system_block(tools)
+            if msgs and msgs[0]["role"] == "system" and isinstance(msgs[0].get("content"), str):
+                msgs[0] = {**msgs[0], "content": f"{msgs[0]['content']}\n\n{block}"}
+            else:
+                msgs.insert(0, {"role": "system", "content": block})
         try:
             prompt = self.processor.apply_chat_template(msgs, **kwargs)
         except Exception as exc:  # jinja raise_exception and template errors

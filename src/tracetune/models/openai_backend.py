@@ -7,9 +7,10 @@ its own retries switched off: this module retries itself (exponential backoff wi
 is waiting to retry does not hold one of the ``options.concurrency`` slots (a command's
 ``--concurrency`` unless the backend section sets its own).
 
-Completions are plain text. When a server answers with native tool calls, each call is
-appended to the text as ``Action: {"name": ..., "arguments": {...}}``, the same line the JSON
-agent prompt asks for, so the agent parses one format whichever way the model answered.
+Completions are the assistant's text plus, when the server answers with native tool calls
+(requests that carry ``tools``), those calls in ``Completion.tool_calls``. The agent's action
+formats read them: the ``tools`` format executes them, the ``json`` format reads a call as its
+``Action:`` line.
 """
 
 from __future__ import annotations
@@ -454,17 +455,21 @@ def _cut_at_stop(completion: Completion, stop: tuple[str, ...]) -> Completion:
 def _completion(choice: Mapping[str, Any]) -> Completion:
     message = choice.get("message") or {}
     text = message.get("content") or ""
-    for call in message.get("tool_calls") or []:
+    calls = []
+    for i, call in enumerate(message.get("tool_calls") or []):
         function = call.get("function") or {}
         try:
             arguments = json.loads(function.get("arguments") or "{}")
         except (json.JSONDecodeError, TypeError):
             arguments = function.get("arguments")  # what the model wrote; the parser reports it
-        action = json.dumps(
-            {"name": function.get("name"), "arguments": arguments}, ensure_ascii=False
+        calls.append(
+            {
+                "id": call.get("id") or f"call_{i}",
+                "name": function.get("name"),
+                "arguments": arguments,
+            }
         )
-        text = f"{text}\nAction: {action}" if text else f"Action: {action}"
-    return Completion(text, choice.get("finish_reason"))
+    return Completion(text, choice.get("finish_reason"), calls or None)
 
 
 def _server_message(e: openai.APIStatusError) -> str:

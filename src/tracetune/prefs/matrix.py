@@ -61,7 +61,7 @@ class MatrixConfig(BaseModel):
         description="Base VLM: a checkpoint directory, a hub id in the local cache, or "
         "'tiny:ARCH' (qwen2_vl, qwen2_5_vl, llava, idefics3) for a tiny random model."
     )
-    action_format: Literal["json", "code"] = Field(
+    action_format: Literal["json", "code", "tools"] = Field(
         default="json", description="How the controller writes actions, in every stage."
     )
     tasks: ProgramSet = Field(default_factory=ProgramSet, description="Training programs.")

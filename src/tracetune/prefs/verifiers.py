@@ -171,12 +171,11 @@ class GoldVerifier:
         try:
             while branch.final_answer is None and len(branch.steps) < self.max_steps:
                 generation = await self.policy.generate(
-                    branch.messages(), n=1, sampling=self.sampling
+                    branch.messages(), n=1, sampling=self.sampling, tools=branch.tool_schemas()
                 )
                 usage = usage.add(generation.usage)
-                step = await apply_step(
-                    branch, generation.text, generation.usage, generation.latency_s
-                )
+                raw = branch.fmt.raw(generation.completions[0]) if generation.completions else ""
+                step = await apply_step(branch, raw, generation.usage, generation.latency_s)
                 if step.error is not None and branch.errors >= self.max_errors:
                     status = "max_errors"
                     break

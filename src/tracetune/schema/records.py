@@ -258,7 +258,7 @@ class Trajectory(Record):
     kind: ClassVar[str] = "trajectory"
     task: Task
     controller: str = Field(description="Model spec of the controller, e.g. 'openai:gpt-4o'.")
-    action_format: Literal["json", "code"] = "json"
+    action_format: Literal["json", "code", "tools"] = "json"
     tools: list[str] = Field(
         default_factory=list, description="Names of the tools the controller was given."
     )
@@ -297,7 +297,7 @@ class PreferencePair(Record):
 
     kind: ClassVar[str] = "pair"
     task: Task
-    action_format: Literal["json", "code"] = "json"
+    action_format: Literal["json", "code", "tools"] = "json"
     tools: list[str] = Field(
         default_factory=list, description="Names of the tools the controller was given."
     )

@@ -23,12 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
 
 from tracetune.models.base import BackendError, Sampling
-from tracetune.models.toolcalls import (
-    TOOL_CALL_OPEN,
-    parse_tool_calls,
-    tools_system_block,
-    validate_tools,
-)
+from tracetune.models.toolcalls import TOOL_CALL_OPEN, parse_tool_calls, validate_tools
 from tracetune.serve.engine import BatchEngine, GenRequest, GenResult, safe_prefix_len
 
 MAX_N = 64
@@ -155,11 +150,8 @@ def _parse_request(
         )
 
     messages = _messages(body.get("messages"))
-    local = engine.model
-    if tools and not local.supports_tools:
-        messages = _with_tools_in_system(messages, tools)
     try:
-        prompt, images = local.render(messages, tools if local.supports_tools else None)
+        prompt, images = engine.model.render(messages, tools or None)
     except BackendError as exc:
         raise RequestError(str(exc), "messages") from None
     stream = bool(body.get("stream"))
@@ -280,16 +272,6 @@ def _assistant_call(call: Any, index: int) -> dict[str, Any]:
         "type": "function",
         "function": {"name": fn["name"], "arguments": arguments},
     }
-
-
-def _with_tools_in_system(
-    messages: list[dict[str, Any]], tools: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
-    block = tools_system_block(tools)
-    if messages and messages[0]["role"] == "system" and isinstance(messages[0]["content"], str):
-        first = {**messages[0], "content": f"{messages[0]['content']}\n\n{block}"}
-        return [first, *messages[1:]]
-    return [{"role": "system", "content": block}, *messages]
 
 
 # -- responses --------------------------------------------------------------------------------

@@ -121,7 +121,9 @@ class TeacherConfig(_Section):
         default=None,
         description="VLM that visual_qa/caption/inspect_file questions ask (default: teacher).",
     )
-    action_format: Literal["json", "code"] = Field(default="code", description="json or code.")
+    action_format: Literal["json", "code", "tools"] = Field(
+        default="code", description="json, code or tools (native tool calls)."
+    )
     samples: int = Field(default=1, ge=1, description="Trajectories per task.")
     temperature: float = Field(default=0.7, ge=0, description="Teacher temperature.")
     max_steps: int = Field(default=8, ge=1, description="Step budget per episode.")
