@@ -527,3 +527,192 @@ async def test_an_oversized_tool_call_sent_past_the_worker_never_reaches_the_too
     (call,) = result.tool_calls
     assert call["error"] and len(json.dumps(call["arguments"])) < 1000
     assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024 < 200
+
+
+# -- 7. resources: daemons, memory of the whole tree, disk, processes ---------------------------
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] in "ZX"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+DAEMON = """
+import os, time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        open("daemon.pid", "w").write(str(os.getpid()))
+        while True:
+            with open("beat", "a") as f:
+                f.write("x")
+            time.sleep(0.02)
+    os._exit(0)
+while not os.path.exists("daemon.pid"):
+    time.sleep(0.01)
+time.sleep(0.1)
+print("daemon", open("daemon.pid").read())
+"""
+
+
+@pytest.mark.parametrize("cgroup", [True, False], ids=["cgroup", "namespace-sweep"])
+@async_test
+async def test_a_setsid_daemon_does_not_survive_close(tmp_path: Path, cgroup: bool) -> None:
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    sb = await Sandbox.start(workdir, [], _noop, LIMITS.model_copy(update={"cgroup": cgroup}))
+    try:
+        result = await sb.execute(DAEMON)
+        assert result.error is None, result.error
+        pid = int(result.stdout.split()[-1])
+        assert not _gone(pid)
+    finally:
+        await sb.close()
+    deadline = time.time() + 3
+    while not _gone(pid):
+        assert time.time() < deadline, f"daemon {pid} outlived the sandbox"
+        time.sleep(0.02)
+    size = (workdir / "beat").stat().st_size
+    time.sleep(0.2)
+    assert (workdir / "beat").stat().st_size == size
+
+
+HOG = """
+import os, time
+pids = []
+for i in range(4):
+    pid = os.fork()
+    if pid == 0:
+        block = b"x" * (200 << 20)
+        open(f"held{i}", "w").write("ok")
+        time.sleep(3)
+        os._exit(0)
+    pids.append(pid)
+time.sleep(2)
+print(sorted(n for n in os.listdir(".") if n.startswith("held")))
+"""
+
+
+@async_test
+async def test_memory_is_capped_for_the_whole_process_tree(tmp_path: Path) -> None:
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    limits = SandboxLimits(timeout_s=20.0, memory_mb=512, audit_hook=False)
+    sb = await Sandbox.start(workdir, [], _noop, limits)
+    try:
+        if not sb.isolation.get("cgroup"):
+            pytest.skip(f"no cgroup on this host: {sb.isolation.get('cgroup_detail')}")
+        result = await sb.execute(HOG)
+        if result.error is not None:
+            assert result.error.kind == ErrorKind.MEMORY, result.error
+        held = len(list(workdir.glob("held*")))
+        assert held <= 2, result  # 4 x 200 MB against a 512 MB cap for all of them
+        assert sb.cgroup is not None
+        peak = sb.cgroup.memory_peak()
+        assert peak is None or peak <= 512 * 1024 * 1024
+    finally:
+        await sb.close()
+
+
+# -- 5. Unix sockets of the host user ------------------------------------------------------------
+
+
+@async_test
+async def test_unix_sockets_of_the_host_user_are_unreachable(tmp_path: Path) -> None:
+    import socket
+
+    sockdir = tmp_path / "run"
+    sockdir.mkdir(mode=0o755)
+    path = str(sockdir / "agent.sock")
+    listeners = []
+    for address in (path, f"\0tracetune-test-{os.getpid()}"):
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(address)
+        server.listen(4)
+        server.setblocking(False)
+        listeners.append(server)
+    os.chmod(path, 0o600)  # like ssh-agent's: the host user's alone
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    attack = f"""
+import socket, _socket
+results = []
+for address in ({path!r}, "\\0tracetune-test-{os.getpid()}"):
+    for make in (lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM),
+                 lambda: _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM),
+                 lambda: socket.socketpair()[0]):
+        try:
+            s = make()
+            s.connect(address)
+            results.append("connected")
+        except OSError as exc:
+            results.append(type(exc).__name__)
+print(results)
+"""
+    try:
+        async with await Sandbox.start(workdir, [], _noop, LIMITS) as sb:
+            result = await sb.execute(attack)
+            assert result.error is None, result.error
+            assert "connected" not in result.stdout and "PermissionError" in result.stdout
+        for server in listeners:
+            with pytest.raises(BlockingIOError):
+                server.accept()  # nobody ever connected
+    finally:
+        for server in listeners:
+            server.close()
+
+
+# -- 9. the kernel surface, called directly through ctypes -----------------------------------
+
+
+KERNEL = """
+import ctypes, errno, os, platform
+libc = ctypes.CDLL(None, use_errno=True)
+x86 = platform.machine() == "x86_64"
+nr = {"io_uring_setup": 425, "keyctl": 250 if x86 else 219, "bpf": 321 if x86 else 280,
+      "clone": 56 if x86 else 220, "personality": 135 if x86 else 92}
+params = ctypes.create_string_buffer(128)
+calls = {
+    "unshare_user_ns": lambda: libc.unshare(0x10000000 | 0x00020000),
+    "unshare_net": lambda: libc.unshare(0x40000000),
+    "chroot": lambda: libc.chroot(b"."),
+    "mount": lambda: libc.mount(b"none", b".", b"tmpfs", 0, None),
+    "io_uring_setup": lambda: libc.syscall(nr["io_uring_setup"], 8, params),
+    "keyctl": lambda: libc.syscall(nr["keyctl"], 0, -3, 0),
+    "bpf": lambda: libc.syscall(nr["bpf"], 0, None, 0),
+    "personality": lambda: libc.syscall(nr["personality"], 0x0040000),
+    "ptrace_attach_parent": lambda: libc.ptrace(16, os.getppid(), None, None),
+    "clone_newuser": lambda: libc.syscall(nr["clone"], 0x10000000 | 17, None, None, None, None),
+    "setns": lambda: libc.setns(os.open("/proc/self/ns/net", os.O_RDONLY), 0),
+}
+out = {}
+for name, call in calls.items():
+    ctypes.set_errno(0)
+    try:
+        rc = call()
+    except OSError as exc:
+        out[name] = "os:" + errno.errorcode.get(exc.errno, "?")
+        continue
+    out[name] = "ok" if rc >= 0 else errno.errorcode.get(ctypes.get_errno(), "?")
+    if rc == 0 and name == "clone_newuser":
+        os._exit(0)
+print(out)
+"""
+
+
+@async_test
+async def test_kernel_calls_through_ctypes_are_refused(tmp_path: Path) -> None:
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    async with await Sandbox.start(workdir, [], _noop, LIMITS) as sb:
+        assert sb.isolation["seccomp"] in ("x86_64", "aarch64"), sb.isolation
+        result = await sb.execute(KERNEL)
+        assert result.error is None, result.error
+        out = eval(result.stdout)
+        assert "ok" not in out.values(), out
+        for name in ("unshare_user_ns", "chroot", "io_uring_setup", "keyctl", "personality"):
+            assert out[name] == "EPERM", (name, out)
+        assert (await sb.execute("print('alive')")).stdout == "alive\n"

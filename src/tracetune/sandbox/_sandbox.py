@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tracetune.sandbox._cgroup import Cgroup
 from tracetune.schema import ErrorKind, StepError
 
 if TYPE_CHECKING:
@@ -80,6 +81,22 @@ class SandboxLimits(BaseModel):
     )
     startup_timeout_s: float = Field(
         default=30.0, gt=0, description="Seconds a worker may take to start."
+    )
+    cpus: float | None = Field(
+        default=None,
+        gt=0,
+        description="CPU cores the whole sandbox may use at once (cgroup cpu quota); None: "
+        "no quota. Needs the cgroup layer.",
+    )
+    seccomp: bool = Field(
+        default=True,
+        description="Install the seccomp filter (no namespaces, mounts, io_uring, keys, bpf, "
+        "ptrace, personality or Unix sockets) in the worker.",
+    )
+    cgroup: bool = Field(
+        default=True,
+        description="Put each sandbox in a control group of its own (pids.max and memory for "
+        "the whole process tree, killed whole on close) where the host can create one.",
     )
     read_paths: tuple[str, ...] = Field(
         default=(),
@@ -168,6 +185,8 @@ class _Worker:
         self.sock = sock
         self.pid = pid  # from the host's own spawn, or kernel-checked credentials (forks)
         self.uid = uid  # real uid, read from /proc once the worker is ready
+        self.cgroup: Cgroup | None = None  # killed whole with the worker
+        self.netns: tuple[int, int] | None = None  # its own network namespace (no cgroup)
         self.proc = proc  # set for a worker this process started; forks are grandchildren
         self.buf = bytearray()
         self.pidfd: int | None = None
@@ -245,6 +264,12 @@ class _Worker:
             with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
                 os.killpg(self.pid, signal.SIGKILL)
         self.signal(signal.SIGKILL)
+        if self.cgroup is not None:
+            # Every process the code started, in any session or process group.
+            await asyncio.to_thread(self.cgroup.kill)
+        elif self.netns is not None:
+            # No cgroup: the worker's network namespace holds exactly its processes.
+            await asyncio.to_thread(_kill_namespace, self.netns)
         self.sock.close()
         if self.pidfd is not None:
             os.close(self.pidfd)
@@ -307,6 +332,8 @@ class Sandbox:
         self.uid = uid
         self.isolation: dict[str, Any] = {}
         self.startup_s = 0.0
+        self.cgroup: Cgroup | None = None
+        self._cgroup_note = ""
         self._worker: _Worker | None = None
         self._lock = asyncio.Lock()
         self._steps = 0
@@ -344,8 +371,26 @@ class Sandbox:
         if os.geteuid() == 0:
             uid = limits.uid or _UID_BASE + random.randrange(_UID_SPAN)
         sandbox = cls(workdir.resolve(), stubs, handler, limits, preload, uid)
-        sandbox._worker = await sandbox._spawn()
+        sandbox._make_cgroup()
+        try:
+            sandbox._worker = await sandbox._spawn()
+        except BaseException:
+            sandbox._drop_cgroup()
+            raise
         return sandbox
+
+    def _make_cgroup(self) -> None:
+        if not _LINUX or not self.limits.cgroup:
+            self._cgroup_note = "off (SandboxLimits.cgroup=False)" if _LINUX else "not Linux"
+            return
+        self.cgroup, self._cgroup_note = Cgroup.create(
+            self.limits.memory_mb * 1024 * 1024, self.limits.max_processes, self.limits.cpus
+        )
+
+    def _drop_cgroup(self) -> None:
+        group, self.cgroup = self.cgroup, None
+        if group is not None:
+            group.remove()
 
     async def _spawn(self) -> _Worker:
         t0 = time.perf_counter()
@@ -383,6 +428,14 @@ class Sandbox:
             child.close()
         parent.setblocking(False)
         worker = _Worker(parent, proc.pid, proc)
+        if self.cgroup is not None:
+            # Before the config is sent: the worker does nothing until it reads it.
+            try:
+                self.cgroup.add(proc.pid)
+                worker.cgroup = self.cgroup
+            except OSError as exc:
+                self._cgroup_note = f"could not join the group ({exc.strerror or exc})"
+                self._drop_cgroup()
         config = {
             "workdir": str(self.workdir),
             "limits": self.limits.model_dump(mode="json"),
@@ -416,8 +469,13 @@ class Sandbox:
                 await worker.kill()
                 raise SandboxError("the sandbox worker exited right after it started")
             worker.uid = ids[1]
+            ns = _ns_id(proc.pid)
+            if ns is not None and ns != _ns_id(os.getpid()):
+                worker.netns = ns
         isolation = msg.get("isolation", {})
         self.isolation = dict(isolation) if isinstance(isolation, dict) else {}
+        self.isolation["cgroup"] = self.cgroup.version if self.cgroup is not None else ""
+        self.isolation["cgroup_detail"] = self._cgroup_note
         self.startup_s = time.perf_counter() - t0
         _warn_missing_layers(self.isolation)
         return worker
@@ -428,6 +486,8 @@ class Sandbox:
         worker, self._worker = self._worker, None
         if worker is not None and not worker.dead:
             await worker.kill()
+        # Whatever the code left running (a setsid daemon, a fork's children) goes too.
+        self._drop_cgroup()
 
     async def __aenter__(self) -> Sandbox:
         return self
@@ -632,6 +692,13 @@ class Sandbox:
                 self.workdir, self.tools, self.handler, self.limits, self.preload, self.uid
             )
             twin.isolation = dict(self.isolation)
+            twin._make_cgroup()
+            if twin.cgroup is not None:
+                try:
+                    twin.cgroup.add(child.pid)  # verified above, and pinned by its pidfd
+                    child.cgroup = twin.cgroup
+                except OSError:
+                    twin._drop_cgroup()  # it stays in (and dies with) the parent's group
             twin._worker = child
             twin._steps = self._steps
             return twin
@@ -731,6 +798,41 @@ def _parse_done(msg: dict[str, Any]) -> tuple[str, int, StepError | None, str | 
             raise _ProtocolError(f"a 'done' frame with the error kind {kind.value!r}")
         error = StepError(kind=kind, message=raw["message"])
     return stdout, dropped, error, final
+
+
+def _ns_id(pid: int | str) -> tuple[int, int] | None:
+    """The network namespace of ``pid`` (device, inode), or None where /proc does not say."""
+    try:
+        st = os.stat(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _kill_namespace(ns: tuple[int, int], timeout_s: float = 2.0) -> None:
+    """SIGKILL every process in the network namespace ``ns``: a worker's own, made for it
+    alone, so whatever runs in it (a ``setsid`` daemon included) is the sandbox's."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = False
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or _ns_id(entry) != ns:
+                continue
+            try:
+                pidfd = os.pidfd_open(int(entry))
+            except OSError:
+                continue
+            try:
+                if _ns_id(entry) == ns:  # the pinned process is still in it
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                    found = True
+            except OSError:
+                pass
+            finally:
+                os.close(pidfd)
+        if not found:
+            return
+        time.sleep(0.01)
 
 
 def _proc_ids(pid: int) -> tuple[int, int] | None:

@@ -231,6 +231,177 @@ def _landlock(libc: Any, read_paths: list[str], write_paths: list[str]) -> int:
     return int(abi)
 
 
+# -- seccomp: a small BPF filter, no library ------------------------------------------------
+
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+# Denied outright: namespaces and mounts, io_uring (a second way to every syscall), keys,
+# bpf, ptrace and memory of other processes, personality, kernel modules, kexec, handles.
+_DENIED_SYSCALLS = {
+    "x86_64": {
+        "unshare": 272,
+        "setns": 308,
+        "mount": 165,
+        "umount2": 166,
+        "pivot_root": 155,
+        "chroot": 161,
+        "io_uring_setup": 425,
+        "io_uring_enter": 426,
+        "io_uring_register": 427,
+        "keyctl": 250,
+        "add_key": 248,
+        "request_key": 249,
+        "bpf": 321,
+        "ptrace": 101,
+        "personality": 135,
+        "process_vm_readv": 310,
+        "process_vm_writev": 311,
+        "perf_event_open": 298,
+        "userfaultfd": 323,
+        "kexec_load": 246,
+        "kexec_file_load": 320,
+        "init_module": 175,
+        "finit_module": 313,
+        "delete_module": 176,
+        "open_by_handle_at": 304,
+        "name_to_handle_at": 303,
+        "open_tree": 428,
+        "move_mount": 429,
+        "fsopen": 430,
+        "fsconfig": 431,
+        "fsmount": 432,
+        "fspick": 433,
+        "mount_setattr": 442,
+        "acct": 163,
+        "swapon": 167,
+        "swapoff": 168,
+        "quotactl": 179,
+    },
+    "aarch64": {
+        "unshare": 97,
+        "setns": 268,
+        "mount": 40,
+        "umount2": 39,
+        "pivot_root": 41,
+        "chroot": 51,
+        "io_uring_setup": 425,
+        "io_uring_enter": 426,
+        "io_uring_register": 427,
+        "keyctl": 219,
+        "add_key": 217,
+        "request_key": 218,
+        "bpf": 280,
+        "ptrace": 117,
+        "personality": 92,
+        "process_vm_readv": 270,
+        "process_vm_writev": 271,
+        "perf_event_open": 241,
+        "userfaultfd": 282,
+        "kexec_load": 104,
+        "kexec_file_load": 294,
+        "init_module": 105,
+        "finit_module": 273,
+        "delete_module": 106,
+        "open_by_handle_at": 265,
+        "name_to_handle_at": 264,
+        "open_tree": 428,
+        "move_mount": 429,
+        "fsopen": 430,
+        "fsconfig": 431,
+        "fsmount": 432,
+        "fspick": 433,
+        "mount_setattr": 442,
+        "acct": 89,
+        "swapon": 224,
+        "swapoff": 225,
+        "quotactl": 60,
+    },
+}
+# Checked by argument: clone with a CLONE_NEW* flag; socket/socketpair of AF_UNIX (a
+# pathname socket of the host user, e.g. ssh-agent or docker, is reachable by connect(),
+# which seccomp cannot inspect: so no Unix socket can be made at all). clone3 passes its
+# flags in memory that a filter cannot read: it answers ENOSYS, and libc falls back to clone.
+_ARG_SYSCALLS = {
+    "x86_64": {"clone": 56, "clone3": 435, "socket": 41, "socketpair": 53},
+    "aarch64": {"clone": 220, "clone3": 435, "socket": 198, "socketpair": 199},
+}
+_CLONE_NEW_ANY = 0x7E020000  # NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
+_SECCOMP_RET_ALLOW = 0x7FFF0000
+_SECCOMP_RET_ERRNO = 0x00050000
+_PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
+
+
+def _bpf_program(arch: str) -> list[tuple[int, int, int, int]]:
+    """The filter as (code, jt, jf, k) instructions for ``arch`` (x86_64 or aarch64)."""
+    import errno as errnos
+
+    ld_w_abs, jeq_k, jset_k, jge_k, ret_k = 0x20, 0x15, 0x45, 0x35, 0x06
+    eperm = _SECCOMP_RET_ERRNO | errnos.EPERM
+    enosys = _SECCOMP_RET_ERRNO | errnos.ENOSYS
+    denied = sorted(set(_DENIED_SYSCALLS[arch].values()))
+    args = _ARG_SYSCALLS[arch]
+    prog: list[tuple[int, int, int, int]] = [
+        (ld_w_abs, 0, 0, 4),  # seccomp_data.arch
+        (jeq_k, 1, 0, _AUDIT_ARCH[arch]),
+        (ret_k, 0, 0, eperm),  # any other ABI (i386 compat calls on x86_64): refused
+        (ld_w_abs, 0, 0, 0),  # seccomp_data.nr
+    ]
+    if arch == "x86_64":
+        prog += [(jge_k, 0, 1, 0x40000000), (ret_k, 0, 0, eperm)]  # the x32 ABI
+    for nr in denied:
+        prog += [(jeq_k, 0, 1, nr), (ret_k, 0, 0, eperm)]
+    prog += [(jeq_k, 0, 1, args["clone3"]), (ret_k, 0, 0, enosys)]
+    # clone: refuse when the flags (args[0], low word) ask for a new namespace.
+    prog += [
+        (jeq_k, 0, 4, args["clone"]),
+        (ld_w_abs, 0, 0, 16),
+        (jset_k, 0, 1, _CLONE_NEW_ANY),
+        (ret_k, 0, 0, eperm),
+        (ret_k, 0, 0, _SECCOMP_RET_ALLOW),
+    ]
+    for name in ("socket", "socketpair"):
+        prog += [
+            (jeq_k, 0, 4, args[name]),
+            (ld_w_abs, 0, 0, 16),  # args[0]: the address family
+            (jeq_k, 0, 1, socket.AF_UNIX),
+            (ret_k, 0, 0, eperm),
+            (ret_k, 0, 0, _SECCOMP_RET_ALLOW),
+        ]
+    prog.append((ret_k, 0, 0, _SECCOMP_RET_ALLOW))
+    return prog
+
+
+def _seccomp(libc: Any) -> str:
+    """Install the filter on this process (inherited by its forks); the arch, or why not."""
+    import ctypes
+    import platform
+
+    arch = platform.machine().lower()
+    arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(arch, arch)
+    if arch not in _AUDIT_ARCH or sys.byteorder != "little":
+        raise OSError(f"no seccomp filter for the {arch} architecture")
+
+    class SockFilter(ctypes.Structure):
+        _fields_ = [
+            ("code", ctypes.c_uint16),
+            ("jt", ctypes.c_uint8),
+            ("jf", ctypes.c_uint8),
+            ("k", ctypes.c_uint32),
+        ]
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
+
+    prog = _bpf_program(arch)
+    filters = (SockFilter * len(prog))(*[SockFilter(*ins) for ins in prog])
+    fprog = SockFprog(len(prog), filters)
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(f"no_new_privs: {_errno_text()}")
+    if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+        raise OSError(f"seccomp: {_errno_text()}")
+    return arch
+
+
 def _drop_capabilities(libc: Any) -> bool:
     """Empty the bounding, effective, permitted and inheritable sets of a uid-0 process."""
     import ctypes
@@ -297,6 +468,7 @@ def isolate(config: dict[str, Any]) -> dict[str, Any]:
         "uid": os.getuid(),
         "process_cap": False,
         "landlock_abi": 0,
+        "seccomp": "",
         "audit_hook": False,
         "notes": [],
     }
@@ -345,6 +517,10 @@ def isolate(config: dict[str, Any]) -> dict[str, Any]:
             _write_proc("/proc/self/uid_map", f"{my_uid} {my_uid} 1")
             _write_proc("/proc/self/gid_map", f"{my_gid} {my_gid} 1")
             report["network_namespace"] = True
+            # Since Linux 5.14 RLIMIT_NPROC is counted per user namespace: in this fresh one
+            # it counts the sandbox's own processes, not the user's others.
+            _setrlimit(resource.RLIMIT_NPROC, int(limits["max_processes"]))
+            report["process_cap"] = "user namespace"
         else:
             report["notes"].append(f"unshare(CLONE_NEWUSER|CLONE_NEWNET) failed: {_errno_text()}")
 
@@ -389,6 +565,11 @@ def isolate(config: dict[str, Any]) -> dict[str, Any]:
             report["notes"].append(f"Landlock not applied: {exc}")
         if not report["landlock_abi"] and libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
             report["notes"].append(f"no_new_privs: {_errno_text()}")
+        if limits.get("seccomp", True):
+            try:
+                report["seccomp"] = _seccomp(libc)
+            except OSError as exc:
+                report["notes"].append(f"seccomp filter not applied: {exc}")
     report["read_paths"] = read_paths
     report["workdir"] = workdir
     return report
