@@ -226,13 +226,7 @@ def run(
             "agentx: Agent-X's data.json (images beside it)."
         ),
     ] = None,
-    mode: Annotated[
-        GTAMode | None,
-        typer.Option(
-            help="gta: step or e2e (default step); programs: e2e (default) or step (each gold "
-            "step predicted from the gold prefix)."
-        ),
-    ] = None,
+    mode: Annotated[GTAMode | None, typer.Option(help="gta: step or e2e.")] = None,
     answer_mode: Annotated[
         AnswerMode | None,
         typer.Option(
@@ -290,10 +284,6 @@ def run(
     base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint URL.")] = None,
     adapter: Annotated[Path | None, typer.Option(help="LoRA adapter for local: models.")] = None,
     max_cost: Annotated[float | None, typer.Option(help="Stop after this many USD.")] = None,
-    max_time: Annotated[
-        str | None,
-        typer.Option(help="Start no new item after this long (600, 10m, 1.5h); rerun resumes."),
-    ] = None,
     judge: Annotated[
         str | None,
         typer.Option(
@@ -322,8 +312,8 @@ def run(
     )
     from tracetune.models.base import BackendError, ModelOptions
 
-    if bench not in (RunBench.gta, RunBench.programs) and mode is not None:
-        fail("--mode applies to gta and programs only")
+    if bench is not RunBench.gta and mode is not None:
+        fail("--mode applies to gta only")
     if bench not in (RunBench.vqa, RunBench.dynvqa) and answer_mode is not None:
         fail("--answer-mode applies to vqa and dynvqa only")
     if bench is not RunBench.agentx and (judge is not None or judge_base_url is not None):
@@ -332,8 +322,6 @@ def run(
     if base_url or adapter:
         backend = ModelOptions(base_url=base_url, adapter=str(adapter) if adapter else None)
     options = _parse_options(option, corpus)
-    from tracetune.timelimit import duration
-
     cfg = build_config(
         EvalRunConfig,
         config,
@@ -359,7 +347,6 @@ def run(
         families=family,
         exclude=exclude,
         max_cost_usd=max_cost,
-        max_time=duration(max_time),
         backend=backend,
         judge=judge,
         judge_base_url=judge_base_url,

@@ -70,9 +70,7 @@ class EvalRunConfig(BaseModel):
         "images beside it.",
     )
     mode: Literal["step", "e2e"] = Field(
-        default="step",
-        description="gta: step (step-by-step, gold history) or e2e (end-to-end); programs: "
-        "e2e unless step is set explicitly (each gold step predicted from the gold prefix).",
+        default="step", description="gta: step (step-by-step, gold history) or e2e (end-to-end)."
     )
     answer_mode: Literal["direct", "rr", "orr"] = Field(
         default="direct",
@@ -119,12 +117,6 @@ class EvalRunConfig(BaseModel):
     )
     limit: int | None = Field(default=None, ge=1, description="Only the first N items.")
     max_cost_usd: float | None = Field(default=None, description="Stop after this much spend.")
-    max_time: float | None = Field(
-        default=None,
-        gt=0,
-        description="Start no new item after this many seconds; the items in flight finish "
-        "and are saved, and a rerun continues (CLI: --max-time 10m).",
-    )
     n: int = Field(default=40, ge=1, description="programs: size of the held-out split.")
     seed: int = Field(default=0, description="programs: seed of the held-out split.")
     families: list[str] = Field(
@@ -273,11 +265,7 @@ class RunContext:
         )
 
     def budget(self) -> Budget:
-        from tracetune.timelimit import TimedBudget
-
-        return TimedBudget(
-            max_cost_usd=self.config.max_cost_usd, max_seconds=self.config.max_time
-        )
+        return Budget(max_cost_usd=self.config.max_cost_usd)
 
     async def run_items(
         self,
