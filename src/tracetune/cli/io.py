@@ -52,12 +52,14 @@ def export_cmd(
         ),
     ] = False,
 ) -> None:
-    """Export a dataset in a trainer's format (TRL, LLaMA-Factory, ms-swift).
+    """Export a dataset in a trainer's format (TRL, LLaMA-Factory, ms-swift) or as a Hugging
+    Face dataset (hf).
 
     trl-sft, llamafactory and swift take trajectories and dialogues; trl-dpo,
-    llamafactory-dpo and swift take preference pairs. Trajectories are selected as
-    `tracetune train sft` selects them: unfinished or rejected ones and failed steps are
-    left out (and listed) unless --include-failed.
+    llamafactory-dpo and swift take preference pairs; hf takes every record type and writes
+    Parquet shards with the images embedded plus a dataset card, ready for push_to_hub.
+    Trajectories are selected as `tracetune train sft` selects them: unfinished or rejected
+    ones and failed steps are left out (and listed) unless --include-failed.
     """
     from pydantic import ValidationError
 

@@ -315,6 +315,11 @@ class Exporter(ABC):
         """Further files to write beside the data, e.g. a dataset registry entry."""
         return {}
 
+    def export(self, source: Path, out_dir: Path) -> ExportReport | None:
+        """Write the whole export in a layout of the exporter's own (e.g. Parquet shards) and
+        return its report; None (the default) writes the rows as ``train.jsonl``."""
+        return None
+
     def dataset_name(self, report: ExportReport) -> str:
         name = self.options.name or report.out_dir.resolve().name
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "tracetune"
@@ -413,6 +418,7 @@ _BUILTIN_EXPORTERS = {
     "llamafactory": "tracetune.formats.llamafactory",
     "llamafactory-dpo": "tracetune.formats.llamafactory",
     "swift": "tracetune.formats.swift",
+    "hf": "tracetune.formats.hf",
 }
 _BUILTIN_IMPORTERS = {
     "trl-sft": "tracetune.formats.trl",
@@ -500,6 +506,9 @@ def export_dataset(
 
     options = options or ExportOptions()
     exporter = get_exporter(format_name)(options)
+    custom = exporter.export(Path(source), Path(out_dir))
+    if custom is not None:
+        return custom
     dataset = Dataset.open(source)
     kind = dataset.record_type.kind
     if kind not in exporter.record_kinds:
