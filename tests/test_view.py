@@ -597,3 +597,38 @@ def test_eval_report_item_pages_show_the_images(pipeline: dict[str, Path], tmp_p
         assert srcs, page
         for src in srcs:
             assert (page.parent / src).resolve().is_file(), src
+
+
+def test_run_state_shows_failures_with_their_error_while_a_writer_holds_the_wal(
+    tmp_path: Path,
+) -> None:
+    """A stage still running (its WAL open) is read from a private copy: the page shows
+    done/dropped/failed counts, errors and cost, and no file in the dataset changes."""
+    from fastapi.testclient import TestClient
+
+    from tracetune.schema import Usage
+    from tracetune.view import build_app
+
+    root = tmp_path / "run"
+    dataset = Dataset.create(root, Task)
+    state = dataset.state  # the writer's connection stays open: state.sqlite-wal exists
+    state.mark("synth", "task-1", "done")
+    state.mark("synth", "task-2", "failed", {"error": "RuntimeError: backend said 503"})
+    state.mark("synth", "task-3", "dropped", {"reason": "leaks the answer", "detail": "x"})
+    state.add_usage("synth", "openai:teacher", Usage(prompt_tokens=1200, cost_usd=0.25, calls=3))
+    state.flush()  # usage is written in batches; what is on disk is what the viewer shows
+    assert (root / "state.sqlite-wal").exists()
+    before = _snapshot([root])
+    client = TestClient(build_app([root], cache_dir=None))
+    page = client.get("/d/run/state.html")
+    assert page.status_code == 200
+    text = re.sub(r"<[^>]+>", " ", page.text)
+    assert "RuntimeError: backend said 503" in text and "leaks the answer" in text
+    assert "openai:teacher" in text and "1200" in text and "0.2500" in text
+    failed = re.search(r'href="([^"]*/failed/[^"]+\.html)"', page.text)
+    assert failed
+    items = client.get("/d/run/" + failed.group(1).split("d/run/", 1)[1])
+    assert items.status_code == 200 and "task-2" in items.text and "traceback" not in items.text
+    state.mark("synth", "task-4", "failed", {"error": "later"})  # the writer goes on
+    assert _snapshot([root]).keys() == before.keys()
+    state.close()
