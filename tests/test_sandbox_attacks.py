@@ -716,3 +716,73 @@ async def test_kernel_calls_through_ctypes_are_refused(tmp_path: Path) -> None:
         for name in ("unshare_user_ns", "chroot", "io_uring_setup", "keyctl", "personality"):
             assert out[name] == "EPERM", (name, out)
         assert (await sb.execute("print('alive')")).stdout == "alive\n"
+
+
+# -- 6. switching the audit hook off through what the code is given -------------------------
+
+
+HOOK_SWITCH = """
+import signal
+seen, queue, found = set(), [final_answer, scale, signal.getsignal(signal.SIGUSR1)], []
+while queue:
+    obj = queue.pop()
+    if id(obj) in seen or len(seen) > 20000:
+        continue
+    seen.add(id(obj))
+    if hasattr(obj, "trusted") or hasattr(obj, "policy") or hasattr(obj, "hook"):
+        found.append(type(obj).__name__)
+        for target in (obj, getattr(obj, "policy", None)):
+            try:
+                target.trusted = True
+            except Exception:
+                pass
+    for cell in getattr(obj, "__closure__", None) or ():
+        try:
+            queue.append(cell.cell_contents)
+        except ValueError:
+            pass
+    for attr in ("__self__", "__func__", "__wrapped__"):
+        if hasattr(obj, attr):
+            queue.append(getattr(obj, attr))
+    if isinstance(obj, (list, tuple, set)):
+        queue.extend(obj)
+    elif isinstance(obj, dict):
+        queue.extend(obj.values())
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        queue.extend(vars(obj).values())
+print("found", found)
+try:
+    open({secret!r}).read()
+    print("read the secret")
+except PermissionError as exc:
+    print("refused")
+"""
+
+
+@async_test
+async def test_the_audit_hook_cannot_be_switched_off_through_closures(
+    tmp_path: Path, host: Path
+) -> None:
+    from tracetune.tools import tool
+
+    @tool(register=False)
+    def scale(value: float) -> float:
+        """Double a number.
+
+        Args:
+            value: The number.
+        """
+        return value * 2
+
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    limits = SandboxLimits(timeout_s=20.0)  # the hook on, as in normal use
+    async with await Sandbox.start(workdir, [scale], _noop, limits) as sb:
+        result = await sb.execute(HOOK_SWITCH.format(secret=str(host / "secret.txt")))
+        assert result.error is None, result.error
+        assert "found []" in result.stdout, result.stdout
+        assert "refused" in result.stdout and SECRET not in result.stdout
+        # The hook still refuses what it refused before the attempt.
+        refused = await sb.execute("import os\nos.system('true')")
+        assert refused.error is not None and refused.error.kind == ErrorKind.SANDBOX
+    host_unchanged(host)

@@ -824,6 +824,8 @@ _CHECKS: dict[str, Any] = {
     "resource.setrlimit": _refuse("other", "changing resource limits"),
     "resource.prlimit": _refuse("other", "changing resource limits"),
     "sys._current_frames": _refuse("other", "inspecting the sandbox's own frames"),
+    "sys.settrace": _refuse("other", "tracing (it exposes the sandbox's own frames)"),
+    "sys.setprofile": _refuse("other", "profiling hooks (they expose the sandbox's own frames)"),
     "gc.get_objects": _refuse("other", "gc.get_objects"),
     "gc.get_referrers": _refuse("other", "gc.get_referrers"),
     "gc.get_referents": _refuse("other", "gc.get_referents"),
@@ -876,101 +878,31 @@ class Capture(io.TextIOBase):
 # -- the worker -----------------------------------------------------------------------------
 
 
-class Worker:
-    def __init__(self, channel: Channel, config: dict[str, Any], policy: Policy) -> None:
+class Port:
+    """What model code can reach from the functions it is given (tools, ``final_answer``,
+    the signal handler): the channel's tool requests and the step's interrupt state.
+
+    It holds no reference to the ``Worker`` or the audit hook's ``Policy``: a function's
+    closure cells, ``__self__`` or ``signal.getsignal()`` lead here and no further. (Code
+    that walks the interpreter's frames can still reach the worker: the audit hook is a
+    convenience layer, and every boundary is held by the kernel layers.)
+    """
+
+    def __init__(self, channel: Channel, max_tool_bytes: int) -> None:
         self.channel = channel
-        self.config = config
-        self.limits = config["limits"]
-        self.policy = policy
-        self.capture = Capture(int(self.limits["output_chars"]))
+        self.max_tool_bytes = max_tool_bytes
         self.armed = False  # an interrupt may be raised into running code
         self.pending: str | None = None  # an interrupt that arrived while not armed
         self.final: str | None = None
-        self.step_pid = os.getpid()
-        self.namespace = self._namespace(config["tools"])
+        self.tool_error: type[Exception] = Exception
 
-    # -- signals --------------------------------------------------------------------------
     def on_signal(self, signum: int, _frame: Any) -> None:
-        reason = "cpu" if signum == signal.SIGXCPU else "time"
+        reason = "cpu" if signum in (signal.SIGXCPU, signal.SIGPROF) else "time"
         if self.armed:
             self.armed = False  # one raise per step: the next signal cannot unwind our code
             raise _Interrupt(reason)
         self.pending = self.pending or reason
 
-    # -- namespace ------------------------------------------------------------------------
-    def _namespace(self, tools: list[dict[str, Any]]) -> dict[str, Any]:
-        import inspect
-
-        module = types.ModuleType("__main__")
-        ns = module.__dict__
-        ns["__builtins__"] = builtins
-        # Model code may use `if __name__ == "__main__":`, and user classes pickle by module.
-        sys.modules["__main__"] = module
-
-        class ToolError(Exception):
-            """A tool call failed; the message says why."""
-
-        ToolError.__module__ = "builtins"
-        ToolError.__qualname__ = "ToolError"
-        ns["ToolError"] = ToolError
-        self.tool_error = ToolError
-        missing = _Unset()
-
-        def make(stub: dict[str, Any]) -> Any:
-            name = stub["name"]
-            required = set(stub["required"])
-            params = []
-            optional_seen = False
-            for pname in stub["parameters"]:
-                if pname in required and not optional_seen:
-                    default: Any = inspect.Parameter.empty
-                else:
-                    optional_seen = True
-                    default = (
-                        stub["defaults"].get(pname, missing) if pname not in required else missing
-                    )
-                params.append(
-                    inspect.Parameter(
-                        pname, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default
-                    )
-                )
-            sig = inspect.Signature(params)
-
-            def call(*args: Any, **kwargs: Any) -> Any:
-                bound = sig.bind(*args, **kwargs)
-                arguments = {k: v for k, v in bound.arguments.items() if v is not missing}
-                absent = [k for k in stub["parameters"] if k in required and k not in arguments]
-                if absent:
-                    raise TypeError(f"{name}() missing required argument(s): {', '.join(absent)}")
-                return self.call_tool(name, arguments)
-
-            call.__name__ = call.__qualname__ = name
-            call.__doc__ = stub.get("description") or None
-            call.__signature__ = sig  # type: ignore[attr-defined]
-            call.__module__ = "tools"
-            return call
-
-        for stub in tools:
-            if stub["name"] != "final_answer":
-                ns[stub["name"]] = make(stub)
-        answer_param = next(
-            (s["parameters"][0] for s in tools if s["name"] == "final_answer" and s["parameters"]),
-            "answer",
-        )
-
-        def final_answer(*args: Any, **kwargs: Any) -> None:
-            values = list(args) + list(kwargs.values())
-            if len(values) != 1:
-                raise TypeError(f"final_answer() takes exactly one argument ({answer_param})")
-            self.final = values[0] if isinstance(values[0], str) else _plain_text(values[0])
-            raise _FinalAnswer
-
-        final_answer.__doc__ = "Give the final answer to the task; ends this code step."
-        final_answer.__module__ = "tools"
-        ns["final_answer"] = final_answer
-        return ns
-
-    # -- tools ----------------------------------------------------------------------------
     def call_tool(self, name: str, arguments: dict[str, Any]) -> Any:
         try:
             body = json.dumps(
@@ -980,7 +912,7 @@ class Worker:
             )
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{name}(): {exc}") from None
-        limit = int(self.config.get("max_tool_bytes") or self.config["max_message_bytes"])
+        limit = self.max_tool_bytes
         if len(body) > limit + 256:
             raise self.tool_error(
                 f"{name}(): the arguments are about {len(body)} bytes, over the {limit} byte "
@@ -1000,11 +932,102 @@ class Worker:
             raise self.tool_error(reply["error"])
         return reply.get("value")
 
+
+def _make_namespace(port: Port, tools: list[dict[str, Any]]) -> dict[str, Any]:
+    """The code's globals: tool functions and ``final_answer``, closing over ``port`` only."""
+    import inspect
+
+    module = types.ModuleType("__main__")
+    ns = module.__dict__
+    ns["__builtins__"] = builtins
+    # Model code may use `if __name__ == "__main__":`, and user classes pickle by module.
+    sys.modules["__main__"] = module
+
+    class ToolError(Exception):
+        """A tool call failed; the message says why."""
+
+    ToolError.__module__ = "builtins"
+    ToolError.__qualname__ = "ToolError"
+    ns["ToolError"] = ToolError
+    port.tool_error = ToolError
+    missing = _Unset()
+
+    def make(stub: dict[str, Any]) -> Any:
+        name = stub["name"]
+        required = set(stub["required"])
+        params = []
+        optional_seen = False
+        for pname in stub["parameters"]:
+            if pname in required and not optional_seen:
+                default: Any = inspect.Parameter.empty
+            else:
+                optional_seen = True
+                default = stub["defaults"].get(pname, missing) if pname not in required else missing
+            params.append(
+                inspect.Parameter(pname, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default)
+            )
+        sig = inspect.Signature(params)
+        parameters = list(stub["parameters"])
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            bound = sig.bind(*args, **kwargs)
+            arguments = {k: v for k, v in bound.arguments.items() if v is not missing}
+            absent = [k for k in parameters if k in required and k not in arguments]
+            if absent:
+                raise TypeError(f"{name}() missing required argument(s): {', '.join(absent)}")
+            return port.call_tool(name, arguments)
+
+        call.__name__ = call.__qualname__ = name
+        call.__doc__ = stub.get("description") or None
+        call.__signature__ = sig  # type: ignore[attr-defined]
+        call.__module__ = "tools"
+        return call
+
+    for stub in tools:
+        if stub["name"] != "final_answer":
+            ns[stub["name"]] = make(stub)
+    answer_param = next(
+        (s["parameters"][0] for s in tools if s["name"] == "final_answer" and s["parameters"]),
+        "answer",
+    )
+
+    def final_answer(*args: Any, **kwargs: Any) -> None:
+        values = list(args) + list(kwargs.values())
+        if len(values) != 1:
+            raise TypeError(f"final_answer() takes exactly one argument ({answer_param})")
+        port.final = values[0] if isinstance(values[0], str) else _plain_text(values[0])
+        raise _FinalAnswer
+
+    final_answer.__doc__ = "Give the final answer to the task; ends this code step."
+    final_answer.__module__ = "tools"
+    ns["final_answer"] = final_answer
+    return ns
+
+
+class Worker:
+    def __init__(self, channel: Channel, config: dict[str, Any], policy: Policy) -> None:
+        self.config = config
+        self.limits = config["limits"]
+        self.policy = policy
+        self.capture = Capture(int(self.limits["output_chars"]))
+        limit = int(config.get("max_tool_bytes") or config["max_message_bytes"])
+        self.port = Port(channel, limit)
+        self.step_pid = os.getpid()
+        self.namespace = _make_namespace(self.port, config["tools"])
+
+    @property
+    def channel(self) -> Channel:
+        return self.port.channel
+
+    @channel.setter
+    def channel(self, channel: Channel) -> None:
+        self.port.channel = channel
+
     # -- steps ----------------------------------------------------------------------------
     def run(self, code: str, step: int, cpu_s: int) -> dict[str, Any]:
         self.capture.reset()
-        self.final = None
-        self.pending = None
+        self.port.final = None
+        self.port.pending = None
         self.step_pid = os.getpid()
         filename = f"<step {step}>"
         linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
@@ -1025,14 +1048,14 @@ class Worker:
             try:
                 body = compile(tree, filename, "exec")
                 tail = compile(last, filename, "eval") if last is not None else None
-                self.armed = True
+                self.port.armed = True
                 exec(body, self.namespace)
                 if tail is not None:
                     value = eval(tail, self.namespace)
                     if value is not None:
                         print(repr(value), file=self.capture)
             finally:
-                self.armed = False
+                self.port.armed = False
         except _FinalAnswer:
             pass
         except _Interrupt as exc:
@@ -1042,7 +1065,7 @@ class Worker:
         except BaseException as exc:  # noqa: BLE001 - model code may raise anything
             error = self._classify(exc, filename)
         finally:
-            self.armed = False
+            self.port.armed = False
             self._cpu_limit(resource.RLIM_INFINITY)
         if os.getpid() != self.step_pid:
             os._exit(0)  # a process forked by the code (when allowed) must not answer the host
@@ -1088,7 +1111,7 @@ class Worker:
             # Refused by the kernel (Landlock, uid) rather than the hook: still the sandbox.
             if not self.policy.may_write(exc.filename):
                 return {"kind": "sandbox", "message": message}
-        if isinstance(exc, self.tool_error):
+        if isinstance(exc, self.port.tool_error):
             return {"kind": "tool", "message": message}
         return {"kind": "code", "message": message}
 
@@ -1098,7 +1121,7 @@ class Worker:
             "stdout": self.capture.text(),
             "dropped": self.capture.dropped,
             "error": error,
-            "final_answer": self.final,
+            "final_answer": self.port.final,
         }
 
     # -- fork -----------------------------------------------------------------------------
@@ -1194,8 +1217,8 @@ def main() -> None:
         report = isolate(config)
         policy = Policy(report["workdir"], report["read_paths"])
         worker = Worker(channel, config, policy)
-        signal.signal(signal.SIGUSR1, worker.on_signal)
-        signal.signal(signal.SIGXCPU, worker.on_signal)
+        signal.signal(signal.SIGUSR1, worker.port.on_signal)
+        signal.signal(signal.SIGXCPU, worker.port.on_signal)
         for stream in ("stdout", "stderr", "__stdout__", "__stderr__"):
             setattr(sys, stream, worker.capture)
         if config["limits"].get("audit_hook", True):
