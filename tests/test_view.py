@@ -395,6 +395,7 @@ def test_compare_view_lists_the_items_that_changed(
 ) -> None:
     visitor = Visitor(browser, viewer.base)
     page = visitor.open("/index.html")
+    assert "+ adapter" in page.locator("table.list").nth(1).inner_text()  # the DPO run
     link = page.locator("a", has_text="qs/matrix/eval/sft → runs/oracle")
     assert link.count() == 1
     link.click()
@@ -589,7 +590,11 @@ def test_export_writes_the_same_pages_as_a_static_site(
 def test_eval_report_item_pages_show_the_images(pipeline: dict[str, Path], tmp_path: Path) -> None:
     from tracetune.evaluate.report import build_report
 
-    result = build_report([pipeline["qs"] / "matrix" / "eval" / "sft"], tmp_path / "report")
+    matrix = pipeline["qs"] / "matrix"
+    result = build_report([matrix / "eval" / "sft", matrix / "eval" / "dpo"], tmp_path / "report")
+    # the DPO run is the SFT model with the DPO adapter: its label says so, not just SFT's path
+    label = r"dpo \(local:\S+/matrix/sft \+ adapter \S+/matrix/dpo\)"
+    assert re.search(label, result.markdown.read_text())
     assert result.item_pages
     for page in result.item_pages:
         text = page.read_text()

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tracetune.schema import EvalRecord, FileRef, Trajectory
+from tracetune.view.sources import run_model_label
 
 HEADLINE_SCORE = {
     "gta": ("answer_acc", "answer_acc_w_imggen"),
@@ -81,7 +82,7 @@ def load_run(root: Path) -> RunData:
         for line in (root / "records.jsonl").read_text().splitlines()
         if line.strip()
     ]
-    model = str(run.get("model", "?"))
+    model = run_model_label(run, metrics)
     return RunData(root, f"{root.name} ({model})", run, metrics, records)
 
 
@@ -452,7 +453,7 @@ def build_report(
             [
                 run.label,
                 run.headline,
-                run.run.get("model"),
+                run_model_label(run.run, run.metrics),
                 f"{main[0]} {_fmt(main[1])}",
                 headline.get("n_items"),
                 info.get("trajectories"),

@@ -310,11 +310,12 @@ class Site:
         depth: int,
         crumbs: list[tuple[str, str]],
     ) -> Page:
-        source.start_indexing()
         if page == 1 and not params and not source.index_ready:
             # The first page of a large dataset shows at once, read from its first chunks;
-            # counts, filters and later pages use the index being built meanwhile.
+            # counts, filters and later pages use the index, built in the background from
+            # here on (started after this read, so the two do not compete).
             view = source.head(self.page_size)
+            source.start_indexing()
             total: int | None = None
             shown_total: int | None = None
             pages = 2 if view.num_rows >= self.page_size else 1

@@ -412,7 +412,7 @@ class RunSource(Source):
 
     @property
     def model(self) -> str:
-        return str(self.run.get("model") or self.metrics.get("model") or "?")
+        return run_model_label(self.run, self.metrics)
 
     def headline_records(self) -> list[EvalRecord]:
         return [r for r in self.records if r.benchmark == self.headline] or list(self.records)
@@ -422,6 +422,15 @@ class RunSource(Source):
             if safe_key(r.item_id) == key or r.item_id == key:
                 return r
         return None
+
+
+def run_model_label(run: dict[str, Any], metrics: dict[str, Any]) -> str:
+    """The model an eval run evaluated: its spec, plus the adapter loaded on it (a DPO
+    policy is the SFT model's spec with the DPO adapter; the spec alone would name SFT)."""
+    model = str(run.get("model") or metrics.get("model") or "?")
+    backend = (run.get("config") or {}).get("backend") or {}
+    adapter = backend.get("adapter") if isinstance(backend, dict) else None
+    return f"{model} + adapter {adapter}" if adapter else model
 
 
 def _list_of(values: pa.ListArray | pa.ChunkedArray, path: list[str]) -> pa.Array:
