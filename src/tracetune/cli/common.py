@@ -7,6 +7,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import click
 import typer
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -16,7 +17,7 @@ from typer.core import TyperGroup
 
 C = TypeVar("C", bound=BaseModel)
 T = TypeVar("T")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # paths in messages stay whole, copyable
 
 
 def _unset(value: Any) -> bool:
@@ -100,6 +101,7 @@ class CommandGroup(TyperGroup):
     """
 
     def invoke(self, ctx: Any) -> Any:
+        from tracetune.inputs import InputError
         from tracetune.runner import StageAborted, outcome
 
         outcome.reset()
@@ -110,6 +112,16 @@ class CommandGroup(TyperGroup):
                 f"{exc}\nFix the cause and rerun the same command: finished items are kept.",
                 code=outcome.ITEMS_FAILED_EXIT,
             )
+            raise  # unreachable
+        except InputError as exc:  # names the file and what is wrong with it
+            fail(str(exc))
+            raise  # unreachable
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+            raise
+        except Exception as exc:
+            if (why := outcome.disk_full(exc)) is None:
+                raise
+            fail(f"the disk is full ({why}); {outcome.DISK_FULL_HINT}")
             raise  # unreachable
         if (report := outcome.failure_report()) is not None:
             console.print(f"[red]error:[/red] {escape(report)}")

@@ -29,9 +29,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from tracetune.inputs import ImageError, check_image, decode_text, read_json, read_text
 from tracetune.prompts import prompt_hash, render
 from tracetune.runner import Drop, StageResult, run_stage
 from tracetune.schema import FileRef, GoldAnswer, Provenance, Task
@@ -155,24 +156,34 @@ def read_rows(source: Path, options: IngestOptions) -> Iterator[dict[str, Any]]:
 
 
 def _parquet_rows(files: list[Path]) -> Iterator[dict[str, Any]]:
+    import pyarrow as pa  # type: ignore[import-untyped]
     import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
     for path in files:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
-            yield from batch.to_pylist()
+        try:
+            batches = pq.ParquetFile(path).iter_batches(batch_size=256)
+            for batch in batches:
+                rows = batch.to_pylist()
+                yield from rows
+        except (pa.ArrowException, OSError) as exc:
+            raise IngestError(
+                f"{path} is not a readable Parquet file ({type(exc).__name__}: {exc}); "
+                "download it again (rows before the damage were ingested and are kept)"
+            ) from None
 
 
 def _jsonl_rows(path: Path) -> Iterator[dict[str, Any]]:
     if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path)
         if not isinstance(data, list):
             raise IngestError(f"{path} must hold a JSON list of rows (or use JSON Lines)")
         yield from (
             r if isinstance(r, dict) else {"__error__": "row is not an object"} for r in data
         )
         return
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, 1):
+            line = decode_text(raw, f"{path}:{number}")
             if not line.strip():
                 continue
             try:
@@ -185,8 +196,7 @@ def _jsonl_rows(path: Path) -> Iterator[dict[str, Any]]:
 
 def _csv_rows(path: Path) -> Iterator[dict[str, Any]]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with path.open(encoding="utf-8", newline="") as fh:
-        yield from csv.DictReader(fh, delimiter=delimiter)
+    yield from csv.DictReader(io.StringIO(read_text(path), newline=""), delimiter=delimiter)
 
 
 def _hf_rows(root: Path, options: IngestOptions) -> Iterator[dict[str, Any]]:
@@ -414,17 +424,18 @@ class Ingester:
         for i, value in enumerate(values):
             try:
                 data, name = image_bytes(value, self.base)
-                with Image.open(io.BytesIO(data)) as img:
-                    img.verify()
-                    fmt = (img.format or "PNG").lower()
+                # The same check as every image entering a dataset: a decompression bomb, a
+                # truncated or corrupt image is dropped with its reason, not a failed item.
+                info = check_image(data, name or f"row {index} image {i}")
             except BadImage as exc:
                 return Drop(exc.reason, {"row": index, "detail": str(exc)})
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-                return Drop(
-                    "broken_image", {"row": index, "detail": f"{type(exc).__name__}: {exc}"}
-                )
+            except ImageError as exc:
+                return Drop(exc.reason, {"row": index, "detail": str(exc)})
+            fmt = info.format.lower()
             ext = {"jpeg": "jpg"}.get(fmt, fmt)
-            refs.append(self.out.assets.put_bytes(data, name or f"{key}_{i}.{ext}"))
+            name = name or f"{key}_{i}.{ext}"
+            mime = Image.MIME.get(info.format, "image/png")
+            refs.append(self.out.assets.put_bytes(data, name, mime=mime, checked=info))
         choices = parse_choices(_column(row, self.cols.choices, self._choice_fallbacks()))
         value, aliases = answers[0], list(dict.fromkeys(answers[1:]))
         original = value

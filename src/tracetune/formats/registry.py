@@ -383,9 +383,12 @@ class Importer(ABC):
 
 def read_rows(path: Path) -> Iterator[dict[str, Any]]:
     """Rows of a JSON Lines file, or of a JSON file holding a list of objects."""
+    from tracetune.inputs import decode_text, read_text
+
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, 1):
+        with path.open("rb") as fh:
+            for line_no, raw in enumerate(fh, 1):
+                line = decode_text(raw, f"{path}:{line_no}")
                 if not line.strip():
                     continue
                 try:
@@ -397,7 +400,7 @@ def read_rows(path: Path) -> Iterator[dict[str, Any]]:
                 yield row
         return
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise FormatError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if isinstance(data, dict):

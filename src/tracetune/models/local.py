@@ -200,6 +200,18 @@ class LocalVLM(ChatModel):
         with self._thread_lock:
             inputs = self.encode(messages, tools)
             prompt_len = int(inputs["input_ids"].shape[1])
+            context = self.context_length
+            if context is not None:
+                # Checked before generating: past its positions a model does not fail, it
+                # writes garbage (or indexes out of range on some devices).
+                if prompt_len >= context:
+                    raise BackendError(
+                        f"{self.name}: the prompt is {prompt_len} tokens, at or over the "
+                        f"model's context of {context} tokens; shorten it (fewer steps, "
+                        "fewer or smaller images: backend max_pixels) or use a model with a "
+                        "longer context"
+                    )
+                config.max_new_tokens = min(config.max_new_tokens, context - prompt_len)
             if sampling.seed is not None:
                 set_seed(sampling.seed)
             with torch.inference_mode():
@@ -233,6 +245,16 @@ class LocalVLM(ChatModel):
         return Generation(completions, usage=usage)
 
     # -- helpers -----------------------------------------------------------------------
+    @property
+    def context_length(self) -> int | None:
+        """Positions the language model can attend to (its ``max_position_embeddings``)."""
+        config = getattr(self.model, "config", None)
+        for part in (getattr(config, "text_config", None), config):
+            value = getattr(part, "max_position_embeddings", None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
     @property
     def _cache_name(self) -> str:
         return f"{self.name}+{self.options.adapter}" if self.options.adapter else self.name

@@ -8,6 +8,7 @@ command that processes items can finish "successfully" while items failed.
 
 from __future__ import annotations
 
+import errno
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -63,6 +64,37 @@ def failure_report(shown: int = 5) -> str | None:
         "retry them (finished items are kept)."
     )
     return "\n".join(lines)
+
+
+# -- a full disk ------------------------------------------------------------------------------
+class DiskFullError(OSError):
+    """The disk holding a run's output is full: the run stops (every further item would fail
+    the same way); what was finished before is kept, and a rerun after freeing space resumes."""
+
+
+def disk_full(exc: BaseException | None) -> str | None:
+    """What says ``exc`` (or an exception it was raised from) is a full disk, or None.
+
+    Covers ``OSError`` ENOSPC/EDQUOT (Python and Arrow writes) and SQLite's "database or
+    disk is full" (the run state)."""
+    seen = 0
+    while exc is not None and seen < 20:
+        text = str(exc)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return text
+        if "No space left on device" in text or "database or disk is full" in text:
+            return text
+        if "Disk quota exceeded" in text:
+            return text
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+DISK_FULL_HINT = (
+    "free space on that file system (or write the output elsewhere), then rerun the same "
+    "command: the items finished before are kept, the others are redone"
+)
 
 
 # -- retrying drops -------------------------------------------------------------------------
@@ -143,7 +175,10 @@ def fresh_for(
 
 
 __all__ = [
+    "DISK_FULL_HINT",
     "ITEMS_FAILED_EXIT",
+    "DiskFullError",
+    "disk_full",
     "dropped_to_retry",
     "failure_report",
     "fresh_for",

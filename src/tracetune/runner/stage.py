@@ -18,6 +18,7 @@ the same way: ``core.pending(items)`` for the work, ``core.finish_item`` /
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 import traceback
@@ -199,10 +200,10 @@ class StageCore(Generic[T]):
         self.stop: str | None = None  # set when the run must stop: budget, failures
         # Loaded once: the cost of a rerun does not grow with what each item checks.
         self.done: set[str] = self.state.keys(stage, "done") | self.state.keys(stage, "dropped")
-        self.writer = out.writer(
         # Drops the user asked to retry (--retry-dropped REASON) are pending again.
         self.retried = outcome.dropped_to_retry(self.state, stage)
         self.done -= self.retried
+        self.writer = out.writer(
             chunk_size=chunk_size, flush_interval_s=flush_interval_s, target_bytes=chunk_bytes
         )
         self.writer.on_flush.append(self._commit_done)
@@ -248,6 +249,10 @@ class StageCore(Generic[T]):
 
     def fail_item(self, item_key: str, exc: BaseException) -> None:
         """Record that processing ``item_key`` raised ``exc``; it is retried on the next run."""
+        if why := outcome.disk_full(exc):  # every further item would fail the same way
+            raise outcome.DiskFullError(
+                errno.ENOSPC, f"disk full while processing {item_key}: {why}"
+            ) from exc
         self.result.failed += 1
         error = f"{type(exc).__name__}: {exc}"
         self.result.failures.append((item_key, error))
@@ -354,6 +359,7 @@ async def run_stage(
         total=total,
     )
     queue = core.pending(items)
+    process = outcome.fresh_for(core.retried, key, process)
 
     async def worker() -> None:
         for item_key, item in queue:
@@ -376,7 +382,6 @@ async def run_stage(
         try:
             await asyncio.gather(*(worker() for _ in range(concurrency)))
         except BaseException:
-    process = outcome.fresh_for(core.retried, key, process)
             core.flush()  # what finished before the error is kept and marked done
             raise
         finally:

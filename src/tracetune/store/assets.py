@@ -14,6 +14,7 @@ from typing import Any
 from PIL import Image
 from pydantic import BaseModel
 
+from tracetune.inputs import ImageInfo, check_image
 from tracetune.schema import FileRef
 
 
@@ -51,12 +52,19 @@ class AssetStore:
         name: str,
         mime: str | None = None,
         description: str | None = None,
+        *,
+        where: str | None = None,
+        checked: ImageInfo | None = None,
     ) -> FileRef:
+        """Store ``data`` as ``name``. An image is checked first (a decompression bomb, a
+        truncated or corrupt image raises :class:`tracetune.inputs.ImageError` naming
+        ``where``, else ``name``), so nothing downstream meets a broken one; pass the
+        :class:`~tracetune.inputs.ImageInfo` of an image already checked as ``checked``."""
         mime = mime or guess_mime(name)
         width = height = None
         if mime.startswith("image/"):
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
+            info = checked or check_image(data, where or name)
+            width, height = info.width, info.height
         ref = FileRef(
             sha256=sha256_bytes(data),
             name=name,
@@ -80,7 +88,9 @@ class AssetStore:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no such file: {path}")
-        return self.put_bytes(path.read_bytes(), name or path.name, description=description)
+        return self.put_bytes(
+            path.read_bytes(), name or path.name, description=description, where=str(path)
+        )
 
     def put_image(self, image: Image.Image, name: str, description: str | None = None) -> FileRef:
         """Store a PIL image; PNG unless ``name`` ends in .jpg/.jpeg/.webp."""

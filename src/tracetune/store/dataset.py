@@ -112,26 +112,51 @@ class Dataset(Generic[R]):
     def chunk_files(self) -> list[Path]:
         return sorted((self.root / "data").glob("part-*.parquet"))
 
+    def _read(self, path: Path, **kwargs: Any) -> Any:
+        """One chunk as an Arrow table; a corrupt chunk is a DatasetError naming it."""
+        try:
+            return pq.read_table(path, **kwargs)
+        except (pa.ArrowException, OSError) as exc:
+            raise self._corrupt(path, exc) from None
+
+    def _corrupt(self, path: Path, exc: BaseException) -> DatasetError:
+        return DatasetError(
+            f"{path} is not a readable Parquet chunk ({type(exc).__name__}: {exc}); restore "
+            f"it from a copy, or move it out of {path.parent} and run `tracetune data check "
+            f"{self.root}` so that the command that wrote it redoes its items"
+        )
+
     def ids(self) -> set[str]:
         ids: set[str] = set()
         for path in self.chunk_files():
-            ids.update(pq.read_table(path, columns=["id"]).column("id").to_pylist())
+            ids.update(self._read(path, columns=["id"]).column("id").to_pylist())
         return ids
 
     def __iter__(self) -> Iterator[R]:
         for path in self.chunk_files():
-            for row in pq.read_table(path).to_pylist():
+            table = self._read(path)
+            try:  # decoding can fail late on a damaged page ("Invalid number of indices")
+                rows = table.to_pylist()
+            except (pa.ArrowException, OSError) as exc:
+                raise self._corrupt(path, exc) from None
+            for row in rows:
                 yield self.record_type.model_validate(row, context=STORAGE_CONTEXT)
 
     def __len__(self) -> int:
-        return sum(pq.read_metadata(p).num_rows for p in self.chunk_files())
+        total = 0
+        for path in self.chunk_files():
+            try:
+                total += pq.read_metadata(path).num_rows
+            except (pa.ArrowException, OSError) as exc:
+                raise self._corrupt(path, exc) from None
+        return total
 
     def records(self) -> list[R]:
         return list(self)
 
     def get(self, record_id: str) -> R:
         for path in self.chunk_files():
-            table = pq.read_table(path, filters=[("id", "=", record_id)])
+            table = self._read(path, filters=[("id", "=", record_id)])
             if table.num_rows:
                 row = table.to_pylist()[0]
                 return self.record_type.model_validate(row, context=STORAGE_CONTEXT)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
+from tracetune.inputs import InputError, iter_jsonl
 from tracetune.schema import GoldAnswer, Provenance, Task
 from tracetune.store.assets import AssetStore
 from tracetune.store.dataset import Dataset
@@ -56,13 +56,7 @@ def load_tasks(path: str | Path, assets: AssetStore) -> tuple[list[Task], AssetS
     if not path.is_file():
         raise FileNotFoundError(f"no task dataset or JSONL file at {path}")
     tasks = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row: dict[str, Any] = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+    for lineno, row in iter_jsonl(path):
         if not isinstance(row, dict) or not isinstance(row.get("query"), str):
             raise ValueError(f'{path}:{lineno}: each line needs a "query" string')
         files = [path.parent / f for f in row.get("images", []) + row.get("files", [])]
@@ -78,6 +72,11 @@ def load_tasks(path: str | Path, assets: AssetStore) -> tuple[list[Task], AssetS
                     source=f"jsonl:{path.name}",
                 )
             )
-        except FileNotFoundError as exc:
-            raise ValueError(f"{path}:{lineno}: {exc}") from None
+        except (FileNotFoundError, InputError) as exc:
+            raise InputError(f"{path}:{lineno}: {exc}") from None
+    if not tasks:
+        raise InputError(
+            f"task file {path} is empty: write one JSON object per line, e.g. "
+            '{"query": "What is the total?", "images": ["receipt.png"]}'
+        )
     return tasks, assets
