@@ -142,3 +142,122 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(tmp_path: Path) 
     out = Dataset.open(tmp_path / "out", Task)
     assert out.state.counts("s") == {"done": n}
     assert check_dataset(out.root, repair=False).ok
+
+
+def _filter_outcome(config: object) -> tuple[list[str], list[tuple[str, str, str]]]:
+    from tracetune.store import RunState
+
+    root = config.dir("queries")  # type: ignore[attr-defined]
+    kept = sorted(t.id for t in Dataset.open(root, Task))
+    state = RunState(root / "state.sqlite")
+    drops = sorted(
+        (k, str(i["reason"]), str(i.get("of", i.get("seed"))))
+        for k, s, i in state.items("queries.filter")
+        if s == "dropped"
+    )
+    state.close()
+    return kept, drops
+
+
+def test_ann_query_filter_keeps_what_the_exact_filter_keeps(tmp_path: Path) -> None:
+    from tracetune.synth.mtrace.queries import filter_queries
+    from tracetune.testing.scale_data import filter_run, planted_queries
+
+    outcomes = {}
+    for search in ("exact", "ann", "auto"):
+        config = filter_run(tmp_path / search, 1500, search)
+        asyncio.run(filter_queries(config, progress=False))
+        outcomes[search] = _filter_outcome(config)
+    assert outcomes["ann"] == outcomes["exact"] == outcomes["auto"]
+    # ...and both drop exactly the planted duplicates (plus the two seeds' copies).
+    planted = planted_queries(1500)
+    kept, drops = outcomes["exact"]
+    duplicates = {f"cand-{i:07d}" for i, q in enumerate(planted) if q["duplicate_of"] is not None}
+    assert {k for k, reason, _ in drops if reason == "near-duplicate"} <= duplicates
+    assert len(kept) + len(drops) == 1500 and not duplicates & set(kept)
+
+
+def test_ann_index_moves_from_exact_search_at_its_limit_and_answers_alike() -> None:
+    import numpy as np
+
+    from tracetune.synth.mtrace.neardup import NearestIndex
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((600, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    auto, exact = NearestIndex(32, "auto", exact_limit=100), NearestIndex(32, "exact")
+    for i, vector in enumerate(vectors):
+        if i:  # a noisy copy of an earlier vector: both find that one, with its similarity
+            j = int(rng.integers(0, i))
+            noisy = vectors[j] + 0.05 * rng.standard_normal(32).astype(np.float32)
+            noisy /= np.linalg.norm(noisy)
+            (score_a, found_a), (score_e, found_e) = auto.nearest(noisy), exact.nearest(noisy)
+            assert found_a == found_e == j
+            assert abs(score_a - score_e) < 2e-3  # the graph stores float16
+        auto.add(vector)
+        exact.add(vector)
+    assert auto.approximate and not exact.approximate
+
+
+FILTER_SCRIPT = """
+import asyncio, sys
+from tracetune.synth.mtrace.queries import filter_queries
+from tracetune.testing.scale_data import filter_run
+config = filter_run(sys.argv[1], int(sys.argv[2]), "ann")
+asyncio.run(filter_queries(config, progress=False))
+"""
+
+
+def test_ann_filter_killed_at_random_moments_and_resumed_keeps_the_same_set(
+    tmp_path: Path,
+) -> None:
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tracetune.synth.mtrace.queries import filter_queries
+    from tracetune.testing.scale_data import filter_run
+
+    n = 4000
+    reference = filter_run(tmp_path / "ref", n, "ann")
+    asyncio.run(filter_queries(reference, progress=False))
+    # The resumed run starts from the same inputs.
+    filter_run(tmp_path / "killed", n, "ann")
+    cmd = [sys.executable, "-c", FILTER_SCRIPT, str(tmp_path / "killed"), str(n)]
+    rng = random.Random(7)
+    data = tmp_path / "killed" / "run" / "queries" / "data"
+    partial = []
+    for round_ in range(3):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Killed a random moment after the run has written more than before (whatever the
+        # machine's load), so each kill lands mid-run with work on disk and in flight.
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            if len(list(data.glob("part-*.parquet"))) > round_:
+                break
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.4))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        partial.append(len(Dataset.open(data.parent, Task)))
+    final = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr
+    assert _filter_outcome(filter_run(tmp_path / "killed", n, "ann")) == _filter_outcome(reference)
+    assert any(0 < p < len(_filter_outcome(reference)[0]) for p in partial), partial
+
+
+@pytest.mark.parametrize("bits", [4, 16, 20])
+def test_hash_index_answers_as_a_full_scan_with_planted_copies(bits: int) -> None:
+    from tracetune.synth.mtrace.neardup import HashIndex
+    from tracetune.testing.scale_data import planted_hashes
+
+    index: HashIndex[int] = HashIndex(bits)
+    kept: list[int] = []
+    for code in planted_hashes(1500, seed=bits):
+        near = next((c for c in kept if (c ^ code).bit_count() <= bits), None)
+        assert index.find(code) == near
+        if near is None:
+            index.add(code, code)
+            kept.append(code)

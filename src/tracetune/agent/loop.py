@@ -7,6 +7,7 @@ final answer, after ``max_steps`` steps, or after ``max_errors`` failed steps.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -80,7 +81,9 @@ class ToolCallExecutor:
         return Outcome(outcome.observation, outcome.error, final)
 
     async def close(self) -> None:
-        self.toolbox.cleanup()
+        # Removing a directory waits on the filesystem (milliseconds on a busy disk): off the
+        # event loop, so hundreds of episodes in flight do not queue behind it.
+        await asyncio.to_thread(self.toolbox.cleanup)
 
 
 async def make_executor(fmt: ActionFormat, toolbox: ToolBox) -> Executor:

@@ -70,6 +70,11 @@ class QueriesConfig(_Section):
         le=1,
         description="Drop a query whose embedding similarity to a kept query or a seed is >= this.",
     )
+    dedup_search: Literal["auto", "exact", "ann"] = Field(
+        default="auto",
+        description="Near-duplicate search: exact, ann (an HNSW index, sub-linear per query), "
+        "or auto (exact while the kept set is small, then ann).",
+    )
     benchmarks: list[Path] = Field(
         default_factory=list,
         description="Benchmark files to decontaminate against: GTA dataset.json, GAIA "

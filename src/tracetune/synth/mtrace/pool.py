@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +32,7 @@ from tracetune.models.base import ModelOptions
 from tracetune.schema import FileRef
 from tracetune.store import AssetStore, RunState
 from tracetune.synth.mtrace.embed import EMBEDDERS, Embedder, load_embedder
+from tracetune.synth.mtrace.neardup import HashIndex
 
 POOL_FILE = "pool.json"
 EMBEDDINGS_FILE = "embeddings.npy"
@@ -150,34 +150,9 @@ def _document_caption(path: Path) -> str:
     return f"{path.name}: {text[:600]}" if text else path.name
 
 
-class _HashIndex:
-    """Finds a stored 64-bit hash within ``bits`` bits of a new one without a full scan.
-
-    Split into eight bytes, two hashes that differ in at most seven bits agree on at least
-    one byte (pigeonhole), so only hashes sharing a byte at the same position are compared.
-    """
-
-    def __init__(self, bits: int) -> None:
-        self.bits = bits
-        self.items: list[tuple[int, dict[str, Any]]] = []
-        self.blocks: dict[tuple[int, int], list[int]] = {}
-
-    def find(self, code: int) -> dict[str, Any] | None:
-        if self.bits >= 8:
-            candidates: Iterable[int] = range(len(self.items))
-        else:
-            candidates = sorted(
-                {i for b in range(8) for i in self.blocks.get((b, (code >> (8 * b)) & 0xFF), [])}
-            )
-        for i in candidates:
-            if bin(self.items[i][0] ^ code).count("1") <= self.bits:
-                return self.items[i][1]
-        return None
-
-    def add(self, code: int, item: dict[str, Any]) -> None:
-        for b in range(8):
-            self.blocks.setdefault((b, (code >> (8 * b)) & 0xFF), []).append(len(self.items))
-        self.items.append((code, item))
+# dHash near-duplicates: multi-index hashing, exact (the same answers as a full scan) and
+# about constant work per image instead of a scan of every image kept so far.
+_HashIndex = HashIndex
 
 
 class Pool:
@@ -255,7 +230,7 @@ async def build_pool(config: PoolConfig, progress: bool = True) -> Pool:
     config.out.mkdir(parents=True, exist_ok=True)
     assets = AssetStore(config.out)
     kept: list[dict[str, Any]] = []
-    hashes = _HashIndex(config.dedup_bits)
+    hashes: HashIndex[dict[str, Any]] = HashIndex(config.dedup_bits)
     for path in files:
         rel = path.relative_to(root).as_posix()
         kind = "image" if path.suffix.lower() in IMAGE_SUFFIXES else "document"

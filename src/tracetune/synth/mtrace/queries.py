@@ -38,7 +38,8 @@ from tracetune.synth.mtrace.common import (
     stage_model,
 )
 from tracetune.synth.mtrace.config import SynthConfig
-from tracetune.synth.mtrace.embed import Embedder, load_embedder, max_similarity
+from tracetune.synth.mtrace.embed import Embedder, load_embedder
+from tracetune.synth.mtrace.neardup import NearestIndex, SearchMethod, single_blas_thread
 from tracetune.tools import Tool, load_tools
 
 GENERATE = "queries.generate"
@@ -146,23 +147,37 @@ def normalized(text: str) -> str:
     return " ".join(re.findall(r"\w+", text.lower()))
 
 
+def max_similarity(vector: np.ndarray, index: NearestIndex) -> tuple[float, int]:
+    """The best cosine similarity of ``vector`` in ``index`` and its position; (0.0, -1)
+    when the index is empty. Exact or approximate, as the index was built."""
+    return index.nearest(vector)
+
+
 class BenchmarkIndex:
     """The questions of the benchmark files, to find what is too close to one of them."""
 
-    def __init__(self, paths: list[Path], embedder: Embedder, threshold: float) -> None:
+    def __init__(
+        self,
+        paths: list[Path],
+        embedder: Embedder,
+        threshold: float,
+        search: SearchMethod = "auto",
+    ) -> None:
         self.questions = [(str(p), q) for p in paths for q in benchmark_questions(p)]
-        self.vectors = embedder.encode([q for _, q in self.questions])
+        self.vectors = encode_in_batches(embedder, [q for _, q in self.questions])
         self.exact = {normalized(q): i for i, (_, q) in enumerate(self.questions)}
         self.threshold = threshold
+        self.index = NearestIndex(self.vectors.shape[1] if len(self.vectors) else 1, search)
+        self.index.add_many(self.vectors)
 
     def match(self, text: str, vector: np.ndarray) -> dict[str, Any] | None:
         """The benchmark question ``text`` copies (same words, or embedding similarity at or
         above the threshold), as ``{benchmark, question, similarity}``; None if none."""
-        score, best = max_similarity(vector[None, :], self.vectors)
+        score, best = max_similarity(vector, self.index)
         index = self.exact.get(normalized(text))
-        if index is None and (best[0] < 0 or score[0] < self.threshold):
+        if index is None and (best < 0 or score < self.threshold):
             return None
-        index = int(best[0]) if index is None else index
+        index = best if index is None else index
         file, question = self.questions[index]
         return {
             "benchmark": file,
@@ -313,49 +328,51 @@ async def filter_queries(config: SynthConfig, progress: bool = True) -> StageRes
     existing = {t.id: t for t in out}
 
     bench = BenchmarkIndex(
-        qc.benchmarks if qc.decontaminate else [], embedder, qc.decontam_threshold
+        qc.benchmarks if qc.decontaminate else [],
+        embedder,
+        qc.decontam_threshold,
+        qc.dedup_search,
     )
     seeds = read_seeds(qc.seeds, set(qc.tools)) if qc.seeds else []
-    seed_vectors = embedder.encode([s["query"] for s in seeds])
+    seed_vectors = encode_in_batches(embedder, [s["query"] for s in seeds])
     valid = [t for t in ordered if not t.metadata.get("invalid")]
-    vectors = dict(
-        zip([t.id for t in valid], embedder.encode([t.query for t in valid]), strict=True)
-    )
+    # Embedded a batch at a time as the filter reaches them: a million candidates' vectors
+    # are never all in memory, only those of the queries kept (in the index).
+    vectors = LazyVectors(embedder, [(t.id, t.query) for t in valid])
+    width = vectors.dim
+    seed_index = NearestIndex(width, qc.dedup_search)
+    seed_index.add_many(seed_vectors)
 
     kept_ids: list[str] = [t.id for t in ordered if t.id in existing]
-    # Kept embeddings fill a preallocated matrix: growing a list and stacking it per item
-    # would copy everything kept so far for every candidate.
-    width = next(iter(vectors.values())).shape[0] if vectors else 1
-    kept_matrix = np.zeros((len(ordered), width), dtype=np.float32)
-    kept_count = 0
+    # Rebuilt in generation order, so the index (and every later decision) is the one the
+    # interrupted run had at this point.
+    kept_index = NearestIndex(width, qc.dedup_search)
     for i in kept_ids:
-        kept_matrix[kept_count] = vectors[i]
-        kept_count += 1
+        kept_index.add(vectors[i])
     tool_counts: Counter[str] = Counter(n for i in kept_ids for n in existing[i].tools)
     topic_counts: Counter[str] = Counter(str(existing[i].metadata.get("topic")) for i in kept_ids)
     kept_by_index = list(kept_ids)
 
     async def process(task: Task) -> Task | Drop:
-        nonlocal kept_count
         if task.id in existing:  # written before a kill, not yet marked done
             return existing[task.id]
         if task.metadata.get("invalid"):
             return Drop("malformed query", {"error": task.metadata["invalid"], "item": task.query})
-        vector = vectors[task.id][None, :]
-        copy = bench.match(task.query, vectors[task.id])
+        vector = vectors[task.id]
+        copy = bench.match(task.query, vector)
         if copy is not None:
             return Drop("benchmark near-copy", {**copy, "query": task.query})
-        score, best = max_similarity(vector, seed_vectors)
-        if best[0] >= 0 and score[0] >= qc.dedup_threshold:
+        score, best = max_similarity(vector, seed_index)
+        if best >= 0 and score >= qc.dedup_threshold:
             return Drop(
                 "near-duplicate of a seed",
-                {"seed": seeds[int(best[0])]["query"], "similarity": round(float(score[0]), 4)},
+                {"seed": seeds[best]["query"], "similarity": round(score, 4)},
             )
-        score, best = max_similarity(vector, kept_matrix[:kept_count])
-        if best[0] >= 0 and score[0] >= qc.dedup_threshold:
+        score, best = max_similarity(vector, kept_index)
+        if best >= 0 and score >= qc.dedup_threshold:
             return Drop(
                 "near-duplicate",
-                {"of": kept_by_index[int(best[0])], "similarity": round(float(score[0]), 4)},
+                {"of": kept_by_index[best], "similarity": round(score, 4)},
             )
         if qc.tool_quota is not None:
             full = [n for n in task.tools if tool_counts[n] >= qc.tool_quota]
@@ -364,8 +381,7 @@ async def filter_queries(config: SynthConfig, progress: bool = True) -> StageRes
         topic = str(task.metadata.get("topic"))
         if qc.topic_quota is not None and topic_counts[topic] >= qc.topic_quota:
             return Drop("topic quota reached", {"topic": topic})
-        kept_matrix[kept_count] = vectors[task.id]
-        kept_count += 1
+        kept_index.add(vector)
         kept_by_index.append(task.id)
         tool_counts.update(task.tools)
         topic_counts[topic] += 1
@@ -379,15 +395,52 @@ async def filter_queries(config: SynthConfig, progress: bool = True) -> StageRes
 
     # One at a time, in generation order: whether a query is a near-duplicate depends on
     # what was kept before it, and that order must not depend on scheduling or resumes.
-    return await run_stage(
-        FILTER,
-        ordered,
-        key=lambda t: t.id,
-        process=process,
-        out=out,
-        concurrency=1,
-        max_failures=config.max_failures,
-        max_failure_rate=config.max_failure_rate,
-        progress=progress,
-        total=len(ordered),
+    with single_blas_thread():
+        return await run_stage(
+            FILTER,
+            ordered,
+            key=lambda t: t.id,
+            process=process,
+            out=out,
+            concurrency=1,
+            max_failures=config.max_failures,
+            max_failure_rate=config.max_failure_rate,
+            progress=progress,
+            total=len(ordered),
+        )
+
+
+EMBED_BATCH = 1024
+
+
+def encode_in_batches(embedder: Embedder, texts: list[str]) -> np.ndarray:
+    """``embedder.encode`` a batch at a time (bounded memory for the model's activations)."""
+    if not texts:
+        return embedder.encode([])
+    return np.concatenate(
+        [embedder.encode(texts[i : i + EMBED_BATCH]) for i in range(0, len(texts), EMBED_BATCH)]
     )
+
+
+class LazyVectors:
+    """Embeddings of ``(id, text)`` pairs, computed a batch at a time on first access.
+
+    The filter reads them in order, so only the batch in use is held."""
+
+    def __init__(self, embedder: Embedder, items: list[tuple[str, str]]) -> None:
+        self.embedder = embedder
+        self.items = items
+        self.position = {item_id: i for i, (item_id, _) in enumerate(items)}
+        self._batch = -1
+        self._vectors = np.zeros((0, 1), dtype=np.float32)
+        self.dim = embedder.encode([items[0][1]]).shape[1] if items else 1
+
+    def __getitem__(self, item_id: str) -> np.ndarray:
+        i = self.position[item_id]
+        batch = i // EMBED_BATCH
+        if batch != self._batch:
+            texts = [t for _, t in self.items[batch * EMBED_BATCH : (batch + 1) * EMBED_BATCH]]
+            self._vectors = self.embedder.encode(texts)
+            self._batch = batch
+        vector: np.ndarray = self._vectors[i - batch * EMBED_BATCH]
+        return vector

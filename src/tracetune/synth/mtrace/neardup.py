@@ -1,0 +1,202 @@
+"""Near-duplicate search that stays fast at a million items.
+
+:class:`NearestIndex` answers "which vector added so far is most similar to this one" for
+unit-length embeddings (cosine similarity). Small sets are searched exactly (one matrix
+product, on one BLAS thread: the products are too small to gain from more, and extra
+threads only contend); past ``exact_limit`` vectors the set moves into an HNSW graph from
+``usearch`` (single-threaded inserts in a fixed order, so a rebuild from the same vectors in
+the same order answers the same: a resumed run decides as the first one did). Searches
+then cost about log(n) instead of n, and vectors are stored as float16 (1M 1024-d vectors in
+~2 GB). ``method="exact"`` keeps exact search at any size; ``"ann"`` uses the graph from the
+first vector.
+
+:class:`HashIndex` finds a 64-bit perceptual hash within ``bits`` bits of an earlier one
+by multi-index hashing: the hash is cut into ``bits + 1`` blocks (at most 16), and two hashes
+that differ in at most ``bits`` bits agree exactly on at least one block (pigeonhole), so
+only the hashes sharing a block value are compared. Exact: the same answers as a full scan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Generic, Literal, TypeVar
+
+import numpy as np
+
+SearchMethod = Literal["auto", "exact", "ann"]
+SEARCH_METHODS = ("auto", "exact", "ann")
+
+# auto: exact search while (vectors x dimensions) stays below this (~1-4 ms per search).
+EXACT_LIMIT_CELLS = 4_000_000
+# HNSW parameters: graph degree, and candidate lists while inserting and searching. Wider
+# lists find the true nearest neighbour more often, at a cost linear in their length.
+CONNECTIVITY = 16
+EXPANSION_ADD = 64
+EXPANSION_SEARCH = 96
+# Neighbours an ANN search returns (the best is rescored; several guard against a graph
+# walk that reaches the duplicate's cluster through a slightly worse node first).
+ANN_K = 4
+
+
+@contextmanager
+def single_blas_thread() -> Iterator[None]:
+    """Run BLAS on one thread: matrix-vector products of a few thousand rows finish before
+    a thread pool wakes up, and several threads only contend (measured in bench/RESULTS.md)."""
+    try:
+        from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
+    except ImportError:  # without threadpoolctl the products run as configured
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+class NearestIndex:
+    """The most similar of the unit vectors added so far (cosine), exact or approximate."""
+
+    def __init__(
+        self, dim: int, method: SearchMethod = "auto", exact_limit: int | None = None
+    ) -> None:
+        if method not in SEARCH_METHODS:
+            raise ValueError(f"unknown search method {method!r}; choose one of {SEARCH_METHODS}")
+        self.dim = dim
+        self.method = method
+        self.exact_limit = (
+            exact_limit if exact_limit is not None else max(1, EXACT_LIMIT_CELLS // max(1, dim))
+        )
+        self._matrix = np.zeros((16, dim), dtype=np.float32)
+        self._count = 0
+        self._ann: Any = None
+        if method == "ann":
+            self._ann = self._new_ann()
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def approximate(self) -> bool:
+        return self._ann is not None
+
+    def _new_ann(self) -> Any:
+        from usearch.index import Index
+
+        return Index(
+            ndim=self.dim,
+            metric="ip",  # unit vectors: inner product is the cosine
+            dtype="f16",
+            connectivity=CONNECTIVITY,
+            expansion_add=EXPANSION_ADD,
+            expansion_search=EXPANSION_SEARCH,
+        )
+
+    def add(self, vector: np.ndarray) -> int:
+        """Add one vector; returns its position (0, 1, 2, ... in the order added)."""
+        position = self._count
+        vector = np.asarray(vector, dtype=np.float32).reshape(self.dim)
+        if self._ann is not None:
+            self._ann.add(position, vector, threads=1)
+        else:
+            if position == len(self._matrix):
+                grown = np.zeros((2 * len(self._matrix), self.dim), dtype=np.float32)
+                grown[:position] = self._matrix
+                self._matrix = grown
+            self._matrix[position] = vector
+            if self.method == "auto" and position + 1 > self.exact_limit:
+                self._move_to_ann(position + 1)
+        self._count += 1
+        return position
+
+    def add_many(self, vectors: np.ndarray) -> None:
+        for vector in np.asarray(vectors, dtype=np.float32).reshape(-1, self.dim):
+            self.add(vector)
+
+    def _move_to_ann(self, count: int) -> None:
+        ann = self._new_ann()
+        for position in range(count):  # one at a time, in order: the same graph every time
+            ann.add(position, self._matrix[position], threads=1)
+        self._ann = ann
+        self._matrix = np.zeros((0, self.dim), dtype=np.float32)
+
+    def nearest(self, vector: np.ndarray) -> tuple[float, int]:
+        """``(similarity, position)`` of the most similar vector added; ``(0.0, -1)`` if none."""
+        if self._count == 0:
+            return 0.0, -1
+        vector = np.asarray(vector, dtype=np.float32).reshape(self.dim)
+        if self._ann is None:
+            sims = self._matrix[: self._count] @ vector
+            best = int(sims.argmax())
+            return float(sims[best]), best
+        matches = self._ann.search(vector, min(ANN_K, self._count), threads=1)
+        keys = np.asarray(matches.keys).reshape(-1)
+        distances = np.asarray(matches.distances, dtype=np.float64).reshape(-1)
+        if len(keys) == 0:
+            return 0.0, -1
+        # Lowest distance first; the earliest added wins a tie, as in the exact search.
+        order = sorted(
+            range(len(keys)), key=lambda i: (round(float(distances[i]), 6), int(keys[i]))
+        )
+        best = order[0]
+        return float(1.0 - distances[best]), int(keys[best])
+
+
+T = TypeVar("T")
+
+
+class HashIndex(Generic[T]):
+    """Finds an earlier 64-bit hash within ``bits`` bits of a new one (multi-index hashing).
+
+    Answers exactly what a scan of every earlier hash in order would: the first hash added
+    that lies within ``bits`` bits.
+    """
+
+    def __init__(self, bits: int) -> None:
+        if not 0 <= bits <= 64:
+            raise ValueError(f"bits must be within 0..64, got {bits}")
+        self.bits = bits
+        blocks = min(bits + 1, 16)
+        # Some block differs in at most `radius` bits (pigeonhole): 0 while bits < 16.
+        self.radius = bits // blocks
+        edges = [round(i * 64 / blocks) for i in range(blocks + 1)]
+        self.spans = [(lo, hi - lo) for lo, hi in zip(edges, edges[1:], strict=False)]
+        self.tables: list[dict[int, list[int]]] = [{} for _ in self.spans]
+        self.codes: list[int] = []
+        self.items: list[T] = []
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def _variants(self, value: int, width: int) -> Iterator[int]:
+        yield value
+        if self.radius == 0:
+            return
+        frontier = [(value, -1)]
+        for _ in range(self.radius):
+            grown = []
+            for v, last in frontier:
+                for bit in range(last + 1, width):
+                    flipped = v ^ (1 << bit)
+                    grown.append((flipped, bit))
+                    yield flipped
+            frontier = grown
+
+    def find(self, code: int) -> T | None:
+        """The item of the first hash added within ``bits`` bits of ``code``, else None."""
+        best = -1
+        for table, (lo, width) in zip(self.tables, self.spans, strict=True):
+            value = (code >> lo) & ((1 << width) - 1)
+            for key in self._variants(value, width):
+                for i in table.get(key, ()):
+                    if best >= 0 and i >= best:
+                        break  # positions ascend: no earlier match in this bucket
+                    if (self.codes[i] ^ code).bit_count() <= self.bits:
+                        best = i
+                        break
+        return self.items[best] if best >= 0 else None
+
+    def add(self, code: int, item: T) -> None:
+        position = len(self.codes)
+        for table, (lo, width) in zip(self.tables, self.spans, strict=True):
+            table.setdefault((code >> lo) & ((1 << width) - 1), []).append(position)
+        self.codes.append(code)
+        self.items.append(item)
