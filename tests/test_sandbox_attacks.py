@@ -14,6 +14,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -163,15 +164,18 @@ async def test_a_thread_flipping_output_names_between_link_and_file_never_reache
 SWAP = """
 import os, threading, time
 stop = time.time() + {seconds}
+errors = set()
 def swap():
     while time.time() < stop:
-        try:
-            os.rename("docs", "docs.real")
-            os.symlink({host!r}, "docs")
-            os.unlink("docs")
-            os.rename("docs.real", "docs")
-        except OSError:
-            pass
+        for step in (lambda: os.rename("docs", "docs.real"),
+                     lambda: os.symlink({host!r}, "docs"),
+                     lambda: os.unlink("docs"),
+                     lambda: os.rename("docs.real", "docs")):
+            try:
+                step()
+            except OSError as exc:
+                errors.add(repr(exc))
+        time.sleep(0.001)
 t = threading.Thread(target=swap, daemon=True)
 t.start()
 seen = set()
@@ -183,7 +187,7 @@ while time.time() < stop:
         except ToolError as exc:
             seen.add(type(exc).__name__)
 t.join()
-print(sorted(seen))
+print(sorted(seen), sorted(errors)[:3])
 """
 
 
@@ -786,3 +790,119 @@ async def test_the_audit_hook_cannot_be_switched_off_through_closures(
         refused = await sb.execute("import os\nos.system('true')")
         assert refused.error is not None and refused.error.kind == ErrorKind.SANDBOX
     host_unchanged(host)
+
+
+BOMB = """
+import os, time
+end = time.time() + 1.5
+forks = refused = 0
+while time.time() < end:
+    try:
+        if os.fork() == 0:
+            forks = 0  # every child keeps forking too
+        else:
+            forks += 1
+    except OSError:
+        refused += 1
+        time.sleep(0.005)
+if refused:
+    print("refused", refused)
+"""
+
+
+@async_test
+async def test_a_fork_bomb_is_capped_and_gone_after_close(tmp_path: Path) -> None:
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    limits = LIMITS.model_copy(update={"max_processes": 16, "timeout_s": 15.0})
+    sb = await Sandbox.start(workdir, [], _noop, limits)
+    try:
+        assert sb.isolation.get("process_cap") or sb.isolation.get("cgroup"), sb.isolation
+        result = await sb.execute(BOMB)
+        assert result.error is None or result.error.kind in (ErrorKind.TIMEOUT, ErrorKind.MEMORY)
+        assert "refused" in result.stdout  # the kernel said no
+        ns = os.stat(f"/proc/{sb.pid}/ns/net").st_ino
+    finally:
+        await sb.close()
+    time.sleep(0.1)
+    left = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}/ns/net").st_ino == ns and not _gone(int(entry)):
+                    left.append(entry)
+            except OSError:
+                pass
+    assert left == []
+
+
+# -- the key attacks again, from a host that is not root ---------------------------------------
+
+NON_ROOT_KEYS = (
+    "planted or flipping or swapped or forged or oversized or daemon or unix or kernel "
+    "or closures or fork_bomb or calculator"
+)
+
+
+def _python_for(uid: int) -> str | None:
+    """A Python of this version that ``uid`` can execute (this one may live under /root)."""
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    for candidate in (sys.executable, f"/usr/bin/{version}", f"/usr/local/bin/{version}"):
+        probe = subprocess.run(
+            [
+                "setpriv",
+                f"--reuid={uid}",
+                f"--regid={uid}",
+                "--clear-groups",
+                candidate,
+                "-c",
+                "import subprocess, sys; subprocess.run([sys.executable, '-c', ''], check=True)",
+            ],
+            capture_output=True,
+            check=False,
+        )
+        if probe.returncode == 0:
+            return candidate
+    return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to uid 65534 needs a root test run")
+@pytest.mark.skipif(bool(os.environ.get("TRACETUNE_NON_ROOT_RUN")), reason="already non-root")
+@pytest.mark.timeout(300)
+def test_key_attacks_also_fail_from_a_non_root_host() -> None:
+    import shutil
+    import site
+    import tempfile
+
+    import tracetune
+
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    python = _python_for(65534)
+    if python is None:
+        pytest.skip("no Python of this version is executable by uid 65534")
+    # Outside pytest's per-user base directory, which is 0700.
+    base = Path(tempfile.mkdtemp(prefix="tracetune-nonroot-"))
+    base.chmod(0o777)
+    src = str(Path(tracetune.__file__).parents[1])
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(base),
+        "LANG": "C.UTF-8",
+        "TRACETUNE_NON_ROOT_RUN": "1",
+        "PYTHONPATH": os.pathsep.join([src, *site.getsitepackages()]),
+    }
+    command = [
+        "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-m", "pytest",
+        str(Path(__file__)), "-q", "-x", "-p", "no:cacheprovider", "-k", NON_ROOT_KEYS,
+        f"--basetemp={base / 'pytest'}",
+    ]  # fmt: skip
+    try:
+        run = subprocess.run(
+            command, env=env, cwd=str(base), capture_output=True, text=True, timeout=280,
+            check=False,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "failed" not in run.stdout, run.stdout[-2000:]

@@ -35,8 +35,12 @@ def list_tools(
         bool, typer.Option("--json", help="Print the OpenAI `tools` array.")
     ] = False,
     module: Annotated[list[str] | None, typer.Option(help=_MODULE_HELP)] = None,
+    sandbox: Annotated[
+        bool, typer.Option(help="Also start a code sandbox and show its active layers.")
+    ] = True,
 ) -> None:
-    """Show every registered tool: signature, output type, and whether it can run here."""
+    """Show every registered tool: signature, output type, and whether it can run here;
+    then the code sandbox's active isolation layers."""
     from tracetune.tools import registered_tools
 
     _import_modules(module)
@@ -51,9 +55,63 @@ def list_tools(
     table.add_column("available")
     for name, tool in tools.items():
         ok, why = tool.available()
-        table.add_row(name, tool.signature(), tool.output_type,
-                      "[green]yes[/green]" if ok else f"[yellow]{why}[/yellow]")
+        table.add_row(
+            name,
+            tool.signature(),
+            tool.output_type,
+            "[green]yes[/green]" if ok else f"[yellow]{why}[/yellow]",
+        )
     out_console.print(table)
+    if sandbox:
+        _print_layers(run_async(_probe_sandbox()))
+
+
+async def _probe_sandbox() -> dict[str, Any]:
+    from tracetune.sandbox import SandboxError, probe
+
+    try:
+        return await probe()
+    except SandboxError as exc:
+        fail(f"the code sandbox does not start here: {exc}")
+        raise
+
+
+def _print_layers(isolation: dict[str, Any]) -> None:
+    from tracetune.sandbox import isolation_level, layers
+
+    table = Table(title=f"code sandbox: level {isolation_level(isolation)}")
+    table.add_column("layer", style="bold")
+    table.add_column("active")
+    table.add_column("detail")
+    for name, on, detail in layers(isolation):
+        table.add_row(name, "[green]yes[/green]" if on else "[yellow]no[/yellow]", detail)
+    out_console.print(table)
+
+
+@app.command("sandbox")
+def sandbox_layers(
+    min_level: Annotated[
+        str | None,
+        typer.Option(
+            help="Exit with status 1 if the sandbox is below this level (basic, standard, strict)."
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Start a code sandbox and show which isolation layers are active on this machine."""
+    from tracetune.sandbox import LEVELS, isolation_level, layers
+
+    if min_level is not None and min_level not in LEVELS:
+        fail(f"--min-level {min_level!r}: choose one of {', '.join(LEVELS)}")
+    isolation = run_async(_probe_sandbox())
+    level = isolation_level(isolation)
+    if as_json:
+        rows = [{"layer": n, "active": on, "detail": d} for n, on, d in layers(isolation)]
+        typer.echo(json.dumps({"level": level, "layers": rows}, indent=2))
+    else:
+        _print_layers(isolation)
+    if min_level is not None and list(LEVELS).index(level) < list(LEVELS).index(min_level):
+        fail(f"the sandbox reaches level {level!r}, below the required {min_level!r}", code=1)
 
 
 def parse_value(raw: str, schema: dict[str, Any]) -> Any:
@@ -125,32 +183,56 @@ def _parse_options(option: list[str] | None, corpus: Path | None) -> dict[str, A
 @app.command("run")
 def run_tool(
     name: Annotated[str, typer.Argument(help="Tool name, or package.module:attr for your own.")],
-    arg: Annotated[list[str] | None, typer.Option(
-        "--arg", "-a", help="Argument as KEY=VALUE (repeatable); arrays as JSON or 1,2,3.")] = None,
-    image: Annotated[list[Path] | None, typer.Option(
-        help="Image to use (repeatable); copied into the workdir, and passed as `image` "
-             "when the tool takes one and --arg did not set it.")] = None,
-    file: Annotated[list[Path] | None, typer.Option(
-        help="Any file to use; like --image but fills a `path` argument.")] = None,
-    workdir: Annotated[Path, typer.Option(
-        help="Working directory: tool file arguments are names in it, results are saved "
-             "in it.")] = Path("."),
-    model: Annotated[str | None, typer.Option(
-        help="Model for visual_qa/caption/inspect_file questions: openai:NAME or local:PATH.")]
-        = None,
-    base_url: Annotated[str | None, typer.Option(
-        help="OpenAI-compatible endpoint for --model openai:NAME (default $OPENAI_BASE_URL).")]
-        = None,
-    corpus: Annotated[Path | None, typer.Option(
-        help="Corpus for `search`: a folder of .txt/.md/.pdf files or a .jsonl.")] = None,
-    option: Annotated[list[str] | None, typer.Option(
-        help="Tool option as TOOL.KEY=VALUE, e.g. object_localization.model=DIR.")] = None,
+    arg: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--arg", "-a", help="Argument as KEY=VALUE (repeatable); arrays as JSON or 1,2,3."
+        ),
+    ] = None,
+    image: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Image to use (repeatable); copied into the workdir, and passed as `image` "
+            "when the tool takes one and --arg did not set it."
+        ),
+    ] = None,
+    file: Annotated[
+        list[Path] | None,
+        typer.Option(help="Any file to use; like --image but fills a `path` argument."),
+    ] = None,
+    workdir: Annotated[
+        Path,
+        typer.Option(
+            help="Working directory: tool file arguments are names in it, results are saved in it."
+        ),
+    ] = Path("."),
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Model for visual_qa/caption/inspect_file questions: openai:NAME or local:PATH."
+        ),
+    ] = None,
+    base_url: Annotated[
+        str | None,
+        typer.Option(
+            help="OpenAI-compatible endpoint for --model openai:NAME (default $OPENAI_BASE_URL)."
+        ),
+    ] = None,
+    corpus: Annotated[
+        Path | None,
+        typer.Option(help="Corpus for `search`: a folder of .txt/.md/.pdf files or a .jsonl."),
+    ] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(help="Tool option as TOOL.KEY=VALUE, e.g. object_localization.model=DIR."),
+    ] = None,
     module: Annotated[list[str] | None, typer.Option(help=_MODULE_HELP)] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print text, data and saved files "
-                                                          "as JSON.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print text, data and saved files as JSON.")
+    ] = False,
 ) -> None:
     """Run one tool and print its result; returned images are saved in the workdir."""
-    from tracetune.tools import ToolContext, ToolError, get_tool
+    from tracetune.tools import ToolContext, ToolError, ToolFatal, get_tool
 
     _import_modules(module)
     try:
@@ -196,7 +278,7 @@ def run_tool(
 
     try:
         result = run_async(call())
-    except ToolError as exc:  # includes ToolUnavailable, whose message names the extra
+    except (ToolError, ToolFatal) as exc:  # ToolUnavailable's message names the extra
         fail(str(exc))
         return
     saved = []
@@ -205,9 +287,20 @@ def run_tool(
         img.save(path)
         saved.append(str(path))
     if as_json:
-        typer.echo(json.dumps({"text": result.text, "data": result.data, "images": saved,
-                               "files": [str(f) for f in result.files], "final": result.final},
-                              indent=2, ensure_ascii=False, default=str))
+        typer.echo(
+            json.dumps(
+                {
+                    "text": result.text,
+                    "data": result.data,
+                    "images": saved,
+                    "files": [str(f) for f in result.files],
+                    "final": result.final,
+                },
+                indent=2,
+                ensure_ascii=False,
+                default=str,
+            )
+        )
         return
     if result.text:
         typer.echo(result.text)

@@ -60,6 +60,7 @@ process, the rlimits the kernel honours and the audit hook apply.
 """
 
 from tracetune.sandbox._sandbox import (
+    LEVELS,
     ExecResult,
     Sandbox,
     SandboxError,
@@ -67,9 +68,13 @@ from tracetune.sandbox._sandbox import (
     ToolHandler,
     ToolReply,
     ToolStub,
+    isolation_level,
+    layers,
+    probe,
 )
 
 __all__ = [
+    "LEVELS",
     "ExecResult",
     "Sandbox",
     "SandboxError",
@@ -77,4 +82,7 @@ __all__ = [
     "ToolHandler",
     "ToolReply",
     "ToolStub",
+    "isolation_level",
+    "layers",
+    "probe",
 ]

@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -38,6 +38,113 @@ _UID_BASE = 1_900_000_000
 _UID_SPAN = 100_000_000
 _warned: set[str] = set()
 _LINUX = sys.platform.startswith("linux")
+
+
+# Layers each isolation level needs, beyond the process and rlimits every sandbox has.
+LEVELS: dict[str, tuple[str, ...]] = {
+    "basic": (),
+    "standard": ("network_namespace", "landlock"),
+    "strict": ("network_namespace", "landlock", "seccomp", "cgroup", "process_cap"),
+}
+
+
+def _env_level() -> Literal["basic", "standard", "strict"]:
+    value = os.environ.get("TRACETUNE_SANDBOX_MIN_LEVEL", "basic").strip().lower() or "basic"
+    if value not in LEVELS:
+        raise ValueError(
+            f"TRACETUNE_SANDBOX_MIN_LEVEL={value!r}: choose one of {', '.join(LEVELS)}"
+        )
+    return value  # type: ignore[return-value]
+
+
+def layers(isolation: dict[str, Any]) -> list[tuple[str, bool, str]]:
+    """(layer, active, detail) for every layer, from a sandbox's ``isolation`` report."""
+    notes = " ".join(str(n) for n in isolation.get("notes", []))
+    uid = isolation.get("uid")
+    cap = isolation.get("process_cap")
+    rows = [
+        ("process", True, "own session, stripped environment, killed on close"),
+        ("rlimits", True, "address space, CPU per step, file size, open files, no core"),
+        (
+            "network_namespace",
+            bool(isolation.get("network_namespace")),
+            "no interfaces, not even loopback"
+            if isolation.get("network_namespace")
+            else "refused by the kernel: " + (notes or "unknown"),
+        ),
+        (
+            "own_uid",
+            bool(isolation.get("own_uid")),
+            f"uid {uid}, no capabilities"
+            if isolation.get("own_uid")
+            else f"the host's uid {uid}"
+            + (", capabilities dropped" if isolation.get("capabilities_dropped") else ""),
+        ),
+        (
+            "landlock",
+            bool(isolation.get("landlock_abi")),
+            f"ABI {isolation.get('landlock_abi')}: reads, writes, exec, TCP, signals confined"
+            if isolation.get("landlock_abi")
+            else "not available (Linux >= 5.13)",
+        ),
+        (
+            "seccomp",
+            bool(isolation.get("seccomp")),
+            f"{isolation.get('seccomp')} filter: no namespaces, mounts, io_uring, keys, bpf, "
+            "ptrace, personality, Unix sockets"
+            if isolation.get("seccomp")
+            else "not applied",
+        ),
+        (
+            "cgroup",
+            bool(isolation.get("cgroup")),
+            f"{isolation.get('cgroup')}: pids and memory for the whole tree, killed whole"
+            if isolation.get("cgroup")
+            else str(isolation.get("cgroup_detail") or "not available"),
+        ),
+        (
+            "process_cap",
+            bool(cap) or bool(isolation.get("cgroup")),
+            "cgroup pids.max"
+            if isolation.get("cgroup")
+            else (f"RLIMIT_NPROC ({cap})" if isinstance(cap, str) else "RLIMIT_NPROC (own uid)")
+            if cap
+            else "none",
+        ),
+        (
+            "audit_hook",
+            bool(isolation.get("audit_hook")),
+            "clear refusals for the model (convenience, not a boundary)",
+        ),
+    ]
+    return rows
+
+
+def isolation_level(isolation: dict[str, Any]) -> str:
+    """The highest level of ``LEVELS`` whose layers are all active."""
+    active = {name for name, on, _ in layers(isolation) if on}
+    best = "basic"
+    for level, needed in LEVELS.items():
+        if set(needed) <= active:
+            best = level
+    return best
+
+
+async def probe(limits: SandboxLimits | None = None) -> dict[str, Any]:
+    """Start a sandbox in a scratch directory and return its ``isolation`` report."""
+    import shutil
+    import tempfile
+
+    async def no_tools(name: str, arguments: dict[str, Any]) -> ToolReply:
+        return ToolReply(error="no tools")
+
+    workdir = Path(tempfile.mkdtemp(prefix="tracetune-probe-"))
+    limits = (limits or SandboxLimits()).model_copy(update={"min_level": "basic"})
+    try:
+        async with await Sandbox.start(workdir, [], no_tools, limits) as sandbox:
+            return dict(sandbox.isolation)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 class SandboxLimits(BaseModel):
@@ -81,6 +188,13 @@ class SandboxLimits(BaseModel):
     )
     startup_timeout_s: float = Field(
         default=30.0, gt=0, description="Seconds a worker may take to start."
+    )
+    min_level: Literal["basic", "standard", "strict"] = Field(
+        default_factory=lambda: _env_level(),
+        description="Refuse to run code below this isolation level (see "
+        "``tracetune.sandbox.LEVELS``): 'basic' runs anywhere; 'standard' needs a network "
+        "namespace and Landlock; 'strict' also the seccomp filter, a cgroup and a process "
+        "cap. Defaults to $TRACETUNE_SANDBOX_MIN_LEVEL, else 'basic'.",
     )
     cpus: float | None = Field(
         default=None,
@@ -476,6 +590,19 @@ class Sandbox:
         self.isolation = dict(isolation) if isinstance(isolation, dict) else {}
         self.isolation["cgroup"] = self.cgroup.version if self.cgroup is not None else ""
         self.isolation["cgroup_detail"] = self._cgroup_note
+        level = isolation_level(self.isolation)
+        self.isolation["level"] = level
+        needed = LEVELS[self.limits.min_level]
+        missing = [(n, d) for n, on, d in layers(self.isolation) if n in needed and not on]
+        if missing:
+            await worker.kill()
+            raise SandboxError(
+                f"the sandbox reached the '{level}' isolation level, below the required "
+                f"'{self.limits.min_level}'; missing: "
+                + "; ".join(f"{n} ({d})" for n, d in missing)
+                + ". Run as root or with user namespaces, cgroup delegation and Landlock, or "
+                "lower SandboxLimits.min_level / TRACETUNE_SANDBOX_MIN_LEVEL."
+            )
         self.startup_s = time.perf_counter() - t0
         _warn_missing_layers(self.isolation)
         return worker
@@ -900,18 +1027,17 @@ def _death(status: int | None, limits: SandboxLimits, detail: str) -> tuple[Erro
 
 
 def _warn_missing_layers(isolation: dict[str, Any]) -> None:
-    """Say once per process which isolation layers this machine could not provide."""
-    missing = []
-    if not isolation.get("network_namespace"):
-        missing.append("network namespace (network is blocked only by the audit hook and Landlock)")
-    if not isolation.get("landlock_abi"):
-        missing.append("Landlock (file access is confined only by the audit hook)")
-    if not isolation.get("process_cap"):
-        missing.append("process cap (RLIMIT_NPROC needs a root host to drop to its own uid)")
-    for layer in missing:
-        if layer not in _warned:
-            _warned.add(layer)
-            logger.warning("sandbox isolation without %s", layer)
+    """Say once per process which isolation layers are active, and warn about missing ones."""
+    rows = layers(isolation)
+    summary = ", ".join(name for name, on, _ in rows if on)
+    key = f"active:{summary}"
+    if key not in _warned:
+        _warned.add(key)
+        logger.info("sandbox level %s; active layers: %s", isolation.get("level"), summary)
+    for name, on, detail in rows:
+        if not on and name != "audit_hook" and name not in _warned:
+            _warned.add(name)
+            logger.warning("sandbox isolation without %s: %s", name, detail)
     for note in isolation.get("notes", []):
         if note not in _warned:
             _warned.add(note)

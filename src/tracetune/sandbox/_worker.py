@@ -548,6 +548,7 @@ def isolate(config: dict[str, Any]) -> dict[str, Any]:
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)  # all uids non-zero: the kernel clears every capability
         report["uid"] = uid
+        report["own_uid"] = True
     elif linux and root:
         report["capabilities_dropped"] = _drop_capabilities(libc)
 
@@ -1111,6 +1112,9 @@ class Worker:
             # Refused by the kernel (Landlock, uid) rather than the hook: still the sandbox.
             if not self.policy.may_write(exc.filename):
                 return {"kind": "sandbox", "message": message}
+        if isinstance(exc, PermissionError) and exc.filename is None and exc.errno == 1:
+            # EPERM with no file: the seccomp filter or a dropped capability.
+            return {"kind": "sandbox", "message": message}
         if isinstance(exc, self.port.tool_error):
             return {"kind": "tool", "message": message}
         return {"kind": "code", "message": message}
