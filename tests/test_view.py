@@ -349,6 +349,11 @@ def test_filters_narrow_the_list_and_text_search_finds_a_record(
     page = visitor.open("/d/teacher~rejected/index.html?verdict=failed")
     failed = page.locator("table.records tr").count() - 1
     assert failed == 4
+    page = visitor.open("/d/teacher~rejected/index.html?dropped=did+not+use+the+tools")
+    assert page.locator("table.records tr").count() - 1 == 4
+    assert page.locator("select[name=dropped] option").count() == 2  # any, the one reason
+    page = visitor.open("/d/qs~gold/index.html?dropped=did+not+use+the+tools")
+    assert page.locator("table.records tr").count() - 1 == 0
     page = visitor.open("/d/teacher~rejected/index.html?verdict=passed")
     assert page.locator("table.records tr").count() - 1 == 0
     page = visitor.open("/d/qs~gold/index.html?q=receipt")
@@ -431,6 +436,9 @@ def test_run_state_links_drop_reasons_to_their_items(viewer: ViewerServer, brows
     page.locator("table.records a", has_text="teacher/rejected").first.click()
     page.wait_for_load_state("load")
     assert "failed" in page.locator("table.verdicts").inner_text()
+    assert (
+        "dropped by its stage: did not use the tools" in page.locator(".error").first.inner_text()
+    )
     assert "I do not know &lt;b&gt;&amp;&lt;/b&gt;" in page.content()  # escaped, not markup
     assert visitor.problems == []
 

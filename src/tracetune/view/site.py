@@ -224,6 +224,7 @@ class Site:
             "trajectory": [
                 ("status", "status", "status"),
                 ("verdict", "_verdict", "verdict"),
+                ("dropped", "_drop", "drop reason"),
                 ("tool", "used_tools", "tool used"),
                 ("error", "errors", "step error"),
                 ("family", "source", "family"),
@@ -251,6 +252,9 @@ class Site:
                     self.catalog.verdict_status(index.column("id").combine_chunks()),
                     "not judged",
                 )
+            elif column == "_drop":
+                drops = self.catalog.drop_reasons()
+                col = pa.array([drops.get(i) for i in index.column("id").to_pylist()], pa.string())
             else:
                 col = index.column(column).combine_chunks()
                 if pa.types.is_boolean(col.type):
@@ -556,6 +560,7 @@ class Site:
         key = safe_key(record.id)
         ctx["documents"] = self.documents(source, record.task.files)
         ctx["verdicts"] = self._verdicts(record.id, depth)
+        ctx["dropped"] = self.catalog.drop_reasons().get(record.id)
         ctx["messages_url"] = lambda n: f"../m/{key}/{n}.html"
         ctx["exploration"] = exploration_view(record)
         ctx["metadata"] = {k: v for k, v in record.metadata.items() if k != "exploration"}

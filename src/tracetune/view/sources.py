@@ -180,6 +180,14 @@ class StateReader:
             out.append((str(key), parsed if isinstance(parsed, dict) else {"info": parsed}))
         return total, out
 
+    def dropped(self) -> dict[str, str]:
+        """Item key -> drop reason, over every stage of this state file."""
+        rows = self._q(
+            "SELECT key, COALESCE(json_extract(info, '$.reason'), '(no reason)') "
+            "FROM items WHERE status='dropped'"
+        )
+        return {str(k): str(r) for k, r in rows}
+
     def usage(self) -> list[dict[str, Any]]:
         rows = self._q(
             "SELECT stage, model, prompt_tokens, completion_tokens, cost_usd, calls, "
@@ -562,6 +570,7 @@ class Catalog:
     def __init__(self, dirs: list[Path], cache_dir: Path | None = None) -> None:
         self.cache_dir = cache_dir
         self._verdicts: dict[str, str] | None = None
+        self._drops: dict[str, str] | None = None
         self._verdict_lock = threading.Lock()
         self.sources: dict[str, Source] = {}
         self.problems: list[Source] = []
@@ -688,6 +697,22 @@ class Catalog:
         """Per target: 'passed', 'failed' (any failing verdict) or None (never judged)."""
         status = self._verdict_map()
         return pa.array([status.get(t) for t in target_ids.to_pylist()], pa.string())
+
+    def drop_reasons(self) -> dict[str, str]:
+        """Item key -> drop reason from every run state opened (e.g. a rejected trajectory's
+        id -> why the rollout dropped it); built once."""
+        with self._verdict_lock:
+            if self._drops is None:
+                drops: dict[str, str] = {}
+                for source in self.sources.values():
+                    try:
+                        state = source.state
+                        if state is not None:
+                            drops.update(state.dropped())
+                    except SourceError:
+                        continue  # its own page says what is wrong
+                self._drops = drops
+            return self._drops
 
     def find(self, key: str) -> list[tuple[DatasetSource, int]]:
         """Records whose id, or whose task's id, is ``key`` (to link run-state items)."""
