@@ -293,3 +293,26 @@ def test_input_errors_are_value_errors_for_python_callers(tmp_path: Path) -> Non
     with pytest.raises(InputError, match=str(bomb)):
         AssetStore(tmp_path / "ds").put_file(bomb)
     assert issubclass(InputError, ValueError)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["agent", "run", "--config", "{bad}"],
+        ["eval", "score", "vqa", "--gold", "{bad}", "--predictions", "{bad}"],
+        ["import", "--format", "trl-sft", "--in", "{bad}", "--out", "{out}"],
+        ["mmat", "ingest", "--source", "{bad}", "--out", "{out}", "--quiet"],
+    ],
+    ids=["yaml-config", "eval-score", "import", "mmat-ingest"],
+)
+def test_every_reader_of_user_text_names_a_file_that_is_not_utf8(
+    tmp_path: Path, command: list[str]
+) -> None:
+    bad = tmp_path / ("bad.yaml" if "--config" in command else "bad.jsonl")
+    bad.write_bytes(b'{"question": "Qu\xe9 es?", "answer": "x", "image": "a.png"}\n')
+    args = [a.format(bad=bad, out=tmp_path / "out") for a in command]
+    result = CliRunner().invoke(app, args)
+    text = _plain(result.output)
+    assert result.exit_code == 2, result.output
+    assert f"{bad} is not UTF-8 text (byte 0xe9" in text
+    assert "Traceback" not in text and isinstance(result.exception, SystemExit)

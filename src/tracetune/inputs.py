@@ -33,17 +33,22 @@ class ImageError(InputError):
 
 
 # -- text ------------------------------------------------------------------------------------
-def decode_text(data: bytes, where: str | Path) -> str:
+def decode_text(data: bytes, where: str | Path, line: int | None = None) -> str:
     """``data`` as UTF-8 text (a byte-order mark is dropped); raises :class:`InputError`
-    naming ``where`` and the first bad byte's line when it is not UTF-8."""
+    naming ``where`` and the first bad byte's line when it is not UTF-8. ``line`` says
+    which line of ``where`` ``data`` is, for callers that decode line by line."""
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
         bad = data[exc.start : exc.start + 1].hex()
+        if line is None:
+            line = data[: exc.start].count(b"\n") + 1
+            at = f"at offset {exc.start}, line {line}"
+        else:
+            at = f"on line {line}, column {exc.start + 1}"
         raise InputError(
-            f"{where} is not UTF-8 text (byte 0x{bad} at offset {exc.start}, line {line}); "
-            "save it as UTF-8, e.g. `iconv -f LATIN1 -t UTF-8 FILE > FILE.utf8`"
+            f"{where} is not UTF-8 text (byte 0x{bad} {at}); save it as UTF-8, e.g. "
+            "`iconv -f LATIN1 -t UTF-8 FILE > FILE.utf8`"
         ) from None
 
 

@@ -45,8 +45,12 @@ def build_config(cls: type[C], config: Path | None, **flags: Any) -> C:
     if config is not None:
         if not config.is_file():
             fail(f"config file {config} does not exist")
+        from tracetune.inputs import InputError, read_text
+
         try:
-            loaded = yaml.safe_load(config.read_text()) or {}
+            loaded = yaml.safe_load(read_text(config)) or {}
+        except InputError as exc:  # not UTF-8: named, with the line of the first bad byte
+            fail(str(exc))
         except yaml.YAMLError as exc:
             fail(f"{config} is not valid YAML: {' '.join(str(exc).split())}")
         if not isinstance(loaded, dict):

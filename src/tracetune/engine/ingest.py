@@ -183,7 +183,7 @@ def _jsonl_rows(path: Path) -> Iterator[dict[str, Any]]:
         return
     with path.open("rb") as fh:
         for number, raw in enumerate(fh, 1):
-            line = decode_text(raw, f"{path}:{number}")
+            line = decode_text(raw, path, line=number)
             if not line.strip():
                 continue
             try:

@@ -82,12 +82,21 @@ def percent(numerator: float, denominator: float) -> float:
     return 100.0 * numerator / denominator if denominator else 0.0
 
 
+def _text(path: Path) -> str:
+    from tracetune.inputs import InputError, read_text
+
+    try:
+        return read_text(path)
+    except InputError as exc:
+        raise ScoringInputError(str(exc)) from None
+
+
 def read_json(path: str | Path, what: str) -> Any:
     path = Path(path)
     if not path.is_file():
         raise ScoringInputError(f"{what} file {path} does not exist")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(_text(path))
     except json.JSONDecodeError as exc:
         hint = ""
         if exc.msg == "Extra data":  # one object per line: a JSON-lines file given for JSON
@@ -103,22 +112,22 @@ def read_jsonl(path: str | Path, what: str) -> list[tuple[int, dict[str, Any]]]:
     if not path.is_file():
         raise ScoringInputError(f"{what} file {path} does not exist")
     rows: list[tuple[int, dict[str, Any]]] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ScoringInputError(
-                    f"{path}:{lineno}: not valid JSON ({exc.msg}); {what} must be JSON lines, "
-                    "one object per line"
-                ) from exc
-            if not isinstance(obj, dict):
-                raise ScoringInputError(
-                    f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}"
-                )
-            rows.append((lineno, obj))
+    # One reader for user text: a file that is not UTF-8 is named, not a traceback.
+    for lineno, line in enumerate(_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ScoringInputError(
+                f"{path}:{lineno}: not valid JSON ({exc.msg}); {what} must be JSON lines, "
+                "one object per line"
+            ) from exc
+        if not isinstance(obj, dict):
+            raise ScoringInputError(
+                f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}"
+            )
+        rows.append((lineno, obj))
     return rows
 
 

@@ -388,7 +388,7 @@ def read_rows(path: Path) -> Iterator[dict[str, Any]]:
     if path.suffix == ".jsonl":
         with path.open("rb") as fh:
             for line_no, raw in enumerate(fh, 1):
-                line = decode_text(raw, f"{path}:{line_no}")
+                line = decode_text(raw, path, line=line_no)
                 if not line.strip():
                     continue
                 try:
