@@ -34,6 +34,8 @@ _results: list[StageResult] = []
 def record(result: StageResult) -> None:
     """Note a stage's result (called by the runner at the end of every stage run)."""
     _results.append(result)
+    if len(_results) > 10_000:  # a long-lived Python process that never resets
+        del _results[:-10_000]
 
 
 def reset() -> None:
