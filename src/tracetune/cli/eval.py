@@ -284,6 +284,14 @@ def run(
     base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint URL.")] = None,
     adapter: Annotated[Path | None, typer.Option(help="LoRA adapter for local: models.")] = None,
     max_cost: Annotated[float | None, typer.Option(help="Stop after this many USD.")] = None,
+    no_stop: Annotated[
+        bool,
+        typer.Option(
+            "--no-stop",
+            help="Send no stop strings (for servers that reject `stop`); replies are cut at "
+            "them here instead. YAML: backend: {stop: none}.",
+        ),
+    ] = False,
     judge: Annotated[
         str | None,
         typer.Option(
@@ -310,7 +318,7 @@ def run(
         headline_summary,
         run_benchmark,
     )
-    from tracetune.models.base import BackendError, ModelOptions
+    from tracetune.models.base import BackendError
 
     if bench is not RunBench.gta and mode is not None:
         fail("--mode applies to gta only")
@@ -318,9 +326,12 @@ def run(
         fail("--answer-mode applies to vqa and dynvqa only")
     if bench is not RunBench.agentx and (judge is not None or judge_base_url is not None):
         fail("--judge and --judge-base-url apply to agentx only")
-    backend = None
-    if base_url or adapter:
-        backend = ModelOptions(base_url=base_url, adapter=str(adapter) if adapter else None)
+    # A dict, not ModelOptions: merged key by key into a YAML backend section.
+    backend = {
+        "base_url": base_url,
+        "adapter": str(adapter) if adapter else None,
+        "stop": "none" if no_stop else None,
+    }
     options = _parse_options(option, corpus)
     cfg = build_config(
         EvalRunConfig,
