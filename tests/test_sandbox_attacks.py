@@ -906,3 +906,49 @@ def test_key_attacks_also_fail_from_a_non_root_host() -> None:
         shutil.rmtree(base, ignore_errors=True)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and "failed" not in run.stdout, run.stdout[-2000:]
+
+
+FILLER = """
+import os
+written = 0
+try:
+    for i in range(1000):
+        with open(f"fill{i}.bin", "wb") as f:
+            for _ in range(16):
+                f.write(b"x" * (1 << 20))
+                written += 1 << 20
+except OSError as exc:
+    print("stopped", exc.errno, written >> 20)
+"""
+
+
+@async_test
+async def test_a_disk_filler_stops_at_the_workdir_cap(tmp_path: Path) -> None:
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / "task.txt").write_text("the task's file")
+    limits = LIMITS.model_copy(update={"workdir_mb": 64})
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    sb = await Sandbox.start(workdir, [], _noop, limits)
+    try:
+        if not sb.isolation.get("workdir_cap"):
+            pytest.skip(f"no size-capped workdir here: {sb.isolation.get('workdir_cap_detail')}")
+        result = await sb.execute(FILLER)
+        assert result.error is None, result.error
+        _, errno_, megabytes = result.stdout.split()
+        assert int(errno_) == 28 and int(megabytes) <= 64  # ENOSPC at the cap
+        uncaught = await sb.execute("open('more.bin', 'wb').write(b'x' * (80 << 20))")
+        assert uncaught.error is not None and uncaught.error.kind == ErrorKind.SANDBOX
+        assert "64 MB" in uncaught.error.message
+        await sb.execute(
+            "import os\nfor n in os.listdir('.'):\n    n.endswith('.bin') and os.remove(n)\n"
+            "open('answer.txt', 'w').write('42')"
+        )
+    finally:
+        await sb.close()
+    # The host's disk never held the filler; the files the code kept are back in place.
+    now = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    assert free - now < 32 << 20
+    assert not os.path.ismount(workdir)
+    assert (workdir / "task.txt").read_text() == "the task's file"
+    assert (workdir / "answer.txt").read_text() == "42"

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tracetune.sandbox._cgroup import Cgroup
+from tracetune.sandbox._workdir import CappedWorkdir
 from tracetune.schema import ErrorKind, StepError
 
 if TYPE_CHECKING:
@@ -110,6 +111,11 @@ def layers(isolation: dict[str, Any]) -> list[tuple[str, bool, str]]:
             else (f"RLIMIT_NPROC ({cap})" if isinstance(cap, str) else "RLIMIT_NPROC (own uid)")
             if cap
             else "none",
+        ),
+        (
+            "workdir_cap",
+            bool(isolation.get("workdir_cap")),
+            str(isolation.get("workdir_cap_detail") or "none: only each file is capped"),
         ),
         (
             "audit_hook",
@@ -206,6 +212,12 @@ class SandboxLimits(BaseModel):
         default=True,
         description="Install the seccomp filter (no namespaces, mounts, io_uring, keys, bpf, "
         "ptrace, personality or Unix sockets) in the worker.",
+    )
+    workdir_mb: int | None = Field(
+        default=1024,
+        ge=16,
+        description="Size cap of the working directory while the sandbox runs (a tmpfs "
+        "mounted over it, its files copied in and back; root hosts only). None: no cap.",
     )
     cgroup: bool = Field(
         default=True,
@@ -448,6 +460,8 @@ class Sandbox:
         self.startup_s = 0.0
         self.cgroup: Cgroup | None = None
         self._cgroup_note = ""
+        self._capped: CappedWorkdir | None = None  # owned by the sandbox that mounted it
+        self._capped_note = ""
         self._worker: _Worker | None = None
         self._lock = asyncio.Lock()
         self._steps = 0
@@ -485,13 +499,25 @@ class Sandbox:
         if os.geteuid() == 0:
             uid = limits.uid or _UID_BASE + random.randrange(_UID_SPAN)
         sandbox = cls(workdir.resolve(), stubs, handler, limits, preload, uid)
+        if limits.workdir_mb is not None:
+            sandbox._capped, sandbox._capped_note = await asyncio.to_thread(
+                CappedWorkdir.mount, sandbox.workdir, limits.workdir_mb
+            )
+        else:
+            sandbox._capped_note = "off (SandboxLimits.workdir_mb=None)"
         sandbox._make_cgroup()
         try:
             sandbox._worker = await sandbox._spawn()
         except BaseException:
             sandbox._drop_cgroup()
+            sandbox._unmount()
             raise
         return sandbox
+
+    def _unmount(self) -> None:
+        capped, self._capped = self._capped, None
+        if capped is not None:
+            capped.unmount()
 
     def _make_cgroup(self) -> None:
         if not _LINUX or not self.limits.cgroup:
@@ -590,6 +616,8 @@ class Sandbox:
         self.isolation = dict(isolation) if isinstance(isolation, dict) else {}
         self.isolation["cgroup"] = self.cgroup.version if self.cgroup is not None else ""
         self.isolation["cgroup_detail"] = self._cgroup_note
+        self.isolation["workdir_cap"] = self._capped_note if self._capped is not None else ""
+        self.isolation["workdir_cap_detail"] = self._capped_note
         level = isolation_level(self.isolation)
         self.isolation["level"] = level
         needed = LEVELS[self.limits.min_level]
@@ -615,6 +643,9 @@ class Sandbox:
             await worker.kill()
         # Whatever the code left running (a setsid daemon, a fork's children) goes too.
         self._drop_cgroup()
+        if self._capped is not None:
+            # Every process is dead: the files go back to the directory, the tmpfs away.
+            await asyncio.to_thread(self._unmount)
 
     async def __aenter__(self) -> Sandbox:
         return self
@@ -818,7 +849,7 @@ class Sandbox:
             twin = Sandbox(
                 self.workdir, self.tools, self.handler, self.limits, self.preload, self.uid
             )
-            twin.isolation = dict(self.isolation)
+            twin.isolation = dict(self.isolation)  # the workdir (and its cap) is shared
             twin._make_cgroup()
             if twin.cgroup is not None:
                 try:

@@ -1112,6 +1112,10 @@ class Worker:
             # Refused by the kernel (Landlock, uid) rather than the hook: still the sandbox.
             if not self.policy.may_write(exc.filename):
                 return {"kind": "sandbox", "message": message}
+        if isinstance(exc, OSError) and exc.errno in (28, 122):  # ENOSPC, EDQUOT
+            cap = self.limits.get("workdir_mb")
+            note = f"\n(the working directory holds at most {cap} MB)" if cap else ""
+            return {"kind": "sandbox", "message": message + note}
         if isinstance(exc, PermissionError) and exc.filename is None and exc.errno == 1:
             # EPERM with no file: the seccomp filter or a dropped capability.
             return {"kind": "sandbox", "message": message}
