@@ -253,3 +253,30 @@ def test_retry_dropped_asks_the_model_again_for_drops_of_that_reason(tmp_path: P
         assert {s for _, s, _ in state.items("queries.generate")} == {"done"}
     finally:
         state.close()
+
+
+def test_a_tool_whose_model_is_down_fails_the_item_instead_of_the_step(tmp_path: Path) -> None:
+    """visual_qa asks a VLM: when that endpoint is down the episode is not written as a run
+    of tool errors (it would look like a model that cannot use the tool); the item fails."""
+    import asyncio
+
+    from PIL import Image
+
+    from tracetune.agent import Agent
+    from tracetune.models.base import BackendError, load_model
+    from tracetune.schema import Task
+    from tracetune.store import AssetStore
+    from tracetune.testing import ScriptedChatModel
+    from tracetune.tools import get_tool
+
+    assets = AssetStore(tmp_path / "ds")
+    photo = assets.put_image(Image.new("RGB", (32, 32), "red"), "photo.png")
+    call = 'Thought: look\nAction: {"name": "visual_qa", "arguments": {"image": "photo.png", "question": "Colour?"}}'  # noqa: E501
+    controller = ScriptedChatModel([call, ANSWER])
+    dead = load_model(
+        "openai:tool-model", base_url=f"http://127.0.0.1:{_closed_port()}/v1", max_retries=0
+    )
+    agent = Agent(controller, [get_tool("visual_qa")], tool_model=dead)
+    task = Task(id="t", query="What colour is the photo?", files=[photo])
+    with pytest.raises(BackendError, match="Connection error"):
+        asyncio.run(agent.run(task, assets, assets))

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tracetune.agent.render import file_names
+from tracetune.models.base import BackendError
 from tracetune.schema import ErrorKind, FileRef, Observation, StepError, Task, ToolCall
 from tracetune.store import AssetStore
 from tracetune.tools import Tool, ToolContext, ToolError, ToolResult, ToolUnavailable
@@ -81,6 +82,8 @@ class ToolBox:
             return _error(ErrorKind.TOOL, str(exc))
         except ToolError as exc:
             return _error(ErrorKind.TOOL, f"{call.name}: {exc}")
+        except BackendError:  # the tool's model is down: the item fails, retried on a rerun
+            raise
         except Exception as exc:  # a tool bug must not end the run; the model sees it
             return _error(ErrorKind.TOOL, f"{call.name} failed: {type(exc).__name__}: {exc}")
         return self.record(result, call.name, step_index)
