@@ -8,6 +8,7 @@ and as files of a static site. Filters are query parameters, which only the serv
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -82,6 +83,7 @@ class Site:
         self.env = environment()
         self._facets: dict[tuple[str, str], list[str]] = {}
         self._columns: dict[tuple[str, str], pa.Array] = {}
+        self._warming: set[str] = set()
 
     # -- helpers -----------------------------------------------------------------------
     def _render(self, template: str, depth: int, code: int = 200, **ctx: Any) -> Page:
@@ -217,6 +219,27 @@ class Site:
 
         return url
 
+    def _warm(self, source: DatasetSource) -> None:
+        """Once the index is built, compute the filter options in the background too, so
+        the first filtered page does not pay for them."""
+        if source.slug in self._warming:
+            return
+        self._warming.add(source.slug)
+
+        def warm() -> None:
+            try:
+                source.index  # noqa: B018  (waits for the index)
+                if source.kind == "trajectory":
+                    self.catalog.verdicts_ready()  # starts their builds
+                    for verdicts in self.catalog.datasets("verdict"):
+                        verdicts.index  # noqa: B018
+                for _, column, _ in self.facets(source):
+                    self.facet_values(source, column)
+            except Exception:  # the page that needs them reports what is wrong
+                pass
+
+        threading.Thread(target=warm, name=f"warm-{source.slug}", daemon=True).start()
+
     def facets(self, source: DatasetSource) -> list[tuple[str, str, str]]:
         """(parameter, index column, label) of each filter of a dataset's list."""
         return {
@@ -320,6 +343,7 @@ class Site:
             # here on (started after this read, so the two do not compete).
             view = source.head(self.page_size)
             source.start_indexing()
+            self._warm(source)
             total: int | None = None
             shown_total: int | None = None
             pages = 2 if view.num_rows >= self.page_size else 1
