@@ -316,3 +316,29 @@ def test_every_reader_of_user_text_names_a_file_that_is_not_utf8(
     assert result.exit_code == 2, result.output
     assert f"{bad} is not UTF-8 text (byte 0xe9" in text
     assert "Traceback" not in text and isinstance(result.exception, SystemExit)
+
+
+def test_import_treats_a_bomb_image_as_a_bad_row(tmp_path: Path) -> None:
+    (tmp_path / "ok.png").write_bytes(_png())
+    (tmp_path / "bomb.png").write_bytes(_bomb_png())
+
+    def row(image: str) -> str:
+        return json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+                ],
+                "images": [image],
+            }
+        )
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(row("ok.png") + "\n" + row("bomb.png") + "\n")
+    args = ["import", "--format", "trl-sft", "--in", str(rows), "--as", "dialogue"]
+    stopped = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert stopped.exit_code == 2
+    assert "decompression bomb" in _plain(stopped.output) and "--skip-invalid" in stopped.output
+    skipped = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "b"), "--skip-invalid"])
+    assert skipped.exit_code == 0, skipped.output
+    assert "1 dialogue records" in skipped.output and "decompression bomb" in skipped.output

@@ -264,6 +264,7 @@ class ImportContext:
         """The bytes of ``media`` in the output assets, as a ref named ``name``."""
         from PIL import Image, UnidentifiedImageError
 
+        from tracetune.inputs import ImageError
         from tracetune.store import guess_mime
 
         path = self.resolve(media.path)
@@ -284,9 +285,11 @@ class ImportContext:
                 except UnidentifiedImageError:
                     raise FormatError(f"{path} is not an image PIL can read") from None
         try:
-            ref = self.assets.put_bytes(data, name, mime=mime or guess_mime(name))
+            ref = self.assets.put_bytes(data, name, mime=mime or guess_mime(name), where=str(path))
         except UnidentifiedImageError:
             raise FormatError(f"{path} is not an image PIL can read") from None
+        except ImageError as exc:  # a bomb, a truncated image: a bad row (--skip-invalid)
+            raise FormatError(str(exc)) from None
         self.stored += 1
         return ref
 
