@@ -952,3 +952,54 @@ async def test_a_disk_filler_stops_at_the_workdir_cap(tmp_path: Path) -> None:
     assert not os.path.ismount(workdir)
     assert (workdir / "task.txt").read_text() == "the task's file"
     assert (workdir / "answer.txt").read_text() == "42"
+
+
+# -- snapshots of the working directory (exploration branches) ---------------------------------
+
+
+def test_workspace_snapshots_never_follow_links_raced_into_the_workdir(
+    tmp_path: Path, host: Path
+) -> None:
+    import threading
+
+    from tracetune.prefs.base import Workspace
+
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / "notes.txt").write_text("mine")
+    (workdir / "sub").mkdir()
+    workspace = Workspace(workdir)
+    first = workspace.save()
+    stop = time.time() + 2.0
+
+    def flip() -> None:  # what a thread left running by the code would do
+        while time.time() < stop:
+            for name in ("notes.txt", "sub", "fresh.txt"):
+                target = host / ("config.ini" if name != "sub" else "")
+                try:
+                    os.symlink(target, workdir / (name + ".tmp"))
+                    os.replace(workdir / (name + ".tmp"), workdir / name)
+                except OSError:
+                    pass
+
+    flipper = threading.Thread(target=flip)
+    flipper.start()
+    try:
+        saves = 0
+        while time.time() < stop:
+            try:
+                snapshot = workspace.save()
+                saves += 1
+                workspace.load(first)
+                workspace.load(snapshot)
+            except OSError:
+                pass  # the race may break a copy; it must never leak or overwrite
+    finally:
+        flipper.join()
+    assert saves > 0
+    for path in workspace.root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            assert SECRET not in path.read_text(errors="replace")
+            assert "owner=host" not in path.read_text(errors="replace")
+    host_unchanged(host)
+    workspace.cleanup()

@@ -12,6 +12,8 @@ up in another candidate's observation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import os
 import shutil
 import stat
@@ -61,11 +63,15 @@ class Workspace:
     def load(self, snapshot: Path) -> None:
         if snapshot == self._current:
             return
-        for entry in os.scandir(self.workdir):
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path)
-            else:
-                os.unlink(entry.path)
+        # The working directory belongs to sandboxed code, which may plant links in it at
+        # any moment: entries are removed and created through a directory fd, never
+        # followed (rmtree with dir_fd does not follow links either).
+        with _dirfd(self.workdir) as work:
+            for name in os.listdir(work):
+                if stat.S_ISDIR(os.stat(name, dir_fd=work, follow_symlinks=False).st_mode):
+                    shutil.rmtree(name, dir_fd=work)
+                else:
+                    os.unlink(name, dir_fd=work)
         _copy_tree(snapshot, self.workdir)
         self._current = snapshot
 
@@ -73,64 +79,148 @@ class Workspace:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class _dirfd:
+    """A descriptor of a directory, opened without following a link (context manager)."""
+
+    def __init__(self, path: Path | str, dir_fd: int | None = None) -> None:
+        self.fd = os.open(path, _DIR_FLAGS, dir_fd=dir_fd)
+
+    def __enter__(self) -> int:
+        return self.fd
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+
 def _copy_tree(source: Path, target: Path, same_as: Path | None = None) -> None:
     """Copy files, directories and links with their modes and owners (sockets are skipped).
 
     A file equal to its counterpart under ``same_as`` (an earlier snapshot) is hard-linked
-    to it instead of copied.
+    to it instead of copied. One side is a working directory that sandboxed code can change
+    while this runs: everything is read and created through directory fds, links are
+    copied as links (never followed), and files are created new (``O_EXCL``).
     """
     target.mkdir(parents=True, exist_ok=True)
-    _keep_owner(source, target)
-    for entry in os.scandir(source):
-        dest = target / entry.name
-        earlier = same_as / entry.name if same_as is not None else None
-        if entry.is_symlink():
-            os.symlink(os.readlink(entry.path), dest)
-        elif entry.is_dir(follow_symlinks=False):
-            _copy_tree(Path(entry.path), dest, earlier)
-        elif stat.S_ISREG(entry.stat(follow_symlinks=False).st_mode):
-            if earlier is not None and _unchanged(Path(entry.path), earlier):
-                try:
-                    os.link(earlier, dest)
-                    continue
-                except OSError:  # no hard links here: copy
-                    pass
-            shutil.copy2(entry.path, dest)
-            _keep_owner(Path(entry.path), dest)
+    with _dirfd(source) as src, _dirfd(target) as dst:
+        earlier = None
+        if same_as is not None:
+            try:
+                earlier = os.open(same_as, _DIR_FLAGS)
+            except OSError:
+                earlier = None
+        try:
+            _copy_fd_tree(src, dst, earlier)
+        finally:
+            if earlier is not None:
+                os.close(earlier)
 
 
-def _unchanged(path: Path, earlier: Path) -> bool:
+def _copy_fd_tree(src: int, dst: int, earlier: int | None) -> None:
+    _keep_owner(os.fstat(src), dst)
+    for name in os.listdir(src):
+        try:
+            info = os.stat(name, dir_fd=src, follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(info.st_mode):
+            target = os.readlink(name, dir_fd=src)
+            _create(name, dst, functools.partial(os.symlink, target, name, dir_fd=dst))
+        elif stat.S_ISDIR(info.st_mode):
+            _create(name, dst, functools.partial(os.mkdir, name, 0o700, dir_fd=dst))
+            inner_earlier = None
+            if earlier is not None:
+                with contextlib.suppress(OSError):
+                    inner_earlier = os.open(name, _DIR_FLAGS, dir_fd=earlier)
+            try:
+                with _dirfd(name, src) as inner_src, _dirfd(name, dst) as inner_dst:
+                    _copy_fd_tree(inner_src, inner_dst, inner_earlier)
+            finally:
+                if inner_earlier is not None:
+                    os.close(inner_earlier)
+        elif stat.S_ISREG(info.st_mode):
+            _copy_file(name, src, dst, earlier)
+
+
+def _copy_file(name: str, src: int, dst: int, earlier: int | None) -> None:
+    fin = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=src)
+    try:
+        info = os.fstat(fin)
+        if not stat.S_ISREG(info.st_mode):
+            return  # swapped for something else since it was listed
+        if earlier is not None and _unchanged(fin, info, name, earlier):
+            try:
+                os.link(name, name, src_dir_fd=earlier, dst_dir_fd=dst, follow_symlinks=False)
+                return
+            except OSError:  # no hard links here: copy
+                pass
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fout = _create(name, dst, lambda: os.open(name, flags, 0o600, dir_fd=dst))
+        try:
+            os.lseek(fin, 0, os.SEEK_SET)
+            while os.sendfile(fout, fin, None, 1 << 24):
+                pass
+            _keep_owner(info, fout)
+        finally:
+            os.close(fout)
+    finally:
+        os.close(fin)
+
+
+def _create(name: str, dst: int, make: Any) -> Any:
+    """``make()``, which creates ``name`` in ``dst``; if sandboxed code put something there
+    meanwhile, that thing is removed (never followed) and creation is tried again."""
+    for _ in range(3):
+        try:
+            return make()
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISDIR(os.stat(name, dir_fd=dst, follow_symlinks=False).st_mode):
+                    shutil.rmtree(name, dir_fd=dst)
+                else:
+                    os.unlink(name, dir_fd=dst)
+    return make()
+
+
+def _unchanged(fin: int, info: os.stat_result, name: str, earlier: int) -> bool:
     """Same bytes, mode and owner (a snapshot's file is never a link to anything else)."""
     try:
-        a, b = path.stat(), earlier.lstat()
+        other = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=earlier)
     except OSError:
         return False
-    same = stat.S_ISREG(b.st_mode) and (a.st_size, a.st_mode, a.st_uid, a.st_gid) == (
-        b.st_size,
-        b.st_mode,
-        b.st_uid,
-        b.st_gid,
-    )
-    if not same:
-        return False
-    # Bytes, not mtimes: a branch may rewrite a file within the clock's resolution.
-    with path.open("rb") as f, earlier.open("rb") as g:
+    try:
+        b = os.fstat(other)
+        same = stat.S_ISREG(b.st_mode) and (
+            info.st_size,
+            info.st_mode,
+            info.st_uid,
+            info.st_gid,
+        ) == (b.st_size, b.st_mode, b.st_uid, b.st_gid)
+        if not same:
+            return False
+        # Bytes, not mtimes: a branch may rewrite a file within the clock's resolution.
+        offset = 0
         while True:
-            a_block, b_block = f.read(1 << 20), g.read(1 << 20)
+            a_block, b_block = os.pread(fin, 1 << 20, offset), os.pread(other, 1 << 20, offset)
             if a_block != b_block:
                 return False
             if not a_block:
                 return True
+            offset += len(a_block)
+    finally:
+        os.close(other)
 
 
-def _keep_owner(source: Path, target: Path) -> None:
-    info = source.stat()
-    shutil.copystat(source, target)
-    if hasattr(os, "chown") and (info.st_uid, info.st_gid) != (os.getuid(), os.getgid()):
-        try:
-            os.chown(target, info.st_uid, info.st_gid)
-        except PermissionError:  # not root: everything is ours anyway
-            pass
+def _keep_owner(info: os.stat_result, fd: int) -> None:
+    """Give ``fd`` the mode, times and (where allowed) owner of ``info``."""
+    os.fchmod(fd, stat.S_IMODE(info.st_mode))
+    with contextlib.suppress(OSError):
+        os.utime(fd, ns=(info.st_atime_ns, info.st_mtime_ns))
+    if (info.st_uid, info.st_gid) != (os.getuid(), os.getgid()):
+        with contextlib.suppress(PermissionError):  # not root: everything is ours anyway
+            os.fchown(fd, info.st_uid, info.st_gid)
 
 
 # Each branch's (workspace, snapshot); episodes outside exploration have none.
