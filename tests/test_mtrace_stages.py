@@ -700,7 +700,7 @@ def test_failure_threshold_aborts_a_stage_with_the_first_errors(tmp_path: Path) 
     )
     said = " ".join(result.output.split())
     assert result.exit_code == 3 and "rollout aborted: 2 of 2 items failed" in said
-    assert "TeacherBackendError" in said and "Connection error" in said
+    assert "BackendError" in said and "Connection error" in said
     # The failures are in the run state, for `synth stats` (a rerun retries them).
     (row,) = chain_stats(tmp_path / "run")
     assert row.failed == 2 and row.done == 0 and len(row.failures) == 2
