@@ -45,6 +45,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
+from tracetune.sandbox._fs import read_beneath
 from tracetune.tools import Tool, ToolContext, ToolError, ToolResult, ToolUnavailable, get_tool
 from tracetune.tools.builtin._common import font, tool_options
 
@@ -632,7 +633,9 @@ class GTAPlot(_SandboxedCode):
     async def forward(self, ctx: ToolContext, command: str) -> ToolResult:  # type: ignore[override]
         _, workdir = await self.run_code(ctx, command)
         try:
-            with Image.open(workdir / "plot.png") as img:
+            # Read by fd after the sandbox stopped, never through a link the code left.
+            data = read_beneath(workdir, "plot.png", 64 * 1024 * 1024)
+            with Image.open(io.BytesIO(data)) as img:
                 img.load()
                 figure = img.convert("RGB")
         except OSError as exc:
