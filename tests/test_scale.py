@@ -261,3 +261,81 @@ def test_hash_index_answers_as_a_full_scan_with_planted_copies(bits: int) -> Non
         if near is None:
             index.add(code, code)
             kept.append(code)
+
+
+def test_file_ref_walk_skips_only_fields_that_cannot_hold_refs() -> None:
+    from pydantic import BaseModel
+
+    from tracetune.schema import (
+        ContentPart,
+        Dialogue,
+        FileRef,
+        Message,
+        Observation,
+        PreferencePair,
+        Step,
+        Trajectory,
+    )
+    from tracetune.store.assets import iter_file_refs
+
+    def full_walk(obj: object) -> list[FileRef]:  # every field, as before the shortcut
+        if isinstance(obj, FileRef):
+            return [obj]
+        if isinstance(obj, BaseModel):
+            return [r for name in type(obj).model_fields for r in full_walk(getattr(obj, name))]
+        if isinstance(obj, list | tuple):
+            return [r for item in obj for r in full_walk(item)]
+        return []
+
+    def ref(i: int) -> FileRef:
+        return FileRef(sha256=f"{i:064x}", name=f"f{i}.png", mime="image/png")
+
+    task = Task(id="t", query="q", files=[ref(1), ref(2)])
+    step = Step(index=0, raw="r", observation=Observation(text="o", images=[ref(3)]))
+    records = [
+        task,
+        Trajectory(id="j", task=task, controller="c", steps=[step]),
+        PreferencePair(
+            id="p", task=task, prefix=[step], chosen=step, rejected=Step(index=1, raw="x")
+        ),
+        Dialogue(
+            id="d",
+            task=task,
+            format="chat",
+            messages=[
+                Message(role="user", content=[ContentPart(type="image", image=ref(4))]),
+                Message.of("assistant", "ok", [ref(5)]),
+            ],
+        ),
+    ]
+    for record in records:
+        found = list(iter_file_refs(record))
+        assert found == full_walk(record) and found
+
+
+def test_scale_bench_runs_at_1k(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """bench/scale.py at 1K, in this process: it must keep working as the code changes."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "scale.py"
+    spec = importlib.util.spec_from_file_location("scale_bench", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "scale.json"
+    assert bench.main(["--sizes", "300", "1000", "--in-process", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    parts = {(r["part"], r["n"]) for r in data["growth"]}
+    for name in ("runner", "rerun", "store write", "store read", "filter", "pool dedup"):
+        assert {(name, 300), (name, 1000)} <= parts
+    assert {f["part"] for f in data["fits"]} >= {"runner", "filter", "pool dedup"}
+    assert "growth exponent" in capsys.readouterr().out
+    # The side-by-side run, small: a real CLI stage against the loopback server.
+    assert (
+        bench.main(
+            ["--side-by-side", "--generations", "40", "--latency", "0.05", "--concurrency", "16"]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "(c) CLI `agent run`" in text and "| 16 |" in text  # 16 in flight at the server

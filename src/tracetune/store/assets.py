@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import collections.abc
+import enum
+import functools
 import hashlib
 import io
 import mimetypes
 import os
 import shutil
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -132,8 +136,47 @@ def iter_file_refs(obj: Any) -> Iterator[FileRef]:
     if isinstance(obj, FileRef):
         yield obj
     elif isinstance(obj, BaseModel):
-        for name in type(obj).model_fields:
+        for name in _fields_with_refs(type(obj)):
             yield from iter_file_refs(getattr(obj, name))
     elif isinstance(obj, list | tuple):
         for item in obj:
             yield from iter_file_refs(item)
+
+
+@functools.cache
+def _fields_with_refs(cls: type[BaseModel]) -> tuple[str, ...]:
+    """The fields of ``cls`` whose declared type can hold a ``FileRef`` (a model that can, a
+    list or tuple of such, an undeclared type): the others (text, numbers, dicts, models of
+    plain values) are never walked, which makes the walk microseconds per record."""
+    return tuple(
+        name
+        for name, info in cls.model_fields.items()
+        if _may_hold_refs(info.annotation, frozenset({cls}))
+    )
+
+
+def _may_hold_refs(annotation: Any, seen: frozenset[type]) -> bool:
+    if annotation is None or annotation is type(None):
+        return False
+    if isinstance(annotation, type):
+        if issubclass(annotation, FileRef):
+            return True
+        if issubclass(annotation, BaseModel):
+            if annotation in seen:  # a recursive model: its other fields decide
+                return False
+            inner = seen | {annotation}
+            return any(
+                _may_hold_refs(f.annotation, inner) for f in annotation.model_fields.values()
+            )
+        if issubclass(annotation, list | tuple):
+            return True  # items of any type
+        return not issubclass(annotation, dict | enum.Enum | str | bytes | int | float)
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return False
+    if isinstance(origin, type) and issubclass(origin, dict | collections.abc.Mapping):
+        return False  # the walk never entered dicts
+    args = typing.get_args(annotation)
+    if origin is not None and args:  # list[X], tuple[X, ...], unions, Annotated: any member
+        return any(_may_hold_refs(a, seen) for a in args if a is not Ellipsis)
+    return True  # Any, type variables, forward references: walk them

@@ -32,8 +32,8 @@ EXACT_LIMIT_CELLS = 4_000_000
 # HNSW parameters: graph degree, and candidate lists while inserting and searching. Wider
 # lists find the true nearest neighbour more often, at a cost linear in their length.
 CONNECTIVITY = 16
-EXPANSION_ADD = 64
-EXPANSION_SEARCH = 96
+EXPANSION_ADD = 48
+EXPANSION_SEARCH = 64
 # Neighbours an ANN search returns (the best is rescored; several guard against a graph
 # walk that reaches the duplicate's cluster through a slightly worse node first).
 ANN_K = 4
