@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Literal
 
+import pyarrow as pa
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse, RedirectResponse
 
@@ -26,6 +27,9 @@ def build_app(
     ``cache_dir`` keeps the list indexes of large datasets between runs (default:
     ``$TRACETUNE_VIEW_CACHE`` or ``~/.cache/tracetune/view``; None: no cache).
     """
+    # pyarrow imports pandas (~0.6 s) on its first Python-to-Arrow conversion: pay it at
+    # start-up, not on the first page someone opens.
+    pa.array([0])
     cache = default_cache_dir() if cache_dir == "default" else cache_dir
     catalog = Catalog([Path(d) for d in dirs], cache_dir=cache)
     site = Site(catalog, static=False, page_size=page_size)
