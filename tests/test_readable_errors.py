@@ -342,3 +342,25 @@ def test_import_treats_a_bomb_image_as_a_bad_row(tmp_path: Path) -> None:
     skipped = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "b"), "--skip-invalid"])
     assert skipped.exit_code == 0, skipped.output
     assert "1 dialogue records" in skipped.output and "decompression bomb" in skipped.output
+
+
+def test_pool_build_skips_a_bomb_before_decoding_it(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "ok.png").write_bytes(_png())
+    (images / "bomb.png").write_bytes(_bomb_png())
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text(
+        json.dumps({"file": "ok.png", "caption": "a red square"})
+        + "\n"
+        + json.dumps({"file": "bomb.png", "caption": "huge"})
+        + "\n"
+    )
+    result = CliRunner().invoke(
+        app,
+        ["pool", "build", "--images", str(images), "--captions", str(captions),
+         "--out", str(tmp_path / "pool"), "--embedder", "hashing", "--quiet"],
+    )  # fmt: skip
+    said = _plain(result.output)
+    assert result.exit_code == 0, result.output
+    assert "bomb.png: not a readable image" in said and "decompression bomb" in said

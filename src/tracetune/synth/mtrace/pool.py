@@ -19,6 +19,7 @@ first one in path order; the merged names stay on that entry. Files that cannot 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 from pathlib import Path
@@ -28,6 +29,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from tracetune.inputs import check_image
 from tracetune.models.base import ModelOptions
 from tracetune.schema import FileRef
 from tracetune.store import AssetStore, RunState
@@ -237,7 +239,10 @@ async def build_pool(config: PoolConfig, progress: bool = True) -> Pool:
         item: dict[str, Any] = {"path": path, "rel": rel, "kind": kind, "merged": []}
         if kind == "image":
             try:
-                with Image.open(path) as img:
+                data = path.read_bytes()
+                # The image check every dataset image passes: a bomb is refused before decoding.
+                check_image(data, rel)
+                with Image.open(io.BytesIO(data)) as img:
                     img.load()
                     code = dhash(img)
             except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for broken files
