@@ -17,6 +17,7 @@ from tracetune.sandbox import Sandbox, SandboxLimits, ToolReply, ToolStub
 from tracetune.sandbox._fs import exists_beneath
 from tracetune.schema import Action, ErrorKind, FileRef, Observation, StepError
 from tracetune.tools import ToolError, ToolResult, ToolUnavailable
+from tracetune.tools.spec import ToolFatal
 
 NO_OUTPUT = "(the code printed nothing; print() what you want to see)"
 
@@ -38,6 +39,7 @@ class CodeExecutor:
         self._step_images: list[FileRef] = []
         self._step_names: list[str] = []
         self._forks: list[CodeExecutor] = []
+        self._fatal: ToolFatal | None = None  # a tool's server died during the step
 
     @classmethod
     async def start(cls, toolbox: ToolBox, limits: SandboxLimits | None = None) -> CodeExecutor:
@@ -60,6 +62,9 @@ class CodeExecutor:
         except ToolUnavailable as exc:
             return ToolReply(error=str(exc))
         except ToolError as exc:
+            return ToolReply(error=f"{name}: {exc}")
+        except ToolFatal as exc:  # the step ends with the code's error; execute() raises it
+            self._fatal = exc
             return ToolReply(error=f"{name}: {exc}")
         except Exception as exc:  # a tool bug must not end the run; the code sees it
             return ToolReply(error=f"{name} failed: {type(exc).__name__}: {exc}")
@@ -110,7 +115,11 @@ class CodeExecutor:
             )
         self._step_index = step_index
         self._step_images, self._step_names = [], []
+        self._fatal = None
         result = await self.sandbox.execute(action.code)
+        if self._fatal is not None:
+            # The model cannot recover from a tool whose server is gone: the item fails.
+            raise self._fatal
         text = result.stdout.rstrip("\n")
         if self._step_names:
             note = f"[image saved as {', '.join(self._step_names)}]"

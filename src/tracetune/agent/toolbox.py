@@ -15,6 +15,7 @@ from tracetune.models.base import BackendError
 from tracetune.schema import ErrorKind, FileRef, Observation, StepError, Task, ToolCall
 from tracetune.store import AssetStore
 from tracetune.tools import Tool, ToolContext, ToolError, ToolResult, ToolUnavailable
+from tracetune.tools.spec import ToolFatal, ToolTimeout
 
 
 @dataclass
@@ -80,8 +81,12 @@ class ToolBox:
             result = await tool.acall(self.context, arguments)
         except ToolUnavailable as exc:
             return _error(ErrorKind.TOOL, str(exc))
+        except ToolTimeout as exc:
+            return _error(ErrorKind.TIMEOUT, f"{call.name}: {exc}")
         except ToolError as exc:
             return _error(ErrorKind.TOOL, f"{call.name}: {exc}")
+        except ToolFatal:  # the tool's server is gone: the item fails, and is retried later
+            raise
         except BackendError:  # the tool's model is down: the item fails, retried on a rerun
             raise
         except Exception as exc:  # a tool bug must not end the run; the model sees it

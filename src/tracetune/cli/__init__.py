@@ -8,9 +8,20 @@ import typer
 
 from tracetune.cli.common import CommandGroup
 
+
+class _Root(CommandGroup):
+    """The root group, with ``--mcp`` on every command that loads tools."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        from tracetune.cli.mcp_options import add_mcp_options
+
+        add_mcp_options(self)
+
+
 app = typer.Typer(
     name="tracetune",
-    cls=CommandGroup,
+    cls=_Root,
     help="Tune vision-language models into robust tool-using agents.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
@@ -43,8 +54,8 @@ for _name, (_module, _help) in _GROUPS.items():
 from tracetune.cli.io import export_cmd, import_cmd  # noqa: E402
 from tracetune.cli.quickstart import quickstart  # noqa: E402
 from tracetune.cli.rollout import rollout  # noqa: E402
-from tracetune.cli.view import view  # noqa: E402
 from tracetune.cli.serve import serve_cmd  # noqa: E402
+from tracetune.cli.view import view  # noqa: E402
 
 app.command("rollout")(rollout)
 app.command("export")(export_cmd)

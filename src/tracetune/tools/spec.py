@@ -38,6 +38,18 @@ class ToolUnavailable(ToolError):
     """A tool's optional dependency or model is missing; the message names the fix."""
 
 
+class ToolTimeout(ToolError):
+    """A tool call took longer than its time limit; the model reads it as a timeout."""
+
+
+class ToolFatal(Exception):
+    """The service behind a tool is gone (e.g. an MCP server process died).
+
+    Not a ``ToolError``: the model cannot recover from it, so the episode stops and the
+    item fails (and is retried on the next run) instead of continuing without the tool.
+    """
+
+
 class ToolInterrupted(BaseException):
     """Raised inside a tool's thread when the call was cancelled (e.g. the step's time ran
     out): a BaseException, so that a tool's ``except Exception`` does not swallow it."""
@@ -370,7 +382,8 @@ class Tool:
         required = set(self.parameters.get("required", []))
         args = []
         for key, prop in self.parameters.get("properties", {}).items():
-            arg = f"{key}: {names.get(prop.get('type', ''), 'Any')}"
+            kind = prop.get("type")
+            arg = f"{key}: {names.get(kind, 'Any') if isinstance(kind, str) else 'Any'}"
             if key not in required:
                 arg += f" = {prop.get('default')!r}"
             args.append(arg)
@@ -388,7 +401,9 @@ class Tool:
         return "\n".join(lines)
 
 
-def _coerce(tool: str, key: str, value: Any, kind: str | None) -> Any:
+def _coerce(tool: str, key: str, value: Any, kind: Any) -> Any:
+    if not isinstance(kind, str):  # a union of types (["string", "null"]) or none given
+        return value
     try:
         if kind == "integer" and isinstance(value, str | float) and not isinstance(value, bool):
             if isinstance(value, float) and not value.is_integer():
@@ -531,7 +546,17 @@ def register_tool(t: Tool) -> Tool:
 
 def registered_tools() -> dict[str, Tool]:
     _load_builtins()
+    _connect_pending_mcp()
     return dict(sorted(_REGISTRY.items()))
+
+
+def _connect_pending_mcp() -> None:
+    """Start the MCP servers configured but not started yet, so their tools are known."""
+    import sys
+
+    mcp = sys.modules.get("tracetune.tools.mcp")
+    if mcp is not None:
+        mcp.connect_pending()
 
 
 def _load_builtins() -> None:
@@ -549,6 +574,8 @@ def get_tool(name: str) -> Tool:
             raise ValueError(f"{name} is not a Tool (got {type(obj).__name__})")
         return register_tool(t)
     if name not in _REGISTRY:
+        _connect_pending_mcp()
+    if name not in _REGISTRY:
         raise KeyError(
             f"unknown tool {name!r}; known tools: {', '.join(sorted(_REGISTRY))}. "
             "User tools are named 'package.module:tool_name'"
@@ -557,7 +584,21 @@ def get_tool(name: str) -> Tool:
 
 
 def load_tools(names: list[str], modules: list[str] = ()) -> list[Tool]:  # type: ignore[assignment]
-    """Import user tool modules (which register tools on import), then look tools up."""
+    """Import user tool modules (which register tools on import), then look tools up.
+
+    The name ``mcp`` stands for every tool of the MCP servers configured in this process
+    (``--mcp`` / ``mcp_servers:``, see :mod:`tracetune.tools.mcp`).
+    """
     for module in modules:
         importlib.import_module(module)
-    return [get_tool(n) for n in names]
+    out: list[Tool] = []
+    for n in names:
+        found = _mcp_tools() if n == "mcp" else [get_tool(n)]
+        out.extend(t for t in found if all(t is not o for o in out))
+    return out
+
+
+def _mcp_tools() -> list[Tool]:
+    from tracetune.tools import mcp
+
+    return mcp.connected_tools()

@@ -1,0 +1,102 @@
+"""``--mcp``: MCP servers whose tools join the registry, on every command that uses tools.
+
+The option is added to the commands once the command tree is built (as the executor
+options are), so each command's own code stays as it is. Servers are started while the
+command line is read: one that fails to start, or lists a malformed tool, is reported as a
+usage error before any work begins. A command's YAML may name servers too
+(``mcp_servers:``, read by ``build_config``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+# Commands that load tools: (group, command); "*" is every command of the group.
+TARGETS: tuple[tuple[str, str], ...] = (
+    ("tools", "list"),
+    ("tools", "run"),
+    ("synth", "*"),
+    ("rollout", ""),
+    ("agent", "run"),
+    ("eval", "run"),
+    ("prefs", "explore"),
+    ("run", "*"),
+)
+READ_ONLY = {"stats", "report", "render", "show"}
+
+MCP_HELP = (
+    "MCP server whose tools to add (repeatable): a command line started over stdio "
+    "('python server.py --flag'), a streamable HTTP URL ('http://127.0.0.1:8000/mcp'), or "
+    "a JSON object of server fields (command/url, prefix, tools, timeout_s, env, ...). Its "
+    "tools are named like built-in ones; the tool name 'mcp' stands for all of them."
+)
+
+
+def connect_servers(values: list[Any], where: str = "") -> None:
+    """Start ``values`` (``--mcp`` texts or ``mcp_servers:`` entries) now; raises
+    ``ValueError`` with one clear message when a server is wrong or fails to start."""
+    from tracetune.tools import mcp
+
+    try:
+        mcp.connect(values)
+    except (ValueError, mcp.McpServerError) as exc:
+        raise ValueError(f"{where}{exc}") from None
+
+
+def _store(value: list[str] | None) -> list[str] | None:
+    if value:
+        try:
+            connect_servers(list(value))
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    return value
+
+
+def _template(
+    mcp: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--mcp",
+            metavar="CMD|URL|JSON",
+            expose_value=False,
+            callback=_store,
+            help=MCP_HELP,
+        ),
+    ] = None,
+) -> None:
+    """Carries the --mcp option (never run)."""
+
+
+def mcp_options() -> list[Any]:
+    """A fresh ``--mcp`` option (an option object belongs to one command)."""
+    holder = typer.Typer()
+    holder.command()(_template)
+    return list(typer.main.get_command(holder).params)
+
+
+def _add(command: Any) -> None:
+    if any(p.name == "mcp" for p in command.params):
+        return
+    command.params.extend(mcp_options())
+
+
+def add_mcp_options(root: Any) -> list[str]:
+    """Give the commands under ``root`` that load tools the ``--mcp`` option; returns the
+    commands that got it (``group command``)."""
+    added = []
+    for group_name, command_name in TARGETS:
+        target = root.commands.get(group_name)
+        if target is None:
+            continue
+        if not command_name:
+            _add(target)
+            added.append(group_name)
+            continue
+        for name, command in getattr(target, "commands", {}).items():
+            if (command_name == "*" and name not in READ_ONLY) or name == command_name:
+                if not hasattr(command, "commands"):
+                    _add(command)
+                    added.append(f"{group_name} {name}")
+    return added

@@ -1,0 +1,382 @@
+"""MCP servers' tools as tracetune tools, against a real MCP server (tests/mcp_server.py,
+written with the official SDK's FastMCP) started over stdio and over streamable HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from tracetune.agent import Agent
+from tracetune.cli import app
+from tracetune.schema import ErrorKind, Task, Trajectory
+from tracetune.store import AssetStore
+from tracetune.testing import ScriptedChatModel
+from tracetune.tools import ToolContext, ToolError, get_tool, load_tools, mcp, registered_tools
+from tracetune.tools.spec import ToolTimeout
+
+HERE = Path(__file__).parent
+SERVER = HERE / "mcp_server.py"
+COMMAND = f"{sys.executable} {SERVER}"
+
+# A server that answers the handshake but describes its tool with a broken schema.
+MALFORMED = r"""
+import json, sys
+for line in sys.stdin:
+    msg = json.loads(line)
+    if "id" not in msg:
+        continue
+    if msg["method"] == "initialize":
+        result = {"protocolVersion": msg["params"]["protocolVersion"], "capabilities":
+                  {"tools": {}}, "serverInfo": {"name": "broken", "version": "0"}}
+    elif msg["method"] == "tools/list":
+        result = {"tools": [{"name": "measure", "description": "Measure a thing.",
+                             "inputSchema": {"type": "object", "properties": ["length"]}}]}
+    else:
+        result = {}
+    print(json.dumps({"jsonrpc": "2.0", "id": msg["id"], "result": result}), flush=True)
+"""
+
+
+def call(name: str, **arguments: object) -> str:
+    return f"Thought: use {name}\nAction: {json.dumps({'name': name, 'arguments': arguments})}"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[dict[str, Any]]:
+    tools = mcp.connect([COMMAND])
+    yield {t.name: t for t in tools}
+    mcp.close_all()
+
+
+@pytest.fixture
+def stores(tmp_path: Path) -> tuple[AssetStore, AssetStore]:
+    return AssetStore(tmp_path / "in"), AssetStore(tmp_path / "out")
+
+
+def test_server_tools_join_the_registry_with_their_schemas(server: dict[str, Any]) -> None:
+    assert set(server) == {"add_numbers", "lookup_word", "color_swatch", "slow", "server_pid"}
+    assert registered_tools()["add_numbers"] is server["add_numbers"]
+    assert get_tool("lookup_word").mcp_name == "lookup-word"  # renamed to an identifier
+    schema = server["color_swatch"].openai_schema()["function"]
+    assert schema["name"] == "color_swatch" and "square of one color" in schema["description"]
+    assert schema["parameters"]["required"] == ["color"]
+    assert schema["parameters"]["properties"]["size"]["default"] == 16
+    assert server["add_numbers"].signature() == "add_numbers(a: float, b: float) -> float"
+    # "mcp" in a tool list stands for every tool of the configured servers.
+    assert {t.name for t in load_tools(["calculator", "mcp"])} == {"calculator", *server}
+
+
+def test_calls_return_text_data_and_images(server: dict[str, Any], tmp_path: Path) -> None:
+    ctx = ToolContext(workdir=tmp_path)
+    result = server["add_numbers"](ctx, a=2, b="3.5")  # numbers given as text are coerced
+    assert result.text == "5.5" and result.data == 5.5
+    assert server["lookup_word"](ctx, word="Tiger").text == "a large striped cat"
+    swatch = server["color_swatch"](ctx, color="blue", size=8)
+    assert swatch.images[0].size == (8, 8) and swatch.images[0].getpixel((3, 3)) == (0, 0, 255)
+    with pytest.raises(ToolError, match="no entry for 'zebra'"):
+        server["lookup_word"](ctx, word="zebra")
+    with pytest.raises(ToolError, match="unknown argument"):
+        server["lookup_word"](ctx, word="apple", language="en")
+    with pytest.raises(ToolError, match="should be of type integer"):
+        server["color_swatch"](ctx, color="red", size="big")
+
+
+def test_tools_are_callable_from_many_threads_and_loops(server: dict[str, Any], tmp_path: Path):
+    ctx = ToolContext(workdir=tmp_path)
+    results: list[str] = []
+
+    def worker(i: int) -> None:
+        results.append(server["add_numbers"](ctx, a=i, b=1).text)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results, key=float) == [str(float(i + 1)) for i in range(8)]
+
+
+def test_json_episode_with_mcp_tools(server: dict[str, Any], stores: tuple) -> None:
+    src, out = stores
+    model = ScriptedChatModel(
+        [
+            call("lookup_word", word="tiger"),
+            call("lookup_word", word="tiger", language="en"),
+            call("color_swatch", color="red"),
+            call("add_numbers", a=40, b=2),
+            call("final_answer", answer="42"),
+        ]
+    )
+    agent = Agent(model, load_tools(["mcp"]))
+    traj = asyncio.run(agent.run(Task(id="t", query="Use the tools."), src, out))
+    assert traj.status == "completed" and traj.final_answer == "42"
+    assert traj.steps[0].observation.text == "a large striped cat"
+    assert traj.steps[1].error.kind == ErrorKind.TOOL_ARGUMENTS
+    assert "language" in traj.steps[1].error.message
+    image = traj.steps[2].observation.images[0]  # saved to the asset store like any tool image
+    assert out.open_image(image).getpixel((2, 2)) == (255, 0, 0)
+    assert traj.steps[3].observation.text == "42.0"  # the server's own text
+    prompt = model.calls[0]["messages"][0]["content"]
+    assert "lookup_word(word: str) -> str" in str(prompt)
+    assert "tiny dictionary" in str(prompt)
+    # The image went back to the model as an image.
+    shown = model.calls[3]["messages"][-1]["content"]
+    assert any(p.get("type") == "image" for p in shown)
+
+
+def test_tools_format_episode_with_mcp_tools(server: dict[str, Any], stores: tuple) -> None:
+    from tracetune.models import load_model
+    from tracetune.testing.openai_server import ScriptedOpenAIServer
+
+    def native(name: str, **arguments: Any) -> dict[str, Any]:
+        function = {"name": name, "arguments": json.dumps(arguments)}
+        return {
+            "content": "",
+            "tool_calls": [{"id": name, "type": "function", "function": function}],
+        }
+
+    src, out = stores
+    replies = [
+        native("add_numbers", a=1.5, b=2),
+        native("color_swatch", color="green", size=4),
+        native("final_answer", answer="3.5"),
+    ]
+    with ScriptedOpenAIServer(replies=replies) as srv:
+        model = load_model("openai:teacher", base_url=srv.base_url, api_key_env="NO_SUCH_KEY")
+        agent = Agent(model, [server["add_numbers"], server["color_swatch"]], "tools")
+
+        async def go() -> Trajectory:
+            try:
+                return await agent.run(Task(id="t", query="Add."), src, out)
+            finally:
+                await model.aclose()
+
+        traj = asyncio.run(go())
+        first = srv.requests[0].body
+    assert traj.status == "completed" and traj.final_answer == "3.5"
+    assert traj.steps[0].observation.text == "3.5"
+    assert out.open_image(traj.steps[1].observation.images[0]).size == (4, 4)
+    sent = {t["function"]["name"]: t["function"] for t in first["tools"]}
+    assert sent["add_numbers"]["parameters"]["required"] == ["a", "b"]
+
+
+def test_code_episode_calls_mcp_tools_from_the_sandbox(server: dict[str, Any], stores) -> None:
+    src, out = stores
+    code = (
+        "total = add_numbers(a=20, b=22)\n"
+        "name = color_swatch(color='blue')\n"
+        "print(total, lookup_word(word='apple'), name)\n"
+    )
+    model = ScriptedChatModel(
+        [
+            f"Thought: compute\nCode:\n```py\n{code}```",
+            "Thought: done\nCode:\n```py\nfinal_answer(str(total))\n```",
+        ]
+    )
+    agent = Agent(model, load_tools(["mcp"]), action_format="code")
+    traj = asyncio.run(agent.run(Task(id="t", query="Compute."), src, out))
+    assert traj.status == "completed", traj.steps[0]
+    assert traj.final_answer == "42.0"
+    text = traj.steps[0].observation.text
+    assert text.startswith("42.0 a round fruit color_swatch_step0_0.png")
+    assert out.open_image(traj.steps[0].observation.images[0]).getpixel((1, 1)) == (0, 0, 255)
+
+
+def test_call_timeout_is_a_typed_step_error(stores: tuple) -> None:
+    spec = {"command": COMMAND, "prefix": "quick_", "tools": ["slow"], "timeout_s": 0.5}
+    try:
+        (slow,) = mcp.connect([spec])
+        assert slow.name == "quick_slow"
+        with pytest.raises(ToolTimeout):
+            slow(ToolContext(workdir=Path(".")), seconds=5)
+        model = ScriptedChatModel(
+            [call("quick_slow", seconds=5), call("final_answer", answer="gave up")]
+        )
+        traj = asyncio.run(Agent(model, [slow]).run(Task(id="t", query="Wait."), *stores))
+        assert traj.steps[0].error.kind == ErrorKind.TIMEOUT
+        assert "timed out after 0.5 s" in traj.steps[0].error.message
+        assert traj.final_answer == "gave up"
+    finally:
+        mcp.close_all()
+
+
+def test_server_killed_mid_run_fails_its_item_and_a_rerun_succeeds(tmp_path: Path) -> None:
+    from tracetune.agent.run import AgentRunConfig, run_agent
+
+    spec = {"command": COMMAND, "prefix": "k_", "tools": ["slow", "server_pid"]}
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(
+        json.dumps({"id": "a", "query": "first"})
+        + "\n"
+        + json.dumps({"id": "b", "query": "second"})
+    )
+    try:
+        tools = {t.name: t for t in mcp.connect([spec])}
+        pid = int(tools["k_server_pid"](ToolContext(workdir=tmp_path)).text)
+        killed: list[int] = []
+
+        def respond(messages: list[dict[str, Any]]) -> str:
+            if any(m["role"] == "assistant" for m in messages):
+                return call("final_answer", answer="done")
+            if "first" in str(messages[1]["content"]) and not killed:
+                killed.append(pid)  # kill the server while this call is in flight
+                threading.Timer(1.0, os.kill, (pid, signal.SIGKILL)).start()
+                return call("k_slow", seconds=5)
+            return call("k_slow", seconds=0)
+
+        config = AgentRunConfig(
+            model="scripted", out=tmp_path / "out", tasks=tasks, tools=["k_slow"], concurrency=1
+        )
+        result, out = asyncio.run(run_agent(config, ScriptedChatModel(respond), progress=False))
+        assert (result.written, result.failed) == (1, 1)
+        ((key, error),) = result.failures
+        assert error.startswith("McpServerLost") and "died during a call to slow" in error
+        assert [t.task.id for t in out] == ["b"]  # the server came back for the next item
+        result, out = asyncio.run(run_agent(config, ScriptedChatModel(respond), progress=False))
+        assert (result.written, result.failed, result.skipped) == (1, 0, 1)
+        assert sorted(t.task.id for t in out) == ["a", "b"]
+        assert all(t.final_answer == "done" for t in out)
+    finally:
+        mcp.close_all()
+
+
+def test_cli_tools_list_shows_the_server_tools() -> None:
+    runner = CliRunner()
+    try:
+        result = runner.invoke(app, ["tools", "list", "--json", "--mcp", COMMAND])
+        assert result.exit_code == 0, result.output
+        names = {t["function"]["name"]: t for t in json.loads(result.output)}
+        assert {"add_numbers", "lookup_word", "color_swatch", "calculator"} <= set(names)
+        params = names["lookup_word"]["function"]["parameters"]
+        assert params["properties"]["word"]["type"] == "string"
+        result = runner.invoke(
+            app, ["tools", "run", "add_numbers", "-a", "a=1", "-a", "b=2", "--mcp", COMMAND]
+        )
+        assert result.exit_code == 0, result.output
+        assert result.output.strip() == "3.0"
+    finally:
+        mcp.close_all()
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (
+            f"{sys.executable} -c 'import sys; print(\"no API key\", file=sys.stderr); "
+            "sys.exit(3)'",
+            "failed to start: the connection closed before the MCP handshake finished",
+        ),
+        ("no-such-mcp-server --stdio", "command not found: no-such-mcp-server"),
+        ("", "the MCP server command is empty"),
+    ],
+)
+def test_a_server_that_fails_to_start_is_one_clear_error(command: str, expected: str) -> None:
+    try:
+        with pytest.raises((mcp.McpServerError, ValueError)) as info:
+            mcp.connect([command])
+        assert expected in str(info.value)
+        if "no API key" in command:
+            assert "its stderr ends with:\nno API key" in str(info.value)
+        result = CliRunner().invoke(app, ["tools", "list", "--mcp", command])
+        assert result.exit_code == 2
+        assert "Traceback" not in result.output, result.output
+        flat = " ".join(re.sub("[│╭╮╰╯─]", " ", result.output).split())  # unwrap rich's box
+        assert expected.split(":")[0] in flat
+    finally:
+        mcp.close_all()
+
+
+def test_a_malformed_schema_is_one_clear_error(tmp_path: Path) -> None:
+    script = tmp_path / "broken_server.py"
+    script.write_text(MALFORMED)
+    try:
+        with pytest.raises(mcp.McpServerError) as info:
+            mcp.connect([f"{sys.executable} {script}"])
+        message = str(info.value)
+        assert "malformed input schema for tool 'measure'" in message
+        assert "'properties' must map argument names to schemas" in message
+        assert "measure" not in registered_tools()
+    finally:
+        mcp.close_all()
+
+
+def test_a_name_clash_with_a_builtin_asks_for_a_prefix(tmp_path: Path) -> None:
+    script = tmp_path / "clash.py"
+    script.write_text(
+        "from mcp.server.fastmcp import FastMCP\n"
+        "s = FastMCP('clash')\n"
+        "@s.tool()\n"
+        "def calculator(expression: str) -> str:\n"
+        "    '''Not the built-in.'''\n"
+        "    return 'x'\n"
+        "s.run()\n"
+    )
+    try:
+        with pytest.raises(mcp.McpServerError, match="give the server a prefix"):
+            mcp.connect([f"{sys.executable} {script}"])
+        assert get_tool("calculator").__class__.__name__ != "McpTool"
+        (tool,) = mcp.connect([{"command": f"{sys.executable} {script}", "prefix": "my_"}])
+        assert tool.name == "my_calculator"
+    finally:
+        mcp.close_all()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_streamable_http_server_by_url(tmp_path: Path) -> None:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(SERVER), "--http", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.2)
+        (tool,) = mcp.connect(
+            [{"url": f"http://127.0.0.1:{port}/mcp", "tools": ["add_numbers"], "prefix": "h_"}]
+        )
+        assert tool(ToolContext(workdir=tmp_path), a=4, b=5).data == 9
+    finally:
+        mcp.close_all()
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_yaml_mcp_servers_key(tmp_path: Path) -> None:
+    from tracetune.agent.run import AgentRunConfig
+    from tracetune.cli.common import build_config
+
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        f"model: openai:x\nout: {tmp_path / 'o'}\ntask: hi\ntools: [y_add_numbers]\n"
+        f"mcp_servers:\n  - command: {COMMAND}\n    prefix: y_\n    tools: [add_numbers]\n"
+    )
+    try:
+        cfg = build_config(AgentRunConfig, config)
+        assert cfg.tools == ["y_add_numbers"]
+        assert load_tools(cfg.tools)[0](ToolContext(workdir=tmp_path), a=1, b=1).data == 2
+    finally:
+        mcp.close_all()
