@@ -123,7 +123,9 @@ def check_image(data: bytes, where: str | Path, max_pixels: int | None = None) -
                 if limit and width * height > limit:
                     raise Image.DecompressionBombError(f"Image size ({width * height} pixels)")
                 img.verify()
-            if fmt != "PNG":  # verify() checks PNG chunks only; decode the others in full
+            if fmt == "JPEG":
+                _check_jpeg_end(data)
+            elif fmt != "PNG":  # verify() checks PNG chunks only; decode the others in full
                 with Image.open(io.BytesIO(data)) as img:
                     img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -142,13 +144,30 @@ def check_image(data: bytes, where: str | Path, max_pixels: int | None = None) -
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         text = str(exc)
-        truncated = "truncat" in text.lower() or isinstance(exc, EOFError)
+        truncated = isinstance(exc, _Truncated | EOFError) or "truncat" in text.lower()
         raise ImageError(
             "truncated_image" if truncated else "broken_image",
             f"image {where} is {'truncated' if truncated else 'corrupt'} ({text}); "
             "copy it again from its source",
         ) from None
     return ImageInfo(fmt, width, height)
+
+
+class _Truncated(OSError):
+    pass
+
+
+def _check_jpeg_end(data: bytes) -> None:
+    """A JPEG cut short has no end-of-image marker after its last scan.
+
+    Inside a scan every 0xFF byte is stuffed (FF 00), so FF D9 after the last start-of-scan
+    (FF DA) is the real end marker; a thumbnail's own markers sit before the main scans.
+    This costs microseconds where a full decode costs milliseconds per image (measured
+    ~6 ms for 448 x 448), which matters when ingesting millions of rows.
+    """
+    last_scan = data.rfind(b"\xff\xda")
+    if last_scan < 0 or data.find(b"\xff\xd9", last_scan + 2) < 0:
+        raise _Truncated("no end-of-image marker after the last scan")
 
 
 __all__ = [
