@@ -56,6 +56,13 @@ def build_config(cls: type[C], config: Path | None, **flags: Any) -> C:
         if not isinstance(loaded, dict):
             fail(f"{config} must hold a mapping of option names to values")
         data.update(loaded)
+    if "executor" in data and "executor" not in cls.model_fields:
+        from tracetune.runner import executor
+
+        try:  # where the stages run: not a field of the stage's own config
+            executor.apply_yaml(data.pop("executor"))
+        except ValueError as exc:
+            fail(f"{config}: {exc}")
     data = merge_flags(data, flags)
     try:
         return cls.model_validate(data)
@@ -104,11 +111,19 @@ class CommandGroup(TyperGroup):
     for input and configuration errors, 1 for crashes.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        from tracetune.cli.executor_options import add_executor_options
+
+        add_executor_options(self)  # --executor, --ray-address... on item-processing commands
+
     def invoke(self, ctx: Any) -> Any:
         from tracetune.inputs import InputError
-        from tracetune.runner import StageAborted, outcome
+        from tracetune.runner import StageAborted, executor, outcome
+        from tracetune.runner.ray_executor import RayExecutorError
 
         outcome.reset()
+        executor.reset_command()
         try:
             value = super().invoke(ctx)
         except StageAborted as exc:  # what failed is in the message; a traceback would bury it
@@ -116,6 +131,9 @@ class CommandGroup(TyperGroup):
                 f"{exc}\nFix the cause and rerun the same command: finished items are kept.",
                 code=outcome.ITEMS_FAILED_EXIT,
             )
+            raise  # unreachable
+        except RayExecutorError as exc:
+            fail(str(exc), code=exc.exit_code)
             raise  # unreachable
         except InputError as exc:  # names the file and what is wrong with it
             fail(str(exc))

@@ -32,6 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tracetune.models.base import ChatMessage, ChatModel, Generation, Sampling
 from tracetune.runner import outcome
+from tracetune.runner.executor import active_executor
 from tracetune.schema import Record, Usage
 from tracetune.store import AssetStore, Dataset, RunState
 from tracetune.store.dataset import DEFAULT_CHUNK_BYTES, DEFAULT_FLUSH_INTERVAL_S
@@ -344,6 +345,27 @@ async def run_stage(
     """
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
+    if (executor := active_executor()).kind == "ray":
+        from tracetune.runner.ray_executor import run_stage_on_ray
+
+        return await run_stage_on_ray(
+            executor,
+            stage,
+            items,
+            key,
+            process,
+            out,
+            concurrency=concurrency,
+            budget=budget,
+            sources=sources,
+            max_failures=max_failures,
+            max_failure_rate=max_failure_rate,
+            chunk_size=chunk_size,
+            chunk_bytes=chunk_bytes,
+            flush_interval_s=flush_interval_s,
+            progress=progress,
+            total=total,
+        )
     core: StageCore[T] = StageCore(
         stage,
         out,

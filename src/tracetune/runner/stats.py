@@ -64,6 +64,10 @@ class StageStats:
 def stage_stats(root: str | os.PathLike[str]) -> list[StageStats]:
     """Per-stage statistics of the dataset directory ``root`` (empty if it has no state)."""
     root = Path(root)
+    if (root / "workers").is_dir():  # Ray actors' own states, left by a run that was killed
+        from tracetune.runner.ray_executor import fold_worker_states
+
+        fold_worker_states(root)
     if not (root / "state.sqlite").exists():
         return []
     state = RunState(root / "state.sqlite")
