@@ -1,6 +1,10 @@
 """Per-step overhead of the code sandbox, printed as a markdown table.
 
-    .venv/bin/python bench/sandbox_overhead.py [--repeat 200]
+    .venv/bin/python bench/sandbox_overhead.py [--repeat 200] [--without LAYER ...]
+
+``--without seccomp cgroup workdir_cap`` switches those layers off, to see what each costs.
+To compare with an older tree, run this script with ``PYTHONPATH=<old checkout>/src``
+(options it does not know are then not passed).
 
 Measures, on this machine and with whatever isolation layers it supports (printed first):
 worker start (spawn to ready, all layers applied), an empty step, a step that calls a
@@ -44,9 +48,14 @@ def row(name: str, times: list[float]) -> str:
     return f"| {name} | {len(times)} | {statistics.median(times):.2f} | {p90:.2f} |"
 
 
-async def main(repeat: int) -> None:
+async def main(repeat: int, without: list[str]) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="sandbox-bench-"))
-    limits = SandboxLimits(timeout_s=60)
+    off = {"seccomp": {"seccomp": False}, "cgroup": {"cgroup": False}}
+    off["workdir_cap"] = {"workdir_mb": None}
+    settings: dict[str, Any] = {"timeout_s": 60}
+    for layer in without:
+        settings.update(off[layer])
+    limits = SandboxLimits(**settings)
     rows = []
 
     starts = []
@@ -58,7 +67,11 @@ async def main(repeat: int) -> None:
     rows.append(row("worker start (spawn + isolation, to ready)", starts))
 
     async with await Sandbox.start(workdir, TOOLS, add, limits) as sb:
-        layers = {k: v for k, v in sb.isolation.items() if k not in ("workdir", "notes")}
+        layers = {
+            k: v
+            for k, v in sb.isolation.items()
+            if k not in ("workdir", "notes") and not k.endswith("_detail")
+        }
         await sb.execute("pass")
         rows.append(row("empty step (`pass`)", await timed(repeat, lambda: sb.execute("pass"))))
         one = await timed(repeat, lambda: sb.execute("add(1, 2)"))
@@ -89,4 +102,12 @@ async def main(repeat: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=200, help="steps timed per row")
-    asyncio.run(main(parser.parse_args().repeat))
+    parser.add_argument(
+        "--without",
+        nargs="*",
+        default=[],
+        choices=["seccomp", "cgroup", "workdir_cap"],
+        help="isolation layers to switch off",
+    )
+    args = parser.parse_args()
+    asyncio.run(main(args.repeat, args.without))

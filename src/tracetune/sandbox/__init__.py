@@ -11,7 +11,9 @@ each run from their own copy of one prefix.
 Only JSON crosses from the worker to the host, in frames of at most 16 MB; printed output is
 capped inside the worker, so printing 100 MB costs the host nothing.
 
-Layers, from the kernel up (``Sandbox.isolation`` reports which ones took on this machine):
+Layers, from the kernel up (``Sandbox.isolation`` reports which ones took on this machine;
+``tracetune.sandbox.layers(report)`` lists them with details, ``tracetune tools sandbox``
+prints them, and the active ones are logged when the first sandbox starts):
 
 1. **Process**: a separate process in its own session; killed (with its process group) when
    it does not stop in time. Environment stripped to a few variables: no API keys.
@@ -19,7 +21,8 @@ Layers, from the kernel up (``Sandbox.isolation`` reports which ones took on thi
    ``unshare(CLONE_NEWNET)``; a non-root host a user namespace
    (``CLONE_NEWUSER|CLONE_NEWNET``, what ``unshare -rn`` does). If neither is allowed, a
    warning is logged and network access is refused by Landlock (TCP, ABI >= 4) and the audit
-   hook only.
+   hook only. Unix sockets have their own namespace per network namespace (abstract ones)
+   or are refused by seccomp (pathname ones, see 6).
 3. **Own uid** (root host only): the worker drops to a uid of its own (random in
    1.9e9-2.0e9, or ``SandboxLimits.uid``), which loses all capabilities and makes
    ``RLIMIT_NPROC`` (``max_processes``) count this sandbox and its forks alone; root itself is
@@ -27,24 +30,61 @@ Layers, from the kernel up (``Sandbox.isolation`` reports which ones took on thi
    reachable through a private mount namespace: a tmpfs over the closed directory and bind
    mounts of exactly the paths needed. The working directory is chowned to that uid. If
    that mount namespace is refused too (Docker's default seccomp profile), the worker keeps
-   uid 0 but drops every capability, and has no process cap; a note in ``isolation`` says
-   so. A non-root host keeps its uid and gets no process cap: process creation is then
-   refused by the audit hook, and executing programs by Landlock.
-4. **rlimits**: address space (``memory_mb``), CPU seconds per step (``cpu_s``: the code is
-   interrupted on SIGXCPU), file size, open files, no core dumps.
+   uid 0 but drops every capability; a note in ``isolation`` says so. A non-root host keeps
+   its uid; ``RLIMIT_NPROC`` is then set inside its user namespace, where (Linux >= 5.14) it
+   counts the sandbox's processes only.
+4. **rlimits**: address space per process (``memory_mb``), CPU seconds per step (``cpu_s``:
+   the code is interrupted on SIGXCPU), file size, open files, no core dumps.
 5. **Landlock** (Linux >= 5.13, unprivileged): reads only from the Python installation,
    system libraries and the working directory; writes only to the working directory;
    executing any program is denied; TCP bind/connect denied (ABI >= 4); no signals to, or
    abstract sockets of, processes outside the sandbox (ABI >= 6); ptrace of outside
    processes denied. Without Landlock a warning is logged and files are confined by the
    audit hook alone.
-6. **Audit hook** (``sys.addaudithook``): refuses opening files outside the working
+6. **seccomp** (x86_64 and aarch64; a BPF filter built in the worker, no library): denies
+   ``unshare``, ``setns``, ``clone`` with any ``CLONE_NEW*`` flag, ``mount`` and the new mount
+   API, ``chroot``, ``pivot_root``, ``io_uring_*``, ``keyctl``/``add_key``/``request_key``,
+   ``bpf``, ``ptrace``, ``process_vm_*``, ``personality``, ``perf_event_open``,
+   ``userfaultfd``, modules and kexec, file handles, and creating ``AF_UNIX`` sockets (a
+   filter cannot read ``connect``'s address, so no Unix socket of the host user, ssh-agent
+   or docker, is reachable); calls of another ABI (i386, x32) are refused. ``clone3``
+   answers ENOSYS (its flags are out of a filter's reach) and libc falls back to ``clone``.
+7. **cgroup** (v2, or v1 hierarchies; root or a delegated ``$TRACETUNE_CGROUP``): a group per
+   sandbox (and per fork) with ``pids.max = max_processes``, ``memory_mb`` for the whole
+   process tree (no swap), an optional ``cpus`` quota; on close every process in it is
+   killed, a double-forked ``setsid`` daemon included. Without a cgroup, the worker's own
+   network namespace is swept instead: every process in it is killed.
+8. **Size-capped working directory** (root hosts): a tmpfs with ``size=workdir_mb`` is
+   mounted over the working directory while the sandbox runs; its files are copied in at
+   start and back at close, so a disk filler stops at the cap (ENOSPC, a SANDBOX error).
+9. **Audit hook** (``sys.addaudithook``): refuses opening files outside the working
    directory (reading the Python installation is allowed), sockets other than Unix ones,
-   ``os.system``/``subprocess``/``fork``/``exec``, ``ctypes`` calls, changing rlimits and
-   inspecting the worker through ``gc``; each refusal raises ``PermissionError`` with a
-   message the model can act on. This layer gives clear errors; it is not a security
-   boundary on its own (code that reaches the worker's frames can switch it off), which is
-   what the kernel layers are for.
+   ``os.system``/``subprocess``/``fork``/``exec``, ``ctypes`` calls, changing rlimits,
+   tracing hooks and inspecting the worker through ``gc``; each refusal raises
+   ``PermissionError`` with a message the model can act on. This layer gives clear errors;
+   it is a convenience, not a boundary: the functions the code is given (tools,
+   ``final_answer``, the signal handler) reach only a small ``Port`` and never the hook's
+   policy, but code that walks the interpreter's frames can switch the hook off. Every
+   boundary is held by layers 1-8.
+
+``SandboxLimits.min_level`` (or ``$TRACETUNE_SANDBOX_MIN_LEVEL``) refuses to start below a
+level of ``LEVELS``: ``basic`` (anywhere), ``standard`` (network namespace and Landlock) or
+``strict`` (also seccomp, a cgroup and a process cap).
+
+The host side never follows a path, pid or size the code controls:
+
+* every host read or write in the working directory goes through a directory fd with
+  ``openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`` (or an ``O_NOFOLLOW`` walk) and an
+  ``fstat`` of the opened file (tool inputs via ``ToolContext.open_file``/``read_bytes``/
+  ``image``, tool outputs via ``ToolContext.write_file``, which creates new files only,
+  snapshots of exploration branches); files the code produces for M-TRACE are read after
+  its sandbox stopped, by fd, regular files only;
+* a fork's pid comes from the kernel (``SO_PASSCRED`` credentials on its first message) and
+  is checked to be a child of the worker under its uid before a pidfd pins it; a reported
+  pid is never signalled;
+* a tool call's arguments are capped (``tool_args_bytes``) before any tool runs, long ones
+  are recorded as previews, and a host tool's thread is interrupted when the step's time
+  runs out; malformed or forged frames end the step with a SANDBOX error.
 
 Limits become typed step errors (``tracetune.schema.ErrorKind``): TIMEOUT (wall clock, then
 CPU), MEMORY, SANDBOX (a refused operation), OUTPUT_LIMIT, TOOL (an uncaught tool error),

@@ -374,9 +374,8 @@ def _bpf_program(arch: str) -> list[tuple[int, int, int, int]]:
 def _seccomp(libc: Any) -> str:
     """Install the filter on this process (inherited by its forks); the arch, or why not."""
     import ctypes
-    import platform
 
-    arch = platform.machine().lower()
+    arch = os.uname().machine.lower()  # not `platform`: it imports `re`, 20 ms of startup
     arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(arch, arch)
     if arch not in _AUDIT_ARCH or sys.byteorder != "little":
         raise OSError(f"no seccomp filter for the {arch} architecture")
