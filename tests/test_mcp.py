@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from tracetune.agent import Agent
 from tracetune.cli import app
 from tracetune.schema import ErrorKind, Task, Trajectory
-from tracetune.store import AssetStore
+from tracetune.store import AssetStore, Dataset
 from tracetune.testing import ScriptedChatModel
 from tracetune.tools import ToolContext, ToolError, get_tool, load_tools, mcp, registered_tools
 from tracetune.tools.spec import ToolTimeout
@@ -254,7 +254,8 @@ def test_server_killed_mid_run_fails_its_item_and_a_rerun_succeeds(tmp_path: Pat
         mcp.close_all()
 
 
-def test_cli_tools_list_shows_the_server_tools() -> None:
+def test_cli_tools_list_and_agent_run_with_the_server_tools(tmp_path: Path) -> None:
+    out = tmp_path
     runner = CliRunner()
     try:
         result = runner.invoke(app, ["tools", "list", "--json", "--mcp", COMMAND])
@@ -268,6 +269,23 @@ def test_cli_tools_list_shows_the_server_tools() -> None:
         )
         assert result.exit_code == 0, result.output
         assert result.output.strip() == "3.0"
+        # An agent run with the server's tools, from the command line.
+        from tracetune.testing.openai_server import ScriptedOpenAIServer
+
+        replies = [call("lookup_word", word="mcp"), call("final_answer", answer="protocol")]
+        with ScriptedOpenAIServer(replies=replies) as srv:
+            result = runner.invoke(
+                app,
+                ["agent", "run", "--model", "openai:m", "--base-url", srv.base_url,
+                 "--task", "What is MCP?", "--tools", "mcp", "--out", str(out / "run"),
+                 "--mcp", COMMAND, "--quiet"],
+            )  # fmt: skip
+            prompt = str(srv.requests[0].body["messages"][0]["content"])
+        assert result.exit_code == 0, result.output
+        (traj,) = Dataset.open(out / "run", Trajectory).records()
+        assert traj.steps[0].observation.text == "model context protocol"
+        assert traj.final_answer == "protocol" and "lookup_word" in traj.tools
+        assert "lookup_word(word: str) -> str" in prompt
     finally:
         mcp.close_all()
 
@@ -276,7 +294,7 @@ def test_cli_tools_list_shows_the_server_tools() -> None:
     ("command", "expected"),
     [
         (
-            f"{sys.executable} -c 'import sys; print(\"no API key\", file=sys.stderr); "
+            f'{sys.executable} -c \'import sys; print("no API key", file=sys.stderr); '
             "sys.exit(3)'",
             "failed to start: the connection closed before the MCP handshake finished",
         ),
@@ -380,3 +398,55 @@ def test_yaml_mcp_servers_key(tmp_path: Path) -> None:
         assert load_tools(cfg.tools)[0](ToolContext(workdir=tmp_path), a=1, b=1).data == 2
     finally:
         mcp.close_all()
+
+
+def test_mtrace_chain_with_an_mcp_tool_in_the_catalogue(tmp_path: Path) -> None:
+    """Queries are generated with the MCP tool in the catalogue, the teacher's code calls it
+    through the sandbox, and the verified trajectory records it."""
+    from mtrace_script import Script, config_yaml, write_seeds
+
+    from tracetune.synth.mtrace import PoolConfig, build_pool
+    from tracetune.synth.mtrace.pool import BUNDLED_POOL_CAPTIONS, BUNDLED_POOL_IMAGES
+    from tracetune.testing.openai_server import ScriptedOpenAIServer
+
+    query = "What does the word tiger mean, according to the dictionary and my notes?"
+
+    class WordScript(Script):
+        def batch(self, text: str) -> str:
+            return json.dumps([{"query": query, "tools": ["lookup_word"]}])
+
+        def teacher(self, body: dict[str, Any]) -> str:
+            if not any(m["role"] == "assistant" for m in body["messages"]):
+                code = "print(lookup_word(word='tiger'))\n"
+                return f"Thought: look it up.\nCode:\n```py\n{code}```"
+            return "Thought: done.\nCode:\n```py\nfinal_answer('a large striped cat')\n```"
+
+    pool = tmp_path / "pool"
+    pool_config = PoolConfig(
+        images=BUNDLED_POOL_IMAGES, captions=BUNDLED_POOL_CAPTIONS, out=pool, embedder="hashing"
+    )
+    asyncio.run(build_pool(pool_config, progress=False))
+    seeds = tmp_path / "seeds.jsonl"
+    write_seeds(seeds)
+    script = WordScript()
+    try:
+        with ScriptedOpenAIServer(script) as srv:
+            text = config_yaml(
+                str(tmp_path / "run"), srv.base_url, str(pool), str(seeds), embedder="hashing"
+            )
+            text = text.replace("tools: [ocr,", "tools: [lookup_word, ocr,")
+            text += f"mcp_servers: [{json.dumps(COMMAND)}]\n"
+            (tmp_path / "synth.yaml").write_text(text)
+            result = CliRunner().invoke(
+                app, ["synth", "run", str(tmp_path / "synth.yaml"), "--quiet"]
+            )
+            assert result.exit_code == 0, result.output
+            requests = list(srv.requests)
+    finally:
+        mcp.close_all()
+    generator = next(r for r in requests if any("practice tasks" in t for t in r.texts()))
+    assert "tiny dictionary" in "\n".join(generator.texts())  # the MCP tool's description
+    (traj,) = Dataset.open(tmp_path / "run" / "final", Trajectory).records()
+    assert traj.task.query == query and "lookup_word" in traj.task.tools
+    assert "a large striped cat" in traj.steps[0].observation.text
+    assert traj.final_answer == "a large striped cat"
