@@ -206,8 +206,15 @@ class Agent:
         unknown = [n for n in task.tools if n not in {t.name for t in self.tools}]
         if unknown:
             raise ValueError(f"task {task.id} needs tools {unknown} that this agent was not given")
-        toolbox = ToolBox.for_task(
-            task, self.tools, source, assets, model=self.tool_model, options=self.tool_options
+        # A fresh working directory waits on the filesystem: off the event loop.
+        toolbox = await asyncio.to_thread(
+            ToolBox.for_task,
+            task,
+            self.tools,
+            source,
+            assets,
+            model=self.tool_model,
+            options=self.tool_options,
         )
         executor = await make_executor(self.fmt, toolbox)
         return Episode(task, self.model, self.fmt, self.tools, executor, toolbox, source)

@@ -68,6 +68,10 @@ def _flush_all() -> None:
 class RunState:
     """What a run has done, what its model calls returned, and what they cost."""
 
+    # cache_get / cache_put return in microseconds (writes are batched; reads are one indexed
+    # lookup): backends call them directly instead of through a worker thread.
+    fast_cache = True
+
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
