@@ -280,3 +280,29 @@ def test_a_tool_whose_model_is_down_fails_the_item_instead_of_the_step(tmp_path:
     task = Task(id="t", query="What colour is the photo?", files=[photo])
     with pytest.raises(BackendError, match="Connection error"):
         asyncio.run(agent.run(task, assets, assets))
+
+
+def test_agent_samples_that_a_server_returns_identical_are_warned_about(tmp_path: Path) -> None:
+    """`agent run --samples 3` at temperature > 0 asks with seeds None, 1, 2; a server that
+    ignores the seed answers the same every time, and the run says so once."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger("tracetune.models.openai_backend")
+    handler = Keep(level=logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        with ScriptedOpenAIServer(lambda body: ANSWER) as server:
+            result = _agent_run(
+                tmp_path, server.base_url, 1, "--samples", "3", "--temperature", "0.9"
+            )
+    finally:
+        logger.removeHandler(handler)
+    assert result.exit_code == 0, result.output
+    warned = [r for r in records if "ignore `n` and `seed`" in r.getMessage()]
+    assert len(warned) == 1

@@ -206,7 +206,7 @@ class OpenAIChatModel(ChatModel):
         completions = completions[:n]
         if rounds and n > 1:
             self._check_varied(sampling, [c.text for c in completions], seed_varied=True)
-        elif sampling.temperature > 0 and sampling.seed is not None:
+        elif sampling.temperature > 0:
             self._check_varied(sampling, [c.text for c in completions], messages=messages)
 
         await self.store(key, completions)
