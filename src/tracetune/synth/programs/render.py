@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import io
+import posixpath
 import random
 import re
 import zipfile
@@ -16,7 +17,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
-from xml.sax.saxutils import escape
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
@@ -85,8 +85,9 @@ def np_rng(rng: random.Random) -> np.random.Generator:
     return np.random.default_rng(rng.getrandbits(64))
 
 
-def finish(img: Image.Image, rng: random.Random, noise: float = 6.0,
-           blur: float | None = None) -> Image.Image:
+def finish(
+    img: Image.Image, rng: random.Random, noise: float = 6.0, blur: float | None = None
+) -> Image.Image:
     """Scanner-like noise and an optional slight blur, drawn from ``rng``."""
     arr = np.asarray(img.convert("RGB"), dtype=np.int16)
     if noise > 0:
@@ -97,8 +98,13 @@ def finish(img: Image.Image, rng: random.Random, noise: float = 6.0,
     return out
 
 
-def scribbles(draw: ImageDraw.ImageDraw, rng: random.Random, box: tuple[int, int, int, int],
-              n: int, colour: tuple[int, int, int] = (190, 190, 190)) -> None:
+def scribbles(
+    draw: ImageDraw.ImageDraw,
+    rng: random.Random,
+    box: tuple[int, int, int, int],
+    n: int,
+    colour: tuple[int, int, int] = (190, 190, 190),
+) -> None:
     """Faint distractor marks (coffee rings, pen strokes) that are not text."""
     x1, y1, x2, y2 = box
     for _ in range(n):
@@ -107,8 +113,9 @@ def scribbles(draw: ImageDraw.ImageDraw, rng: random.Random, box: tuple[int, int
         if rng.random() < 0.5:
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=colour, width=2)
         else:
-            draw.line((cx, cy, cx + rng.randint(-40, 40), cy + rng.randint(-12, 12)),
-                      fill=colour, width=2)
+            draw.line(
+                (cx, cy, cx + rng.randint(-40, 40), cy + rng.randint(-12, 12)), fill=colour, width=2
+            )
 
 
 def text_width(text: str, style: TextStyle) -> int:
@@ -144,9 +151,12 @@ def pdf_bytes(figures: Sequence[Any]) -> bytes:
     from matplotlib.backends.backend_pdf import PdfPages
 
     buf = io.BytesIO()
-    with matplotlib.rc_context({"pdf.fonttype": 42}), PdfPages(
-        buf, metadata={"CreationDate": None, "Creator": "tracetune", "Producer": "tracetune"}
-    ) as pdf:
+    with (
+        matplotlib.rc_context({"pdf.fonttype": 42}),
+        PdfPages(
+            buf, metadata={"CreationDate": None, "Creator": "tracetune", "Producer": "tracetune"}
+        ) as pdf,
+    ):
         for fig in figures:
             pdf.savefig(fig)
     return buf.getvalue()
@@ -166,58 +176,109 @@ def zip_bytes(entries: Sequence[tuple[str, bytes | str]]) -> bytes:
     return buf.getvalue()
 
 
-_W_NS = 'xmlns:w="http://schemas.openxmlformats.org/wordprocessingml/2006/main"'
-_DOCX_TYPES = (
-    '<?xml version="1.0" encoding="UTF-8" standalone="yes"?>'
-    '<Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types">'
-    '<Default Extension="rels" ContentType="application/vnd.openxmlformats-package.'
-    'relationships+xml"/><Default Extension="xml" ContentType="application/xml"/>'
-    '<Override PartName="/word/document.xml" ContentType="application/vnd.openxmlformats-'
-    'officedocument.wordprocessingml.document.main+xml"/></Types>'
-)
-_DOCX_RELS = (
-    '<?xml version="1.0" encoding="UTF-8" standalone="yes"?>'
-    '<Relationships xmlns="http://schemas.openxmlformats.org/package/2006/relationships">'
-    '<Relationship Id="rId1" Type="http://schemas.openxmlformats.org/officeDocument/2006/'
-    'relationships/officeDocument" Target="word/document.xml"/></Relationships>'
-)
-
 DocBlock = tuple[str, Any]
 """("heading", text) | ("paragraph", text) | ("table", rows) | ("page_break", None)."""
 
-
-def _para(text: str, style: str | None = None) -> str:
-    ppr = f'<w:pPr><w:pStyle w:val="{style}"/></w:pPr>' if style else ""
-    return f'<w:p>{ppr}<w:r><w:t xml:space="preserve">{escape(text)}</w:t></w:r></w:p>'
+_FIXED_TIME = _dt.datetime(2024, 1, 1)
 
 
 def docx_bytes(blocks: Sequence[DocBlock]) -> bytes:
-    """A minimal Word document (headings, paragraphs, tables, page breaks)."""
-    body = []
+    """A Word document (headings, paragraphs, tables, page breaks), written by python-docx as
+    a complete package (styles, settings, fonts, core properties) so that Word, LibreOffice
+    and markitdown's converter all read it; byte-stable: dates and zip times are pinned."""
+    import docx
+
+    document = docx.Document()
+    props = document.core_properties
+    props.author = props.last_modified_by = "tracetune"
+    props.created = props.modified = props.last_printed = _FIXED_TIME
+    props.revision = 1
     for kind, value in blocks:
         if kind == "heading":
-            body.append(_para(value, "Heading1"))
+            document.add_heading(str(value), level=1)
         elif kind == "paragraph":
-            body.append(_para(value))
+            document.add_paragraph(str(value))
         elif kind == "table":
-            rows = "".join(
-                "<w:tr>" + "".join(f"<w:tc>{_para(str(c))}</w:tc>" for c in row) + "</w:tr>"
-                for row in value
-            )
-            body.append(f"<w:tbl>{rows}</w:tbl>")
+            rows = [list(r) for r in value]
+            width = max((len(r) for r in rows), default=0)
+            if not rows or not width:
+                continue
+            table = document.add_table(rows=len(rows), cols=width)
+            table.style = "Table Grid"
+            for r, row in enumerate(rows):
+                for c, cell in enumerate(row):
+                    table.cell(r, c).text = str(cell)
         elif kind == "page_break":
-            body.append('<w:p><w:r><w:br w:type="page"/></w:r></w:p>')
+            document.add_page_break()
         else:
             raise ValueError(f"unknown document block {kind!r}")
-    document = (
-        f'<?xml version="1.0" encoding="UTF-8" standalone="yes"?><w:document {_W_NS}>'
-        f"<w:body>{''.join(body)}</w:body></w:document>"
+    buf = io.BytesIO()
+    document.save(buf)
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as archive:
+        entries = [(info.filename, archive.read(info.filename)) for info in archive.infolist()]
+    return zip_bytes(_lean_docx(entries))
+
+
+# Parts of python-docx's template that no reader needs (Word 2010 style effects, a thumbnail,
+# a custom XML item): dropped, with the relationships and content types that name them.
+_DOCX_EXTRAS = ("word/stylesWithEffects.xml", "docProps/thumbnail.jpeg", "customXml/")
+_W = "{http://schemas.openxmlformats.org/wordprocessingml/2006/main}"
+
+
+def _lean_docx(entries: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """python-docx's package without its template's unused weight: styles.xml keeps the
+    styles the document uses (and what they derive from) and the defaults; the converters
+    parse a 20 KB package instead of an 840 KB one."""
+    from lxml import etree
+
+    def extra(name: str) -> bool:
+        return any(name == e or (e.endswith("/") and name.startswith(e)) for e in _DOCX_EXTRAS)
+
+    parts = dict(entries)
+    document = etree.fromstring(parts["word/document.xml"])
+    used = {
+        el.get(_W + "val")
+        for tag in ("pStyle", "rStyle", "tblStyle")
+        for el in document.iter(_W + tag)
+    }
+    styles = etree.fromstring(parts["word/styles.xml"])
+    by_id = {s.get(_W + "styleId"): s for s in styles.iter(_W + "style")}
+    keep = {i for i, s in by_id.items() if s.get(_W + "default") == "1"}
+    todo = list(used | keep)
+    while todo:
+        sid = todo.pop()
+        style = by_id.get(sid)
+        if style is None:
+            continue
+        keep.add(sid)
+        for tag in ("basedOn", "link", "next"):
+            ref = style.find(_W + tag)
+            if ref is not None and ref.get(_W + "val") not in keep:
+                todo.append(ref.get(_W + "val"))
+    for sid, style in by_id.items():
+        if sid not in keep:
+            styles.remove(style)
+    for latent in styles.findall(_W + "latentStyles"):
+        styles.remove(latent)
+    parts["word/styles.xml"] = etree.tostring(
+        styles, xml_declaration=True, encoding="UTF-8", standalone=True
     )
-    return zip_bytes([
-        ("[Content_Types].xml", _DOCX_TYPES),
-        ("_rels/.rels", _DOCX_RELS),
-        ("word/document.xml", document),
-    ])
+    out = []
+    for name, data in entries:
+        if extra(name):
+            continue
+        data = parts[name]
+        if name.endswith(".rels") or name == "[Content_Types].xml":
+            root = etree.fromstring(data)
+            for el in list(root):
+                target = el.get("Target") or el.get("PartName") or ""
+                if target and name == "word/_rels/document.xml.rels":
+                    target = posixpath.normpath("word/" + target)
+                if target and extra(target.lstrip("/")):
+                    root.remove(el)
+            data = etree.tostring(root, xml_declaration=True, encoding="UTF-8", standalone=True)
+        out.append((name, data))
+    return out
 
 
 _MODIFIED = re.compile(rb"(<dcterms:modified[^>]*>)[^<]*(</dcterms:modified>)")
