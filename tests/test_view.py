@@ -549,6 +549,10 @@ def test_bad_inputs_get_a_clear_message_not_a_500(
     assert client.get("/d/damaged/r/no-such-record.html").status_code == 404
     assert client.get("/d/nowhere/index.html").status_code == 404
     assert client.get("/d/damaged/assets/../manifest.json").status_code == 404
+    # a small dataset's first visit shows its count and filters at once
+    fresh = TestClient(build_app([pipeline["qs"] / "tasks"], cache_dir=None))
+    first_visit = fresh.get("/d/tasks/index.html")
+    assert "4 records" in first_visit.text and 'name="family"' in first_visit.text
     # a damaged Parquet chunk is a message on the page too
     chunk = next((damaged / "data").glob("part-*.parquet"))
     chunk.write_bytes(b"not parquet")

@@ -337,10 +337,10 @@ class Site:
         depth: int,
         crumbs: list[tuple[str, str]],
     ) -> Page:
-        if page == 1 and not params and not source.index_ready:
-            # The first page of a large dataset shows at once, read from its first chunks;
-            # counts, filters and later pages use the index, built in the background from
-            # here on (started after this read, so the two do not compete).
+        if page == 1 and not params and not source.index_ready and len(source.files) > 16:
+            # The first page of a large dataset (over 16 chunks) shows at once, read from its
+            # first chunks; counts, filters and later pages use the index, built in the
+            # background from here on (started after this read, so the two do not compete).
             view = source.head(self.page_size)
             source.start_indexing()
             self._warm(source)

@@ -550,10 +550,9 @@ def _manifest_problem(root: Path) -> tuple[str | None, str | None]:
 
 def _walk(root: Path, depth: int = 0) -> Iterable[Path]:
     yield root
-    if depth >= MAX_DEPTH or (root / MANIFEST).exists():
-        # A dataset's own subfolders (verdicts/, rejected/) are datasets too.
-        if depth >= MAX_DEPTH:
-            return
+    if depth >= MAX_DEPTH:
+        return
+    # Datasets are searched inside datasets too: a stage's verdicts/ and rejected/ live there.
     try:
         children = sorted(p for p in root.iterdir() if p.is_dir())
     except OSError:
