@@ -840,7 +840,7 @@ async def test_a_fork_bomb_is_capped_and_gone_after_close(tmp_path: Path) -> Non
 
 NON_ROOT_KEYS = (
     "planted or flipping or swapped or forged or oversized or daemon or unix or kernel "
-    "or closures or fork_bomb or calculator"
+    "or closures or fork_bomb or calculator or hidden"
 )
 
 
@@ -1003,3 +1003,46 @@ def test_workspace_snapshots_never_follow_links_raced_into_the_workdir(
             assert "owner=host" not in path.read_text(errors="replace")
     host_unchanged(host)
     workspace.cleanup()
+
+
+@async_test
+async def test_host_tmp_run_and_home_are_hidden(tmp_path: Path) -> None:
+    import tempfile
+
+    planted = Path(tempfile.mkdtemp(prefix="tracetune-hidden-"))  # another user's /tmp file
+    (planted / "note.txt").write_text(SECRET)
+    planted.chmod(0o755)
+    (planted / "note.txt").chmod(0o644)  # world-readable: only hiding keeps it away
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    attack = f"""
+import os
+seen = {{}}
+for d in ("/tmp", "/run", "/dev/shm", {str(Path.home())!r}, {str(planted)!r}):
+    try:
+        seen[d] = sorted(os.listdir(d))[:5]
+    except OSError as exc:
+        seen[d] = type(exc).__name__
+try:
+    seen["note"] = open({str(planted / "note.txt")!r}).read()
+except OSError as exc:
+    seen["note"] = type(exc).__name__
+print(seen)
+"""
+    try:
+        async with await Sandbox.start(workdir, [], _noop, LIMITS) as sb:
+            if not sb.isolation.get("mount_namespace"):
+                pytest.skip(f"no mount namespace here: {sb.isolation.get('notes')}")
+            assert "/tmp" in sb.isolation["hidden"]
+            result = await sb.execute(attack)
+            assert result.error is None, result.error
+            assert SECRET not in result.stdout
+            seen = eval(result.stdout)
+            assert seen[str(planted)] in ("FileNotFoundError", "PermissionError", [])
+            # The working directory (under /tmp here) is still there and writable.
+            assert (await sb.execute("open('ok', 'w').write('1')")).error is None
+        assert (workdir / "ok").read_text() == "1"
+    finally:
+        import shutil
+
+        shutil.rmtree(planted, ignore_errors=True)

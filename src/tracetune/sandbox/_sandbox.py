@@ -583,6 +583,7 @@ class Sandbox:
             "read_paths": list(self.limits.read_paths),
             "uid": self.uid,
             "host_pid": os.getpid(),
+            "host_home": os.path.expanduser("~"),
             "preload": self.preload,
             "max_message_bytes": MAX_MESSAGE_BYTES // 2,
             "max_tool_bytes": self.limits.tool_args_bytes,

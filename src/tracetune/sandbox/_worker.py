@@ -176,6 +176,63 @@ def _expose(libc: Any, paths: list[str], uid: int, gid: int) -> list[str]:
     return sorted(by_ancestor)
 
 
+def _hidden_dirs(config: dict[str, Any]) -> list[str]:
+    """Host directories a sandbox must not see: temporary files, runtime sockets, homes."""
+    dirs = ["/tmp", "/var/tmp", "/run", "/var/run", "/dev/shm", "/root", "/home"]
+    home = config.get("host_home")
+    if isinstance(home, str) and home.startswith("/") and home != "/":
+        dirs.append(home)
+    return dirs
+
+
+def _hide(libc: Any, hidden: list[str], keep: list[str]) -> list[str]:
+    """Cover each of ``hidden`` with an empty tmpfs in this (private) mount namespace and
+    bind back the ``keep`` paths inside it; returns the directories covered.
+
+    A directory that holds a kept path's ancestor, or lies inside a kept path, stays as it
+    is (covering it would hide what must stay visible).
+    """
+    real: list[str] = []
+    for path in dict.fromkeys(os.path.realpath(h) for h in hidden):
+        if not os.path.isdir(path) or os.path.ismount(path) and path in ("/", "/proc", "/sys"):
+            continue
+        if any(k == path or path.startswith(k.rstrip(os.sep) + os.sep) for k in keep):
+            continue
+        if any(path.startswith(r + os.sep) for r in real):
+            continue  # inside one already covered
+        real.append(path)
+    covered = []
+    for path in real:
+        inside = sorted(k for k in keep if k.startswith(path + os.sep))
+        kept: list[str] = []
+        for k in inside:  # a parent comes before its children
+            if not any(k == p or k.startswith(p + os.sep) for p in kept):
+                kept.append(k)
+        handles = {}
+        for k in kept:
+            with contextlib.suppress(OSError):
+                handles[k] = os.open(k, os.O_PATH | os.O_CLOEXEC)
+        flags = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
+        if libc.mount(b"tmpfs", path.encode(), b"tmpfs", flags, b"mode=0755,size=64k") != 0:
+            for fd in handles.values():
+                os.close(fd)
+            continue
+        for k, fd in handles.items():
+            try:
+                if os.path.isdir(f"/proc/self/fd/{fd}"):
+                    os.makedirs(k, mode=0o755, exist_ok=True)
+                else:
+                    os.makedirs(os.path.dirname(k), mode=0o755, exist_ok=True)
+                    open(k, "a").close()
+                source = f"/proc/self/fd/{fd}".encode()
+                if libc.mount(source, k.encode(), None, _MS_BIND | _MS_REC, None) != 0:
+                    raise OSError(f"bind mount {k}: {_errno_text()}")
+            finally:
+                os.close(fd)
+        covered.append(path)
+    return covered
+
+
 def _landlock(libc: Any, read_paths: list[str], write_paths: list[str]) -> int:
     """Confine this process (and its forks) to the given paths; returns the ABI used (0: none)."""
     import ctypes
@@ -490,25 +547,25 @@ def isolate(config: dict[str, Any]) -> dict[str, Any]:
             report["network_namespace"] = True
         else:
             report["notes"].append(f"unshare(CLONE_NEWNET) failed: {_errno_text()}")
-        needs_mounts = uid > 0 and any(
-            _blocked_ancestor(p, uid, gid) for p in [workdir, *read_paths]
-        )
-        if needs_mounts:
-            if (
-                libc.unshare(_CLONE_NEWNS) == 0
-                and libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) == 0
-            ):
-                report["mount_namespace"] = True
+        if (
+            libc.unshare(_CLONE_NEWNS) == 0
+            and libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) == 0
+        ):
+            report["mount_namespace"] = True
+            report["hidden"] = _hide(libc, _hidden_dirs(config), [workdir, *read_paths])
+            if uid > 0:
                 report["exposed"] = _expose(libc, [workdir, *read_paths], uid, gid)
-            else:
-                # e.g. Docker's default seccomp profile: without a mount namespace the
-                # Python under a closed directory stays unreachable for another uid.
-                report["notes"].append(
-                    f"no mount namespace ({_errno_text()}), and Python or the working "
-                    "directory is not reachable for another uid: the worker stays uid 0 "
-                    "without capabilities, and without a process cap"
-                )
-                uid = gid = -1
+        elif uid > 0 and any(_blocked_ancestor(p, uid, gid) for p in [workdir, *read_paths]):
+            # e.g. Docker's default seccomp profile: without a mount namespace the
+            # Python under a closed directory stays unreachable for another uid.
+            report["notes"].append(
+                f"no mount namespace ({_errno_text()}), and Python or the working "
+                "directory is not reachable for another uid: the worker stays uid 0 "
+                "without capabilities, and without a process cap"
+            )
+            uid = gid = -1
+        else:
+            report["notes"].append(f"no mount namespace ({_errno_text()})")
     elif linux:
         my_uid, my_gid = os.getuid(), os.getgid()
         if libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) == 0:
@@ -520,6 +577,14 @@ def isolate(config: dict[str, Any]) -> dict[str, Any]:
             # it counts the sandbox's own processes, not the user's others.
             _setrlimit(resource.RLIMIT_NPROC, int(limits["max_processes"]))
             report["process_cap"] = "user namespace"
+            if (
+                libc.unshare(_CLONE_NEWNS) == 0
+                and libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) == 0
+            ):
+                report["mount_namespace"] = True
+                report["hidden"] = _hide(libc, _hidden_dirs(config), [workdir, *read_paths])
+            else:
+                report["notes"].append(f"no mount namespace ({_errno_text()})")
         else:
             report["notes"].append(f"unshare(CLONE_NEWUSER|CLONE_NEWNET) failed: {_errno_text()}")
 
