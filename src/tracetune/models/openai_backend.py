@@ -16,6 +16,7 @@ formats read them: the ``tools`` format executes them, the ``json`` format reads
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import logging
@@ -24,7 +25,7 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
@@ -80,6 +81,8 @@ def builtin_price(model: str) -> tuple[float, float] | None:
 
 
 _CLOSED = object()
+# Connections per HTTP client (see OpenAIChatModel._shard).
+SHARD_CONNECTIONS = 32
 
 
 def is_retryable_status(status: int) -> bool:
@@ -106,7 +109,7 @@ class OpenAIChatModel(ChatModel):
         self,
         name: str,
         options: ModelOptions,
-        make_client: Callable[[], openai.AsyncOpenAI],
+        make_client: Callable[..., openai.AsyncOpenAI],
         endpoint: str,
         *,
         openai_api: bool = False,
@@ -121,7 +124,15 @@ class OpenAIChatModel(ChatModel):
         self._make_client = make_client
         # Built now so configuration errors surface before any request; rebuilt when used
         # from another event loop (connections and semaphores belong to one loop).
-        self._client: openai.AsyncOpenAI = make_client()
+        # Requests are spread over several clients of at most SHARD_CONNECTIONS connections
+        # each: httpx's pool checks every idle connection of its pool on each request, so one
+        # pool of hundreds costs O(connections) per request (most of the client's CPU at 256
+        # in flight, bench/scale.py). Shards beyond the first are opened as load needs them.
+        self._shards = max(1, math.ceil(options.requests_in_flight / SHARD_CONNECTIONS))
+        self._shard_connections = math.ceil(options.requests_in_flight / self._shards) + 4
+        self._client: openai.AsyncOpenAI = self._new_client()
+        self._clients = [self._client]
+        self._busy = [0]  # requests in flight on each client
         self._loop: object = None  # the event loop the client's connections belong to
         self._semaphore = asyncio.Semaphore(options.requests_in_flight)
         self._warned_identical = False
@@ -226,7 +237,8 @@ class OpenAIChatModel(ChatModel):
     async def aclose(self) -> None:
         # Connections opened under an event loop that has since finished went with it.
         if self._loop is None or self._loop is asyncio.get_running_loop():
-            await self._client.close()
+            for client in self._clients:
+                await client.close()
         self._loop = _CLOSED  # a later call builds a fresh client
 
     # -- requests ------------------------------------------------------------------------
@@ -294,6 +306,25 @@ class OpenAIChatModel(ChatModel):
                 sampling.temperature,
             )
 
+    def _new_client(self) -> openai.AsyncOpenAI:
+        if self._shards == 1:
+            return self._make_client()
+        return self._make_client(connections=self._shard_connections)
+
+    @contextlib.asynccontextmanager
+    async def _shard(self) -> AsyncIterator[openai.AsyncOpenAI]:
+        """The least busy client (a new one while every open one is full)."""
+        i = min(range(len(self._clients)), key=self._busy.__getitem__)
+        if self._busy[i] >= self._shard_connections - 4 and len(self._clients) < self._shards:
+            self._clients.append(self._new_client())
+            self._busy.append(0)
+            i = len(self._clients) - 1
+        self._busy[i] += 1
+        try:
+            yield self._clients[i]
+        finally:
+            self._busy[i] -= 1
+
     def _bind_loop(self) -> None:
         loop = asyncio.get_running_loop()
         if self._loop is loop:
@@ -301,7 +332,8 @@ class OpenAIChatModel(ChatModel):
         if self._loop is not None:
             # Closed, or the previous loop is gone (e.g. a second asyncio.run): its pooled
             # connections can be neither reused nor closed from here.
-            self._client = self._make_client()
+            self._client = self._new_client()
+            self._clients, self._busy = [self._client], [0]
             self._semaphore = asyncio.Semaphore(self.options.requests_in_flight)
         self._loop = loop
 
@@ -311,16 +343,14 @@ class OpenAIChatModel(ChatModel):
         attempt = 0
         while True:
             try:
-                async with self._semaphore:
+                async with self._semaphore, self._shard() as client:
                     # post() rather than chat.completions.create(): create() walks the params
                     # through its TypedDict transform (~0.4 ms per call on a 2-message chat,
                     # more on long ones) and builds pydantic models of the response (~0.15 ms),
                     # pure overhead on JSON we build and read ourselves, and the bottleneck at
                     # 64 calls in flight (bench/backend_throughput.py). The client still does
                     # auth, URLs (Azure deployments too), timeouts and errors.
-                    response = await self._client.post(
-                        "/chat/completions", body=params, cast_to=object
-                    )
+                    response = await client.post("/chat/completions", body=params, cast_to=object)
                 if not isinstance(response, dict):
                     raise BackendError(
                         f"{self.endpoint} did not answer with a JSON chat completion for "
@@ -506,14 +536,12 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
 
 
 # -- construction ---------------------------------------------------------------------------
-def _http_client(options: ModelOptions) -> Any:
+def _http_client(options: ModelOptions, connections: int | None = None) -> Any:
     # openai's default pool keeps only 100 idle connections; size it to the concurrency so
     # that at high concurrency every request reuses a warm connection instead of reconnecting.
     limits_type = type(openai.DEFAULT_CONNECTION_LIMITS)  # httpx.Limits or httpx2.Limits
-    limits = limits_type(
-        max_connections=options.requests_in_flight + 8,
-        max_keepalive_connections=options.requests_in_flight + 8,
-    )
+    size = connections if connections is not None else options.requests_in_flight + 8
+    limits = limits_type(max_connections=size, max_keepalive_connections=size)
     return openai.DefaultAsyncHttpxClient(limits=limits, timeout=options.timeout_s)
 
 
@@ -535,7 +563,7 @@ def openai_backend(name: str, options: ModelOptions) -> ChatModel:
             "your own OpenAI-compatible server"
         )
 
-    def make_client() -> openai.AsyncOpenAI:
+    def make_client(connections: int | None = None) -> openai.AsyncOpenAI:
         # Read at each (re)build and handed to the client only: the key is never kept on the
         # model nor written to logs, caches or records.
         return openai.AsyncOpenAI(
@@ -543,7 +571,7 @@ def openai_backend(name: str, options: ModelOptions) -> ChatModel:
             base_url=base_url,
             max_retries=0,
             timeout=options.timeout_s,
-            http_client=_http_client(options),
+            http_client=_http_client(options, connections),
         )
 
     return OpenAIChatModel(name, options, make_client, base_url, openai_api=openai_api)
@@ -573,14 +601,14 @@ def azure_backend(name: str, options: ModelOptions) -> ChatModel:
             "AZURE_OPENAI_API_KEY=... OPENAI_API_VERSION=2024-10-21"
         )
 
-    def make_client() -> openai.AsyncOpenAI:
+    def make_client(connections: int | None = None) -> openai.AsyncOpenAI:
         return openai.AsyncAzureOpenAI(
             azure_endpoint=endpoint,
             api_key=os.environ.get(key_env),
             api_version=os.environ.get("OPENAI_API_VERSION"),
             max_retries=0,
             timeout=options.timeout_s,
-            http_client=_http_client(options),
+            http_client=_http_client(options, connections),
         )
 
     return OpenAIChatModel(name, options, make_client, f"{endpoint}/openai")
