@@ -36,7 +36,7 @@ def build(
 ) -> None:
     """Caption (from a file or a VLM), embed and index a folder of images; near-duplicate
     images are merged. A small pool ships in tracetune/data/pool (images/, captions.jsonl)."""
-    from tracetune.models.base import BackendError, ModelOptions
+    from tracetune.models.base import BackendError
     from tracetune.synth.mtrace.pool import PoolConfig, PoolError, build_pool
 
     cfg = build_config(
@@ -48,7 +48,7 @@ def build(
         captioner=captioner,
         embedder=embedder,
         dedup_bits=dedup_bits,
-        backend=ModelOptions(base_url=base_url) if base_url else None,
+        backend={"base_url": base_url},  # merged into a YAML backend section, not over it
     )
     try:
         pool = run_async(build_pool(cfg, progress=not quiet))

@@ -71,7 +71,7 @@ def explore(
     Writes explored trajectories (every step's candidates, observations and ranking) to OUT;
     `tracetune prefs build` turns them into preference pairs.
     """
-    from tracetune.models.base import BackendError, ModelOptions
+    from tracetune.models.base import BackendError
     from tracetune.prefs.explore import ExploreConfig, run_explore
     from tracetune.prefs.stats import prefs_stats
 
@@ -94,8 +94,9 @@ def explore(
         limit=limit,
         concurrency=concurrency,
         max_cost_usd=max_cost,
-        backend=ModelOptions(base_url=base_url) if base_url else None,
-        judge_backend=ModelOptions(base_url=judge_base_url) if judge_base_url else None,
+        # Dicts, not ModelOptions: merged key by key into YAML backend sections.
+        backend={"base_url": base_url},
+        judge_backend={"base_url": judge_base_url},
     )
     try:
         result, dataset = run_async(run_explore(cfg, progress=not quiet))

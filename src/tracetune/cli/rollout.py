@@ -67,10 +67,11 @@ def rollout(
 
     Writes OUT (kept trajectories), OUT/verdicts (every verdict, with reasons), OUT/rejected.
     """
-    from tracetune.models.base import BackendError, ModelOptions
+    from tracetune.models.base import BackendError
     from tracetune.rollout import RolloutConfig, rollout_summary, run_rollout
 
-    backend = ModelOptions(base_url=base_url) if base_url else None
+    # A dict, not ModelOptions: merged key by key into a YAML backend section.
+    backend = {"base_url": base_url}
     cfg = build_config(
         RolloutConfig,
         config,
