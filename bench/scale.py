@@ -7,6 +7,9 @@ Growth (``--sizes``, default 1K 10K 100K): each measurement runs in a fresh chil
 
 * ``runner``: ``run_stage`` over n items with a trivial process function (each item one small
   record), then ``rerun``: the same stage again, every item already done.
+* ``agent``: ``agent run`` (``run_agent``, the CLI's code) over n one-step episodes whose model
+  answers at once (a scripted model, no HTTP): the runner's and the agent loop's own CPU per
+  item, everything but the model call.
 * ``store``: ``Dataset.write_all`` of n small records (records/s), then reading them all back.
 * ``filter``: ``queries.filter`` over n planted candidates (20 % light rewordings of earlier
   ones) with the hashing embedder and ``dedup_search: auto`` (exact while small, then HNSW).
@@ -52,7 +55,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-PARTS = ("runner", "store", "filter", "pool")
+PARTS = ("runner", "agent", "store", "filter", "pool")
 ANSWER = 'Thought: done\nAction: {"name": "final_answer", "arguments": {"answer": "42"}}'
 
 
@@ -96,6 +99,28 @@ def measure(part: str, n: int, workdir: Path) -> list[dict[str, Any]]:
         )
         row("rerun", time.perf_counter() - t)
         assert again.skipped == n and again.written == 0, again.summary()
+    elif part == "agent":
+        from tracetune.agent.run import AgentRunConfig, run_agent
+        from tracetune.testing import ScriptedChatModel
+
+        tasks_file = workdir / "tasks.jsonl"
+        tasks_file.write_text(
+            "".join(json.dumps({"query": f"What is {i} + 1?"}) + "\n" for i in range(n))
+        )
+        config = AgentRunConfig(
+            model="scripted:instant",
+            out=workdir / "agent",
+            tasks=tasks_file,
+            tools=["calculator"],
+            max_steps=1,
+            concurrency=256,
+        )
+        model = ScriptedChatModel(lambda messages: ANSWER, spec="scripted:instant")
+        t, cpu = time.perf_counter(), time.process_time()
+        result, _ = run_async(run_agent(config, model=model, progress=False))
+        seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
+        assert result.written == n, result.summary()
+        row("agent", seconds, per_s=n / seconds, cpu_ms_per_item=round(cpu / n * 1000, 3))
     elif part == "store":
         records = [Task(id=f"r{i:07d}", query=f"question number {i}") for i in range(n)]
         out = Dataset.create(workdir / "store", Task)
@@ -216,7 +241,9 @@ def growth_tables(rows: list[dict[str, Any]], fits: list[dict[str, Any]]) -> str
             lines.append(f"| {r['part']} | {r['n']:,} | - | - | - | {r['error']} |")
             continue
         notes = ", ".join(
-            f"{k} {v:,}" for k, v in r.items() if k in ("chunks", "kept", "dropped", "merged")
+            f"{k.replace('_', ' ')} {v:,}"
+            for k, v in r.items()
+            if k in ("chunks", "kept", "dropped", "merged", "cpu_ms_per_item")
         )
         per_s = f"{r['per_s']:,.0f}" if "per_s" in r else "-"
         lines.append(

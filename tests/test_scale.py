@@ -326,7 +326,7 @@ def test_scale_bench_runs_at_1k(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert bench.main(["--sizes", "300", "1000", "--in-process", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     parts = {(r["part"], r["n"]) for r in data["growth"]}
-    for name in ("runner", "rerun", "store write", "store read", "filter", "pool dedup"):
+    for name in ("runner", "rerun", "agent", "store write", "store read", "filter", "pool dedup"):
         assert {(name, 300), (name, 1000)} <= parts
     assert {f["part"] for f in data["fits"]} >= {"runner", "filter", "pool dedup"}
     assert "growth exponent" in capsys.readouterr().out
