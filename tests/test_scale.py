@@ -339,3 +339,34 @@ def test_scale_bench_runs_at_1k(tmp_path: Path, capsys: pytest.CaptureFixture[st
     )
     text = capsys.readouterr().out
     assert "(c) CLI `agent run`" in text and "| 16 |" in text  # 16 in flight at the server
+
+
+def test_batched_usage_and_cache_are_seen_by_other_readers_and_survive_exit(
+    tmp_path: Path,
+) -> None:
+    import subprocess
+    import sys
+
+    from tracetune.schema import Usage
+    from tracetune.store import RunState
+
+    path = tmp_path / "state.sqlite"
+    writer = RunState(path)
+    writer.add_usage("s", "m", Usage(prompt_tokens=3, completion_tokens=4, calls=1))
+    writer.cache_put("k", {"v": 1})
+    assert writer.usage("s").total_tokens == 7  # counted at once, though not yet written
+    reader = RunState(path)  # another object on the same file, in this process
+    assert reader.usage().total_tokens == 7 and reader.cache_get("k") == {"v": 1}
+    writer.add_usage("s", "m", Usage(prompt_tokens=1, calls=1))
+    assert reader.usage("s").calls == 2
+    # A process that exits without closing its state still writes what it kept in memory.
+    code = (
+        "import sys; from tracetune.store import RunState; from tracetune.schema import Usage\n"
+        "s = RunState(sys.argv[1]); s.add_usage('t', 'm', Usage(completion_tokens=5, calls=1))\n"
+        "s.cache_put('k2', [2])\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True, timeout=60)
+    fresh = RunState(path)
+    assert fresh.usage("t").completion_tokens == 5 and fresh.cache_get("k2") == [2]
+    for state in (writer, reader, fresh):
+        state.close()
