@@ -44,7 +44,10 @@ for line in sys.stdin:
                   {"tools": {}}, "serverInfo": {"name": "broken", "version": "0"}}
     elif msg["method"] == "tools/list":
         result = {"tools": [{"name": "measure", "description": "Measure a thing.",
-                             "inputSchema": {"type": "object", "properties": ["length"]}}]}
+                             "inputSchema": SCHEMA}]}
+    elif msg["method"] == "tools/call":  # echoes the arguments it got
+        text = json.dumps(msg["params"]["arguments"], sort_keys=True)
+        result = {"content": [{"type": "text", "text": text}], "isError": False}
     else:
         result = {}
     print(json.dumps({"jsonrpc": "2.0", "id": msg["id"], "result": result}), flush=True)
@@ -318,16 +321,29 @@ def test_a_server_that_fails_to_start_is_one_clear_error(command: str, expected:
         mcp.close_all()
 
 
-def test_a_malformed_schema_is_one_clear_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("schema", "expected"),
+    [
+        ({"type": "object", "properties": ["length"]}, "'properties' must map argument names"),
+        ({"type": "object", "properties": {}, "required": ["x"]}, "required argument(s) x"),
+        ({"type": "array", "items": {}}, "must have type 'object'"),
+        ({"properties": {"n": {"type": "integr"}}}, "is not valid under any of the given"),
+        ("oops", "malformed tool list (tools.0.inputSchema: Input should be a valid dictionary"),
+    ],
+)
+def test_a_malformed_schema_is_one_clear_error(tmp_path: Path, schema: Any, expected: str):
     script = tmp_path / "broken_server.py"
-    script.write_text(MALFORMED)
+    script.write_text(MALFORMED.replace("SCHEMA", repr(schema)))
     try:
         with pytest.raises(mcp.McpServerError) as info:
             mcp.connect([f"{sys.executable} {script}"])
         message = str(info.value)
-        assert "malformed input schema for tool 'measure'" in message
-        assert "'properties' must map argument names to schemas" in message
+        if schema != "oops":
+            assert "malformed input schema for tool 'measure'" in message
+        assert expected in message
         assert "measure" not in registered_tools()
+        result = CliRunner().invoke(app, ["tools", "list", "--mcp", f"{sys.executable} {script}"])
+        assert result.exit_code == 2 and "Traceback" not in result.output
     finally:
         mcp.close_all()
 
@@ -450,3 +466,78 @@ def test_mtrace_chain_with_an_mcp_tool_in_the_catalogue(tmp_path: Path) -> None:
     assert traj.task.query == query and "lookup_word" in traj.task.tools
     assert "a large striped cat" in traj.steps[0].observation.text
     assert traj.final_answer == "a large striped cat"
+
+
+def test_rollout_of_tasks_that_name_an_mcp_tool(tmp_path: Path) -> None:
+    """A task's tool list names the MCP tool; the teacher calls it natively (tools format)."""
+    from tracetune.testing.openai_server import ScriptedOpenAIServer
+
+    def native(name: str, **arguments: Any) -> dict[str, Any]:
+        function = {"name": name, "arguments": json.dumps(arguments)}
+        return {
+            "content": "",
+            "tool_calls": [{"id": name, "type": "function", "function": function}],
+        }
+
+    tasks = tmp_path / "tasks.jsonl"
+    row = {"id": "w", "query": "What is 20 + 22?", "answer": "42", "tools": ["add_numbers"]}
+    tasks.write_text(json.dumps(row) + "\n")
+    replies = [native("add_numbers", a=20, b=22), native("final_answer", answer="42")]
+    try:
+        with ScriptedOpenAIServer(replies=replies) as srv:
+            result = CliRunner().invoke(
+                app,
+                ["rollout", "--tasks", str(tasks), "--out", str(tmp_path / "r"),
+                 "--teacher", "openai:t", "--base-url", srv.base_url, "--action-format",
+                 "tools", "--mcp", COMMAND, "--quiet"],
+            )  # fmt: skip
+            sent = srv.requests[0].body["tools"]
+        assert result.exit_code == 0, result.output
+    finally:
+        mcp.close_all()
+    assert [t["function"]["name"] for t in sent] == ["add_numbers", "final_answer"]
+    (traj,) = Dataset.open(tmp_path / "r", Trajectory).records()
+    assert traj.steps[0].observation.text == "42.0" and traj.final_answer == "42"
+
+
+def test_argument_names_that_are_not_python_names_work_in_code_actions(
+    tmp_path: Path, stores: tuple
+) -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "amount": {"type": "number"},
+            "from": {"type": "string", "description": "currency to convert from"},
+            "to-currency": {"type": "string"},
+        },
+        "required": ["amount", "from", "to-currency"],
+    }
+    script = tmp_path / "echo_server.py"
+    script.write_text(MALFORMED.replace("SCHEMA", repr(schema)))
+    try:
+        (measure,) = mcp.connect([f"{sys.executable} {script}"])
+        assert measure.signature() == (
+            "measure(amount: float, from_: str, to_currency: str) -> str"
+        )
+        assert "from_: currency to convert from" in measure.describe()
+        # the schema keeps the server's names, for JSON and native tool calls
+        assert list(measure.openai_schema()["function"]["parameters"]["properties"]) == [
+            "amount",
+            "from",
+            "to-currency",
+        ]
+        code = "print(measure(3, from_='USD', to_currency='EUR'))\n"
+        model = ScriptedChatModel(
+            [f"Thought: convert\nCode:\n```py\n{code}```", "Code:\n```py\nfinal_answer('ok')\n```"]
+        )
+        traj = asyncio.run(
+            Agent(model, [measure], action_format="code").run(Task(id="t", query="?"), *stores)
+        )
+        echoed = json.loads(traj.steps[0].observation.text)
+        assert echoed == {"amount": 3, "from": "USD", "to-currency": "EUR"}
+        json_call = call("measure", amount=1, **{"from": "EUR", "to-currency": "USD"})
+        model = ScriptedChatModel([json_call, call("final_answer", answer="ok")])
+        traj = asyncio.run(Agent(model, [measure]).run(Task(id="t", query="?"), *stores))
+        assert json.loads(traj.steps[0].observation.text)["from"] == "EUR"
+    finally:
+        mcp.close_all()

@@ -17,7 +17,7 @@ from tracetune.sandbox import Sandbox, SandboxLimits, ToolReply, ToolStub
 from tracetune.sandbox._fs import exists_beneath
 from tracetune.schema import Action, ErrorKind, FileRef, Observation, StepError
 from tracetune.tools import ToolError, ToolResult, ToolUnavailable
-from tracetune.tools.spec import ToolFatal
+from tracetune.tools.spec import Tool, ToolFatal, python_name
 
 NO_OUTPUT = "(the code printed nothing; print() what you want to see)"
 
@@ -45,9 +45,7 @@ class CodeExecutor:
     async def start(cls, toolbox: ToolBox, limits: SandboxLimits | None = None) -> CodeExecutor:
         executor = cls(toolbox)
         # final_answer is built into the sandbox: it ends the code step with the answer.
-        stubs = [
-            ToolStub.from_tool(t) for name, t in toolbox.tools.items() if name != "final_answer"
-        ]
+        stubs = [_stub(t) for name, t in toolbox.tools.items() if name != "final_answer"]
         executor.sandbox = await Sandbox.start(toolbox.workdir, stubs, executor._handle, limits)
         return executor
 
@@ -159,3 +157,13 @@ class CodeExecutor:
         """Close this executor's sandbox only; the shared working directory stays."""
         if self.sandbox is not None:
             await self.sandbox.close()
+
+
+def _stub(tool: Tool) -> ToolStub:
+    """The tool as a sandbox function, its parameters under Python-safe names (a schema's
+    ``from`` or ``file-path`` cannot be a parameter); the tool maps them back."""
+    stub = ToolStub.from_tool(tool)
+    stub.parameters = [python_name(p) for p in stub.parameters]
+    stub.required = [python_name(p) for p in stub.required]
+    stub.defaults = {python_name(k): v for k, v in stub.defaults.items()}
+    return stub

@@ -58,6 +58,7 @@ from tracetune.tools.spec import (
     ToolTimeout,
     _coerce,
     _load_builtins,
+    python_name,
     register_tool,
 )
 
@@ -336,7 +337,7 @@ class _Connection:
                     tg.start_soon(forward, read, sink)
                     async with ClientSession(source, write) as session:
                         await session.initialize()
-                        tools = await _list_tools(session)
+                        tools = await self._list_tools(session)
                         self.session = session
                         if not self._ready.done():
                             self._ready.set_result(tools)
@@ -345,6 +346,10 @@ class _Connection:
         except BaseException as exc:  # noqa: BLE001 - reported to whoever waits on it
             if isinstance(exc, asyncio.CancelledError) and self._ready.done():
                 raise
+            if isinstance(_leaf(exc), McpServerError) and not self._ready.done():
+                self._ready.set_exception(_leaf(exc))
+                self._lose(str(_leaf(exc)))
+                return
             why = _describe(exc)
             if self.lost is not None and not isinstance(_leaf(exc), OSError | TimeoutError):
                 why = (
@@ -362,6 +367,27 @@ class _Connection:
                     McpServerError(self._message(f"failed to start: {self.lost or 'it exited'}"))
                 )
             self._lose("closed")
+
+    async def _list_tools(self, session: Any) -> list[Any]:
+        tools: list[Any] = []
+        cursor = None
+        while True:
+            try:
+                page = await session.list_tools(cursor)
+            except ValidationError as exc:  # the SDK could not read the server's answer
+                problems = "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]
+                )
+                raise McpServerError(
+                    self._message(
+                        f"returned a malformed tool list ({problems}); fix the server's tool "
+                        "definitions"
+                    )
+                ) from None
+            tools.extend(page.tools)
+            cursor = page.nextCursor
+            if not cursor:
+                return tools
 
     def _lose(self, why: str) -> None:
         if self.lost is None:
@@ -385,6 +411,8 @@ class _Connection:
             )
         except TimeoutError:
             raise ToolTimeout(f"{name} timed out after {timeout:g} s") from None
+        except (McpServerLost, ToolError):
+            raise
         except McpError as exc:
             if exc.error.code == CONNECTION_CLOSED or self.lost is not None:
                 self._lose(exc.error.message)
@@ -437,17 +465,6 @@ class _Connection:
         if self.stderr is not None:
             with contextlib.suppress(OSError):
                 self.stderr.close()
-
-
-async def _list_tools(session: Any) -> list[Any]:
-    tools: list[Any] = []
-    cursor = None
-    while True:
-        page = await session.list_tools(cursor)
-        tools.extend(page.tools)
-        cursor = page.nextCursor
-        if not cursor:
-            return tools
 
 
 # -- a server: its tools, and the connection behind them, restarted when it died -------------
@@ -583,6 +600,9 @@ class McpTool(Tool):
         if not isinstance(arguments, dict):
             raise ToolError(f"{self.name} expects a JSON object of arguments, got {arguments!r}")
         props: dict[str, Any] = self.parameters.get("properties", {})
+        # Code actions pass Python-safe names (from_, file_path) for the schema's own.
+        aliases = {python_name(k): k for k in props if python_name(k) != k}
+        arguments = {aliases.get(k, k) if k not in props else k: v for k, v in arguments.items()}
         if self.parameters.get("additionalProperties", False) is False or props:
             unknown = sorted(set(arguments) - set(props))
             if unknown and self.parameters.get("additionalProperties") is not True:

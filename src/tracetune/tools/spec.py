@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import keyword
 import os
 import re
 import threading
@@ -383,7 +384,9 @@ class Tool:
         args = []
         for key, prop in self.parameters.get("properties", {}).items():
             kind = prop.get("type")
-            arg = f"{key}: {names.get(kind, 'Any') if isinstance(kind, str) else 'Any'}"
+            arg = (
+                f"{python_name(key)}: {names.get(kind, 'Any') if isinstance(kind, str) else 'Any'}"
+            )
             if key not in required:
                 arg += f" = {prop.get('default')!r}"
             args.append(arg)
@@ -397,8 +400,20 @@ class Tool:
         lines = [f"{self.signature()}", f"    {self.description}"]
         for key, prop in self.parameters.get("properties", {}).items():
             if prop.get("description"):
-                lines.append(f"    {key}: {prop['description']}")
+                lines.append(f"    {python_name(key)}: {prop['description']}")
         return "\n".join(lines)
+
+
+def python_name(key: str) -> str:
+    """``key`` as a Python parameter name: ``from`` becomes ``from_``, ``file-path``
+    ``file_path``. Signatures show these names, and tools whose schema uses other names
+    (MCP tools) accept them for the originals, so code actions can pass every argument."""
+    if key.isidentifier() and not keyword.iskeyword(key):
+        return key
+    name = re.sub(r"\W", "_", key, flags=re.ASCII) or "arg"
+    if name[0].isdigit():
+        name = f"_{name}"
+    return f"{name}_" if keyword.iskeyword(name) else name
 
 
 def _coerce(tool: str, key: str, value: Any, kind: Any) -> Any:
