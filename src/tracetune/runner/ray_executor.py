@@ -792,7 +792,8 @@ async def run_stage_on_ray(
                     for queue in queues:
                         queue.clear()
     finally:
-        await _finish_actors(ray, actors, nodes)
+        unfinished = await _finish_actors(ray, actors, nodes)
+        lost = lost or unfinished
         with contextlib.suppress(OSError):
             (workers_dir / probe).unlink()
         fold_worker_states(root)
@@ -871,18 +872,25 @@ async def _start_actors(
     return out
 
 
-async def _finish_actors(ray: Any, actors: list[Any], nodes: dict[int, dict[str, Any]]) -> None:
-    """Let the live actors put their last chunks on disk, then stop them all."""
-    live = [a for i, a in enumerate(actors) if nodes.get(i, {}).get("alive", True)]
-    refs = [a.finish.remote() for a in live]
-    if refs:
-        waits = [asyncio.ensure_future(_wait_ref(r)) for r in refs]
-        await asyncio.wait(waits, timeout=FINISH_TIMEOUT_S)
-        for wait in waits:
-            if wait.done() and not wait.cancelled():
-                wait.exception()  # an actor lost meanwhile: its state is folded all the same
-            else:
+async def _finish_actors(
+    ray: Any, actors: list[Any], nodes: dict[int, dict[str, Any]]
+) -> str | None:
+    """Let the live actors put their last chunks on disk, then stop them all. Returns why
+    an actor could not finish (its node died meanwhile), or None."""
+    live = [i for i in range(len(actors)) if nodes.get(i, {}).get("alive", True)]
+    waits = {i: asyncio.ensure_future(_wait_ref(actors[i].finish.remote())) for i in live}
+    lost = None
+    if waits:
+        await asyncio.wait(list(waits.values()), timeout=FINISH_TIMEOUT_S)
+        for i, wait in waits.items():
+            if not wait.done():
                 wait.cancel()
+                lost = lost or f"a Ray worker did not finish within {FINISH_TIMEOUT_S:.0f} s"
+            elif (exc := wait.exception()) is not None:
+                # Its last chunk never reached disk: those items are not done (a rerun does
+                # them); what it had marked is folded all the same.
+                lost = lost or _lost_message(nodes.get(i), exc)
     for actor in actors:
         with contextlib.suppress(Exception):
             ray.kill(actor, no_restart=True)
+    return lost
