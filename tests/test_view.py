@@ -549,6 +549,8 @@ def test_bad_inputs_get_a_clear_message_not_a_500(
     assert client.get("/d/damaged/r/no-such-record.html").status_code == 404
     assert client.get("/d/nowhere/index.html").status_code == 404
     assert client.get("/d/damaged/assets/../manifest.json").status_code == 404
+    # files from a dataset never run scripts in the viewer's origin
+    assert "script-src 'none'" in home.headers["content-security-policy"]
     # a small dataset's first visit shows its count and filters at once
     fresh = TestClient(build_app([pipeline["qs"] / "tasks"], cache_dir=None))
     first_visit = fresh.get("/d/tasks/index.html")

@@ -6,7 +6,7 @@ import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pyarrow as pa
 from fastapi import FastAPI, Request
@@ -47,6 +47,18 @@ def build_app(
         lifespan=lifespan,
     )
     app.state.site = site
+
+    @app.middleware("http")
+    async def no_scripts(request: Request, call_next: Any) -> Any:
+        # The pages use no JavaScript; files from a dataset (an .html or .svg attachment)
+        # must not run any in the viewer's origin either.
+        response = await call_next(request)
+        response.headers["Content-Security-Policy"] = (
+            "default-src 'self'; script-src 'none'; object-src 'none'; "
+            "img-src 'self' data:; style-src 'self'; frame-ancestors 'none'"
+        )
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
 
     def respond(make: Callable[[], Page], depth: int) -> HTMLResponse:
         try:
