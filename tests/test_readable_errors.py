@@ -65,7 +65,9 @@ def test_the_image_check_names_each_kind_of_bad_image() -> None:
     assert bomb.value.reason == "decompression_bomb"
     with pytest.raises(ImageError, match="truncated") as cut:
         check_image(_png((64, 64))[:-30], "cut.png")
-    assert cut.value.reason in ("truncated_image", "broken_image")
+    assert cut.value.reason == "truncated_image"
+    with pytest.raises(ImageError, match="truncated"):  # cut just before its last chunk
+        check_image(_png((64, 64))[:-12], "cut.png")
     jpeg = io.BytesIO()
     Image.new("RGB", (64, 64), "blue").save(jpeg, format="JPEG")
     with pytest.raises(ImageError, match="truncated"):  # JPEG: only a full decode tells
@@ -364,3 +366,28 @@ def test_pool_build_skips_a_bomb_before_decoding_it(tmp_path: Path) -> None:
     said = _plain(result.output)
     assert result.exit_code == 0, result.output
     assert "bomb.png: not a readable image" in said and "decompression bomb" in said
+
+
+def test_synth_seed_and_caption_files_that_are_not_utf8_are_named(tmp_path: Path) -> None:
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_bytes(b'{"query": "Qu\xe9 dice el cartel?", "tools": ["ocr"]}\n')
+    result = CliRunner().invoke(
+        app,
+        ["synth", "queries", "--out", str(tmp_path / "run"), "--seeds", str(seeds),
+         "--generator", "openai:test-model", "--base-url", "http://127.0.0.1:9/v1", "--quiet"],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert f"{seeds} is not UTF-8 text" in _plain(result.output)
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "ok.png").write_bytes(_png())
+    captions = tmp_path / "captions.jsonl"
+    captions.write_bytes(b'{"file": "ok.png", "caption": "un carr\xe9 rouge"}\n')
+    result = CliRunner().invoke(
+        app,
+        ["pool", "build", "--images", str(images), "--captions", str(captions),
+         "--out", str(tmp_path / "pool"), "--embedder", "hashing", "--quiet"],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert f"{captions} is not UTF-8 text" in _plain(result.output)

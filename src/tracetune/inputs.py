@@ -122,6 +122,8 @@ def check_image(data: bytes, where: str | Path, max_pixels: int | None = None) -
                 fmt = img.format or "PNG"
                 if limit and width * height > limit:
                     raise Image.DecompressionBombError(f"Image size ({width * height} pixels)")
+                if fmt == "PNG" and b"IEND" not in data[-1024:]:
+                    raise _Truncated("no IEND chunk at its end")
                 img.verify()
             if fmt == "JPEG":
                 _check_jpeg_end(data)

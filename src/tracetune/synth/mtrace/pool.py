@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from tracetune.inputs import check_image
+from tracetune.inputs import check_image, read_text
 from tracetune.models.base import ModelOptions
 from tracetune.schema import FileRef
 from tracetune.store import AssetStore, RunState
@@ -104,7 +104,7 @@ def read_captions(path: Path) -> dict[str, str]:
     """Captions by name from a JSONL or JSON file."""
     if not path.is_file():
         raise PoolError(f"captions file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)

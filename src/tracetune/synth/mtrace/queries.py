@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from tracetune.inputs import read_text
 from tracetune.models.base import Sampling
 from tracetune.prompts import prompt_hash, render
 from tracetune.runner import Drop, StageResult, run_stage
@@ -52,7 +53,7 @@ def read_seeds(path: Path, known_tools: set[str]) -> list[dict[str, Any]]:
     if not path.is_file():
         raise ValueError(f"seed file {path} does not exist (JSONL of {{query, tools}})")
     seeds = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -111,10 +112,7 @@ def benchmark_questions(path: Path) -> list[str]:
         raise ValueError(f"benchmark folder {path} has no dataset.json (GTA) or metadata.jsonl")
     if not path.is_file():
         raise ValueError(f"benchmark file {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(f"benchmark file {path} is not UTF-8 text") from None
+    text = read_text(path)  # names the file when it is not UTF-8
     rows: list[Any]
     if path.suffix.lower() == ".json":
         try:
