@@ -63,6 +63,14 @@ def build_config(cls: type[C], config: Path | None, **flags: Any) -> C:
             executor.apply_yaml(data.pop("executor"))
         except ValueError as exc:
             fail(f"{config}: {exc}")
+    if "mcp_servers" in data and "mcp_servers" not in cls.model_fields:
+        from tracetune.cli.mcp_options import connect_servers
+
+        servers = data.pop("mcp_servers") or []
+        try:  # MCP servers whose tools join the registry: not a field of the stage's config
+            connect_servers(servers if isinstance(servers, list) else [servers], f"{config}: ")
+        except ValueError as exc:
+            fail(str(exc))
     data = merge_flags(data, flags)
     try:
         return cls.model_validate(data)
