@@ -232,6 +232,32 @@ def test_worker_states_fold_once_and_never_while_locked(tmp_path: Path) -> None:
     assert list((root / "workers").iterdir()) == []
 
 
+def test_stats_read_what_killed_actors_left(tmp_path: Path) -> None:
+    """`synth stats` / `prefs stats` (stage_stats) count the items and spend of actors
+    whose run was killed before their states were folded, and the records of every part."""
+    from tracetune.runner.stats import stage_stats
+    from tracetune.schema import Task, Usage
+
+    root = tmp_path / "d"
+    dataset = Dataset.create(root, Task)
+    dataset.write_all([Task(id="t1", query="q1")])
+    dataset.state.mark("s", "k1", "done")
+    dataset.state.close()
+    (root / "workers").mkdir()
+    shard = RunState(root / "workers" / "r9w000.sqlite")
+    shard.mark_many("s", [("k2", "done", None), ("k3", "dropped", {"reason": "too small"})])
+    shard.add_usage("s", "openai:m", Usage(prompt_tokens=7, completion_tokens=3, calls=1))
+    shard.close()
+    from tracetune.runner.ray_executor import _WorkerWriter
+
+    with _WorkerWriter(Dataset.open(root), "r9w000", None, 10.0, 8 << 20) as writer:
+        writer.write(Task(id="t2", query="q2"))  # an actor's own part file
+    (row,) = stage_stats(root)
+    assert (row.done, row.dropped, row.drop_reasons) == (2, 1, {"too small": 1})
+    assert row.usage.total_tokens == 10 and row.records == 2
+    assert sorted(r.id for r in Dataset.open(root)) == ["t1", "t2"]
+
+
 # -- on a cluster ------------------------------------------------------------------------------
 def test_tool_stage_across_two_nodes_and_a_killed_driver(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
