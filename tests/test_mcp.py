@@ -541,3 +541,54 @@ def test_argument_names_that_are_not_python_names_work_in_code_actions(
         assert json.loads(traj.steps[0].observation.text)["from"] == "EUR"
     finally:
         mcp.close_all()
+
+
+def test_prefs_exploration_with_an_mcp_tool(tmp_path: Path) -> None:
+    """Step-wise exploration: K candidate steps call the MCP tool from forks of the episode."""
+    from tracetune.models.base import load_model
+    from tracetune.prefs import ExploreConfig, run_explore
+    from tracetune.testing.openai_server import ScriptedOpenAIServer
+
+    tasks = tmp_path / "tasks"
+    task = Task(id="w", query="What is 2 + 3?", tools=["add_numbers"])
+    Dataset.create(tasks, Task).write_all([task])
+    words = iter(range(100))
+
+    def policy(messages: list[dict[str, Any]]) -> str:
+        if not any(m["role"] == "assistant" for m in messages):
+            return f"Thought: add\nCode:\n```py\nprint(add_numbers(a=2, b={next(words)}))\n```"
+        return "Thought: done\nCode:\n```py\nfinal_answer('5')\n```"
+
+    def judge(body: dict[str, Any]) -> str:
+        k = json.dumps(body["messages"]).count("## Candidate")
+        return json.dumps({"thought": "any", "ranking": list(range(1, k + 1))})
+
+    try:
+        mcp.connect([COMMAND])
+        with ScriptedOpenAIServer(judge) as srv:
+            config = ExploreConfig(
+                tasks=tasks,
+                out=tmp_path / "explored",
+                policy="scripted",
+                verifier="llm-rank",
+                judge="openai:judge",
+                k=3,
+                action_format="code",
+                max_steps=3,
+            )
+            result, explored = asyncio.run(
+                run_explore(
+                    config,
+                    policy=ScriptedChatModel(policy),
+                    judge=load_model("openai:judge", base_url=srv.base_url),
+                    progress=False,
+                )
+            )
+    finally:
+        mcp.close_all()
+    assert result.written == 1
+    (trajectory,) = list(explored)
+    first = trajectory.metadata["exploration"][0]
+    texts = sorted(c["step"]["observation"]["text"] for c in first["candidates"])
+    assert texts == ["2.0", "3.0", "4.0"]  # each candidate's own call to the server
+    assert trajectory.final_answer == "5"
