@@ -276,8 +276,7 @@ class Site:
                     "not judged",
                 )
             elif column == "_drop":
-                drops = self.catalog.drop_reasons()
-                col = pa.array([drops.get(i) for i in index.column("id").to_pylist()], pa.string())
+                col = self.catalog.drop_column(index.column("id").combine_chunks())
             else:
                 col = index.column(column).combine_chunks()
                 if pa.types.is_boolean(col.type):

@@ -568,7 +568,8 @@ class Catalog:
 
     def __init__(self, dirs: list[Path], cache_dir: Path | None = None) -> None:
         self.cache_dir = cache_dir
-        self._verdicts: dict[str, str] | None = None
+        self._verdicts: tuple[pa.Array, pa.Array] | None = None
+        self._drop_arrays: tuple[pa.Array, pa.Array] | None = None
         self._drops: dict[str, str] | None = None
         self._verdict_lock = threading.Lock()
         self.sources: dict[str, Source] = {}
@@ -675,27 +676,48 @@ class Catalog:
             source.start_indexing()
         return all(s.index_ready for s in sources)
 
-    def _verdict_map(self) -> dict[str, str]:
-        """Target id -> 'failed' if any verdict on it failed, else 'passed' (built once)."""
+    def _verdict_sets(self) -> tuple[pa.Array, pa.Array]:
+        """(targets with a failing verdict, targets with a passing one), built once."""
         with self._verdict_lock:
             if self._verdicts is None:
-                status: dict[str, str] = {}
+                failed: list[pa.Array] = [pa.array([], pa.string())]
+                passed: list[pa.Array] = [pa.array([], pa.string())]
                 for source in self.datasets("verdict"):
                     index = source.index
-                    targets = index.column("target_id").to_pylist()
-                    passed = index.column("passed").to_pylist()
-                    for target, ok in zip(targets, passed, strict=True):
-                        if not ok:
-                            status[target] = "failed"
-                        else:
-                            status.setdefault(target, "passed")
-                self._verdicts = status
+                    ok = pc.fill_null(index.column("passed"), False)
+                    targets = index.column("target_id")
+                    failed.append(pc.filter(targets, pc.invert(ok)).combine_chunks())
+                    passed.append(pc.filter(targets, ok).combine_chunks())
+                self._verdicts = (
+                    pc.unique(pa.concat_arrays(failed)),
+                    pc.unique(pa.concat_arrays(passed)),
+                )
             return self._verdicts
 
     def verdict_status(self, target_ids: pa.Array) -> pa.Array:
         """Per target: 'passed', 'failed' (any failing verdict) or None (never judged)."""
-        status = self._verdict_map()
-        return pa.array([status.get(t) for t in target_ids.to_pylist()], pa.string())
+        failed, passed = self._verdict_sets()
+        none = pa.nulls(len(target_ids), pa.string())
+        is_passed = pc.is_in(target_ids, value_set=passed)
+        return pc.if_else(
+            pc.is_in(target_ids, value_set=failed),
+            pa.scalar("failed"),
+            pc.if_else(is_passed, pa.scalar("passed"), none),
+        )
+
+    def drop_column(self, ids: pa.Array) -> pa.Array:
+        """Per id, the reason a stage dropped it (None if it was not dropped)."""
+        drops = self.drop_reasons()
+        if not drops:
+            return pa.nulls(len(ids), pa.string())
+        with self._verdict_lock:
+            if self._drop_arrays is None:
+                self._drop_arrays = (
+                    pa.array(list(drops), pa.string()),
+                    pa.array(list(drops.values()), pa.string()),
+                )
+            keys, reasons = self._drop_arrays
+        return pc.take(reasons, pc.index_in(ids, value_set=keys))
 
     def drop_reasons(self) -> dict[str, str]:
         """Item key -> drop reason from every run state opened (e.g. a rejected trajectory's
