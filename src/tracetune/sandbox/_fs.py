@@ -52,7 +52,7 @@ def _check_name(name: str) -> list[str]:
     if not parts:
         raise UnsafePath(errno.EISDIR, f"{name!r} names the working directory itself")
     if ".." in parts:
-        raise UnsafePath(errno.EXDEV, f"{name!r} leaves the working directory ('..')")
+        raise UnsafePath(errno.EXDEV, f"{name!r} is outside the working directory ('..')")
     return parts
 
 

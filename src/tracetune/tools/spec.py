@@ -147,7 +147,7 @@ class ToolContext:
         try:
             full = _fs.workdir_path(root, path)
         except _fs.UnsafePath as exc:
-            raise ToolError(str(exc)) from None
+            raise ToolError(exc.strerror or str(exc)) from None
         if not _fs.exists_beneath(root, path):
             raise ToolError(self._missing(path))
         return full
@@ -173,7 +173,7 @@ class ToolContext:
             raise ToolError(self._missing(path)) from None
         except OSError as exc:
             raise ToolError(
-                str(exc)
+                (exc.strerror or str(exc))
                 if isinstance(exc, _fs.UnsafePath)
                 else f"cannot open {path!r}: {exc.strerror}"
             ) from None
