@@ -384,6 +384,10 @@ def test_pair_page_shows_both_steps_and_the_shared_prefix_images(
     assert visitor.broken_images() == []
     shown = page.locator("ul.reasons").inner_text()
     assert all(reason in shown for reason in later.reasons)
+    # every candidate of the step, ranked, with this pair's two marked
+    candidates = page.locator("details.candidates table").inner_text()
+    assert "this pair's chosen" in candidates and "this pair's rejected" in candidates
+    assert visitor.broken_images() == []
     # the explored trajectory lists every candidate of that step with its rank
     page.click("text=explored trajectory (every candidate)")
     page.wait_for_load_state("load")

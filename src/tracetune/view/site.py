@@ -541,12 +541,25 @@ class Site:
             ctx["documents"] = self.documents(source, record.task.files)
             tid = record.metadata.get("trajectory_id")
             ctx["trajectory_url"] = None
+            ctx["explored"] = None
+            ctx["pair_marks"] = {
+                "chosen": record.metadata.get("chosen_candidate"),
+                "rejected": record.metadata.get("rejected_candidate"),
+            }
             if tid:
                 for d in self.catalog.datasets("trajectory"):
-                    if d.position(str(tid)) is not None:
+                    pos = d.position(str(tid))
+                    if pos is not None:
                         ctx["trajectory_url"] = (
                             self.record_url(d.slug, str(tid), depth) + f"#step-{record.step_index}"
                         )
+                        (explored,) = d.records_at([pos])
+                        if isinstance(explored, Trajectory):
+                            # the explored trajectory's assets are its dataset's
+                            ctx["explored"] = exploration_view(explored).get(record.step_index)
+                            ctx["image_src"] = _either(
+                                self.image_src(source, depth), self.image_src(d, depth)
+                            )
                         break
             return self._render("pair.html", depth, **ctx)
         assert isinstance(record, Dialogue)
@@ -978,6 +991,15 @@ class Site:
             pages=pages,
             page_url=page_url,
         )
+
+
+def _either(first: Any, second: Any) -> Any:
+    """An image source trying ``first`` then ``second`` (two datasets' assets)."""
+
+    def src(ref: FileRef) -> str | None:
+        return first(ref) or second(ref)
+
+    return src
 
 
 def _num(value: Any) -> str:
