@@ -104,10 +104,11 @@ class Cgroup:
         delegated = os.environ.get("TRACETUNE_CGROUP")
         base = Path(delegated) if delegated else ROOT / "tracetune"
         if not delegated:
-            wanted: list[str] = [c for c in ("pids", "memory", "cpu") if c in _controllers(ROOT)]
-            _enable(ROOT, wanted)
+            _enable(ROOT, [c for c in ("pids", "memory", "cpu") if c in _controllers(ROOT)])
             base.mkdir(exist_ok=True)
-            _enable(base, wanted)
+        # The sandbox groups' controllers are enabled in their parent (which must hold no
+        # process itself: a delegated directory is an empty group made for tracetune).
+        _enable(base, [c for c in ("pids", "memory", "cpu") if c in _controllers(base)])
         group = base / name
         group.mkdir()
         made = cls("v2", {"": group})
