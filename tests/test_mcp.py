@@ -58,11 +58,16 @@ def call(name: str, **arguments: object) -> str:
     return f"Thought: use {name}\nAction: {json.dumps({'name': name, 'arguments': arguments})}"
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[dict[str, Any]]:
-    tools = mcp.connect([COMMAND])
-    yield {t.name: t for t in tools}
+@pytest.fixture(scope="module", autouse=True)
+def _stop_servers() -> Iterator[None]:
+    yield
     mcp.close_all()
+
+
+@pytest.fixture
+def server() -> dict[str, Any]:
+    """The test server's tools: started once, again only after a test stopped every server."""
+    return {t.name: t for t in mcp.connect([COMMAND])}
 
 
 @pytest.fixture
@@ -592,3 +597,19 @@ def test_prefs_exploration_with_an_mcp_tool(tmp_path: Path) -> None:
     texts = sorted(c["step"]["observation"]["text"] for c in first["candidates"])
     assert texts == ["2.0", "3.0", "4.0"]  # each candidate's own call to the server
     assert trajectory.final_answer == "5"
+
+
+def test_processes_started_from_this_one_load_the_tools_by_name(server: dict[str, Any]) -> None:
+    """Ray actors get a tool as (name, module): importing the module there configures the
+    same servers (from the environment), started on first use."""
+    child = (
+        "import importlib; from pathlib import Path\n"
+        "from tracetune.tools import ToolContext, get_tool\n"
+        "importlib.import_module('tracetune.tools.mcp')\n"
+        "print(get_tool('add_numbers')(ToolContext(workdir=Path('.')), a=20, b=22).text)\n"
+    )
+    assert json.loads(os.environ[mcp.SERVERS_ENV])[0]["command"] == sys.executable
+    out = subprocess.run(
+        [sys.executable, "-c", child], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip() == "42.0"

@@ -249,7 +249,13 @@ def _special_reduce(obj: Any) -> Any:
 # Environment variables the actors' models read (API keys, endpoints): sent along with the
 # actors (Ray's runtime_env), as a node's own environment need not have them.
 _NEEDED_ENV: set[str] = set()
-_FORWARDED_ENV = ("OPENAI_BASE_URL", "OPENAI_API_KEY", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+_FORWARDED_ENV = (
+    "OPENAI_BASE_URL",
+    "OPENAI_API_KEY",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "TRACETUNE_MCP_SERVERS",  # MCP servers whose tools the actors load by name
+)
 
 
 def actor_env() -> dict[str, str]:

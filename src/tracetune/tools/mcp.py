@@ -36,6 +36,8 @@ import contextlib
 import io
 import json
 import keyword
+import logging
+import os
 import re
 import shlex
 import tempfile
@@ -63,6 +65,7 @@ from tracetune.tools.spec import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 #: How long closing all servers at exit may take.
 CLOSE_TIMEOUT_S = 10.0
@@ -696,6 +699,30 @@ _SERVERS: dict[str, _Server] = {}
 _PENDING: list[McpServer] = []
 _STATE_LOCK = threading.RLock()
 
+#: The servers configured in this process, as JSON, for the processes it starts that load
+#: tools by name (Ray actors): importing this module there configures the same servers,
+#: started on first use.
+SERVERS_ENV = "TRACETUNE_MCP_SERVERS"
+
+
+def _export() -> None:
+    specs = [s.spec for s in _SERVERS.values()] + _PENDING
+    if specs:
+        os.environ[SERVERS_ENV] = json.dumps([s.model_dump(mode="json") for s in specs])
+    else:
+        os.environ.pop(SERVERS_ENV, None)
+
+
+def _import_from_env() -> None:
+    raw = os.environ.get(SERVERS_ENV)
+    if not raw:
+        return
+    try:
+        entries = json.loads(raw)
+        add_servers(entries if isinstance(entries, list) else [])
+    except (ValueError, TypeError) as exc:
+        log.warning("ignoring %s: %s", SERVERS_ENV, exc)
+
 
 def add_servers(values: Iterable[str | dict[str, Any] | McpServer]) -> list[McpServer]:
     """Configure servers to start on first use (``--mcp``, ``mcp_servers:``).
@@ -706,6 +733,7 @@ def add_servers(values: Iterable[str | dict[str, Any] | McpServer]) -> list[McpS
         for spec in specs:
             if spec.key() not in _SERVERS and all(p.key() != spec.key() for p in _PENDING):
                 _PENDING.append(spec)
+        _export()
     return specs
 
 
@@ -723,9 +751,12 @@ def connect(values: Iterable[str | dict[str, Any] | McpServer]) -> list[Tool]:
 def connect_pending() -> None:
     """Start every configured server not started yet and register its tools."""
     with _STATE_LOCK:
-        while _PENDING:
-            # A server that fails is reported once, not retried by every later lookup.
-            _start(_PENDING.pop(0))
+        try:
+            while _PENDING:
+                # A server that fails is reported once, not retried by every later lookup.
+                _start(_PENDING.pop(0))
+        finally:
+            _export()
 
 
 def connected_tools() -> list[Tool]:
@@ -809,6 +840,7 @@ def close_all() -> None:
         servers = list(_SERVERS.values())
         _SERVERS.clear()
         _PENDING.clear()
+        _export()
         for server in servers:
             for t in server.tools:
                 if _REGISTRY.get(t.name) is t:
@@ -821,3 +853,6 @@ def close_all() -> None:
 
     with contextlib.suppress(BaseException):
         _LOOP.run(close(), CLOSE_TIMEOUT_S * 2)
+
+
+_import_from_env()
