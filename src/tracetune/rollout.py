@@ -37,10 +37,11 @@ from tracetune.agent.loop import Agent
 from tracetune.agent.run import trajectory_id
 from tracetune.judge.answers import judge_answer, numbers_equal, numbers_in
 from tracetune.models.base import ChatMessage, ChatModel, Generation, ModelOptions, Sampling
-from tracetune.runner import Budget, Drop, MeteredModel, StageResult, run_stage
+from tracetune.runner import Drop, MeteredModel, StageResult, run_stage
 from tracetune.schema import Action, Step, Task, ToolCall, Trajectory, Verdict
 from tracetune.store import AssetStore, Dataset
 from tracetune.store.tasks import load_tasks
+from tracetune.timelimit import TimedBudget
 from tracetune.tools import Tool, load_tools
 
 GOLD = "gold"
@@ -81,6 +82,12 @@ class RolloutConfig(BaseModel):
         default=2, ge=1, description="Model requests in flight, and episodes run at once."
     )
     max_cost_usd: float | None = Field(default=None, description="Stop after this much spend.")
+    max_time: float | None = Field(
+        default=None,
+        gt=0,
+        description="Start no new item after this many seconds; the items in flight finish "
+        "and are saved, and a rerun continues (CLI: --max-time 10m).",
+    )
     limit: int | None = Field(default=None, ge=1, description="Only the first N tasks.")
     backend: ModelOptions = Field(default_factory=ModelOptions, description="Backend options.")
 
@@ -533,7 +540,7 @@ async def run_rollout(
             process=process,
             out=out,
             concurrency=config.concurrency,
-            budget=Budget(max_cost_usd=config.max_cost_usd),
+            budget=TimedBudget(max_cost_usd=config.max_cost_usd, max_seconds=config.max_time),
             sources=[source],
             progress=progress,
             total=len(items),

@@ -73,6 +73,13 @@ def score(
         Path | None,
         typer.Option(help="Write one JSON line per item (an EvalRecord: item_id, scores)."),
     ] = None,
+    gold_prefixes: Annotated[
+        Path | None,
+        typer.Option(
+            help="programs --mode step: gold replays of the same tasks (a trajectory dataset, "
+            "e.g. an earlier step run's OUT/trajectories) to reuse instead of replaying."
+        ),
+    ] = None,
     judge: Annotated[
         str | None,
         typer.Option(
@@ -226,7 +233,13 @@ def run(
             "agentx: Agent-X's data.json (images beside it)."
         ),
     ] = None,
-    mode: Annotated[GTAMode | None, typer.Option(help="gta: step or e2e.")] = None,
+    mode: Annotated[
+        GTAMode | None,
+        typer.Option(
+            help="gta: step or e2e (default step); programs: e2e (default) or step (each gold "
+            "step predicted from the gold prefix)."
+        ),
+    ] = None,
     answer_mode: Annotated[
         AnswerMode | None,
         typer.Option(
@@ -284,6 +297,10 @@ def run(
     base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint URL.")] = None,
     adapter: Annotated[Path | None, typer.Option(help="LoRA adapter for local: models.")] = None,
     max_cost: Annotated[float | None, typer.Option(help="Stop after this many USD.")] = None,
+    max_time: Annotated[
+        str | None,
+        typer.Option(help="Start no new item after this long (600, 10m, 1.5h); rerun resumes."),
+    ] = None,
     no_stop: Annotated[
         bool,
         typer.Option(
@@ -320,8 +337,8 @@ def run(
     )
     from tracetune.models.base import BackendError
 
-    if bench is not RunBench.gta and mode is not None:
-        fail("--mode applies to gta only")
+    if bench not in (RunBench.gta, RunBench.programs) and mode is not None:
+        fail("--mode applies to gta and programs only")
     if bench not in (RunBench.vqa, RunBench.dynvqa) and answer_mode is not None:
         fail("--answer-mode applies to vqa and dynvqa only")
     if bench is not RunBench.agentx and (judge is not None or judge_base_url is not None):
@@ -333,6 +350,8 @@ def run(
         "stop": "none" if no_stop else None,
     }
     options = _parse_options(option, corpus)
+    from tracetune.timelimit import duration
+
     cfg = build_config(
         EvalRunConfig,
         config,
@@ -358,6 +377,8 @@ def run(
         families=family,
         exclude=exclude,
         max_cost_usd=max_cost,
+        max_time=duration(max_time),
+        gold_prefixes=gold_prefixes,
         backend=backend,
         judge=judge,
         judge_base_url=judge_base_url,

@@ -62,6 +62,17 @@ def explore(
     base_url: Annotated[str | None, typer.Option(help="Policy's OpenAI-compatible URL.")] = None,
     judge_base_url: Annotated[str | None, typer.Option(help="Judge's endpoint URL.")] = None,
     max_cost: Annotated[float | None, typer.Option(help="Stop after this many USD.")] = None,
+    max_time: Annotated[
+        str | None,
+        typer.Option(help="Start no new item after this long (600, 10m, 1.5h); rerun resumes."),
+    ] = None,
+    gold_anchor: Annotated[
+        bool | None,
+        typer.Option(
+            "--gold-anchor/--no-gold-anchor",
+            help="Task programs: also offer the gold chain's next step as a candidate.",
+        ),
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with these options.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
@@ -74,6 +85,7 @@ def explore(
     from tracetune.models.base import BackendError
     from tracetune.prefs.explore import ExploreConfig, run_explore
     from tracetune.prefs.stats import prefs_stats
+    from tracetune.timelimit import duration
 
     cfg = build_config(
         ExploreConfig,
@@ -94,6 +106,8 @@ def explore(
         limit=limit,
         concurrency=concurrency,
         max_cost_usd=max_cost,
+        max_time=duration(max_time),
+        gold_anchor=gold_anchor,
         # Dicts, not ModelOptions: merged key by key into YAML backend sections.
         backend={"base_url": base_url},
         judge_backend={"base_url": judge_base_url},

@@ -44,6 +44,10 @@ def rollout(
     limit: Annotated[int | None, typer.Option(help="Only the first N tasks.")] = None,
     base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint URL.")] = None,
     max_cost: Annotated[float | None, typer.Option(help="Stop after this many USD.")] = None,
+    max_time: Annotated[
+        str | None,
+        typer.Option(help="Start no new item after this long (600, 10m, 1.5h); rerun resumes."),
+    ] = None,
     require_tools: Annotated[
         bool | None,
         typer.Option(
@@ -71,6 +75,8 @@ def rollout(
     from tracetune.rollout import RolloutConfig, rollout_summary, run_rollout
 
     # A dict, not ModelOptions: merged key by key into a YAML backend section.
+    from tracetune.timelimit import duration
+
     backend = {"base_url": base_url}
     cfg = build_config(
         RolloutConfig,
@@ -88,6 +94,7 @@ def rollout(
         concurrency=concurrency,
         limit=limit,
         max_cost_usd=max_cost,
+        max_time=duration(max_time),
         require_tools=require_tools,
         keep_rejected=keep_rejected,
         seed=seed,

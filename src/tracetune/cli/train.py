@@ -78,6 +78,16 @@ GradCkpt = Annotated[
 ]
 Precision = Annotated[str | None, typer.Option(help="auto, bf16, fp16 or fp32.")]
 Resume = Annotated[bool | None, typer.Option("--resume", help="Continue from the last checkpoint.")]
+Threads = Annotated[
+    int | None,
+    typer.Option(help="CPU threads for the arithmetic (1 is fastest on a busy machine)."),
+]
+MaxTime = Annotated[
+    str | None,
+    typer.Option(
+        help="Stop training after this long (600, 10m, 1.5h) and save the model as at the end."
+    ),
+]
 Config = Annotated[Path | None, typer.Option(help="YAML file with these options (flags win).")]
 
 
@@ -86,6 +96,16 @@ def _lora(r: int | None, alpha: int | None, targets: str | None) -> dict[str, An
     if targets and targets not in ("attention", "attention_mlp", "all_linear"):
         parsed = [t.strip() for t in targets.split(",") if t.strip()]
     return {"r": r, "alpha": alpha, "targets": parsed}
+
+
+def _seconds(text: str | None) -> float | None:
+    from tracetune.timelimit import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        fail(str(exc))
+        return None
 
 
 def _run(kind: str, cfg: Any) -> None:
@@ -110,8 +130,9 @@ def _run(kind: str, cfg: Any) -> None:
     losses = result.losses()
     loss = f"loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "no loss logged"
     out_console.print(f"data: {result.report.summary()}", highlight=False)
+    stopped = f" ({result.extra['stopped']})" if result.extra.get("stopped") else ""
     out_console.print(
-        f"{kind}: {result.steps} steps, {loss}; saved to {result.out}", highlight=False
+        f"{kind}: {result.steps} steps{stopped}, {loss}; saved to {result.out}", highlight=False
     )
     out_console.print(result.usage_hint(), highlight=False)
 
@@ -138,6 +159,8 @@ def sft(
     gradient_checkpointing: GradCkpt = None,
     precision: Precision = None,
     resume: Resume = None,
+    max_time: MaxTime = None,
+    threads: Threads = None,
     config: Config = None,
 ) -> None:
     """Supervised fine-tuning on trajectories: loss on assistant turns only."""
@@ -161,6 +184,8 @@ def sft(
         gradient_checkpointing=gradient_checkpointing,
         precision=precision,
         resume=resume,
+        max_time=_seconds(max_time),
+        threads=threads,
     )
     _run("sft", build_config(SFTConfig, None, **options))
 
@@ -187,6 +212,8 @@ def dpo(
     gradient_checkpointing: GradCkpt = None,
     precision: Precision = None,
     resume: Resume = None,
+    max_time: MaxTime = None,
+    threads: Threads = None,
     config: Config = None,
 ) -> None:
     """Step-wise DPO from an SFT output (an adapter is merged first) on preference pairs."""
@@ -210,6 +237,8 @@ def dpo(
         gradient_checkpointing=gradient_checkpointing,
         precision=precision,
         resume=resume,
+        max_time=_seconds(max_time),
+        threads=threads,
     )
     _run("dpo", build_config(DPOConfig, None, **options))
 

@@ -11,6 +11,13 @@ Each answer is checked with ``tracetune.judge.answers`` (the checker the gold ro
 numbers with their tolerance and units, aliases, lists), so "correct" means the same here as
 in data generation. ``used_gold_tools`` says whether the episode called every tool of the
 task's gold chain (an answer without them is a guess that happened to be right).
+
+Beside answer accuracy the report carries the learning metrics of
+:mod:`tracetune.evaluate.learning` (valid actions, right first tool against the
+always-majority-tool baseline, per-step tool and argument accuracy against the gold
+chain). ``mode: step`` scores the next action from the gold prefix instead of whole
+episodes: the gold chain is replayed with the real tools, and at every gold step the
+controller writes one action, which is parsed and compared, never executed.
 """
 
 from __future__ import annotations
@@ -22,7 +29,17 @@ from typing import Any
 
 from tracetune.agent.loop import Agent
 from tracetune.evaluate.base import ItemScore, ScoreReport, percent
+from tracetune.evaluate.learning import (
+    LEARNING_PERCENT,
+    STEP_PERCENT,
+    episode_scores,
+    learning_metrics,
+    step_action,
+    step_mode_metrics,
+    trajectory_actions,
+)
 from tracetune.evaluate.runs import (
+    EpisodeBackendError,
     EvalRunConfig,
     EvalRunError,
     Notify,
@@ -108,6 +125,7 @@ def score_programs(
         )
         needed = set(row.get("gold_tools") or [])
         used = set(pred.get("called_tools") or []) if pred else set()
+        learning = episode_scores(row, pred) if row.get("gold_chain") is not None else None
         items.append(
             ItemScore(
                 id=task_id,
@@ -124,6 +142,7 @@ def score_programs(
                     "extracted": check.extracted,
                     "status": pred.get("status") if pred else "missing",
                     "missing": pred is None,
+                    "learning": learning,
                 },
             )
         )
@@ -136,6 +155,28 @@ def score_programs(
         if items
         else 0.0,
     }
+    learned = [i for i in items if i.details["learning"] is not None]
+    percent_names = ["accuracy", "used_gold_tools"]
+    if learned and len(learned) == len(items):
+        numbers = learning_metrics(
+            [r for r in gold if r.get("gold_chain") is not None],
+            [
+                {
+                    "family": i.details["family"],
+                    "learning": i.details["learning"],
+                    "accuracy": float(i.scores["accuracy"] or 0),
+                    "used_gold_tools": float(i.scores["used_gold_tools"] or 0),
+                    "completed": float(i.details["status"] == "completed"),
+                }
+                for i in items
+            ],
+        )
+        metrics.update({k: v for k, v in numbers.items() if isinstance(v, int | float)})
+        percent_names += LEARNING_PERCENT
+        for item in items:
+            learning = item.details["learning"]
+            item.scores["first_tool"] = learning["first_tool"]
+            item.scores["valid_steps"] = learning["valid_steps"]
     by_family: dict[str, list[ItemScore]] = defaultdict(list)
     for item in items:
         by_family[str(item.details["family"])].append(item)
@@ -143,15 +184,60 @@ def score_programs(
         metrics[f"accuracy/{family}"] = percent(
             sum(float(i.scores["accuracy"] or 0) for i in chosen), len(chosen)
         )
+        if learned and len(learned) == len(items):
+            metrics[f"first_tool/{family}"] = percent(
+                sum(float(i.scores["first_tool"] or 0) for i in chosen), len(chosen)
+            )
+    details: dict[str, Any] = {
+        "checker": "tracetune.judge.answers.check_answer",
+        "tasks_per_family": {f: len(c) for f, c in sorted(by_family.items())},
+        "missing_predictions": [i.id for i in items if i.details["missing"]],
+        "percent": percent_names,
+    }
+    if learned:
+        details["majority_tool"] = majority_tool(gold)
     return ScoreReport(
         benchmark="programs",
         metrics=metrics,
         n_items=len(items),
+        details=details,
+        items=items,
+    )
+
+
+def majority_tool(gold: list[dict[str, Any]]) -> str | None:
+    from tracetune.evaluate.learning import majority_baseline
+
+    return majority_baseline([r for r in gold if r.get("gold_chain") is not None])[0]
+
+
+def score_programs_steps(
+    gold: list[dict[str, Any]], predictions: dict[str, dict[str, Any]]
+) -> ScoreReport:
+    """Step mode: each gold step predicted once from the gold prefix (teacher forcing)."""
+    metrics, rows = step_mode_metrics(gold, predictions)
+    items = [
+        ItemScore(
+            id=r["id"],
+            scores={
+                "tool_accuracy": percent(r.get("tool", 0), r.get("steps", 0)),
+                "argument_accuracy": percent(r.get("arguments", 0), r.get("steps", 0)),
+                "first_tool": float(r.get("first", 0)),
+            },
+            prediction=None,
+            details={"family": r["family"], "missing": r["id"] not in predictions},
+        )
+        for r in rows
+    ]
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    return ScoreReport(
+        benchmark="programs/step",
+        metrics=numbers,
+        n_items=len(items),
         details={
-            "checker": "tracetune.judge.answers.check_answer",
-            "tasks_per_family": {f: len(c) for f, c in sorted(by_family.items())},
+            "majority_tool": metrics.get("majority_tool"),
             "missing_predictions": [i.id for i in items if i.details["missing"]],
-            "percent": ["accuracy", "used_gold_tools"],
+            "percent": STEP_PERCENT + [k for k in numbers if k.startswith("tool_accuracy/")],
         },
         items=items,
     )
@@ -186,6 +272,7 @@ async def run_programs(
             "family": t.metadata.get("family"),
             "gold": t.gold.model_dump(mode="json"),
             "gold_tools": sorted({c.name for c in t.gold_chain} - {"final_answer"}),
+            "gold_chain": [{"name": c.name, "arguments": c.arguments} for c in t.gold_chain],
             "ordered": bool(t.metadata.get("answer_ordered", False)),
             "choices": t.metadata.get("choices"),
         }
@@ -221,11 +308,30 @@ async def run_programs(
         return agents[k]
 
     def key(task: Task) -> str:
-        return stable_id("programs", task.id, controller.spec, config.action_format)
+        mode = ["step"] if programs_step_mode(config) else []
+        return stable_id("programs", task.id, controller.spec, config.action_format, *mode)
+
+    step_mode = programs_step_mode(config)
+    replays = gold_replays(config.gold_prefixes) if step_mode else {}
 
     async def process(task: Task) -> Trajectory:
-        agent = agent_for(task_options(task, config.tool_options))
-        trajectory = check_backend(await agent.run(task, source, out.assets, key(task)))
+        options = task_options(task, config.tool_options)
+        if step_mode:
+            trajectory = await teacher_forced(
+                task,
+                controller,
+                tools,
+                options,
+                ctx.sampling(),
+                config.action_format,
+                source,
+                out.assets,
+                key(task),
+                replay=replays.get(task.id),
+            )
+        else:
+            agent = agent_for(options)
+            trajectory = check_backend(await agent.run(task, source, out.assets, key(task)))
         trajectory.metadata.update(
             {"bench": "programs", "task_id": task.id, "family": task.metadata.get("family")}
         )
@@ -250,11 +356,17 @@ async def run_programs(
             "status": trajectory.status,
             "called_tools": sorted(called_tools(trajectory)),
             "steps": [s.index for s in trajectory.steps],
+            "actions": trajectory_actions(trajectory),
         }
+        if "step_predictions" in trajectory.metadata:
+            predictions[task_id]["step_predictions"] = trajectory.metadata["step_predictions"]
     write_jsonl(
         ctx.root / "predictions.jsonl", [predictions[t.id] for t in tasks if t.id in predictions]
     )
-    report = score_programs(gold_rows, predictions)
+    if programs_step_mode(config):
+        report = score_programs_steps(gold_rows, predictions)
+    else:
+        report = score_programs(gold_rows, predictions)
     return ctx.finish(
         {"programs": report},
         "programs",
@@ -264,4 +376,109 @@ async def run_programs(
     )
 
 
-__all__ = ["heldout_seed", "heldout_split", "run_programs", "score_programs"]
+def gold_replays(path: Any) -> dict[str, tuple[Trajectory, Any]]:
+    """Completed gold replays by task id from a trajectory dataset (step mode's prefixes)."""
+    if path is None:
+        return {}
+    try:
+        store: Dataset[Trajectory] = Dataset.open(path, Trajectory)
+    except Exception as exc:
+        raise EvalRunError(f"--gold-prefixes {path}: not a trajectory dataset ({exc})") from exc
+    found: dict[str, tuple[Trajectory, Any]] = {}
+    for trajectory in store:
+        if trajectory.final_answer is not None and trajectory.status == "completed":
+            found.setdefault(trajectory.task.id, (trajectory, store.assets))
+    return found
+
+
+def programs_step_mode(config: EvalRunConfig) -> bool:
+    """Whether a programs run is in step mode (``mode: step`` set explicitly; default e2e)."""
+    return (
+        config.bench == "programs" and "mode" in config.model_fields_set and config.mode == "step"
+    )
+
+
+async def teacher_forced(
+    task: Task,
+    controller: ChatModel,
+    tools: list[Any],
+    tool_options: dict[str, Any],
+    sampling: Any,
+    action_format: str,
+    source: Any,
+    assets: Any,
+    trajectory_id: str,
+    replay: tuple[Trajectory, Any] | None = None,
+) -> Trajectory:
+    """Replay the gold chain with the real tools; at each gold step, ask for one action.
+
+    ``replay``: an earlier gold replay of this task and its asset store, used instead.
+
+    The returned trajectory is the gold replay; ``metadata["step_predictions"]`` holds the
+    action predicted before each gold step (parsed and checked, never executed) and
+    ``metadata["step_outputs"]`` the raw outputs.
+    """
+    from tracetune.agent.render import episode_messages
+    from tracetune.models.base import BackendError
+    from tracetune.rollout import GoldTeacher
+    from tracetune.schema import ErrorKind, Step, StepError
+
+    if not task.gold_chain:
+        raise EvalRunError(f"task {task.id} has no gold chain; step mode needs one")
+    teacher = GoldTeacher(tools, action_format)
+    if replay is not None:
+        earlier, store = replay
+        gold = earlier.model_copy(deep=True)
+        gold.id = trajectory_id
+        gold.metadata = {}
+        for step in gold.steps:  # images the earlier replay produced, into this run's assets
+            for ref in step.observation.images if step.observation else []:
+                if store.has(ref):
+                    assets.import_from(store, ref)
+    else:
+        gold, _ = await teacher.run(task, source, assets, tool_options, trajectory_id)
+    offered = {t.name for t in tools} | {"final_answer"}
+    resolver_store = [assets, source]
+
+    def resolve(ref: Any) -> Any:
+        for store in resolver_store:
+            if store.has(ref):
+                return store.path(ref)
+        raise FileNotFoundError(f"image {ref.name} is in neither the input nor output assets")
+
+    fmt = teacher.fmt
+    system = fmt.system_prompt(tools)
+    predicted: list[dict[str, Any]] = []
+    outputs: list[str] = []
+    for i in range(len(gold.steps)):
+        messages = episode_messages(system, task, gold.steps[:i], resolve)
+        try:
+            generation = await controller.generate(messages, n=1, sampling=sampling)
+        except BackendError as exc:
+            raise EpisodeBackendError(f"{task.id}: {exc}") from exc
+        step = Step(index=i, raw=generation.text)
+        try:
+            parsed = fmt.parse(generation.text)
+        except ValueError as exc:
+            step.error = StepError(kind=ErrorKind.PARSE, message=str(exc))
+        else:
+            step.action = parsed.action
+            call = parsed.action.tool_call
+            if call is not None and call.name not in offered:
+                step.error = StepError(kind=ErrorKind.UNKNOWN_TOOL, message=call.name)
+        predicted.append(step_action(step))
+        outputs.append(generation.text)
+    gold.controller = controller.spec
+    gold.metadata.update({"step_predictions": predicted, "step_outputs": outputs, "mode": "step"})
+    return gold
+
+
+__all__ = [
+    "heldout_seed",
+    "heldout_split",
+    "programs_step_mode",
+    "run_programs",
+    "score_programs",
+    "score_programs_steps",
+    "teacher_forced",
+]

@@ -70,7 +70,9 @@ class EvalRunConfig(BaseModel):
         "images beside it.",
     )
     mode: Literal["step", "e2e"] = Field(
-        default="step", description="gta: step (step-by-step, gold history) or e2e (end-to-end)."
+        default="step",
+        description="gta: step (step-by-step, gold history) or e2e (end-to-end); programs: "
+        "e2e unless step is set explicitly (each gold step predicted from the gold prefix).",
     )
     answer_mode: Literal["direct", "rr", "orr"] = Field(
         default="direct",
@@ -117,6 +119,18 @@ class EvalRunConfig(BaseModel):
     )
     limit: int | None = Field(default=None, ge=1, description="Only the first N items.")
     max_cost_usd: float | None = Field(default=None, description="Stop after this much spend.")
+    max_time: float | None = Field(
+        default=None,
+        gt=0,
+        description="Start no new item after this many seconds; the items in flight finish "
+        "and are saved, and a rerun continues (CLI: --max-time 10m).",
+    )
+    gold_prefixes: Path | None = Field(
+        default=None,
+        description="programs, step mode: a trajectory dataset holding gold replays of the "
+        "same tasks (e.g. OUT/trajectories of an earlier step-mode run, or gold rollouts) to "
+        "take the gold prefixes from instead of replaying the gold chains again.",
+    )
     n: int = Field(default=40, ge=1, description="programs: size of the held-out split.")
     seed: int = Field(default=0, description="programs: seed of the held-out split.")
     families: list[str] = Field(
@@ -265,7 +279,9 @@ class RunContext:
         )
 
     def budget(self) -> Budget:
-        return Budget(max_cost_usd=self.config.max_cost_usd)
+        from tracetune.timelimit import TimedBudget
+
+        return TimedBudget(max_cost_usd=self.config.max_cost_usd, max_seconds=self.config.max_time)
 
     async def run_items(
         self,

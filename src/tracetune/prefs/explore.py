@@ -36,10 +36,11 @@ from tracetune.prefs.base import (
 )
 from tracetune.prefs.memo import DETERMINISTIC, MemoTool, memoized
 from tracetune.prefs.verifiers import VERIFIERS, StepVerifier, make_verifier, prompts_hash
-from tracetune.runner import Budget, MeteredModel, StageResult, run_stage
+from tracetune.runner import MeteredModel, StageResult, run_stage
 from tracetune.schema import Task, Trajectory, Usage
 from tracetune.store import AssetStore, Dataset
 from tracetune.store.tasks import load_tasks
+from tracetune.timelimit import TimedBudget
 from tracetune.tools import load_tools
 
 STAGE = "explore"
@@ -106,6 +107,12 @@ class ExploreConfig(BaseModel):
         default=2, ge=1, description="Model requests in flight, and tasks explored at once."
     )
     max_cost_usd: float | None = Field(default=None, description="Stop after this much spend.")
+    max_time: float | None = Field(
+        default=None,
+        gt=0,
+        description="Start no new item after this many seconds; the items in flight finish "
+        "and are saved, and a rerun continues (CLI: --max-time 10m).",
+    )
     max_total_tokens: int | None = Field(default=None, description="Stop after this many tokens.")
     backend: ModelOptions = Field(default_factory=ModelOptions, description="Policy backend.")
     judge_backend: ModelOptions = Field(
@@ -452,7 +459,11 @@ async def run_explore(
             process=process,
             out=out,
             concurrency=config.concurrency,
-            budget=Budget(max_cost_usd=config.max_cost_usd, max_tokens=config.max_total_tokens),
+            budget=TimedBudget(
+                max_cost_usd=config.max_cost_usd,
+                max_tokens=config.max_total_tokens,
+                max_seconds=config.max_time,
+            ),
             sources=[source],
             progress=progress,
             total=len(tasks),

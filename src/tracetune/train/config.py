@@ -58,9 +58,7 @@ class TrainOptions(BaseModel):
         "in the local cache). For DPO, an SFT output directory (adapter or full)."
     )
     out: Path = Field(description="Output directory: adapter (or model) and processor.")
-    full: bool = Field(
-        default=False, description="Full fine-tuning instead of a LoRA adapter."
-    )
+    full: bool = Field(default=False, description="Full fine-tuning instead of a LoRA adapter.")
     lora: LoraOptions = Field(default_factory=LoraOptions, description="LoRA settings.")
     freeze_vision: bool = Field(
         default=True,
@@ -75,7 +73,14 @@ class TrainOptions(BaseModel):
         default=None,
         gt=0,
         description="Peak learning rate (default: 1e-4 for LoRA SFT, 1e-5 full SFT; "
-        "5e-6 LoRA DPO, 5e-7 full DPO).",
+        "5e-6 LoRA DPO, 5e-7 full DPO; for a controller built from config by `tracetune "
+        "model init` and trained from scratch: 1e-3 full SFT, 5e-5 full DPO).",
+    )
+    max_time: float | None = Field(
+        default=None,
+        gt=0,
+        description="Stop training after this many seconds of training (after the step in "
+        "flight) and save the model as at the end of a normal run.",
     )
     scheduler: str = Field(
         default="cosine", description="Learning-rate schedule (a transformers scheduler name)."
@@ -129,6 +134,13 @@ class TrainOptions(BaseModel):
         description="Experiment trackers (e.g. ['wandb'], ['tensorboard']).",
     )
     num_workers: int = Field(default=0, ge=0, description="Data-loader worker processes.")
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="CPU threads for the model's arithmetic (torch intra-op threads; default: "
+        "torch's choice). On a CPU shared with other work, 1 is often several times faster "
+        "than more threads, which wait on each other at every operation.",
+    )
     trust_remote_code: bool = Field(
         default=False, description="Run model code shipped with the checkpoint (MiniCPM-V)."
     )
@@ -164,6 +176,7 @@ class TrainOptions(BaseModel):
             "num_train_epochs": self.epochs,
             "max_steps": self.max_steps,
             "learning_rate": self.lr or (default_lr[1] if self.full else default_lr[0]),
+            # A time budget ends a run early: the schedule still spans the planned steps.
             "lr_scheduler_type": self.scheduler,
             "warmup_steps": self.warmup,
             "weight_decay": self.weight_decay,
@@ -220,7 +233,8 @@ class SFTConfig(TrainOptions):
     def to_trl(self) -> Any:
         from trl import SFTConfig as TRLSFTConfig
 
-        kwargs = self.trl_kwargs(default_lr=(1e-4, 1e-5))
+        full = SCRATCH_LR["sft"] if self.full and from_scratch(self.base) else 1e-5
+        kwargs = self.trl_kwargs(default_lr=(1e-4, full))
         kwargs.update(
             packing=False,
             padding_free=False,
@@ -245,7 +259,8 @@ class DPOConfig(TrainOptions):
     def to_trl(self) -> Any:
         from trl import DPOConfig as TRLDPOConfig
 
-        kwargs = self.trl_kwargs(default_lr=(5e-6, 5e-7))
+        full = SCRATCH_LR["dpo"] if self.full and from_scratch(self.base) else 5e-7
+        kwargs = self.trl_kwargs(default_lr=(5e-6, full))
         kwargs.update(
             beta=self.beta,
             loss_type=[self.loss],
@@ -253,6 +268,37 @@ class DPOConfig(TrainOptions):
             precompute_ref_log_probs=False,
         )
         return _build(TRLDPOConfig, kwargs, self.trl)
+
+
+SCRATCH_LR = {"sft": 1e-3, "dpo": 5e-5}
+"""Full fine-tuning learning rates for controllers trained from scratch (random init)."""
+
+SCRATCH_MARKER = "tracetune_tiny.json"
+"""Written by ``tracetune model init`` / ``init-tiny`` and carried into training outputs."""
+
+
+def from_scratch(base: str | Path) -> bool:
+    """Whether ``base`` descends from a randomly initialized controller built from config.
+
+    ``tracetune model init`` writes ``tracetune_tiny.json``; training outputs carry it on,
+    so an SFT output of such a model counts too (as does a run's recorded base).
+    """
+    path = Path(str(base)).expanduser()
+    for _ in range(4):
+        if not path.is_dir():
+            return False
+        if (path / SCRATCH_MARKER).is_file():
+            return True
+        record = path / "tracetune_train.json"
+        if not record.is_file():
+            return False
+        import json
+
+        try:
+            path = Path(str(json.loads(record.read_text()).get("base", "")))
+        except (ValueError, OSError):
+            return False
+    return False
 
 
 def _precision(precision: Precision) -> tuple[bool, bool]:

@@ -21,6 +21,7 @@ from tracetune.train.families import freeze_vision
 from tracetune.train.model import (
     TrainResult,
     _local_or_id,
+    _with_time_limit,
     adapter_base,
     is_adapter_dir,
     load_for_training,
@@ -45,9 +46,7 @@ class PreferenceCollator:
         self.padding = PaddingStats()
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        examples = [
-            {k: r[k] for k in ("prompt", "chosen", "rejected", "images")} for r in rows
-        ]
+        examples = [{k: r[k] for k in ("prompt", "chosen", "rejected", "images")} for r in rows]
         batch = self.base(examples)
         self.padding.add(batch["attention_mask"])
         return dict(batch)
@@ -133,7 +132,9 @@ def train_dpo(config: DPOConfig, callbacks: list[Any] | None = None) -> TrainRes
     """Train with DPO, then save the adapter (or model) and processor to ``config.out``."""
     started = time.time()
     resume = resume_checkpoint(config)
-    trainer, processor, report, start = build_dpo_trainer(config, callbacks)
+    trainer, processor, report, start = build_dpo_trainer(
+        config, _with_time_limit(config, callbacks)
+    )
     trainer.train(resume_from_checkpoint=resume)
     extra = {"sft_base": str(config.base)} if start != _local_or_id(config.base) else {}
     return save_outputs(trainer, processor, config, "dpo", start, report, started, extra)

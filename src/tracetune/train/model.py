@@ -48,6 +48,8 @@ def load_for_training(options: TrainOptions, path: str | None = None) -> tuple[A
 
     name = _local_or_id(path or options.base)
     bf16 = options.precision_flags()[0]
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             name,
@@ -197,6 +199,28 @@ class TrainResult:
         return f"load with --model {self.model_spec}"
 
 
+def _with_time_limit(config: Any, callbacks: list[Any] | None) -> list[Any] | None:
+    """``callbacks`` plus a wall-clock limit when the config sets ``max_time``."""
+    if config.max_time is None:
+        return callbacks
+    from tracetune.timelimit import time_limit_callback
+
+    return [*(callbacks or []), time_limit_callback(config.max_time)]
+
+
+def _carry_scratch_marker(base: str, out: Path) -> None:
+    """Keep a from-scratch controller's marker with its trained weights (see from_scratch)."""
+    import shutil
+
+    from tracetune.train.config import SCRATCH_MARKER, from_scratch
+
+    source = Path(_local_or_id(base))
+    if from_scratch(source) and not (out / SCRATCH_MARKER).exists():
+        found = source / SCRATCH_MARKER
+        if found.is_file():
+            shutil.copy(found, out / SCRATCH_MARKER)
+
+
 def save_outputs(
     trainer: Any,
     processor: Any,
@@ -217,6 +241,7 @@ def save_outputs(
     trainer.save_model(str(out))
     if trainer.accelerator.is_main_process:
         processor.save_pretrained(str(out))
+        _carry_scratch_marker(options.base, out)
     history = list(trainer.state.log_history)
     metrics = {k: v for e in history for k, v in e.items() if k.startswith("train_")}
     collator = trainer.data_collator
@@ -232,6 +257,16 @@ def save_outputs(
         padding_fraction=padding,
         extra=extra or {},
     )
+    stopped = next(
+        (
+            c.stopped_at_step
+            for c in trainer.callback_handler.callbacks
+            if getattr(c, "stopped_at_step", None) is not None
+        ),
+        None,
+    )
+    if stopped is not None:
+        result.extra["stopped"] = f"time budget reached after step {stopped}"
     if trainer.accelerator.is_main_process:
         record = {
             "kind": kind,
@@ -248,7 +283,7 @@ def save_outputs(
                 "trl": trl.__version__,
                 "peft": peft.__version__,
             },
-            **(extra or {}),
+            **result.extra,
         }
         (out / RUN_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
     return result

@@ -13,6 +13,7 @@ from tracetune.train.families import freeze_vision
 from tracetune.train.model import (
     TrainResult,
     _local_or_id,
+    _with_time_limit,
     load_for_training,
     lora_config,
     resume_checkpoint,
@@ -90,7 +91,7 @@ def train_sft(config: SFTConfig, callbacks: list[Any] | None = None) -> TrainRes
     """
     started = time.time()
     resume = resume_checkpoint(config)
-    trainer, processor, report = build_sft_trainer(config, callbacks)
+    trainer, processor, report = build_sft_trainer(config, _with_time_limit(config, callbacks))
     trainer.train(resume_from_checkpoint=resume)
     return save_outputs(
         trainer, processor, config, "sft", _local_or_id(config.base), report, started
