@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import textwrap
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -242,7 +243,8 @@ def bar_chart(path: Path, title: str, groups: dict[str, dict[str, float]], ylabe
     for i, run in enumerate(runs):
         xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(categories))]
         ys = [groups[run].get(c, 0.0) for c in categories]
-        ax.bar(xs, ys, width=width, label=run)
+        # Run labels carry model paths (and adapters): wrap them so the legend fits.
+        ax.bar(xs, ys, width=width, label=textwrap.fill(run, 60))
     ax.set_xticks(range(len(categories)))
     ax.set_xticklabels(categories, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
