@@ -613,3 +613,27 @@ def test_processes_started_from_this_one_load_the_tools_by_name(server: dict[str
         [sys.executable, "-c", child], capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.strip() == "42.0"
+
+
+@pytest.mark.parametrize("action_format", ["json", "code"])
+def test_a_server_killed_during_a_call_stops_the_episode(action_format: str, stores) -> None:
+    """The model cannot recover from a dead server: the episode raises McpServerLost (its
+    item fails) in every action format instead of going on without the tool."""
+    spec = {"command": COMMAND, "prefix": "d_", "tools": ["slow", "server_pid"]}
+    try:
+        tools = {t.name: t for t in mcp.connect([spec])}
+        pid = int(tools["d_server_pid"](ToolContext(workdir=Path("."))).text)
+        reply = (
+            call("d_slow", seconds=5)
+            if action_format == "json"
+            else "Thought: wait\nCode:\n```py\ntry:\n    d_slow(seconds=5)\n"
+            "except Exception as e:\n    print('caught', e)\n```"
+        )
+        model = ScriptedChatModel([reply, call("final_answer", answer="never")])
+        agent = Agent(model, [tools["d_slow"]], action_format=action_format)
+        threading.Timer(1.0, os.kill, (pid, signal.SIGKILL)).start()
+        with pytest.raises(mcp.McpServerLost, match="died during a call to slow"):
+            asyncio.run(agent.run(Task(id="t", query="Wait."), *stores))
+        assert len(model.calls) == 1  # the model was not asked again
+    finally:
+        mcp.close_all()
