@@ -593,7 +593,8 @@ def get_tool(name: str) -> Tool:
     if name not in _REGISTRY:
         raise KeyError(
             f"unknown tool {name!r}; known tools: {', '.join(sorted(_REGISTRY))}. "
-            "User tools are named 'package.module:tool_name'"
+            "User tools are named 'package.module:tool_name'; an MCP server's tools are "
+            "known once the server is given (--mcp CMD or mcp_servers: in the config)"
         )
     return _REGISTRY[name]
 
