@@ -246,7 +246,7 @@ class _Connection:
         self.spec = spec
         self.session: Any = None
         self.lost: str | None = None
-        self.stderr: IO[str] | None = None
+        self.stderr: IO[bytes] | None = None
         self._wake = asyncio.Event()
         self._ready: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._owner: asyncio.Task[None] | None = None
@@ -280,8 +280,10 @@ class _Connection:
             return ""
         with contextlib.suppress(OSError, ValueError):
             self.stderr.flush()
-            self.stderr.seek(0)
-            return "\n".join(self.stderr.read().strip().splitlines()[-lines:])
+            size = self.stderr.seek(0, os.SEEK_END)
+            self.stderr.seek(max(0, size - 16384))  # a long run's log: only its end
+            text = self.stderr.read().decode("utf-8", errors="replace")
+            return "\n".join(text.strip().splitlines()[-lines:])
         return ""
 
     @contextlib.asynccontextmanager
@@ -306,14 +308,15 @@ class _Connection:
         from mcp import StdioServerParameters
         from mcp.client.stdio import get_default_environment, stdio_client
 
-        self.stderr = tempfile.TemporaryFile(mode="w+", prefix="tracetune-mcp-", suffix=".log")
+        # What the server prints on stderr, for error messages (not the user's terminal).
+        self.stderr = tempfile.TemporaryFile(prefix="tracetune-mcp-", suffix=".log")
         params = StdioServerParameters(
             command=spec.command or "",
             args=spec.args,
             env={**get_default_environment(), **spec.env},
             cwd=spec.cwd,
         )
-        return stdio_client(params, errlog=self.stderr)
+        return stdio_client(params, errlog=self.stderr)  # type: ignore[arg-type]  # a fileno
 
     async def _own(self) -> None:
         import anyio
