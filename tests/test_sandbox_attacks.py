@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import os
 import re
 import subprocess
@@ -318,8 +317,8 @@ class Evil(_worker.Worker):
         }}
         if code in forged:
             return forged[code]
-        if code == "bigtool":  # past the worker's own check, straight onto the channel
-            expression = "1+" * 3_500_000 + "1"
+        if code in ("bigtool", "midtool"):  # past the worker's check, onto the channel
+            expression = "1+" * (3_500_000 if code == "bigtool" else 50_000) + "1"
             self.channel.send({{"op": "tool", "name": "calculator",
                                "arguments": {{"expression": expression}}}})
             reply = self.channel.recv()
@@ -526,10 +525,14 @@ async def test_an_oversized_tool_call_sent_past_the_worker_never_reaches_the_too
         t0 = time.perf_counter()
         result = await sb.execute("bigtool")
         assert time.perf_counter() - t0 < 3
+        middle = await sb.execute("midtool")  # 100 KB: a frame size allowed, the call not
+    assert middle.error is None and "byte limit" in middle.stdout
+    (call,) = middle.tool_calls
+    assert call["error"] and len(str(call["arguments"])) < 1000  # recorded as a preview
     assert calls == []
-    assert "byte limit" in result.stdout
-    (call,) = result.tool_calls
-    assert call["error"] and len(json.dumps(call["arguments"])) < 1000
+    # The frame itself is over what an honest worker sends: refused before it is parsed.
+    assert result.error is not None and result.error.kind == ErrorKind.SANDBOX
+    assert "protocol" in result.error.message and "byte message" in result.error.message
     assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024 < 200
 
 

@@ -312,6 +312,9 @@ class _Worker:
         self.pid = pid  # from the host's own spawn, or kernel-checked credentials (forks)
         self.uid = uid  # real uid, read from /proc once the worker is ready
         self.cgroup: Cgroup | None = None  # killed whole with the worker
+        # The largest frame an honest worker sends (set from the limits): a bigger one is
+        # refused before it is buffered or parsed.
+        self.max_frame = MAX_MESSAGE_BYTES
         self.netns: tuple[int, int] | None = None  # its own network namespace (no cgroup)
         self.proc = proc  # set for a worker this process started; forks are grandchildren
         self.buf = bytearray()
@@ -342,8 +345,10 @@ class _Worker:
         while True:
             if len(self.buf) >= 4:
                 (size,) = _HEADER.unpack_from(self.buf)
-                if size > MAX_MESSAGE_BYTES:
-                    raise _ProtocolError(f"worker sent a {size} byte message")
+                if size > self.max_frame:
+                    raise _ProtocolError(
+                        f"worker sent a {size} byte message (at most {self.max_frame} expected)"
+                    )
                 if len(self.buf) >= 4 + size:
                     body = bytes(self.buf[4 : 4 + size])
                     del self.buf[: 4 + size]
@@ -519,6 +524,12 @@ class Sandbox:
         if capped is not None:
             capped.unmount()
 
+    def _max_frame(self) -> int:
+        """A tool request (capped arguments) or a step's end (capped output, 4 bytes per
+        character at most), plus room for the frame's other fields."""
+        limits = self.limits
+        return min(MAX_MESSAGE_BYTES, max(limits.tool_args_bytes, 4 * limits.output_chars) + 65536)
+
     def _make_cgroup(self) -> None:
         if not _LINUX or not self.limits.cgroup:
             self._cgroup_note = "off (SandboxLimits.cgroup=False)" if _LINUX else "not Linux"
@@ -568,6 +579,7 @@ class Sandbox:
             child.close()
         parent.setblocking(False)
         worker = _Worker(parent, proc.pid, proc)
+        worker.max_frame = self._max_frame()
         if self.cgroup is not None:
             # Before the config is sent: the worker does nothing until it reads it.
             try:
@@ -896,6 +908,7 @@ class Sandbox:
                     f"{worker.pid} under its uid {worker.uid}"
                 )
             child = _Worker(ours, pid, None, uid=uid)
+            child.max_frame = self._max_frame()
             if child.pidfd is None or _proc_ids(pid) != (worker.pid, worker.uid):
                 raise _ProtocolError(f"pid {pid} could not be pinned (pidfd) as the fork")
             child.buf += data
