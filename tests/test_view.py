@@ -655,3 +655,23 @@ def test_run_state_shows_failures_with_their_error_while_a_writer_holds_the_wal(
     state.mark("synth", "task-4", "failed", {"error": "later"})  # the writer goes on
     assert _snapshot([root]).keys() == before.keys()
     state.close()
+
+
+def test_a_list_picks_up_records_a_running_stage_adds(
+    pipeline: dict[str, Path], tmp_path: Path
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from tracetune.view import build_app
+
+    growing = tmp_path / "growing"
+    shutil.copytree(pipeline["qs"] / "tasks", growing)
+    client = TestClient(build_app([growing], cache_dir=None))
+    assert "4 records" in client.get("/d/growing/index.html").text
+    first = next(iter(Dataset.open(growing, Task)))
+    writer = Dataset.open(growing, Task)
+    writer.write_all([first.model_copy(update={"id": "task-added-later"})])
+    assert client.get("/d/growing/r/task-added-later.html").status_code == 200  # a shared link
+    writer.write_all([first.model_copy(update={"id": "task-added-last"})])
+    page = client.get("/d/growing/index.html")
+    assert "6 records" in page.text and "task-added-last" in page.text

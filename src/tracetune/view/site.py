@@ -219,6 +219,25 @@ class Site:
 
         return url
 
+    def _refresh(self, source: DatasetSource) -> None:
+        """A list shows what is on disk now: new chunks of a running stage (and of the
+        verdicts it joins) are indexed again."""
+        if source.refresh():
+            self._forget(source.slug)
+        if source.kind == "trajectory":
+            grown = [v for v in self.catalog.datasets("verdict") if v.refresh()]
+            if grown:
+                self.catalog.forget_verdicts()
+                for slug, column in list(self._columns):
+                    if column == "_verdict":
+                        self._forget(slug)
+
+    def _forget(self, slug: str) -> None:
+        for cache in (self._columns, self._facets):
+            for key in [k for k in cache if k[0] == slug]:
+                cache.pop(key, None)
+        self._warming.discard(slug)
+
     def _warm(self, source: DatasetSource) -> None:
         """Once the index is built, compute the filter options in the background too, so
         the first filtered page does not pay for them."""
@@ -336,6 +355,7 @@ class Site:
         depth: int,
         crumbs: list[tuple[str, str]],
     ) -> Page:
+        self._refresh(source)
         if page == 1 and not params and not source.index_ready and len(source.files) > 16:
             # The first page of a large dataset (over 16 chunks) shows at once, read from its
             # first chunks; counts, filters and later pages use the index, built in the
@@ -512,6 +532,9 @@ class Site:
         assert isinstance(source, DatasetSource)
         try:
             record = source.record(key)
+            if record is None and source.refresh():  # written since the index was built
+                self._forget(source.slug)
+                record = source.record(key)
         except SourceError as exc:
             return self._render(
                 "problem.html", depth, 422, title=source.label, problem=str(exc), crumbs=crumbs

@@ -252,6 +252,24 @@ class DatasetSource(Source):
     _error: Exception | None = field(default=None, repr=False)
     cache_dir: Path | None = field(default=None, repr=False)
 
+    def refresh(self) -> bool:
+        """Pick up chunks a running stage added since the index was built; True if any.
+
+        Writers only add chunks (written under a temporary name, then renamed), so a new
+        file list means new records. An index build in flight is left to finish first.
+        """
+        files = sorted((self.root / "data").glob("part-*.parquet"))
+        with self._lock:
+            if files == self.files or (self._thread is not None and not self._ready.is_set()):
+                return False
+            self.files = files
+            self._index = None
+            self._keys = None
+            self._error = None
+            self._thread = None
+            self._ready = threading.Event()
+        return True
+
     # The index: light columns of every record, plus where each record lives. It is built
     # in a background thread on first use (and cached outside the dataset, keyed by the
     # chunks' names, sizes and times), so the first page shows before it is done.
@@ -718,6 +736,11 @@ class Catalog:
                 )
             keys, reasons = self._drop_arrays
         return pc.take(reasons, pc.index_in(ids, value_set=keys))
+
+    def forget_verdicts(self) -> None:
+        """Drop the cached verdict sets (a verdict dataset grew)."""
+        with self._verdict_lock:
+            self._verdicts = None
 
     def drop_reasons(self) -> dict[str, str]:
         """Item key -> drop reason from every run state opened (e.g. a rejected trajectory's
