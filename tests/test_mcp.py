@@ -294,6 +294,17 @@ def test_cli_tools_list_and_agent_run_with_the_server_tools(tmp_path: Path) -> N
         assert traj.steps[0].observation.text == "model context protocol"
         assert traj.final_answer == "protocol" and "lookup_word" in traj.tools
         assert "lookup_word(word: str) -> str" in prompt
+        # Exporting (and training on) the run renders the MCP tool's schema and prompt.
+        result = runner.invoke(
+            app,
+            ["export", "--format", "trl-sft", "--in", str(out / "run"), "--out",
+             str(out / "sft"), "--mcp", COMMAND],
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        (row,) = [json.loads(p.read_text()) for p in (out / "sft").rglob("*.jsonl")]
+        tools = row["tools"] if isinstance(row["tools"], list) else json.loads(row["tools"])
+        assert "lookup_word" in [t["function"]["name"] for t in tools]
+        assert "tiny dictionary" in json.dumps(row["messages"][0])  # the system prompt
     finally:
         mcp.close_all()
 

@@ -22,7 +22,11 @@ TARGETS: tuple[tuple[str, str], ...] = (
     ("agent", "run"),
     ("eval", "run"),
     ("prefs", "explore"),
+    ("prefs", "build"),
     ("run", "*"),
+    # Rendering prompts and `tools` columns of records whose tools came from MCP servers.
+    ("train", "*"),
+    ("export", ""),
 )
 READ_ONLY = {"stats", "report", "render", "show"}
 

@@ -570,6 +570,9 @@ def _connect_pending_mcp() -> None:
     import sys
 
     mcp = sys.modules.get("tracetune.tools.mcp")
+    if mcp is None and os.environ.get("TRACETUNE_MCP_SERVERS"):
+        # A process started by one that was given MCP servers (a Ray actor, a worker).
+        mcp = importlib.import_module("tracetune.tools.mcp")
     if mcp is not None:
         mcp.connect_pending()
 
