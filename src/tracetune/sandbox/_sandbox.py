@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
 import logging
@@ -517,6 +518,8 @@ class Sandbox:
             sandbox._drop_cgroup()
             sandbox._unmount()
             raise
+        if sandbox.cgroup is not None or sandbox._capped is not None:
+            _live.add(sandbox)
         return sandbox
 
     def _unmount(self) -> None:
@@ -651,6 +654,7 @@ class Sandbox:
     async def close(self) -> None:
         """Kill the worker; the sandbox cannot be used afterwards. Safe to call twice."""
         self._closed = True
+        _live.discard(self)
         worker, self._worker = self._worker, None
         if worker is not None and not worker.dead:
             await worker.kill()
@@ -865,6 +869,8 @@ class Sandbox:
             twin.isolation = dict(self.isolation)  # the workdir (and its cap) is shared
             twin._make_cgroup()
             if twin.cgroup is not None:
+                _live.add(twin)
+            if twin.cgroup is not None:
                 try:
                     twin.cgroup.add(child.pid)  # verified above, and pinned by its pidfd
                     child.cgroup = twin.cgroup
@@ -1005,6 +1011,20 @@ def _kill_namespace(ns: tuple[int, int], timeout_s: float = 2.0) -> None:
         if not found:
             return
         time.sleep(0.01)
+
+
+# Sandboxes holding a cgroup or a tmpfs: if the host exits without closing them, their
+# processes are killed, groups removed and files put back at exit all the same.
+_live: set[Sandbox] = set()
+
+
+@atexit.register
+def _close_live_sandboxes() -> None:
+    for sandbox in list(_live):
+        with contextlib.suppress(Exception):
+            sandbox._drop_cgroup()
+        with contextlib.suppress(Exception):
+            sandbox._unmount()
 
 
 def _proc_ids(pid: int) -> tuple[int, int] | None:
