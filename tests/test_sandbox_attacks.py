@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import os
 import re
 import subprocess
@@ -1087,3 +1088,41 @@ def test_cgroup_v2_layout_is_created_limited_and_killed(
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     version, why = _cgroup.detect()
     assert version == "" and "TRACETUNE_CGROUP" in why
+
+
+# -- the layer report and the minimum level ------------------------------------------------------
+
+
+@async_test
+async def test_a_sandbox_below_the_required_level_refuses_to_start(tmp_path: Path) -> None:
+    from tracetune.sandbox import isolation_level, layers
+
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    weak = SandboxLimits(seccomp=False, min_level="strict")
+    with pytest.raises(SandboxError, match="missing: seccomp"):
+        await Sandbox.start(workdir, [], _noop, weak)
+    async with await Sandbox.start(workdir, [], _noop, SandboxLimits()) as sb:
+        rows = {name: on for name, on, _ in layers(sb.isolation)}
+        assert rows["process"] and rows["rlimits"]
+        assert set(rows) >= {"seccomp", "cgroup", "landlock", "network_namespace"}
+        assert sb.isolation["level"] == isolation_level(sb.isolation)
+
+
+def test_tools_sandbox_command_reports_layers_and_enforces_a_level(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from typer.testing import CliRunner
+
+    from tracetune.cli import app
+
+    result = CliRunner().invoke(app, ["tools", "sandbox", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["level"] in ("basic", "standard", "strict")
+    assert {row["layer"] for row in report["layers"]} >= {"seccomp", "cgroup", "audit_hook"}
+    monkeypatch.setenv("TRACETUNE_SANDBOX_MIN_LEVEL", "bogus")
+    with pytest.raises(ValueError, match="TRACETUNE_SANDBOX_MIN_LEVEL"):
+        SandboxLimits()
+    bad = CliRunner().invoke(app, ["tools", "sandbox", "--min-level", "extreme"])
+    assert bad.exit_code == 2 and "choose one of" in bad.output
