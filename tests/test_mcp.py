@@ -409,6 +409,12 @@ def test_streamable_http_server_by_url(tmp_path: Path) -> None:
             [{"url": f"http://127.0.0.1:{port}/mcp", "tools": ["add_numbers"], "prefix": "h_"}]
         )
         assert tool(ToolContext(workdir=tmp_path), a=4, b=5).data == 9
+        proc.terminate()  # the server goes away: calls fail as lost, not as timeouts
+        proc.wait(10)
+        started = time.monotonic()
+        with pytest.raises(mcp.McpServerLost):
+            tool(ToolContext(workdir=tmp_path), a=1, b=1)
+        assert time.monotonic() - started < 30
     finally:
         mcp.close_all()
         proc.terminate()
