@@ -18,6 +18,14 @@ slots / all token slots per batch. Length grouping needs a dataset of at least ~
     python bench/train_step.py --arch llava --records 200 --batch-size 8
 
 Prints a markdown table.
+
+``--scratch 250k,5m`` measures instead what training a controller from scratch costs: full
+SFT of controllers built by ``tracetune model init`` at those sizes (tokenizer trained on
+the same trajectories), in samples per second over ``--epochs`` passes, with the collator's
+per-row encoding cache on (encode once, then only pad) and off (re-render and re-process
+every sample every epoch, as TRL's collator does)::
+
+    python bench/train_step.py --scratch 250k,5m --records 64 --epochs 3 --batch-size 8
 """
 
 from __future__ import annotations
@@ -217,14 +225,23 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", default="", help="Sizes for from-scratch full SFT.")
+    parser.add_argument("--epochs", type=float, default=3.0, help="--scratch: passes.")
+    parser.add_argument("--threads", type=int, default=1, help="--scratch: torch threads.")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--trajectories", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--pairs", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if args.variant and args.variant.startswith("scratch"):
+        print("RESULT " + json.dumps(run_scratch_variant(args)), flush=True)
+        return
     if args.variant:  # child process
         print("RESULT " + json.dumps(run_variant(args)), flush=True)
+        return
+    if args.scratch:
+        scratch_main(args)
         return
 
     from tracetune.models.tiny import init_tiny
@@ -262,13 +279,71 @@ def _run_child(args: argparse.Namespace, variant: str, model: Path, trajectories
            "--trajectories", str(trajectories), "--pairs", str(pairs),
            "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-           "--seed", str(args.seed)]
+           "--seed", str(args.seed), "--epochs", str(args.epochs),
+           "--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True,
                           env={**os.environ, "TQDM_DISABLE": "1"})
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode or line is None:
         sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
     return dict(json.loads(line[len("RESULT "):]))
+
+
+# -- from-scratch full SFT: samples per second -------------------------------------------
+def run_scratch_variant(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from tracetune.train.config import SFTConfig
+    from tracetune.train.sft import build_sft_trainer
+
+    torch.manual_seed(args.seed)
+    cache = args.variant.endswith("-cache")
+    out = Path(tempfile.mkdtemp(prefix=f"bench-{args.variant}-"))
+    cfg = SFTConfig(
+        base=str(args.model), data=[args.trajectories], out=out, full=True,
+        epochs=args.epochs, batch_size=args.batch_size, grad_accum=1, lr=1e-3, warmup=0,
+        logging_steps=1000, save_steps=100_000, gradient_checkpointing=False,
+        max_length=args.max_length, seed=args.seed, threads=args.threads,
+    )  # fmt: skip
+    trainer, _, report = build_sft_trainer(cfg)
+    if not cache:
+        trainer.data_collator.cache = None
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    samples = report.kept * args.epochs
+    tokens = sum(report.lengths) * args.epochs
+    return {
+        "variant": args.variant,
+        "seconds": seconds,
+        "samples_per_s": samples / seconds,
+        "tokens_per_s": tokens / seconds,
+        "median_tokens": sorted(report.lengths)[len(report.lengths) // 2],
+        "encoded": trainer.data_collator.encoded,
+        "load": os.getloadavg()[0],
+    }
+
+
+def scratch_main(args: argparse.Namespace) -> None:
+    from tracetune.models.tiny import corpus_from_datasets, init_model
+
+    args.steps = args.steps or 0  # unused: --scratch runs whole epochs
+    root = Path(tempfile.mkdtemp(prefix="bench-scratch-"))
+    trajectories, _ = make_data(root / "data", args.records, args.seed)
+    corpus = corpus_from_datasets([trajectories])
+    print(f"\nfull SFT from scratch, {args.records} trajectories x {args.epochs} epochs, batch "
+          f"{args.batch_size}, {args.threads} thread(s); {os.cpu_count()} CPUs\n")
+    print("| size | parameters | tokens/sample (median) | cache | samples/s | tokens/s "
+          "| rows encoded | load |")
+    print("|---|---|---|---|---|---|---|---|")
+    for size in [x.strip() for x in args.scratch.split(",") if x.strip()]:
+        model = init_model(args.arch, root / f"model-{size}", size, corpus=corpus)
+        params = json.loads((model / "tracetune_tiny.json").read_text())["parameters"]
+        for cache in ("nocache", "cache"):
+            r = _run_child(args, f"scratch-{size}-{cache}", model, trajectories, trajectories)
+            print(f"| {size} | {params:,} | {r['median_tokens']} | {cache == 'cache'} | "
+                  f"{r['samples_per_s']:.2f} | {r['tokens_per_s']:.0f} | {r['encoded']} | "
+                  f"{r['load']:.1f} |", flush=True)
 
 
 def _cuda() -> bool:

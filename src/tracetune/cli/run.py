@@ -49,7 +49,10 @@ def matrix(
         shown = {k: v for k, v in numbers.items() if k not in ("by_family",)}
         if stage == "eval":
             shown = {
-                name: f"{acc['passed']}/{acc['total']} ({acc['accuracy']:.1%})"
+                name: f"{acc['passed']}/{acc['total']} ({acc['accuracy']:.1%}; valid actions "
+                f"{acc.get('valid_actions', 0):.0%}, first tool (macro) "
+                f"{acc.get('first_tool_macro', 0):.0%} vs always-majority "
+                f"{acc.get('majority_first_tool_macro', 0):.0%})"
                 for name, acc in numbers["heldout_accuracy"].items()
             }
         table.add_row(stage, ", ".join(f"{k}={v}" for k, v in shown.items()))

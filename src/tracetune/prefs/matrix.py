@@ -360,6 +360,16 @@ async def run_matrix(config: MatrixConfig, progress: bool = True) -> dict[str, A
     return report
 
 
+LEARNING_NUMBERS = (
+    "valid_actions",
+    "first_tool",
+    "first_tool_macro",
+    "majority_first_tool_macro",
+    "tool_accuracy",
+    "argument_accuracy",
+)
+
+
 def _heldout_numbers(run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     """A policy's held-out numbers from its `programs` run: passed = the gold answer and
     every tool of the gold chain used (an answer without the tools is a lucky guess)."""
@@ -387,6 +397,14 @@ def _heldout_numbers(run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
         "accuracy": round(passed / len(items), 4) if items else 0.0,
         "answer_accuracy": round(report["accuracy"] / 100, 4),
         "used_gold_tools": round(report["used_gold_tools"] / 100, 4),
+        # What moves first when a controller learns (fractions, like the numbers above):
+        # valid actions, the right first tool against always calling the majority tool,
+        # and per-step tool and argument accuracy against the gold chain.
+        **{
+            name: round(report[name] / 100, 4)
+            for name in LEARNING_NUMBERS
+            if isinstance(report.get(name), int | float)
+        },
         "by_family": dict(sorted(by_family.items())),
         "run": str(run_dir),
     }
