@@ -609,9 +609,10 @@ class McpTool(Tool):
         # Code actions pass Python-safe names (from_, file_path) for the schema's own.
         aliases = {python_name(k): k for k in props if python_name(k) != k}
         arguments = {aliases.get(k, k) if k not in props else k: v for k, v in arguments.items()}
-        if self.parameters.get("additionalProperties", False) is False or props:
+        extra = self.parameters.get("additionalProperties")
+        if not (extra is True or isinstance(extra, dict)):  # the schema allows no others
             unknown = sorted(set(arguments) - set(props))
-            if unknown and self.parameters.get("additionalProperties") is not True:
+            if unknown:
                 raise ToolError(
                     f"{self.name} got unknown argument(s) {', '.join(unknown)}; "
                     f"it takes: {', '.join(props) or 'no arguments'}"
