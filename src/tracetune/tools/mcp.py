@@ -448,13 +448,12 @@ class _Connection:
         lost = asyncio.ensure_future(self._wake.wait())
         try:
             await asyncio.wait({call, lost}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
+        finally:  # also when the caller is cancelled (a step's time ran out)
             lost.cancel()
-        if call.done():
+            if not call.done():
+                call.cancel()
+        if not call.cancelled():
             return call.result()
-        call.cancel()
-        with contextlib.suppress(BaseException):
-            await call
         if self.lost is None:
             raise TimeoutError
         raise McpServerLost(self._message(f"died during a call to {name}: {self.lost}"))
