@@ -405,6 +405,7 @@ def test_compare_view_lists_the_items_that_changed(
     visitor = Visitor(browser, viewer.base)
     page = visitor.open("/index.html")
     assert "+ adapter" in page.locator("table.list").nth(1).inner_text()  # the DPO run
+    assert "counting" not in page.locator("table.list").first.inner_text()  # small: counted
     link = page.locator("a", has_text="qs/matrix/eval/sft → runs/oracle")
     assert link.count() == 1
     link.click()

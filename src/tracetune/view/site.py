@@ -143,7 +143,8 @@ class Site:
             d.start_indexing()
         for d in self.catalog.datasets():
             try:
-                count: Any = len(d) if d.index_ready else "counting…"
+                # small datasets are counted at once; big ones while their index builds
+                count: Any = len(d) if d.index_ready or len(d.files) <= 16 else "counting…"
             except SourceError as exc:
                 count = f"unreadable: {exc}"
             datasets.append(
