@@ -128,9 +128,16 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(tmp_path: Path) 
     n = 3000
     cmd = [sys.executable, "-c", KILLED_STAGE, str(tmp_path / "out"), str(n)]
     rng = random.Random(13)
-    for _ in range(3):
+    data = tmp_path / "out" / "data"
+    for round_ in range(3):
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(1.0, 1.8))  # start-up takes about a second
+        # Killed a random moment after this run wrote something (whatever the machine's load).
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            if len(list(data.glob("part-*.parquet"))) > 10 * (round_ + 1):
+                break
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.3))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         report = check_dataset(tmp_path / "out", repair=False)
