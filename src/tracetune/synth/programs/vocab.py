@@ -55,6 +55,8 @@ PRODUCTS = [
 ]
 
 MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+FULL_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August",
+               "September", "October", "November", "December"]
 QUARTERS = ["Q1", "Q2", "Q3", "Q4"]
 
 EXPENSES = [
