@@ -230,7 +230,7 @@ def run(
             help="gta: folder of dataset.json and its files; gaia: metadata.jsonl (files "
             "beside it); programs: a task dataset (default: a held-out split drawn here); "
             "vqa/dynvqa: JSONL/JSON of {question_id, image, question, answer[, choices]}; "
-            "agentx: Agent-X's data.json (images beside it)."
+            "agentx: Agent-X's data.json (media named by file_path, beside it or in files/)."
         ),
     ] = None,
     mode: Annotated[
