@@ -76,11 +76,13 @@ def _agentx(root: Path) -> Path:
         Image.new("RGB", (32, 32), (shade, shade, shade)).save(files / name)
     _video(files / "clip.mp4")
     (files / "broken.mp4").write_bytes(b"not a video at all" * 10)
+    (files / "cut.jpg").write_bytes((files / "one.jpg").read_bytes()[:40])  # truncated
     data = {
         "0001": _record("one.jpg", "single image query"),
         "0002": _record("left.png, right.png", "two image query"),
         "0003": _record("clip.mp4", "video query"),
         "0004": _record("broken.mp4", "broken video query"),
+        "0005": _record("cut.jpg", "truncated image query"),
     }
     (root / "data.json").write_text(json.dumps(data, indent=1))
     return root / "data.json"
@@ -115,7 +117,7 @@ def test_run_reads_file_path_images_lists_and_video_frames(tmp_path: Path) -> No
             for p in m["content"]
             if p.get("type") == "text"
         )
-        for key in ("single image", "two image", "broken video", "video"):
+        for key in ("single image", "two image", "broken video", "truncated image", "video"):
             if key in query:
                 seen[key] = _images_in(body)
                 break
@@ -134,15 +136,16 @@ def test_run_reads_file_path_images_lists_and_video_frames(tmp_path: Path) -> No
     # every query that ran had its media: 1 image, 2 images, 8 frames of the video
     assert seen == {"single image": 1, "two image": 2, "video": VIDEO_FRAMES}
     assert VIDEO_FRAMES == 8
-    # the undecodable video is a counted skip with its reason, never run without media
-    assert list(metrics["skipped_queries"]) == ["0004"]
-    assert (
-        "no frame" in metrics["skipped_queries"]["0004"]
-        or "cannot open" in (metrics["skipped_queries"]["0004"])
-    )
-    assert any("1 of 4 queries skipped" in n for n in notes)
+    # the undecodable video and the truncated image are counted skips with their reasons,
+    # never run without their media
+    skipped = metrics["skipped_queries"]
+    assert list(skipped) == ["0004", "0005"]
+    assert "no frame" in skipped["0004"] or "cannot open" in skipped["0004"]
+    assert "cut.jpg cannot be read" in skipped["0005"]
+    assert any("2 of 5 queries skipped" in n for n in notes)
     report = metrics["reports"]["agentx"]
-    assert report["n_items"] == 4 and report["details"]["missing_predictions"] == ["0004"]
+    assert report["n_items"] == 5
+    assert report["details"]["missing_predictions"] == ["0004", "0005"]
 
 
 def test_missing_media_stops_the_run_before_any_model_call(tmp_path: Path) -> None:
@@ -194,7 +197,7 @@ def test_score_reads_agentx_prediction_file_without_a_judge(tmp_path: Path) -> N
     assert set(report["metrics"]) == {"tool_precision", "toolset_accuracy"}
     assert report["details"]["judged"] is False and "--judge" in report["details"]["note"]
     # 0001: OCR=OCR -> 1; 0002: [SceneDescriber, OCR] vs gold [OCR] -> 0/2, F1 2/3;
-    # 0003: unparsed reply -> no steps -> 0; 0004: no prediction -> 0
-    assert report["metrics"]["tool_precision"] == pytest.approx((1 + 0 + 0 + 0) / 4)
-    assert report["metrics"]["toolset_accuracy"] == pytest.approx((1 + 2 / 3 + 0 + 0) / 4)
-    assert report["details"]["missing_predictions"] == ["0004"]
+    # 0003: unparsed reply -> no steps -> 0; 0004, 0005: no prediction -> 0
+    assert report["metrics"]["tool_precision"] == pytest.approx((1 + 0 + 0 + 0 + 0) / 5)
+    assert report["metrics"]["toolset_accuracy"] == pytest.approx((1 + 2 / 3 + 0 + 0 + 0) / 5)
+    assert report["details"]["missing_predictions"] == ["0004", "0005"]

@@ -7,9 +7,9 @@ field: one file name, a comma-separated list of images, or a video), or under ``
 ``files/`` folder (the release's layout). A video (.mp4, .avi, .mov, .mkv, .webm) is shown as
 ``VIDEO_FRAMES`` (8) frames evenly spaced over the clip. A query is never run without its
 media: a record that names none, or a file that is missing, stops the run before any model
-call, naming every such record; a video that opencv cannot decode skips its query, and the
-skips are counted with their reasons in metrics.json (``skipped_queries``) and scored as
-missing predictions.
+call, naming every such record; a video that opencv cannot decode, or an image that cannot
+be read, skips its query, and the skips are counted with their reasons in metrics.json
+(``skipped_queries``) and scored as missing predictions.
 
 Agent-X's tools run on the GTA toolset's wrappers (``gta_tools``), which already implement
 GTA's tools on tracetune's own, under Agent-X's names (``AGENTX_TO_GTA``). A query is offered
@@ -154,8 +154,13 @@ def record_images(row: dict[str, Any], where: str, root: Path) -> list[Path]:
     return record_media(row, where, [root, root / "files"])
 
 
-class VideoUnreadable(Exception):
-    """A video that yields no frame: its query is skipped, with this as the reason."""
+class MediaUnreadable(Exception):
+    """Media that cannot be read (a video with no decodable frame, a corrupt image): its
+    query is skipped, with this as the reason."""
+
+
+class VideoUnreadable(MediaUnreadable):
+    """A video that yields no frame."""
 
 
 def video_frames(path: Path, n: int = VIDEO_FRAMES) -> list[tuple[float, Any]]:
@@ -199,7 +204,10 @@ def load_media(files: list[Path], assets: Any) -> list[Any]:
     refs = []
     for file in files:
         if not is_video(file):
-            refs.append(assets.put_file(file, name=file.name))
+            try:
+                refs.append(assets.put_file(file, name=file.name))
+            except (OSError, ValueError) as exc:  # a corrupt or truncated image, say
+                raise MediaUnreadable(f"{file.name} cannot be read: {exc}") from exc
             continue
         frames = video_frames(file)
         for k, (seconds, image) in enumerate(frames, 1):
@@ -439,7 +447,7 @@ async def run_agentx(
     for i in ids:
         try:
             files = load_media(media[i], out.assets)
-        except VideoUnreadable as exc:
+        except MediaUnreadable as exc:
             skipped[i] = str(exc)
             continue
         tasks[i] = Task(
