@@ -118,7 +118,10 @@ class LoopbackCluster:
             script = 'mount -t tmpfs tracetune-private "$0" && exec "$@"'
             args = ["unshare", "-m", "sh", "-c", script, str(private_mount), *args]
         log = open(self.logs / f"ray-{self.port}-node{index}.log", "wb")  # noqa: SIM115
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        # No token authentication: nothing but this machine can reach loopback in the
+        # namespace, and a head that finds ~/.ray/auth_token would otherwise turn it on for
+        # itself and refuse the other nodes.
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
         proc = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
         )
@@ -157,7 +160,16 @@ class LoopbackCluster:
                 time.sleep(0.2)
         for i in range(1, self.nodes):
             self._start_node(i)
-        ray.init(address=self.address, log_to_driver=False, configure_logging=False)
+        while True:  # the GCS port answers a moment before the GCS serves clients
+            try:
+                ray.init(address=self.address, log_to_driver=False, configure_logging=False)
+                break
+            except (RuntimeError, ConnectionError) as exc:
+                if ray.is_initialized():
+                    ray.shutdown()
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"cannot connect to the Ray head: {exc}") from None
+                time.sleep(1.0)
         while (alive := self._alive_nodes()) < self.nodes:
             if time.monotonic() > deadline:
                 self.stop()
