@@ -209,6 +209,7 @@ class StageCore(Generic[T]):
         )
         self.writer.on_flush.append(self._commit_done)
         self._in_buffer: list[tuple[str, str, dict[str, Any] | None]] = []  # done once flushed
+        self._chunk_landed = False  # set each time a chunk lands (see finish_item)
         self._marks: list[tuple[str, str, dict[str, Any] | None]] = []  # drops and failures
         self._last_marks = time.monotonic()
         self.bar = _Progress(stage, total, self.state, progress)
@@ -241,11 +242,17 @@ class StageCore(Generic[T]):
             self._marks.append((item_key, "dropped", {"reason": produced.reason, **produced.info}))
         else:
             records = produced if isinstance(produced, list) else [produced]
+            self._chunk_landed = False
             for record in records:
                 result.written += self.writer.write(record, sources=self.sources)
             # Marked done with the next chunk to land: then every one of its records is on
             # disk, whether written now or found there already (ids are never written twice).
             self._in_buffer.append((item_key, "done", {"records": [r.id for r in records]}))
+            if self._chunk_landed:
+                # Writing these records flushed a chunk before the item was queued: land the
+                # rest now, so the item is not left unmarked until some later chunk (a kill
+                # in between would make a rerun process it again).
+                self.flush()
         self._counted()
 
     def fail_item(self, item_key: str, exc: BaseException) -> None:
@@ -282,6 +289,7 @@ class StageCore(Generic[T]):
         # its records on disk now (or already had: ids seen before are not written twice).
         rows = self._in_buffer + self._marks
         self._in_buffer, self._marks = [], []
+        self._chunk_landed = True
         self._last_marks = time.monotonic()
         self.state.mark_many(self.stage, rows)
 

@@ -105,6 +105,15 @@ class RunState:
             self._db.close()
         _OPEN.discard(self)
 
+    def __del__(self) -> None:
+        # A state dropped without close() (a dataset object going out of scope) must not take
+        # its batched writes with it: _OPEN holds it weakly, so nothing else would flush them.
+        try:
+            if self._pending_since is not None:
+                self.flush()
+        except Exception:  # closed, or the interpreter is shutting down
+            pass
+
     def flush(self) -> None:
         """Write the usage and cached replies kept in memory."""
         with self._lock:
