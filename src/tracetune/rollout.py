@@ -111,9 +111,9 @@ FINAL = [
     "{shown_cap} is what {prev} returned. That answers the question: {answer}.",
     "From the {prev} result ({shown}), the answer is {answer}.",
 ]
-THOUGHTS_HASH = hashlib.sha256(
-    json.dumps([FIRST, NEXT, TOOL_NOTE, FINAL]).encode()
-).hexdigest()[:16]
+THOUGHTS_HASH = hashlib.sha256(json.dumps([FIRST, NEXT, TOOL_NOTE, FINAL]).encode()).hexdigest()[
+    :16
+]
 """Recorded on gold trajectories, like a prompt hash: which templates wrote the thoughts."""
 
 
@@ -134,15 +134,20 @@ class Thoughts:
     def step(self, index: int, call: ToolCall, purpose: str, prev: ToolCall | None) -> str:
         purpose = purpose or f"call {call.name}"
         template = self.rng.choice(FIRST if prev is None else NEXT)
-        text = template.format(purpose=purpose, target=_target(call),
-                               prev=prev.name if prev else "")
+        text = template.format(
+            purpose=purpose, target=_target(call), prev=prev.name if prev else ""
+        )
         return text + self.rng.choice(TOOL_NOTE).format(tool=call.name)
 
     def final(self, prev: ToolCall | None, shown: str, answer: str) -> str:
         shown = _short(shown)
         template = self.rng.choice(FINAL)
-        return template.format(prev=prev.name if prev else "tool", shown=shown,
-                               shown_cap=shown[:1].upper() + shown[1:], answer=answer)
+        return template.format(
+            prev=prev.name if prev else "tool",
+            shown=shown,
+            shown_cap=shown[:1].upper() + shown[1:],
+            answer=answer,
+        )
 
 
 def _short(text: str, limit: int = 80) -> str:
@@ -174,7 +179,7 @@ def closest_read(text: str, expected: str) -> str | None:
     """What the output holds that looks most like ``expected`` (for verdict messages)."""
     words = _thousands(text).split()
     n = max(1, len(expected.split()))
-    grams = {" ".join(words[i:i + n]) for i in range(max(0, len(words) - n + 1))}
+    grams = {" ".join(words[i : i + n]) for i in range(max(0, len(words) - n + 1))}
     close = difflib.get_close_matches(_thousands(expected), sorted(grams), n=1, cutoff=0.5)
     return close[0] if close else None
 
@@ -202,8 +207,9 @@ def observed_count(step: Step) -> int | None:
     return 0 if re.search(r"\bno \w+ found\b", obs.text) else None
 
 
-def divergences(index: int, call: ToolCall, note: dict[str, Any], step: Step,
-                tolerance: float | None) -> list[str]:
+def divergences(
+    index: int, call: ToolCall, note: dict[str, Any], step: Step, tolerance: float | None
+) -> list[str]:
     """Where a gold step's actual output differs from what the program put in the inputs."""
     where = f"step {index} ({call.name})"
     if step.error is not None:
@@ -225,8 +231,10 @@ def divergences(index: int, call: ToolCall, note: dict[str, Any], step: Step,
     if count is not None:
         found = observed_count(step)
         if found != count:
-            reasons.append(f"{where} found {found if found is not None else 'no'} item(s) where "
-                           f"{source} has {count}")
+            reasons.append(
+                f"{where} found {found if found is not None else 'no'} item(s) where "
+                f"{source} has {count}"
+            )
     return reasons
 
 
@@ -276,15 +284,27 @@ class _Replay(ChatModel):
 
     spec = GOLD
 
-    async def generate(self, messages: list[ChatMessage], *, n: int = 1,
-                       sampling: Sampling = Sampling(),  # noqa: B008
-                       tools: list[dict[str, Any]] | None = None) -> Generation:
+    async def generate(
+        self,
+        messages: list[ChatMessage],
+        *,
+        n: int = 1,
+        sampling: Sampling = Sampling(),  # noqa: B008
+        tools: list[dict[str, Any]] | None = None,
+    ) -> Generation:
         raise RuntimeError("the gold teacher writes its own steps; it never samples a model")
 
 
 _PRODUCED = re.compile(r"^(?P<tool>\w+)_step(?P<step>\d+)_(?P<i>\d+)\.png$")
-_VARS = {"ocr": "text", "calculator": "result", "face_detection": "faces", "image_crop": "crop",
-         "image_zoom": "zoom", "search": "hits", "inspect_file": "document"}
+_VARS = {
+    "ocr": "text",
+    "calculator": "result",
+    "face_detection": "faces",
+    "image_crop": "crop",
+    "image_zoom": "zoom",
+    "search": "hits",
+    "inspect_file": "document",
+}
 
 
 def code_for(call: ToolCall, index: int, variables: dict[int, str]) -> str:
@@ -324,21 +344,32 @@ class GoldTeacher:
 
     def __init__(self, tools: list[Tool], action_format: str = "json", seed: int = 0) -> None:
         self.tools = tools
-        self.fmt: JsonFormat | CodeFormat = get_format(action_format)
+        self.fmt: ActionFormat = get_format(action_format)
         self.seed = seed
         if action_format == "code":
             _require_code_executor()
 
-    async def run(self, task: Task, source: AssetStore, assets: AssetStore,
-                  tool_options: dict[str, Any], trajectory_id: str) -> tuple[Trajectory, Verdict]:
+    async def run(
+        self,
+        task: Task,
+        source: AssetStore,
+        assets: AssetStore,
+        tool_options: dict[str, Any],
+        trajectory_id: str,
+    ) -> tuple[Trajectory, Verdict]:
         if not task.gold_chain or task.gold is None:
             raise ValueError(f"task {task.id} has no gold chain and answer to replay")
         notes = task.metadata.get("gold_steps") or [{} for _ in task.gold_chain]
         recipe = task.metadata.get("answer_from")
         if recipe is None:
             raise ValueError(f"task {task.id} has no metadata['answer_from'] recipe")
-        agent = Agent(_Replay(), self.tools, self.fmt.name, max_steps=len(task.gold_chain) + 1,
-                      tool_options=tool_options)
+        agent = Agent(
+            _Replay(),
+            self.tools,
+            self.fmt.name,
+            max_steps=len(task.gold_chain) + 1,
+            tool_options=tool_options,
+        )
         started_at, t0 = time.time(), time.monotonic()
         thoughts = Thoughts(self.seed, task.id)
         problems: list[str] = []
@@ -424,8 +455,10 @@ def check_trajectory(trajectory: Trajectory, judge: str, require_tools: bool) ->
         if missing:
             verdict.passed = False
             verdict.score = 0.0
-            verdict.reasons = [f"never called {', '.join(missing)}, which the task needs "
-                               "(an answer without the tools is a guess)"] + verdict.reasons
+            verdict.reasons = [
+                f"never called {', '.join(missing)}, which the task needs "
+                "(an answer without the tools is a guess)"
+            ] + verdict.reasons
             verdict.details["missing_tools"] = missing
     return verdict
 
@@ -503,9 +536,16 @@ async def run_rollout(
         if k not in agents:
             assert teacher_model is not None
             agents[k] = Agent(
-                teacher_model, tools, config.action_format, config.max_steps, config.max_errors,
-                Sampling(temperature=config.temperature, max_tokens=config.max_tokens,
-                         stop=("\nObservation:",)),
+                teacher_model,
+                tools,
+                config.action_format,
+                config.max_steps,
+                config.max_errors,
+                Sampling(
+                    temperature=config.temperature,
+                    max_tokens=config.max_tokens,
+                    stop=("\nObservation:",),
+                ),
                 tool_options=options,
             )
         return agents[k]
@@ -590,8 +630,10 @@ def rollout_summary(out: Dataset[Trajectory]) -> dict[str, Any]:
         "passed": passed,
         "total": total,
         "pass_rate": passed / total if total else 0.0,
-        "by_family": {f: {"passed": p, "total": n, "pass_rate": round(p / n, 4)}
-                      for f, (p, n) in sorted(by_family.items())},
+        "by_family": {
+            f: {"passed": p, "total": n, "pass_rate": round(p / n, 4)}
+            for f, (p, n) in sorted(by_family.items())
+        },
         "failures": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
     }
 

@@ -73,13 +73,6 @@ def score(
         Path | None,
         typer.Option(help="Write one JSON line per item (an EvalRecord: item_id, scores)."),
     ] = None,
-    gold_prefixes: Annotated[
-        Path | None,
-        typer.Option(
-            help="programs --mode step: gold replays of the same tasks (a trajectory dataset, "
-            "e.g. an earlier step run's OUT/trajectories) to reuse instead of replaying."
-        ),
-    ] = None,
     judge: Annotated[
         str | None,
         typer.Option(
@@ -300,6 +293,13 @@ def run(
     max_time: Annotated[
         str | None,
         typer.Option(help="Start no new item after this long (600, 10m, 1.5h); rerun resumes."),
+    ] = None,
+    gold_prefixes: Annotated[
+        Path | None,
+        typer.Option(
+            help="programs --mode step: gold replays of the same tasks (a trajectory dataset, "
+            "e.g. an earlier step run's OUT/trajectories) to reuse instead of replaying."
+        ),
     ] = None,
     no_stop: Annotated[
         bool,
