@@ -48,16 +48,21 @@ def main() -> None:
         out = root / f"tasks-w{workers}"
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
-        result, dataset = asyncio.run(generate_tasks(
-            ProgramsConfig(out=out, n=args.n, seed=args.seed, workers=workers), progress=False
-        ))
+        result, dataset = asyncio.run(
+            generate_tasks(
+                ProgramsConfig(out=out, n=args.n, seed=args.seed, workers=workers), progress=False
+            )
+        )
         took = time.perf_counter() - t0
         print(f"| {workers} | {result.written} | {took:.1f} | {result.written / took:.1f} |")
         tasks_dir = tasks_dir or out
     assert tasks_dir is not None
 
-    formats = [f for f in args.formats
-               if f == "json" or importlib.util.find_spec("tracetune.agent.code") is not None]
+    formats = [
+        f
+        for f in args.formats
+        if f == "json" or importlib.util.find_spec("tracetune.agent.code") is not None
+    ]
     skipped = sorted(set(args.formats) - set(formats))
     print("\n| format | concurrency | trajectories | seconds | rollouts/s | gold pass rate |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -67,16 +72,22 @@ def main() -> None:
             out = root / f"gold-{fmt}-c{concurrency}"
             shutil.rmtree(out, ignore_errors=True)
             t0 = time.perf_counter()
-            result, dataset = asyncio.run(run_rollout(
-                RolloutConfig(tasks=tasks_dir, out=out, action_format=fmt,
-                              concurrency=concurrency), progress=False,
-            ))
+            result, dataset = asyncio.run(
+                run_rollout(
+                    RolloutConfig(
+                        tasks=tasks_dir, out=out, action_format=fmt, concurrency=concurrency
+                    ),
+                    progress=False,
+                )
+            )
             took = time.perf_counter() - t0
             summary = rollout_summary(dataset)
             summaries[(fmt, concurrency)] = summary
             done = result.written + result.dropped
-            print(f"| {fmt} | {concurrency} | {done} | {took:.1f} | {done / took:.2f} | "
-                  f"{summary['pass_rate']:.1%} |")
+            print(
+                f"| {fmt} | {concurrency} | {done} | {took:.1f} | {done / took:.2f} | "
+                f"{summary['pass_rate']:.1%} |"
+            )
     if skipped:
         print(f"\n(skipped {', '.join(skipped)}: tracetune.agent.code is not installed)")
 
@@ -88,8 +99,9 @@ def main() -> None:
         print(f"| {family} | {row['passed']} | {row['total']} | {row['pass_rate']:.1%} |")
     if summary["failures"]:
         print("\nFailures:\n" + "\n".join(f"- {k} ({v}x)" for k, v in summary["failures"].items()))
-    (root / "summary.json").write_text(json.dumps(
-        {f"{k[0]}-c{k[1]}": v for k, v in summaries.items()}, indent=2))
+    (root / "summary.json").write_text(
+        json.dumps({f"{k[0]}-c{k[1]}": v for k, v in summaries.items()}, indent=2)
+    )
     if args.keep is None:
         shutil.rmtree(root, ignore_errors=True)
 

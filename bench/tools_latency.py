@@ -69,8 +69,12 @@ def prepare(case: str, workdir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         with PdfPages(workdir / "memo.pdf") as pdf:
             fig = plt.figure(figsize=(8.5, 11))
             for i in range(20):
-                fig.text(0.1, 0.95 - 0.04 * i, f"Line {i}: the shipment of {i * 3} crates left "
-                         "the depot on schedule.", fontsize=10)
+                fig.text(
+                    0.1,
+                    0.95 - 0.04 * i,
+                    f"Line {i}: the shipment of {i * 3} crates left the depot on schedule.",
+                    fontsize=10,
+                )
             pdf.savefig(fig)
             plt.close(fig)
     table: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -84,10 +88,14 @@ def prepare(case: str, workdir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         "solver": ({"equations": ["2x + 3y = 7", "x - y = 1"]}, {}),
         "inspect_file_xlsx": ({"path": "parts.xlsx"}, {}),
         "inspect_file_pdf": ({"path": "memo.pdf"}, {}),
-        "search_hybrid": ({"query": "how do bees tell each other where flowers are"},
-                          {"search": {"corpus": str(CORPUS)}}),
-        "search_bm25": ({"query": "waggle dance distance"},
-                        {"search": {"corpus": str(CORPUS), "mode": "bm25"}}),
+        "search_hybrid": (
+            {"query": "how do bees tell each other where flowers are"},
+            {"search": {"corpus": str(CORPUS)}},
+        ),
+        "search_bm25": (
+            {"query": "waggle dance distance"},
+            {"search": {"corpus": str(CORPUS), "mode": "bm25"}},
+        ),
     }
     return table[case]
 
@@ -111,15 +119,22 @@ def measure(case: str, repeat: int) -> dict[str, Any]:
             start = time.perf_counter()
             call()
             warm.append(time.perf_counter() - start)
-    return {"case": case, "first_s": first, "warm_s": warm,
-            "output": result.text.splitlines()[0][:60] if result.text else ""}
+    return {
+        "case": case,
+        "first_s": first,
+        "warm_s": warm,
+        "output": result.text.splitlines()[0][:60] if result.text else "",
+    }
 
 
 def run_isolated(case: str, repeat: int) -> dict[str, Any]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
         [sys.executable, __file__, "--case", case, "--repeat", str(repeat)],
-        capture_output=True, text=True, env=env, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"case {case} failed:\n{proc.stderr[-2000:]}")
@@ -127,8 +142,9 @@ def run_isolated(case: str, repeat: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeat", type=int, default=20, help="Warm calls per tool.")
     parser.add_argument("--only", nargs="*", choices=sorted(CASES), help="Cases to run.")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one case, JSON out
@@ -137,9 +153,11 @@ def main() -> None:
         print(json.dumps(measure(args.case, args.repeat)))
         return
     cases = args.only or list(CASES)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"Python {platform.python_version()}; load average before: "
-          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}; load average before: "
+        f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
     print(f"warm calls per tool: {args.repeat}; each tool in a fresh process\n")
     print("| tool | input | first call (ms) | warm mean (ms) | warm p50 (ms) | warm p95 (ms) |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
@@ -148,9 +166,11 @@ def main() -> None:
         warm = [1000 * s for s in row["warm_s"]]
         p95 = sorted(warm)[max(0, round(0.95 * len(warm)) - 1)] if warm else float("nan")
         label = CASES[case][0] + (f" ({case.split('_')[-1]})" if case != CASES[case][0] else "")
-        print(f"| {label} | {CASES[case][1]} | {1000 * row['first_s']:.0f} | "
-              f"{statistics.fmean(warm):.1f} | {statistics.median(warm):.1f} | {p95:.1f} |",
-              flush=True)
+        print(
+            f"| {label} | {CASES[case][1]} | {1000 * row['first_s']:.0f} | "
+            f"{statistics.fmean(warm):.1f} | {statistics.median(warm):.1f} | {p95:.1f} |",
+            flush=True,
+        )
     print(f"\nload average after: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

@@ -78,28 +78,65 @@ def make_data(root: Path, n: int, seed: int) -> tuple[Path, Path]:
             Image.new("RGB", (side, side), (rng.randrange(256), 90, 160)), "photo.png"
         )
         pairs.assets.import_from(trajs.assets, photo)
-        task = Task(id=f"t{i}", query=f"What is the sum of the first {i + 2} numbers?",
-                    files=[photo], tools=["calculator"])
+        task = Task(
+            id=f"t{i}",
+            query=f"What is the sum of the first {i + 2} numbers?",
+            files=[photo],
+            tools=["calculator"],
+        )
         steps = []
         for k in range(rng.randint(1, 5)):
             a, b = rng.randint(1, 99), rng.randint(1, 99)
-            call = Action(type="tool_call", tool_call=ToolCall(
-                name="calculator", arguments={"expression": f"{a} + {b}"}))
+            call = Action(
+                type="tool_call",
+                tool_call=ToolCall(name="calculator", arguments={"expression": f"{a} + {b}"}),
+            )
             thought = f"Add {a} and {b}."
-            steps.append(Step(index=k, raw=fmt.render(thought, call), thought=thought,
-                              action=call, observation=Observation(text=str(a + b))))
+            steps.append(
+                Step(
+                    index=k,
+                    raw=fmt.render(thought, call),
+                    thought=thought,
+                    action=call,
+                    observation=Observation(text=str(a + b)),
+                )
+            )
         final = Action(type="final_answer", answer=str(i))
-        steps.append(Step(index=len(steps), raw=fmt.render("Done.", final), thought="Done.",
-                          action=final, observation=Observation(text=str(i))))
-        t_records.append(Trajectory(id=f"traj{i}", task=task, controller="bench",
-                                    tools=["calculator", "final_answer"], steps=steps,
-                                    final_answer=str(i)))
+        steps.append(
+            Step(
+                index=len(steps),
+                raw=fmt.render("Done.", final),
+                thought="Done.",
+                action=final,
+                observation=Observation(text=str(i)),
+            )
+        )
+        t_records.append(
+            Trajectory(
+                id=f"traj{i}",
+                task=task,
+                controller="bench",
+                tools=["calculator", "final_answer"],
+                steps=steps,
+                final_answer=str(i),
+            )
+        )
         cut = rng.randrange(len(steps))
-        rejected = Step(index=cut, raw=f"The answer is {rng.randint(0, 999)}.",
-                        error=StepError(kind=ErrorKind.PARSE, message="no action"))
-        p_records.append(PreferencePair(id=f"pair{i}", task=task,
-                                        tools=["calculator", "final_answer"],
-                                        prefix=steps[:cut], chosen=steps[cut], rejected=rejected))
+        rejected = Step(
+            index=cut,
+            raw=f"The answer is {rng.randint(0, 999)}.",
+            error=StepError(kind=ErrorKind.PARSE, message="no action"),
+        )
+        p_records.append(
+            PreferencePair(
+                id=f"pair{i}",
+                task=task,
+                tools=["calculator", "final_answer"],
+                prefix=steps[:cut],
+                chosen=steps[cut],
+                rejected=rejected,
+            )
+        )
     trajs.write_all(t_records)
     pairs.write_all(p_records)
     return trajs.root, pairs.root
@@ -139,9 +176,18 @@ def _step_timer() -> Any:
 
 def _common(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     return dict(
-        base=str(args.model), out=out, max_steps=args.steps, batch_size=args.batch_size,
-        grad_accum=1, lr=1e-4, warmup=0, logging_steps=1000, save_steps=100_000,
-        gradient_checkpointing=False, max_length=args.max_length, seed=args.seed,
+        base=str(args.model),
+        out=out,
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        grad_accum=1,
+        lr=1e-4,
+        warmup=0,
+        logging_steps=1000,
+        save_steps=100_000,
+        gradient_checkpointing=False,
+        max_length=args.max_length,
+        seed=args.seed,
         lora={"r": 16, "alpha": 32, "dropout": 0.0},
     )
 
@@ -177,7 +223,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    steady = timer.times[args.warmup:] or timer.times
+    steady = timer.times[args.warmup :] or timer.times
     return {
         "variant": args.variant,
         "step_s": statistics.mean(steady),
@@ -203,9 +249,14 @@ def _plain_trl(cfg: Any, sft: bool, timer: Any) -> Any:
     keys = ("messages", "images") if sft else ("prompt", "chosen", "rejected", "images")
     rows = [{k: r[k] for k in keys} for r in _rows(cfg, sft)]
     trainer_cls = SFTTrainer if sft else DPOTrainer
-    return trainer_cls(model=model, args=args, train_dataset=HFDataset.from_list(rows),
-                       processing_class=processor, peft_config=lora_config(cfg, model),
-                       callbacks=[timer])
+    return trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=HFDataset.from_list(rows),
+        processing_class=processor,
+        peft_config=lora_config(cfg, model),
+        callbacks=[timer],
+    )
 
 
 def _rows(cfg: Any, sft: bool) -> list[dict[str, Any]]:
@@ -259,34 +310,62 @@ def main() -> None:
                 results[variant] = result
 
     memory = "CUDA peak allocated" if _cuda() else "peak RSS"
-    print(f"\n{args.arch} tiny model, {args.records} records, batch {args.batch_size}, "
-          f"{args.steps} steps (mean after {args.warmup}, best of {args.repeats}), LoRA r=16; "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-          f"memory = {memory}; load average {os.getloadavg()[0]:.1f}\n")
-    print("| stage | ours s/step | TRL s/step | time ratio | ours MB | TRL MB | memory ratio "
-          "| ours padding | TRL padding |")
+    print(
+        f"\n{args.arch} tiny model, {args.records} records, batch {args.batch_size}, "
+        f"{args.steps} steps (mean after {args.warmup}, best of {args.repeats}), LoRA r=16; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+        f"memory = {memory}; load average {os.getloadavg()[0]:.1f}\n"
+    )
+    print(
+        "| stage | ours s/step | TRL s/step | time ratio | ours MB | TRL MB | memory ratio "
+        "| ours padding | TRL padding |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for stage in ("sft", "dpo"):
         o, t = results[f"ours-{stage}"], results[f"trl-{stage}"]
-        print(f"| {stage.upper()} | {o['step_s']:.3f} | {t['step_s']:.3f} | "
-              f"{o['step_s'] / t['step_s']:.2f} | {o['peak_mb']:.0f} | {t['peak_mb']:.0f} | "
-              f"{o['peak_mb'] / t['peak_mb']:.2f} | {o['padding']:.1%} | {t['padding']:.1%} |")
+        print(
+            f"| {stage.upper()} | {o['step_s']:.3f} | {t['step_s']:.3f} | "
+            f"{o['step_s'] / t['step_s']:.2f} | {o['peak_mb']:.0f} | {t['peak_mb']:.0f} | "
+            f"{o['peak_mb'] / t['peak_mb']:.2f} | {o['padding']:.1%} | {t['padding']:.1%} |"
+        )
 
 
-def _run_child(args: argparse.Namespace, variant: str, model: Path, trajectories: Path,
-               pairs: Path) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--variant", variant, "--model", str(model),
-           "--trajectories", str(trajectories), "--pairs", str(pairs),
-           "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-           "--seed", str(args.seed), "--epochs", str(args.epochs),
-           "--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True,
-                          env={**os.environ, "TQDM_DISABLE": "1"})
+def _run_child(
+    args: argparse.Namespace, variant: str, model: Path, trajectories: Path, pairs: Path
+) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--variant",
+        variant,
+        "--model",
+        str(model),
+        "--trajectories",
+        str(trajectories),
+        "--pairs",
+        str(pairs),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--batch-size",
+        str(args.batch_size),
+        "--max-length",
+        str(args.max_length),
+        "--seed",
+        str(args.seed),
+        "--epochs",
+        str(args.epochs),
+        "--threads",
+        str(args.threads),
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"}
+    )
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode or line is None:
         sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
-    return dict(json.loads(line[len("RESULT "):]))
+    return dict(json.loads(line[len("RESULT ") :]))
 
 
 # -- from-scratch full SFT: samples per second -------------------------------------------
@@ -331,19 +410,26 @@ def scratch_main(args: argparse.Namespace) -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-scratch-"))
     trajectories, _ = make_data(root / "data", args.records, args.seed)
     corpus = corpus_from_datasets([trajectories])
-    print(f"\nfull SFT from scratch, {args.records} trajectories x {args.epochs} epochs, batch "
-          f"{args.batch_size}, {args.threads} thread(s); {os.cpu_count()} CPUs\n")
-    print("| size | parameters | tokens/sample (median) | cache | samples/s | tokens/s "
-          "| rows encoded | load |")
+    print(
+        f"\nfull SFT from scratch, {args.records} trajectories x {args.epochs} epochs, batch "
+        f"{args.batch_size}, {args.threads} thread(s); {os.cpu_count()} CPUs\n"
+    )
+    print(
+        "| size | parameters | tokens/sample (median) | cache | samples/s | tokens/s "
+        "| rows encoded | load |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for size in [x.strip() for x in args.scratch.split(",") if x.strip()]:
         model = init_model(args.arch, root / f"model-{size}", size, corpus=corpus)
         params = json.loads((model / "tracetune_tiny.json").read_text())["parameters"]
         for cache in ("nocache", "cache"):
             r = _run_child(args, f"scratch-{size}-{cache}", model, trajectories, trajectories)
-            print(f"| {size} | {params:,} | {r['median_tokens']} | {cache == 'cache'} | "
-                  f"{r['samples_per_s']:.2f} | {r['tokens_per_s']:.0f} | {r['encoded']} | "
-                  f"{r['load']:.1f} |", flush=True)
+            print(
+                f"| {size} | {params:,} | {r['median_tokens']} | {cache == 'cache'} | "
+                f"{r['samples_per_s']:.2f} | {r['tokens_per_s']:.0f} | {r['encoded']} | "
+                f"{r['load']:.1f} |",
+                flush=True,
+            )
 
 
 def _cuda() -> bool:

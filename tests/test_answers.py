@@ -9,10 +9,15 @@ from tracetune.judge.answers import judge_answer
 from tracetune.schema import GoldAnswer, Task, Trajectory
 
 
-def num(value: str, tolerance: float | None = None, unit: str | None = None,
-        aliases: list[str] | None = None) -> GoldAnswer:
-    return GoldAnswer(value=value, kind="number", tolerance=tolerance, unit=unit,
-                      aliases=aliases or [])
+def num(
+    value: str,
+    tolerance: float | None = None,
+    unit: str | None = None,
+    aliases: list[str] | None = None,
+) -> GoldAnswer:
+    return GoldAnswer(
+        value=value, kind="number", tolerance=tolerance, unit=unit, aliases=aliases or []
+    )
 
 
 @pytest.mark.parametrize(
@@ -23,7 +28,7 @@ def num(value: str, tolerance: float | None = None, unit: str | None = None,
         ("so the result is \\boxed{7}", "7"),
         ("Answer: **Lisbon**.", "Lisbon"),
         ("After reading the sign, the answer is 12 km.", "12 km"),
-        ("  \"Porto\"  ", "Porto"),
+        ('  "Porto"  ', "Porto"),
         ("no marker here, 3 apples and 4 pears", "no marker here, 3 apples and 4 pears"),
     ],
 )
@@ -141,8 +146,7 @@ def test_number_tolerance_in_lists() -> None:
 
 def test_helpers() -> None:
     found = numbers_in("Paid $1,204.50 for KT-4821 in Q3; change -3.5 kg")
-    assert [(n.value, n.unit) for n in found] == [(1204.5, "usd"), (4821.0, None),
-                                                   (-3.5, "kg")]
+    assert [(n.value, n.unit) for n in found] == [(1204.5, "usd"), (4821.0, None), (-3.5, "kg")]
     assert split_list("1,500, 2 and 3") == ["1500", "2", "3"]
 
 
@@ -153,8 +157,9 @@ def test_a_numeric_gold_without_a_number_is_a_bug_in_the_task() -> None:
 
 def trajectory(final: str | None, status: str = "completed") -> Trajectory:
     task = Task(id="t1", query="q", gold=num("15.5", 0.01))
-    return Trajectory(id="traj-1", task=task, controller="scripted", final_answer=final,
-                      status=status)  # type: ignore[arg-type]
+    return Trajectory(
+        id="traj-1", task=task, controller="scripted", final_answer=final, status=status
+    )  # type: ignore[arg-type]
 
 
 def test_verdict_per_trajectory() -> None:

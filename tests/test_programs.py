@@ -47,8 +47,7 @@ from tracetune.testing import ScriptedChatModel
 from tracetune.tools import Tool, ToolContext, ToolResult, get_tool, register_tool, to_result
 
 runner = CliRunner()
-BUILTIN = ["chart", "compare", "document", "faces", "form", "receipt", "retrieval", "sign",
-           "table"]
+BUILTIN = ["chart", "compare", "document", "faces", "form", "receipt", "retrieval", "sign", "table"]
 N = 2 * len(BUILTIN)  # two tasks per family (run 200 by hand: bench/programs_throughput.py)
 
 rollout_app = typer.Typer()
@@ -61,9 +60,22 @@ def said(result: Any) -> str:
 
 
 def generate(out: Path, n: int = N, seed: int = 7, *extra: str) -> Dataset[Task]:
-    result = runner.invoke(tasks_app, ["programs", "--out", str(out), "--n", str(n),
-                                       "--seed", str(seed), "--families", ",".join(BUILTIN),
-                                       "--quiet", *extra])
+    result = runner.invoke(
+        tasks_app,
+        [
+            "programs",
+            "--out",
+            str(out),
+            "--n",
+            str(n),
+            "--seed",
+            str(seed),
+            "--families",
+            ",".join(BUILTIN),
+            "--quiet",
+            *extra,
+        ],
+    )
     assert result.exit_code == 0, result.output
     return Dataset.open(out, Task)
 
@@ -104,8 +116,7 @@ def test_tasks_cover_every_family_with_readable_files(tasks_dir: Path) -> None:
         assert len(task.gold_chain) >= 1
         assert {c.name for c in task.gold_chain} <= set(task.tools)
         assert len(task.metadata["gold_steps"]) == len(task.gold_chain)
-        assert task.metadata["answer_from"]["op"] in ("number", "text", "count", "argmax",
-                                                       "argmin")
+        assert task.metadata["answer_from"]["op"] in ("number", "text", "count", "argmax", "argmin")
         assert task.files
         for ref in task.files:
             data = dataset.assets.read_bytes(ref)
@@ -142,8 +153,21 @@ def test_same_seed_gives_byte_identical_datasets_and_other_seeds_differ(
 def test_generation_resumes_and_extends(tasks_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "tasks"
     generate(out, 5)
-    result = runner.invoke(tasks_app, ["programs", "--out", str(out), "--n", "7", "--seed",
-                                       "7", "--families", ",".join(BUILTIN), "--quiet"])
+    result = runner.invoke(
+        tasks_app,
+        [
+            "programs",
+            "--out",
+            str(out),
+            "--n",
+            "7",
+            "--seed",
+            "7",
+            "--families",
+            ",".join(BUILTIN),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0 and "2 written, 5 already done" in said(result)
     # The first seven tasks of a seed do not depend on how many were asked for.
     assert Dataset.open(out, Task).ids() <= Dataset.open(tasks_dir, Task).ids()
@@ -168,8 +192,10 @@ def test_stats(tasks_dir: Path) -> None:
 
 
 def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:
-    result = runner.invoke(tasks_app, ["programs", "--out", str(tmp_path / "x"), "--n", "2",
-                                       "--families", "receipt,unicorns"])
+    result = runner.invoke(
+        tasks_app,
+        ["programs", "--out", str(tmp_path / "x"), "--n", "2", "--families", "receipt,unicorns"],
+    )
     assert result.exit_code == 2 and "unknown task program(s) unicorns" in said(result)
     result = runner.invoke(tasks_app, ["stats", str(tmp_path)])
     assert result.exit_code == 2 and "not a tracetune dataset" in said(result)
@@ -210,23 +236,29 @@ def test_users_register_their_own_programs(tmp_path: Path, registry: None) -> No
         return TaskDraft(
             query="Multiply the two numbers on the note.",
             files=[ProgramFile("note.png", png_bytes(img))],
-            steps=[GoldStep("ocr", {"image": "note.png"}, "read the note",
-                            expect=[str(a), str(b)]),
-                   GoldStep("calculator", {"expression": f"{a} * {b}"}, "multiply",
-                            expect_number=a * b)],
+            steps=[
+                GoldStep("ocr", {"image": "note.png"}, "read the note", expect=[str(a), str(b)]),
+                GoldStep(
+                    "calculator", {"expression": f"{a} * {b}"}, "multiply", expect_number=a * b
+                ),
+            ],
             answer=GoldAnswer(value=str(a * b), kind="number"),
             answer_from=number_of(1),
         )
 
-    result, dataset = asyncio.run(generate_tasks(
-        ProgramsConfig(out=tmp_path / "notes", n=3, families=["sticky_note"]), progress=False,
-    ))
+    result, dataset = asyncio.run(
+        generate_tasks(
+            ProgramsConfig(out=tmp_path / "notes", n=3, families=["sticky_note"]),
+            progress=False,
+        )
+    )
     assert result.written == 3
     task = dataset.records()[0]
     assert task.metadata["family"] == "sticky_note" and task.id.startswith("prog-sticky_note-")
     assert [c.name for c in task.gold_chain] == ["ocr", "calculator"]
     assert task.metadata["gold_steps"][0]["expect"] == task.gold_chain[1].arguments[
-        "expression"].split(" * ")
+        "expression"
+    ].split(" * ")
 
     @program("broken", tools=["ocr"])
     def broken(rng: random.Random) -> TaskDraft:
@@ -243,10 +275,12 @@ def test_users_register_their_own_programs(tmp_path: Path, registry: None) -> No
 @pytest.fixture(scope="module")
 def gold_out(tasks_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("gold") / "gold"
-    result = runner.invoke(rollout_app, ["--tasks", str(tasks_dir), "--out", str(out),
-                                         "--teacher", "gold", "--json", "--quiet"])
+    result = runner.invoke(
+        rollout_app,
+        ["--tasks", str(tasks_dir), "--out", str(out), "--teacher", "gold", "--json", "--quiet"],
+    )
     assert result.exit_code == 0, result.output
-    return out, json.loads(result.output[result.output.index("{"):])
+    return out, json.loads(result.output[result.output.index("{") :])
 
 
 @pytest.mark.slow
@@ -283,8 +317,7 @@ def test_gold_rollouts_reach_the_gold_answer(gold_out: tuple[Path, dict]) -> Non
 @pytest.mark.slow
 def test_gold_rollout_resumes(gold_out: tuple[Path, dict], tasks_dir: Path) -> None:
     out, summary = gold_out
-    again = runner.invoke(rollout_app, ["--tasks", str(tasks_dir), "--out", str(out),
-                                        "--quiet"])
+    again = runner.invoke(rollout_app, ["--tasks", str(tasks_dir), "--out", str(out), "--quiet"])
     assert again.exit_code == 0, again.output
     assert f"0 written, {N} already done" in said(again)
     assert rollout_summary(Dataset.open(out, Trajectory))["total"] == N
@@ -300,10 +333,12 @@ def test_thoughts_vary_between_tasks_and_repeat_for_a_seed() -> None:
 
 def test_code_rendering_of_gold_calls() -> None:
     variables: dict[int, str] = {}
-    crop = code_for(ToolCall(name="image_crop", arguments={"image": "c.jpg", "box": [1, 2, 3, 4]}),
-                    1, variables)
-    read = code_for(ToolCall(name="ocr", arguments={"image": "image_crop_step1_0.png"}), 2,
-                    variables)
+    crop = code_for(
+        ToolCall(name="image_crop", arguments={"image": "c.jpg", "box": [1, 2, 3, 4]}), 1, variables
+    )
+    read = code_for(
+        ToolCall(name="ocr", arguments={"image": "image_crop_step1_0.png"}), 2, variables
+    )
     assert crop == 'crop_1 = image_crop(image="c.jpg", box=[1, 2, 3, 4])\nprint(crop_1)'
     assert read == "text_2 = ocr(image=crop_1)\nprint(text_2)"
 
@@ -376,15 +411,17 @@ def broken_ocr() -> Iterator[None]:
 
 
 @pytest.mark.slow
-def test_failed_gold_rollouts_are_not_kept(tasks_dir: Path, tmp_path: Path,
-                                            broken_ocr: None) -> None:
+def test_failed_gold_rollouts_are_not_kept(
+    tasks_dir: Path, tmp_path: Path, broken_ocr: None
+) -> None:
     small = tmp_path / "receipts"
     dataset = Dataset.open(tasks_dir, Task)
     Dataset.create(small, Task).write_all(
         [t for t in dataset if t.metadata["family"] == "receipt"], sources=[dataset.assets]
     )
-    result, out = asyncio.run(run_rollout(
-        RolloutConfig(tasks=small, out=tmp_path / "gold"), progress=False))
+    result, out = asyncio.run(
+        run_rollout(RolloutConfig(tasks=small, out=tmp_path / "gold"), progress=False)
+    )
     assert result.written == 0 and result.dropped == 2
     assert result.drop_reasons == {"tool output diverged (ocr)": 2}
     assert len(out) == 0
@@ -426,8 +463,9 @@ def _wrong(task: Task) -> str:
 
 
 @pytest.mark.parametrize("lazy", ["guess", "gold_without_tools", "wrong_number"])
-def test_lazy_teachers_are_rejected_on_every_task(tasks_dir: Path, tmp_path: Path,
-                                                    lazy: str) -> None:
+def test_lazy_teachers_are_rejected_on_every_task(
+    tasks_dir: Path, tmp_path: Path, lazy: str
+) -> None:
     dataset = Dataset.open(tasks_dir, Task)
     tasks = dataset.records()
     if lazy == "wrong_number":  # uses the tools properly, then reports a wrong number
@@ -437,18 +475,30 @@ def test_lazy_teachers_are_rejected_on_every_task(tasks_dir: Path, tmp_path: Pat
         Dataset.create(small, Task).write_all(tasks, sources=[dataset.assets])
         source = small
     else:
+
         def responder(messages: list[dict[str, Any]]) -> str:
             task = _task_of(messages, tasks)
             answer = "42" if lazy == "guess" else task.gold.value  # type: ignore[union-attr]
-            return ("Thought: I can tell from a glance.\nAction: "
-                    + json.dumps({"name": "final_answer", "arguments": {"answer": answer}}))
+            return "Thought: I can tell from a glance.\nAction: " + json.dumps(
+                {"name": "final_answer", "arguments": {"answer": answer}}
+            )
+
         source = tasks_dir
     model = ScriptedChatModel(responder, spec=f"scripted:{lazy}")
     # A guess and a wrong number must fail the answer check itself, without the tool rule.
-    result, out = asyncio.run(run_rollout(
-        RolloutConfig(tasks=source, out=tmp_path / "out", teacher="scripted", concurrency=1,
-                      require_tools=lazy == "gold_without_tools"),
-        model=model, progress=False))
+    result, out = asyncio.run(
+        run_rollout(
+            RolloutConfig(
+                tasks=source,
+                out=tmp_path / "out",
+                teacher="scripted",
+                concurrency=1,
+                require_tools=lazy == "gold_without_tools",
+            ),
+            model=model,
+            progress=False,
+        )
+    )
     assert len(out) == 0 and result.written == 0
     verdicts = Dataset.open(out.root / "verdicts", Verdict).records()
     assert len(verdicts) == len(tasks) and not any(v.passed for v in verdicts)
@@ -473,9 +523,13 @@ def test_a_faithful_model_teacher_is_kept(tasks_dir: Path, tmp_path: Path) -> No
         return observation.removeprefix("Observation:").strip()
 
     model = ScriptedChatModel(_replayer(tasks, from_calculator), spec="scripted:faithful")
-    result, out = asyncio.run(run_rollout(
-        RolloutConfig(tasks=small, out=tmp_path / "out", teacher="scripted", concurrency=1),
-        model=model, progress=False))
+    result, out = asyncio.run(
+        run_rollout(
+            RolloutConfig(tasks=small, out=tmp_path / "out", teacher="scripted", concurrency=1),
+            model=model,
+            progress=False,
+        )
+    )
     assert result.written == len(tasks) == len(out)
     for trajectory in out:
         assert trajectory.controller == "scripted:faithful"
@@ -484,11 +538,14 @@ def test_a_faithful_model_teacher_is_kept(tasks_dir: Path, tmp_path: Path) -> No
 
 def test_rollout_rejects_tasks_it_cannot_check(tmp_path: Path) -> None:
     Dataset.create(tmp_path / "plain", Task).write_all([Task(id="t", query="hi")])
-    result = runner.invoke(rollout_app, ["--tasks", str(tmp_path / "plain"), "--out",
-                                         str(tmp_path / "o"), "--quiet"])
+    result = runner.invoke(
+        rollout_app, ["--tasks", str(tmp_path / "plain"), "--out", str(tmp_path / "o"), "--quiet"]
+    )
     assert result.exit_code == 2 and "no tasks with a gold answer" in said(result)
     no_chain = Task(id="t2", query="hi", gold=GoldAnswer(value="1"))
     Dataset.create(tmp_path / "nochain", Task).write_all([no_chain])
-    result = runner.invoke(rollout_app, ["--tasks", str(tmp_path / "nochain"), "--out",
-                                         str(tmp_path / "o2"), "--quiet"])
+    result = runner.invoke(
+        rollout_app,
+        ["--tasks", str(tmp_path / "nochain"), "--out", str(tmp_path / "o2"), "--quiet"],
+    )
     assert result.exit_code == 2 and "no gold tool chain" in said(result)

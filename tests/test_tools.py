@@ -65,10 +65,25 @@ def run(name: str, ctx: ToolContext, **arguments: Any) -> Any:
 # -- registry -------------------------------------------------------------------------------
 def test_every_tool_is_registered_with_a_documented_schema() -> None:
     tools = registered_tools()
-    expected = {"ocr", "face_detection", "image_crop", "image_zoom", "draw_box", "add_text",
-                "calculator", "solver", "inspect_file", "search", "visual_qa", "caption",
-                "object_localization", "segmentation", "image_generation", "image_edit",
-                "final_answer"}
+    expected = {
+        "ocr",
+        "face_detection",
+        "image_crop",
+        "image_zoom",
+        "draw_box",
+        "add_text",
+        "calculator",
+        "solver",
+        "inspect_file",
+        "search",
+        "visual_qa",
+        "caption",
+        "object_localization",
+        "segmentation",
+        "image_generation",
+        "image_edit",
+        "final_answer",
+    }
     assert expected <= set(tools)
     for name in expected:
         schema = tools[name].openai_schema()["function"]
@@ -89,8 +104,11 @@ def test_ocr_reads_a_rendered_string_exactly(ctx: ToolContext) -> None:
     result = run("ocr", ctx, image=put(ctx, "doc.png", img))
     assert result.text == "Invoice 4521 total due 37.85 EUR\nPaid by card ref K7Q2"
     lines = result.data["lines"]
-    assert [line["text"] for line in lines] == ["Invoice 4521 total due 37.85 EUR",
-                                                "Paid by card", "ref K7Q2"]
+    assert [line["text"] for line in lines] == [
+        "Invoice 4521 total due 37.85 EUR",
+        "Paid by card",
+        "ref K7Q2",
+    ]
     x1, y1, x2, y2 = lines[0]["box"]
     assert 10 <= x1 <= 30 and 10 <= y1 <= 30 and 560 <= x2 <= 640 and y2 <= 70
     assert all(line["score"] > 0.9 for line in lines)
@@ -112,11 +130,16 @@ def test_ocr_on_a_blank_image_says_so(ctx: ToolContext) -> None:
 
 
 def test_reading_order_groups_rows_then_columns() -> None:
-    lines = [{"text": t, "box": b} for t, b in [
-        ("3.49", [400, 102, 450, 128]), ("TOTAL", [10, 200, 90, 230]),
-        ("Oat milk", [10, 100, 120, 130]), ("Header", [10, 10, 200, 40]),
-        ("9.99", [400, 198, 450, 228]),
-    ]]
+    lines = [
+        {"text": t, "box": b}
+        for t, b in [
+            ("3.49", [400, 102, 450, 128]),
+            ("TOTAL", [10, 200, 90, 230]),
+            ("Oat milk", [10, 100, 120, 130]),
+            ("Header", [10, 10, 200, 40]),
+            ("9.99", [400, 198, 450, 228]),
+        ]
+    ]
     rows = [[item["text"] for item in row] for row in reading_order(lines)]
     assert rows == [["Header"], ["Oat milk", "3.49"], ["TOTAL", "9.99"]]
 
@@ -140,8 +163,9 @@ def test_face_detection_counts_two_faces_and_none_in_blank_or_text(ctx: ToolCont
     assert result.data["count"] == 2
     left, right = (f["box"] for f in result.data["faces"])
     assert left[2] < 512 <= right[0]
-    blank = run("face_detection", ctx, image=put(ctx, "blank.png", Image.new("RGB", (400, 300),
-                                                                              "gray")))
+    blank = run(
+        "face_detection", ctx, image=put(ctx, "blank.png", Image.new("RGB", (400, 300), "gray"))
+    )
     assert blank.data["count"] == 0 and blank.text == "no faces found"
     receipt = run("face_detection", ctx, image=copy_in(ctx, RECEIPT_IMAGE))
     assert receipt.data["count"] == 0
@@ -155,8 +179,7 @@ def test_face_detection_counts_two_faces_and_none_in_blank_or_text(ctx: ToolCont
 def test_image_zoom_enlarges_the_region(ctx: ToolContext) -> None:
     img = Image.new("RGB", (200, 100), "white")
     ImageDraw.Draw(img).rectangle((50, 20, 89, 49), fill=(255, 0, 0))
-    result = run("image_zoom", ctx, image=put(ctx, "a.png", img), box=[50, 20, 90, 50],
-                 factor=3)
+    result = run("image_zoom", ctx, image=put(ctx, "a.png", img), box=[50, 20, 90, 50], factor=3)
     (zoomed,) = result.images
     assert zoomed.size == (120, 90)
     pixels = np.asarray(zoomed.convert("RGB")).reshape(-1, 3)
@@ -171,8 +194,14 @@ def test_image_zoom_enlarges_the_region(ctx: ToolContext) -> None:
 
 def test_draw_box_outlines_the_box_and_keeps_the_rest(ctx: ToolContext) -> None:
     img = Image.new("RGB", (300, 200), "white")
-    result = run("draw_box", ctx, image=put(ctx, "a.png", img), box=[100, 80, 200, 150],
-                 label="cup", color="#00ff00")
+    result = run(
+        "draw_box",
+        ctx,
+        image=put(ctx, "a.png", img),
+        box=[100, 80, 200, 150],
+        label="cup",
+        color="#00ff00",
+    )
     (out,) = result.images
     assert out.size == img.size
     arr = np.asarray(out)
@@ -208,8 +237,12 @@ def test_solver_solves_systems_and_refuses_code() -> None:
     irrational = run("solver", ctx, equations=["x**2 = 2", "x > 0"][:1])
     assert sorted(round(s["x"], 6) for s in irrational.data["solutions"]) == [-1.414214, 1.414214]
     assert run("solver", ctx, equations=["x + 1 = x + 2"]).text == "no solution"
-    for attack in ["__import__('os').system('echo hi') = 0", "x.__class__ = 1",
-                   "(lambda: 1)() = x", "x = Symbol.func"]:
+    for attack in [
+        "__import__('os').system('echo hi') = 0",
+        "x.__class__ = 1",
+        "(lambda: 1)() = x",
+        "x = Symbol.func",
+    ]:
         with pytest.raises(ToolError):
             run("solver", ctx, equations=[attack])
 
@@ -220,19 +253,32 @@ def make_docx(path: Path, paragraphs: list[str]) -> None:
     body = "".join(f"<w:p><w:r><w:t>{p}</w:t></w:r></w:p>" for p in paragraphs)
     ns = "http://schemas.openxmlformats.org"
     with zipfile.ZipFile(path, "w") as z:
-        z.writestr("[Content_Types].xml", (
-            f'<?xml version="1.0" encoding="UTF-8"?><Types xmlns="{ns}/package/2006/content-types">'
-            '<Default Extension="rels" ContentType="application/vnd.openxmlformats-package.'
-            'relationships+xml"/><Default Extension="xml" ContentType="application/xml"/>'
-            '<Override PartName="/word/document.xml" ContentType="application/vnd.'
-            'openxmlformats-officedocument.wordprocessingml.document.main+xml"/></Types>'))
-        z.writestr("_rels/.rels", (
-            f'<?xml version="1.0" encoding="UTF-8"?><Relationships xmlns="{ns}/package/2006/'
-            f'relationships"><Relationship Id="rId1" Type="{ns}/officeDocument/2006/'
-            'relationships/officeDocument" Target="word/document.xml"/></Relationships>'))
-        z.writestr("word/document.xml", (
-            f'<?xml version="1.0" encoding="UTF-8"?><w:document xmlns:w="{ns}/wordprocessingml/'
-            f'2006/main"><w:body>{body}</w:body></w:document>'))
+        z.writestr(
+            "[Content_Types].xml",
+            (
+                '<?xml version="1.0" encoding="UTF-8"?>'
+                f'<Types xmlns="{ns}/package/2006/content-types">'
+                '<Default Extension="rels" ContentType="application/vnd.openxmlformats-package.'
+                'relationships+xml"/><Default Extension="xml" ContentType="application/xml"/>'
+                '<Override PartName="/word/document.xml" ContentType="application/vnd.'
+                'openxmlformats-officedocument.wordprocessingml.document.main+xml"/></Types>'
+            ),
+        )
+        z.writestr(
+            "_rels/.rels",
+            (
+                f'<?xml version="1.0" encoding="UTF-8"?><Relationships xmlns="{ns}/package/2006/'
+                f'relationships"><Relationship Id="rId1" Type="{ns}/officeDocument/2006/'
+                'relationships/officeDocument" Target="word/document.xml"/></Relationships>'
+            ),
+        )
+        z.writestr(
+            "word/document.xml",
+            (
+                f'<?xml version="1.0" encoding="UTF-8"?><w:document xmlns:w="{ns}/wordprocessingml/'
+                f'2006/main"><w:body>{body}</w:body></w:document>'
+            ),
+        )
 
 
 def make_pdf(path: Path, lines: list[str]) -> None:
@@ -263,8 +309,10 @@ def test_inspect_file_reads_xlsx_pdf_docx_and_csv(ctx: ToolContext) -> None:
     xlsx = run("inspect_file", ctx, path="budget.xlsx")
     assert "## Budget" in xlsx.text and "| lumber | 412.5 |" in xlsx.text
 
-    make_pdf(ctx.workdir / "memo.pdf", ["The launch window opens on 14 March 2031.",
-                                        "Fuel load: 212 tonnes."])
+    make_pdf(
+        ctx.workdir / "memo.pdf",
+        ["The launch window opens on 14 March 2031.", "Fuel load: 212 tonnes."],
+    )
     pdf = run("inspect_file", ctx, path="memo.pdf")
     assert "The launch window opens on 14 March 2031." in pdf.text
     assert "Fuel load: 212 tonnes." in pdf.text
@@ -309,8 +357,9 @@ def test_truncate_marks_the_cut() -> None:
 def test_search_ranks_the_relevant_passage_first(ctx: ToolContext, tmp_path: Path) -> None:
     ctx.options["search"] = {"corpus": str(CORPUS)}
     # Paraphrase with almost no word overlap: the dense half of the fusion finds it.
-    bees = run("search", ctx, query="how do insects tell their hive mates where the nectar is",
-               top_k=3)
+    bees = run(
+        "search", ctx, query="how do insects tell their hive mates where the nectar is", top_k=3
+    )
     assert bees.data["results"][0]["doc_id"] == "honeybees"
     assert bees.data["results"][0]["dense_rank"] == 1
     assert bees.text.startswith("[1] How honeybees share where food is (tracetune sample corpus")
@@ -322,12 +371,17 @@ def test_search_ranks_the_relevant_passage_first(ctx: ToolContext, tmp_path: Pat
 
     folder = tmp_path / "kb"
     folder.mkdir()
-    (folder / "ships.md").write_text("# Container ships\n\nThe largest container ships carry "
-                                     "over 24,000 twenty-foot containers.")
-    (folder / "tea.txt").write_text("Green tea is steamed or pan-fired soon after picking to "
-                                    "stop oxidation, which keeps the leaves green.")
-    make_pdf(folder / "volcano.pdf", ["Mauna Loa on Hawaii is the largest active volcano",
-                                      "on Earth by volume."])
+    (folder / "ships.md").write_text(
+        "# Container ships\n\nThe largest container ships carry over 24,000 twenty-foot containers."
+    )
+    (folder / "tea.txt").write_text(
+        "Green tea is steamed or pan-fired soon after picking to "
+        "stop oxidation, which keeps the leaves green."
+    )
+    make_pdf(
+        folder / "volcano.pdf",
+        ["Mauna Loa on Hawaii is the largest active volcano", "on Earth by volume."],
+    )
     ctx.options["search"] = {"corpus": str(folder), "cache_dir": str(tmp_path / "cache")}
     volcano = run("search", ctx, query="biggest active volcano", top_k=1)
     assert volcano.data["results"][0]["doc_id"] == "volcano.pdf"
@@ -338,8 +392,9 @@ def test_search_ranks_the_relevant_passage_first(ctx: ToolContext, tmp_path: Pat
     assert ships.data["results"][0]["title"] == "Container ships"
 
 
-def test_search_errors_say_what_to_configure(ctx: ToolContext, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_search_errors_say_what_to_configure(
+    ctx: ToolContext, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with pytest.raises(ToolError, match="no corpus configured"):
         run("search", ctx, query="anything")
     bad = tmp_path / "bad.jsonl"
@@ -369,16 +424,33 @@ def test_web_backends_parse_responses(monkeypatch: pytest.MonkeyPatch) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request)
         if request.url.host == "api.search.brave.com":
-            return httpx.Response(200, json={"web": {"results": [
-                {"title": "Mauna Loa", "url": "https://example.org/ml",
-                 "description": "volcano"}]}})
+            return httpx.Response(
+                200,
+                json={
+                    "web": {
+                        "results": [
+                            {
+                                "title": "Mauna Loa",
+                                "url": "https://example.org/ml",
+                                "description": "volcano",
+                            }
+                        ]
+                    }
+                },
+            )
         return httpx.Response(401, text="bad key")
 
     monkeypatch.setenv("BRAVE_API_KEY", "k-brave")
     transport = httpx.MockTransport(handler)
     hits = web_search("brave", "largest volcano", 3, {}, transport=transport)
-    assert hits == [{"title": "Mauna Loa", "url": "https://example.org/ml",
-                     "source": "https://example.org/ml", "text": "volcano"}]
+    assert hits == [
+        {
+            "title": "Mauna Loa",
+            "url": "https://example.org/ml",
+            "source": "https://example.org/ml",
+            "text": "volcano",
+        }
+    ]
     assert seen[0].headers["X-Subscription-Token"] == "k-brave"
     assert seen[0].url.params["q"] == "largest volcano"
     monkeypatch.setenv("SERPER_API_KEY", "k-serper")
@@ -456,8 +528,9 @@ def test_setup_runs_once_off_the_event_loop(tmp_path: Path) -> None:
                 await asyncio.sleep(0.01)
                 ticks += 1
 
-        results = await asyncio.gather(*(slow.acall(ToolContext(tmp_path), {}) for _ in range(4)),
-                                       ticker())
+        results = await asyncio.gather(
+            *(slow.acall(ToolContext(tmp_path), {}) for _ in range(4)), ticker()
+        )
         assert loop_thread not in slow.setups
         return list(results[:4]), ticks
 
@@ -482,11 +555,17 @@ def clip_tokenizer(max_length: int = 16) -> Any:
 
 
 def clip_text_config(tok: Any, hidden: int) -> dict[str, Any]:
-    return dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
-                bos_token_id=tok.convert_tokens_to_ids("<|startoftext|>"),
-                eos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
-                pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"))
+    return dict(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=tok.convert_tokens_to_ids("<|startoftext|>"),
+        eos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+        pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -524,67 +603,143 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     paths: dict[str, str] = {}
 
     tok = clip_tokenizer()
-    owl = Owlv2ForObjectDetection(Owlv2Config(
-        text_config=clip_text_config(tok, 32),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2, image_size=32, patch_size=8),
-        projection_dim=32))
+    owl = Owlv2ForObjectDetection(
+        Owlv2Config(
+            text_config=clip_text_config(tok, 32),
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=32,
+                patch_size=8,
+            ),
+            projection_dim=32,
+        )
+    )
     paths["owlv2"] = str(root / "owlv2")
     owl.save_pretrained(paths["owlv2"])
-    Owlv2Processor(image_processor=Owlv2ImageProcessorPil(size={"height": 32, "width": 32}),
-                   tokenizer=tok).save_pretrained(paths["owlv2"])
+    Owlv2Processor(
+        image_processor=Owlv2ImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tok
+    ).save_pretrained(paths["owlv2"])
 
     paths["gdino"] = str(root / "gdino")
     Path(paths["gdino"]).mkdir()
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "cat", "dog", "red", "car"]
     (Path(paths["gdino"]) / "vocab.txt").write_text("\n".join(words) + "\n")
     bert_tok = BertTokenizer(str(Path(paths["gdino"]) / "vocab.txt"))
-    gdino = GroundingDinoForObjectDetection(GroundingDinoConfig(
-        backbone_config=dict(model_type="swin", embed_dim=8, depths=[1, 1], num_heads=[1, 1],
-                             window_size=2, image_size=32, patch_size=4,
-                             out_features=["stage1", "stage2"]),
-        text_config=dict(model_type="bert", vocab_size=len(words), hidden_size=32,
-                         num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                         max_position_embeddings=64),
-        d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
-        encoder_attention_heads=2, decoder_attention_heads=2, num_queries=10,
-        num_feature_levels=2, encoder_n_points=2, decoder_n_points=2, max_text_len=32,
-        use_timm_backbone=False, backbone=None, use_pretrained_backbone=False))
+    gdino = GroundingDinoForObjectDetection(
+        GroundingDinoConfig(
+            backbone_config=dict(
+                model_type="swin",
+                embed_dim=8,
+                depths=[1, 1],
+                num_heads=[1, 1],
+                window_size=2,
+                image_size=32,
+                patch_size=4,
+                out_features=["stage1", "stage2"],
+            ),
+            text_config=dict(
+                model_type="bert",
+                vocab_size=len(words),
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=32,
+                max_position_embeddings=64,
+            ),
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            num_queries=10,
+            num_feature_levels=2,
+            encoder_n_points=2,
+            decoder_n_points=2,
+            max_text_len=32,
+            use_timm_backbone=False,
+            backbone=None,
+            use_pretrained_backbone=False,
+        )
+    )
     gdino.save_pretrained(paths["gdino"])
     GroundingDinoProcessor(
-        image_processor=GroundingDinoImageProcessorPil(size={"shortest_edge": 32,
-                                                             "longest_edge": 64}),
-        tokenizer=bert_tok).save_pretrained(paths["gdino"])
+        image_processor=GroundingDinoImageProcessorPil(
+            size={"shortest_edge": 32, "longest_edge": 64}
+        ),
+        tokenizer=bert_tok,
+    ).save_pretrained(paths["gdino"])
 
-    sam = SamModel(SamConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, image_size=64, patch_size=8, output_channels=16,
-                           window_size=4, global_attn_indexes=[1], mlp_dim=64, num_pos_feats=8),
-        prompt_encoder_config=dict(hidden_size=16, image_size=64, patch_size=8,
-                                   mask_input_channels=4),
-        mask_decoder_config=dict(hidden_size=16, mlp_dim=32, num_hidden_layers=2,
-                                 num_attention_heads=2, iou_head_hidden_dim=16)))
+    sam = SamModel(
+        SamConfig(
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=64,
+                patch_size=8,
+                output_channels=16,
+                window_size=4,
+                global_attn_indexes=[1],
+                mlp_dim=64,
+                num_pos_feats=8,
+            ),
+            prompt_encoder_config=dict(
+                hidden_size=16, image_size=64, patch_size=8, mask_input_channels=4
+            ),
+            mask_decoder_config=dict(
+                hidden_size=16,
+                mlp_dim=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                iou_head_hidden_dim=16,
+            ),
+        )
+    )
     paths["sam"] = str(root / "sam")
     sam.save_pretrained(paths["sam"])
-    SamProcessor(image_processor=SamImageProcessorPil(
-        size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})
+    SamProcessor(
+        image_processor=SamImageProcessorPil(
+            size={"longest_edge": 64}, pad_size={"height": 64, "width": 64}
+        )
     ).save_pretrained(paths["sam"])
 
     def sd_parts(in_channels: int) -> dict[str, Any]:
         return dict(
             unet=UNet2DConditionModel(
-                block_out_channels=(8, 16), layers_per_block=1, sample_size=8,
-                in_channels=in_channels, out_channels=4, cross_attention_dim=16,
+                block_out_channels=(8, 16),
+                layers_per_block=1,
+                sample_size=8,
+                in_channels=in_channels,
+                out_channels=4,
+                cross_attention_dim=16,
                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=4,
-                attention_head_dim=2),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                norm_num_groups=4,
+                attention_head_dim=2,
+            ),
             vae=AutoencoderKL(
-                block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4,
+                block_out_channels=[8, 16],
+                in_channels=3,
+                out_channels=3,
+                latent_channels=4,
                 down_block_types=["DownEncoderBlock2D"] * 2,
-                up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=4, sample_size=16),
+                up_block_types=["UpDecoderBlock2D"] * 2,
+                norm_num_groups=4,
+                sample_size=16,
+            ),
             text_encoder=CLIPTextModel(CLIPTextConfig(**clip_text_config(tok, 16))),
-            tokenizer=tok, scheduler=EulerDiscreteScheduler(steps_offset=1),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            tokenizer=tok,
+            scheduler=EulerDiscreteScheduler(steps_offset=1),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
 
     paths["sd"] = str(root / "sd")
     StableDiffusionPipeline(**sd_parts(4)).save_pretrained(paths["sd"])
@@ -595,12 +750,22 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["owlv2", "gdino"])
-def test_object_localization_runs_a_real_detector(tiny_models: dict[str, str], tmp_path: Path,
-                                                  family: str) -> None:
+def test_object_localization_runs_a_real_detector(
+    tiny_models: dict[str, str], tmp_path: Path, family: str
+) -> None:
     tool = ObjectLocalization()
-    ctx = ToolContext(workdir=tmp_path, options={"object_localization": {
-        "model": tiny_models[family], "device": "cpu", "threshold": 0.0, "text_threshold": 0.0,
-        "max_detections": 5}})
+    ctx = ToolContext(
+        workdir=tmp_path,
+        options={
+            "object_localization": {
+                "model": tiny_models[family],
+                "device": "cpu",
+                "threshold": 0.0,
+                "text_threshold": 0.0,
+                "max_detections": 5,
+            }
+        },
+    )
     put(ctx, "street.png", Image.new("RGB", (96, 64), "gray"))
     result = tool(ctx, image="street.png", text="a red car, a dog")
     objects = result.data["objects"]
@@ -615,14 +780,23 @@ def test_object_localization_runs_a_real_detector(tiny_models: dict[str, str], t
             assert obj["label"] and set(obj["label"].split()) <= {"a", "red", "car", "dog"}
     assert [o["score"] for o in objects] == sorted((o["score"] for o in objects), reverse=True)
     assert result.text.count("score") == len(objects)
-    strict = ToolContext(workdir=tmp_path, options={"object_localization": {
-        "model": tiny_models[family], "threshold": 1.01, "text_threshold": 1.01}})
+    strict = ToolContext(
+        workdir=tmp_path,
+        options={
+            "object_localization": {
+                "model": tiny_models[family],
+                "threshold": 1.01,
+                "text_threshold": 1.01,
+            }
+        },
+    )
     assert tool(strict, image="street.png", text="a dog").text == "nothing found for: a dog"
 
 
 @pytest.mark.slow
-def test_segmentation_runs_sam_with_a_box_and_a_point(tiny_models: dict[str, str],
-                                                      tmp_path: Path) -> None:
+def test_segmentation_runs_sam_with_a_box_and_a_point(
+    tiny_models: dict[str, str], tmp_path: Path
+) -> None:
     tool = Segmentation()
     ctx = ToolContext(workdir=tmp_path, options={"segmentation": {"model": tiny_models["sam"]}})
     img = Image.new("RGB", (80, 60), "white")
@@ -643,12 +817,16 @@ def test_segmentation_runs_sam_with_a_box_and_a_point(tiny_models: dict[str, str
 
 
 @pytest.mark.slow
-def test_image_generation_and_edit_run_diffusers_pipelines(tiny_models: dict[str, str],
-                                                           tmp_path: Path) -> None:
-    ctx = ToolContext(workdir=tmp_path, options={
-        "image_generation": {"model": tiny_models["sd"], "steps": 2, "width": 32, "height": 24},
-        "image_edit": {"model": tiny_models["pix2pix"], "steps": 2, "max_side": 32},
-    })
+def test_image_generation_and_edit_run_diffusers_pipelines(
+    tiny_models: dict[str, str], tmp_path: Path
+) -> None:
+    ctx = ToolContext(
+        workdir=tmp_path,
+        options={
+            "image_generation": {"model": tiny_models["sd"], "steps": 2, "width": 32, "height": 24},
+            "image_edit": {"model": tiny_models["pix2pix"], "steps": 2, "max_side": 32},
+        },
+    )
     generator = ImageGeneration()
     first = generator(ctx, prompt="a red cube on a table")
     assert first.images[0].size == (32, 24)
@@ -657,24 +835,34 @@ def test_image_generation_and_edit_run_diffusers_pipelines(tiny_models: dict[str
     put(ctx, "photo.png", Image.new("RGB", (50, 30), "green"))
     edited = ImageEdit()(ctx, image="photo.png", instruction="make it snow")
     assert edited.images[0].size == (50, 30)
-    assert not np.array_equal(np.asarray(edited.images[0]),
-                              np.asarray(Image.new("RGB", (50, 30), "green")))
+    assert not np.array_equal(
+        np.asarray(edited.images[0]), np.asarray(Image.new("RGB", (50, 30), "green"))
+    )
     with pytest.raises(ToolError, match="could not load pipeline"):
-        ImageGeneration()(ToolContext(workdir=tmp_path, options={
-            "image_generation": {"model": str(tmp_path / "missing")}}), prompt="x")
+        ImageGeneration()(
+            ToolContext(
+                workdir=tmp_path, options={"image_generation": {"model": str(tmp_path / "missing")}}
+            ),
+            prompt="x",
+        )
 
 
-@pytest.mark.parametrize(("factory", "missing", "hint"), [
-    (ImageGeneration, "diffusers", "pip install 'tracetune[diffusion]'"),
-    (ImageEdit, "diffusers", "pip install 'tracetune[diffusion]'"),
-    (ObjectLocalization, "scipy", "pip install 'tracetune[detection]'"),
-    (Segmentation, "transformers", "pip install transformers"),
-])
-def test_missing_extra_names_what_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                             factory: type[Tool], missing: str, hint: str) -> None:
+@pytest.mark.parametrize(
+    ("factory", "missing", "hint"),
+    [
+        (ImageGeneration, "diffusers", "pip install 'tracetune[diffusion]'"),
+        (ImageEdit, "diffusers", "pip install 'tracetune[diffusion]'"),
+        (ObjectLocalization, "scipy", "pip install 'tracetune[detection]'"),
+        (Segmentation, "transformers", "pip install transformers"),
+    ],
+)
+def test_missing_extra_names_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, factory: type[Tool], missing: str, hint: str
+) -> None:
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == missing else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a)
+    )
     tool = factory()
     ok, why = tool.available()
     assert not ok and missing in why and hint in why
@@ -697,17 +885,30 @@ def test_cli_lists_tools_and_runs_one(tmp_path: Path) -> None:
     table = runner.invoke(app, ["list"])
     assert table.exit_code == 0 and "face_detection" in table.output
 
-    ran = runner.invoke(app, ["run", "draw_box", "--image", str(FACE_PHOTO), "--workdir",
-                              str(tmp_path), "--arg", "box=177,67,270,160", "--arg",
-                              "label=face"])
+    ran = runner.invoke(
+        app,
+        [
+            "run",
+            "draw_box",
+            "--image",
+            str(FACE_PHOTO),
+            "--workdir",
+            str(tmp_path),
+            "--arg",
+            "box=177,67,270,160",
+            "--arg",
+            "label=face",
+        ],
+    )
     assert ran.exit_code == 0, ran.output
     assert "drew box [177, 67, 270, 160]" in ran.output
     saved = tmp_path / "draw_box.png"
     assert f"saved image: {saved}" in ran.output and Image.open(saved).size == (512, 512)
     assert (tmp_path / FACE_PHOTO.name).exists()  # the input was copied into the workdir
 
-    solved = runner.invoke(app, ["run", "solver", "-a", "equations=x + y = 10; x - y = 2",
-                                 "--json"])
+    solved = runner.invoke(
+        app, ["run", "solver", "-a", "equations=x + y = 10; x - y = 2", "--json"]
+    )
     assert solved.exit_code == 0, solved.output
     assert json.loads(solved.output)["data"]["solutions"] == [{"x": 6, "y": 4}]
 
@@ -717,23 +918,50 @@ def test_cli_lists_tools_and_runs_one(tmp_path: Path) -> None:
     assert unknown.exit_code == 2 and "unknown tool 'teleport'" in unknown.output
     bad_arg = runner.invoke(app, ["run", "calculator", "-a", "expr=1+1"])
     assert bad_arg.exit_code == 2 and "takes: expression" in bad_arg.output
-    bm25 = runner.invoke(app, ["run", "search", "-a", "query=waggle dance", "--corpus",
-                               str(CORPUS), "--option", "search.mode=bm25", "-a", "top_k=1"])
+    bm25 = runner.invoke(
+        app,
+        [
+            "run",
+            "search",
+            "-a",
+            "query=waggle dance",
+            "--corpus",
+            str(CORPUS),
+            "--option",
+            "search.mode=bm25",
+            "-a",
+            "top_k=1",
+        ],
+    )
     assert bm25.exit_code == 0, bm25.output
     assert bm25.output.startswith("[1] How honeybees share where food is")
 
 
-def test_cli_asks_a_real_openai_compatible_server(tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_asks_a_real_openai_compatible_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from tracetune.cli.tools import app
     from tracetune.testing import ScriptedOpenAIServer
 
     monkeypatch.setenv("OPENAI_API_KEY", "test-key")
     with ScriptedOpenAIServer(replies=["She is an astronaut."]) as server:
-        result = CliRunner().invoke(app, [
-            "run", "visual_qa", "--image", str(FACE_PHOTO), "--workdir", str(tmp_path),
-            "--model", "openai:test-vlm", "--base-url", server.base_url,
-            "-a", "question=What is her job?"])
+        result = CliRunner().invoke(
+            app,
+            [
+                "run",
+                "visual_qa",
+                "--image",
+                str(FACE_PHOTO),
+                "--workdir",
+                str(tmp_path),
+                "--model",
+                "openai:test-vlm",
+                "--base-url",
+                server.base_url,
+                "-a",
+                "question=What is her job?",
+            ],
+        )
         assert result.exit_code == 0, result.output
         assert result.output.strip() == "She is an astronaut."
         (request,) = server.requests

@@ -70,8 +70,14 @@ QUICK: dict[str, Any] = dict(
 
 
 # -- records ---------------------------------------------------------------------------
-def step(index: int, thought: str, action: Action, observation: str = "",
-         images: list[Any] | None = None, error: StepError | None = None) -> Step:
+def step(
+    index: int,
+    thought: str,
+    action: Action,
+    observation: str = "",
+    images: list[Any] | None = None,
+    error: StepError | None = None,
+) -> Step:
     return Step(
         index=index,
         raw=FMT.render(thought, action),
@@ -93,16 +99,30 @@ def crop_trajectories(root: Path, with_failed_step: bool = False) -> Dataset[Tra
     for i, color in enumerate(COLORS):
         photo = ds.assets.put_image(Image.new("RGB", (56, 56), color), "photo.png")
         crop = ds.assets.put_image(Image.new("RGB", (56, 28), color), "crop.png")
-        task = Task(id=f"t{i}", query="Crop the top half of the photo.", files=[photo],
-                    tools=CROP_TOOLS[:1])
-        steps = [step(0, "Crop the top half.", CROP, "image", images=[crop]),
-                 step(1, "The crop is plain.", answer(color), color)]
+        task = Task(
+            id=f"t{i}", query="Crop the top half of the photo.", files=[photo], tools=CROP_TOOLS[:1]
+        )
+        steps = [
+            step(0, "Crop the top half.", CROP, "image", images=[crop]),
+            step(1, "The crop is plain.", answer(color), color),
+        ]
         if with_failed_step:
-            bad = Step(index=0, raw="I guess it is red.",
-                       error=StepError(kind=ErrorKind.PARSE, message="no action found"))
+            bad = Step(
+                index=0,
+                raw="I guess it is red.",
+                error=StepError(kind=ErrorKind.PARSE, message="no action found"),
+            )
             steps = [bad] + [s.model_copy(update={"index": s.index + 1}) for s in steps]
-        records.append(Trajectory(id=f"traj-{color}", task=task, controller="scripted",
-                                  tools=CROP_TOOLS, steps=steps, final_answer=color))
+        records.append(
+            Trajectory(
+                id=f"traj-{color}",
+                task=task,
+                controller="scripted",
+                tools=CROP_TOOLS,
+                steps=steps,
+                final_answer=color,
+            )
+        )
     ds.write_all(records)
     return ds
 
@@ -114,13 +134,26 @@ def sum_pairs(root: Path, numbers: list[tuple[int, int]]) -> Dataset[PreferenceP
     for i, (a, b) in enumerate(numbers):
         photo = ds.assets.put_image(Image.new("RGB", (56, 56), COLORS[i % 3]), "photo.png")
         task = Task(id=f"p{a}-{b}", query=f"What is {a} + {b}?", files=[photo], tools=SUM_TOOLS[:1])
-        call = Action(type="tool_call",
-                      tool_call=ToolCall(name="calculator", arguments={"expression": f"{a} + {b}"}))
+        call = Action(
+            type="tool_call",
+            tool_call=ToolCall(name="calculator", arguments={"expression": f"{a} + {b}"}),
+        )
         chosen = step(0, "I will add the numbers.", call, str(a + b))
-        rejected = Step(index=0, raw=f"I think the answer is {a + b + 7}.",
-                        error=StepError(kind=ErrorKind.PARSE, message="no action found"))
-        records.append(PreferencePair(id=f"pair-{a}-{b}", task=task, tools=SUM_TOOLS,
-                                      chosen=chosen, rejected=rejected, verifier="test"))
+        rejected = Step(
+            index=0,
+            raw=f"I think the answer is {a + b + 7}.",
+            error=StepError(kind=ErrorKind.PARSE, message="no action found"),
+        )
+        records.append(
+            PreferencePair(
+                id=f"pair-{a}-{b}",
+                task=task,
+                tools=SUM_TOOLS,
+                chosen=chosen,
+                rejected=rejected,
+                verifier="test",
+            )
+        )
     ds.write_all(records)
     return ds
 
@@ -149,8 +182,9 @@ def action_hits(model_spec: str, data: Path, adapter: Path | None = None) -> tup
     ds = Dataset.open(data, Trajectory)
     hits, outputs = 0, []
     for traj in ds:
-        prompt = episode_messages(FMT.system_prompt([get_tool(n) for n in traj.tools]),
-                                  traj.task, [], ds.assets.path)
+        prompt = episode_messages(
+            FMT.system_prompt([get_tool(n) for n in traj.tools]), traj.task, [], ds.assets.path
+        )
         out = asyncio.run(model.generate(prompt, sampling=Sampling(max_tokens=64)))
         outputs.append(out.text)
         try:
@@ -248,8 +282,11 @@ def test_placeholder_and_image_token_mismatches_name_the_record(
 
     # A processor that merges patches differently from the model: caught before any step.
     processor.image_processor.merge_size = 1
-    with pytest.raises(TrainingDataError, match=r"(?s)3 record\(s\).*traj-red: the tokenized "
-                       r"sample holds 24 image tokens but its 2 image\(s\) give 6 image features"):
+    with pytest.raises(
+        TrainingDataError,
+        match=r"(?s)3 record\(s\).*traj-red: the tokenized "
+        r"sample holds 24 image tokens but its 2 image\(s\) give 6 image features",
+    ):
         check_sft_rows(rows, processor, config, max_length=4096)
 
     # Through the trainer: the bad record stops the run before any checkpoint is written.
@@ -276,13 +313,21 @@ def test_overlong_samples_are_dropped_or_cut_at_a_turn(models: Any, crops: Path)
     length = full[0]["length"]
 
     report = DataReport()
-    kept = check_sft_rows(sft_rows([crops]), processor, config, max_length=length - 1,
-                          report=report)
+    kept = check_sft_rows(
+        sft_rows([crops]), processor, config, max_length=length - 1, report=report
+    )
     assert kept == [] and [i for i, _ in report.dropped] == [r["id"] for r in full]
 
     report = DataReport()
-    cut = check_sft_rows(sft_rows([crops]), processor, config, max_length=length - 1,
-                         overlong="truncate", chat_template=template, report=report)
+    cut = check_sft_rows(
+        sft_rows([crops]),
+        processor,
+        config,
+        max_length=length - 1,
+        overlong="truncate",
+        chat_template=template,
+        report=report,
+    )
     assert [(i, k, n) for i, k, n in report.truncated] == [(r["id"], 1, 2) for r in full]
     row = cut[0]
     # Cut after the first assistant turn: its observation image is gone with it, the task's
@@ -294,8 +339,9 @@ def test_overlong_samples_are_dropped_or_cut_at_a_turn(models: Any, crops: Path)
 
 # -- configs, CLI and launch files -------------------------------------------------------
 def test_config_maps_onto_trl_and_rejects_unsafe_options(tmp_path: Path) -> None:
-    cfg = SFTConfig(base="m", data=[tmp_path], out=tmp_path / "o", lr=3e-4,
-                    trl={"max_grad_norm": 0.5})
+    cfg = SFTConfig(
+        base="m", data=[tmp_path], out=tmp_path / "o", lr=3e-4, trl={"max_grad_norm": 0.5}
+    )
     args = cfg.to_trl()
     assert args.learning_rate == 3e-4 and args.max_grad_norm == 0.5
     assert args.assistant_only_loss and not args.packing and not args.padding_free
@@ -324,10 +370,14 @@ def test_accelerate_configs_load(tmp_path: Path) -> None:
     for name, kind in kinds.items():
         cfg = load_config_from_file(str(accelerate_config_path(name)))
         assert cfg.distributed_type.value == kind
-    assert load_config_from_file(str(accelerate_config_path("zero3"))).deepspeed_config[
-        "zero_stage"] == 3
-    result = CliRunner().invoke(train_app, ["accelerate-config", "zero2", "--num-processes", "4",
-                                            "--out", str(tmp_path / "z2.yaml")])
+    assert (
+        load_config_from_file(str(accelerate_config_path("zero3"))).deepspeed_config["zero_stage"]
+        == 3
+    )
+    result = CliRunner().invoke(
+        train_app,
+        ["accelerate-config", "zero2", "--num-processes", "4", "--out", str(tmp_path / "z2.yaml")],
+    )
     assert result.exit_code == 0, result.output
     assert yaml.safe_load((tmp_path / "z2.yaml").read_text())["num_processes"] == 4
 
@@ -338,8 +388,17 @@ def test_sft_drives_loss_down_and_the_model_reproduces_its_training_action(
     models: Any, crops: Path, tmp_path: Path
 ) -> None:
     base = models("qwen2_vl")
-    cfg = SFTConfig(base=str(base), data=[crops], out=tmp_path / "sft", full=True, max_steps=60,
-                    lr=1e-2, scheduler="constant", weight_decay=0.0, **QUICK)
+    cfg = SFTConfig(
+        base=str(base),
+        data=[crops],
+        out=tmp_path / "sft",
+        full=True,
+        max_steps=60,
+        lr=1e-2,
+        scheduler="constant",
+        weight_decay=0.0,
+        **QUICK,
+    )
     result = train_sft(cfg)
     losses = result.losses()
     assert result.steps == 60 and len(losses) == 30
@@ -361,8 +420,15 @@ def test_lora_sft_per_family_loads_back_and_merges(
 
     base = models(arch)
     out = tmp_path / "lora"
-    cfg = SFTConfig(base=str(base), data=[crops], out=out, max_steps=8, lr=5e-3,
-                    lora={"targets": "attention", "dropout": 0.0}, **QUICK)
+    cfg = SFTConfig(
+        base=str(base),
+        data=[crops],
+        out=out,
+        max_steps=8,
+        lr=5e-3,
+        lora={"targets": "attention", "dropout": 0.0},
+        **QUICK,
+    )
     result = train_sft(cfg)
     losses = result.losses()
     # A random tiny model's output layer caps how far adapters alone can move the loss
@@ -375,13 +441,25 @@ def test_lora_sft_per_family_loads_back_and_merges(
         keys = list(f.keys())
     assert keys and all(".self_attn." in k and "language_model" in k for k in keys), keys[:5]
     assert {k.split(".self_attn.")[1].split(".")[0] for k in keys} == {
-        "q_proj", "k_proj", "v_proj", "o_proj"}
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+    }
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
-        base.resolve())
+        base.resolve()
+    )
 
     # The adapter loads through local:, changes the model, and merges to the same model.
-    prompt = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (56, 56))},
-                                           {"type": "text", "text": "Crop the photo."}]}]
+    prompt = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": Image.new("RGB", (56, 56))},
+                {"type": "text", "text": "Crop the photo."},
+            ],
+        }
+    ]
     tuned = load_model(result.model_spec, adapter=str(out))
     plain = load_model(f"local:{base}")
     merged_dir = merge_adapter(base, out, tmp_path / "merged")
@@ -399,10 +477,22 @@ def test_lora_sft_per_family_loads_back_and_merges(
 def test_sft_cli_resumes_from_its_checkpoint(models: Any, crops: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     yaml_cfg = tmp_path / "sft.yaml"
-    yaml_cfg.write_text(yaml.safe_dump({**QUICK, "save_steps": 2, "lora": {"targets": "attention"},
-                                        "lr": 1e-3}))
-    args = ["sft", "--base", str(models("qwen2_vl")), "--data", str(crops), "--out", str(out),
-            "--lora-r", "4", "--config", str(yaml_cfg)]
+    yaml_cfg.write_text(
+        yaml.safe_dump({**QUICK, "save_steps": 2, "lora": {"targets": "attention"}, "lr": 1e-3})
+    )
+    args = [
+        "sft",
+        "--base",
+        str(models("qwen2_vl")),
+        "--data",
+        str(crops),
+        "--out",
+        str(out),
+        "--lora-r",
+        "4",
+        "--config",
+        str(yaml_cfg),
+    ]
     runner = CliRunner()
     first = runner.invoke(train_app, [*args, "--max-steps", "2"])
     assert first.exit_code == 0, first.output
@@ -425,27 +515,55 @@ def test_sft_cli_resumes_from_its_checkpoint(models: Any, crops: Path, tmp_path:
 def test_dpo_from_an_sft_adapter_raises_the_margin_on_held_out_pairs(
     models: Any, crops: Path, tmp_path: Path
 ) -> None:
-    sft = train_sft(SFTConfig(base=str(models("qwen2_vl")), data=[crops], out=tmp_path / "sft",
-                              max_steps=2, lr=1e-3, **QUICK))
+    sft = train_sft(
+        SFTConfig(
+            base=str(models("qwen2_vl")),
+            data=[crops],
+            out=tmp_path / "sft",
+            max_steps=2,
+            lr=1e-3,
+            **QUICK,
+        )
+    )
     train = sum_pairs(tmp_path / "train", [(3, 4), (12, 30), (8, 9), (25, 17), (6, 2), (14, 15)])
     held_out = sum_pairs(tmp_path / "held", [(5, 7), (21, 13), (9, 40)])
 
     out = tmp_path / "dpo"
-    result = CliRunner().invoke(train_app, [
-        "dpo", "--base", str(sft.out), "--pairs", str(train.root), "--out", str(out),
-        "--beta", "0.1", "--max-steps", "12", "--lr", "2e-2", "--batch-size", "3",
-        "--grad-accum", "1", "--no-gradient-checkpointing",
-    ])
+    result = CliRunner().invoke(
+        train_app,
+        [
+            "dpo",
+            "--base",
+            str(sft.out),
+            "--pairs",
+            str(train.root),
+            "--out",
+            str(out),
+            "--beta",
+            "0.1",
+            "--max-steps",
+            "12",
+            "--lr",
+            "2e-2",
+            "--batch-size",
+            "3",
+            "--grad-accum",
+            "1",
+            "--no-gradient-checkpointing",
+        ],
+    )
     assert result.exit_code == 0, result.output
     merged = out / "sft_merged"
     # The SFT adapter was merged first, so the reference (DPO adapter disabled) is the SFT model.
-    assert json.loads((out / "adapter_config.json").read_text())[
-        "base_model_name_or_path"] == str(merged.resolve())
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        merged.resolve()
+    )
     record = json.loads((out / "tracetune_train.json").read_text())
     assert record["kind"] == "dpo" and record["data"]["kept"] == 6 and record["steps"] == 12
     # No second model in memory: TRL's reference is the policy with the adapter disabled.
-    trainer, _, _, start = build_dpo_trainer(DPOConfig(base=str(sft.out), pairs=[train.root],
-                                                       out=out, **QUICK))
+    trainer, _, _, start = build_dpo_trainer(
+        DPOConfig(base=str(sft.out), pairs=[train.root], out=out, **QUICK)
+    )
     assert trainer.ref_model is None and hasattr(trainer.model, "disable_adapter")
     assert start == str(merged.resolve())
 

@@ -72,7 +72,10 @@ def test_verifier_output_imports_with_tools_from_system_prompt(tmp_path: Path) -
         "system-prompt": SYSTEM,
         "answer": "2",
         "conversations": [
-            {"role": "user", "content": f"<image_00>\nTask: How many apples?\n Attachment: {IMAGE}; "},
+            {
+                "role": "user",
+                "content": f"<image_00>\nTask: How many apples?\n Attachment: {IMAGE}; ",
+            },
             {"role": "assistant", "content": STEP0},
             {"role": "user", "content": OBS0},
             {"role": "assistant", "content": STEP1},

@@ -75,9 +75,9 @@ def rollout(
     from tracetune.rollout import RolloutConfig, rollout_summary, run_rollout
 
     # A dict, not ModelOptions: merged key by key into a YAML backend section.
+    backend = {"base_url": base_url}
     from tracetune.timelimit import duration
 
-    backend = {"base_url": base_url}
     cfg = build_config(
         RolloutConfig,
         config,

@@ -129,7 +129,7 @@ def pick_number(text: str) -> NumberFound | None:
         return numbers[0] if numbers else None
     cues = list(_CUE.finditer(text))
     if cues:
-        after = numbers_in(text[cues[-1].end():])
+        after = numbers_in(text[cues[-1].end() :])
         if after:
             return after[0]
     return numbers[-1]
@@ -194,11 +194,10 @@ def check_answer(
         return AnswerCheck(False, ["no answer was given"], None, expected)
     prediction = str(prediction)
     candidate = extract_final_answer(prediction)
-    if _HEDGE.search(candidate) and not any(
-        _HEDGE.search(v) for v in [gold.value, *gold.aliases]
-    ):
-        return AnswerCheck(False, [f"{candidate!r} hedges between alternatives"], candidate,
-                           expected)
+    if _HEDGE.search(candidate) and not any(_HEDGE.search(v) for v in [gold.value, *gold.aliases]):
+        return AnswerCheck(
+            False, [f"{candidate!r} hedges between alternatives"], candidate, expected
+        )
     if gold.kind == "number":
         return _check_number(candidate, gold)
     if gold.kind == "list":
@@ -217,49 +216,81 @@ def _check_number(candidate: str, gold: GoldAnswer) -> AnswerCheck:
         raise ValueError(f"gold answer {gold.value!r} is marked numeric but holds no number")
     found = pick_number(candidate)
     if found is None:
-        return AnswerCheck(False, [f"expected a number ({expected}), got {candidate!r}"],
-                           candidate, expected)
+        return AnswerCheck(
+            False, [f"expected a number ({expected}), got {candidate!r}"], candidate, expected
+        )
     gold_unit = canonical_unit(gold.unit) if gold.unit else None
     if gold.unit and gold_unit is None:
         gold_unit = gold.unit.strip().lower()
     if found.unit and gold_unit and found.unit != gold_unit:
-        return AnswerCheck(False, [f"unit {found.unit!r} does not match the gold unit "
-                                   f"{gold_unit!r}"], candidate, expected)
+        return AnswerCheck(
+            False,
+            [f"unit {found.unit!r} does not match the gold unit {gold_unit!r}"],
+            candidate,
+            expected,
+        )
     tolerance = gold.tolerance
     if any(numbers_equal(found.value, t, tolerance) for t in targets):
-        return AnswerCheck(True, [f"{_fmt(found.value)} matches {expected}"
-                                  + (f" (tolerance {tolerance:g})" if tolerance else "")],
-                           candidate, expected)
+        return AnswerCheck(
+            True,
+            [
+                f"{_fmt(found.value)} matches {expected}"
+                + (f" (tolerance {tolerance:g})" if tolerance else "")
+            ],
+            candidate,
+            expected,
+        )
     off = min(abs(found.value - t) for t in targets)
-    return AnswerCheck(False, [f"{_fmt(found.value)} != {expected} (off by {_fmt(off)}"
-                               + (f", tolerance {tolerance:g})" if tolerance else ")")],
-                       candidate, expected)
+    return AnswerCheck(
+        False,
+        [
+            f"{_fmt(found.value)} != {expected} (off by {_fmt(off)}"
+            + (f", tolerance {tolerance:g})" if tolerance else ")")
+        ],
+        candidate,
+        expected,
+    )
 
 
 def _fmt(value: float) -> str:
     return f"{value:.10g}"
 
 
-def _check_text(prediction: str, candidate: str, gold: GoldAnswer,
-                choices: list[str] | None) -> AnswerCheck:
+def _check_text(
+    prediction: str, candidate: str, gold: GoldAnswer, choices: list[str] | None
+) -> AnswerCheck:
     accepted = [normalize_text(v) for v in [gold.value, *gold.aliases] if v.strip()]
     said = normalize_text(candidate)
     whole = normalize_text(prediction)
     if choices:
         named = [c for c in choices if _contains_words(whole, normalize_text(c))]
         if len(named) > 1 and said not in accepted:
-            return AnswerCheck(False, [f"names several choices ({', '.join(named)}) instead of "
-                                       "one"], candidate, gold.value)
+            return AnswerCheck(
+                False,
+                [f"names several choices ({', '.join(named)}) instead of one"],
+                candidate,
+                gold.value,
+            )
     if said in accepted:
         return AnswerCheck(True, [f"{candidate!r} matches {gold.value!r}"], candidate, gold.value)
     for alias in accepted:
         for text in (said, whole):
             if len(text.split()) <= SHORT_ANSWER_WORDS and _contains_words(text, alias):
-                return AnswerCheck(True, [f"{gold.value!r} found in the short answer "
-                                          f"{candidate!r}"], candidate, gold.value)
-    return AnswerCheck(False, [f"{candidate!r} does not match {gold.value!r}"
-                               + (f" or its aliases {gold.aliases}" if gold.aliases else "")],
-                       candidate, gold.value)
+                return AnswerCheck(
+                    True,
+                    [f"{gold.value!r} found in the short answer {candidate!r}"],
+                    candidate,
+                    gold.value,
+                )
+    return AnswerCheck(
+        False,
+        [
+            f"{candidate!r} does not match {gold.value!r}"
+            + (f" or its aliases {gold.aliases}" if gold.aliases else "")
+        ],
+        candidate,
+        gold.value,
+    )
 
 
 def split_list(text: str) -> list[str]:
@@ -301,8 +332,9 @@ def _check_list(candidate: str, gold: GoldAnswer, ordered: bool) -> AnswerCheck:
             continue
         if ordered:
             if all(_items_equal(a, b, gold.tolerance) for a, b in zip(got, want, strict=True)):
-                return AnswerCheck(True, [f"same items in order as {option!r}"], candidate,
-                                   gold.value)
+                return AnswerCheck(
+                    True, [f"same items in order as {option!r}"], candidate, gold.value
+                )
             reasons.append(f"items differ from {option!r} (order matters)")
             continue
         remaining = list(want)
@@ -330,8 +362,9 @@ def judge_answer(trajectory: Trajectory, judge: str = "gold") -> Verdict:
     if task.gold is None:
         raise ValueError(f"task {task.id} has no gold answer to check against")
     if trajectory.final_answer is None:
-        check = AnswerCheck(False, [f"no final answer (episode ended: {trajectory.status})"],
-                            None, task.gold.value)
+        check = AnswerCheck(
+            False, [f"no final answer (episode ended: {trajectory.status})"], None, task.gold.value
+        )
     else:
         check = check_answer(
             trajectory.final_answer,

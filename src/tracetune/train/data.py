@@ -95,9 +95,7 @@ class DataReport:
             "kept": self.kept,
             "skipped": [{"id": i, "why": w} for i, w in self.skipped],
             "dropped": [{"id": i, "why": w} for i, w in self.dropped],
-            "truncated": [
-                {"id": i, "turns_kept": k, "turns": n} for i, k, n in self.truncated
-            ],
+            "truncated": [{"id": i, "turns_kept": k, "turns": n} for i, k, n in self.truncated],
             "images": self.images,
             "trained_tokens": self.trained_tokens,
             "max_length_seen": max(self.lengths, default=0),
@@ -117,9 +115,7 @@ def _end_on_assistant(messages: list[Row], images: list[Any]) -> tuple[list[Row]
     end = len(messages)
     while end and messages[end - 1]["role"] != "assistant":
         end -= 1
-    dropped = sum(
-        1 for m in messages[end:] for p in m["content"] if p.get("type") == "image"
-    )
+    dropped = sum(1 for m in messages[end:] for p in m["content"] if p.get("type") == "image")
     return messages[:end], images[: len(images) - dropped]
 
 
@@ -288,8 +284,9 @@ class _Checker:
                         "processor would expand as an image; remove or escape it in the record"
                     )
 
-    def check_image_tokens(self, record_id: str, ids: list[int], inputs: dict[str, Any],
-                           n_images: int) -> None:
+    def check_image_tokens(
+        self, record_id: str, ids: list[int], inputs: dict[str, Any], n_images: int
+    ) -> None:
         if self.image_token is None:
             return
         found = ids.count(self.image_token)
@@ -419,8 +416,9 @@ def _check_sft_row(
         return None
     report.lengths.append(length)
     report.images += len(images)
-    report.trained_tokens += sum(e - s for (s, e), t in zip(spans, row["train_turns"], strict=True)
-                                 if t)
+    report.trained_tokens += sum(
+        e - s for (s, e), t in zip(spans, row["train_turns"], strict=True) if t
+    )
     return {**row, "length": length}
 
 

@@ -15,7 +15,12 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 VISION_MODULES = (
-    "visual", "vision_tower", "vision_model", "vision_encoder", "vpm", "image_encoder"
+    "visual",
+    "vision_tower",
+    "vision_model",
+    "vision_encoder",
+    "vpm",
+    "image_encoder",
 )
 """Attribute names under which families keep their vision encoder (Qwen, LLaVA/InternVL,
 Idefics3/SmolVLM, generic, MiniCPM-V, others)."""

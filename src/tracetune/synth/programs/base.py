@@ -149,9 +149,7 @@ _REGISTRY: dict[str, TaskProgram] = {}
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 
-def program(
-    name: str, *, tools: list[str], version: int = 1
-) -> Callable[[ProgramFn], ProgramFn]:
+def program(name: str, *, tools: list[str], version: int = 1) -> Callable[[ProgramFn], ProgramFn]:
     """Register ``fn`` as the task program ``name``; its docstring is its description.
 
     Bump ``version`` when a change alters what a seed draws: task ids include it, so old and

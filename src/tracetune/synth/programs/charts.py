@@ -30,8 +30,14 @@ def _figure(rng: random.Random) -> Any:
     return fig
 
 
-def bar_chart(rng: random.Random, title: str, labels: list[str], values: list[int],
-              unit: str, horizontal: bool) -> bytes:
+def bar_chart(
+    rng: random.Random,
+    title: str,
+    labels: list[str],
+    values: list[int],
+    unit: str,
+    horizontal: bool,
+) -> bytes:
     fig = _figure(rng)
     if not horizontal:  # room for every category name side by side, none rotated
         fig.set_figwidth(max(fig.get_figwidth(), 1.35 * len(labels) + 1.0))
@@ -58,21 +64,33 @@ def bar_chart(rng: random.Random, title: str, labels: list[str], values: list[in
     return figure_png(fig, dpi=CHART_DPI)
 
 
-def line_chart(rng: random.Random, title: str, labels: list[str], values: list[int],
-               unit: str) -> bytes:
+def line_chart(
+    rng: random.Random, title: str, labels: list[str], values: list[int], unit: str
+) -> bytes:
     fig = _figure(rng)
     ax = fig.add_subplot(1, 1, 1)
     size = rng.randint(11, 13)
     colour = rng.choice(rng.choice(PALETTES))
-    ax.plot(labels, values, marker=rng.choice(["o", "s", "D"]), color=colour,
-            linewidth=rng.uniform(1.5, 2.5))
+    ax.plot(
+        labels,
+        values,
+        marker=rng.choice(["o", "s", "D"]),
+        color=colour,
+        linewidth=rng.uniform(1.5, 2.5),
+    )
     span = max(values) - min(values)
     ax.set_ylim(min(values) - 0.25 * span - 1, max(values) + 0.3 * span + 1)
     # A white box keeps each value readable where it crosses the line.
     for x, v in enumerate(values):
-        ax.annotate(grouped(v), (x, v), textcoords="offset points", xytext=(0, 11),
-                    ha="center", fontsize=size,
-                    bbox={"boxstyle": "square,pad=0.15", "fc": "white", "ec": "none"})
+        ax.annotate(
+            grouped(v),
+            (x, v),
+            textcoords="offset points",
+            xytext=(0, 11),
+            ha="center",
+            fontsize=size,
+            bbox={"boxstyle": "square,pad=0.15", "fc": "white", "ec": "none"},
+        )
     ax.set_title(title, fontsize=size + 3, pad=12)
     ax.set_ylabel(unit, fontsize=size)
     ax.tick_params(labelsize=size)
@@ -87,10 +105,16 @@ def pie_chart(rng: random.Random, title: str, labels: list[str], shares: list[in
     ax = fig.add_subplot(1, 1, 1)
     size = rng.randint(11, 13)
     colours = rng.choice(PALETTES)[: len(shares)]
-    ax.pie(shares, labels=[f"{name} {s}%" for name, s in zip(labels, shares, strict=True)],
-           colors=colours, startangle=rng.randint(0, 359), counterclock=rng.random() < 0.5,
-           textprops={"fontsize": size}, labeldistance=1.12,
-           wedgeprops={"linewidth": 1, "edgecolor": "white"})
+    ax.pie(
+        shares,
+        labels=[f"{name} {s}%" for name, s in zip(labels, shares, strict=True)],
+        colors=colours,
+        startangle=rng.randint(0, 359),
+        counterclock=rng.random() < 0.5,
+        textprops={"fontsize": size},
+        labeldistance=1.12,
+        wedgeprops={"linewidth": 1, "edgecolor": "white"},
+    )
     ax.set_title(title, fontsize=size + 3, pad=18)
     ax.set_aspect("equal")
     fig.tight_layout()
@@ -118,8 +142,10 @@ def chart_program(rng: random.Random) -> TaskDraft:
         data = pie_chart(rng, title, labels, shares)
         k = rng.randrange(len(labels))
         answer = Decimal(total) * shares[k] / 100
-        query = (f"The chart's title gives the total. How many EUR go to {labels[k]}, "
-                 "according to its share?")
+        query = (
+            f"The chart's title gives the total. How many EUR go to {labels[k]}, "
+            "according to its share?"
+        )
         expression = f"{total} * {shares[k]} / 100"
         expect = [grouped(total), f"{labels[k]} {shares[k]}%"]
         purpose = f"take {shares[k]}% of the total"
@@ -128,29 +154,44 @@ def chart_program(rng: random.Random) -> TaskDraft:
         if kind == "line":
             start = rng.randint(0, 12 - 7)
             # Full month names: OCR misread three-letter ones ("Jul") on the axis.
-            labels = FULL_MONTHS[start:start + rng.randint(5, 7)]
-            title, unit = rng.choice([("Website visitors", "visitors"),
-                                      ("Orders received", "orders"),
-                                      ("Units shipped", "units")])
+            labels = FULL_MONTHS[start : start + rng.randint(5, 7)]
+            title, unit = rng.choice(
+                [
+                    ("Website visitors", "visitors"),
+                    ("Orders received", "orders"),
+                    ("Units shipped", "units"),
+                ]
+            )
         else:
             labels = rng.sample(rng.choice([CITIES, PRODUCTS]), rng.randint(4, 7))
-            title, unit = rng.choice([("Sales by store", "units sold"),
-                                      ("Support tickets", "tickets"),
-                                      ("Energy use", "kWh")])
-        values = rng.sample(range(rng.choice([20, 100, 600]), rng.choice([900, 2400, 9000])),
-                            len(labels))
-        data = (line_chart(rng, title, labels, values, unit) if kind == "line" else
-                bar_chart(rng, title, labels, values, unit, horizontal=kind == "hbar"))
+            title, unit = rng.choice(
+                [
+                    ("Sales by store", "units sold"),
+                    ("Support tickets", "tickets"),
+                    ("Energy use", "kWh"),
+                ]
+            )
+        values = rng.sample(
+            range(rng.choice([20, 100, 600]), rng.choice([900, 2400, 9000])), len(labels)
+        )
+        data = (
+            line_chart(rng, title, labels, values, unit)
+            if kind == "line"
+            else bar_chart(rng, title, labels, values, unit, horizontal=kind == "hbar")
+        )
         variant = rng.choice(["diff", "sum", "range"])
         i, j = sorted(rng.sample(range(len(labels)), 2))
         if variant == "diff":
             if kind != "line" and values[i] < values[j]:
                 i, j = j, i
-            answer = Decimal(values[j] - values[i]) if kind == "line" else Decimal(
-                values[i] - values[j])
+            answer = (
+                Decimal(values[j] - values[i]) if kind == "line" else Decimal(values[i] - values[j])
+            )
             if kind == "line":
-                query = (f"By how much did the value change from {labels[i]} to {labels[j]}? "
-                         "Give a negative number for a decrease.")
+                query = (
+                    f"By how much did the value change from {labels[i]} to {labels[j]}? "
+                    "Give a negative number for a decrease."
+                )
                 expression = f"{values[j]} - {values[i]}"
             else:
                 query = f"How much higher is the value for {labels[i]} than for {labels[j]}?"
@@ -175,10 +216,16 @@ def chart_program(rng: random.Random) -> TaskDraft:
         query=query,
         files=[ProgramFile(name, data, f"a {kind} chart")],
         steps=[
-            GoldStep("ocr", {"image": name}, "read the values printed on the chart",
-                     expect=expect, expect_source=name),
-            GoldStep("calculator", {"expression": expression}, purpose,
-                     expect_number=float(answer)),
+            GoldStep(
+                "ocr",
+                {"image": name},
+                "read the values printed on the chart",
+                expect=expect,
+                expect_source=name,
+            ),
+            GoldStep(
+                "calculator", {"expression": expression}, purpose, expect_number=float(answer)
+            ),
         ],
         answer=GoldAnswer(value=numeric_value, kind="number", tolerance=0.01),
         answer_from=number_of(1),

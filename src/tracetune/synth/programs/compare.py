@@ -36,32 +36,49 @@ def _receipts(rng: random.Random) -> TaskDraft:
     steps = []
     for name, r in (("receipt_a.png", a), ("receipt_b.png", b)):
         expect = [cents(r.subtotal)] if printed else [cents(ln.total) for ln in r.lines]
-        steps.append(GoldStep("ocr", {"image": name}, f"read {name}", expect=expect,
-                              expect_source=name))
+        steps.append(
+            GoldStep("ocr", {"image": name}, f"read {name}", expect=expect, expect_source=name)
+        )
     if not printed:
         for label, r in (("a", a), ("b", b)):
-            steps.append(GoldStep(
-                "calculator", {"expression": " + ".join(cents(ln.total) for ln in r.lines)},
-                f"add up the lines of receipt {label}", expect_number=float(r.subtotal),
-            ))
+            steps.append(
+                GoldStep(
+                    "calculator",
+                    {"expression": " + ".join(cents(ln.total) for ln in r.lines)},
+                    f"add up the lines of receipt {label}",
+                    expect_number=float(r.subtotal),
+                )
+            )
     variant = rng.choice(["which", "difference"])
     if variant == "which" and not printed:
-        query = ("Two receipts are attached, neither with its total. Which store was paid "
-                 "more? Answer with the store name.")
-        answer = GoldAnswer(value=a.store if a.subtotal > b.subtotal else b.store,
-                            kind="choice")
+        query = (
+            "Two receipts are attached, neither with its total. Which store was paid "
+            "more? Answer with the store name."
+        )
+        answer = GoldAnswer(value=a.store if a.subtotal > b.subtotal else b.store, kind="choice")
         recipe = label_of_max([2, 3], [a.store, b.store])
-        return TaskDraft(query, files, steps, answer, recipe, variant="receipts_which",
-                         difficulty=3, metadata={"choices": [a.store, b.store]})
+        return TaskDraft(
+            query,
+            files,
+            steps,
+            answer,
+            recipe,
+            variant="receipts_which",
+            difficulty=3,
+            metadata={"choices": [a.store, b.store]},
+        )
     hi, lo = (a, b) if a.subtotal > b.subtotal else (b, a)
     diff = hi.subtotal - lo.subtotal
-    steps.append(GoldStep("calculator",
-                          {"expression": f"{cents(hi.subtotal)} - {cents(lo.subtotal)}"},
-                          "subtract the smaller total from the larger",
-                          expect_number=float(diff)))
+    steps.append(
+        GoldStep(
+            "calculator",
+            {"expression": f"{cents(hi.subtotal)} - {cents(lo.subtotal)}"},
+            "subtract the smaller total from the larger",
+            expect_number=float(diff),
+        )
+    )
     return TaskDraft(
-        query="Compare the two receipts. By how much does the larger total exceed the smaller "
-              "one?",
+        query="Compare the two receipts. By how much does the larger total exceed the smaller one?",
         files=files,
         steps=steps,
         answer=GoldAnswer(value=cents(diff), kind="number", tolerance=0.01),
@@ -74,34 +91,51 @@ def _receipts(rng: random.Random) -> TaskDraft:
 def _charts(rng: random.Random) -> TaskDraft:
     labels = rng.sample(rng.choice([CITIES, PRODUCTS]), rng.randint(4, 6))
     year = rng.randint(2019, 2023)
-    title, unit = rng.choice([("Sales", "units"), ("Visitors", "visitors"),
-                              ("Orders", "orders")])
+    title, unit = rng.choice([("Sales", "units"), ("Visitors", "visitors"), ("Orders", "orders")])
     first = rng.sample(range(100, 2000), len(labels))
     second = [max(50, v + rng.randint(-400, 600)) for v in first]
     k = rng.randrange(len(labels))
     if second[k] == first[k]:
         second[k] += 37
     files = [
-        ProgramFile(f"chart_{year}.png", bar_chart(rng, f"{title} {year}", labels, first, unit,
-                                                   horizontal=rng.random() < 0.5)),
-        ProgramFile(f"chart_{year + 1}.png", bar_chart(rng, f"{title} {year + 1}", labels,
-                                                       second, unit,
-                                                       horizontal=rng.random() < 0.5)),
+        ProgramFile(
+            f"chart_{year}.png",
+            bar_chart(rng, f"{title} {year}", labels, first, unit, horizontal=rng.random() < 0.5),
+        ),
+        ProgramFile(
+            f"chart_{year + 1}.png",
+            bar_chart(
+                rng, f"{title} {year + 1}", labels, second, unit, horizontal=rng.random() < 0.5
+            ),
+        ),
     ]
     change = Decimal(second[k] - first[k])
     steps = [
-        GoldStep("ocr", {"image": files[0].name}, f"read the {year} chart",
-                 expect=[labels[k], grouped(first[k])], expect_source=files[0].name),
-        GoldStep("ocr", {"image": files[1].name}, f"read the {year + 1} chart",
-                 expect=[labels[k], grouped(second[k])], expect_source=files[1].name),
-        GoldStep("calculator", {"expression": f"{second[k]} - {first[k]}"},
-                 f"subtract the {year} value from the {year + 1} value",
-                 expect_number=float(change)),
+        GoldStep(
+            "ocr",
+            {"image": files[0].name},
+            f"read the {year} chart",
+            expect=[labels[k], grouped(first[k])],
+            expect_source=files[0].name,
+        ),
+        GoldStep(
+            "ocr",
+            {"image": files[1].name},
+            f"read the {year + 1} chart",
+            expect=[labels[k], grouped(second[k])],
+            expect_source=files[1].name,
+        ),
+        GoldStep(
+            "calculator",
+            {"expression": f"{second[k]} - {first[k]}"},
+            f"subtract the {year} value from the {year + 1} value",
+            expect_number=float(change),
+        ),
     ]
     return TaskDraft(
         query=f"The two charts show {title.lower()} in {year} and {year + 1}. By how much did "
-              f"the value for {labels[k]} change from {year} to {year + 1}? Give a negative "
-              "number for a decrease.",
+        f"the value for {labels[k]} change from {year} to {year + 1}? Give a negative "
+        "number for a decrease.",
         files=files,
         steps=steps,
         answer=GoldAnswer(value=str(change), kind="number"),

@@ -11,10 +11,22 @@ from tracetune.synth.programs.base import GoldStep, ProgramFile, TaskDraft, numb
 from tracetune.synth.programs.render import docx_bytes, grouped, pdf_bytes, xlsx_bytes
 from tracetune.synth.programs.vocab import CITIES, DEPARTMENTS, LAST_NAMES, QUARTERS
 
-COMPANIES = ["Northwind Tools", "Bluepeak Foods", "Alder & Finch", "Corvid Systems",
-             "Marlow Textiles", "Kestrel Freight", "Orchid Labs", "Tallow Energy"]
-METRICS = [("revenue", "k EUR", (120, 2400)), ("orders", "orders", (300, 9000)),
-           ("new customers", "customers", (20, 900)), ("returns", "returns", (5, 400))]
+COMPANIES = [
+    "Northwind Tools",
+    "Bluepeak Foods",
+    "Alder & Finch",
+    "Corvid Systems",
+    "Marlow Textiles",
+    "Kestrel Freight",
+    "Orchid Labs",
+    "Tallow Energy",
+]
+METRICS = [
+    ("revenue", "k EUR", (120, 2400)),
+    ("orders", "orders", (300, 9000)),
+    ("new customers", "customers", (20, 900)),
+    ("returns", "returns", (5, 400)),
+]
 FILLER = [
     "This section summarises the figures reported by each branch.",
     "All amounts are unaudited and may be restated in the annual accounts.",
@@ -25,14 +37,24 @@ FILLER = [
 ]
 
 
-def _section_tables(rng: random.Random, years: list[int], branches: list[str],
-                    metric: tuple[str, str, tuple[int, int]]) -> dict[int, list[list[int]]]:
+def _section_tables(
+    rng: random.Random,
+    years: list[int],
+    branches: list[str],
+    metric: tuple[str, str, tuple[int, int]],
+) -> dict[int, list[list[int]]]:
     lo, hi = metric[2]
     return {y: [[rng.randint(lo, hi) for _ in QUARTERS] for _ in branches] for y in years}
 
 
-def _pdf(company: str, metric: tuple[str, str, Any], years: list[int], branches: list[str],
-         tables: dict[int, list[list[int]]], rng: random.Random) -> bytes:
+def _pdf(
+    company: str,
+    metric: tuple[str, str, Any],
+    years: list[int],
+    branches: list[str],
+    tables: dict[int, list[list[int]]],
+    rng: random.Random,
+) -> bytes:
     from matplotlib.figure import Figure
 
     pages = []
@@ -46,8 +68,9 @@ def _pdf(company: str, metric: tuple[str, str, Any], years: list[int], branches:
     columns = [0.1, 0.38, 0.52, 0.66, 0.80]
     for p, year in enumerate(years, start=2):
         page = Figure(figsize=(8.27, 11.69))
-        page.text(0.1, 0.9, f"{year}: {metric[0]} by branch ({metric[1]})", fontsize=16,
-                  weight="bold")
+        page.text(
+            0.1, 0.9, f"{year}: {metric[0]} by branch ({metric[1]})", fontsize=16, weight="bold"
+        )
         page.text(0.1, 0.86, rng.choice(FILLER), fontsize=10)
         y = 0.8
         for x, head in zip(columns, ["Branch", *QUARTERS], strict=True):
@@ -61,8 +84,14 @@ def _pdf(company: str, metric: tuple[str, str, Any], years: list[int], branches:
     return pdf_bytes(pages)
 
 
-def _docx(company: str, metric: tuple[str, str, Any], years: list[int], branches: list[str],
-          tables: dict[int, list[list[int]]], rng: random.Random) -> bytes:
+def _docx(
+    company: str,
+    metric: tuple[str, str, Any],
+    years: list[int],
+    branches: list[str],
+    tables: dict[int, list[list[int]]],
+    rng: random.Random,
+) -> bytes:
     blocks: list[tuple[str, Any]] = [
         ("heading", f"{company} branch report"),
         ("paragraph", " ".join(rng.sample(FILLER, 2))),
@@ -79,8 +108,12 @@ def _docx(company: str, metric: tuple[str, str, Any], years: list[int], branches
     return docx_bytes(blocks)
 
 
-def _xlsx(metric: tuple[str, str, Any], years: list[int], branches: list[str],
-          tables: dict[int, list[list[int]]]) -> bytes:
+def _xlsx(
+    metric: tuple[str, str, Any],
+    years: list[int],
+    branches: list[str],
+    tables: dict[int, list[list[int]]],
+) -> bytes:
     sheets = []
     for year in years:
         rows: list[list[Any]] = [[f"{metric[0]} ({metric[1]})"], ["Branch", *QUARTERS]]
@@ -108,16 +141,20 @@ def document_program(rng: random.Random) -> TaskDraft:
     if variant == "change":
         q1, q2 = sorted(rng.sample(range(4), 2))
         answer = Decimal(row[q2] - row[q1])
-        query = (f"In the attached {company} report, by how much did the {metric[0]} of the "
-                 f"{branches[b]} branch change from {QUARTERS[q1]} to {QUARTERS[q2]} {year}? "
-                 "Give a negative number for a decrease.")
+        query = (
+            f"In the attached {company} report, by how much did the {metric[0]} of the "
+            f"{branches[b]} branch change from {QUARTERS[q1]} to {QUARTERS[q2]} {year}? "
+            "Give a negative number for a decrease."
+        )
         expression = f"{row[q2]} - {row[q1]}"
         cells = [row[q1], row[q2]]
         purpose = "take the difference between the two quarters"
     elif variant == "year_total":
         answer = Decimal(sum(row))
-        query = (f"According to the attached report, what were the total {metric[0]} of the "
-                 f"{branches[b]} branch over all four quarters of {year}?")
+        query = (
+            f"According to the attached report, what were the total {metric[0]} of the "
+            f"{branches[b]} branch over all four quarters of {year}?"
+        )
         expression = " + ".join(str(v) for v in row)
         cells = row
         purpose = "add the four quarters"
@@ -126,8 +163,10 @@ def document_program(rng: random.Random) -> TaskDraft:
         others = [i for i in range(len(branches)) if i != b]
         c = rng.choice(others)
         answer = Decimal(row[q] + tables[year][c][q])
-        query = (f"Using the attached report, what were the combined {QUARTERS[q]} {year} "
-                 f"{metric[0]} of the {branches[b]} and {branches[c]} branches?")
+        query = (
+            f"Using the attached report, what were the combined {QUARTERS[q]} {year} "
+            f"{metric[0]} of the {branches[b]} and {branches[c]} branches?"
+        )
         expression = f"{row[q]} + {tables[year][c][q]}"
         cells = [row[q], tables[year][c][q]]
         purpose = "add the two branches"
@@ -144,10 +183,16 @@ def document_program(rng: random.Random) -> TaskDraft:
         query=query,
         files=[ProgramFile(name, data, f"a {len(years) + 1}-part {kind.upper()} report")],
         steps=[
-            GoldStep("inspect_file", {"path": name}, f"read the {kind.upper()} report",
-                     expect=expect, expect_source=name),
-            GoldStep("calculator", {"expression": expression}, purpose,
-                     expect_number=float(answer)),
+            GoldStep(
+                "inspect_file",
+                {"path": name},
+                f"read the {kind.upper()} report",
+                expect=expect,
+                expect_source=name,
+            ),
+            GoldStep(
+                "calculator", {"expression": expression}, purpose, expect_number=float(answer)
+            ),
         ],
         answer=GoldAnswer(value=str(answer), kind="number"),
         answer_from=number_of(1),
@@ -178,10 +223,19 @@ def staff_sheet_task(rng: random.Random) -> TaskDraft:
         query=query,
         files=[ProgramFile("staff.xlsx", xlsx_bytes(sheets), "a staff spreadsheet")],
         steps=[
-            GoldStep("inspect_file", {"path": "staff.xlsx"}, "read the spreadsheet",
-                     expect=[dept, *(str(v) for v in pay)], expect_source="staff.xlsx"),
-            GoldStep("calculator", {"expression": " + ".join(str(v) for v in pay)},
-                     f"add the {dept} salaries", expect_number=float(answer)),
+            GoldStep(
+                "inspect_file",
+                {"path": "staff.xlsx"},
+                "read the spreadsheet",
+                expect=[dept, *(str(v) for v in pay)],
+                expect_source="staff.xlsx",
+            ),
+            GoldStep(
+                "calculator",
+                {"expression": " + ".join(str(v) for v in pay)},
+                f"add the {dept} salaries",
+                expect_number=float(answer),
+            ),
         ],
         answer=GoldAnswer(value=str(answer), kind="number"),
         answer_from=number_of(1),

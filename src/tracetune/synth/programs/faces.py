@@ -41,8 +41,18 @@ from tracetune.synth.programs.vocab import CITIES, FIRST_NAMES, LAST_NAMES
 FACE_BOX = (178, 69, 270, 161)
 TILE = (540, 600)  # faces of ~105-125 px: the cascades find them reliably
 CAPTION_H = 44
-DISTRACTOR_CAPTIONS = ["Launch pad", "Mission patch", "Flag", "Harbour at dusk", "Old town",
-                       "Mountain trail", "Notice board", "Garden", "Skyline", "Workshop"]
+DISTRACTOR_CAPTIONS = [
+    "Launch pad",
+    "Mission patch",
+    "Flag",
+    "Harbour at dusk",
+    "Old town",
+    "Mountain trail",
+    "Notice board",
+    "Garden",
+    "Skyline",
+    "Workshop",
+]
 
 
 @functools.cache
@@ -93,16 +103,19 @@ def distractor(rng: random.Random, size: int) -> Image.Image:
             base = rng.randint(size // 2, size - size // 10)
             colour = rng.choice([(70, 110, 70), (90, 90, 110), (120, 100, 80)])
             peak = base - rng.randint(size // 6, size // 2)
-            draw.polygon([(0, size), (rng.randint(0, size), peak),
-                          (size, size)], fill=colour)
+            draw.polygon([(0, size), (rng.randint(0, size), peak), (size, size)], fill=colour)
         r = rng.randint(size // 16, size // 8)
         cx, cy = rng.randint(r, size - r), rng.randint(r, size // 3)
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=(250, 230, 120))
     elif kind == "card":
         style = random_style(rng, sizes=(size // 10, size // 7), bold_p=0.7)
         word = rng.choice(["OPEN", "EXIT", "SALE", "No. 7", "ROOM B", rng.choice(CITIES)])
-        draw.text(((size - text_width(word, style)) // 2, size // 2 - style.size), word,
-                  font=style.font, fill=ink(rng))
+        draw.text(
+            ((size - text_width(word, style)) // 2, size // 2 - style.size),
+            word,
+            font=style.font,
+            fill=ink(rng),
+        )
     else:
         for _ in range(rng.randint(3, 7)):
             w = rng.randint(size // 10, size // 3)
@@ -115,9 +128,13 @@ def distractor(rng: random.Random, size: int) -> Image.Image:
     return tile
 
 
-def collage(rng: random.Random, faces: int, others: int,
-            face_captions: list[str] | None = None, other_captions: list[str] | None = None,
-            ) -> tuple[Image.Image, list[tuple[int, int, int, int]], list[bool]]:
+def collage(
+    rng: random.Random,
+    faces: int,
+    others: int,
+    face_captions: list[str] | None = None,
+    other_captions: list[str] | None = None,
+) -> tuple[Image.Image, list[tuple[int, int, int, int]], list[bool]]:
     """Tiles on a grid in random order; returns the image, tile boxes and which hold faces.
 
     With captions, each face tile gets the next face caption and each other tile the next
@@ -152,8 +169,12 @@ def collage(rng: random.Random, faces: int, others: int,
         boxes.append((x, y, x + size, y + size))
         if captioned:
             text = next(face_text) if face else next(other_text)
-            draw.text((x + (size - text_width(text, style)) // 2, y + size + 8), text,
-                      font=style.font, fill=text_fill)
+            draw.text(
+                (x + (size - text_width(text, style)) // 2, y + size + 8),
+                text,
+                font=style.font,
+                fill=text_fill,
+            )
     return finish(canvas, rng, noise=rng.uniform(1, 4)), boxes, is_face
 
 
@@ -173,16 +194,23 @@ def faces_program(rng: random.Random) -> TaskDraft:
         crop = [x1 - 10, y2 + 1, x2 + 10, y2 + CAPTION_H + 10]  # margins help the OCR
         crop_name = "image_crop_step1_0.png"  # what the toolbox calls the crop of step 1
         steps = [
-            GoldStep("face_detection", {"image": name}, "find the tile with a face",
-                     expect_count=1),
-            GoldStep("image_crop", {"image": name, "box": crop},
-                     "crop the caption under that portrait"),
-            GoldStep("ocr", {"image": crop_name}, "read the caption", expect=[person],
-                     expect_source=f"the caption under the portrait in {name}"),
+            GoldStep(
+                "face_detection", {"image": name}, "find the tile with a face", expect_count=1
+            ),
+            GoldStep(
+                "image_crop", {"image": name, "box": crop}, "crop the caption under that portrait"
+            ),
+            GoldStep(
+                "ocr",
+                {"image": crop_name},
+                "read the caption",
+                expect=[person],
+                expect_source=f"the caption under the portrait in {name}",
+            ),
         ]
         return TaskDraft(
             query="Only one tile of this collage shows a person's face. What name is written "
-                  "under that photo?",
+            "under that photo?",
             files=[ProgramFile(name, jpeg_bytes(image), "a collage of captioned photos")],
             steps=steps,
             answer=GoldAnswer(value=person, kind="text"),
@@ -194,16 +222,17 @@ def faces_program(rng: random.Random) -> TaskDraft:
     faces = rng.randint(1, 4)
     others = rng.randint(1, 3)
     image, boxes, is_face = collage(rng, faces, others)
-    detect = GoldStep("face_detection", {"image": name}, "detect the faces",
-                      expect_count=faces)
+    detect = GoldStep("face_detection", {"image": name}, "detect the faces", expect_count=faces)
     files = [ProgramFile(name, jpeg_bytes(image), "a photo collage")]
     meta = {"faces": faces, "tiles": len(boxes)}
     if variant == "count":
         return TaskDraft(
-            query=rng.choice([
-                "How many human faces appear in this collage?",
-                "Count the people whose faces are visible in this image.",
-            ]),
+            query=rng.choice(
+                [
+                    "How many human faces appear in this collage?",
+                    "Count the people whose faces are visible in this image.",
+                ]
+            ),
             files=files,
             steps=[detect],
             answer=GoldAnswer(value=str(faces), kind="number"),
@@ -216,11 +245,17 @@ def faces_program(rng: random.Random) -> TaskDraft:
     answer = price * faces
     return TaskDraft(
         query=f"Everyone whose face is shown in this collage needs a ticket costing "
-              f"{cents(price)}. What do the tickets cost in total?",
+        f"{cents(price)}. What do the tickets cost in total?",
         files=files,
-        steps=[detect, GoldStep("calculator", {"expression": f"{faces} * {cents(price)}"},
-                                "multiply the number of people by the ticket price",
-                                expect_number=float(answer))],
+        steps=[
+            detect,
+            GoldStep(
+                "calculator",
+                {"expression": f"{faces} * {cents(price)}"},
+                "multiply the number of people by the ticket price",
+                expect_number=float(answer),
+            ),
+        ],
         answer=GoldAnswer(value=cents(answer), kind="number", tolerance=0.01),
         answer_from=number_of(1),
         variant=variant,

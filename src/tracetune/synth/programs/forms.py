@@ -56,10 +56,15 @@ def render_form(rng: random.Random, title: str, fields: list[tuple[str, str]]) -
         y = top + row * (box_h + 12)
         draw.rectangle((x, y, x + col_w, y + box_h), outline=colour, width=1)
         draw.text((x + 8, y + 5), key.upper(), font=label.font, fill=colour)
-        draw.text((x + 14 + rng.randint(0, 12), y + label.size + 12), val, font=value.font,
-                  fill=pen)
-    draw.text((margin, height - margin - 4), f"Form {rng.randint(100, 999)}-{rng.choice('ABC')}",
-              font=label.font, fill=colour)
+        draw.text(
+            (x + 14 + rng.randint(0, 12), y + label.size + 12), val, font=value.font, fill=pen
+        )
+    draw.text(
+        (margin, height - margin - 4),
+        f"Form {rng.randint(100, 999)}-{rng.choice('ABC')}",
+        font=label.font,
+        fill=colour,
+    )
     scribbles(draw, rng, (0, 0, img.width - 1, img.height - 1), rng.randint(0, 2))
     return finish(img, rng, noise=rng.uniform(2, 6))
 
@@ -80,10 +85,16 @@ def form_program(rng: random.Random) -> TaskDraft:
     if variant == "timesheet":
         hours = Decimal(rng.randint(30, 90)) / 2
         rate = round2(Decimal(rng.randint(1250, 4200)) / 100)
-        fields = [("Employee", _person(rng)), ("Week ending", _date(
-            dt.date(2024, 1, 5) + dt.timedelta(weeks=rng.randint(0, 50)), "iso")),
-            ("Hours worked", f"{hours}"), ("Hourly rate", cents(rate)),
-            ("Department", rng.choice(["Kitchen", "Front desk", "Warehouse", "Cleaning"]))]
+        fields = [
+            ("Employee", _person(rng)),
+            (
+                "Week ending",
+                _date(dt.date(2024, 1, 5) + dt.timedelta(weeks=rng.randint(0, 50)), "iso"),
+            ),
+            ("Hours worked", f"{hours}"),
+            ("Hourly rate", cents(rate)),
+            ("Department", rng.choice(["Kitchen", "Front desk", "Warehouse", "Cleaning"])),
+        ]
         answer = round2(hours * rate)
         query = "What is the gross pay for the week on this timesheet (hours times rate)?"
         expression = f"{hours} * {cents(rate)}"
@@ -95,28 +106,42 @@ def form_program(rng: random.Random) -> TaskDraft:
         born = dt.date(rng.randint(1950, 2004), rng.randint(1, 12), rng.randint(1, 28))
         signed = dt.date(rng.randint(2021, 2024), rng.randint(1, 12), rng.randint(1, 28))
         style = rng.choice(["iso", "eu", "long"])
-        fields = [("Full name", _person(rng)), ("Date of birth", _date(born, style)),
-                  ("City", rng.choice(CITIES)), ("Date signed", _date(signed, style)),
-                  ("Member no.", str(rng.randint(10000, 99999)))]
+        fields = [
+            ("Full name", _person(rng)),
+            ("Date of birth", _date(born, style)),
+            ("City", rng.choice(CITIES)),
+            ("Date signed", _date(signed, style)),
+            ("Member no.", str(rng.randint(10000, 99999))),
+        ]
         had_birthday = (signed.month, signed.day) >= (born.month, born.day)
         answer = Decimal(signed.year - born.year - (0 if had_birthday else 1))
         query = "How old was the applicant, in whole years, on the date the form was signed?"
         expression = f"{signed.year} - {born.year}" + ("" if had_birthday else " - 1")
         expect = [_date(born, style), _date(signed, style)]
-        purpose = ("subtract the birth year" if had_birthday else
-                   "subtract the birth year, minus one because the birthday had not come yet")
+        purpose = (
+            "subtract the birth year"
+            if had_birthday
+            else "subtract the birth year, minus one because the birthday had not come yet"
+        )
         title = rng.choice(["Membership Application", "Library Card Registration"])
         value = str(answer)
     else:
         weight = Decimal(rng.randint(5, 240)) / 10
         rate = round2(Decimal(rng.randint(150, 900)) / 100)
         fee = round2(Decimal(rng.randint(100, 600)) / 100)
-        fields = [("Sender", _person(rng)), ("Destination", rng.choice(CITIES)),
-                  ("Weight (kg)", f"{weight}"), ("Rate per kg", cents(rate)),
-                  ("Handling fee", cents(fee)), ("Street", rng.choice(STREETS))]
+        fields = [
+            ("Sender", _person(rng)),
+            ("Destination", rng.choice(CITIES)),
+            ("Weight (kg)", f"{weight}"),
+            ("Rate per kg", cents(rate)),
+            ("Handling fee", cents(fee)),
+            ("Street", rng.choice(STREETS)),
+        ]
         answer = round2(weight * rate + fee)
-        query = ("What is the shipping cost on this form: weight times the rate per kg, plus "
-                 "the handling fee?")
+        query = (
+            "What is the shipping cost on this form: weight times the rate per kg, plus "
+            "the handling fee?"
+        )
         expression = f"{weight} * {cents(rate)} + {cents(fee)}"
         expect = [str(weight), cents(rate), cents(fee)]
         purpose = "multiply weight by rate and add the fee"
@@ -127,13 +152,18 @@ def form_program(rng: random.Random) -> TaskDraft:
         query=query,
         files=[ProgramFile(name, png_bytes(image), f"a filled-in {title.lower()}")],
         steps=[
-            GoldStep("ocr", {"image": name}, "read the filled-in fields", expect=expect,
-                     expect_source=name),
-            GoldStep("calculator", {"expression": expression}, purpose,
-                     expect_number=float(answer)),
+            GoldStep(
+                "ocr",
+                {"image": name},
+                "read the filled-in fields",
+                expect=expect,
+                expect_source=name,
+            ),
+            GoldStep(
+                "calculator", {"expression": expression}, purpose, expect_number=float(answer)
+            ),
         ],
-        answer=GoldAnswer(value=value, kind="number",
-                          tolerance=None if variant == "age" else 0.01),
+        answer=GoldAnswer(value=value, kind="number", tolerance=None if variant == "age" else 0.01),
         answer_from=number_of(1),
         variant=variant,
         difficulty=2 if variant == "age" else 1 + (variant == "shipping"),
@@ -172,10 +202,13 @@ def render_sign(rng: random.Random, title: str, rows: list[tuple[str, str]]) -> 
         y += line_h
     # The sign hangs on a wall or pole: a textured backdrop with the sign off-centre.
     backdrop = rng.choice([(170, 165, 155), (120, 140, 160), (95, 110, 90), (200, 190, 170)])
-    canvas = Image.new("RGB", (width + rng.randint(60, 160), height + rng.randint(60, 140)),
-                       backdrop)
-    canvas.paste(sign, (rng.randint(10, canvas.width - width - 10),
-                        rng.randint(10, canvas.height - height - 10)))
+    canvas = Image.new(
+        "RGB", (width + rng.randint(60, 160), height + rng.randint(60, 140)), backdrop
+    )
+    canvas.paste(
+        sign,
+        (rng.randint(10, canvas.width - width - 10), rng.randint(10, canvas.height - height - 10)),
+    )
     return finish(canvas, rng, noise=rng.uniform(3, 8), blur=rng.choice([None, 0.5]))
 
 
@@ -195,9 +228,11 @@ def sign_program(rng: random.Random) -> TaskDraft:
         sat_open = Decimal(rng.choice([9, 10]))
         sat_close = sat_open + rng.choice([3, 4, 5, 6])
         sunday = rng.random() < 0.5
-        rows = [("Mon - Fri", f"{_clock(opens)} - {_clock(closes)}"),
-                ("Saturday", f"{_clock(sat_open)} - {_clock(sat_close)}"),
-                ("Sunday", f"{_clock(sat_open)} - {_clock(sat_close)}" if sunday else "Closed")]
+        rows = [
+            ("Mon - Fri", f"{_clock(opens)} - {_clock(closes)}"),
+            ("Saturday", f"{_clock(sat_open)} - {_clock(sat_close)}"),
+            ("Sunday", f"{_clock(sat_open)} - {_clock(sat_close)}" if sunday else "Closed"),
+        ]
         days_weekend = 2 if sunday else 1
         answer = (closes - opens) * 5 + (sat_close - sat_open) * days_weekend
         query = "According to the sign, how many hours per week is this place open?"
@@ -214,8 +249,10 @@ def sign_program(rng: random.Random) -> TaskDraft:
         rows = [(p, f"{k} km") for p, k in zip(places, kms, strict=True)]
         i, j = sorted(rng.sample(range(len(places)), 2))
         answer = Decimal(kms[j] - kms[i])
-        query = (f"This road sign lists places along the same road. How far is it from "
-                 f"{places[i]} to {places[j]}, in km?")
+        query = (
+            f"This road sign lists places along the same road. How far is it from "
+            f"{places[i]} to {places[j]}, in km?"
+        )
         expression = f"{kms[j]} - {kms[i]}"
         expect = [places[i], f"{kms[i]} km", places[j], f"{kms[j]} km"]
         purpose = "subtract the nearer distance from the farther one"
@@ -228,8 +265,10 @@ def sign_program(rng: random.Random) -> TaskDraft:
         a, b = rng.sample(range(len(drinks)), 2)
         qa, qb = rng.randint(2, 4), rng.randint(1, 3)
         answer = qa * prices[a] + qb * prices[b]
-        query = f"Using the prices on the menu board, what do {qa} {drinks[a]} and {qb} " \
-                f"{drinks[b]} cost together?"
+        query = (
+            f"Using the prices on the menu board, what do {qa} {drinks[a]} and {qb} "
+            f"{drinks[b]} cost together?"
+        )
         expression = f"{qa} * {cents(prices[a])} + {qb} * {cents(prices[b])}"
         expect = [drinks[a], cents(prices[a]), drinks[b], cents(prices[b])]
         purpose = "multiply each price by its quantity and add"
@@ -241,10 +280,10 @@ def sign_program(rng: random.Random) -> TaskDraft:
         query=query,
         files=[ProgramFile(name, png_bytes(image), f"a photo of a sign ({variant})")],
         steps=[
-            GoldStep("ocr", {"image": name}, "read the sign", expect=expect,
-                     expect_source=name),
-            GoldStep("calculator", {"expression": expression}, purpose,
-                     expect_number=float(answer)),
+            GoldStep("ocr", {"image": name}, "read the sign", expect=expect, expect_source=name),
+            GoldStep(
+                "calculator", {"expression": expression}, purpose, expect_number=float(answer)
+            ),
         ],
         answer=GoldAnswer(value=value, kind="number", tolerance=0.01, unit=unit),
         answer_from=number_of(1),

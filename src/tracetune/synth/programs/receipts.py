@@ -58,8 +58,9 @@ class Receipt:
         return money(value, *self.currency)
 
 
-def draw_receipt(rng: random.Random, n_lines: tuple[int, int] = (3, 6),
-                 store: str | None = None) -> Receipt:
+def draw_receipt(
+    rng: random.Random, n_lines: tuple[int, int] = (3, 6), store: str | None = None
+) -> Receipt:
     goods = rng.sample(GOODS, rng.randint(*n_lines))
     lines = []
     for name, low, high in goods:
@@ -81,8 +82,13 @@ def render_receipt(rng: random.Random, receipt: Receipt, torn: bool) -> Image.Im
 
     rows: list[tuple[str, str, TextStyle]] = []  # (left, right, style)
     rows.append((f"{rng.randint(10, 999)} {rng.choice(STREETS)}", "", small))
-    rows.append((f"2024-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
-                 f"{rng.randint(7, 21):02d}:{rng.randint(0, 59):02d}", small))
+    rows.append(
+        (
+            f"2024-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
+            f"{rng.randint(7, 21):02d}:{rng.randint(0, 59):02d}",
+            small,
+        )
+    )
     rows.append((f"Receipt #{rng.randint(10000, 99999)}", "", small))
     rows.append(("-" * 40, "", small))
     for line in receipt.lines:
@@ -109,8 +115,12 @@ def render_receipt(rng: random.Random, receipt: Receipt, torn: bool) -> Image.Im
     sheet = Image.new("RGB", (width, height), paper_rgb)
     draw = ImageDraw.Draw(sheet)
     title_w = text_width(receipt.store, head)
-    draw.text(((width - title_w) // 2 + rng.randint(-10, 10), margin), receipt.store,
-              font=head.font, fill=colour)
+    draw.text(
+        ((width - title_w) // 2 + rng.randint(-10, 10), margin),
+        receipt.store,
+        font=head.font,
+        fill=colour,
+    )
     y = margin + head.size + 20
     right = width - margin
     for left, value, st in rows:
@@ -158,10 +168,8 @@ QUERIES = {
         "Count the articles on the receipt, taking quantities like '3 x' into account.",
     ],
     "diff": [
-        "How much more does the most expensive line on the receipt cost than the cheapest "
-        "line?",
-        "What is the difference between the largest and the smallest line total on this "
-        "receipt?",
+        "How much more does the most expensive line on the receipt cost than the cheapest line?",
+        "What is the difference between the largest and the smallest line total on this receipt?",
     ],
 }
 
@@ -206,8 +214,9 @@ def receipt_program(rng: random.Random) -> TaskDraft:
         files=[ProgramFile(image_name, png_bytes(image), "a photographed shop receipt")],
         steps=[
             GoldStep("ocr", {"image": image_name}, read, expect=expect, expect_source=image_name),
-            GoldStep("calculator", {"expression": expression}, purpose,
-                     expect_number=float(answer)),
+            GoldStep(
+                "calculator", {"expression": expression}, purpose, expect_number=float(answer)
+            ),
         ],
         answer=GoldAnswer(
             value=cents(answer) if numeric else str(answer),

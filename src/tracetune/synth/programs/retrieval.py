@@ -40,14 +40,50 @@ CORPUS_NAME = "products.jsonl"
 CORPUS_REF = "tracetune:corpus_programs/products.jsonl"
 """How tasks name the corpus their search tool needs (resolved by ``resolve_corpus``)."""
 
-BRANDS = ["Zephyr", "Halden", "Korvo", "Mistral", "Brackwood", "Quillon", "Tessary", "Ombra",
-          "Velloc", "Durnell", "Askari", "Pellham"]
-KINDS = [("electric kettle", (0.9, 1.8)), ("desk lamp", (0.6, 2.4)), ("camping stove", (1.1, 3.2)),
-         ("hand blender", (0.7, 1.6)), ("rice cooker", (1.8, 4.5)), ("space heater", (2.0, 6.5)),
-         ("coffee grinder", (0.8, 2.2)), ("bike pump", (0.4, 1.3)), ("tool case", (1.5, 5.5)),
-         ("air purifier", (3.0, 8.0)), ("label printer", (0.5, 1.9)), ("tent light", (0.2, 0.8))]
-TOWNS = ["Varnholt", "Mirecourt", "Osterlee", "Calbridge", "Duneport", "Rennick", "Saltmere",
-         "Eastvale", "Kirrow", "Lowenbrook", "Tarsley", "Gullhaven", "Fennmoor", "Brisca"]
+BRANDS = [
+    "Zephyr",
+    "Halden",
+    "Korvo",
+    "Mistral",
+    "Brackwood",
+    "Quillon",
+    "Tessary",
+    "Ombra",
+    "Velloc",
+    "Durnell",
+    "Askari",
+    "Pellham",
+]
+KINDS = [
+    ("electric kettle", (0.9, 1.8)),
+    ("desk lamp", (0.6, 2.4)),
+    ("camping stove", (1.1, 3.2)),
+    ("hand blender", (0.7, 1.6)),
+    ("rice cooker", (1.8, 4.5)),
+    ("space heater", (2.0, 6.5)),
+    ("coffee grinder", (0.8, 2.2)),
+    ("bike pump", (0.4, 1.3)),
+    ("tool case", (1.5, 5.5)),
+    ("air purifier", (3.0, 8.0)),
+    ("label printer", (0.5, 1.9)),
+    ("tent light", (0.2, 0.8)),
+]
+TOWNS = [
+    "Varnholt",
+    "Mirecourt",
+    "Osterlee",
+    "Calbridge",
+    "Duneport",
+    "Rennick",
+    "Saltmere",
+    "Eastvale",
+    "Kirrow",
+    "Lowenbrook",
+    "Tarsley",
+    "Gullhaven",
+    "Fennmoor",
+    "Brisca",
+]
 CORPUS_SEED = 20240611
 CODE_LETTERS = "ACDEFHKMNPRTVWXY"  # no O/0, I/1, S/5, Z/2, B/8, G/6 look-alikes for OCR
 
@@ -71,12 +107,14 @@ class Product:
             f"The {self.brand} {self.kind} (model {self.code}) weighs {self.weight_kg} kg.",
             f"It is manufactured in {self.town} and was launched in {self.launched}.",
             f"Every unit carries a {self.warranty_years}-year warranty.",
-            rng.choice([
-                "Spare parts are sold separately.",
-                "The model is sold in three colours.",
-                "Reviewers praised its build quality.",
-                "It ships in recycled packaging.",
-            ]),
+            rng.choice(
+                [
+                    "Spare parts are sold separately.",
+                    "The model is sold in three colours.",
+                    "Reviewers praised its build quality.",
+                    "It ships in recycled packaging.",
+                ]
+            ),
         ]
         rng.shuffle(sentences)
         return " ".join(sentences)
@@ -92,15 +130,17 @@ def catalogue() -> tuple[Product, ...]:
     products = []
     for number, (brand, k) in zip(numbers, pairs, strict=True):
         kind, (lo, hi) = KINDS[k]
-        products.append(Product(
-            code="".join(rng.sample(CODE_LETTERS, 2)) + f"-{number}",
-            brand=brand,
-            kind=kind,
-            weight_kg=Decimal(f"{rng.uniform(lo, hi):.2f}"),
-            warranty_years=rng.choice([1, 2, 2, 3, 5]),
-            town=rng.choice(TOWNS),
-            launched=rng.randint(2012, 2023),
-        ))
+        products.append(
+            Product(
+                code="".join(rng.sample(CODE_LETTERS, 2)) + f"-{number}",
+                brand=brand,
+                kind=kind,
+                weight_kg=Decimal(f"{rng.uniform(lo, hi):.2f}"),
+                warranty_years=rng.choice([1, 2, 2, 3, 5]),
+                town=rng.choice(TOWNS),
+                launched=rng.randint(2012, 2023),
+            )
+        )
     return tuple(products)
 
 
@@ -170,22 +210,38 @@ def retrieval_program(rng: random.Random) -> TaskDraft:
         qty = [rng.randint(2, 6) for _ in picked]
         rows = [f"{p.code}  {p.brand} {p.kind}  x{q}" for p, q in zip(picked, qty, strict=True)]
         image = render_slip(rng, "PACKING SLIP", rows)
-        steps = [GoldStep("ocr", {"image": name}, "read the product codes and quantities",
-                          expect=[p.code for p in picked] + [f"x{q}" for q in qty],
-                          expect_source=name)]
+        steps = [
+            GoldStep(
+                "ocr",
+                {"image": name},
+                "read the product codes and quantities",
+                expect=[p.code for p in picked] + [f"x{q}" for q in qty],
+                expect_source=name,
+            )
+        ]
         for p in picked:
-            steps.append(GoldStep("search", {"query": f"{p.brand} {p.kind} {p.code} weight"},
-                                  f"look up the weight of {p.code}",
-                                  expect=[p.code, f"{p.weight_kg} kg"],
-                                  expect_source=CORPUS_NAME))
+            steps.append(
+                GoldStep(
+                    "search",
+                    {"query": f"{p.brand} {p.kind} {p.code} weight"},
+                    f"look up the weight of {p.code}",
+                    expect=[p.code, f"{p.weight_kg} kg"],
+                    expect_source=CORPUS_NAME,
+                )
+            )
         total = sum((p.weight_kg * q for p, q in zip(picked, qty, strict=True)), Decimal(0))
         expression = " + ".join(f"{q} * {p.weight_kg}" for p, q in zip(picked, qty, strict=True))
-        steps.append(GoldStep("calculator", {"expression": expression},
-                              "multiply each weight by its quantity and add",
-                              expect_number=float(total)))
+        steps.append(
+            GoldStep(
+                "calculator",
+                {"expression": expression},
+                "multiply each weight by its quantity and add",
+                expect_number=float(total),
+            )
+        )
         return TaskDraft(
             query=f"What is the total weight in kg of the goods on this packing slip? "
-                  f"{corpus_note}",
+            f"{corpus_note}",
             files=[ProgramFile(name, png_bytes(image), "a packing slip")],
             steps=steps,
             answer=GoldAnswer(value=f"{total}", kind="number", tolerance=0.01, unit="kg"),
@@ -196,17 +252,28 @@ def retrieval_program(rng: random.Random) -> TaskDraft:
         )
     product = rng.choice(products)
     bought = rng.randint(2019, 2024)
-    rows = [f"{product.brand} {product.kind}", f"Model {product.code}", f"Purchased {bought}",
-            f"Serial {rng.randint(10**7, 10**8)}"]
+    rows = [
+        f"{product.brand} {product.kind}",
+        f"Model {product.code}",
+        f"Purchased {bought}",
+        f"Serial {rng.randint(10**7, 10**8)}",
+    ]
     image = render_slip(rng, rng.choice(["PRODUCT LABEL", "SERVICE TAG"]), rows)
-    read = GoldStep("ocr", {"image": name}, "read the model code on the label",
-                    expect=[product.code] + ([str(bought)] if variant == "warranty" else []),
-                    expect_source=name)
+    read = GoldStep(
+        "ocr",
+        {"image": name},
+        "read the model code on the label",
+        expect=[product.code] + ([str(bought)] if variant == "warranty" else []),
+        expect_source=name,
+    )
     if variant == "origin":
-        look = GoldStep("search", {"query": f"{product.brand} {product.kind} {product.code} "
-                                           "manufactured in"},
-                        f"find where {product.code} is made",
-                        expect=[product.code, product.town], expect_source=CORPUS_NAME)
+        look = GoldStep(
+            "search",
+            {"query": f"{product.brand} {product.kind} {product.code} manufactured in"},
+            f"find where {product.code} is made",
+            expect=[product.code, product.town],
+            expect_source=CORPUS_NAME,
+        )
         return TaskDraft(
             query=f"In which town is the product on this label manufactured? {corpus_note}",
             files=[ProgramFile(name, png_bytes(image), "a product label")],
@@ -217,17 +284,23 @@ def retrieval_program(rng: random.Random) -> TaskDraft:
             difficulty=2,
             metadata={"search_corpus": CORPUS_REF},
         )
-    look = GoldStep("search", {"query": f"{product.brand} {product.kind} {product.code} "
-                                       "warranty"},
-                    f"find the warranty of {product.code}",
-                    expect=[product.code, f"{product.warranty_years}-year warranty"],
-                    expect_source=CORPUS_NAME)
+    look = GoldStep(
+        "search",
+        {"query": f"{product.brand} {product.kind} {product.code} warranty"},
+        f"find the warranty of {product.code}",
+        expect=[product.code, f"{product.warranty_years}-year warranty"],
+        expect_source=CORPUS_NAME,
+    )
     until = bought + product.warranty_years
-    calc = GoldStep("calculator", {"expression": f"{bought} + {product.warranty_years}"},
-                    "add the warranty years to the purchase year", expect_number=float(until))
+    calc = GoldStep(
+        "calculator",
+        {"expression": f"{bought} + {product.warranty_years}"},
+        "add the warranty years to the purchase year",
+        expect_number=float(until),
+    )
     return TaskDraft(
         query="The label shows when the product was bought. In which year does its warranty "
-              f"end? {corpus_note}",
+        f"end? {corpus_note}",
         files=[ProgramFile(name, png_bytes(image), "a product label")],
         steps=[read, look, calc],
         answer=GoldAnswer(value=str(until), kind="number"),

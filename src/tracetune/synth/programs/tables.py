@@ -26,16 +26,29 @@ from tracetune.synth.programs.vocab import CITIES, DEPARTMENTS, MONTHS, PRODUCTS
 SCHEMES = [
     ("Monthly sales (units)", "city", CITIES, MONTHS, (40, 980), 0),
     ("Revenue by quarter (k$)", "product", PRODUCTS, QUARTERS, (12, 480), 1),
-    ("Headcount by department", "department", DEPARTMENTS, ["2021", "2022", "2023", "2024"],
-     (3, 140), 0),
+    (
+        "Headcount by department",
+        "department",
+        DEPARTMENTS,
+        ["2021", "2022", "2023", "2024"],
+        (3, 140),
+        0,
+    ),
     ("Rainfall (mm)", "city", CITIES, MONTHS, (5, 260), 1),
-    ("Orders per region", "product", PRODUCTS, ["North", "South", "East", "West", "Central"],
-     (100, 4800), 0),
+    (
+        "Orders per region",
+        "product",
+        PRODUCTS,
+        ["North", "South", "East", "West", "Central"],
+        (100, 4800),
+        0,
+    ),
 ]
 
 
-def render_table(rng: random.Random, title: str, header: list[str], rows: list[list[str]],
-                 footnote: str) -> Image.Image:
+def render_table(
+    rng: random.Random, title: str, header: list[str], rows: list[list[str]], footnote: str
+) -> Image.Image:
     style = random_style(rng, sizes=(17, 21), families=("sans", "serif"), bold_p=0.0)
     bold = TextStyle(style.family, style.size, True)
     title_style = TextStyle(style.family, style.size + rng.randint(4, 8), True)
@@ -79,11 +92,11 @@ def render_table(rng: random.Random, title: str, header: list[str], rows: list[l
         for w in [0, *widths]:
             x += w
             draw.line((x, top, x, top + row_h * (len(rows) + 1)), fill=colour, width=1)
-        draw.rectangle((margin, top, width - margin, top + row_h * (len(rows) + 1)),
-                       outline=colour, width=1)
+        draw.rectangle(
+            (margin, top, width - margin, top + row_h * (len(rows) + 1)), outline=colour, width=1
+        )
     small = TextStyle(style.family, max(15, style.size - 3))
-    draw.text((margin, top + row_h * (len(rows) + 1) + 10), footnote, font=small.font,
-              fill=colour)
+    draw.text((margin, top + row_h * (len(rows) + 1) + 10), footnote, font=small.font, fill=colour)
     return finish(img, rng, noise=rng.uniform(1, 6))
 
 
@@ -92,7 +105,7 @@ QUERIES = {
     "diff": "According to the table, how much higher is the {col} value for {a} than for {b}?",
     "row_total": "What is the total of all {n} columns for the {noun} {a} in this table?",
     "column_mean": "What is the average {col} value across all rows of the table? Round to "
-                   "two decimals.",
+    "two decimals.",
 }
 
 
@@ -102,7 +115,7 @@ def table_program(rng: random.Random) -> TaskDraft:
     title, noun, row_pool, col_pool, (lo, hi), decimals = rng.choice(SCHEMES)
     n_cols = rng.randint(3, min(5, len(col_pool)))
     start = rng.randint(0, len(col_pool) - n_cols)
-    columns = col_pool[start:start + n_cols]
+    columns = col_pool[start : start + n_cols]
     names = rng.sample(row_pool, rng.randint(4, 7))
     scale = Decimal(10) ** -decimals
     values = [
@@ -146,11 +159,13 @@ def table_program(rng: random.Random) -> TaskDraft:
         expect = [columns[c], *(r[c + 1] for r in rows)]
         purpose = "average the column"
     query = QUERIES[variant].format(col=columns[c], a=names[i], b=names[j], n=n_cols, noun=noun)
-    footnote = rng.choice([
-        f"Source: internal report {rng.randint(2019, 2024)}",
-        f"Figures rounded; updated {rng.randint(1, 28)} {rng.choice(MONTHS)}",
-        f"Page {rng.randint(2, 19)} of {rng.randint(20, 40)}",
-    ])
+    footnote = rng.choice(
+        [
+            f"Source: internal report {rng.randint(2019, 2024)}",
+            f"Figures rounded; updated {rng.randint(1, 28)} {rng.choice(MONTHS)}",
+            f"Page {rng.randint(2, 19)} of {rng.randint(20, 40)}",
+        ]
+    )
     image = render_table(rng, title, header, rows, footnote)
     tolerance = 0.01 if (decimals or variant == "column_mean") else None
     value = f"{answer:.2f}" if variant == "column_mean" else f"{answer:.{decimals}f}"
@@ -158,10 +173,16 @@ def table_program(rng: random.Random) -> TaskDraft:
         query=query,
         files=[ProgramFile("table.png", png_bytes(image), f"a table: {title}")],
         steps=[
-            GoldStep("ocr", {"image": "table.png"}, "read the table cells", expect=expect,
-                     expect_source="table.png"),
-            GoldStep("calculator", {"expression": expression}, purpose,
-                     expect_number=float(answer)),
+            GoldStep(
+                "ocr",
+                {"image": "table.png"},
+                "read the table cells",
+                expect=expect,
+                expect_source="table.png",
+            ),
+            GoldStep(
+                "calculator", {"expression": expression}, purpose, expect_number=float(answer)
+            ),
         ],
         answer=GoldAnswer(value=value, kind="number", tolerance=tolerance),
         answer_from=number_of(1),

@@ -14,9 +14,33 @@ from typing import Any
 
 from tracetune.tools.spec import ToolError, ToolResult, tool
 
-_FUNCTIONS = ("sqrt", "exp", "log", "ln", "sin", "cos", "tan", "asin", "acos", "atan", "sinh",
-              "cosh", "tanh", "Abs", "abs", "floor", "ceiling", "factorial", "binomial", "root",
-              "Rational", "pi", "E", "I", "oo")
+_FUNCTIONS = (
+    "sqrt",
+    "exp",
+    "log",
+    "ln",
+    "sin",
+    "cos",
+    "tan",
+    "asin",
+    "acos",
+    "atan",
+    "sinh",
+    "cosh",
+    "tanh",
+    "Abs",
+    "abs",
+    "floor",
+    "ceiling",
+    "factorial",
+    "binomial",
+    "root",
+    "Rational",
+    "pi",
+    "E",
+    "I",
+    "oo",
+)
 _FORBIDDEN = re.compile(r"__|\.\s*[A-Za-z_]|\blambda\b|['\"`;\\]|\bimport\b|:=")
 _MAX_LEN = 2000
 
@@ -45,20 +69,24 @@ def _parse(text: str, ns: dict[str, Any]) -> Any:
         raise ToolError(f"expression is longer than {_MAX_LEN} characters")
     if _FORBIDDEN.search(text):
         raise ToolError(f"unsupported syntax in {text!r}: write plain maths such as 2*x + 3")
-    transformations = standard_transformations + (implicit_multiplication_application,
-                                                  convert_xor)
+    transformations = standard_transformations + (implicit_multiplication_application, convert_xor)
     # parse_expr evaluates the code it generates. The globals hold only the constructors
     # that generated code calls, builtins are gone, and the screen above rejects attribute
     # access and string literals, so only maths is reachable.
     import sympy
 
     global_dict: dict[str, Any] = {
-        "__builtins__": {}, "Integer": sympy.Integer, "Float": sympy.Float,
-        "Rational": sympy.Rational, "Symbol": sympy.Symbol, "Function": sympy.Function,
+        "__builtins__": {},
+        "Integer": sympy.Integer,
+        "Float": sympy.Float,
+        "Rational": sympy.Rational,
+        "Symbol": sympy.Symbol,
+        "Function": sympy.Function,
     }
     try:
-        return parse_expr(text, local_dict=dict(ns), global_dict=global_dict,
-                          transformations=transformations)
+        return parse_expr(
+            text, local_dict=dict(ns), global_dict=global_dict, transformations=transformations
+        )
     except (SyntaxError, TypeError, NameError, ValueError, AttributeError, TokenError) as exc:
         raise ToolError(f"cannot parse {text!r}: {exc.__class__.__name__}: {exc}") from exc
 

@@ -86,10 +86,13 @@ class ObjectLocalization(TypedTool):
         def load() -> tuple[Any, Any]:
             from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
-            processor = load_pretrained("processor", model_id, self.name,
-                                        lambda: AutoProcessor.from_pretrained(model_id))
+            processor = load_pretrained(
+                "processor", model_id, self.name, lambda: AutoProcessor.from_pretrained(model_id)
+            )
             model = load_pretrained(
-                "model", model_id, self.name,
+                "model",
+                model_id,
+                self.name,
                 lambda: AutoModelForZeroShotObjectDetection.from_pretrained(model_id),
             )
             return processor, model.to(device).eval()
@@ -121,7 +124,8 @@ class ObjectLocalization(TypedTool):
                 inputs = processor(images=img, text=prompt, return_tensors="pt").to(device)
                 outputs = model(**inputs)
                 result = processor.post_process_grounded_object_detection(
-                    outputs, input_ids=inputs["input_ids"],
+                    outputs,
+                    input_ids=inputs["input_ids"],
                     threshold=float(options.get("threshold", 0.3)),
                     text_threshold=float(options.get("text_threshold", 0.25)),
                     target_sizes=[(img.height, img.width)],
@@ -135,7 +139,8 @@ class ObjectLocalization(TypedTool):
                 # that square, so scale by the longer side and clip.
                 side = max(img.size) if family == "owlv2" else None
                 result = processor.post_process_grounded_object_detection(
-                    outputs, threshold=float(options.get("threshold", 0.1)),
+                    outputs,
+                    threshold=float(options.get("threshold", 0.1)),
                     target_sizes=[(side, side) if side else (img.height, img.width)],
                     text_labels=[queries],
                 )[0]
@@ -156,13 +161,20 @@ class ObjectLocalization(TypedTool):
             idx = np.array([i for i, lab in enumerate(labels) if lab == label])
             for k in nms(boxes[idx], scores[idx]):
                 i = int(idx[k])
-                found.append({"label": label, "box": [round(float(v)) for v in boxes[i]],
-                              "score": round(float(scores[i]), 4)})
+                found.append(
+                    {
+                        "label": label,
+                        "box": [round(float(v)) for v in boxes[i]],
+                        "score": round(float(scores[i]), 4),
+                    }
+                )
         found.sort(key=lambda d: -d["score"])
         found = found[: int(options.get("max_detections", 20))]
         if found:
-            text_out = "; ".join(f"{d['label']}: [{', '.join(map(str, d['box']))}] "
-                                 f"score {d['score']:.2f}" for d in found)
+            text_out = "; ".join(
+                f"{d['label']}: [{', '.join(map(str, d['box']))}] score {d['score']:.2f}"
+                for d in found
+            )
         else:
             text_out = f"nothing found for: {', '.join(queries)}"
         return ToolResult(text=text_out, data={"objects": found, "model": model_id})
@@ -179,10 +191,12 @@ class Segmentation(TypedTool):
         def load() -> tuple[Any, Any]:
             from transformers import AutoProcessor, SamModel
 
-            processor = load_pretrained("processor", model_id, self.name,
-                                        lambda: AutoProcessor.from_pretrained(model_id))
-            model = load_pretrained("model", model_id, self.name,
-                                    lambda: _from_pretrained(SamModel, model_id))
+            processor = load_pretrained(
+                "processor", model_id, self.name, lambda: AutoProcessor.from_pretrained(model_id)
+            )
+            model = load_pretrained(
+                "model", model_id, self.name, lambda: _from_pretrained(SamModel, model_id)
+            )
             return processor, model.to(device).eval()
 
         return self.cached((model_id, device), load)
@@ -230,7 +244,8 @@ class Segmentation(TypedTool):
         with torch.inference_mode():
             outputs = model(**inputs, multimask_output=multimask)
         masks = processor.image_processor.post_process_masks(
-            outputs.pred_masks.cpu(), inputs["original_sizes"].cpu(),
+            outputs.pred_masks.cpu(),
+            inputs["original_sizes"].cpu(),
             inputs["reshaped_input_sizes"].cpu(),
         )[0][0]  # (num_masks, H, W) for the first image and prompt
         ious = outputs.iou_scores[0, 0].float().cpu()
@@ -246,14 +261,21 @@ class Segmentation(TypedTool):
         tint = Image.new("RGB", img.size, (30, 144, 255))
         overlay.paste(Image.blend(img, tint, 0.5), mask=mask_img)
         share = area / (img.width * img.height)
-        text = (f"mask covers {share:.1%} of the image" +
-                (f", bounding box [{', '.join(map(str, bbox))}]" if bbox else " (empty mask)") +
-                f", predicted IoU {float(ious[best]):.2f}")
+        text = (
+            f"mask covers {share:.1%} of the image"
+            + (f", bounding box [{', '.join(map(str, bbox))}]" if bbox else " (empty mask)")
+            + f", predicted IoU {float(ious[best]):.2f}"
+        )
         return ToolResult(
             text=text,
             images=[overlay, mask_img],
-            data={"area": area, "fraction": round(share, 6), "bbox": bbox,
-                  "score": round(float(ious[best]), 4), "model": model_id},
+            data={
+                "area": area,
+                "fraction": round(share, 6),
+                "bbox": bbox,
+                "score": round(float(ious[best]), 4),
+                "model": model_id,
+            },
         )
 
 

@@ -63,8 +63,9 @@ class _DiffusionTool(TypedTool):
         dtype = _dtype(options, device)
 
         def load() -> Any:
-            pipe = load_pretrained("pipeline", model_id, self.name,
-                                   lambda: self._load(model_id, dtype))
+            pipe = load_pretrained(
+                "pipeline", model_id, self.name, lambda: self._load(model_id, dtype)
+            )
             pipe.set_progress_bar_config(disable=True)
             return pipe.to(device)
 
@@ -111,8 +112,12 @@ class ImageGeneration(_DiffusionTool):
         return ToolResult(
             text=f"generated a {image.width}x{image.height} image",
             images=[image],
-            data={"model": model_id, "size": [image.width, image.height],
-                  "steps": kwargs["num_inference_steps"], "seed": int(options.get("seed", 0))},
+            data={
+                "model": model_id,
+                "size": [image.width, image.height],
+                "steps": kwargs["num_inference_steps"],
+                "seed": int(options.get("seed", 0)),
+            },
         )
 
 
@@ -167,8 +172,12 @@ class ImageEdit(_DiffusionTool):
         return ToolResult(
             text=f"edited the image ({instruction.strip()!r})",
             images=[edited],
-            data={"model": model_id, "size": [edited.width, edited.height],
-                  "steps": kwargs["num_inference_steps"], "seed": int(options.get("seed", 0))},
+            data={
+                "model": model_id,
+                "size": [edited.width, edited.height],
+                "steps": kwargs["num_inference_steps"],
+                "seed": int(options.get("seed", 0)),
+            },
         )
 
 

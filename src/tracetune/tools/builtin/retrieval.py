@@ -60,13 +60,14 @@ def read_documents(corpus: Path) -> list[dict[str, str]]:
         return _folder_documents(corpus.parent, only=corpus)
     raise ToolError(
         f"search corpus {str(corpus)!r} must be a folder of .txt/.md/.pdf files or a .jsonl "
-        "file of {\"text\": ...} documents"
+        'file of {"text": ...} documents'
     )
 
 
 def _corpus_files(root: Path) -> list[Path]:
     return sorted(
-        p for p in root.rglob("*")
+        p
+        for p in root.rglob("*")
         if p.is_file() and p.suffix.lower() in CORPUS_SUFFIXES and not p.name.startswith(".")
     )
 
@@ -88,12 +89,14 @@ def _folder_documents(root: Path, only: Path | None = None) -> list[dict[str, st
             text = path.read_text(encoding="utf-8", errors="replace")
         heading = re.search(r"^#\s+(.+)$", text, flags=re.M)
         rel = path.relative_to(root).as_posix()
-        docs.append({
-            "id": rel,
-            "title": heading.group(1).strip() if heading else path.stem.replace("_", " "),
-            "text": text,
-            "source": str(path),
-        })
+        docs.append(
+            {
+                "id": rel,
+                "title": heading.group(1).strip() if heading else path.stem.replace("_", " "),
+                "text": text,
+                "source": str(path),
+            }
+        )
     return docs
 
 
@@ -113,12 +116,14 @@ def _jsonl_documents(path: Path) -> list[dict[str, str]]:
                     "(and optional 'id', 'title', 'source')"
                 )
             doc_id = str(record.get("id", number))
-            docs.append({
-                "id": doc_id,
-                "title": str(record.get("title") or ""),
-                "text": record["text"],
-                "source": str(record.get("source") or f"{path.name}#{doc_id}"),
-            })
+            docs.append(
+                {
+                    "id": doc_id,
+                    "title": str(record.get("title") or ""),
+                    "text": record["text"],
+                    "source": str(record.get("source") or f"{path.name}#{doc_id}"),
+                }
+            )
     if not docs:
         raise ToolError(f"search corpus {str(path)!r} has no documents")
     return docs
@@ -143,7 +148,7 @@ def split_passages(text: str, max_words: int = 120, overlap: int = 30) -> list[s
                 current = []
             step = max_words - overlap
             for start in range(0, len(words), step):
-                passages.append(" ".join(words[start:start + max_words]))
+                passages.append(" ".join(words[start : start + max_words]))
                 if start + max_words >= len(words):
                     break
             continue
@@ -183,8 +188,9 @@ def _tokenize(texts: list[str]) -> list[list[str]]:
 class CorpusIndex:
     """BM25 and embedding indexes over one corpus's passages."""
 
-    def __init__(self, passages: list[Passage], embedder: Any = None,
-                 cache_dir: Path | None = None) -> None:
+    def __init__(
+        self, passages: list[Passage], embedder: Any = None, cache_dir: Path | None = None
+    ) -> None:
         import bm25s  # type: ignore[import-untyped]
 
         if not passages:
@@ -207,9 +213,12 @@ class CorpusIndex:
             emb = np.load(cached)
             if emb.shape[0] == len(texts):
                 return emb
-        emb = np.asarray(self.embedder.encode(
-            texts, batch_size=32, normalize_embeddings=True, show_progress_bar=False
-        ), dtype=np.float32)
+        emb = np.asarray(
+            self.embedder.encode(
+                texts, batch_size=32, normalize_embeddings=True, show_progress_bar=False
+            ),
+            dtype=np.float32,
+        )
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             tmp = cached.with_suffix(".tmp.npy")
@@ -228,14 +237,17 @@ class CorpusIndex:
     def dense_ranking(self, query: str, depth: int) -> list[int]:
         if self.embeddings is None:
             return []
-        q = np.asarray(self.embedder.encode([query], normalize_embeddings=True,
-                                            show_progress_bar=False), dtype=np.float32)[0]
+        q = np.asarray(
+            self.embedder.encode([query], normalize_embeddings=True, show_progress_bar=False),
+            dtype=np.float32,
+        )[0]
         sims = self.embeddings @ q
         order = np.argsort(-sims)[:depth]
         return [int(i) for i in order]
 
-    def search(self, query: str, top_k: int = 3, mode: str = "hybrid",
-               rrf_k: int = 60) -> list[dict[str, Any]]:
+    def search(
+        self, query: str, top_k: int = 3, mode: str = "hybrid", rrf_k: int = 60
+    ) -> list[dict[str, Any]]:
         depth = max(50, top_k * 10)
         lexical = self.bm25_ranking(query, depth) if mode in ("hybrid", "bm25") else []
         dense = self.dense_ranking(query, depth) if mode in ("hybrid", "dense") else []
@@ -312,8 +324,9 @@ class Search(TypedTool):
             from tracetune.tools.builtin.websearch import web_search
 
             hits = web_search(backend, query, top_k, options)
-            return ToolResult(text=format_hits(hits) or "no results",
-                              data={"backend": backend, "results": hits})
+            return ToolResult(
+                text=format_hits(hits) or "no results", data={"backend": backend, "results": hits}
+            )
         if not options.get("corpus"):
             raise ToolError(
                 "search has no corpus configured: set options['search']['corpus'] to a folder "
@@ -327,8 +340,10 @@ class Search(TypedTool):
         hits = self.index(corpus, options).search(
             query, top_k, mode=mode, rrf_k=int(options.get("rrf_k", 60))
         )
-        return ToolResult(text=format_hits(hits) or "no relevant passages found",
-                          data={"backend": "local", "corpus": str(corpus), "results": hits})
+        return ToolResult(
+            text=format_hits(hits) or "no relevant passages found",
+            data={"backend": "local", "corpus": str(corpus), "results": hits},
+        )
 
 
 search = register_tool(Search())

@@ -69,11 +69,13 @@ class OCR(TypedTool):
         if out.boxes is not None and out.txts:
             for poly, text, score in zip(out.boxes, out.txts, out.scores, strict=True):
                 xs, ys = [float(p[0]) for p in poly], [float(p[1]) for p in poly]
-                lines.append({
-                    "text": str(text),
-                    "box": [round(min(xs)), round(min(ys)), round(max(xs)), round(max(ys))],
-                    "score": round(float(score), 4),
-                })
+                lines.append(
+                    {
+                        "text": str(text),
+                        "box": [round(min(xs)), round(min(ys)), round(max(xs)), round(max(ys))],
+                        "score": round(float(score), 4),
+                    }
+                )
         min_score = float(options.get("min_score", 0.5))
         lines = [line for line in lines if line["score"] >= min_score]
         rows = reading_order(lines)
@@ -137,8 +139,9 @@ class FaceDetection(TypedTool):
         img = ctx.image(image).convert("L")
         shrink = min(1.0, int(options.get("max_side", 1280)) / max(img.size))
         if shrink < 1.0:
-            img = img.resize((round(img.width * shrink), round(img.height * shrink)),
-                             Image.Resampling.BILINEAR)
+            img = img.resize(
+                (round(img.width * shrink), round(img.height * shrink)), Image.Resampling.BILINEAR
+            )
         gray = cv2.equalizeHist(np.asarray(img))
         min_side = max(20, round(float(options.get("min_size", 0.05)) * min(gray.shape)))
         scale = float(options.get("scale_factor", 1.1))
@@ -162,8 +165,9 @@ class FaceDetection(TypedTool):
         else:
             listed = "; ".join(f"[{', '.join(map(str, b))}]" for b in faces)
             text = f"{len(faces)} face{'s' if len(faces) != 1 else ''} found: {listed}"
-        return ToolResult(text=text, data={"faces": [{"box": b} for b in faces],
-                                           "count": len(faces)})
+        return ToolResult(
+            text=text, data={"faces": [{"box": b} for b in faces], "count": len(faces)}
+        )
 
 
 face_detection = register_tool(FaceDetection())
@@ -230,8 +234,9 @@ def draw_box(
     )
 
 
-_ANCHORS = Literal["top-left", "top", "top-right", "center", "bottom-left", "bottom",
-                   "bottom-right"]
+_ANCHORS = Literal[
+    "top-left", "top", "top-right", "center", "bottom-left", "bottom", "bottom-right"
+]
 
 
 @tool(output_type="image")
@@ -277,8 +282,9 @@ def add_text(
         y = next((vertical[p] for p in parts if p in vertical), (img.height - th) / 2)
     stroke = max(1, round(face.size / 15)) if hasattr(face, "size") else 1
     try:
-        draw.multiline_text((x, y - top), text, fill=color, font=face, stroke_width=stroke,
-                            stroke_fill="black")
+        draw.multiline_text(
+            (x, y - top), text, fill=color, font=face, stroke_width=stroke, stroke_fill="black"
+        )
     except ValueError:
         raise ToolError(f"unknown colour {color!r}; use a name like 'red' or a hex code") from None
     return ToolResult(

@@ -32,8 +32,10 @@ def _fit(img: Image.Image, max_side: int) -> Image.Image:
     if max(img.size) <= max_side:
         return img
     scale = max_side / max(img.size)
-    return img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
-                      Image.Resampling.LANCZOS)
+    return img.resize(
+        (max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+        Image.Resampling.LANCZOS,
+    )
 
 
 async def ask_about_image(ctx: ToolContext, tool_name: str, image: str, prompt: str) -> str:
@@ -43,10 +45,15 @@ async def ask_about_image(ctx: ToolContext, tool_name: str, image: str, prompt: 
     model = _require_model(ctx, tool_name)
     options = tool_options(ctx, tool_name)
     img = _fit(ctx.image(image), int(options.get("max_side", 1024)))
-    messages = [{"role": "user", "content": [
-        {"type": "image", "image": img},
-        {"type": "text", "text": prompt},
-    ]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": img},
+                {"type": "text", "text": prompt},
+            ],
+        }
+    ]
     generation = await model.generate(
         messages, sampling=Sampling(temperature=0.0, max_tokens=int(options.get("max_tokens", 256)))
     )

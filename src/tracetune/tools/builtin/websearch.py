@@ -34,8 +34,12 @@ def _env(options: dict[str, Any], default: str, what: str, backend: str) -> str:
 
 def _hits(items: list[dict[str, Any]], title: str, url: str, text: str, top_k: int) -> list[Hit]:
     return [
-        {"title": str(item.get(title) or ""), "url": str(item.get(url) or ""),
-         "source": str(item.get(url) or ""), "text": str(item.get(text) or "")}
+        {
+            "title": str(item.get(title) or ""),
+            "url": str(item.get(url) or ""),
+            "source": str(item.get(url) or ""),
+            "text": str(item.get(text) or ""),
+        }
         for item in items[:top_k]
         if isinstance(item, dict)
     ]
@@ -66,8 +70,12 @@ def _serper(client: httpx.Client, query: str, top_k: int, options: dict[str, Any
 
 def _google(client: httpx.Client, query: str, top_k: int, options: dict[str, Any]) -> list[Hit]:
     key = _env(options, "GOOGLE_API_KEY", "an API key", "google")
-    engine = _env({"api_key_env": options.get("cse_id_env")}, "GOOGLE_CSE_ID",
-                  "a Programmable Search Engine id (cx)", "google")
+    engine = _env(
+        {"api_key_env": options.get("cse_id_env")},
+        "GOOGLE_CSE_ID",
+        "a Programmable Search Engine id (cx)",
+        "google",
+    )
     response = client.get(
         "https://www.googleapis.com/customsearch/v1",
         params={"key": key, "cx": engine, "q": query, "num": min(top_k, 10)},
@@ -84,8 +92,9 @@ def _brave(client: httpx.Client, query: str, top_k: int, options: dict[str, Any]
         params={"q": query, "count": min(top_k, 20)},
     )
     response.raise_for_status()
-    return _hits(response.json().get("web", {}).get("results", []), "title", "url",
-                 "description", top_k)
+    return _hits(
+        response.json().get("web", {}).get("results", []), "title", "url", "description", top_k
+    )
 
 
 BACKENDS: dict[str, Callable[[httpx.Client, str, int, dict[str, Any]], list[Hit]]] = {
@@ -96,13 +105,16 @@ BACKENDS: dict[str, Callable[[httpx.Client, str, int, dict[str, Any]], list[Hit]
 }
 
 
-def web_search(backend: str, query: str, top_k: int, options: dict[str, Any],
-               transport: httpx.BaseTransport | None = None) -> list[Hit]:
+def web_search(
+    backend: str,
+    query: str,
+    top_k: int,
+    options: dict[str, Any],
+    transport: httpx.BaseTransport | None = None,
+) -> list[Hit]:
     """Query one web backend and return ``[{title, url, source, text}]``."""
     if backend not in BACKENDS:
-        raise ToolError(
-            f"unknown search backend {backend!r}; choose local, {', '.join(BACKENDS)}"
-        )
+        raise ToolError(f"unknown search backend {backend!r}; choose local, {', '.join(BACKENDS)}")
     timeout = float(options.get("timeout_s", 20.0))
     try:
         with httpx.Client(timeout=timeout, transport=transport, follow_redirects=True) as client:
