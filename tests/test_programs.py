@@ -136,11 +136,19 @@ def test_tasks_cover_every_family_with_readable_files(tasks_dir: Path) -> None:
     assert {t.gold.kind for t in tasks if t.gold} >= {"number", "text"}
 
 
-def test_same_seed_gives_byte_identical_datasets_and_other_seeds_differ(
+def test_same_seed_gives_the_same_records_and_asset_bytes_and_other_seeds_differ(
     tasks_dir: Path, tmp_path: Path
 ) -> None:
     again = generate(tmp_path / "again")
-    assert _files(tmp_path / "again") == _files(tasks_dir)  # Parquet chunks and every asset
+    # Every asset byte for byte, and the same records in the same order. (Where the Parquet
+    # chunks split is not compared: chunks also close on a timer, so a loaded machine splits
+    # the same records differently.)
+    assets = {k: v for k, v in _files(tasks_dir).items() if k.startswith("assets/")}
+    assert (
+        assets
+        and {k: v for k, v in _files(tmp_path / "again").items() if k.startswith("assets/")}
+        == assets
+    )
     assert again.records() == Dataset.open(tasks_dir, Task).records()
     other = generate(tmp_path / "other", N, 8)
     first = Dataset.open(tasks_dir, Task)
