@@ -12,6 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
+from tracetune.cli._attach import attach_options
+
 # Commands whose stages process items: (group, command); "*" is every command of the group
 # but those that only read (stats, report, render).
 TARGETS: tuple[tuple[str, str], ...] = (
@@ -102,37 +104,7 @@ def _template(
     """Carries the executor options (never run)."""
 
 
-def executor_options() -> list[Any]:
-    """Fresh option objects (an option belongs to one command), built by typer as the
-    commands' own options are."""
-    holder = typer.Typer()
-    holder.command()(_template)
-    return list(typer.main.get_command(holder).params)
-
-
-def _add(command: Any) -> None:
-    if any(p.name == "executor" for p in command.params):
-        return
-    command.params.extend(executor_options())
-
-
 def add_executor_options(root: Any) -> list[str]:
     """Give the item-processing commands under ``root`` the executor options; returns the
     commands that got them (``group command``)."""
-    added = []
-    for group_name, command_name in TARGETS:
-        target = root.commands.get(group_name)
-        if target is None:
-            continue
-        if not command_name:
-            _add(target)
-            added.append(group_name)
-            continue
-        if not hasattr(target, "commands"):
-            continue
-        for name, command in target.commands.items():
-            if (command_name == "*" and name not in READ_ONLY) or name == command_name:
-                if not hasattr(command, "commands"):
-                    _add(command)
-                    added.append(f"{group_name} {name}")
-    return added
+    return attach_options(root, TARGETS, READ_ONLY, _template, "executor")

@@ -13,6 +13,8 @@ from typing import Annotated, Any
 
 import typer
 
+from tracetune.cli._attach import attach_options
+
 # Commands that load tools: (group, command); "*" is every command of the group.
 TARGETS: tuple[tuple[str, str], ...] = (
     ("tools", "list"),
@@ -73,34 +75,7 @@ def _template(
     """Carries the --mcp option (never run)."""
 
 
-def mcp_options() -> list[Any]:
-    """A fresh ``--mcp`` option (an option object belongs to one command)."""
-    holder = typer.Typer()
-    holder.command()(_template)
-    return list(typer.main.get_command(holder).params)
-
-
-def _add(command: Any) -> None:
-    if any(p.name == "mcp" for p in command.params):
-        return
-    command.params.extend(mcp_options())
-
-
 def add_mcp_options(root: Any) -> list[str]:
     """Give the commands under ``root`` that load tools the ``--mcp`` option; returns the
     commands that got it (``group command``)."""
-    added = []
-    for group_name, command_name in TARGETS:
-        target = root.commands.get(group_name)
-        if target is None:
-            continue
-        if not command_name:
-            _add(target)
-            added.append(group_name)
-            continue
-        for name, command in getattr(target, "commands", {}).items():
-            if (command_name == "*" and name not in READ_ONLY) or name == command_name:
-                if not hasattr(command, "commands"):
-                    _add(command)
-                    added.append(f"{group_name} {name}")
-    return added
+    return attach_options(root, TARGETS, READ_ONLY, _template, "mcp")
