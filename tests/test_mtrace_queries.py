@@ -302,7 +302,7 @@ def test_filter_interrupted_anywhere_and_resumed_keeps_the_same_queries(
 
     reference = outcome(run)
     assert len(reference[0]) == 4 and len(reference[1]) == 4
-    real = queries_mod.max_similarity
+    real = queries_mod.QueryFilter.decide_one
     for crash_at in range(1, 9):
         trial = tmp_path / f"crash{crash_at}"
         trial.mkdir()
@@ -311,17 +311,17 @@ def test_filter_interrupted_anywhere_and_resumed_keeps_the_same_queries(
 
         def crashing(*args: object, _at: int = crash_at, calls: dict[str, int] = calls) -> object:
             calls["n"] += 1
-            if calls["n"] == _at * 3:  # three similarity checks per candidate
+            if calls["n"] == _at:  # one decision per candidate, made as the run reaches it
                 raise KeyboardInterrupt  # a crash: not an item failure the runner catches
             return real(*args)  # type: ignore[arg-type]
 
-        monkeypatch.setattr(queries_mod, "max_similarity", crashing)
+        monkeypatch.setattr(queries_mod.QueryFilter, "decide_one", crashing)
         cfg = config.model_copy(update={"out": trial})
         with pytest.raises(KeyboardInterrupt):
             asyncio.run(queries_mod.filter_queries(cfg, progress=False))
         kept_before, drops_before = outcome(trial)
         assert len(kept_before) + len(drops_before) == crash_at - 1  # a prefix was decided
-        monkeypatch.setattr(queries_mod, "max_similarity", real)
+        monkeypatch.setattr(queries_mod.QueryFilter, "decide_one", real)
         asyncio.run(queries_mod.filter_queries(cfg, progress=False))
         assert outcome(trial) == reference, crash_at
 

@@ -124,8 +124,9 @@ def _matches(reason: str, wanted: tuple[str, ...]) -> bool:
     return any(reason == w.lower() or reason.startswith(w.lower()) for w in wanted)
 
 
-def dropped_to_retry(state: RunState, stage: str) -> set[str]:
-    """Keys of ``stage``'s dropped items to process again (see :func:`retrying_dropped`)."""
+def dropped_to_retry(state: RunState, stage: str, quiet: bool = False) -> set[str]:
+    """Keys of ``stage``'s dropped items to process again (see :func:`retrying_dropped`);
+    unless ``quiet``, says how many (or which reasons there are when none matches)."""
     wanted = _retry_dropped.get()
     if not wanted:
         return set()
@@ -138,6 +139,8 @@ def dropped_to_retry(state: RunState, stage: str) -> set[str]:
         reasons[reason] += 1
         if _matches(reason, wanted):
             keys.add(key)
+    if quiet:
+        return keys
     if keys:
         _say(f"{stage}: retrying {len(keys)} dropped item(s) (--retry-dropped)")
     elif reasons:

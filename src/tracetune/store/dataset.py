@@ -132,6 +132,17 @@ class Dataset(Generic[R]):
             ids.update(self._read(path, columns=["id"]).column("id").to_pylist())
         return ids
 
+    def table(self) -> pa.Table:
+        """Every chunk as one Arrow table (stored form: JSON fields as text), for passes
+        over many records that should not hold a record object each."""
+        tables = [self._read(path) for path in self.chunk_files()]
+        if not tables:
+            return arrow_schema(self.record_type).empty_table()
+        try:
+            return pa.concat_tables(tables, promote_options="default")
+        except pa.ArrowException as exc:
+            raise DatasetError(f"the chunks of {self.root} do not share a schema: {exc}") from None
+
     def __iter__(self) -> Iterator[R]:
         for path in self.chunk_files():
             table = self._read(path)

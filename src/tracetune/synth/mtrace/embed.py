@@ -48,18 +48,35 @@ class MiniLMEmbedder:
 class HashingEmbedder:
     name = "hashing"
     dim = 1024
+    # Features seen recently and their buckets: trigrams repeat across texts, so most
+    # lookups skip the hash. Cleared when full (the buckets never change).
+    CACHE_LIMIT = 1 << 20
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, int] = {}
+
+    def _bucket(self, feature: str) -> int:
+        digest = hashlib.blake2b(feature.encode(), digest_size=4).digest()
+        return int.from_bytes(digest, "big") % self.dim
 
     def encode(self, texts: list[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        buckets = self._buckets
         for row, text in enumerate(texts):
             norm = " " + " ".join(re.findall(r"\w+", text.lower())) + " "
             features = [norm[i : i + 3] for i in range(len(norm) - 2)] + norm.split()
+            if len(buckets) > self.CACHE_LIMIT:
+                buckets.clear()
+            indices = []
             for feature in features:
-                digest = hashlib.blake2b(feature.encode(), digest_size=4).digest()
-                out[row, int.from_bytes(digest, "big") % self.dim] += 1.0
-            length = float(np.linalg.norm(out[row]))
-            if length:
-                out[row] /= length
+                bucket = buckets.get(feature)
+                if bucket is None:
+                    bucket = buckets[feature] = self._bucket(feature)
+                indices.append(bucket)
+            if indices:
+                out[row] = np.bincount(indices, minlength=self.dim)
+        lengths = np.linalg.norm(out, axis=1, keepdims=True)
+        np.divide(out, lengths, out=out, where=lengths > 0)
         return out
 
 

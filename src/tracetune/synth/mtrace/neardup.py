@@ -111,65 +111,102 @@ class NearestIndex:
             expansion_search=EXPANSION_SEARCH,
         )
 
-    def _project(self, vector: np.ndarray) -> np.ndarray:
-        return vector if self._projection is None else vector @ self._projection
+    def _project(self, vectors: np.ndarray) -> np.ndarray:
+        projected = vectors if self._projection is None else vectors @ self._projection
+        return np.ascontiguousarray(projected, dtype=np.float32)
 
-    def _keep(self, position: int, vector: np.ndarray) -> None:
+    def _keep(self, first: int, vectors: np.ndarray) -> None:
         # Fixed-size blocks: growing never copies what is stored (no transient doubling).
-        block, row = divmod(position, BLOCK_ROWS)
-        if block == len(self._blocks):
-            self._blocks.append(np.zeros((BLOCK_ROWS, self.dim), dtype=np.float16))
-        self._blocks[block][row] = vector
+        done = 0
+        while done < len(vectors):
+            block, row = divmod(first + done, BLOCK_ROWS)
+            if block == len(self._blocks):
+                self._blocks.append(np.zeros((BLOCK_ROWS, self.dim), dtype=np.float16))
+            take = min(BLOCK_ROWS - row, len(vectors) - done)
+            self._blocks[block][row : row + take] = vectors[done : done + take]
+            done += take
 
-    def _ann_add(self, position: int, vector: np.ndarray) -> None:
-        self._keep(position, vector)
-        self._ann.add(position, self._project(vector), threads=1)
+    def _ann_add(self, first: int, vectors: np.ndarray) -> None:
+        self._keep(first, vectors)
+        keys = np.arange(first, first + len(vectors), dtype=np.uint64)
+        # One thread: inserted in order, so the same vectors make the same graph every time.
+        self._ann.add(keys, self._project(vectors), threads=1)
 
     def add(self, vector: np.ndarray) -> int:
         """Add one vector; returns its position (0, 1, 2, ... in the order added)."""
         position = self._count
-        vector = np.asarray(vector, dtype=np.float32).reshape(self.dim)
-        if self._ann is not None:
-            self._ann_add(position, vector)
-        else:
-            if position == len(self._matrix):
-                grown = np.zeros((2 * len(self._matrix), self.dim), dtype=np.float32)
-                grown[:position] = self._matrix
-                self._matrix = grown
-            self._matrix[position] = vector
-            if self.method == "auto" and position + 1 > self.exact_limit:
-                self._move_to_ann(position + 1)
-        self._count += 1
+        self.add_many(np.asarray(vector, dtype=np.float32).reshape(1, self.dim))
         return position
 
     def add_many(self, vectors: np.ndarray) -> None:
-        for vector in np.asarray(vectors, dtype=np.float32).reshape(-1, self.dim):
-            self.add(vector)
+        """Add the rows of ``vectors`` in order (positions continue from ``len(self)``)."""
+        vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, self.dim)
+        if not len(vectors):
+            return
+        first = self._count
+        if self._ann is not None:
+            self._ann_add(first, vectors)
+        else:
+            needed = first + len(vectors)
+            if needed > len(self._matrix):
+                grown = np.zeros((max(needed, 2 * len(self._matrix)), self.dim), np.float32)
+                grown[:first] = self._matrix[:first]
+                self._matrix = grown
+            self._matrix[first:needed] = vectors
+            if self.method == "auto" and needed > self.exact_limit:
+                self._move_to_ann(needed)
+        self._count += len(vectors)
 
     def _move_to_ann(self, count: int) -> None:
         self._ann = self._new_ann()
-        for position in range(count):  # one at a time, in order: the same graph every time
-            self._ann_add(position, self._matrix[position])
+        self._ann_add(0, self._matrix[:count])  # in order: the same graph every time
         self._matrix = np.zeros((0, self.dim), dtype=np.float32)
 
     def nearest(self, vector: np.ndarray) -> tuple[float, int]:
         """``(similarity, position)`` of the most similar vector added; ``(0.0, -1)`` if none."""
-        if self._count == 0:
-            return 0.0, -1
-        vector = np.asarray(vector, dtype=np.float32).reshape(self.dim)
+        sims, positions = self.nearest_many(np.asarray(vector, np.float32).reshape(1, self.dim))
+        return float(sims[0]), int(positions[0])
+
+    def nearest_many(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each row of ``vectors``, the similarity and position of the most similar
+        vector added (``0.0`` and ``-1`` while the index is empty). The earliest added wins
+        a tie. Searches of one index state answer alike whatever the batch."""
+        vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, self.dim)
+        rows = len(vectors)
+        if self._count == 0 or rows == 0:
+            return np.zeros(rows, dtype=np.float32), np.full(rows, -1, dtype=np.int64)
         if self._ann is None:
-            sims = self._matrix[: self._count] @ vector
-            best = int(sims.argmax())
-            return float(sims[best]), best
-        matches = self._ann.search(self._project(vector), min(ANN_K, self._count), threads=1)
-        keys = [int(k) for k in np.asarray(matches.keys).reshape(-1)]
-        if not keys:
-            return 0.0, -1
-        rows = np.stack([self._blocks[k // BLOCK_ROWS][k % BLOCK_ROWS] for k in keys])
-        sims = rows.astype(np.float32) @ vector
-        # Highest similarity first; the earliest added wins a tie, as in the exact search.
-        best = min(range(len(keys)), key=lambda i: (-round(float(sims[i]), 6), keys[i]))
-        return float(sims[best]), keys[best]
+            sims = vectors @ self._matrix[: self._count].T
+            best = sims.argmax(axis=1)  # the first maximum: the earliest added
+            return sims[np.arange(rows), best], best.astype(np.int64)
+        k = min(ANN_K, self._count)
+        matches = self._ann.search(self._project(vectors), k, threads=0)
+        # One query comes back as Matches, several as BatchMatches (with counts per row).
+        counts = getattr(matches, "counts", None)
+        counts = np.asarray([len(matches.keys)] if counts is None else counts).reshape(rows, 1)
+        found = np.arange(k)[None, :] < counts
+        keys = np.asarray(matches.keys, dtype=np.int64).reshape(rows, -1)[:, :k]
+        if keys.shape[1] < k:
+            keys = np.pad(keys, ((0, 0), (0, k - keys.shape[1])))
+        keys = np.where(found, keys, 0)
+        # Rescore the candidates on the stored full vectors.
+        gathered = np.empty((rows * k, self.dim), dtype=np.float16)
+        flat = keys.reshape(-1)
+        for block in np.unique(flat // BLOCK_ROWS):
+            mask = flat // BLOCK_ROWS == block
+            gathered[mask] = self._blocks[int(block)][flat[mask] % BLOCK_ROWS]
+        sims = np.einsum(
+            "rkd,rd->rk", gathered.reshape(rows, k, self.dim).astype(np.float32), vectors
+        )
+        sims = np.where(found, sims, -np.inf)
+        # Highest similarity first (to 6 decimals); the earliest added wins a tie.
+        order = np.lexsort((keys, -np.round(sims, 6)), axis=-1)[:, 0]
+        picked = np.arange(rows)
+        best_sims = sims[picked, order].astype(np.float32)
+        best_keys = keys[picked, order]
+        none = ~found.any(axis=1)
+        best_sims[none], best_keys[none] = 0.0, -1
+        return best_sims, best_keys
 
 
 T = TypeVar("T")

@@ -7,10 +7,12 @@ Two stages, both resumable:
   same), and writes ``per_batch`` queries as a JSON list of ``{query, tools}``. A call whose
   output is not such a list is dropped with its reason; a list item with missing keys or
   unknown tools becomes a candidate marked ``invalid``, so the filter counts it.
-* ``queries.filter`` (OUT/queries): candidates in generation order, one at a time, are
-  dropped when malformed, too close to a benchmark question (decontamination), a near-copy
-  of a seed or of a query already kept (embedding similarity), or over a tool/topic quota.
-  Going in a fixed order makes the kept set the same however often the run was resumed.
+* ``queries.filter`` (OUT/queries): candidates in generation order are dropped when
+  malformed, too close to a benchmark question (decontamination), a near-copy of a seed or
+  of a query already kept (embedding similarity), or over a tool/topic quota. They are
+  embedded and searched a block at a time, then decided one by one against what was kept
+  before them. Going in a fixed order, with blocks at fixed positions, makes the kept set the
+  same however often the run was resumed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import json
 import random
 import re
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +32,9 @@ import numpy as np
 from tracetune.inputs import read_text
 from tracetune.models.base import Sampling
 from tracetune.prompts import prompt_hash, render
-from tracetune.runner import Drop, StageResult, run_stage
-from tracetune.schema import Provenance, Record, Task
+from tracetune.runner import Drop, StageResult, outcome, run_stage
+from tracetune.runner.executor import use_executor
+from tracetune.schema import STORAGE_CONTEXT, Provenance, Record, Task
 from tracetune.store import Dataset
 from tracetune.synth.mtrace.common import (
     MalformedOutput,
@@ -145,12 +150,6 @@ def normalized(text: str) -> str:
     return " ".join(re.findall(r"\w+", text.lower()))
 
 
-def max_similarity(vector: np.ndarray, index: NearestIndex) -> tuple[float, int]:
-    """The best cosine similarity of ``vector`` in ``index`` and its position; (0.0, -1)
-    when the index is empty. Exact or approximate, as the index was built."""
-    return index.nearest(vector)
-
-
 class BenchmarkIndex:
     """The questions of the benchmark files, to find what is too close to one of them."""
 
@@ -171,17 +170,29 @@ class BenchmarkIndex:
     def match(self, text: str, vector: np.ndarray) -> dict[str, Any] | None:
         """The benchmark question ``text`` copies (same words, or embedding similarity at or
         above the threshold), as ``{benchmark, question, similarity}``; None if none."""
-        score, best = max_similarity(vector, self.index)
-        index = self.exact.get(normalized(text))
-        if index is None and (best < 0 or score < self.threshold):
-            return None
-        index = best if index is None else index
-        file, question = self.questions[index]
-        return {
-            "benchmark": file,
-            "question": question,
-            "similarity": round(float(self.vectors[index] @ vector), 4),
-        }
+        return self.match_many([text], np.asarray(vector).reshape(1, -1))[0]
+
+    def match_many(self, texts: list[str], vectors: np.ndarray) -> list[dict[str, Any] | None]:
+        """:meth:`match` for each text and its vector (one batched search)."""
+        if not self.questions:
+            return [None] * len(texts)
+        scores, bests = self.index.nearest_many(vectors)
+        found: list[dict[str, Any] | None] = []
+        for text, vector, score, best in zip(texts, vectors, scores, bests, strict=True):
+            index = self.exact.get(normalized(text))
+            if index is None and (best < 0 or score < self.threshold):
+                found.append(None)
+                continue
+            index = int(best) if index is None else index
+            file, question = self.questions[index]
+            found.append(
+                {
+                    "benchmark": file,
+                    "question": question,
+                    "similarity": round(float(self.vectors[index] @ vector), 4),
+                }
+            )
+        return found
 
 
 # -- generation -----------------------------------------------------------------------------
@@ -314,75 +325,122 @@ async def generate_queries(config: SynthConfig, progress: bool = True) -> StageR
 
 
 # -- filtering ------------------------------------------------------------------------------
-async def filter_queries(config: SynthConfig, progress: bool = True) -> StageResult:
-    """Stage ``queries.filter``: OUT/candidates -> OUT/queries."""
-    qc = config.queries
-    candidates: Dataset[Task] = Dataset.open(config.dir("candidates"), Task)
-    out: Dataset[Task] = Dataset.create(config.dir("queries"), Task)
-    ordered = sorted(
-        candidates, key=lambda t: (t.metadata.get("batch", 0), t.metadata.get("position", 0), t.id)
-    )
-    embedder = load_embedder(config.embedder)
-    existing = {t.id: t for t in out}
+# Candidates are decided a block at a time: one batched embedding and one batched search of
+# each index per block, then each candidate in order, against the index and (exactly) the
+# block's earlier keepers. Blocks start at fixed positions of the generation order, so a
+# resumed run searches the same index states and decides alike.
+FILTER_BLOCK = 256
 
-    bench = BenchmarkIndex(
-        qc.benchmarks if qc.decontaminate else [],
-        embedder,
-        qc.decontam_threshold,
-        qc.dedup_search,
-    )
-    seeds = read_seeds(qc.seeds, set(qc.tools)) if qc.seeds else []
-    seed_vectors = encode_in_batches(embedder, [s["query"] for s in seeds])
-    valid = [t for t in ordered if not t.metadata.get("invalid")]
-    # Embedded a batch at a time as the filter reaches them: a million candidates' vectors
-    # are never all in memory, only those of the queries kept (in the index).
-    vectors = LazyVectors(embedder, [(t.id, t.query) for t in valid])
-    width = vectors.dim
-    seed_index = NearestIndex(width, qc.dedup_search)
-    seed_index.add_many(seed_vectors)
 
-    kept_ids: list[str] = [t.id for t in ordered if t.id in existing]
-    # Rebuilt in generation order, so the index (and every later decision) is the one the
-    # interrupted run had at this point.
-    kept_index = NearestIndex(width, qc.dedup_search)
-    for i in kept_ids:
-        kept_index.add(vectors[i])
-    tool_counts: Counter[str] = Counter(n for i in kept_ids for n in existing[i].tools)
-    topic_counts: Counter[str] = Counter(str(existing[i].metadata.get("topic")) for i in kept_ids)
-    kept_by_index = list(kept_ids)
+class CandidateOrder:
+    """OUT/candidates in generation order: held as one Arrow table (a few hundred bytes a
+    candidate, not a record object each) and turned into records a block at a time."""
 
-    async def process(task: Task) -> Task | Drop:
-        if task.id in existing:  # written before a kill, not yet marked done
-            return existing[task.id]
-        if task.metadata.get("invalid"):
+    def __init__(self, dataset: Dataset[Task]) -> None:
+        self.table = dataset.table()
+        ids = self.table.column("id").to_pylist()
+        keys = []
+        for item_id, meta in zip(ids, self.table.column("metadata").to_pylist(), strict=True):
+            info = json.loads(meta) if meta else {}
+            keys.append((info.get("batch", 0), info.get("position", 0), item_id))
+        self.order = np.array(sorted(range(len(keys)), key=keys.__getitem__), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def blocks(self, size: int) -> Iterator[list[Task]]:
+        for start in range(0, len(self.order), size):
+            rows = self.table.take(self.order[start : start + size]).to_pylist()
+            yield [Task.model_validate(row, context=STORAGE_CONTEXT) for row in rows]
+
+
+class QueryFilter:
+    """The filter's decisions and what it has kept so far (index, ids, quota counts)."""
+
+    def __init__(self, config: SynthConfig, embedder: Embedder) -> None:
+        qc = self.qc = config.queries
+        self.embedder = embedder
+        self.bench = BenchmarkIndex(
+            qc.benchmarks if qc.decontaminate else [],
+            embedder,
+            qc.decontam_threshold,
+            qc.dedup_search,
+        )
+        self.seeds = read_seeds(qc.seeds, set(qc.tools)) if qc.seeds else []
+        width = embedder.encode(["."]).shape[1]
+        self.seed_index = NearestIndex(width, qc.dedup_search)
+        self.seed_index.add_many(encode_in_batches(embedder, [s["query"] for s in self.seeds]))
+        self.kept_index = NearestIndex(width, qc.dedup_search)
+        self.kept_ids: list[str] = []  # by position in kept_index
+        self.tool_counts: Counter[str] = Counter()
+        self.topic_counts: Counter[str] = Counter()
+
+    def _encode(self, tasks: list[Task]) -> np.ndarray:
+        return self.embedder.encode([t.query for t in tasks])
+
+    def _keep(self, tasks: list[Task], vectors: np.ndarray) -> None:
+        self.kept_index.add_many(vectors)
+        self.kept_ids.extend(t.id for t in tasks)
+        for task in tasks:
+            self.tool_counts.update(task.tools)
+            self.topic_counts[str(task.metadata.get("topic"))] += 1
+
+    def absorb(self, kept: list[Task]) -> None:
+        """Take in the kept queries of a block decided by an earlier run."""
+        if kept:
+            self._keep(kept, self._encode(kept))
+
+    def decide(self, block: list[Task]) -> Iterator[tuple[Task, Task | Drop]]:
+        """Each candidate of ``block`` (in order) with its outcome, decided as it is asked
+        for; the block's keepers join the index once the last one is decided."""
+        valid = [t for t in block if not t.metadata.get("invalid")]
+        vectors = self._encode(valid)
+        searched = _BlockSearch(
+            vectors=vectors,
+            copies=self.bench.match_many([t.query for t in valid], vectors),
+            seed=self.seed_index.nearest_many(vectors),
+            kept=self.kept_index.nearest_many(vectors),
+            within=vectors @ vectors.T,
+        )
+        rows = iter(range(len(valid)))
+        for task in block:
+            row = -1 if task.metadata.get("invalid") else next(rows)
+            yield task, self.decide_one(task, row, searched)
+        self._keep([valid[r] for r in searched.kept_rows], vectors[searched.kept_rows])
+
+    def decide_one(self, task: Task, row: int, searched: _BlockSearch) -> Task | Drop:
+        """One candidate's outcome, given the block's searches (``row``: its row in them)."""
+        qc = self.qc
+        if row < 0:
             return Drop("malformed query", {"error": task.metadata["invalid"], "item": task.query})
-        vector = vectors[task.id]
-        copy = bench.match(task.query, vector)
-        if copy is not None:
+        if (copy := searched.copies[row]) is not None:
             return Drop("benchmark near-copy", {**copy, "query": task.query})
-        score, best = max_similarity(vector, seed_index)
+        score, best = float(searched.seed[0][row]), int(searched.seed[1][row])
         if best >= 0 and score >= qc.dedup_threshold:
             return Drop(
                 "near-duplicate of a seed",
-                {"seed": seeds[best]["query"], "similarity": round(score, 4)},
+                {"seed": self.seeds[best]["query"], "similarity": round(score, 4)},
             )
-        score, best = max_similarity(vector, kept_index)
-        if best >= 0 and score >= qc.dedup_threshold:
-            return Drop(
-                "near-duplicate",
-                {"of": kept_by_index[best], "similarity": round(score, 4)},
-            )
+        score, best = float(searched.kept[0][row]), int(searched.kept[1][row])
+        of = self.kept_ids[best] if best >= 0 else None
+        if searched.kept_rows:  # the block's earlier keepers (the index wins a tie: earlier)
+            sims = searched.within[row, searched.kept_rows]
+            inner = int(sims.argmax())
+            if of is None or float(sims[inner]) > score:
+                score, of = float(sims[inner]), searched.kept_ids[inner]
+        if of is not None and score >= qc.dedup_threshold:
+            return Drop("near-duplicate", {"of": of, "similarity": round(score, 4)})
         if qc.tool_quota is not None:
-            full = [n for n in task.tools if tool_counts[n] >= qc.tool_quota]
+            full = [n for n in task.tools if self.tool_counts[n] >= qc.tool_quota]
             if full:
                 return Drop("tool quota reached", {"tools": full})
         topic = str(task.metadata.get("topic"))
-        if qc.topic_quota is not None and topic_counts[topic] >= qc.topic_quota:
+        if qc.topic_quota is not None and self.topic_counts[topic] >= qc.topic_quota:
             return Drop("topic quota reached", {"topic": topic})
-        kept_index.add(vector)
-        kept_by_index.append(task.id)
-        tool_counts.update(task.tools)
-        topic_counts[topic] += 1
+        searched.kept_rows.append(row)
+        searched.kept_ids.append(task.id)
+        self.tool_counts.update(task.tools)
+        self.topic_counts[topic] += 1
         return Task(
             id=task.id,
             query=task.query,
@@ -391,20 +449,60 @@ async def filter_queries(config: SynthConfig, progress: bool = True) -> StageRes
             metadata={"topic": task.metadata.get("topic"), "batch": task.metadata.get("batch")},
         )
 
-    # One at a time, in generation order: whether a query is a near-duplicate depends on
-    # what was kept before it, and that order must not depend on scheduling or resumes.
-    with single_blas_thread():
+
+@dataclass
+class _BlockSearch:
+    """One block's batched searches, and its keepers so far (rows and ids)."""
+
+    vectors: np.ndarray
+    copies: list[dict[str, Any] | None]
+    seed: tuple[np.ndarray, np.ndarray]
+    kept: tuple[np.ndarray, np.ndarray]
+    within: np.ndarray
+    kept_rows: list[int] = field(default_factory=list)
+    kept_ids: list[str] = field(default_factory=list)
+
+
+async def filter_queries(config: SynthConfig, progress: bool = True) -> StageResult:
+    """Stage ``queries.filter``: OUT/candidates -> OUT/queries."""
+    candidates: Dataset[Task] = Dataset.open(config.dir("candidates"), Task)
+    out: Dataset[Task] = Dataset.create(config.dir("queries"), Task)
+    order = CandidateOrder(candidates)
+    query_filter = QueryFilter(config, load_embedder(config.embedder))
+    state = out.state
+    finished = state.keys(FILTER, "done") | state.keys(FILTER, "dropped")
+    finished -= outcome.dropped_to_retry(state, FILTER, quiet=True)
+    written = out.ids()
+
+    def decided() -> Iterator[tuple[Task, Task | Drop | None]]:
+        for block in order.blocks(FILTER_BLOCK):
+            if all(t.id in finished for t in block):  # a resumed run passes over it
+                query_filter.absorb([t for t in block if t.id in written])
+                yield from ((t, None) for t in block)  # skipped as done, never processed
+            else:
+                yield from query_filter.decide(block)
+
+    async def process(item: tuple[Task, Task | Drop | None]) -> Task | Drop:
+        task, decision = item
+        if decision is None:
+            raise RuntimeError(f"{task.id} was taken as finished by the filter but not the run")
+        return decision  # a keeper already on disk is recognised by its id, not duplicated
+
+    # One block after another, in generation order, in this process: whether a query is a
+    # near-duplicate depends on what was kept before it, and that must not depend on
+    # scheduling, executors or resumes. One BLAS thread: the same sums every run.
+    with single_blas_thread(), use_executor("local"):
         return await run_stage(
             FILTER,
-            ordered,
-            key=lambda t: t.id,
+            decided(),
+            key=lambda item: item[0].id,
             process=process,
             out=out,
             concurrency=1,
             max_failures=config.max_failures,
             max_failure_rate=config.max_failure_rate,
             progress=progress,
-            total=len(ordered),
+            total=len(order),
         )
 
 
@@ -418,27 +516,3 @@ def encode_in_batches(embedder: Embedder, texts: list[str]) -> np.ndarray:
     return np.concatenate(
         [embedder.encode(texts[i : i + EMBED_BATCH]) for i in range(0, len(texts), EMBED_BATCH)]
     )
-
-
-class LazyVectors:
-    """Embeddings of ``(id, text)`` pairs, computed a batch at a time on first access.
-
-    The filter reads them in order, so only the batch in use is held."""
-
-    def __init__(self, embedder: Embedder, items: list[tuple[str, str]]) -> None:
-        self.embedder = embedder
-        self.items = items
-        self.position = {item_id: i for i, (item_id, _) in enumerate(items)}
-        self._batch = -1
-        self._vectors = np.zeros((0, 1), dtype=np.float32)
-        self.dim = embedder.encode([items[0][1]]).shape[1] if items else 1
-
-    def __getitem__(self, item_id: str) -> np.ndarray:
-        i = self.position[item_id]
-        batch = i // EMBED_BATCH
-        if batch != self._batch:
-            texts = [t for _, t in self.items[batch * EMBED_BATCH : (batch + 1) * EMBED_BATCH]]
-            self._vectors = self.embedder.encode(texts)
-            self._batch = batch
-        vector: np.ndarray = self._vectors[i - batch * EMBED_BATCH]
-        return vector
