@@ -175,6 +175,18 @@ def test_face_detection_counts_two_faces_and_none_in_blank_or_text(ctx: ToolCont
     assert [round(v / 3) for v in big.data["faces"][0]["box"]] == pytest.approx(left, abs=6)
 
 
+def test_face_detection_is_safe_from_several_threads_at_once(ctx: ToolContext) -> None:
+    """Episodes run tools on threads; one shared OpenCV cascade used by two threads at once
+    fails an assertion in its scale data, so calls on images of different sizes overlap."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    photo = Image.open(FACE_PHOTO).convert("RGB")
+    names = [put(ctx, f"face{i}.png", photo.resize((256 + 97 * i, 256 + 61 * i))) for i in range(6)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda n: run("face_detection", ctx, image=n), names * 3))
+    assert [r.data["count"] for r in results] == [1] * len(results)
+
+
 # -- image editing --------------------------------------------------------------------------
 def test_image_zoom_enlarges_the_region(ctx: ToolContext) -> None:
     img = Image.new("RGB", (200, 100), "white")

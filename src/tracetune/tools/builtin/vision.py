@@ -6,6 +6,7 @@ cascades that ship in the opencv-python-headless wheel. Both load once per proce
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Literal
 
 import numpy as np
@@ -126,6 +127,9 @@ class FaceDetection(TypedTool):
         self.confirmer = cv2.CascadeClassifier(root + "haarcascade_frontalface_default.xml")
         if self.primary.empty() or self.confirmer.empty():
             raise ToolError(f"OpenCV's face cascades are missing from {root}")
+        # A CascadeClassifier keeps per-call scratch state (its scale data): two threads in
+        # detectMultiScale at once fail OpenCV's "scaleIdx < scaleData->size()" assertion.
+        self._cascade_lock = threading.Lock()
 
     def forward(self, ctx: ToolContext, image: str) -> ToolResult:  # type: ignore[override]
         """Find human faces in an image and return their bounding boxes.
@@ -147,9 +151,10 @@ class FaceDetection(TypedTool):
         scale = float(options.get("scale_factor", 1.1))
 
         def detect(cascade: Any, neighbors: int) -> list[list[int]]:
-            found = cascade.detectMultiScale(
-                gray, scaleFactor=scale, minNeighbors=neighbors, minSize=(min_side, min_side)
-            )
+            with self._cascade_lock:
+                found = cascade.detectMultiScale(
+                    gray, scaleFactor=scale, minNeighbors=neighbors, minSize=(min_side, min_side)
+                )
             return [[int(x), int(y), int(x + w), int(y + h)] for x, y, w, h in found]
 
         faces = detect(self.primary, int(options.get("min_neighbors", 5)))
