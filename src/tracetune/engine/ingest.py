@@ -505,7 +505,6 @@ async def run_ingest(
         out=out,
         concurrency=1,
         progress=progress,
-        chunk_size=64,
     )
     from tracetune.engine.common import stage_stats
 

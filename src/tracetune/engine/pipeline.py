@@ -76,7 +76,6 @@ async def run_render(config: RenderConfig, progress: bool = True) -> dict[str, S
             sources=[source.assets],
             progress=progress,
             total=len(items),
-            chunk_size=64,
         )
         stage_stats(out, stage, result)
         results[fmt] = result

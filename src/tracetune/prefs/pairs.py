@@ -298,7 +298,6 @@ async def run_build(
         sources=[ds.assets for ds in inputs],
         progress=progress,
         total=len(items),
-        chunk_size=64,
     )
     result.drop_reasons.update({f"candidate: {k}": v for k, v in skipped_total.items()})
     return result, out
