@@ -18,6 +18,8 @@ or a trainer is touched).
   config model.
 - Training (blocking): :func:`train_sft`, :func:`train_dpo` with :class:`SFTConfig`,
   :class:`DPOConfig`.
+- Errors: :class:`TracetuneError`, the base of every error a user can fix (bad input or
+  configuration); it carries a ``message`` and a ``hint``.
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "DPOConfig": ("tracetune.train.config", "DPOConfig"),
     "train_sft": ("tracetune.train.sft", "train_sft"),
     "train_dpo": ("tracetune.train.dpo", "train_dpo"),
+    # errors
+    "TracetuneError": ("tracetune.errors", "TracetuneError"),
 }
 
 __all__ = [
@@ -122,6 +126,7 @@ __all__ = [
     "DPOConfig",
     "train_sft",
     "train_dpo",
+    "TracetuneError",
 ]
 
 
@@ -144,6 +149,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from tracetune.agent.run import AgentRunConfig, run_agent
     from tracetune.engine.pipeline import MMATRunConfig
     from tracetune.engine.pipeline import run_pipeline as run_mmat
+    from tracetune.errors import TracetuneError
     from tracetune.evaluate.runs import EvalRunConfig, run_benchmark
     from tracetune.models import ChatModel, ModelOptions, Sampling, load_model
     from tracetune.prefs.explore import ExploreConfig, run_explore

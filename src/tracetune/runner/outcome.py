@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, TypeVar
 
+from tracetune.errors import ITEMS_FAILED_EXIT  # re-exported here: defined once, in errors
 from tracetune.models.base import fresh_samples
 
 if TYPE_CHECKING:
@@ -23,10 +24,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-ITEMS_FAILED_EXIT = 3
-"""Exit status of a command in which items failed (recorded as failed, retried on a rerun),
-whether the command finished the other items or aborted because too many failed."""
 
 _results: list[StageResult] = []
 

@@ -1,0 +1,74 @@
+"""The errors a user can fix, and the exit status of every command.
+
+Every error that reports bad user input (a config value, a file, a command-line argument, a
+model reply that a stage cannot use) derives from :class:`TracetuneError`. It carries a
+message that says what is wrong and an optional ``hint`` that says how to fix it. The command
+line catches it in one place, prints ``error: <message>`` and ``hint: <hint>`` and exits with
+:data:`BAD_INPUT_EXIT`; any other exception is a bug and keeps its traceback
+(:data:`CRASH_EXIT`).
+
+Domain errors keep their builtin base as well (``class DatasetError(TracetuneError,
+ValueError)``), so code that catches ``ValueError`` keeps working. From Python::
+
+    import tracetune
+
+    try:
+        tracetune.Dataset.open("runs/missing")
+    except tracetune.TracetuneError as exc:
+        print(exc.message, exc.hint)
+
+This module imports nothing from tracetune: every layer can use it.
+"""
+
+from __future__ import annotations
+
+OK_EXIT = 0
+"""Exit status of a command that processed every item (written, already done, or dropped for
+a counted reason)."""
+
+CRASH_EXIT = 1
+"""Exit status of an unexpected crash: a bug, printed with its traceback."""
+
+BAD_INPUT_EXIT = 2
+"""Exit status of bad input or configuration (a :class:`TracetuneError`): the message says
+what to change."""
+
+ITEMS_FAILED_EXIT = 3
+"""Exit status of a command in which items failed (recorded as failed, retried on a rerun),
+whether the command finished the other items or aborted because too many failed."""
+
+
+class TracetuneError(Exception):
+    """An error the user can fix: ``message`` says what is wrong, ``hint`` (optional) how to
+    fix it. ``str()`` shows both. A subclass may set a class-level ``hint`` as its default."""
+
+    hint: str | None = None
+
+    def __init__(self, message: str = "", *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if hint is not None:
+            self.hint = hint
+
+    def __str__(self) -> str:
+        message = super().__str__()
+        return f"{message}\nhint: {self.hint}" if self.hint else message
+
+
+class ConfigError(TracetuneError, ValueError):
+    """A config value, YAML config file or command-line option that is not valid."""
+
+
+class InputFileError(TracetuneError, FileNotFoundError):
+    """A file or directory the user named that does not exist."""
+
+
+__all__ = [
+    "OK_EXIT",
+    "CRASH_EXIT",
+    "BAD_INPUT_EXIT",
+    "ITEMS_FAILED_EXIT",
+    "TracetuneError",
+    "ConfigError",
+    "InputFileError",
+]
