@@ -31,10 +31,13 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from tracetune.agent.loop import Agent
+from pydantic import Field
+
+from tracetune.evaluate.adapter import BenchConfig, BenchmarkAdapter, Scored
 from tracetune.evaluate.agentx import (
     AgentXPrediction,
     AgentXScorer,
@@ -51,14 +54,13 @@ from tracetune.evaluate.runs import (
     EvalRunError,
     Notify,
     RunContext,
-    check_backend,
     stable_id,
     trajectories_by,
     write_json,
     write_jsonl,
 )
 from tracetune.models.base import ChatMessage, ChatModel, Generation, Sampling, load_model
-from tracetune.runner import MeteredModel
+from tracetune.runner import MeteredModel, StageResult
 from tracetune.schema import Provenance, Task, Trajectory
 from tracetune.tools import ToolContext, ToolResult, ToolUnavailable
 
@@ -84,6 +86,26 @@ VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"})
 # (Agent-X's GPT-4o script also shows 8, though it takes the first 8 consecutive frames).
 VIDEO_FRAMES = 8
 JUDGE_STAGE = "eval:judge"
+
+
+class AgentXConfig(BenchConfig):
+    """Options of ``tracetune eval run agentx``."""
+
+    bench: Literal["agentx"] = "agentx"
+    data: Path | None = Field(
+        default=None,
+        description="Agent-X's data.json (or its folder); media named by file_path, beside "
+        "it or in files/.",
+    )
+    judge: str | None = Field(
+        default=None,
+        description="Judge model spec for the judged metrics, e.g. openai:gpt-4o; none: only "
+        "the judge-free metrics (tool_precision, toolset_accuracy) are computed.",
+    )
+    judge_base_url: str | None = Field(
+        default=None,
+        description="OpenAI-compatible endpoint of the judge (default: the backend's).",
+    )
 
 
 # -- data ----------------------------------------------------------------------------------
@@ -384,188 +406,205 @@ JUDGE_FREE_NOTE = (
 
 
 # -- the run -------------------------------------------------------------------------------
+class AgentXAdapter(BenchmarkAdapter[AgentXConfig]):
+    """Agent-X: each query with its media and an Agent-X toolset, judged (or judge-free)."""
+
+    config_model = AgentXConfig
+
+    def __init__(self, config: AgentXConfig, judge: ChatModel | None = None) -> None:
+        super().__init__(config)
+        self.judge = judge
+
+    def check(self) -> None:
+        config = self.config
+        data = self.data = agentx_data(config.data)
+        gold = load_agentx_gold(data)
+        self.raw = index_unique(read_records(data, "Agent-X gold"), "id", "task")
+        ids = self.ids = list(gold)[: config.limit] if config.limit else list(gold)
+        self.gold = {i: gold[i] for i in ids}
+        self.media: dict[str, list[Path]] = {}
+        problems: list[str] = []
+        for i in ids:
+            try:
+                self.media[i] = record_media(self.raw[i][1], self.raw[i][0], media_roots(data))
+            except EvalRunError as exc:
+                problems.append(str(exc))
+        if problems:
+            shown = "\n  ".join(problems[:10])
+            more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+            raise EvalRunError(
+                f"{len(problems)} of {len(ids)} Agent-X queries cannot get their media, so none "
+                f"was run:\n  {shown}{more}\nput Agent-X's files (its 'files' folder) beside "
+                f"{data.name}, or give --data the folder that holds both"
+            )
+        self.offered = {i: query_tools(self.gold[i]) for i in ids}
+        gold_tools = {i: {n for s in self.gold[i].steps if (n := tool_name(s))} for i in ids}
+        names = self.names = (
+            set().union(*self.offered.values(), *gold_tools.values()) if ids else set()
+        )
+        status = self.status = agentx_status(
+            names, toolset_status(config.tool_options, tool_model=bool(config.tool_model))
+        )
+        affected = {
+            i: sorted(n for n in gold_tools[i] if status[n].status == "unavailable") for i in ids
+        }
+        self.affected = {i: v for i, v in affected.items() if v}
+        self.unknown = sorted(n for n in names if n not in AGENTX_TO_GTA)
+
+    async def load_items(self, run: RunContext) -> Sequence[str]:
+        ids, gold, media = self.ids, self.gold, self.media
+        run.notify(
+            "Agent-X toolset:\n"
+            + "\n".join(
+                f"  {n}: {s.status} ({s.backend}{'; ' + s.note if s.note else ''})"
+                for n, s in self.status.items()
+            )
+        )
+        if self.affected:
+            run.notify(
+                f"{len(self.affected)} of {len(ids)} queries need a tool that cannot run here; "
+                "they are scored apart (see metrics.json 'affected_queries')"
+            )
+        if self.config.judge is None:
+            run.notify(JUDGE_FREE_NOTE)
+        self.tasks: dict[str, Task] = {}
+        self.skipped: dict[str, str] = {}
+        for i in ids:
+            try:
+                files = load_media(media[i], run.trajectories.assets)
+            except MediaUnreadable as exc:
+                self.skipped[i] = str(exc)
+                continue
+            self.tasks[i] = Task(
+                id=f"agentx-{i}",
+                query=gold[i].query,
+                files=files,
+                tools=list(self.offered[i]),
+                provenance=Provenance(source="import:agentx"),
+                metadata={
+                    "agentx_id": i,
+                    "query_type": gold[i].query_type,
+                    "media": [f.name for f in media[i]],
+                    **({"video_frames": VIDEO_FRAMES} if any(map(is_video, media[i])) else {}),
+                },
+            )
+        if self.skipped:
+            run.notify(
+                f"{len(self.skipped)} of {len(ids)} queries skipped (scored as missing "
+                "predictions):\n" + "\n".join(f"  {q}: {why}" for q, why in self.skipped.items())
+            )
+        write_json(run.root / "gold.json", {i: self.raw[i][1] for i in ids})
+        return [i for i in ids if i not in self.skipped]
+
+    def run_info(self) -> dict[str, Any]:
+        return {
+            "data": str(self.data),
+            "toolset": {n: s.as_dict() for n, s in self.status.items()},
+            "tool_names": {n: AGENTX_TO_GTA.get(n) for n in sorted(self.names)},
+            "affected_queries": self.affected,
+            "judge": self.config.judge,
+        }
+
+    def key(self, item: str, controller: str) -> str:
+        return stable_id("agentx", item, controller, "json")
+
+    def label(self, item: str) -> str:
+        return f"agentx-{item}"
+
+    def task(self, item: str) -> Task:
+        return self.tasks[item]
+
+    def tools(self, item: str) -> list[Any]:
+        return [agentx_tool(n, m, self.status[n]) for n, m in self.offered[item].items()]
+
+    def action_format(self, item: str) -> str:
+        return "json"
+
+    def annotate(self, item: str, trajectory: Trajectory) -> dict[str, Any]:
+        trajectory.metadata["agentx_id"] = item
+        return {"agentx_id": item, "prediction": trajectory_prediction(trajectory)}
+
+    async def score(self, run: RunContext, items: Sequence[str], result: StageResult) -> Scored:
+        config, gold, affected = self.config, self.gold, self.affected
+        out = run.trajectories
+        groups = trajectories_by(out, "agentx_id")
+        rows, trajectory_of = [], {}
+        for qid in self.ids:
+            if qid in groups:
+                rows.append(groups[qid][0].metadata["prediction"])
+                trajectory_of[qid] = groups[qid][0].id
+        predictions = run.root / "predictions.jsonl"
+        write_jsonl(predictions, rows)
+        loaded = load_agentx_predictions(predictions) if rows else {}
+
+        judge_model: ChatModel | None = None
+        if config.judge is not None:
+            loaded_judge = self.judge or load_model(
+                config.judge,
+                config.backend.model_copy(
+                    update={"base_url": config.judge_base_url or config.backend.base_url}
+                ),
+            )
+            # Metered and cached in the run state: a rerun gets every judge reply from the
+            # cache.
+            judge_model = MeteredModel(loaded_judge, out.state, JUDGE_STAGE)
+        scorer = AgentXScorer(judge_model) if judge_model is not None else JudgeFreeScorer()
+        reports: dict[str, ScoreReport] = {}
+        try:
+            if affected:
+                runnable = {q: g for q, g in gold.items() if q not in affected}
+                report = await scorer.ascore(
+                    runnable, {q: p for q, p in loaded.items() if q in runnable}
+                )
+                report.details["subset"] = "queries whose gold tools all run here"
+                reports["agentx"] = report
+                full = await scorer.ascore(gold, loaded)
+                full.benchmark = "agentx/all-queries"
+                full.details["subset"] = (
+                    "all queries, including those needing a tool that cannot run here"
+                )
+                reports[full.benchmark] = full
+            else:
+                reports["agentx"] = await scorer.ascore(gold, loaded)
+        finally:
+            if judge_model is not None:
+                await judge_model.aclose()
+        status = self.status
+        extra = {
+            "judged": judge_model is not None,
+            "judge": config.judge,
+            "affected_queries": affected,
+            "skipped_queries": self.skipped,
+            "video_frames": VIDEO_FRAMES,
+            "unknown_tools": self.unknown,
+            "unavailable_tools": sorted(n for n, s in status.items() if s.status == "unavailable"),
+            "approximate_tools": sorted(n for n, s in status.items() if s.status == "approximate"),
+            "predictions": str(predictions),
+        }
+        if judge_model is None:
+            extra["note"] = JUDGE_FREE_NOTE
+        return Scored(reports, "agentx", trajectory_of, extra)
+
+
 async def run_agentx(
-    config: EvalRunConfig,
+    config: AgentXConfig | EvalRunConfig,
     model: ChatModel | None = None,
     progress: bool = True,
     notify: Notify | None = None,
     judge: ChatModel | None = None,
 ) -> dict[str, Any]:
-    data = agentx_data(config.data)
-    if config.action_format != "json":
-        raise EvalRunError("agentx runs with the json action format")
-    gold = load_agentx_gold(data)
-    raw = index_unique(read_records(data, "Agent-X gold"), "id", "task")
-    ids = list(gold)[: config.limit] if config.limit else list(gold)
-    gold = {i: gold[i] for i in ids}
-    media: dict[str, list[Path]] = {}
-    problems: list[str] = []
-    for i in ids:
-        try:
-            media[i] = record_media(raw[i][1], raw[i][0], media_roots(data))
-        except EvalRunError as exc:
-            problems.append(str(exc))
-    if problems:
-        shown = "\n  ".join(problems[:10])
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise EvalRunError(
-            f"{len(problems)} of {len(ids)} Agent-X queries cannot get their media, so none "
-            f"was run:\n  {shown}{more}\nput Agent-X's files (its 'files' folder) beside "
-            f"{data.name}, or give --data the folder that holds both"
-        )
-    offered = {i: query_tools(gold[i]) for i in ids}
+    """Run Agent-X; ``judge``: a loaded judge model (default: load ``config.judge``)."""
+    from tracetune.evaluate.adapter import run_adapter
 
-    gold_tools = {i: {n for s in gold[i].steps if (n := tool_name(s))} for i in ids}
-    names = set().union(*offered.values(), *gold_tools.values()) if ids else set()
-    status = agentx_status(
-        names, toolset_status(config.tool_options, tool_model=bool(config.tool_model))
-    )
-    affected = {
-        i: sorted(n for n in gold_tools[i] if status[n].status == "unavailable") for i in ids
-    }
-    affected = {i: v for i, v in affected.items() if v}
-    unknown = sorted(n for n in names if n not in AGENTX_TO_GTA)
-
-    ctx = RunContext(config, notify)
-    out = ctx.trajectories
-    ctx.notify(
-        "Agent-X toolset:\n"
-        + "\n".join(
-            f"  {n}: {s.status} ({s.backend}{'; ' + s.note if s.note else ''})"
-            for n, s in status.items()
-        )
-    )
-    if affected:
-        ctx.notify(
-            f"{len(affected)} of {len(ids)} queries need a tool that cannot run here; they are "
-            "scored apart (see metrics.json 'affected_queries')"
-        )
-    if config.judge is None:
-        ctx.notify(JUDGE_FREE_NOTE)
-    tasks: dict[str, Task] = {}
-    skipped: dict[str, str] = {}
-    for i in ids:
-        try:
-            files = load_media(media[i], out.assets)
-        except MediaUnreadable as exc:
-            skipped[i] = str(exc)
-            continue
-        tasks[i] = Task(
-            id=f"agentx-{i}",
-            query=gold[i].query,
-            files=files,
-            tools=list(offered[i]),
-            provenance=Provenance(source="import:agentx"),
-            metadata={
-                "agentx_id": i,
-                "query_type": gold[i].query_type,
-                "media": [f.name for f in media[i]],
-                **({"video_frames": VIDEO_FRAMES} if any(map(is_video, media[i])) else {}),
-            },
-        )
-    if skipped:
-        ctx.notify(
-            f"{len(skipped)} of {len(ids)} queries skipped (scored as missing predictions):\n"
-            + "\n".join(f"  {q}: {why}" for q, why in skipped.items())
-        )
-    run_ids = [i for i in ids if i not in skipped]
-    write_json(ctx.root / "gold.json", {i: raw[i][1] for i in ids})
-    ctx.write_run(
-        {
-            "data": str(data),
-            "toolset": {n: s.as_dict() for n, s in status.items()},
-            "tool_names": {n: AGENTX_TO_GTA.get(n) for n in sorted(names)},
-            "affected_queries": affected,
-            "judge": config.judge,
-        }
-    )
-    controller = ctx.load_models(model)
-    sampling = ctx.sampling()
-
-    def key(qid: str) -> str:
-        return stable_id("agentx", qid, controller.spec, config.action_format)
-
-    async def process(qid: str) -> Trajectory:
-        tools = [agentx_tool(n, m, status[n]) for n, m in offered[qid].items()]
-        agent = Agent(
-            controller,
-            list(tools),
-            "json",
-            config.max_steps,
-            config.max_errors,
-            sampling,
-            tool_options=copy.deepcopy(config.tool_options),
-            tool_model=ctx.tool_model,
-        )
-        trajectory = check_backend(await agent.run(tasks[qid], out.assets, out.assets, key(qid)))
-        trajectory.metadata.update({"bench": "agentx", "agentx_id": qid})
-        trajectory.metadata["prediction"] = trajectory_prediction(trajectory)
-        return trajectory
-
-    try:
-        result = await ctx.run_items(run_ids, key, process, progress=progress)
-    finally:
-        await ctx.close()
-
-    groups = trajectories_by(out, "agentx_id")
-    rows, trajectory_of = [], {}
-    for qid in ids:
-        if qid in groups:
-            rows.append(groups[qid][0].metadata["prediction"])
-            trajectory_of[qid] = groups[qid][0].id
-    predictions = ctx.root / "predictions.jsonl"
-    write_jsonl(predictions, rows)
-    loaded = load_agentx_predictions(predictions) if rows else {}
-
-    judge_model: ChatModel | None = None
-    if config.judge is not None:
-        loaded_judge = judge or load_model(
-            config.judge,
-            config.backend.model_copy(
-                update={"base_url": config.judge_base_url or config.backend.base_url}
-            ),
-        )
-        # Metered and cached in the run state: a rerun gets every judge reply from the cache.
-        judge_model = MeteredModel(loaded_judge, out.state, JUDGE_STAGE)
-    scorer = AgentXScorer(judge_model) if judge_model is not None else JudgeFreeScorer()
-    reports: dict[str, ScoreReport] = {}
-    try:
-        if affected:
-            runnable = {q: g for q, g in gold.items() if q not in affected}
-            report = await scorer.ascore(
-                runnable, {q: p for q, p in loaded.items() if q in runnable}
-            )
-            report.details["subset"] = "queries whose gold tools all run here"
-            reports["agentx"] = report
-            full = await scorer.ascore(gold, loaded)
-            full.benchmark = "agentx/all-queries"
-            full.details["subset"] = (
-                "all queries, including those needing a tool that cannot run here"
-            )
-            reports[full.benchmark] = full
-        else:
-            reports["agentx"] = await scorer.ascore(gold, loaded)
-    finally:
-        if judge_model is not None:
-            await judge_model.aclose()
-    extra = {
-        "judged": judge_model is not None,
-        "judge": config.judge,
-        "affected_queries": affected,
-        "skipped_queries": skipped,
-        "video_frames": VIDEO_FRAMES,
-        "unknown_tools": unknown,
-        "unavailable_tools": sorted(n for n, s in status.items() if s.status == "unavailable"),
-        "approximate_tools": sorted(n for n, s in status.items() if s.status == "approximate"),
-        "predictions": str(predictions),
-    }
-    if judge_model is None:
-        extra["note"] = JUDGE_FREE_NOTE
-    return ctx.finish(reports, "agentx", trajectory_of, result, extra)
+    bench = config.for_bench() if isinstance(config, EvalRunConfig) else config
+    assert isinstance(bench, AgentXConfig)
+    return await run_adapter(bench, model, progress, notify, AgentXAdapter(bench, judge))
 
 
 __all__ = [
     "AGENTX_TO_GTA",
+    "AgentXAdapter",
+    "AgentXConfig",
     "JudgeFreeScorer",
     "agentx_status",
     "agentx_tool",

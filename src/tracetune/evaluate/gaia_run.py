@@ -13,11 +13,13 @@ out of ``--tools``, so no run quietly lacks the tool the benchmark assumes.
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from tracetune.agent.loop import Agent
+from pydantic import Field
+
+from tracetune.evaluate.adapter import BenchConfig, BenchmarkAdapter, Scored
 from tracetune.evaluate.base import read_jsonl, require
 from tracetune.evaluate.gaia import score_gaia
 from tracetune.evaluate.runs import (
@@ -25,13 +27,13 @@ from tracetune.evaluate.runs import (
     EvalRunError,
     Notify,
     RunContext,
-    check_backend,
     stable_id,
     trajectories_by,
     write_jsonl,
 )
 from tracetune.models.base import ChatModel
 from tracetune.prompts import prompt_hash, render
+from tracetune.runner import StageResult
 from tracetune.schema import Provenance, Task, Trajectory
 from tracetune.tools import load_tools
 
@@ -39,7 +41,25 @@ QUESTION_PROMPT = "eval/gaia_question.jinja"
 DEFAULT_TOOLS = ["search", "inspect_file", "ocr", "calculator", "image_crop"]
 
 
-def gaia_tools(config: EvalRunConfig) -> list[str]:
+class GAIAConfig(BenchConfig):
+    """Options of ``tracetune eval run gaia``."""
+
+    bench: Literal["gaia"] = "gaia"
+    data: Path | None = Field(
+        default=None,
+        description="GAIA's metadata.jsonl (or its folder), the attached files beside it.",
+    )
+    action_format: Literal["json", "code", "tools"] = Field(
+        default="json", description="How actions are written."
+    )
+    tools: list[str] = Field(
+        default_factory=list,
+        description="The agent's tools (default: search, inspect_file, ocr, calculator, "
+        "image_crop, plus visual_qa with a tool model).",
+    )
+
+
+def gaia_tools(config: GAIAConfig | EvalRunConfig) -> list[str]:
     names = list(config.tools) or list(DEFAULT_TOOLS)
     if not config.tools and config.tool_model:
         names.append("visual_qa")
@@ -68,111 +88,104 @@ def gaia_metadata(data: Path | None) -> Path:
     return path
 
 
+class GAIAAdapter(BenchmarkAdapter[GAIAConfig]):
+    """GAIA: each question with its attached file, the agent's tools, GAIA's scorer."""
+
+    config_model = GAIAConfig
+
+    def check(self) -> None:
+        self.metadata = gaia_metadata(self.config.data)
+        self.names = gaia_tools(self.config)
+
+    async def load_items(self, run: RunContext) -> Sequence[Task]:
+        rows = read_jsonl(self.metadata, "GAIA metadata")
+        if self.config.limit:
+            rows = rows[: self.config.limit]
+        tasks: list[Task] = []
+        for lineno, row in rows:
+            where = f"{self.metadata}:{lineno}"
+            task_id = str(require(row, "task_id", where))
+            question = str(require(row, "Question", where))
+            require(row, "Final answer", where, "the test split has no public answers to score")
+            files = []
+            if row.get("file_name"):
+                file = self.metadata.parent / str(row["file_name"])
+                if not file.is_file():
+                    raise EvalRunError(
+                        f"{where}: attached file {row['file_name']!r} is not at {file}; GAIA's "
+                        "files sit beside metadata.jsonl"
+                    )
+                files.append(run.trajectories.assets.put_file(file, name=file.name))
+            tasks.append(
+                Task(
+                    id=f"gaia-{task_id}",
+                    query=render(QUESTION_PROMPT, question=question),
+                    files=files,
+                    tools=self.names,
+                    provenance=Provenance(
+                        source="import:gaia", prompt_hash=prompt_hash(QUESTION_PROMPT)
+                    ),
+                    metadata={"gaia_task_id": task_id, "level": str(row.get("Level"))},
+                )
+            )
+        write_jsonl(run.root / "gold.jsonl", [row for _, row in rows])
+        names = self.names
+        self._tools = load_tools(
+            [*names, "final_answer"] if self.config.action_format == "json" else names
+        )
+        run.notify(f"GAIA: {len(tasks)} questions, tools: {', '.join(names)}")
+        return tasks
+
+    def run_info(self) -> dict[str, Any]:
+        return {
+            "data": str(self.metadata),
+            "tools": self.names,
+            "prompt_hashes": {"question": prompt_hash(QUESTION_PROMPT)},
+        }
+
+    def key(self, item: Task, controller: str) -> str:
+        return stable_id("gaia", item.id, controller, self.config.action_format)
+
+    def tools(self, item: Task) -> list[Any]:
+        return list(self._tools)
+
+    def annotate(self, item: Task, trajectory: Trajectory) -> dict[str, Any]:
+        return {"gaia_task_id": item.metadata["gaia_task_id"], "level": item.metadata["level"]}
+
+    async def score(self, run: RunContext, items: Sequence[Task], result: StageResult) -> Scored:
+        groups = trajectories_by(run.trajectories, "gaia_task_id")
+        predictions = []
+        trajectory_of: dict[str, str] = {}
+        for task in items:
+            task_id = task.metadata["gaia_task_id"]
+            if task_id not in groups:
+                continue
+            trajectory = groups[task_id][0]
+            trajectory_of[task_id] = trajectory.id
+            predictions.append(
+                {
+                    "task_id": task_id,
+                    "model_answer": trajectory.final_answer,
+                    "reasoning_trace": [s.thought for s in trajectory.steps if s.thought],
+                }
+            )
+        path = run.root / "predictions.jsonl"
+        write_jsonl(path, predictions)
+        report = score_gaia(run.root / "gold.jsonl", path)
+        return Scored(
+            {"gaia": report}, "gaia", trajectory_of, {"tools": self.names, "predictions": str(path)}
+        )
+
+
 async def run_gaia(
-    config: EvalRunConfig,
+    config: GAIAConfig | EvalRunConfig,
     model: ChatModel | None = None,
     progress: bool = True,
     notify: Notify | None = None,
 ) -> dict[str, Any]:
-    metadata = gaia_metadata(config.data)
-    names = gaia_tools(config)
-    rows = read_jsonl(metadata, "GAIA metadata")
-    if config.limit:
-        rows = rows[: config.limit]
-    ctx = RunContext(config, notify)
-    out = ctx.trajectories
-    tasks: list[Task] = []
-    for lineno, row in rows:
-        where = f"{metadata}:{lineno}"
-        task_id = str(require(row, "task_id", where))
-        question = str(require(row, "Question", where))
-        require(row, "Final answer", where, "the test split has no public answers to score")
-        files = []
-        if row.get("file_name"):
-            file = metadata.parent / str(row["file_name"])
-            if not file.is_file():
-                raise EvalRunError(
-                    f"{where}: attached file {row['file_name']!r} is not at {file}; GAIA's "
-                    "files sit beside metadata.jsonl"
-                )
-            files.append(out.assets.put_file(file, name=file.name))
-        tasks.append(
-            Task(
-                id=f"gaia-{task_id}",
-                query=render(QUESTION_PROMPT, question=question),
-                files=files,
-                tools=names,
-                provenance=Provenance(
-                    source="import:gaia", prompt_hash=prompt_hash(QUESTION_PROMPT)
-                ),
-                metadata={"gaia_task_id": task_id, "level": str(row.get("Level"))},
-            )
-        )
-    write_jsonl(ctx.root / "gold.jsonl", [row for _, row in rows])
-    tools = load_tools([*names, "final_answer"] if config.action_format == "json" else names)
-    ctx.notify(f"GAIA: {len(tasks)} questions, tools: {', '.join(names)}")
-    ctx.write_run(
-        {
-            "data": str(metadata),
-            "tools": names,
-            "prompt_hashes": {"question": prompt_hash(QUESTION_PROMPT)},
-        }
-    )
-    controller = ctx.load_models(model)
-    agent = Agent(
-        controller,
-        tools,
-        config.action_format,
-        config.max_steps,
-        config.max_errors,
-        ctx.sampling(),
-        tool_options=copy.deepcopy(config.tool_options),
-        tool_model=ctx.tool_model,
-    )
+    from tracetune.evaluate.runs import run_benchmark
 
-    def key(task: Task) -> str:
-        return stable_id("gaia", task.id, controller.spec, config.action_format)
-
-    async def process(task: Task) -> Trajectory:
-        trajectory = check_backend(await agent.run(task, out.assets, out.assets, key(task)))
-        trajectory.metadata.update(
-            {
-                "bench": "gaia",
-                "gaia_task_id": task.metadata["gaia_task_id"],
-                "level": task.metadata["level"],
-            }
-        )
-        return trajectory
-
-    try:
-        result = await ctx.run_items(tasks, key, process, progress=progress)
-    finally:
-        await ctx.close()
-    groups = trajectories_by(out, "gaia_task_id")
-    predictions = []
-    trajectory_of: dict[str, str] = {}
-    for task in tasks:
-        task_id = task.metadata["gaia_task_id"]
-        if task_id not in groups:
-            continue
-        trajectory = groups[task_id][0]
-        trajectory_of[task_id] = trajectory.id
-        predictions.append(
-            {
-                "task_id": task_id,
-                "model_answer": trajectory.final_answer,
-                "reasoning_trace": [s.thought for s in trajectory.steps if s.thought],
-            }
-        )
-    write_jsonl(ctx.root / "predictions.jsonl", predictions)
-    report = score_gaia(ctx.root / "gold.jsonl", ctx.root / "predictions.jsonl")
-    return ctx.finish(
-        {"gaia": report},
-        "gaia",
-        trajectory_of,
-        result,
-        {"tools": names, "predictions": str(ctx.root / "predictions.jsonl")},
-    )
+    return await run_benchmark(config, model, progress, notify)
 
 
-__all__ = ["run_gaia"]
+__all__ = ["GAIAAdapter", "GAIAConfig", "run_gaia"]

@@ -19,16 +19,19 @@ describes them (names, descriptions and inputs from ``dataset.json``).
 
 from __future__ import annotations
 
-import copy
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field
 
 from tracetune.agent.formats import JsonFormat, ParseError
 from tracetune.agent.loop import Agent, Episode, make_executor
 from tracetune.agent.render import step_messages, task_message
 from tracetune.agent.toolbox import ToolBox
+from tracetune.evaluate.adapter import BenchConfig, BenchmarkAdapter, Scored
 from tracetune.evaluate.base import ScoringInputError, read_json
 from tracetune.evaluate.gta import (
     GTAQuery,
@@ -46,19 +49,18 @@ from tracetune.evaluate.gta_tools import (
     toolset_status,
 )
 from tracetune.evaluate.runs import (
-    EpisodeBackendError,
     EvalRunConfig,
     EvalRunError,
     Notify,
     RunContext,
-    check_backend,
     stable_id,
     trajectories_by,
     write_json,
     write_jsonl,
 )
-from tracetune.models.base import BackendError, ChatMessage, ChatModel
+from tracetune.models.base import ChatMessage, ChatModel
 from tracetune.prompts import prompt_hash, render
+from tracetune.runner import StageResult
 from tracetune.schema import (
     Action,
     ErrorKind,
@@ -74,6 +76,28 @@ from tracetune.schema import (
 from tracetune.store import AssetStore
 
 FINAL_TURN_PROMPT = "eval/gta_final_turn.jinja"
+
+
+class GTAConfig(BenchConfig):
+    """Options of ``tracetune eval run gta``."""
+
+    bench: Literal["gta"] = "gta"
+    data: Path | None = Field(
+        default=None, description="The folder of GTA's dataset.json and its files."
+    )
+    mode: Literal["step", "e2e"] = Field(
+        default="step",
+        description="step (each gold turn predicted from the gold history) or e2e (end to "
+        "end, with the GTA toolset).",
+    )
+    embedder: str = Field(
+        default="auto",
+        description="Sentence embedder for subjective answers: auto (official "
+        "all-mpnet-base-v2 if on disk, else the packaged MiniLM), packaged, or a path.",
+    )
+
+    def run_mode(self) -> str | None:
+        return self.mode
 
 
 # -- data ----------------------------------------------------------------------------------
@@ -304,110 +328,106 @@ def affected_queries(
 
 
 # -- the run -------------------------------------------------------------------------------
-async def run_gta(
-    config: EvalRunConfig,
-    model: ChatModel | None = None,
-    progress: bool = True,
-    notify: Notify | None = None,
-) -> dict[str, Any]:
-    dataset_json, root = gta_paths(config.data)
-    if config.action_format != "json":
-        raise EvalRunError("gta runs with the json action format (GTA's tool-call messages)")
-    gold = load_gta_gold(dataset_json)
-    raw_items = read_json(dataset_json, "GTA gold")
-    ids = list(gold)[: config.limit] if config.limit else list(gold)
-    gold = {qid: gold[qid] for qid in ids}
-    ctx = RunContext(config, notify)
-    out = ctx.trajectories
-    tasks = {qid: gta_task(gold[qid], raw_items[qid], root, out.assets) for qid in ids}
-    metas = {qid: _tool_metas(raw_items[qid], gold[qid].where) for qid in ids}
-    write_json(ctx.root / "gold.json", {qid: raw_items[qid] for qid in ids})
+class GTAAdapter(BenchmarkAdapter[GTAConfig]):
+    """GTA: step mode's items are (query, gold turn) pairs, answered once each from the
+    gold history; e2e mode's items are queries, run as agent episodes on the GTA toolset."""
 
-    status = toolset_status(config.tool_options, tool_model=bool(config.tool_model))
-    affected: dict[str, list[str]] = {}
-    if config.mode == "e2e":
-        affected = affected_queries(gold, status)
-        lines = [
-            f"  {name}: {s.status} ({s.backend}{'; ' + s.note if s.note else ''})"
-            for name, s in status.items()
-        ]
-        ctx.notify("GTA toolset:\n" + "\n".join(lines))
-        if affected:
-            ctx.notify(
-                f"{len(affected)} of {len(ids)} queries need a tool that cannot run "
-                "here; they are scored apart (see metrics.json 'affected_queries')"
-            )
-    ctx.write_run(
-        {
-            "data": str(dataset_json),
-            "toolset": {n: s.as_dict() for n, s in status.items()}
-            if config.mode == "e2e"
-            else None,
-            "affected_queries": affected,
+    config_model = GTAConfig
+    agent_class = GTAAgent
+
+    def check(self) -> None:
+        config = self.config
+        self.dataset_json, self.data_root = gta_paths(config.data)
+        gold = load_gta_gold(self.dataset_json)
+        self.raw_items = read_json(self.dataset_json, "GTA gold")
+        ids = list(gold)[: config.limit] if config.limit else list(gold)
+        self.gold = {qid: gold[qid] for qid in ids}
+        self.metas = {qid: _tool_metas(self.raw_items[qid], gold[qid].where) for qid in ids}
+        self.status = toolset_status(config.tool_options, tool_model=bool(config.tool_model))
+        self.affected = affected_queries(self.gold, self.status) if config.mode == "e2e" else {}
+        self.max_chunk = 32 if config.mode == "step" else 16  # type: ignore[misc]
+        self.fmt = JsonFormat()
+
+    async def load_items(self, run: RunContext) -> Sequence[Any]:
+        config, gold = self.config, self.gold
+        self.tasks = {
+            qid: gta_task(q, self.raw_items[qid], self.data_root, run.trajectories.assets)
+            for qid, q in gold.items()
+        }
+        write_json(run.root / "gold.json", {qid: self.raw_items[qid] for qid in gold})
+        if config.mode == "e2e":
+            lines = [
+                f"  {name}: {s.status} ({s.backend}{'; ' + s.note if s.note else ''})"
+                for name, s in self.status.items()
+            ]
+            run.notify("GTA toolset:\n" + "\n".join(lines))
+            if self.affected:
+                run.notify(
+                    f"{len(self.affected)} of {len(gold)} queries need a tool that cannot run "
+                    "here; they are scored apart (see metrics.json 'affected_queries')"
+                )
+            return list(gold)
+        self.final_text = render(FINAL_TURN_PROMPT)
+        return [(qid, turn) for qid in gold for turn in range(len(gold[qid].gold_turns))]
+
+    def run_info(self) -> dict[str, Any]:
+        e2e = self.config.mode == "e2e"
+        return {
+            "data": str(self.dataset_json),
+            "toolset": {n: s.as_dict() for n, s in self.status.items()} if e2e else None,
+            "affected_queries": self.affected,
             "prompt_hashes": {
-                "agent": JsonFormat().prompt_hash,
+                "agent": self.fmt.prompt_hash,
                 "final_turn": prompt_hash(FINAL_TURN_PROMPT),
             },
         }
-    )
-    controller = ctx.load_models(model)
-    fmt = JsonFormat()
-    sampling = ctx.sampling()
-    try:
-        if config.mode == "step":
-            result = await _run_steps(
-                config, ctx, controller, gold, tasks, metas, fmt, sampling, progress
-            )
-        else:
-            result = await _run_e2e(
-                config, ctx, controller, gold, tasks, metas, status, sampling, progress
-            )
-    finally:
-        await ctx.close()
-    return _score(config, ctx, gold, result, affected, status)
 
+    def key(self, item: Any, controller: str) -> str:
+        if self.config.mode == "step":
+            return stable_id("gta", "step", item[0], item[1], controller)
+        return stable_id("gta", "e2e", item, controller)
 
-async def _run_steps(
-    config: EvalRunConfig,
-    ctx: RunContext,
-    controller: ChatModel,
-    gold: dict[str, GTAQuery],
-    tasks: dict[str, Task],
-    metas: dict[str, list[dict[str, Any]]],
-    fmt: JsonFormat,
-    sampling: Any,
-    progress: bool,
-) -> Any:
-    out = ctx.trajectories
-    items = [(qid, turn) for qid in gold for turn in range(len(gold[qid].gold_turns))]
-    final_text = render(FINAL_TURN_PROMPT)
+    def label(self, item: Any) -> str:
+        if self.config.mode == "step":
+            return f"gta-{item[0]} turn {item[1]}"
+        return f"gta-{item}"
 
-    def key(item: tuple[str, int]) -> str:
-        return stable_id("gta", "step", item[0], item[1], controller.spec)
+    # e2e: an agent episode on the query's GTA tools
+    def task(self, item: Any) -> Task:
+        return self.tasks[item]
 
-    async def process(item: tuple[str, int]) -> Trajectory:
+    def tools(self, item: Any) -> list[Any]:
+        return list(episode_tools(self.metas[item], self.status))
+
+    def action_format(self, item: Any) -> str:
+        return "json"
+
+    async def episode(self, run: RunContext, item: Any, trajectory_id: str) -> Trajectory:
+        if self.config.mode == "e2e":
+            return await super().episode(run, item, trajectory_id)
+        return await self._step(run, item, trajectory_id)
+
+    async def _step(self, run: RunContext, item: tuple[str, int], tid: str) -> Trajectory:
+        """One gold turn predicted from the gold history (tools are not executed)."""
         qid, turn = item
-        query, task = gold[qid], tasks[qid]
-        tools = [gta_tool(str(m.get("name")), m) for m in metas[qid]]
+        fmt, sampling = self.fmt, run.sampling()
+        assert run.model is not None
+        query, task = self.gold[qid], self.tasks[qid]
+        tools = [gta_tool(str(m.get("name")), m) for m in self.metas[qid]]
         gold_msg = query.gold_turns[turn]
         final_turn = first_call(gold_msg, query.where) is None
         messages = [{"role": "system", "content": fmt.system_prompt(_prompt_tools(tools))}]
-        messages += gold_history(query, turn, fmt, out.assets.path, task)
+        messages += gold_history(query, turn, fmt, run.trajectories.assets.path, task)
         if final_turn:
-            _append_text(messages[-1], final_text)
-        try:
-            generation = await controller.generate(messages, n=1, sampling=sampling)
-        except BackendError as exc:
-            # Not a wrong prediction: the runner records the turn as failed, and a rerun
-            # asks again.
-            raise EpisodeBackendError(f"{task.id} turn {turn}: {exc}") from exc
+            _append_text(messages[-1], self.final_text)
+        generation = await run.model.generate(messages, n=1, sampling=sampling)
         raw, usage, latency = generation.text, generation.usage, generation.latency_s
         prediction, step = step_prediction(raw, fmt, {t.name for t in tools}, final_turn)
         step.usage, step.latency_s = usage, latency
         return Trajectory(
-            id=key(item),
+            id=tid,
             task=task,
-            controller=controller.spec,
+            controller=run.model.spec,
             action_format="json",
             tools=[t.name for t in tools],
             steps=[step],
@@ -417,7 +437,6 @@ async def _run_steps(
             prompt_hash=fmt.prompt_hash,
             sampling=sampling.to_dict(),
             metadata={
-                "bench": "gta",
                 "mode": "step",
                 "gta_id": qid,
                 "turn": turn,
@@ -430,7 +449,24 @@ async def _run_steps(
             },
         )
 
-    return await ctx.run_items(items, key, process, progress=progress, max_chunk=32)
+    def annotate(self, item: Any, trajectory: Trajectory) -> dict[str, Any]:
+        if self.config.mode == "step":
+            return {}
+        return {"mode": "e2e", "gta_id": item, "prediction": trajectory_dialog(trajectory)}
+
+    async def score(self, run: RunContext, items: Sequence[Any], result: StageResult) -> Scored:
+        return _score(self.config, run, self.gold, self.affected, self.status)
+
+
+async def run_gta(
+    config: GTAConfig | EvalRunConfig,
+    model: ChatModel | None = None,
+    progress: bool = True,
+    notify: Notify | None = None,
+) -> dict[str, Any]:
+    from tracetune.evaluate.runs import run_benchmark
+
+    return await run_benchmark(config, model, progress, notify)
 
 
 def _prompt_tools(tools: list[GTATool]) -> list[Any]:
@@ -440,52 +476,13 @@ def _prompt_tools(tools: list[GTATool]) -> list[Any]:
     return [*tools, get_tool("final_answer")]
 
 
-async def _run_e2e(
-    config: EvalRunConfig,
-    ctx: RunContext,
-    controller: ChatModel,
-    gold: dict[str, GTAQuery],
-    tasks: dict[str, Task],
-    metas: dict[str, list[dict[str, Any]]],
-    status: dict[str, ToolStatus],
-    sampling: Any,
-    progress: bool,
-) -> Any:
-    out = ctx.trajectories
-
-    def key(qid: str) -> str:
-        return stable_id("gta", "e2e", qid, controller.spec)
-
-    async def process(qid: str) -> Trajectory:
-        tools = episode_tools(metas[qid], status)
-        agent = GTAAgent(
-            controller,
-            list(tools),
-            "json",
-            config.max_steps,
-            config.max_errors,
-            sampling,
-            tool_options=copy.deepcopy(config.tool_options),
-            tool_model=ctx.tool_model,
-        )
-        trajectory = check_backend(await agent.run(tasks[qid], out.assets, out.assets, key(qid)))
-        dialog = trajectory_dialog(trajectory)
-        trajectory.metadata.update(
-            {"bench": "gta", "mode": "e2e", "gta_id": qid, "prediction": dialog}
-        )
-        return trajectory
-
-    return await ctx.run_items(list(gold), key, process, progress=progress)
-
-
 def _score(
-    config: EvalRunConfig,
+    config: GTAConfig,
     ctx: RunContext,
     gold: dict[str, GTAQuery],
-    result: Any,
     affected: dict[str, list[str]],
     status: dict[str, ToolStatus],
-) -> dict[str, Any]:
+) -> Scored:
     groups = trajectories_by(ctx.trajectories, "gta_id")
     rows: list[dict[str, Any]] = []
     trajectory_of: dict[str, str] = {}
@@ -537,7 +534,15 @@ def _score(
         else [],
         "predictions": str(predictions),
     }
-    return ctx.finish(reports, f"gta/{config.mode}/official", trajectory_of, result, extra)
+    return Scored(reports, f"gta/{config.mode}/official", trajectory_of, extra)
 
 
-__all__ = ["GTAAgent", "gold_history", "run_gta", "step_prediction", "trajectory_dialog"]
+__all__ = [
+    "GTAAdapter",
+    "GTAAgent",
+    "GTAConfig",
+    "gold_history",
+    "run_gta",
+    "step_prediction",
+    "trajectory_dialog",
+]

@@ -25,9 +25,13 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections import defaultdict
-from typing import Any
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from tracetune.agent.loop import Agent
+from pydantic import Field
+
+from tracetune.evaluate.adapter import BenchConfig, BenchmarkAdapter, CliFlag, Scored
 from tracetune.evaluate.base import ItemScore, ScoreReport, percent
 from tracetune.evaluate.learning import (
     LEARNING_PERCENT,
@@ -44,13 +48,13 @@ from tracetune.evaluate.runs import (
     EvalRunError,
     Notify,
     RunContext,
-    check_backend,
     stable_id,
     write_jsonl,
 )
 from tracetune.judge.answers import check_answer
 from tracetune.models.base import ChatModel
 from tracetune.rollout import called_tools
+from tracetune.runner import StageResult
 from tracetune.schema import GoldAnswer, Task, Trajectory
 from tracetune.store import Dataset
 from tracetune.store.tasks import load_tasks
@@ -59,13 +63,47 @@ from tracetune.tools import load_tools
 HELDOUT_NAMESPACE = "tracetune-heldout"
 
 
+class ProgramsConfig(BenchConfig):
+    """Options of ``tracetune eval run programs``."""
+
+    bench: Literal["programs"] = "programs"
+    data: Path | None = Field(
+        default=None,
+        description="A task dataset to evaluate (default: a held-out split drawn here).",
+    )
+    mode: Literal["e2e", "step"] = Field(
+        default="e2e",
+        description="e2e (whole episodes) or step (each gold step predicted from the gold "
+        "prefix, never executed).",
+    )
+    action_format: Literal["json", "code", "tools"] = Field(
+        default="json", description="How actions are written."
+    )
+    n: int = Field(default=40, ge=1, description="Size of the held-out split.")
+    seed: int = Field(default=0, description="Seed of the held-out split.")
+    families: Annotated[list[str], CliFlag("--family", "--families")] = Field(
+        default_factory=list, description="Task families (repeatable; default: all)."
+    )
+    exclude: list[Path] = Field(
+        default_factory=list,
+        description="Task datasets (e.g. the training tasks) whose tasks never enter the "
+        "held-out split (repeatable).",
+    )
+    gold_prefixes: Path | None = Field(
+        default=None,
+        description="Step mode: a trajectory dataset holding gold replays of the same tasks "
+        "(e.g. OUT/trajectories of an earlier step-mode run) to take the gold prefixes from "
+        "instead of replaying the gold chains again.",
+    )
+
+
 def heldout_seed(seed: int, index: int) -> int:
     """Seed of the ``index``-th held-out task: never one a training run draws."""
     digest = hashlib.sha256(f"{HELDOUT_NAMESPACE}:{seed}:{index}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def heldout_split(config: EvalRunConfig, out: Dataset[Task]) -> list[Task]:
+def heldout_split(config: ProgramsConfig | EvalRunConfig, out: Dataset[Task]) -> list[Task]:
     """Draw (or reload) the held-out split: ``n`` tasks, round robin over the families."""
     from tracetune.synth.programs.base import get_program, program_task_id
     from tracetune.synth.programs.generate import resolve_families
@@ -243,137 +281,137 @@ def score_programs_steps(
     )
 
 
+class ProgramsAdapter(BenchmarkAdapter[ProgramsConfig]):
+    """Held-out task programs (or a task dataset), answers checked exactly against gold."""
+
+    config_model = ProgramsConfig
+
+    async def load_items(self, run: RunContext) -> Sequence[Task]:
+        config = self.config
+        if config.data is not None:
+            tasks, self.task_source = load_tasks(config.data, run.trajectories.assets)
+            tasks = [t for t in tasks if t.gold is not None]
+            if not tasks:
+                raise EvalRunError(f"{config.data} has no tasks with a gold answer to check")
+            self.split = f"tasks from {config.data}"
+        else:
+            task_store: Dataset[Task] = Dataset.create(run.root / "tasks", Task)
+            tasks = heldout_split(config, task_store)
+            self.task_source = task_store.assets
+            self.split = f"held-out split (seed {config.seed}, {len(tasks)} tasks)"
+        if config.limit:
+            tasks = tasks[: config.limit]
+        self.names = sorted({n for t in tasks for n in t.tools})
+        names = self.names
+        self._tools = load_tools(
+            [*names, "final_answer"] if config.action_format == "json" else names
+        )
+        self.gold_rows = [
+            {
+                "id": t.id,
+                "family": t.metadata.get("family"),
+                "gold": t.gold.model_dump(mode="json"),
+                "gold_tools": sorted({c.name for c in t.gold_chain} - {"final_answer"}),
+                "gold_chain": [{"name": c.name, "arguments": c.arguments} for c in t.gold_chain],
+                "ordered": bool(t.metadata.get("answer_ordered", False)),
+                "choices": t.metadata.get("choices"),
+            }
+            for t in tasks
+            if t.gold is not None
+        ]
+        write_jsonl(run.root / "gold.jsonl", self.gold_rows)
+        run.notify(f"programs: {self.split}; tools: {', '.join(names)}")
+        self.replays = gold_replays(config.gold_prefixes) if config.mode == "step" else {}
+        return tasks
+
+    def run_info(self) -> dict[str, Any]:
+        config = self.config
+        return {
+            "data": str(config.data) if config.data else None,
+            "split": self.split,
+            "tools": self.names,
+            "excluded_datasets": [str(p) for p in config.exclude],
+        }
+
+    def key(self, item: Task, controller: str) -> str:
+        mode = ["step"] if self.config.mode == "step" else []
+        return stable_id("programs", item.id, controller, self.config.action_format, *mode)
+
+    def sources(self, run: RunContext) -> list[Any]:
+        return [self.task_source]
+
+    def source(self, run: RunContext, item: Task) -> Any:
+        return self.task_source
+
+    def tools(self, item: Task) -> list[Any]:
+        return list(self._tools)
+
+    def tool_options(self, item: Task) -> dict[str, Any]:
+        return task_options(item, self.config.tool_options)
+
+    async def episode(self, run: RunContext, item: Task, trajectory_id: str) -> Trajectory:
+        if self.config.mode != "step":
+            return await super().episode(run, item, trajectory_id)
+        assert run.model is not None
+        return await teacher_forced(
+            item,
+            run.model,
+            self._tools,
+            self.tool_options(item),
+            run.sampling(),
+            self.config.action_format,
+            self.task_source,
+            run.trajectories.assets,
+            trajectory_id,
+            replay=self.replays.get(item.id),
+        )
+
+    def annotate(self, item: Task, trajectory: Trajectory) -> dict[str, Any]:
+        return {"task_id": item.id, "family": item.metadata.get("family")}
+
+    async def score(self, run: RunContext, items: Sequence[Task], result: StageResult) -> Scored:
+        wanted = {t.id for t in items}
+        predictions: dict[str, dict[str, Any]] = {}
+        trajectory_of: dict[str, str] = {}
+        for trajectory in run.trajectories:
+            task_id = trajectory.task.id
+            if task_id not in wanted:
+                continue
+            trajectory_of[task_id] = trajectory.id
+            predictions[task_id] = {
+                "id": task_id,
+                "prediction": trajectory.final_answer,
+                "family": trajectory.task.metadata.get("family"),
+                "status": trajectory.status,
+                "called_tools": sorted(called_tools(trajectory)),
+                "steps": [s.index for s in trajectory.steps],
+                "actions": trajectory_actions(trajectory),
+            }
+            if "step_predictions" in trajectory.metadata:
+                predictions[task_id]["step_predictions"] = trajectory.metadata["step_predictions"]
+        path = run.root / "predictions.jsonl"
+        write_jsonl(path, [predictions[t.id] for t in items if t.id in predictions])
+        if self.config.mode == "step":
+            report = score_programs_steps(self.gold_rows, predictions)
+        else:
+            report = score_programs(self.gold_rows, predictions)
+        return Scored(
+            {"programs": report},
+            "programs",
+            trajectory_of,
+            {"split": self.split, "predictions": str(path)},
+        )
+
+
 async def run_programs(
-    config: EvalRunConfig,
+    config: ProgramsConfig | EvalRunConfig,
     model: ChatModel | None = None,
     progress: bool = True,
     notify: Notify | None = None,
 ) -> dict[str, Any]:
-    ctx = RunContext(config, notify)
-    out = ctx.trajectories
-    if config.data is not None:
-        tasks, source = load_tasks(config.data, out.assets)
-        tasks = [t for t in tasks if t.gold is not None]
-        if not tasks:
-            raise EvalRunError(f"{config.data} has no tasks with a gold answer to check")
-        split = f"tasks from {config.data}"
-    else:
-        task_store: Dataset[Task] = Dataset.create(ctx.root / "tasks", Task)
-        tasks = heldout_split(config, task_store)
-        source = task_store.assets
-        split = f"held-out split (seed {config.seed}, {len(tasks)} tasks)"
-    if config.limit:
-        tasks = tasks[: config.limit]
-    names = sorted({n for t in tasks for n in t.tools})
-    tools = load_tools([*names, "final_answer"] if config.action_format == "json" else names)
-    gold_rows = [
-        {
-            "id": t.id,
-            "family": t.metadata.get("family"),
-            "gold": t.gold.model_dump(mode="json"),
-            "gold_tools": sorted({c.name for c in t.gold_chain} - {"final_answer"}),
-            "gold_chain": [{"name": c.name, "arguments": c.arguments} for c in t.gold_chain],
-            "ordered": bool(t.metadata.get("answer_ordered", False)),
-            "choices": t.metadata.get("choices"),
-        }
-        for t in tasks
-        if t.gold is not None
-    ]
-    write_jsonl(ctx.root / "gold.jsonl", gold_rows)
-    ctx.notify(f"programs: {split}; tools: {', '.join(names)}")
-    ctx.write_run(
-        {
-            "data": str(config.data) if config.data else None,
-            "split": split,
-            "tools": names,
-            "excluded_datasets": [str(p) for p in config.exclude],
-        }
-    )
-    controller = ctx.load_models(model)
-    agents: dict[str, Agent] = {}
+    from tracetune.evaluate.runs import run_benchmark
 
-    def agent_for(options: dict[str, Any]) -> Agent:
-        k = repr(sorted(options.items()))
-        if k not in agents:
-            agents[k] = Agent(
-                controller,
-                tools,
-                config.action_format,
-                config.max_steps,
-                config.max_errors,
-                ctx.sampling(),
-                tool_options=options,
-                tool_model=ctx.tool_model,
-            )
-        return agents[k]
-
-    def key(task: Task) -> str:
-        mode = ["step"] if programs_step_mode(config) else []
-        return stable_id("programs", task.id, controller.spec, config.action_format, *mode)
-
-    step_mode = programs_step_mode(config)
-    replays = gold_replays(config.gold_prefixes) if step_mode else {}
-
-    async def process(task: Task) -> Trajectory:
-        options = task_options(task, config.tool_options)
-        if step_mode:
-            trajectory = await teacher_forced(
-                task,
-                controller,
-                tools,
-                options,
-                ctx.sampling(),
-                config.action_format,
-                source,
-                out.assets,
-                key(task),
-                replay=replays.get(task.id),
-            )
-        else:
-            agent = agent_for(options)
-            trajectory = check_backend(await agent.run(task, source, out.assets, key(task)))
-        trajectory.metadata.update(
-            {"bench": "programs", "task_id": task.id, "family": task.metadata.get("family")}
-        )
-        return trajectory
-
-    try:
-        result = await ctx.run_items(tasks, key, process, progress=progress, sources=[source])
-    finally:
-        await ctx.close()
-    wanted = {t.id for t in tasks}
-    predictions: dict[str, dict[str, Any]] = {}
-    trajectory_of: dict[str, str] = {}
-    for trajectory in out:
-        task_id = trajectory.task.id
-        if task_id not in wanted:
-            continue
-        trajectory_of[task_id] = trajectory.id
-        predictions[task_id] = {
-            "id": task_id,
-            "prediction": trajectory.final_answer,
-            "family": trajectory.task.metadata.get("family"),
-            "status": trajectory.status,
-            "called_tools": sorted(called_tools(trajectory)),
-            "steps": [s.index for s in trajectory.steps],
-            "actions": trajectory_actions(trajectory),
-        }
-        if "step_predictions" in trajectory.metadata:
-            predictions[task_id]["step_predictions"] = trajectory.metadata["step_predictions"]
-    write_jsonl(
-        ctx.root / "predictions.jsonl", [predictions[t.id] for t in tasks if t.id in predictions]
-    )
-    if programs_step_mode(config):
-        report = score_programs_steps(gold_rows, predictions)
-    else:
-        report = score_programs(gold_rows, predictions)
-    return ctx.finish(
-        {"programs": report},
-        "programs",
-        trajectory_of,
-        result,
-        {"split": split, "predictions": str(ctx.root / "predictions.jsonl")},
-    )
+    return await run_benchmark(config, model, progress, notify)
 
 
 def gold_replays(path: Any) -> dict[str, tuple[Trajectory, Any]]:
@@ -391,8 +429,11 @@ def gold_replays(path: Any) -> dict[str, tuple[Trajectory, Any]]:
     return found
 
 
-def programs_step_mode(config: EvalRunConfig) -> bool:
-    """Whether a programs run is in step mode (``mode: step`` set explicitly; default e2e)."""
+def programs_step_mode(config: ProgramsConfig | EvalRunConfig) -> bool:
+    """Whether a programs run is in step mode (``ProgramsConfig``: ``mode: step``; the flat
+    ``EvalRunConfig``: ``mode: step`` set explicitly, its default being GTA's)."""
+    if isinstance(config, ProgramsConfig):
+        return config.mode == "step"
     return (
         config.bench == "programs" and "mode" in config.model_fields_set and config.mode == "step"
     )
@@ -474,6 +515,8 @@ async def teacher_forced(
 
 
 __all__ = [
+    "ProgramsAdapter",
+    "ProgramsConfig",
     "heldout_seed",
     "heldout_split",
     "programs_step_mode",

@@ -22,16 +22,20 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from tracetune.agent.loop import EpisodeBackendError  # noqa: F401  (raised by the runs)
+from tracetune.errors import ConfigError
 from tracetune.evaluate.base import ScoreReport
 from tracetune.models.base import ChatModel, ModelOptions, Sampling, load_model
 from tracetune.runner import Budget, MeteredModel, StageResult, run_stage
 from tracetune.schema import EvalRecord, Trajectory
 from tracetune.store import AssetStore, Dataset
+
+if TYPE_CHECKING:
+    from tracetune.evaluate.adapter import BenchConfig
 
 RUN_BENCHMARKS = ("gta", "gaia", "programs", "vqa", "dynvqa", "agentx")
 STAGE = "eval"
@@ -39,7 +43,7 @@ T = TypeVar("T")
 Notify = Callable[[str], None]
 
 
-class EvalRunError(ValueError):
+class EvalRunError(ConfigError):
     """A run cannot start as configured; the message says what to change."""
 
 
@@ -52,7 +56,12 @@ def check_backend(trajectory: Trajectory) -> Trajectory:
 
 
 class EvalRunConfig(BaseModel):
-    """Configuration of ``tracetune eval run`` (YAML keys are these field names)."""
+    """Every benchmark's options in one flat model (the Python API's ``run_benchmark``).
+
+    Each benchmark has a config model of its own (``adapter_class(bench).config_model``,
+    which ``tracetune eval run BENCH`` takes its options from); :meth:`for_bench` turns this
+    one into it, refusing options set here that the benchmark does not take.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -143,6 +152,33 @@ class EvalRunConfig(BaseModel):
     )
     backend: ModelOptions = Field(default_factory=ModelOptions, description="Backend options.")
 
+    def for_bench(self) -> BenchConfig:
+        """The benchmark's own config with these values; an option set here that the
+        benchmark does not take (to a value other than its default) is an error."""
+        from tracetune.evaluate.adapter import adapter_class
+
+        cls = adapter_class(self.bench).config_model
+        values: dict[str, Any] = {}
+        foreign: list[str] = []
+        for name, info in type(self).model_fields.items():
+            value = getattr(self, name)
+            if name in cls.model_fields:
+                values[name] = value
+            elif value != info.get_default(call_default_factory=True):
+                foreign.append(name)
+        if self.bench == "programs" and "mode" not in self.model_fields_set:
+            values["mode"] = "e2e"  # programs run whole episodes unless step is asked for
+        if foreign:
+            takes = ", ".join(n for n in cls.model_fields if n != "bench")
+            raise EvalRunError(
+                f"{', '.join(foreign)}: not an option of {self.bench}",
+                hint=f"{self.bench} takes: {takes}",
+            )
+        try:
+            return cls.model_validate(values)
+        except ValueError as exc:
+            raise EvalRunError(f"invalid options for {self.bench}: {exc}") from exc
+
     def identity(self) -> dict[str, Any]:
         """What must not change between a run and its rerun (else the results would mix).
 
@@ -220,7 +256,7 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 class RunContext:
     """The run directory, its trajectory dataset, the metered controller and the sampling."""
 
-    def __init__(self, config: EvalRunConfig, notify: Notify | None = None) -> None:
+    def __init__(self, config: BenchConfig, notify: Notify | None = None) -> None:
         self.config = config
         self.root = Path(config.out)
         self.notify: Notify = notify or (lambda _msg: None)
@@ -316,7 +352,7 @@ class RunContext:
             self.root / "run.json",
             {
                 "benchmark": self.config.bench,
-                "mode": self.config.mode if self.config.bench == "gta" else None,
+                "mode": self.config.run_mode(),
                 "model": self.config.model,
                 "identity": json.loads(json.dumps(self.config.identity(), default=str)),
                 "config": config,
@@ -337,7 +373,7 @@ class RunContext:
         usage = self.trajectories.state.usage()
         metrics = {
             "benchmark": self.config.bench,
-            "mode": self.config.mode if self.config.bench == "gta" else None,
+            "mode": self.config.run_mode(),
             "model": self.config.model,
             "headline": headline,
             "reports": {name: report.summary() for name, report in reports.items()},
@@ -397,28 +433,15 @@ def trajectories_by(dataset: Dataset[Trajectory], key: str) -> dict[str, list[Tr
 
 
 async def run_benchmark(
-    config: EvalRunConfig,
+    config: EvalRunConfig | BenchConfig,
     model: ChatModel | None = None,
     progress: bool = True,
     notify: Notify | None = None,
 ) -> dict[str, Any]:
-    """Run ``config.bench``; returns the metrics document also written to metrics.json."""
-    if config.bench == "gta":
-        from tracetune.evaluate.gta_run import run_gta
+    """Run ``config.bench`` through its adapter (:mod:`tracetune.evaluate.adapter`);
+    returns the metrics document also written to metrics.json. ``config`` is the
+    benchmark's own config, or the flat :class:`EvalRunConfig`."""
+    from tracetune.evaluate.adapter import run_adapter
 
-        return await run_gta(config, model, progress, notify)
-    if config.bench == "gaia":
-        from tracetune.evaluate.gaia_run import run_gaia
-
-        return await run_gaia(config, model, progress, notify)
-    if config.bench == "agentx":
-        from tracetune.evaluate.agentx_run import run_agentx
-
-        return await run_agentx(config, model, progress, notify)
-    if config.bench in ("vqa", "dynvqa"):
-        from tracetune.evaluate.vqa_run import run_vqa
-
-        return await run_vqa(config, model, progress, notify)
-    from tracetune.evaluate.programs_run import run_programs
-
-    return await run_programs(config, model, progress, notify)
+    bench = config.for_bench() if isinstance(config, EvalRunConfig) else config
+    return await run_adapter(bench, model, progress, notify)

@@ -21,17 +21,20 @@ answers (all ten VQAv2 answers, all Dyn-VQA aliases).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
 
 from tracetune.engine.infer import InferenceResult, InferOptions, MMATInference
 from tracetune.engine.ingest import IngestConfig, IngestError, run_ingest
 from tracetune.engine.ingest import read_rows as read_qa_rows
 from tracetune.engine.operators import OperatorConfig, OperatorSet, OperatorUnavailable, Workdir
 from tracetune.engine.render import mmat_prompt_hash
+from tracetune.evaluate.adapter import BenchConfig, BenchmarkAdapter, Scored
 from tracetune.evaluate.dynvqa import score_dynvqa
 from tracetune.evaluate.runs import (
-    EpisodeBackendError,
     EvalRunConfig,
     EvalRunError,
     Notify,
@@ -42,8 +45,9 @@ from tracetune.evaluate.runs import (
 )
 from tracetune.evaluate.vqa import score_vqa
 from tracetune.judge.vqa import extract_answer
-from tracetune.models.base import BackendError, ChatModel, Sampling, text_message
+from tracetune.models.base import ChatModel, Sampling, text_message
 from tracetune.prompts import prompt_hash, render
+from tracetune.runner import StageResult
 from tracetune.schema import Action, Observation, Step, Task, Trajectory, TrajectoryStatus, Usage
 from tracetune.store import Dataset
 
@@ -55,6 +59,32 @@ _STATUS: dict[str, TrajectoryStatus] = {
     "max_reflections": "max_steps",
     "format_errors": "max_errors",
 }
+
+
+class VQAConfig(BenchConfig):
+    """Options of ``tracetune eval run vqa`` (and ``dynvqa``)."""
+
+    bench: Literal["vqa", "dynvqa"] = "vqa"
+    data: Path | None = Field(
+        default=None,
+        description="A JSON lines (or JSON list) file of {question_id, image, question, "
+        "answer[, choices]} rows, images beside it.",
+    )
+    answer_mode: Literal["direct", "rr", "orr"] = Field(
+        default="direct",
+        description="direct (one turn), or the MMAT way: rr (multi-turn with operators, "
+        "max-steps model turns) or orr (operator results first, one turn).",
+    )
+    tools: list[str] = Field(
+        default_factory=list,
+        description="rr/orr: the MMAT operators (default: all).",
+    )
+
+
+class DynVQAConfig(VQAConfig):
+    """Options of ``tracetune eval run dynvqa``."""
+
+    bench: Literal["vqa", "dynvqa"] = "dynvqa"
 
 
 def vqa_source(data: Path | None, bench: str) -> tuple[Path, IngestConfig]:
@@ -190,111 +220,141 @@ def result_trajectory(
     )
 
 
+class VQAAdapter(BenchmarkAdapter[VQAConfig]):
+    """A VQA file answered directly or the MMAT way, scored by VQA accuracy (or, for
+    multiple choice, choice accuracy)."""
+
+    config_model: ClassVar[type[BenchConfig]] = VQAConfig
+
+    def check(self) -> None:
+        self.source_path, self.ingest = vqa_source(self.config.data, self.config.bench)
+        mode = self.config.answer_mode
+        self.operators = _operator_config(self.config) if mode != "direct" else None
+
+    async def load_items(self, run: RunContext) -> Sequence[Task]:
+        config = self.config
+        tasks = await ingest_tasks(self.source_path, self.ingest, run.root)
+        if config.limit:
+            tasks = tasks[: config.limit]
+        gold = gold_rows(config.bench, tasks, self.source_path, self.ingest)
+        write_jsonl(run.root / "gold.jsonl", gold)
+        self.task_store: Dataset[Task] = Dataset.open(run.root / "tasks", Task)
+        operators = self.operators
+        run.notify(
+            f"{config.bench}: {len(tasks)} questions, answer mode {config.answer_mode}"
+            + (f", operators: {', '.join(operators.operators)}" if operators else "")
+            + (", retrieval on" if operators and operators.rag else "")
+        )
+        return tasks
+
+    def run_info(self) -> dict[str, Any]:
+        return {
+            "data": str(self.source_path),
+            "answer_mode": self.config.answer_mode,
+            "operators": self.operators.model_dump(mode="json") if self.operators else None,
+            "prompt_hashes": {"direct": prompt_hash(DIRECT_PROMPT)},
+        }
+
+    def key(self, item: Task, controller: str) -> str:
+        return stable_id(self.config.bench, self.config.answer_mode, item.id, controller)
+
+    def label(self, item: Task) -> str:
+        return item_of(item)
+
+    def sources(self, run: RunContext) -> list[Any]:
+        return [self.task_store.assets]
+
+    async def start(self, run: RunContext, controller: ChatModel) -> None:
+        config = self.config
+        self.controller = controller
+        self.engine: MMATInference | None = None
+        self.sampling = Sampling(temperature=config.temperature, max_tokens=config.max_tokens)
+        self.mmat_hash = mmat_prompt_hash()
+        if self.operators is None:
+            return
+        captioner = run.tool_model or controller  # as `mmat infer`: the model under test
+        operator_set = OperatorSet(self.operators, captioner)
+        try:
+            await operator_set.startup()
+        except OperatorUnavailable as exc:
+            raise EvalRunError(f"{exc} (eval run: choose operators with --tools)") from exc
+        options = InferOptions(
+            model=config.model,
+            mode=config.answer_mode,  # type: ignore[arg-type]
+            operators=self.operators,
+            max_turns=config.max_steps,
+            max_format_errors=config.max_errors,
+            temperature=config.temperature,
+            max_tokens=config.max_tokens,
+        )
+        self.engine = MMATInference(controller, operator_set, options)
+
+    async def episode(self, run: RunContext, item: Task, trajectory_id: str) -> Trajectory:
+        controller = self.controller
+        if self.engine is None:
+            trajectory = await _direct(
+                controller, item, self.task_store, self.sampling, trajectory_id
+            )
+            trajectory.prompt_hash = prompt_hash(DIRECT_PROMPT)
+        else:
+            result = await self.engine.run(item, self.task_store.assets)
+            trajectory = result_trajectory(
+                result, item, trajectory_id, controller.spec, self.config.answer_mode
+            )
+            trajectory.prompt_hash = self.mmat_hash
+        return trajectory
+
+    def annotate(self, item: Task, trajectory: Trajectory) -> dict[str, Any]:
+        return {
+            "item_id": item_of(item),
+            "answer_mode": self.config.answer_mode,
+            "prediction": trajectory.steps[-1].raw,
+        }
+
+    async def score(self, run: RunContext, items: Sequence[Task], result: StageResult) -> Scored:
+        bench, mode = self.config.bench, self.config.answer_mode
+        groups = trajectories_by(run.trajectories, "item_id")
+        id_key = "question_id" if bench == "dynvqa" else "id"
+        predictions, trajectory_of = [], {}
+        for task in items:
+            found = [
+                t for t in groups.get(item_of(task), []) if t.metadata.get("answer_mode") == mode
+            ]
+            if found:
+                trajectory_of[item_of(task)] = found[0].id
+                predictions.append(
+                    {id_key: item_of(task), "prediction": found[0].metadata["prediction"]}
+                )
+        path = run.root / "predictions.jsonl"
+        write_jsonl(path, predictions)
+        scorer = score_dynvqa if bench == "dynvqa" else score_vqa
+        report = scorer(run.root / "gold.jsonl", path)
+        return Scored(
+            {bench: report},
+            bench,
+            trajectory_of,
+            {"answer_mode": mode, "predictions": str(path)},
+        )
+
+
+class DynVQAAdapter(VQAAdapter):
+    """Dyn-VQA: the same runs, scored by token recall against every alias."""
+
+    config_model = DynVQAConfig
+
+
 async def run_vqa(
-    config: EvalRunConfig,
+    config: VQAConfig | EvalRunConfig,
     model: ChatModel | None = None,
     progress: bool = True,
     notify: Notify | None = None,
 ) -> dict[str, Any]:
-    source, ingest = vqa_source(config.data, config.bench)
-    ctx = RunContext(config, notify)
-    tasks = await ingest_tasks(source, ingest, ctx.root)
-    if config.limit:
-        tasks = tasks[: config.limit]
-    gold = gold_rows(config.bench, tasks, source, ingest)
-    write_jsonl(ctx.root / "gold.jsonl", gold)
-    task_store: Dataset[Task] = Dataset.open(ctx.root / "tasks", Task)
-    mode = config.answer_mode
-    operators = _operator_config(config) if mode != "direct" else None
-    ctx.notify(
-        f"{config.bench}: {len(tasks)} questions, answer mode {mode}"
-        + (f", operators: {', '.join(operators.operators)}" if operators else "")
-        + (", retrieval on" if operators and operators.rag else "")
-    )
-    ctx.write_run(
-        {
-            "data": str(source),
-            "answer_mode": mode,
-            "operators": operators.model_dump(mode="json") if operators else None,
-            "prompt_hashes": {"direct": prompt_hash(DIRECT_PROMPT)},
-        }
-    )
-    controller = ctx.load_models(model)
-    engine: MMATInference | None = None
-    try:
-        if operators is not None:
-            captioner = ctx.tool_model or controller  # as `mmat infer`: the model under test
-            operator_set = OperatorSet(operators, captioner)
-            try:
-                await operator_set.startup()
-            except OperatorUnavailable as exc:
-                raise EvalRunError(f"{exc} (eval run: choose operators with --tools)") from exc
-            options = InferOptions(
-                model=config.model,
-                mode=mode,  # type: ignore[arg-type]
-                operators=operators,
-                max_turns=config.max_steps,
-                max_format_errors=config.max_errors,
-                temperature=config.temperature,
-                max_tokens=config.max_tokens,
-            )
-            engine = MMATInference(controller, operator_set, options)
-        sampling = Sampling(temperature=config.temperature, max_tokens=config.max_tokens)
-        mmat_hash = mmat_prompt_hash()
+    from tracetune.evaluate.runs import run_benchmark
 
-        def key(task: Task) -> str:
-            return stable_id(config.bench, mode, task.id, controller.spec)
-
-        async def answer(task: Task) -> Trajectory:
-            if engine is None:
-                return await _direct(controller, task, task_store, sampling, key(task))
-            result = await engine.run(task, task_store.assets)
-            return result_trajectory(result, task, key(task), controller.spec, mode)
-
-        async def process(task: Task) -> Trajectory:
-            try:
-                trajectory = await answer(task)
-            except BackendError as exc:  # retried on the next run, not scored as wrong
-                raise EpisodeBackendError(f"{item_of(task)}: {exc}") from exc
-            trajectory.prompt_hash = prompt_hash(DIRECT_PROMPT) if engine is None else mmat_hash
-            trajectory.metadata.update(
-                {
-                    "bench": config.bench,
-                    "item_id": item_of(task),
-                    "answer_mode": mode,
-                    "prediction": trajectory.steps[-1].raw,
-                }
-            )
-            return trajectory
-
-        result = await ctx.run_items(
-            tasks, key, process, progress=progress, sources=[task_store.assets]
-        )
-    finally:
-        await ctx.close()
-    groups = trajectories_by(ctx.trajectories, "item_id")
-    id_key = "question_id" if config.bench == "dynvqa" else "id"
-    predictions, trajectory_of = [], {}
-    for task in tasks:
-        found = [t for t in groups.get(item_of(task), []) if t.metadata.get("answer_mode") == mode]
-        if found:
-            trajectory_of[item_of(task)] = found[0].id
-            predictions.append(
-                {id_key: item_of(task), "prediction": found[0].metadata["prediction"]}
-            )
-    write_jsonl(ctx.root / "predictions.jsonl", predictions)
-    scorer = score_dynvqa if config.bench == "dynvqa" else score_vqa
-    report = scorer(ctx.root / "gold.jsonl", ctx.root / "predictions.jsonl")
-    return ctx.finish(
-        {config.bench: report},
-        config.bench,
-        trajectory_of,
-        result,
-        {"answer_mode": mode, "predictions": str(ctx.root / "predictions.jsonl")},
-    )
+    return await run_benchmark(config, model, progress, notify)
 
 
-def _operator_config(config: EvalRunConfig) -> OperatorConfig:
+def _operator_config(config: VQAConfig) -> OperatorConfig:
     search = config.tool_options.get("search") or {}
     backend = search.get("backend", "local")
     rag = bool(search.get("corpus")) or backend != "local"
@@ -343,4 +403,12 @@ async def _direct(
     )
 
 
-__all__ = ["result_trajectory", "run_vqa", "vqa_source"]
+__all__ = [
+    "DynVQAAdapter",
+    "DynVQAConfig",
+    "VQAAdapter",
+    "VQAConfig",
+    "result_trajectory",
+    "run_vqa",
+    "vqa_source",
+]
