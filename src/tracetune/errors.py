@@ -40,9 +40,12 @@ whether the command finished the other items or aborted because too many failed.
 
 class TracetuneError(Exception):
     """An error the user can fix: ``message`` says what is wrong, ``hint`` (optional) how to
-    fix it. ``str()`` shows both. A subclass may set a class-level ``hint`` as its default."""
+    fix it. ``str()`` shows both. A subclass may set a class-level ``hint`` as its default,
+    and ``exit_code``, the exit status of a command that stops on it (default
+    :data:`BAD_INPUT_EXIT`)."""
 
     hint: str | None = None
+    exit_code: int = BAD_INPUT_EXIT
 
     def __init__(self, message: str = "", *, hint: str | None = None) -> None:
         super().__init__(message)

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tracetune.errors import TracetuneError
 
-class InputError(ValueError):
+
+class InputError(TracetuneError, ValueError):
     """An input that cannot be used; the message names it, says what is wrong and the fix."""
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tracetune.errors import TracetuneError
 from tracetune.models.base import ChatModel, ModelOptions
 from tracetune.runner import MeteredModel, StageResult
 from tracetune.schema import Task
@@ -66,7 +67,7 @@ async def close_models(*models: ChatModel) -> None:
         await model.aclose()
 
 
-class ReplyError(ValueError):
+class ReplyError(TracetuneError, ValueError):
     """A model reply that is not the JSON object asked for."""
 
 

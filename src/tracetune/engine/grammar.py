@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass, field
 
 from tracetune.engine.trace import Signal
+from tracetune.errors import TracetuneError
 from tracetune.prompts import render
 
 SIGNALS: tuple[Signal, ...] = ("continue", "reflection", "end")
@@ -55,7 +56,7 @@ _ORR_ANSWER = re.compile(
 )
 
 
-class GrammarError(ValueError):
+class GrammarError(TracetuneError, ValueError):
     """Text that does not follow the RR/ORR grammar; the message says what is wrong."""
 
 

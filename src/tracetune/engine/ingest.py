@@ -32,6 +32,7 @@ from typing import Any, Literal
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from tracetune.errors import TracetuneError
 from tracetune.inputs import ImageError, check_image, decode_text, read_json, read_text
 from tracetune.prompts import prompt_hash, render
 from tracetune.runner import Drop, StageResult, run_stage
@@ -68,7 +69,7 @@ def strip_image_markers(question: str) -> str:
     return "\n".join(lines).strip()
 
 
-class IngestError(ValueError):
+class IngestError(TracetuneError, ValueError):
     """The source cannot be read as configured; the message says what to change."""
 
 

@@ -61,6 +61,7 @@ from tracetune.evaluate.base import (
 )
 from tracetune.evaluate.gaia import normalize_str
 from tracetune.models.base import ChatModel, Sampling
+from tracetune.models.replies import JudgeReplyError
 from tracetune.prompts import prompt_hash, render
 
 METRICS = (
@@ -209,10 +210,6 @@ def load_agentx_predictions(path: str | Path) -> dict[str, tuple[str, AgentXPred
 
 
 # -- judge replies ---------------------------------------------------------------------------
-class JudgeReplyError(ValueError):
-    """A judge reply that is not the JSON object asked for."""
-
-
 def _json_object(text: str) -> dict[str, Any]:
     text = re.sub(r"```(?:json|python)?", "", text)
     start, end = text.find("{"), text.rfind("}")

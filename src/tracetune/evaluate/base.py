@@ -14,12 +14,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tracetune.errors import TracetuneError
 from tracetune.schema import EvalRecord
 
 Score = float | int | None
 
 
-class ScoringInputError(ValueError):
+class ScoringInputError(TracetuneError, ValueError):
     """A gold or prediction file does not have the shape a scorer expects."""
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from tracetune.errors import TracetuneError
 from tracetune.models.base import ChatModel, Sampling
 from tracetune.prompts import prompt_hash, render
 from tracetune.schema import Task, Verdict
@@ -19,7 +20,7 @@ from tracetune.store import AssetStore
 PROMPT = "mtrace/verify_task.jinja"
 
 
-class MalformedVerdict(ValueError):
+class MalformedVerdict(TracetuneError, ValueError):
     """The judge's answer could not be read as a verdict."""
 
 

@@ -27,6 +27,7 @@ from typing import Any, Literal
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tracetune.errors import TracetuneError
 from tracetune.schema import Usage
 
 ChatMessage = dict[str, Any]
@@ -89,7 +90,7 @@ class Generation:
         return [c.text for c in self.completions]
 
 
-class BackendError(RuntimeError):
+class BackendError(TracetuneError, RuntimeError):
     """A backend failed for good (after retries), or was configured wrongly."""
 
 

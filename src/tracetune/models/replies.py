@@ -10,9 +10,16 @@ import json
 import re
 from typing import Any
 
+from tracetune.errors import TracetuneError
 
-class MalformedOutput(ValueError):
+
+class MalformedOutput(TracetuneError, ValueError):
     """A model's output could not be read as what the prompt asked for."""
+
+
+class JudgeReplyError(MalformedOutput):
+    """A judge's reply that does not hold what was asked for (a JSON object with the
+    expected keys and values); the message says what is wrong."""
 
 
 _FENCE = re.compile(r"```(?:json|JSON)?\s*\n(.*?)```", re.S)

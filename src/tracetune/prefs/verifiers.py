@@ -26,6 +26,7 @@ from tracetune.agent.formats import first_json_object
 from tracetune.agent.render import observation_text, task_text
 from tracetune.judge.answers import check_answer
 from tracetune.models.base import ChatMessage, ChatModel, Sampling
+from tracetune.models.replies import JudgeReplyError
 from tracetune.prefs.base import (
     Candidate,
     Ranking,
@@ -309,10 +310,6 @@ class GoldVerifier:
 
 
 # -- LLM judge -----------------------------------------------------------------------------
-class JudgeReplyError(ValueError):
-    """The judge's reply does not hold what the mode asks for; the message says what."""
-
-
 def parse_judge_reply(text: str, mode: str, k: int) -> tuple[list[float], list[str], str]:
     """Scores (higher is better), per-candidate reasons and the judge's thought."""
     found = first_json_object(text)

@@ -15,7 +15,10 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, TypeVar
 
-from tracetune.errors import ITEMS_FAILED_EXIT  # re-exported here: defined once, in errors
+from tracetune.errors import (  # ITEMS_FAILED_EXIT re-exported: defined once, in errors
+    ITEMS_FAILED_EXIT,
+    TracetuneError,
+)
 from tracetune.models.base import fresh_samples
 
 if TYPE_CHECKING:
@@ -66,9 +69,23 @@ def failure_report(shown: int = 5) -> str | None:
 
 
 # -- a full disk ------------------------------------------------------------------------------
-class DiskFullError(OSError):
+DISK_FULL_HINT = (
+    "free space on that file system (or write the output elsewhere), then rerun the same "
+    "command: the items finished before are kept, the others are redone"
+)
+
+
+class DiskFullError(TracetuneError, OSError):
     """The disk holding a run's output is full: the run stops (every further item would fail
-    the same way); what was finished before is kept, and a rerun after freeing space resumes."""
+    the same way); what was finished before is kept, and a rerun after freeing space resumes.
+
+    An ``OSError`` with ``errno`` ENOSPC, so :func:`disk_full` recognizes it like any other."""
+
+    hint = DISK_FULL_HINT
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.errno = errno.ENOSPC
 
 
 def disk_full(exc: BaseException | None) -> str | None:
@@ -88,12 +105,6 @@ def disk_full(exc: BaseException | None) -> str | None:
         exc = exc.__cause__ or exc.__context__
         seen += 1
     return None
-
-
-DISK_FULL_HINT = (
-    "free space on that file system (or write the output elsewhere), then rerun the same "
-    "command: the items finished before are kept, the others are redone"
-)
 
 
 # -- retrying drops -------------------------------------------------------------------------

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tracetune.errors import BAD_INPUT_EXIT, TracetuneError
 from tracetune.runner import outcome
 from tracetune.runner.executor import ExecutorConfig
 from tracetune.schema import RECORD_TYPES, Record, Usage
@@ -71,13 +72,13 @@ STALE_WORKER_WAIT_S = 20.0
 FINISH_TIMEOUT_S = 120.0
 
 
-class RayExecutorError(RuntimeError):
+class RayExecutorError(TracetuneError, RuntimeError):
     """The Ray executor cannot run or finish: a clear message with the fix.
 
     ``exit_code`` is 2 for settings to fix (address, output path), 3 when items were left
     unprocessed (a node died): a rerun continues where the run stopped."""
 
-    def __init__(self, message: str, exit_code: int = 2) -> None:
+    def __init__(self, message: str, exit_code: int = BAD_INPUT_EXIT) -> None:
         super().__init__(message)
         self.exit_code = exit_code
 

@@ -18,7 +18,6 @@ the same way: ``core.pending(items)`` for the work, ``core.finish_item`` /
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import time
 import traceback
@@ -30,6 +29,7 @@ from pydantic import BaseModel, Field
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from tracetune.errors import ITEMS_FAILED_EXIT, TracetuneError
 from tracetune.models.base import ChatMessage, ChatModel, Generation, Sampling
 from tracetune.runner import outcome
 from tracetune.runner.executor import active_executor
@@ -70,8 +70,11 @@ class Budget(BaseModel):
         return self.max_cost_usd is None and self.max_tokens is None
 
 
-class StageAborted(RuntimeError):
-    """Too many items failed; the run stopped so the cause can be fixed."""
+class StageAborted(TracetuneError, RuntimeError):
+    """Too many items failed; the run stopped so the cause can be fixed (exit status 3)."""
+
+    exit_code = ITEMS_FAILED_EXIT
+    hint = "fix the cause and rerun the same command: finished items are kept"
 
 
 @dataclass
@@ -258,9 +261,7 @@ class StageCore(Generic[T]):
     def fail_item(self, item_key: str, exc: BaseException) -> None:
         """Record that processing ``item_key`` raised ``exc``; it is retried on the next run."""
         if why := outcome.disk_full(exc):  # every further item would fail the same way
-            raise outcome.DiskFullError(
-                errno.ENOSPC, f"disk full while processing {item_key}: {why}"
-            ) from exc
+            raise outcome.DiskFullError(f"disk full while processing {item_key}: {why}") from exc
         self.result.failed += 1
         error = f"{type(exc).__name__}: {exc}"
         self.result.failures.append((item_key, error))

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tracetune.errors import TracetuneError
 from tracetune.sandbox._cgroup import Cgroup
 from tracetune.sandbox._workdir import CappedWorkdir
 from tracetune.schema import ErrorKind, StepError
@@ -291,7 +292,7 @@ class ExecResult:
     state_lost: bool = False  # the worker was restarted: earlier variables are gone
 
 
-class SandboxError(RuntimeError):
+class SandboxError(TracetuneError, RuntimeError):
     """The sandbox itself could not be started or used (not an error of the code)."""
 
 

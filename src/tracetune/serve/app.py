@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
 
+from tracetune.errors import TracetuneError
 from tracetune.models.base import BackendError, Sampling
 from tracetune.models.toolcalls import TOOL_CALL_OPEN, parse_tool_calls, validate_tools
 from tracetune.serve.engine import BatchEngine, GenRequest, GenResult, safe_prefix_len
@@ -29,7 +30,7 @@ from tracetune.serve.engine import BatchEngine, GenRequest, GenResult, safe_pref
 MAX_N = 64
 
 
-class RequestError(ValueError):
+class RequestError(TracetuneError, ValueError):
     """A request the client must fix (HTTP 400, or ``status``)."""
 
     def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:

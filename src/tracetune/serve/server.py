@@ -9,13 +9,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from tracetune.errors import TracetuneError
 from tracetune.models.base import BackendError, ModelOptions
 from tracetune.models.local import LocalVLM
 from tracetune.serve.app import create_app
 from tracetune.serve.engine import BatchEngine
 
 
-class ServeError(RuntimeError):
+class ServeError(TracetuneError, RuntimeError):
     """The server cannot start; the message says why and what to do."""
 
 

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tracetune import __version__
+from tracetune.errors import TracetuneError
 from tracetune.schema import RECORD_TYPES, SCHEMA_VERSION, STORAGE_CONTEXT, Record, arrow_schema
 from tracetune.store.assets import AssetStore, iter_file_refs
 from tracetune.store.state import RunState
@@ -45,7 +46,7 @@ FIRST_CHUNK_ROWS = 1024
 MAX_CHUNK_ROWS = 200_000
 
 
-class DatasetError(ValueError):
+class DatasetError(TracetuneError, ValueError):
     """A dataset directory is missing, of the wrong record type, or from a newer schema."""
 
 

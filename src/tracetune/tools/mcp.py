@@ -49,6 +49,7 @@ from typing import IO, Any, TypeVar
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tracetune.errors import TracetuneError
 from tracetune.tools.spec import (
     _REGISTRY,
     OutputType,
@@ -71,7 +72,7 @@ log = logging.getLogger(__name__)
 CLOSE_TIMEOUT_S = 10.0
 
 
-class McpServerError(Exception):
+class McpServerError(TracetuneError):
     """An MCP server could not be used: it did not start, or its tool list is malformed."""
 
 

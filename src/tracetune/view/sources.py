@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tracetune.errors import TracetuneError
 from tracetune.schema import (
     RECORD_TYPES,
     SCHEMA_VERSION,
@@ -86,7 +87,7 @@ INDEX_COLUMNS: dict[str, list[str]] = {
 }
 
 
-class SourceError(ValueError):
+class SourceError(TracetuneError, ValueError):
     """A folder cannot be shown; the message says what is wrong and how to fix it."""
 
 

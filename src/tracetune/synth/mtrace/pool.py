@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from tracetune.errors import TracetuneError
 from tracetune.inputs import check_image, read_text
 from tracetune.models.base import ModelOptions
 from tracetune.schema import FileRef
@@ -46,7 +47,7 @@ BUNDLED_POOL_IMAGES = BUNDLED_POOL / "images"
 BUNDLED_POOL_CAPTIONS = BUNDLED_POOL / "captions.jsonl"
 
 
-class PoolError(ValueError):
+class PoolError(TracetuneError, ValueError):
     """The pool's inputs or directory are wrong; the message says how to fix them."""
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from tracetune.agent.loop import DEFAULT_STOP, Agent
 from tracetune.agent.run import trajectory_id
+from tracetune.errors import TracetuneError
 from tracetune.models.base import Sampling
 from tracetune.runner import StageResult
 from tracetune.schema import Task, Trajectory
@@ -26,7 +27,7 @@ from tracetune.tools import load_tools
 STAGE = "rollout"
 
 
-class TeacherBackendError(RuntimeError):
+class TeacherBackendError(TracetuneError, RuntimeError):
     """The teacher's backend failed for good during an episode."""
 
 

@@ -44,13 +44,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tracetune.errors import TracetuneError
 from tracetune.schema import GoldAnswer, Provenance, Task, ToolCall
 from tracetune.store import AssetStore
 
 PROGRAM_SOURCE_PREFIX = "program:"
 
 
-class ProgramError(ValueError):
+class ProgramError(TracetuneError, ValueError):
     """A program is unknown, or drew a task that breaks the interface's rules."""
 
 
