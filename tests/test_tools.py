@@ -124,6 +124,29 @@ def test_ocr_finds_the_total_on_the_bundled_receipt(ctx: ToolContext) -> None:
         assert f"{item['name']} {item['price']:.2f}" in rows
 
 
+def test_ocr_reads_short_numbers_upright(ctx: ToolContext) -> None:
+    """PP-OCR's direction classifier turns a short crop such as "97" half a turn ("L6");
+    the tool reads upright text unless asked to run it."""
+    import random
+
+    from tracetune.synth.programs.tables import render_table
+
+    header = ["Department", "2021", "2022", "2023", "2024"]
+    rows = [
+        ["Logistics", "11", "111", "21", "13"],
+        ["Marketing", "97", "45", "139", "113"],
+        ["Design", "97", "75", "62", "63"],
+        ["Finance", "56", "85", "137", "33"],
+    ]
+    image = render_table(random.Random(0), "Headcount by department", header, rows, "Rounded")
+    name = put(ctx, "table.png", image)
+    cells = {line["text"] for line in run("ocr", ctx, image=name).data["lines"]}
+    assert {c for row in rows for c in row} <= cells
+    ctx.options = {**ctx.options, "ocr": {"upright": False}}  # the classifier's own reading
+    flipped = {line["text"] for line in run("ocr", ctx, image=name).data["lines"]}
+    assert "97" not in flipped
+
+
 def test_ocr_on_a_blank_image_says_so(ctx: ToolContext) -> None:
     result = run("ocr", ctx, image=put(ctx, "blank.png", Image.new("RGB", (200, 100), "white")))
     assert result.text == "(no text found)" and result.data["lines"] == []

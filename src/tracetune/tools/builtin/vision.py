@@ -12,7 +12,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageDraw
 
-from tracetune.tools.builtin._common import TypedTool, font, pixel_box, rgb, tool_options
+from tracetune.tools.builtin.support import TypedTool, font, pixel_box, rgb, tool_options
 from tracetune.tools.spec import ToolContext, ToolError, ToolResult, register_tool, tool
 
 
@@ -39,7 +39,13 @@ def reading_order(lines: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 
 
 class OCR(TypedTool):
-    """RapidOCR (PP-OCR ONNX models from the wheel), one engine per process."""
+    """RapidOCR (PP-OCR ONNX models from the wheel), one engine per process.
+
+    Text is read upright by default: PP-OCR's direction classifier turns short crops such as
+    a table cell's "97" half a turn and reads "L6" (on task-program tables it misread 1 in
+    50 renders, every one a short number). Set ``options['ocr']['upright']`` to false for
+    photos that hold upside-down text, to run the classifier.
+    """
 
     name = "ocr"
     requires = ("rapidocr", "onnxruntime")
@@ -65,7 +71,8 @@ class OCR(TypedTool):
         """
         options = tool_options(ctx, "ocr")
         img = rgb(ctx.image(image))
-        out: Any = self.engine(np.asarray(img))
+        upright = bool(options.get("upright", True))
+        out: Any = self.engine(np.asarray(img), use_cls=not upright)
         lines: list[dict[str, Any]] = []
         if out.boxes is not None and out.txts:
             for poly, text, score in zip(out.boxes, out.txts, out.scores, strict=True):
