@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 
 from tracetune.cli import app
 from tracetune.evaluate.agentx_run import AGENTX_TO_GTA, metadata_tools
-from tracetune.evaluate.report import build_report
 from tracetune.evaluate.runs import EvalRunConfig, EvalRunError, headline_summary, run_benchmark
 from tracetune.models.base import ModelOptions
 from tracetune.testing import ScriptedOpenAIServer
+from tracetune.view.report import build_report
 
 DATA = Path(__file__).parent / "fixtures" / "agentx_small"
 

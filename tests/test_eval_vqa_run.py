@@ -13,12 +13,12 @@ import pytest
 from typer.testing import CliRunner
 
 from tracetune.cli import app
-from tracetune.evaluate.report import build_report
 from tracetune.evaluate.runs import EvalRunConfig, EvalRunError, run_benchmark
 from tracetune.models.base import ModelOptions
 from tracetune.schema import Trajectory
 from tracetune.store import Dataset
 from tracetune.testing import ScriptedOpenAIServer
+from tracetune.view.report import build_report
 
 VQA = Path(__file__).parent / "fixtures" / "vqa_small"
 

@@ -28,10 +28,10 @@ from tracetune.evaluate.learning import (
 )
 from tracetune.evaluate.programs_run import run_programs, score_programs
 from tracetune.evaluate.runs import EvalRunConfig
+from tracetune.formats.corpus import corpus_from_datasets
 from tracetune.models.tiny import (
     SIZES,
     ModelShape,
-    corpus_from_datasets,
     init_model,
     mrope_section,
 )

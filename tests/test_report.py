@@ -12,10 +12,10 @@ import pytest
 from typer.testing import CliRunner
 
 from tracetune.cli import app
-from tracetune.evaluate.report import ReportError, build_report
 from tracetune.evaluate.runs import EvalRunConfig, run_benchmark
 from tracetune.models.base import ModelOptions
 from tracetune.testing import ScriptedOpenAIServer
+from tracetune.view.report import ReportError, build_report
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GTA = FIXTURES / "gta_small"

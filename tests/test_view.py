@@ -607,7 +607,7 @@ def test_export_writes_the_same_pages_as_a_static_site(
 
 
 def test_eval_report_item_pages_show_the_images(pipeline: dict[str, Path], tmp_path: Path) -> None:
-    from tracetune.evaluate.report import build_report
+    from tracetune.view.report import build_report
 
     matrix = pipeline["qs"] / "matrix"
     result = build_report([matrix / "eval" / "sft", matrix / "eval" / "dpo"], tmp_path / "report")

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tracetune.agent.formats import ActionFormat, _py_literal, get_format
+from tracetune.agent.formats import ActionFormat, get_format, py_literal
 from tracetune.agent.loop import Agent
 from tracetune.agent.run import trajectory_id
 from tracetune.judge.answers import judge_answer, numbers_equal, numbers_in
@@ -319,13 +319,13 @@ def code_for(call: ToolCall, index: int, variables: dict[int, str]) -> str:
         if m and int(m.group("step")) in variables:
             args.append(f"{key}={variables[int(m.group('step'))]}")
         else:
-            args.append(f"{key}={_py_literal(value)}")
+            args.append(f"{key}={py_literal(value)}")
     name = f"{_VARS.get(call.name, call.name)}_{index}"
     variables[index] = name
     return f"{name} = {call.name}({', '.join(args)})\nprint({name})"
 
 
-def _resolve_produced(call: ToolCall, steps: list[Step]) -> ToolCall:
+def resolve_produced(call: ToolCall, steps: list[Step]) -> ToolCall:
     """Point references to images produced by earlier steps at the names they really got."""
     arguments = dict(call.arguments)
     for key, value in call.arguments.items():
@@ -381,7 +381,7 @@ class GoldTeacher:
                 note = notes[i] if i < len(notes) else {}
                 thought = thoughts.step(i, gold_call, note.get("purpose", ""), prev)
                 if self.fmt.name == "json":
-                    call = _resolve_produced(gold_call, episode.steps)
+                    call = resolve_produced(gold_call, episode.steps)
                     raw = self.fmt.render(thought, Action(type="tool_call", tool_call=call))
                 else:
                     code = code_for(gold_call, i, variables)

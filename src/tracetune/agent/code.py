@@ -13,8 +13,8 @@ from typing import Any
 
 from tracetune.agent.loop import Outcome
 from tracetune.agent.toolbox import ToolBox
+from tracetune.safefs import exists_beneath
 from tracetune.sandbox import Sandbox, SandboxLimits, ToolReply, ToolStub
-from tracetune.sandbox._fs import exists_beneath
 from tracetune.schema import Action, ErrorKind, FileRef, Observation, StepError
 from tracetune.tools import ToolError, ToolResult, ToolUnavailable
 from tracetune.tools.spec import Tool, ToolFatal, python_name

@@ -247,22 +247,21 @@ ActionFormat = JsonFormat | CodeFormat | ToolsFormat
 
 def call_as_code(call: ToolCall, assign: str | None = None) -> str:
     """A tool call as one line of Python with keyword arguments."""
-    args = ", ".join(f"{k}={_py_literal(v)}" for k, v in call.arguments.items())
+    args = ", ".join(f"{k}={py_literal(v)}" for k, v in call.arguments.items())
     line = f"{call.name}({args})"
     return f"{assign} = {line}" if assign else line
 
 
-def _py_literal(value: object) -> str:
+def py_literal(value: object) -> str:
+    """A JSON-like value written as the Python literal a code action passes."""
     if isinstance(value, bool) or value is None:
         return repr(value)
     if isinstance(value, str | int | float):
         return json.dumps(value, ensure_ascii=False) if isinstance(value, str) else repr(value)
     if isinstance(value, list):
-        return "[" + ", ".join(_py_literal(v) for v in value) + "]"
+        return "[" + ", ".join(py_literal(v) for v in value) + "]"
     if isinstance(value, dict):
-        return (
-            "{" + ", ".join(f"{_py_literal(k)}: {_py_literal(v)}" for k, v in value.items()) + "}"
-        )
+        return "{" + ", ".join(f"{py_literal(k)}: {py_literal(v)}" for k, v in value.items()) + "}"
     return repr(value)
 
 

@@ -413,7 +413,7 @@ def report(
     title: Annotated[str, typer.Option(help="Report title.")] = "tracetune evaluation",
 ) -> None:
     """Compare runs in HTML and Markdown: metric tables, breakdowns, plots, failure examples."""
-    from tracetune.evaluate.report import ReportError, build_report
+    from tracetune.view.report import ReportError, build_report
 
     try:
         result = build_report(list(runs), out, max_failures=failures, title=title)

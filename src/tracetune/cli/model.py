@@ -97,7 +97,8 @@ def init(
     With --tokenizer-corpus the tokenizer is trained on your trajectories, so the system
     prompt, tool names and action JSON cost few tokens and samples stay short.
     """
-    from tracetune.models.tiny import SIZES, corpus_from_datasets, init_model, shape_with
+    from tracetune.formats.corpus import corpus_from_datasets
+    from tracetune.models.tiny import SIZES, init_model, shape_with
 
     start = time.perf_counter()
     try:

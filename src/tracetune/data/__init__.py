@@ -42,7 +42,7 @@ def render_receipt(facts: dict[str, Any], width: int = 520) -> Image.Image:
     This is how ``receipt.png`` was made; task programs can call it to make receipts with
     known totals.
     """
-    from tracetune.tools.builtin._common import font
+    from tracetune.tools.builtin.support import font
 
     title_font, body_font = font(30), font(24)
     margin, line_h = 28, 40

@@ -163,8 +163,8 @@ class OperatorSet:
             return
         tool.ensure_ready()
         if name == "label_bbox":
-            from tracetune.tools.builtin._common import tool_options, torch_device
             from tracetune.tools.builtin.detection import DEFAULT_DETECTOR
+            from tracetune.tools.builtin.support import tool_options, torch_device
 
             ctx = self.context(Path(tempfile.gettempdir()))
             opts = tool_options(ctx, "object_localization")

@@ -3,7 +3,9 @@
 Every scorer works on files alone (no agent run needed) and returns a ``ScoreReport``: the
 aggregate metrics, named as the benchmark names them, plus the per-item scores behind them.
 ``run_benchmark`` runs a controller over GTA, GAIA or held-out task programs and scores the
-run with those scorers; ``build_report`` compares runs in HTML and Markdown.
+run with those scorers; :mod:`tracetune.evaluate.results` reads a finished run back (headline
+scores, breakdowns, failure examples), and ``tracetune.view.report.build_report`` compares runs
+in HTML and Markdown.
 """
 
 from tracetune.evaluate.base import ItemScore, ScoreReport, ScoringInputError
@@ -17,7 +19,6 @@ from tracetune.evaluate.gta import (
     score_gta,
 )
 from tracetune.evaluate.gta_tools import GTA_TOOLS, toolset_status
-from tracetune.evaluate.report import build_report
 from tracetune.evaluate.runs import RUN_BENCHMARKS, EvalRunConfig, run_benchmark
 from tracetune.evaluate.vqa import score_vqa
 from tracetune.judge.vqa import (
@@ -34,7 +35,6 @@ __all__ = [
     "GTA_TOOLS",
     "RUN_BENCHMARKS",
     "EvalRunConfig",
-    "build_report",
     "run_benchmark",
     "toolset_status",
     "GTAScorer",

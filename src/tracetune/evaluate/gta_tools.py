@@ -45,9 +45,9 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from tracetune.sandbox._fs import read_beneath
+from tracetune.safefs import read_beneath
 from tracetune.tools import Tool, ToolContext, ToolError, ToolResult, ToolUnavailable, get_tool
-from tracetune.tools.builtin._common import font, tool_options
+from tracetune.tools.builtin.support import font, tool_options
 
 Status = Literal["available", "approximate", "unavailable"]
 
@@ -314,7 +314,7 @@ def crop_region(ctx: ToolContext, image: str, bbox: Any) -> tuple[str, tuple[int
     """Crop ``bbox`` (GTA's ``"(x1, y1, x2, y2)"`` pixels) out of ``image`` into a hidden
     folder of the episode; returns the crop's file name (tools read it like any file) and the
     pixel box."""
-    from tracetune.tools.builtin._common import pixel_box
+    from tracetune.tools.builtin.support import pixel_box
 
     img = ctx.image(image)
     x1, y1, x2, y2 = pixel_box(parse_box(bbox), img.width, img.height)

@@ -60,7 +60,7 @@ def tool_schemas(tool_names: list[str]) -> list[dict[str, Any]]:
     return [get_tool(n).openai_schema() for n in tool_names]
 
 
-def _steps_with_raw(steps: list[Step], action_format: str) -> list[Step]:
+def steps_with_raw(steps: list[Step], action_format: str) -> list[Step]:
     """Steps whose raw text is missing (e.g. imported ones) get their canonical rendering."""
     fmt = get_format(action_format)
     return [
@@ -77,7 +77,7 @@ def trajectory_chat(trajectory: Trajectory, load_image: Any = _identity) -> Chat
     messages = episode_messages(
         system_prompt(trajectory.action_format, tools),
         trajectory.task,
-        _steps_with_raw(trajectory.steps, trajectory.action_format),
+        steps_with_raw(trajectory.steps, trajectory.action_format),
         _identity,
         trajectory.action_format,
     )
@@ -93,12 +93,12 @@ def pair_chat(pair: PreferencePair, load_image: Any = _identity) -> Chat:
     prefix = episode_messages(
         system_prompt(pair.action_format, tools),
         pair.task,
-        _steps_with_raw(pair.prefix, pair.action_format),
+        steps_with_raw(pair.prefix, pair.action_format),
         _identity,
         pair.action_format,
     )
     prompt, images = _split_images(prefix, load_image)
-    chosen, rejected = _steps_with_raw([pair.chosen, pair.rejected], pair.action_format)
+    chosen, rejected = steps_with_raw([pair.chosen, pair.rejected], pair.action_format)
     chat = {
         "prompt": prompt,
         "chosen": [_assistant_turn(chosen, pair.action_format)],

@@ -575,7 +575,7 @@ def export_dataset(
 
 def _select_for_training(record: Any, report: ExportReport) -> Any:
     """The trajectory as ``train sft`` selects it (failed steps out), or None (left out)."""
-    from tracetune.train.selection import NOTHING_TO_TRAIN, skip_reason, without_failed_steps
+    from tracetune.formats.selection import NOTHING_TO_TRAIN, skip_reason, without_failed_steps
 
     if why := skip_reason(record):
         report.left_out.append((record.id, why))

@@ -221,7 +221,7 @@ class LocalVLM(ChatModel):
                     tokenizer=self.tokenizer if sampling.stop else None,
                 )
         new_tokens = out[:, prompt_len:]
-        eos_ids = _as_set(config.eos_token_id)
+        eos_ids = token_id_set(config.eos_token_id)
         completions: list[Completion] = []
         generated = 0
         pad = config.pad_token_id
@@ -232,7 +232,7 @@ class LocalVLM(ChatModel):
                 length -= 1
             generated += length
             text = self.tokenizer.decode(row[:length], skip_special_tokens=True)
-            text, stopped = _cut_at_stop(text, sampling.stop)
+            text, stopped = cut_at_stop(text, sampling.stop)
             hit_eos = length > 0 and row[length - 1] in eos_ids
             finish = "stop" if stopped or hit_eos else "length"
             completions.append(Completion(text, finish))
@@ -469,12 +469,14 @@ def _part_image(part: dict[str, Any], index: int) -> Any:
         raise BackendError(f"message {index}: cannot read image: {exc}") from exc
 
 
-def _cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    """``text`` cut before the first stop string in it, and whether one was found."""
     cut = min((i for s in stop if s and (i := text.find(s)) >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-def _as_set(ids: Any) -> set[int]:
+def token_id_set(ids: Any) -> set[int]:
+    """A config's token id field (None, one id or a list of ids) as a set."""
     if ids is None:
         return set()
     return {int(ids)} if isinstance(ids, int) else {int(i) for i in ids}

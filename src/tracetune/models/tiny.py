@@ -15,14 +15,14 @@ real ones, which is what tests need.
 :func:`init_model` is the same builder at real sizes (``SIZES``: 250k, 5m, 20m, 100m, or an
 explicit :class:`ModelShape`) for controllers trained from scratch, optionally with a
 tokenizer trained on the user's own trajectories and dialogues
-(:func:`corpus_from_datasets`), so that the system prompt, tool names and the JSON of an
-action cost a handful of tokens each.
+(:func:`tracetune.formats.corpus.corpus_from_datasets`), so that the system prompt, tool
+names and the JSON of an action cost a handful of tokens each.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -148,7 +148,8 @@ def build_tokenizer(
     """A byte-level BPE tokenizer with ``arch``'s special tokens.
 
     Without ``corpus`` it is trained on a small built-in agent corpus (tests). With
-    ``corpus`` (texts, e.g. rendered trajectories from :func:`corpus_from_datasets`) it is
+    ``corpus`` (texts, e.g. rendered trajectories from
+    :func:`tracetune.formats.corpus.corpus_from_datasets`) it is
     trained on those texts: pre-tokenization then splits only at newlines and digits, so BPE
     may merge across words and a line that recurs in every sample (the system prompt, a
     tool's description, ``Action: {"name": "ocr", "arguments": {"image": "``) becomes one or
@@ -193,53 +194,6 @@ def build_tokenizer(
     )
     tok.chat_template = template
     return tok
-
-
-def corpus_from_datasets(paths: Iterable[str | Path], limit: int | None = None) -> list[str]:
-    """Texts to train a tokenizer on: each trajectory or dialogue rendered as the model sees it.
-
-    Trajectories are rendered exactly as training and inference render them (the agent's
-    system prompt, the task, every step and observation); dialogues give their messages'
-    text. ``paths`` are dataset directories (trajectories or dialogues).
-    """
-    from tracetune.formats.chat import dialogue_chat, trajectory_chat
-    from tracetune.schema import Dialogue, Trajectory
-    from tracetune.store import Dataset
-
-    texts: list[str] = []
-    for path in paths:
-        path = Path(path)
-        if not (path / "manifest.json").is_file():
-            raise ValueError(
-                f"--tokenizer-corpus {path} is not a tracetune dataset directory (no "
-                "manifest.json); pass a trajectory or dialogue dataset, e.g. the output of "
-                "`tracetune rollout`"
-            )
-        kind = json.loads((path / "manifest.json").read_text()).get("kind", "trajectory")
-        if kind == "dialogue":
-            chats = (dialogue_chat(d) for d in Dataset.open(path, Dialogue))
-        elif kind == "trajectory":
-            chats = (trajectory_chat(t) for t in Dataset.open(path, Trajectory))
-        else:
-            raise ValueError(
-                f"--tokenizer-corpus {path} holds {kind} records; pass trajectories or dialogues"
-            )
-        for chat in chats:
-            parts = []
-            for message in chat["messages"]:
-                content = message["content"]
-                if isinstance(content, str):
-                    parts.append(content)
-                    continue
-                parts.extend(p.get("text") or "" for p in content if p.get("type") == "text")
-            texts.append("\n".join(parts))
-            if limit is not None and len(texts) >= limit:
-                return texts
-    if not texts:
-        raise ValueError(
-            f"--tokenizer-corpus: no trajectories or dialogues in {', '.join(map(str, paths))}"
-        )
-    return texts
 
 
 @dataclass(frozen=True)
@@ -333,7 +287,8 @@ def init_model(
         shape: A :class:`ModelShape` or a name in :data:`SIZES` (``250k``, ``5m``, ...).
         seed: Seed for the weights.
         image_size: Images are resized to about this many pixels a side (a multiple of 28).
-        corpus: Texts to train the tokenizer on (see :func:`corpus_from_datasets`); None: the
+        corpus: Texts to train the tokenizer on (see
+            :func:`tracetune.formats.corpus.corpus_from_datasets`); None: the
             small built-in corpus.
         vocab_size: Tokenizer size (default: 768 without a corpus, else by size, 4096 for 5m).
 

@@ -340,7 +340,7 @@ def gold_next_step(task: Task, episode: Episode, seed: int) -> str:
     """The gold chain's next call after the episode's steps (or its final answer), written
     as the gold teacher of ``tracetune rollout`` writes it."""
     from tracetune.prefs.verifiers import gold_matches
-    from tracetune.rollout import Thoughts, _resolve_produced, answer_from_outputs, code_for
+    from tracetune.rollout import Thoughts, answer_from_outputs, code_for, resolve_produced
     from tracetune.schema import Action
 
     matched = gold_matches(task, episode.steps)
@@ -355,7 +355,7 @@ def gold_next_step(task: Task, episode: Episode, seed: int) -> str:
             return episode.fmt.render(thought, Action(type="code", code=code_for(call, j, {})))
         # Images produced by earlier gold calls are named as the steps that made them.
         aligned = [episode.steps[i] for i in matched]
-        call = _resolve_produced(call, aligned)
+        call = resolve_produced(call, aligned)
         return episode.fmt.render(thought, Action(type="tool_call", tool_call=call))
     recipe = task.metadata.get("answer_from") or {
         "op": "given",

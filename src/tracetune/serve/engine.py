@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tracetune.models.base import Sampling
-from tracetune.models.local import LocalVLM, _as_set, _cut_at_stop
+from tracetune.models.local import LocalVLM, cut_at_stop, token_id_set
 
 EventSink = Callable[[int, str], None]
 """Called with (choice index, text delta) as streamed text becomes safe to send."""
@@ -202,7 +202,7 @@ class BatchEngine:
         tokenizer = model.tokenizer
         bos = getattr(tokenizer, "bos_token", None)
         config = model._generation_config(sampling, 1)
-        eos_ids = _as_set(config.eos_token_id)
+        eos_ids = token_id_set(config.eos_token_id)
         pad = config.pad_token_id
         streamer = (
             _BatchStreamer(rows, tokenizer, eos_ids) if any(r.on_delta for r in batch) else None
@@ -265,7 +265,7 @@ def _finish_row(
     capped = length > sampling.max_tokens
     length = min(length, sampling.max_tokens)
     text = tokenizer.decode(row[:length], skip_special_tokens=True)
-    text, stopped = _cut_at_stop(text, sampling.stop)
+    text, stopped = cut_at_stop(text, sampling.stop)
     hit_eos = not capped and length > 0 and row[length - 1] in eos_ids
     finish = "stop" if stopped or hit_eos else "length"
     return Choice(text, finish, length)

@@ -26,7 +26,7 @@ from typing import Any, BinaryIO, Literal, Union, get_args, get_origin, get_type
 
 from PIL import Image
 
-from tracetune.sandbox import _fs
+from tracetune import safefs
 
 OutputType = Literal["text", "number", "json", "image", "file"]
 
@@ -145,10 +145,10 @@ class ToolContext:
             raise ToolError(f"expected a file name in the working directory, got {path!r}")
         root = self.workdir.resolve()
         try:
-            full = _fs.workdir_path(root, path)
-        except _fs.UnsafePath as exc:
+            full = safefs.workdir_path(root, path)
+        except safefs.UnsafePath as exc:
             raise ToolError(exc.strerror or str(exc)) from None
-        if not _fs.exists_beneath(root, path):
+        if not safefs.exists_beneath(root, path):
             raise ToolError(self._missing(path))
         return full
 
@@ -167,14 +167,14 @@ class ToolContext:
         if not isinstance(path, str) or not path:
             raise ToolError(f"expected a file name in the working directory, got {path!r}")
         try:
-            with _fs.directory(self.workdir) as dirfd:
-                fd = _fs.open_regular(dirfd, path, self.max_file_bytes)
+            with safefs.directory(self.workdir) as dirfd:
+                fd = safefs.open_regular(dirfd, path, self.max_file_bytes)
         except FileNotFoundError:
             raise ToolError(self._missing(path)) from None
         except OSError as exc:
             raise ToolError(
                 (exc.strerror or str(exc))
-                if isinstance(exc, _fs.UnsafePath)
+                if isinstance(exc, safefs.UnsafePath)
                 else f"cannot open {path!r}: {exc.strerror}"
             ) from None
         return os.fdopen(fd, "rb")
@@ -194,7 +194,7 @@ class ToolContext:
         ``name``, a random suffix is added to it.
         """
         try:
-            return _fs.write_new(self.workdir, name, data)
+            return safefs.write_new(self.workdir, name, data)
         except OSError as exc:
             raise ToolError(f"cannot write {name!r}: {exc}") from None
 

@@ -36,6 +36,7 @@ from tracetune.formats.chat import (
     pair_chat,
     trajectory_chat,
 )
+from tracetune.formats.selection import NOTHING_TO_TRAIN, skip_reason, trained_steps
 from tracetune.schema import Dialogue, PreferencePair, Trajectory
 from tracetune.store import Dataset, DatasetError
 from tracetune.train.families import (
@@ -43,7 +44,6 @@ from tracetune.train.families import (
     image_token_id,
     image_token_strings,
 )
-from tracetune.train.selection import NOTHING_TO_TRAIN, skip_reason, trained_steps
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def sft_rows(
     Args:
         paths: Dataset directories holding ``trajectory`` or ``dialogue`` records.
         only_completed: Skip trajectories that did not end in a final answer or whose
-            verdict failed (:func:`tracetune.train.selection.skip_reason`).
+            verdict failed (:func:`tracetune.formats.selection.skip_reason`).
         mask_failed_steps: No loss on assistant turns whose step failed (see module doc).
         report: Collects skipped records and counts.
     """

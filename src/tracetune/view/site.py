@@ -628,7 +628,7 @@ class Site:
 
     def messages_page(self, slug: str, key: str, n: int) -> Page:
         from tracetune.agent.render import episode_messages
-        from tracetune.formats.chat import _steps_with_raw, system_prompt
+        from tracetune.formats.chat import steps_with_raw, system_prompt
 
         depth = 4
         source = self.dataset(slug)
@@ -648,7 +648,7 @@ class Site:
                 "module that registers these tools to see it."
             )
         try:
-            steps = _steps_with_raw(record.steps[:n], record.action_format)
+            steps = steps_with_raw(record.steps[:n], record.action_format)
         except Exception:
             steps = record.steps[:n]
         messages = episode_messages(prompt, record.task, steps, lambda ref: ref)
@@ -670,7 +670,7 @@ class Site:
 
     # -- eval runs ---------------------------------------------------------------------
     def _score_name(self, run: RunSource) -> str:
-        from tracetune.evaluate.report import HEADLINE_SCORE
+        from tracetune.evaluate.results import HEADLINE_SCORE
 
         names = HEADLINE_SCORE.get(run.bench, ("accuracy",))
         for record in run.headline_records():
@@ -680,7 +680,7 @@ class Site:
         return names[0]
 
     def _score(self, run: RunSource, record: EvalRecord) -> float | None:
-        from tracetune.evaluate.report import HEADLINE_SCORE
+        from tracetune.evaluate.results import HEADLINE_SCORE
 
         for n in HEADLINE_SCORE.get(run.bench, ("accuracy",)):
             value = record.scores.get(n)
@@ -712,7 +712,7 @@ class Site:
         depth: int,
         crumbs: list[tuple[str, str]],
     ) -> Page:
-        from tracetune.evaluate.report import RunData, breakdowns
+        from tracetune.evaluate.results import RunData, breakdowns
 
         reports = [
             (

@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tracetune.errors import TracetuneError
+from tracetune.evaluate.results import run_model_label
 from tracetune.schema import (
     RECORD_TYPES,
     SCHEMA_VERSION,
@@ -449,15 +450,6 @@ class RunSource(Source):
             if safe_key(r.item_id) == key or r.item_id == key:
                 return r
         return None
-
-
-def run_model_label(run: dict[str, Any], metrics: dict[str, Any]) -> str:
-    """The model an eval run evaluated: its spec, plus the adapter loaded on it (a DPO
-    policy is the SFT model's spec with the DPO adapter; the spec alone would name SFT)."""
-    model = str(run.get("model") or metrics.get("model") or "?")
-    backend = (run.get("config") or {}).get("backend") or {}
-    adapter = backend.get("adapter") if isinstance(backend, dict) else None
-    return f"{model} + adapter {adapter}" if adapter else model
 
 
 def _list_of(values: pa.ListArray | pa.ChunkedArray, path: list[str]) -> pa.Array:

@@ -16,7 +16,7 @@ HERE = Path(__file__).resolve().parent / "images"
 
 
 def _font(size: int):  # noqa: ANN202  (PIL font types differ by build)
-    from tracetune.tools.builtin._common import font
+    from tracetune.tools.builtin.support import font
 
     return font(size)
 

@@ -32,7 +32,7 @@ from typing import Any
 from tracetune.models.base import ChatMessage, Sampling
 from tracetune.prompts import prompt_hash, render
 from tracetune.runner import Drop, StageResult
-from tracetune.sandbox._fs import UnsafePath, read_beneath
+from tracetune.safefs import UnsafePath, read_beneath
 from tracetune.schema import FileRef, Provenance, Task
 from tracetune.store import Dataset
 from tracetune.synth.mtrace.common import (

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from tracetune.tools.builtin._common import (
+from tracetune.tools.builtin.support import (
     TypedTool,
     load_pretrained,
     pixel_box,

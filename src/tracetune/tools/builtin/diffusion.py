@@ -21,7 +21,7 @@ from typing import Any
 
 from PIL import Image
 
-from tracetune.tools.builtin._common import (
+from tracetune.tools.builtin.support import (
     TypedTool,
     load_pretrained,
     rgb,

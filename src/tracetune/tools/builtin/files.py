@@ -12,7 +12,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from tracetune.tools.builtin._common import TypedTool, tool_options
+from tracetune.tools.builtin.support import TypedTool, tool_options
 from tracetune.tools.spec import ToolContext, ToolError, ToolResult, register_tool
 
 DEFAULT_MAX_CHARS = 20_000

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from tracetune.tools.builtin._common import TypedTool, tool_options
+from tracetune.tools.builtin.support import TypedTool, tool_options
 from tracetune.tools.spec import ToolContext, ToolError, ToolResult, register_tool
 
 TEXT_SUFFIXES = (".txt", ".md", ".markdown")

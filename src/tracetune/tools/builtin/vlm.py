@@ -12,7 +12,7 @@ from typing import Any
 
 from PIL import Image
 
-from tracetune.tools.builtin._common import rgb, tool_options
+from tracetune.tools.builtin.support import rgb, tool_options
 from tracetune.tools.spec import ToolContext, ToolError, ToolResult, tool
 
 CAPTION_PROMPT = "tools/caption.jinja"  # under tracetune/prompts
