@@ -72,12 +72,15 @@ def test_an_aborted_stage_exits_3_with_its_reason_and_no_traceback(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import tracetune.cli as cli
+    import tracetune.synth.programs as programs
     from tracetune.runner import StageAborted
 
-    def aborted() -> None:
+    def aborted(*args: object, **kwargs: object) -> None:
         raise StageAborted("agent aborted: 3 of 3 items failed. First failures: t0: down")
 
-    monkeypatch.setattr(cli, "app", aborted)
+    # raised inside a real command, so it passes through the root group like a stage's abort
+    monkeypatch.setattr(programs, "registered_programs", aborted)
+    monkeypatch.setattr("sys.argv", ["tracetune", "tasks", "programs", "--list"])
     with pytest.raises(SystemExit) as exit_:
         cli.main()
     err = " ".join(capsys.readouterr().err.split())

@@ -74,18 +74,8 @@ def version() -> None:
 
 
 def main() -> None:
-    from tracetune.runner import StageAborted
-    from tracetune.runner.outcome import ITEMS_FAILED_EXIT
-
-    try:
-        app()
-    except StageAborted as exc:  # what failed is in the message; a traceback would bury it
-        from tracetune.cli.common import fail
-
-        try:
-            fail(
-                f"{exc}\nFix the cause and rerun the same command: finished items are kept.",
-                code=ITEMS_FAILED_EXIT,
-            )
-        except typer.Exit as exit_:
-            raise SystemExit(exit_.exit_code) from None
+    """The ``tracetune`` command. Errors become exit statuses in one place,
+    :class:`~tracetune.cli.common.CommandGroup` (every command runs inside it): a
+    :class:`~tracetune.errors.TracetuneError` prints its message and hint, anything else
+    its traceback."""
+    app()

@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
+from tracetune.errors import BAD_INPUT_EXIT, TracetuneError
+
 C = TypeVar("C", bound=BaseModel)
 T = TypeVar("T")
 console = Console(stderr=True, soft_wrap=True)  # paths in messages stay whole, copyable
@@ -104,19 +106,33 @@ def split_names(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = BAD_INPUT_EXIT, hint: str | None = None) -> None:
+    """Print ``error: message`` (and ``hint: hint``) and exit with ``code``."""
     # Messages quote user input and data (e.g. "[x1, y1, x2, y2]"): never read them as markup.
     console.print(f"[red]error:[/red] {escape(message)}")
+    if hint:
+        console.print(f"[yellow]hint:[/yellow] {escape(hint)}")
     raise typer.Exit(code)
 
 
-class CommandGroup(TyperGroup):
-    """The root command group: after any command, failed items decide the exit status.
+def report_error(exc: TracetuneError) -> None:
+    """Print a user error (its message and hint) and exit with its exit status."""
+    message = exc.message if isinstance(exc.message, str) and exc.message else exc.args
+    fail(str(message), code=exc.exit_code, hint=exc.hint)
 
-    Every stage records its result (:mod:`tracetune.runner.outcome`); a command that leaves
-    items failed prints them with their reasons and exits with ``ITEMS_FAILED_EXIT`` (3),
-    as does one whose stage aborted because too many items failed. Exit status 2 is kept
-    for input and configuration errors, 1 for crashes.
+
+class CommandGroup(TyperGroup):
+    """The root command group: the one place where a command's errors become its exit status.
+
+    - A :class:`~tracetune.errors.TracetuneError` (bad input or configuration) prints
+      ``error: <message>`` and ``hint: <hint>``, no traceback, and exits with its
+      ``exit_code``: :data:`~tracetune.errors.BAD_INPUT_EXIT` (2), or
+      :data:`~tracetune.errors.ITEMS_FAILED_EXIT` (3) for a stage that aborted because too
+      many items failed. A full disk is reported the same way, whatever raised it.
+    - Any other exception is a bug: it propagates with its traceback (exit status 1).
+    - Every stage records its result (:mod:`tracetune.runner.outcome`); a command that
+      leaves items failed prints them with their reasons and exits with
+      :data:`~tracetune.errors.ITEMS_FAILED_EXIT` (3).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -126,33 +142,20 @@ class CommandGroup(TyperGroup):
         add_executor_options(self)  # --executor, --ray-address... on item-processing commands
 
     def invoke(self, ctx: Any) -> Any:
-        from tracetune.inputs import InputError
-        from tracetune.runner import StageAborted, executor, outcome
-        from tracetune.runner.ray_executor import RayExecutorError
+        from tracetune.runner import executor, outcome
 
         outcome.reset()
         executor.reset_command()
         try:
             value = super().invoke(ctx)
-        except StageAborted as exc:  # what failed is in the message; a traceback would bury it
-            fail(
-                f"{exc}\nFix the cause and rerun the same command: finished items are kept.",
-                code=outcome.ITEMS_FAILED_EXIT,
-            )
-            raise  # unreachable
-        except RayExecutorError as exc:
-            fail(str(exc), code=exc.exit_code)
-            raise  # unreachable
-        except InputError as exc:  # names the file and what is wrong with it
-            fail(str(exc))
-            raise  # unreachable
         except (typer.Exit, typer.Abort, click.exceptions.ClickException):
             raise
         except Exception as exc:
-            if (why := outcome.disk_full(exc)) is None:
-                raise
-            fail(f"the disk is full ({why}); {outcome.DISK_FULL_HINT}")
-            raise  # unreachable
+            if (why := outcome.disk_full(exc)) is not None:  # whatever layer hit it
+                fail(f"the disk is full ({why})", hint=outcome.DISK_FULL_HINT)
+            if isinstance(exc, TracetuneError):  # the user can fix it: no traceback
+                report_error(exc)
+            raise  # a bug: its traceback is what to report
         if (report := outcome.failure_report()) is not None:
             console.print(f"[red]error:[/red] {escape(report)}")
             raise typer.Exit(outcome.ITEMS_FAILED_EXIT)

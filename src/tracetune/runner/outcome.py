@@ -95,7 +95,7 @@ def disk_full(exc: BaseException | None) -> str | None:
     disk is full" (the run state)."""
     seen = 0
     while exc is not None and seen < 20:
-        text = str(exc)
+        text = exc.message if isinstance(exc, TracetuneError) else str(exc)  # not its hint
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return text
         if "No space left on device" in text or "database or disk is full" in text:
