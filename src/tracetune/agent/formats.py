@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from tracetune.errors import TracetuneError
 from tracetune.models.base import Completion
 from tracetune.models.toolcalls import parse_tool_calls, render_tool_call
 from tracetune.prompts import prompt_hash, render
@@ -25,7 +26,7 @@ from tracetune.tools import Tool
 ActionFormatName = Literal["json", "code", "tools"]
 
 
-class ParseError(ValueError):
+class ParseError(TracetuneError, ValueError):
     """The model's output holds no valid action; the message tells the model the fix."""
 
 

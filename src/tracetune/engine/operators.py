@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tracetune.agent.render import file_names
 from tracetune.engine.grammar import clean_result
 from tracetune.engine.trace import OPERATOR_NAMES, OperatorCall, RagCall
+from tracetune.errors import TracetuneError
 from tracetune.schema import Task
 from tracetune.store import AssetStore
 from tracetune.tools import Tool, ToolContext, ToolError, get_tool
@@ -37,7 +38,7 @@ TOOL_OF: dict[str, str] = {
 _WEB_KEYS = {"serper": "SERPER_API_KEY", "google": "GOOGLE_API_KEY", "brave": "BRAVE_API_KEY"}
 
 
-class OperatorUnavailable(RuntimeError):
+class OperatorUnavailable(TracetuneError, RuntimeError):
     """An enabled operator cannot run here; the message says how to fix it."""
 
 

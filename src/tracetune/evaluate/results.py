@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tracetune.errors import TracetuneError
 from tracetune.evaluate.gta import CATEGORY_OF
 from tracetune.schema import EvalRecord, Trajectory
 from tracetune.store import Dataset
@@ -30,7 +31,7 @@ HEADLINE_SCORE = {
 }
 
 
-class ReportError(ValueError):
+class ReportError(TracetuneError, ValueError):
     """A run directory cannot be reported on; the message says what is missing."""
 
 

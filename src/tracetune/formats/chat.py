@@ -13,6 +13,7 @@ from typing import Any
 
 from tracetune.agent.formats import get_format
 from tracetune.agent.render import episode_messages, native_step_messages
+from tracetune.errors import TracetuneError
 from tracetune.models.base import ChatMessage
 from tracetune.schema import Dialogue, FileRef, PreferencePair, Step, Task, Trajectory
 from tracetune.store import AssetStore
@@ -21,7 +22,7 @@ from tracetune.tools import get_tool
 Chat = dict[str, Any]
 
 
-class ChatFormatError(ValueError):
+class ChatFormatError(TracetuneError, ValueError):
     """A record cannot become a valid training chat; the message names the record."""
 
 

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, Field
 
+from tracetune.errors import TracetuneError
+
 if TYPE_CHECKING:
     from tracetune.formats.turns import PendingMedia
     from tracetune.schema import FileRef, Record
@@ -44,11 +46,11 @@ RecordChoice = Literal["auto", "trajectory", "dialogue"]
 OnMissing = Literal["error", "skip"]
 
 
-class FormatError(ValueError):
+class FormatError(TracetuneError, ValueError):
     """Input that a format cannot hold or read; the message names the record and the fix."""
 
 
-class MissingMediaError(FileNotFoundError):
+class MissingMediaError(TracetuneError, FileNotFoundError):
     """An image or file that a row points at does not exist."""
 
     def __init__(self, path: Path, hint: str = "") -> None:

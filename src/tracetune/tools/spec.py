@@ -27,11 +27,12 @@ from typing import Any, BinaryIO, Literal, Union, get_args, get_origin, get_type
 from PIL import Image
 
 from tracetune import safefs
+from tracetune.errors import TracetuneError
 
 OutputType = Literal["text", "number", "json", "image", "file"]
 
 
-class ToolError(Exception):
+class ToolError(TracetuneError):
     """A tool could not do what was asked; the message is shown to the model."""
 
 
@@ -43,7 +44,7 @@ class ToolTimeout(ToolError):
     """A tool call took longer than its time limit; the model reads it as a timeout."""
 
 
-class ToolFatal(Exception):
+class ToolFatal(TracetuneError):
     """The service behind a tool is gone (e.g. an MCP server process died).
 
     Not a ``ToolError``: the model cannot recover from it, so the episode stops and the

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tracetune.errors import TracetuneError
 from tracetune.formats.chat import (
     ChatFormatError,
     asset_loader,
@@ -51,7 +52,7 @@ Row = dict[str, Any]
 Overlong = Literal["drop", "truncate"]
 
 
-class TrainingDataError(ValueError):
+class TrainingDataError(TracetuneError, ValueError):
     """Training data that would crash or silently corrupt training; names the records."""
 
 
