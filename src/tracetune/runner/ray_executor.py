@@ -46,9 +46,6 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from tracetune.errors import BAD_INPUT_EXIT, TracetuneError
 from tracetune.runner import outcome
 from tracetune.runner.executor import ExecutorConfig
@@ -319,22 +316,10 @@ class _WorkerWriter(DatasetWriter[Any]):
         self.tag = tag
         self._next_chunk = 0
 
-    def flush(self) -> None:
-        self._last_flush = time.monotonic()
-        if not self._buffer:
-            return
-        table = pa.Table.from_pylist(self._buffer, schema=self.schema)
+    def _chunk_paths(self, index: int) -> tuple[Path, Path]:
         data_dir = self.dataset.root / "data"
-        name = _chunk_name(self.tag, self._next_chunk)
-        tmp = data_dir / f".w{name}.tmp"  # not .part-*: other writers clear those
-        pq.write_table(table, tmp)
-        os.replace(tmp, data_dir / name)
-        self._next_chunk += 1
-        rows = len(self._buffer)
-        self._buffer.clear()
-        self._learn_row_limit(data_dir / name, rows)
-        for callback in self.on_flush:
-            callback()
+        name = _chunk_name(self.tag, index)
+        return data_dir / name, data_dir / f".w{name}.tmp"  # not .part-*: others clear those
 
 
 class _WorkerState(RunState):

@@ -286,17 +286,22 @@ class DatasetWriter(Generic[R]):
         if not self._buffer:
             return
         table = pa.Table.from_pylist(self._buffer, schema=self.schema)
-        data_dir = self.dataset.root / "data"
-        name = f"part-{self._next_chunk:05d}.parquet"
-        tmp = data_dir / f".{name}.tmp"
+        path, tmp = self._chunk_paths(self._next_chunk)
         pq.write_table(table, tmp)
-        os.replace(tmp, data_dir / name)
+        os.replace(tmp, path)
         self._next_chunk += 1
         rows = len(self._buffer)
         self._buffer.clear()
-        self._learn_row_limit(data_dir / name, rows)
+        self._learn_row_limit(path, rows)
         for callback in self.on_flush:
             callback()
+
+    def _chunk_paths(self, index: int) -> tuple[Path, Path]:
+        """Where chunk ``index`` lands, and the temporary name it is written under first
+        (``.part-*.tmp``: a new writer removes those a killed one left)."""
+        data_dir = self.dataset.root / "data"
+        name = f"part-{index:05d}.parquet"
+        return data_dir / name, data_dir / f".{name}.tmp"
 
     def _learn_row_limit(self, path: Path, rows: int) -> None:
         per_row = max(1.0, path.stat().st_size / rows)
