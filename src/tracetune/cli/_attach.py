@@ -12,7 +12,7 @@ import typer
 def template_options(template: Callable[..., None]) -> list[Any]:
     """Fresh click parameters for ``template``'s options (a parameter belongs to one
     command), built by typer exactly as a command's own options are."""
-    holder = typer.Typer()
+    holder = typer.Typer(add_completion=False)  # else each target got --install-completion
     holder.command()(template)
     return list(typer.main.get_command(holder).params)
 

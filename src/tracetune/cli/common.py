@@ -43,6 +43,19 @@ def merge_flags(data: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
 
 def build_config(cls: type[C], config: Path | None, **flags: Any) -> C:
     """The config from a YAML file (if given), with flags that were set taking precedence."""
+    data = merge_flags(read_config_file(cls, config), flags)
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        lines = [_error_line(err) for err in exc.errors()]
+        fail(f"invalid {cls.__name__}:\n" + "\n".join(lines))
+        raise  # unreachable
+
+
+def read_config_file(cls: type[BaseModel], config: Path | None) -> dict[str, Any]:
+    """The mapping a YAML config file holds for ``cls`` (empty without a file); its
+    ``executor:`` and ``mcp_servers:`` keys, where ``cls`` has no such field, are applied
+    here (where the stages run, MCP servers whose tools join the registry)."""
     data: dict[str, Any] = {}
     if config is not None:
         if not config.is_file():
@@ -73,13 +86,7 @@ def build_config(cls: type[C], config: Path | None, **flags: Any) -> C:
             connect_servers(servers if isinstance(servers, list) else [servers], f"{config}: ")
         except ValueError as exc:
             fail(str(exc))
-    data = merge_flags(data, flags)
-    try:
-        return cls.model_validate(data)
-    except ValidationError as exc:
-        lines = [_error_line(err) for err in exc.errors()]
-        fail(f"invalid {cls.__name__}:\n" + "\n".join(lines))
-        raise  # unreachable
+    return data
 
 
 def _error_line(err: Any) -> str:
@@ -117,7 +124,7 @@ def fail(message: str, code: int = BAD_INPUT_EXIT, hint: str | None = None) -> N
 
 def report_error(exc: TracetuneError) -> None:
     """Print a user error (its message and hint) and exit with its exit status."""
-    message = exc.message if isinstance(exc.message, str) and exc.message else exc.args
+    message = getattr(exc, "message", None) or BaseException.__str__(exc) or type(exc).__name__
     fail(str(message), code=exc.exit_code, hint=exc.hint)
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
-from tracetune.cli.common import fail, split_names
+from tracetune.cli.common import fail
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 
@@ -192,115 +193,22 @@ def _score(
         return None
 
 
-class RunBench(StrEnum):
-    gta = "gta"
-    gaia = "gaia"
-    programs = "programs"
-    vqa = "vqa"
-    dynvqa = "dynvqa"
-    agentx = "agentx"
-
-
-class AnswerMode(StrEnum):
-    direct = "direct"
-    rr = "rr"
-    orr = "orr"
-
-
-@app.command("run")
-def run(
-    bench: Annotated[
-        RunBench,
-        typer.Argument(help="Benchmark to run: gta, gaia, programs, vqa, dynvqa or agentx."),
-    ],
-    model: Annotated[
-        str | None, typer.Option(help="Controller: openai:NAME or local:PATH (base or tuned).")
-    ] = None,
-    out: Annotated[Path | None, typer.Option(help="Run directory (rerun to resume).")] = None,
-    data: Annotated[
-        Path | None,
-        typer.Option(
-            help="gta: folder of dataset.json and its files; gaia: metadata.jsonl (files "
-            "beside it); programs: a task dataset (default: a held-out split drawn here); "
-            "vqa/dynvqa: JSONL/JSON of {question_id, image, question, answer[, choices]}; "
-            "agentx: Agent-X's data.json (media named by file_path, beside it or in files/)."
-        ),
-    ] = None,
-    mode: Annotated[
-        GTAMode | None,
-        typer.Option(
-            help="gta: step or e2e (default step); programs: e2e (default) or step (each gold "
-            "step predicted from the gold prefix)."
-        ),
-    ] = None,
-    answer_mode: Annotated[
-        AnswerMode | None,
-        typer.Option(
-            help="vqa/dynvqa: direct (one turn), rr (MMAT multi-turn with operators) or orr "
-            "(operator results first)."
-        ),
-    ] = None,
-    action_format: Annotated[
-        str | None, typer.Option(help="gaia/programs: json, code or tools actions.")
-    ] = None,
-    tool_model: Annotated[
-        str | None,
-        typer.Option(help="Model the vision tools ask (GTA ImageDescription, visual_qa)."),
-    ] = None,
-    tools: Annotated[
-        str | None,
-        typer.Option(
-            help="gaia: comma-separated tools (default includes search); vqa/dynvqa rr/orr: "
-            "the MMAT operators (default: all)."
-        ),
-    ] = None,
+# -- eval run NAME: one subcommand per benchmark adapter, options from its config model ----
+# Options every `eval run` subcommand has beside its config's fields: they build a field
+# (backend, tool_options) or steer the command.
+def _shared(
     option: Annotated[
         list[str] | None,
-        typer.Option(help="Tool option TOOL.KEY=VALUE, e.g. object_localization.model=DIR."),
+        typer.Option(
+            help="Tool option TOOL.KEY=VALUE (repeatable), e.g. object_localization.model=DIR."
+        ),
     ] = None,
     corpus: Annotated[
         Path | None,
-        typer.Option(
-            help="Local search corpus (GTA GoogleSearch, GAIA search, vqa/dynvqa rr/orr retrieval)."
-        ),
-    ] = None,
-    embedder: Annotated[
-        str | None, typer.Option(help="gta: embedder for subjective answers (auto/packaged/path).")
-    ] = None,
-    max_steps: Annotated[
-        int | None, typer.Option(help="Step budget per episode (vqa/dynvqa rr: model turns).")
-    ] = None,
-    max_errors: Annotated[int | None, typer.Option(help="Failed steps allowed.")] = None,
-    temperature: Annotated[float | None, typer.Option(help="Sampling temperature.")] = None,
-    max_tokens: Annotated[int | None, typer.Option(help="Max new tokens per step.")] = None,
-    concurrency: Annotated[
-        int | None,
-        typer.Option(help="Model requests in flight, and episodes run at once (default 2)."),
-    ] = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N items.")] = None,
-    n: Annotated[int | None, typer.Option(help="programs: size of the held-out split.")] = None,
-    seed: Annotated[int | None, typer.Option(help="programs: held-out split seed.")] = None,
-    family: Annotated[
-        list[str] | None, typer.Option(help="programs: task family (repeatable; default all).")
-    ] = None,
-    exclude: Annotated[
-        list[Path] | None,
-        typer.Option(help="programs: task dataset whose tasks stay out of the split (repeatable)."),
+        typer.Option(help="Local search corpus (the search tool; vqa/dynvqa rr/orr retrieval)."),
     ] = None,
     base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint URL.")] = None,
     adapter: Annotated[Path | None, typer.Option(help="LoRA adapter for local: models.")] = None,
-    max_cost: Annotated[float | None, typer.Option(help="Stop after this many USD.")] = None,
-    max_time: Annotated[
-        str | None,
-        typer.Option(help="Start no new item after this long (600, 10m, 1.5h); rerun resumes."),
-    ] = None,
-    gold_prefixes: Annotated[
-        Path | None,
-        typer.Option(
-            help="programs --mode step: gold replays of the same tasks (a trajectory dataset, "
-            "e.g. an earlier step run's OUT/trajectories) to reuse instead of replaying."
-        ),
-    ] = None,
     no_stop: Annotated[
         bool,
         typer.Option(
@@ -309,85 +217,154 @@ def run(
             "them here instead. YAML: backend: {stop: none}.",
         ),
     ] = False,
-    judge: Annotated[
-        str | None,
+    config: Annotated[
+        Path | None,
         typer.Option(
-            help="agentx: judge model spec for the judged metrics, e.g. openai:gpt-4o "
-            "(without it only tool_precision and toolset_accuracy are computed)."
+            help="YAML file with these options (keys: the option names with underscores); "
+            "flags given override it."
         ),
     ] = None,
-    judge_base_url: Annotated[
-        str | None, typer.Option(help="agentx: OpenAI-compatible endpoint of the judge.")
-    ] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML file with these options.")] = None,
-    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
-    """Run a controller over a benchmark, resumably; write predictions, trajectories, metrics.
+    """Carries the shared options (never run)."""
 
-    Prints the headline report's metrics as JSON; OUT/metrics.json has every report.
-    """
-    from tracetune.cli.common import build_config, console, run_async
+
+try:  # typer >= 0.20 carries its own copy of click
+    from typer._click.exceptions import NoSuchOption, UsageError
+except ImportError:  # pragma: no cover
+    from click.exceptions import NoSuchOption, UsageError  # type: ignore[assignment]
+
+
+class BenchCommand(TyperCommand):
+    """``eval run NAME``: an option of another benchmark is refused, naming whose it is."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except NoSuchOption as exc:
+            owners = _option_owners(exc.option_name)
+            if owners:
+                raise UsageError(
+                    f"{exc.option_name} does not apply to `eval run {self.name}`: it is an "
+                    f"option of {', '.join(owners)} only (see `tracetune eval run "
+                    f"{owners[0]} --help`)",
+                    ctx,
+                ) from None
+            raise
+
+
+def _option_owners(flag: str) -> list[str]:
+    from tracetune.cli.options_from_config import field_flags
+    from tracetune.evaluate.adapter import ADAPTERS, adapter_class
+
+    owners = []
+    for name in ADAPTERS:
+        fields = adapter_class(name).config_model.model_fields
+        if any(flag in field_flags(f, info) for f, info in fields.items()):
+            owners.append(name)
+    return owners
+
+
+def _first_paragraph(text: str | None) -> str:
+    return " ".join((text or "").strip().split("\n\n")[0].split())
+
+
+def bench_command(name: str) -> Any:
+    """The ``eval run NAME`` command of the adapter registered as ``name``: its options
+    generated from the adapter's config model, plus the shared ones."""
+    import inspect
+
+    from tracetune.cli.executor_options import executor_params
+    from tracetune.cli.mcp_options import mcp_params
+    from tracetune.cli.options_from_config import command_function, config_params
+    from tracetune.evaluate.adapter import adapter_class
+
+    adapter = adapter_class(name)
+    shared = list(inspect.signature(_shared, eval_str=True).parameters.values())
+    params = [
+        *config_params(adapter.config_model, skip={"bench"}),
+        *(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in shared),
+    ]
+    summary = _first_paragraph(adapter.__doc__)
+    doc = (
+        f"{summary}\n\nRun a controller over {name}, resumably; write predictions, "
+        "trajectories and metrics (OUT/metrics.json has every report), and print the "
+        "headline report's metrics as JSON."
+    )
+
+    def callback(**values: Any) -> None:
+        _run_bench(name, values)
+
+    holder = typer.Typer(add_completion=False)
+    holder.command(name, cls=BenchCommand, short_help=summary)(
+        command_function(callback, params, doc)
+    )
+    command = typer.main.get_command(holder)
+    command.name = name
+    command.params.extend([*executor_params(), *mcp_params()])
+    return command
+
+
+class EvalRunGroup(TyperGroup):
+    """``eval run``: one subcommand per registered benchmark, built when it is used."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        from tracetune.evaluate.adapter import ADAPTERS
+
+        return list(ADAPTERS)
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        from tracetune.evaluate.adapter import ADAPTERS
+
+        if cmd_name not in ADAPTERS:
+            return None
+        if cmd_name not in self.commands:
+            self.commands[cmd_name] = bench_command(cmd_name)
+        return self.commands[cmd_name]
+
+
+run_app = typer.Typer(cls=EvalRunGroup, no_args_is_help=True, add_completion=False)
+app.add_typer(
+    run_app,
+    name="run",
+    help="Run a controller over a benchmark (one subcommand each), resumably; write "
+    "predictions, trajectories, metrics.",
+)
+
+
+def _run_bench(name: str, values: dict[str, Any]) -> None:
+    from tracetune.cli.common import console, run_async
+    from tracetune.cli.options_from_config import config_from_options
     from tracetune.cli.tools import _parse_options
     from tracetune.engine.operators import OperatorUnavailable
-    from tracetune.evaluate.runs import (
-        EvalRunConfig,
-        EvalRunError,
-        headline_summary,
-        run_benchmark,
-    )
+    from tracetune.errors import TracetuneError
+    from tracetune.evaluate.adapter import adapter_class
+    from tracetune.evaluate.runs import EvalRunError, headline_summary, run_benchmark
     from tracetune.models.base import BackendError
 
-    if bench not in (RunBench.gta, RunBench.programs) and mode is not None:
-        fail("--mode applies to gta and programs only")
-    if bench not in (RunBench.vqa, RunBench.dynvqa) and answer_mode is not None:
-        fail("--answer-mode applies to vqa and dynvqa only")
-    if bench is not RunBench.agentx and (judge is not None or judge_base_url is not None):
-        fail("--judge and --judge-base-url apply to agentx only")
+    model = adapter_class(name).config_model
+    adapter_dir = values.pop("adapter")
     # A dict, not ModelOptions: merged key by key into a YAML backend section.
     backend = {
-        "base_url": base_url,
-        "adapter": str(adapter) if adapter else None,
-        "stop": "none" if no_stop else None,
+        "base_url": values.pop("base_url"),
+        "adapter": str(adapter_dir) if adapter_dir else None,
+        "stop": "none" if values.pop("no_stop") else None,
     }
-    options = _parse_options(option, corpus)
-    from tracetune.timelimit import duration
-
-    cfg = build_config(
-        EvalRunConfig,
-        config,
-        bench=bench.value,
-        model=model,
-        out=out,
-        data=data,
-        mode=mode.value if mode else None,
-        answer_mode=answer_mode.value if answer_mode else None,
-        action_format=action_format,
-        tool_model=tool_model,
-        tools=split_names(tools),
-        tool_options=options or None,
-        embedder=embedder,
-        max_steps=max_steps,
-        max_errors=max_errors,
-        temperature=temperature,
-        max_tokens=max_tokens,
-        concurrency=concurrency,
-        limit=limit,
-        n=n,
-        seed=seed,
-        families=family,
-        exclude=exclude,
-        max_cost_usd=max_cost,
-        max_time=duration(max_time),
-        gold_prefixes=gold_prefixes,
-        backend=backend,
-        judge=judge,
-        judge_base_url=judge_base_url,
-    )
+    options = _parse_options(values.pop("option"), values.pop("corpus"))
+    config_file, quiet = values.pop("config"), values.pop("quiet")
     try:
+        cfg = config_from_options(
+            model,
+            values,
+            config_file=config_file,
+            extra={"bench": name, "backend": backend, "tool_options": options or None},
+            what=f"eval run {name}",
+        )
         metrics = run_async(
             run_benchmark(cfg, progress=not quiet, notify=lambda m: console.print(m, markup=False))
         )
     except (
+        TracetuneError,
         EvalRunError,
         ValueError,
         FileNotFoundError,

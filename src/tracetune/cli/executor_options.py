@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tracetune.cli._attach import attach_options
+from tracetune.cli._attach import attach_options, template_options
 
 # Commands whose stages process items: (group, command); "*" is every command of the group
 # but those that only read (stats, report, render).
@@ -108,3 +108,8 @@ def add_executor_options(root: Any) -> list[str]:
     """Give the item-processing commands under ``root`` the executor options; returns the
     commands that got them (``group command``)."""
     return attach_options(root, TARGETS, READ_ONLY, _template, "executor")
+
+
+def executor_params() -> list[Any]:
+    """Fresh executor options for a command built outside the tree (``eval run NAME``)."""
+    return template_options(_template)

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tracetune.cli._attach import attach_options
+from tracetune.cli._attach import attach_options, template_options
 
 # Commands that load tools: (group, command); "*" is every command of the group.
 TARGETS: tuple[tuple[str, str], ...] = (
@@ -79,3 +79,8 @@ def add_mcp_options(root: Any) -> list[str]:
     """Give the commands under ``root`` that load tools the ``--mcp`` option; returns the
     commands that got it (``group command``)."""
     return attach_options(root, TARGETS, READ_ONLY, _template, "mcp")
+
+
+def mcp_params() -> list[Any]:
+    """A fresh ``--mcp`` option for a command built outside the tree (``eval run NAME``)."""
+    return template_options(_template)

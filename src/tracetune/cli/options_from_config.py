@@ -1,0 +1,244 @@
+"""Command-line options generated from a pydantic config model, and back into a config.
+
+Each field of the model becomes one option, declared nowhere else:
+
+- its flag is ``--field-name`` (``max_steps`` -> ``--max-steps``), or the flags an
+  ``Annotated[..., CliFlag("--flag", ...)]`` gives it;
+- its type comes from the annotation: ``str``, ``int``, ``float``, ``Path``, a ``Literal``
+  (a choice), ``bool`` (``--x/--no-x``), ``list[...]`` (repeatable; a ``list[str]`` also
+  takes ``a,b,c``); ``X | None`` is ``X``;
+- its help is the field's ``description``, and ``--help`` shows its default.
+
+Options are given the value ``None`` unless set on the command line, so a YAML config
+(``--config``) fills what the flags leave unset (:func:`config_from_options`); the model then
+validates the whole, and an invalid value is a :class:`OptionsError` naming the flag.
+Fields marked ``CliFlag(skip=True)`` (nested sections, values that other options build) get
+no option of their own.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from collections.abc import Callable, Mapping
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import typer
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
+
+from tracetune.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class OptionsError(ConfigError):
+    """Options (flags or YAML keys) that do not make a valid config."""
+
+
+def _cli_meta(info: FieldInfo) -> Any:
+    for meta in info.metadata:
+        if hasattr(meta, "flags") and hasattr(meta, "skip"):
+            return meta
+    return None
+
+
+def _strip_optional(annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return _strip_optional(args[0])
+    if origin is typing.Annotated:
+        return _strip_optional(typing.get_args(annotation)[0])
+    return annotation
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def field_flags(name: str, info: FieldInfo) -> tuple[str, ...]:
+    """The flags of field ``name`` (its own ``--name`` unless ``CliFlag`` names others)."""
+    meta = _cli_meta(info)
+    if meta is not None and meta.flags:
+        return tuple(meta.flags)
+    return (_flag(name),)
+
+
+def _default_text(info: FieldInfo) -> str | None:
+    if info.default is not PydanticUndefined:
+        value = info.default
+    elif info.default_factory is not None:
+        value = info.default_factory()  # type: ignore[call-arg]
+    else:
+        return None
+    if value is None or value == [] or value == {}:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Enum):
+        return str(value.value)
+    if isinstance(value, list | tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _choices(name: str, values: list[str]) -> type[Enum]:
+    return Enum(name, {v: v for v in values}, type=str)  # type: ignore[return-value]
+
+
+def _option_type(annotation: Any, name: str) -> Any:
+    """The type typer reads a field's text as (``X | None``: typer's option default is
+    None, so an unset option is told apart from a set one)."""
+    inner = _strip_optional(annotation)
+    origin = typing.get_origin(inner)
+    if origin in (list, tuple, set, frozenset):
+        args = typing.get_args(inner)
+        item = _option_type(args[0] if args else str, name)
+        return list[item]  # type: ignore[valid-type]
+    if origin is Literal:
+        return _choices(name, [str(a) for a in typing.get_args(inner)])
+    if isinstance(inner, type) and issubclass(inner, Enum):
+        return inner
+    if inner in (bool, int, float, str):
+        return inner
+    if isinstance(inner, type) and issubclass(inner, Path):
+        return Path
+    raise TypeError(
+        f"field {name!r} has a type the command line cannot take ({annotation!r}): mark it "
+        "CliFlag(skip=True) and give it another option"
+    )
+
+
+def config_params(
+    model: type[BaseModel], skip: set[str] | frozenset[str] = frozenset()
+) -> list[inspect.Parameter]:
+    """One typer option per field of ``model`` (but ``skip`` and ``CliFlag(skip=True)``),
+    as keyword parameters for a command function's signature (see :func:`command_function`)."""
+    params: list[inspect.Parameter] = []
+    for name, info in model.model_fields.items():
+        meta = _cli_meta(info)
+        if name in skip or (meta is not None and meta.skip):
+            continue
+        flags = field_flags(name, info)
+        help_text = " ".join((info.description or "").split())
+        default = _default_text(info)
+        if info.is_required():
+            # Required unless a --config file gives it: checked when the config is built.
+            help_text += " (required; or a --config key)"
+        kind = str if meta is not None and meta.text else _option_type(info.annotation, name)
+        if kind is bool:
+            flags = tuple(f"{f}/--no-{f.removeprefix('--')}" for f in flags[:1]) + flags[1:]
+        option = typer.Option(
+            *flags,
+            help=help_text,
+            show_default=default if default is not None else False,
+            metavar=meta.metavar if meta is not None and meta.metavar else None,
+        )
+        params.append(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=None,
+                annotation=typing.Annotated[kind | None, option],
+            )
+        )
+    return params
+
+
+def command_function(
+    callback: Callable[..., Any], params: list[inspect.Parameter], doc: str | None = None
+) -> Callable[..., Any]:
+    """A function typer can register as a command: keyword parameters ``params`` (typer
+    annotations on them), calling ``callback(**values)``."""
+
+    def command(**values: Any) -> Any:
+        return callback(**values)
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = doc
+    return command
+
+
+def option_values(model: type[BaseModel], values: Mapping[str, Any]) -> dict[str, Any]:
+    """The values of ``model``'s generated options that were set, by field name (a
+    ``list[str]`` option's ``a,b`` split at the commas)."""
+    out: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        if name not in values:
+            continue
+        value = values[name]
+        if value is None or value == () or value == []:
+            continue
+        if isinstance(value, list | tuple):
+            item = typing.get_args(_strip_optional(info.annotation))
+            value = [v.value if isinstance(v, Enum) else v for v in value]
+            if item and item[0] is str:
+                value = [part.strip() for v in value for part in str(v).split(",") if part.strip()]
+        elif isinstance(value, Enum):
+            value = value.value
+        out[name] = value
+    return out
+
+
+def _error_line(model: type[BaseModel], err: Any) -> str:
+    loc = [str(p) for p in err["loc"]]
+    message = str(err["msg"]).removeprefix("Value error, ")
+    if not loc:
+        return f"  {message}"
+    info = model.model_fields.get(loc[0])
+    if info is not None and len(loc) == 1:
+        meta = _cli_meta(info)
+        if meta is None or not meta.skip:
+            where = f"{field_flags(loc[0], info)[0]} (YAML key {loc[0]})"
+            return f"  {where}: {message}"
+    return f"  {'.'.join(loc)}: {message}"
+
+
+def validate_config(model: type[M], data: Mapping[str, Any], what: str | None = None) -> M:
+    """``model`` from ``data``; an invalid value raises :class:`OptionsError` naming each
+    bad option by its flag and YAML key."""
+    try:
+        return model.model_validate(dict(data))
+    except ValidationError as exc:
+        lines = [_error_line(model, err) for err in exc.errors()]
+        raise OptionsError(
+            f"invalid options for {what or model.__name__}:\n" + "\n".join(lines),
+            hint="see --help for each option's type and default",
+        ) from None
+
+
+def config_from_options(
+    model: type[M],
+    values: Mapping[str, Any],
+    *,
+    config_file: Path | None = None,
+    extra: Mapping[str, Any] | None = None,
+    what: str | None = None,
+    read_file: Callable[[type[BaseModel], Path | None], dict[str, Any]] | None = None,
+) -> M:
+    """The config from the YAML ``config_file`` (if any), the generated options that were
+    set in ``values`` and the ``extra`` field values other options built, laid over it in
+    that order (a dict in ``extra`` merges into its YAML section key by key)."""
+    from tracetune.cli.common import merge_flags, read_config_file
+
+    data = (read_file or read_config_file)(model, config_file)
+    flags = {**option_values(model, values), **(extra or {})}
+    return validate_config(model, merge_flags(data, flags), what)
+
+
+__all__ = [
+    "OptionsError",
+    "command_function",
+    "config_from_options",
+    "config_params",
+    "field_flags",
+    "option_values",
+    "validate_config",
+]
