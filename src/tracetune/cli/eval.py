@@ -333,13 +333,13 @@ app.add_typer(
 
 
 def _run_bench(name: str, values: dict[str, Any]) -> None:
-    from tracetune.cli.common import console, run_async
+    from tracetune.cli.common import console, report_error, run_async
     from tracetune.cli.options_from_config import config_from_options
     from tracetune.cli.tools import _parse_options
     from tracetune.engine.operators import OperatorUnavailable
     from tracetune.errors import TracetuneError
     from tracetune.evaluate.adapter import adapter_class
-    from tracetune.evaluate.runs import EvalRunError, headline_summary, run_benchmark
+    from tracetune.evaluate.runs import headline_summary, run_benchmark
     from tracetune.models.base import BackendError
 
     model = adapter_class(name).config_model
@@ -363,9 +363,10 @@ def _run_bench(name: str, values: dict[str, Any]) -> None:
         metrics = run_async(
             run_benchmark(cfg, progress=not quiet, notify=lambda m: console.print(m, markup=False))
         )
+    except TracetuneError as exc:  # bad options or data: the message and its hint
+        report_error(exc)
+        return
     except (
-        TracetuneError,
-        EvalRunError,
         ValueError,
         FileNotFoundError,
         KeyError,
