@@ -15,6 +15,7 @@ function still counts, so it cannot dodge the check.
 from __future__ import annotations
 
 import ast
+import re
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,6 +263,19 @@ def test_every_top_level_package_and_module_has_a_layer() -> None:
     names = {p.stem for p in root.iterdir() if p.suffix == ".py" and p.stem != "__init__"}
     names |= {p.name for p in root.iterdir() if (p / "__init__.py").is_file()}
     assert {f"tracetune.{n}" for n in names} <= set(LAYERS)
+
+
+def test_the_architecture_page_names_every_package_and_only_real_paths() -> None:
+    page = (SRC.parent / "docs" / "architecture.md").read_text()
+    quoted = set(re.findall(r"`([^`\s]+)`", page))
+    for unit in LAYERS:
+        name = unit.removeprefix("tracetune.").replace(".", "/")
+        if unit != "tracetune" and not unit.endswith("__main__"):
+            assert {name, f"{name}/", f"{name}.py"} & quoted, f"docs/architecture.md: {name}"
+    paths = [q for q in quoted if q.endswith((".py", "/")) and not q.startswith("tests/")]
+    bases = (SRC / "tracetune", SRC, SRC.parent)  # the package, src/, the repository
+    missing = [q for q in paths if not any((base / q).exists() for base in bases)]
+    assert not missing, f"docs/architecture.md names paths that do not exist: {missing}"
 
 
 # -- the checker catches what it should (on a small planted tree) -----------------------------
