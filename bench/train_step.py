@@ -404,7 +404,8 @@ def run_scratch_variant(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def scratch_main(args: argparse.Namespace) -> None:
-    from tracetune.models.tiny import corpus_from_datasets, init_model
+    from tracetune.formats.corpus import corpus_from_datasets
+    from tracetune.models.tiny import init_model
 
     args.steps = args.steps or 0  # unused: --scratch runs whole epochs
     root = Path(tempfile.mkdtemp(prefix="bench-scratch-"))
