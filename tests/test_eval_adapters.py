@@ -345,3 +345,48 @@ def test_flat_config_becomes_the_benchmarks_own_and_refuses_foreign_options(
         EvalRunConfig(bench="gta", model="m", out=tmp_path, action_format="code").for_bench()
     with pytest.raises(ConfigError, match="no benchmark named 'nope'"):
         adapter_class("nope")
+
+
+# -- train sft / train dpo: the same helper ------------------------------------------------
+def test_train_options_come_from_the_training_configs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import tracetune.cli.train as train_cli
+    from tracetune.train.config import DPOConfig, SFTConfig
+
+    sft_help = _help("train", "sft")
+    for pattern in (
+        r"--epochs <float> Passes over the data\. \[default: \(?3\.0\)?\]",
+        r"--grad-accum <int> Gradient accumulation steps\. \[default: \(?8\)?\]",
+        r"--overlong <drop\|truncate> .*\[default: \(?drop\)?\]",
+        r"--lora-r <int> LoRA rank\.",
+    ):
+        assert re.search(pattern, sft_help), pattern
+    dpo_help = _help("train", "dpo")
+    assert re.search(r"--epochs <float> Passes over the pairs\. \[default: \(?1\.0\)?\]", dpo_help)
+    assert re.search(r"--beta <float> .*\[default: \(?0\.1\)?\]", dpo_help)
+    assert "--overlong" not in dpo_help and "--beta" not in sft_help
+
+    seen: list[Any] = []
+    monkeypatch.setattr(train_cli, "_run", lambda kind, cfg: seen.append((kind, cfg)))
+    config = tmp_path / "sft.yaml"
+    config.write_text(yaml.safe_dump({"epochs": 2, "lora": {"r": 8, "dropout": 0.2}}))
+    args = ["train", "sft", "--base", "b", "--data", "d1", "--data", "d2", "--out", str(tmp_path)]
+    result = CliRunner().invoke(
+        app,
+        [*args, "--lora-r", "4", "--max-time", "10m", "--config", str(config), "--no-resume",
+         "--report-to", "none,tensorboard"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    kind, cfg = seen[-1]
+    assert kind == "sft" and isinstance(cfg, SFTConfig)
+    assert cfg.data == [Path("d1"), Path("d2")] and cfg.epochs == 2 and cfg.max_time == 600
+    # the LoRA flag is laid over the YAML section key by key
+    assert cfg.lora.r == 4 and cfg.lora.dropout == 0.2 and cfg.report_to == ["none", "tensorboard"]
+    bad = CliRunner().invoke(app, [*args, "--grad-accum", "0"])
+    assert bad.exit_code == 2
+    assert "--grad-accum (YAML key grad_accum)" in _said(bad.output)
+    pairs = ["train", "dpo", "--base", "b", "--pairs", "p", "--out", str(tmp_path)]
+    assert CliRunner().invoke(app, [*pairs, "--beta", "0.3"]).exit_code == 0
+    kind, cfg = seen[-1]
+    assert kind == "dpo" and isinstance(cfg, DPOConfig) and cfg.beta == 0.3 and cfg.epochs == 1.0

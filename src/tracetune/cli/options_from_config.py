@@ -47,6 +47,16 @@ def _cli_meta(info: FieldInfo) -> Any:
     return None
 
 
+class _TextField:
+    """Command-line metadata of a field read as text (see ``config_params(text=...)``)."""
+
+    skip = False
+    text = True
+
+    def __init__(self, flags: tuple[str, ...], metavar: str) -> None:
+        self.flags, self.metavar = flags, metavar
+
+
 def _strip_optional(annotation: Any) -> Any:
     origin = typing.get_origin(annotation)
     if origin in (Union, types.UnionType):
@@ -116,15 +126,24 @@ def _option_type(annotation: Any, name: str) -> Any:
 
 
 def config_params(
-    model: type[BaseModel], skip: set[str] | frozenset[str] = frozenset()
+    model: type[BaseModel],
+    skip: set[str] | frozenset[str] = frozenset(),
+    text: Mapping[str, str] | None = None,
 ) -> list[inspect.Parameter]:
     """One typer option per field of ``model`` (but ``skip`` and ``CliFlag(skip=True)``),
-    as keyword parameters for a command function's signature (see :func:`command_function`)."""
+    as keyword parameters for a command function's signature (see :func:`command_function`).
+
+    ``text``: fields whose option takes text (field name -> metavar, e.g. ``"DURATION"``),
+    which the command converts before validation; the same as ``CliFlag(text=True)`` for a
+    model that carries no command-line metadata of its own."""
     params: list[inspect.Parameter] = []
+    text = text or {}
     for name, info in model.model_fields.items():
         meta = _cli_meta(info)
         if name in skip or (meta is not None and meta.skip):
             continue
+        if name in text:
+            meta = _TextField(field_flags(name, info), text[name])
         flags = field_flags(name, info)
         help_text = " ".join((info.description or "").split())
         default = _default_text(info)

@@ -14,7 +14,7 @@ import typer
 import yaml  # type: ignore[import-untyped]
 from rich.console import Console
 
-from tracetune.cli.common import build_config, fail
+from tracetune.cli.common import fail
 
 app = typer.Typer(no_args_is_help=True)
 out_console = Console()
@@ -34,26 +34,7 @@ class Launch(enum.StrEnum):
     fsdp = "fsdp"
 
 
-def _options(config: Path | None, lora: dict[str, Any], **flags: Any) -> dict[str, Any]:
-    """YAML values overlaid with the flags that were set (LoRA flags merged, not replaced)."""
-    data: dict[str, Any] = {}
-    if config is not None:
-        if not config.is_file():
-            fail(f"config file {config} does not exist")
-        loaded = yaml.safe_load(config.read_text()) or {}
-        if not isinstance(loaded, dict):
-            fail(f"{config} must hold a mapping of option names to values")
-        data.update(loaded)
-    set_lora = {k: v for k, v in lora.items() if v is not None}
-    if set_lora:
-        data["lora"] = {**(data.get("lora") or {}), **set_lora}
-    data.update({k: v for k, v in flags.items() if v is not None and v != []})
-    return data
-
-
-# Options common to both commands, as typer annotations.
-Base = Annotated[str | None, typer.Option(help="Base model dir or hub id (DPO: the SFT output).")]
-Out = Annotated[Path | None, typer.Option(help="Output directory (adapter + processor).")]
+# LoRA flags, as typer annotations.
 LoraR = Annotated[int | None, typer.Option("--lora-r", help="LoRA rank.")]
 LoraAlpha = Annotated[int | None, typer.Option("--lora-alpha", help="LoRA alpha.")]
 LoraTargets = Annotated[
@@ -62,33 +43,6 @@ LoraTargets = Annotated[
         "--lora-targets", help="attention, attention_mlp, all_linear, or comma-separated names."
     ),
 ]
-Full = Annotated[bool | None, typer.Option("--full", help="Full fine-tuning instead of LoRA.")]
-Epochs = Annotated[float | None, typer.Option(help="Passes over the data.")]
-Lr = Annotated[float | None, typer.Option(help="Peak learning rate.")]
-MaxSteps = Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")]
-BatchSize = Annotated[int | None, typer.Option(help="Samples per device per step.")]
-GradAccum = Annotated[int | None, typer.Option(help="Gradient accumulation steps.")]
-MaxLength = Annotated[int | None, typer.Option(help="Most tokens per sample (images included).")]
-MaxPixels = Annotated[int | None, typer.Option(help="Qwen processors: most pixels per image.")]
-GradCkpt = Annotated[
-    bool | None,
-    typer.Option(
-        "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations."
-    ),
-]
-Precision = Annotated[str | None, typer.Option(help="auto, bf16, fp16 or fp32.")]
-Resume = Annotated[bool | None, typer.Option("--resume", help="Continue from the last checkpoint.")]
-Threads = Annotated[
-    int | None,
-    typer.Option(help="CPU threads for the arithmetic (1 is fastest on a busy machine)."),
-]
-MaxTime = Annotated[
-    str | None,
-    typer.Option(
-        help="Stop training after this long (600, 10m, 1.5h) and save the model as at the end."
-    ),
-]
-Config = Annotated[Path | None, typer.Option(help="YAML file with these options (flags win).")]
 
 
 def _lora(r: int | None, alpha: int | None, targets: str | None) -> dict[str, Any]:
@@ -137,110 +91,83 @@ def _run(kind: str, cfg: Any) -> None:
     out_console.print(result.usage_hint(), highlight=False)
 
 
-@app.command("sft")
-def sft(
-    base: Base = None,
-    data: Annotated[
-        list[Path] | None, typer.Option(help="Trajectory/dialogue dataset dir (repeatable).")
-    ] = None,
-    out: Out = None,
+# LoRA settings are a nested section of the config: their flags are declared here, merged
+# key by key into a YAML `lora:` section.
+def _lora_options(
     lora_r: LoraR = None,
     lora_alpha: LoraAlpha = None,
     lora_targets: LoraTargets = None,
-    full: Full = None,
-    epochs: Epochs = None,
-    lr: Lr = None,
-    max_steps: MaxSteps = None,
-    batch_size: BatchSize = None,
-    grad_accum: GradAccum = None,
-    max_length: MaxLength = None,
-    max_pixels: MaxPixels = None,
-    overlong: Annotated[str | None, typer.Option(help="drop or truncate (at a turn).")] = None,
-    gradient_checkpointing: GradCkpt = None,
-    precision: Precision = None,
-    resume: Resume = None,
-    max_time: MaxTime = None,
-    threads: Threads = None,
-    config: Config = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="YAML file with these options (keys: the option names with underscores, "
+            "LoRA under lora: {r, alpha, dropout, targets}); flags given override it."
+        ),
+    ] = None,
 ) -> None:
-    """Supervised fine-tuning on trajectories: loss on assistant turns only."""
+    """Carries the LoRA and --config options (never run)."""
+
+
+def _train_command(kind: str, model: Any, doc: str) -> None:
+    """Register ``train KIND``: its options generated from the config ``model`` (every
+    field but the LoRA section and TRL pass-through, which YAML sets), plus the LoRA flags."""
+    import inspect
+
+    from tracetune.cli.options_from_config import command_function, config_params
+
+    shared = inspect.signature(_lora_options, eval_str=True).parameters.values()
+    params = [
+        *config_params(model, skip={"lora", "trl"}, text={"max_time": "DURATION"}),
+        *(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in shared),
+    ]
+
+    def callback(**values: Any) -> None:
+        from tracetune.cli.common import report_error
+        from tracetune.cli.options_from_config import config_from_options
+        from tracetune.errors import TracetuneError
+
+        lora = _lora(values.pop("lora_r"), values.pop("lora_alpha"), values.pop("lora_targets"))
+        config_file = values.pop("config")
+        if values.get("max_time") is not None:
+            values["max_time"] = _seconds(values["max_time"])
+        try:
+            cfg = config_from_options(
+                model, values, config_file=config_file, extra={"lora": lora}, what=f"train {kind}"
+            )
+        except TracetuneError as exc:
+            report_error(exc)
+            return
+        _run(kind, cfg)
+
+    app.command(kind)(command_function(callback, params, doc))
+
+
+def _sft_command() -> None:
     from tracetune.train.config import SFTConfig
 
-    options = _options(
-        config,
-        _lora(lora_r, lora_alpha, lora_targets),
-        base=base,
-        data=[str(d) for d in data] if data else None,
-        out=out,
-        full=full,
-        epochs=epochs,
-        lr=lr,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        max_length=max_length,
-        max_pixels=max_pixels,
-        overlong=overlong,
-        gradient_checkpointing=gradient_checkpointing,
-        precision=precision,
-        resume=resume,
-        max_time=_seconds(max_time),
-        threads=threads,
+    _train_command(
+        "sft",
+        SFTConfig,
+        "Supervised fine-tuning on trajectories: loss on assistant turns only.\n\n"
+        "--max-time takes seconds or 600, 10m, 1.5h.",
     )
-    _run("sft", build_config(SFTConfig, None, **options))
 
 
-@app.command("dpo")
-def dpo(
-    base: Base = None,
-    pairs: Annotated[
-        list[Path] | None, typer.Option(help="Preference-pair dataset dir (repeatable).")
-    ] = None,
-    out: Out = None,
-    beta: Annotated[float | None, typer.Option(help="DPO beta.")] = None,
-    lora_r: LoraR = None,
-    lora_alpha: LoraAlpha = None,
-    lora_targets: LoraTargets = None,
-    full: Full = None,
-    epochs: Epochs = None,
-    lr: Lr = None,
-    max_steps: MaxSteps = None,
-    batch_size: BatchSize = None,
-    grad_accum: GradAccum = None,
-    max_length: MaxLength = None,
-    max_pixels: MaxPixels = None,
-    gradient_checkpointing: GradCkpt = None,
-    precision: Precision = None,
-    resume: Resume = None,
-    max_time: MaxTime = None,
-    threads: Threads = None,
-    config: Config = None,
-) -> None:
-    """Step-wise DPO from an SFT output (an adapter is merged first) on preference pairs."""
+_sft_command()
+
+
+def _dpo_command() -> None:
     from tracetune.train.config import DPOConfig
 
-    options = _options(
-        config,
-        _lora(lora_r, lora_alpha, lora_targets),
-        base=base,
-        pairs=[str(p) for p in pairs] if pairs else None,
-        out=out,
-        beta=beta,
-        full=full,
-        epochs=epochs,
-        lr=lr,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        max_length=max_length,
-        max_pixels=max_pixels,
-        gradient_checkpointing=gradient_checkpointing,
-        precision=precision,
-        resume=resume,
-        max_time=_seconds(max_time),
-        threads=threads,
+    _train_command(
+        "dpo",
+        DPOConfig,
+        "Step-wise DPO from an SFT output (an adapter is merged first) on preference pairs."
+        "\n\n--max-time takes seconds or 600, 10m, 1.5h.",
     )
-    _run("dpo", build_config(DPOConfig, None, **options))
+
+
+_dpo_command()
 
 
 @app.command("accelerate-config")
