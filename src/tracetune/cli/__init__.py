@@ -6,7 +6,7 @@ import importlib
 
 import typer
 
-from tracetune.cli.common import CommandGroup
+from tracetune.cli.common import App, CommandGroup
 
 
 class _Root(CommandGroup):
@@ -19,7 +19,7 @@ class _Root(CommandGroup):
         add_mcp_options(self)
 
 
-app = typer.Typer(
+app = App(
     name="tracetune",
     cls=_Root,
     help="Tune vision-language models into robust tool-using agents.",

@@ -9,9 +9,9 @@ import typer
 from rich.console import Console
 from rich.panel import Panel
 
-from tracetune.cli.common import build_config, fail, run_async, split_names
+from tracetune.cli.common import App, build_config, fail, run_async, split_names
 
-app = typer.Typer(no_args_is_help=True)
+app = App(no_args_is_help=True)
 out_console = Console()
 
 

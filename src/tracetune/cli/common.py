@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.markup import escape
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from tracetune.errors import BAD_INPUT_EXIT, TracetuneError
 
@@ -128,8 +128,8 @@ def report_error(exc: TracetuneError) -> None:
     fail(str(message), code=exc.exit_code, hint=exc.hint)
 
 
-class CommandGroup(TyperGroup):
-    """The root command group: the one place where a command's errors become its exit status.
+def _run_reporting_errors(invoke: Callable[[], T]) -> T:
+    """``invoke()``, with its errors turned into exit statuses; the one rule for commands:
 
     - A :class:`~tracetune.errors.TracetuneError` (bad input or configuration) prints
       ``error: <message>`` and ``hint: <hint>``, no traceback, and exits with its
@@ -137,9 +137,56 @@ class CommandGroup(TyperGroup):
       :data:`~tracetune.errors.ITEMS_FAILED_EXIT` (3) for a stage that aborted because too
       many items failed. A full disk is reported the same way, whatever raised it.
     - Any other exception is a bug: it propagates with its traceback (exit status 1).
-    - Every stage records its result (:mod:`tracetune.runner.outcome`); a command that
-      leaves items failed prints them with their reasons and exits with
-      :data:`~tracetune.errors.ITEMS_FAILED_EXIT` (3).
+    """
+    from tracetune.runner import outcome
+
+    try:
+        return invoke()
+    except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+        raise
+    except Exception as exc:
+        if (why := outcome.disk_full(exc)) is not None:  # whatever layer hit it
+            fail(f"the disk is full ({why})", hint=outcome.DISK_FULL_HINT)
+        if isinstance(exc, TracetuneError):  # the user can fix it: no traceback
+            report_error(exc)
+        raise  # a bug: its traceback is what to report
+
+
+class ReportingCommand(TyperCommand):
+    """A command whose errors become exit statuses (see :func:`_run_reporting_errors`),
+    also when its app is run on its own rather than under ``tracetune``."""
+
+    def invoke(self, ctx: Any) -> Any:
+        return _run_reporting_errors(lambda: super(ReportingCommand, self).invoke(ctx))
+
+
+class ReportingGroup(TyperGroup):
+    """A command group whose errors become exit statuses (see
+    :func:`_run_reporting_errors`)."""
+
+    def invoke(self, ctx: Any) -> Any:
+        return _run_reporting_errors(lambda: super(ReportingGroup, self).invoke(ctx))
+
+
+class App(typer.Typer):
+    """The ``typer.Typer`` of every tracetune command group: its commands and the group
+    report errors by one rule (:func:`_run_reporting_errors`), wherever they are run from."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("cls", ReportingGroup)
+        super().__init__(**kwargs)
+
+    def command(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["cls"] = kwargs.get("cls") or ReportingCommand
+        return super().command(*args, **kwargs)
+
+
+class CommandGroup(ReportingGroup):
+    """The root command group: errors become exit statuses as in every group
+    (:func:`_run_reporting_errors`), and after any command failed items decide the exit
+    status: every stage records its result (:mod:`tracetune.runner.outcome`); a command that
+    leaves items failed prints them with their reasons and exits with
+    :data:`~tracetune.errors.ITEMS_FAILED_EXIT` (3).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -153,16 +200,7 @@ class CommandGroup(TyperGroup):
 
         outcome.reset()
         executor.reset_command()
-        try:
-            value = super().invoke(ctx)
-        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
-            raise
-        except Exception as exc:
-            if (why := outcome.disk_full(exc)) is not None:  # whatever layer hit it
-                fail(f"the disk is full ({why})", hint=outcome.DISK_FULL_HINT)
-            if isinstance(exc, TracetuneError):  # the user can fix it: no traceback
-                report_error(exc)
-            raise  # a bug: its traceback is what to report
+        value = super().invoke(ctx)
         if (report := outcome.failure_report()) is not None:
             console.print(f"[red]error:[/red] {escape(report)}")
             raise typer.Exit(outcome.ITEMS_FAILED_EXIT)

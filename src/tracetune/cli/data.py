@@ -8,9 +8,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from tracetune.cli.common import fail
+from tracetune.cli.common import App
 
-app = typer.Typer(no_args_is_help=True)
+app = App(no_args_is_help=True)
 out_console = Console()
 
 
@@ -25,13 +25,8 @@ def check(
     those that don't (a rerun of the same command then redoes them). Exit status 1 when
     --dry-run finds problems."""
     from tracetune.store.check import check_dataset
-    from tracetune.store.dataset import DatasetError
 
-    try:
-        report = check_dataset(directory, repair=not dry_run)
-    except DatasetError as exc:
-        fail(str(exc))
-        return
+    report = check_dataset(directory, repair=not dry_run)
     out_console.print(report.summary(), highlight=False, markup=False)
     if dry_run and not report.ok:
         raise typer.Exit(1)

@@ -8,10 +8,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from tracetune.cli.common import fail
+from tracetune.cli.common import App, fail
 from tracetune.formats.registry import export_formats, import_formats
 
-app = typer.Typer(no_args_is_help=True)
+app = App(no_args_is_help=True)
 out_console = Console(soft_wrap=True)  # paths stay on one line, copyable
 
 

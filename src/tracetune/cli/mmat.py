@@ -15,9 +15,9 @@ import typer
 from pydantic import BaseModel
 from rich.console import Console
 
-from tracetune.cli.common import RetryDroppedOpt, build_config, fail, run_async, split_names
+from tracetune.cli.common import App, RetryDroppedOpt, build_config, fail, run_async, split_names
 
-app = typer.Typer(no_args_is_help=True)
+app = App(no_args_is_help=True)
 out_console = Console(soft_wrap=True)
 C = TypeVar("C", bound=BaseModel)
 

@@ -10,7 +10,9 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(no_args_is_help=True)
+from tracetune.cli.common import App
+
+app = App(no_args_is_help=True)
 
 
 class Arch(enum.StrEnum):

@@ -8,9 +8,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from tracetune.cli.common import build_config, fail, run_async
+from tracetune.cli.common import App, build_config, run_async
 
-app = typer.Typer(no_args_is_help=True)
+app = App(no_args_is_help=True)
 out_console = Console()
 
 
@@ -36,8 +36,7 @@ def build(
 ) -> None:
     """Caption (from a file or a VLM), embed and index a folder of images; near-duplicate
     images are merged. A small pool ships in tracetune/data/pool (images/, captions.jsonl)."""
-    from tracetune.models.base import BackendError
-    from tracetune.synth.mtrace.pool import PoolConfig, PoolError, build_pool
+    from tracetune.synth.mtrace.pool import PoolConfig, build_pool
 
     cfg = build_config(
         PoolConfig,
@@ -50,11 +49,7 @@ def build(
         dedup_bits=dedup_bits,
         backend={"base_url": base_url},  # merged into a YAML backend section, not over it
     )
-    try:
-        pool = run_async(build_pool(cfg, progress=not quiet))
-    except (PoolError, ValueError, BackendError, FileNotFoundError) as exc:
-        fail(str(exc))
-        return
+    pool = run_async(build_pool(cfg, progress=not quiet))
     images_n = sum(e.kind == "image" for e in pool.entries)
     merged = sum(len(e.merged) for e in pool.entries)
     out_console.print(

@@ -10,9 +10,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tracetune.cli.common import build_config, fail, run_async
+from tracetune.cli.common import App, build_config, fail, run_async
 
-app = typer.Typer(no_args_is_help=True, help="Step-wise exploration and preference pairs.")
+app = App(no_args_is_help=True, help="Step-wise exploration and preference pairs.")
 out_console = Console()
 
 

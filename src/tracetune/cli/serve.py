@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from tracetune.cli.common import console, fail
+from tracetune.cli.common import console
 
 
 def serve_cmd(
@@ -43,7 +43,7 @@ def serve_cmd(
 
     For GPU serving at scale use vLLM on the same checkpoint (see docs/serving.md).
     """
-    from tracetune.serve import BatchEngine, ServeConfig, ServeError, serve
+    from tracetune.serve import BatchEngine, ServeConfig, serve
 
     config = ServeConfig(
         model=model,
@@ -66,7 +66,4 @@ def serve_cmd(
             "(Ctrl-C to stop)"
         )
 
-    try:
-        serve(config, on_ready=ready)
-    except ServeError as exc:
-        fail(str(exc))
+    serve(config, on_ready=ready)

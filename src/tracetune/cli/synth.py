@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from tracetune.cli.common import (
+    App,
     RetryDroppedOpt,
     build_config,
     fail,
@@ -20,7 +21,7 @@ from tracetune.cli.common import (
     split_names,
 )
 
-app = typer.Typer(no_args_is_help=True)
+app = App(no_args_is_help=True)
 out_console = Console()
 
 ConfigOpt = Annotated[Path | None, typer.Option(help="YAML SynthConfig (flags override it).")]

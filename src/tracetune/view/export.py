@@ -6,6 +6,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from tracetune.errors import ConfigError
 from tracetune.view.render import css
 from tracetune.view.site import NotFound, Page, Site
 from tracetune.view.sources import Catalog, DatasetSource, RunSource, safe_key, slugify
@@ -27,7 +28,7 @@ def export_site(dirs: list[Path], out: Path, page_size: int = 50) -> ExportResul
     roots = [Path(d).resolve() for d in dirs] + [s.root.resolve() for s in catalog.sources.values()]
     for resolved in roots:
         if out.resolve() == resolved or resolved in out.resolve().parents:
-            raise ValueError(
+            raise ConfigError(
                 f"--export {out} is inside {resolved}: the viewer never writes into a "
                 "dataset; choose a folder outside it"
             )

@@ -16,6 +16,8 @@ from typing import Protocol
 
 import numpy as np
 
+from tracetune.errors import ConfigError
+
 EMBEDDERS = ("minilm", "hashing")
 
 
@@ -87,7 +89,7 @@ def load_embedder(name: str = "minilm") -> Embedder:
         return MiniLMEmbedder()
     if name == "hashing":
         return HashingEmbedder()
-    raise ValueError(f"unknown embedder {name!r}; choose one of: {', '.join(EMBEDDERS)}")
+    raise ConfigError(f"unknown embedder {name!r}; choose one of: {', '.join(EMBEDDERS)}")
 
 
 def max_similarity(queries: np.ndarray, against: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
