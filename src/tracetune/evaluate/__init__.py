@@ -2,12 +2,15 @@
 
 Every scorer works on files alone (no agent run needed) and returns a ``ScoreReport``: the
 aggregate metrics, named as the benchmark names them, plus the per-item scores behind them.
-``run_benchmark`` runs a controller over GTA, GAIA or held-out task programs and scores the
-run with those scorers; :mod:`tracetune.evaluate.results` reads a finished run back (headline
-scores, breakdowns, failure examples), and ``tracetune.view.report.build_report`` compares runs
-in HTML and Markdown.
+``run_benchmark`` runs a controller over GTA, GAIA, Agent-X, VQA, Dyn-VQA or held-out task
+programs and scores the run with those scorers; each benchmark is a ``BenchmarkAdapter``
+(:mod:`tracetune.evaluate.adapter`) over one run skeleton, ``run_adapter``.
+:mod:`tracetune.evaluate.results` reads a finished run back (headline scores, breakdowns,
+failure examples), and ``tracetune.view.report.build_report`` compares runs in HTML and
+Markdown.
 """
 
+from tracetune.evaluate.adapter import ADAPTERS, BenchConfig, BenchmarkAdapter, run_adapter
 from tracetune.evaluate.base import ItemScore, ScoreReport, ScoringInputError
 from tracetune.evaluate.dynvqa import score_dynvqa, token_recall
 from tracetune.evaluate.gaia import extract_final_answer, question_scorer, score_gaia
@@ -31,7 +34,11 @@ from tracetune.judge.vqa import (
 BENCHMARKS = ("gta", "gaia", "agentx", "dynvqa", "vqa")
 
 __all__ = [
+    "ADAPTERS",
     "BENCHMARKS",
+    "BenchConfig",
+    "BenchmarkAdapter",
+    "run_adapter",
     "GTA_TOOLS",
     "RUN_BENCHMARKS",
     "EvalRunConfig",

@@ -94,19 +94,9 @@ class BenchConfig(BaseModel):
 
     # Fields that may change between a run and its rerun: where and how fast it runs, and
     # how much of it runs now. Every other field is part of the run's identity.
+    # A benchmark's config adds its own (``VOLATILE = BenchConfig.VOLATILE | {...}``).
     VOLATILE: ClassVar[frozenset[str]] = frozenset(
-        {
-            "out",
-            "concurrency",
-            "limit",
-            "max_cost_usd",
-            "max_time",
-            "backend",
-            "embedder",
-            "judge",
-            "judge_base_url",
-            "gold_prefixes",
-        }
+        {"out", "concurrency", "limit", "max_cost_usd", "max_time", "backend"}
     )
 
     bench: Annotated[str, CliFlag(skip=True)] = Field(description="Benchmark to run.")

@@ -91,6 +91,7 @@ JUDGE_STAGE = "eval:judge"
 class AgentXConfig(BenchConfig):
     """Options of ``tracetune eval run agentx``."""
 
+    VOLATILE = BenchConfig.VOLATILE | {"judge", "judge_base_url"}  # not part of the run's identity
     bench: Literal["agentx"] = "agentx"
     data: Path | None = Field(
         default=None,

@@ -81,6 +81,7 @@ FINAL_TURN_PROMPT = "eval/gta_final_turn.jinja"
 class GTAConfig(BenchConfig):
     """Options of ``tracetune eval run gta``."""
 
+    VOLATILE = BenchConfig.VOLATILE | {"embedder"}  # not part of the run's identity
     bench: Literal["gta"] = "gta"
     data: Path | None = Field(
         default=None, description="The folder of GTA's dataset.json and its files."

@@ -66,6 +66,7 @@ HELDOUT_NAMESPACE = "tracetune-heldout"
 class ProgramsConfig(BenchConfig):
     """Options of ``tracetune eval run programs``."""
 
+    VOLATILE = BenchConfig.VOLATILE | {"gold_prefixes"}  # not part of the run's identity
     bench: Literal["programs"] = "programs"
     data: Path | None = Field(
         default=None,

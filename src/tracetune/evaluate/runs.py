@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from tracetune.evaluate.adapter import BenchConfig
 
 RUN_BENCHMARKS = ("gta", "gaia", "programs", "vqa", "dynvqa", "agentx")
+"""The benchmarks of the flat :class:`EvalRunConfig`; every registered adapter (including one
+added later) is in :data:`tracetune.evaluate.adapter.ADAPTERS`."""
 STAGE = "eval"
 T = TypeVar("T")
 Notify = Callable[[str], None]
