@@ -6,7 +6,7 @@ product, on one BLAS thread: the products are too small to gain from more, and e
 threads only contend); past ``exact_limit`` vectors the set moves into an HNSW graph from
 ``usearch`` (single-threaded inserts in a fixed order, so a rebuild from the same vectors in
 the same order answers the same: a resumed run decides as the first one did). The graph
-holds a fixed random projection of the vectors to 128 dimensions and its candidates are
+holds a fixed random projection of the vectors to 64 dimensions and its candidates are
 rescored on the full vectors, stored as float16 (1M 1024-d vectors in ~2 GB). Searches
 then cost about log(n) instead of n. ``method="exact"`` keeps exact search at any size;
 ``"ann"`` uses the graph from the first vector.
@@ -36,13 +36,15 @@ EXACT_LIMIT_CELLS = 4_000_000
 # lists find the true nearest neighbour more often, at a cost linear in their length.
 CONNECTIVITY = 16
 EXPANSION_ADD = 48
-EXPANSION_SEARCH = 64
+EXPANSION_SEARCH = 128
 # Candidates an ANN search returns, rescored against the full vectors (several, since the
 # projection ranks near neighbours only roughly).
 ANN_K = 8
-# The graph's vectors: a random projection of wider embeddings to this many dimensions
-# (~4x cheaper searches and inserts than 1024-d, with every planted duplicate still found).
-ANN_DIM = 128
+# The graph's vectors: a random projection of wider embeddings to this many dimensions.
+# Measured on 100K planted queries (hashing embedder, 1024-d): 64 dimensions insert ~30 %
+# faster than 128 and find the planted original of as many duplicates (98.6-99 % within
+# the 8 candidates at a search width of 64, 99.4 % at 128).
+ANN_DIM = 64
 PROJECTION_SEED = 13
 # Rows per block of stored full vectors.
 BLOCK_ROWS = 65536

@@ -337,7 +337,7 @@ class CandidateOrder:
     candidate, not a record object each) and turned into records a block at a time."""
 
     def __init__(self, dataset: Dataset[Task]) -> None:
-        self.table = dataset.table()
+        self.table = dataset.table().combine_chunks()  # one chunk: cheap takes
         ids = self.table.column("id").to_pylist()
         keys = []
         for item_id, meta in zip(ids, self.table.column("metadata").to_pylist(), strict=True):
