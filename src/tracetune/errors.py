@@ -54,7 +54,8 @@ class TracetuneError(Exception):
             self.hint = hint
 
     def __str__(self) -> str:
-        message = super().__str__()
+        # the message as given (KeyError's own str() would quote it)
+        message = self.message if isinstance(self.message, str) else super().__str__()
         return f"{message}\nhint: {self.hint}" if self.hint else message
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import Field, PrivateAttr
 
+from tracetune.errors import ConfigError
 from tracetune.runner import Budget
 from tracetune.schema import Usage
 
@@ -34,13 +35,13 @@ def parse_duration(text: str | float | int | None) -> float | None:
     else:
         m = _DURATION.match(text)
         if not m:
-            raise ValueError(
+            raise ConfigError(
                 f"--max-time {text!r} is not a duration; write seconds (600), or 10m, 1.5h, 90s"
             )
         unit = (m.group(2) or "s").lower()
         seconds = float(m.group(1)) * {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}[unit]
     if seconds <= 0:
-        raise ValueError(f"--max-time must be positive, got {text!r}")
+        raise ConfigError(f"--max-time must be positive, got {text!r}")
     return seconds
 
 

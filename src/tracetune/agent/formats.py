@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from tracetune.errors import TracetuneError
+from tracetune.errors import ConfigError, TracetuneError
 from tracetune.models.base import Completion
 from tracetune.models.toolcalls import parse_tool_calls, render_tool_call
 from tracetune.prompts import prompt_hash, render
@@ -283,5 +283,5 @@ FORMATS: dict[str, type[JsonFormat] | type[CodeFormat] | type[ToolsFormat]] = {
 
 def get_format(name: str) -> ActionFormat:
     if name not in FORMATS:
-        raise ValueError(f"unknown action format {name!r}; choose one of: {', '.join(FORMATS)}")
+        raise ConfigError(f"unknown action format {name!r}; choose one of: {', '.join(FORMATS)}")
     return FORMATS[name]()

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from tracetune.agent.formats import ActionFormat, ParseError, get_format
 from tracetune.agent.render import episode_messages
 from tracetune.agent.toolbox import ToolBox
+from tracetune.errors import ConfigError
 from tracetune.models.base import BackendError, ChatMessage, ChatModel, Sampling
 from tracetune.schema import (
     Action,
@@ -184,9 +185,9 @@ class Agent:
         tool_model: ChatModel | None = None,
     ) -> None:
         if max_steps < 1:
-            raise ValueError("max_steps must be at least 1")
+            raise ConfigError("max_steps must be at least 1")
         if max_errors < 1:
-            raise ValueError("max_errors must be at least 1")
+            raise ConfigError("max_errors must be at least 1")
         if not any(t.name == "final_answer" for t in tools) and action_format != "code":
             from tracetune.tools import get_tool
 
@@ -205,7 +206,7 @@ class Agent:
         """Set up an episode: working directory with the task's files, and its executor."""
         unknown = [n for n in task.tools if n not in {t.name for t in self.tools}]
         if unknown:
-            raise ValueError(f"task {task.id} needs tools {unknown} that this agent was not given")
+            raise ConfigError(f"task {task.id} needs tools {unknown} that this agent was not given")
         # A fresh working directory waits on the filesystem: off the event loop.
         toolbox = await asyncio.to_thread(
             ToolBox.for_task,

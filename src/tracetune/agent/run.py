@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tracetune.agent.loop import Agent
+from tracetune.errors import ConfigError, InputFileError
 from tracetune.models.base import ChatModel, ModelOptions, Sampling, load_model
 from tracetune.runner import Budget, MeteredModel, StageResult, run_stage
 from tracetune.schema import Task, Trajectory
@@ -68,7 +69,7 @@ def prepare_tasks(
     config: AgentRunConfig, out: Dataset[Trajectory]
 ) -> tuple[list[Task], AssetStore]:
     if (config.task is None) == (config.tasks is None):
-        raise ValueError("give exactly one of --task TEXT or --tasks PATH")
+        raise ConfigError("give exactly one of --task TEXT or --tasks PATH")
     if config.task is not None:
         task = task_from_inputs(config.task, list(config.images), out.assets, tools=None)
         return [task], out.assets
@@ -82,7 +83,7 @@ async def run_agent(
     """Run the configured agent over its tasks; trajectories already written are skipped."""
     if config.tasks is not None and not config.tasks.exists():
         # Checked before the output directory is created, so a typo leaves nothing behind.
-        raise FileNotFoundError(f"no task dataset or JSONL file at {config.tasks}")
+        raise InputFileError(f"no task dataset or JSONL file at {config.tasks}")
     out: Dataset[Trajectory] = Dataset.create(config.out, Trajectory)
     tasks, source = prepare_tasks(config, out)
     tools = load_tools(config.tools, config.tool_modules)

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.panel import Panel
 
-from tracetune.cli.common import App, build_config, fail, run_async, split_names
+from tracetune.cli.common import App, build_config, run_async, split_names
 
 app = App(no_args_is_help=True)
 out_console = Console()
@@ -53,7 +53,6 @@ def run(
 ) -> None:
     """Run an agent on one task (--task) or many (--tasks); rerunning skips finished work."""
     from tracetune.agent.run import AgentRunConfig, run_agent
-    from tracetune.models.base import BackendError
 
     # A dict, not ModelOptions: merged key by key into a YAML backend section.
     backend = {
@@ -80,11 +79,7 @@ def run(
         max_cost_usd=max_cost,
         backend=backend,
     )
-    try:
-        result, dataset = run_async(run_agent(cfg, progress=not quiet))
-    except (ValueError, FileNotFoundError, KeyError, BackendError) as exc:
-        fail(str(exc).strip("'\""))
-        return
+    result, dataset = run_async(run_agent(cfg, progress=not quiet))
     if not quiet and len(dataset) <= 3:
         for trajectory in dataset:
             print_transcript(trajectory)

@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from tracetune.errors import InputFileError
 from tracetune.inputs import InputError, iter_jsonl
 from tracetune.schema import GoldAnswer, Provenance, Task
 from tracetune.store.assets import AssetStore
@@ -31,7 +32,7 @@ def task_from_inputs(
     for path in files:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"task file {path} does not exist")
+            raise InputFileError(f"task file {path} does not exist")
         refs.append(assets.put_file(path))
     return Task(
         id=task_id or stable_task_id(query, [r.sha256 for r in refs]),
@@ -54,11 +55,11 @@ def load_tasks(path: str | Path, assets: AssetStore) -> tuple[list[Task], AssetS
         dataset = Dataset.open(path, Task)
         return dataset.records(), dataset.assets
     if not path.is_file():
-        raise FileNotFoundError(f"no task dataset or JSONL file at {path}")
+        raise InputFileError(f"no task dataset or JSONL file at {path}")
     tasks = []
     for lineno, row in iter_jsonl(path):
         if not isinstance(row, dict) or not isinstance(row.get("query"), str):
-            raise ValueError(f'{path}:{lineno}: each line needs a "query" string')
+            raise InputError(f'{path}:{lineno}: each line needs a "query" string')
         files = [path.parent / f for f in row.get("images", []) + row.get("files", [])]
         try:
             tasks.append(

@@ -32,6 +32,10 @@ from tracetune.errors import TracetuneError
 OutputType = Literal["text", "number", "json", "image", "file"]
 
 
+class UnknownToolError(TracetuneError, KeyError):
+    """A tool name that is neither registered nor a loadable ``package.module:tool``."""
+
+
 class ToolError(TracetuneError):
     """A tool could not do what was asked; the message is shown to the model."""
 
@@ -587,20 +591,39 @@ def get_tool(name: str) -> Tool:
     _load_builtins()
     if ":" in name:
         module, attr = name.split(":", 1)
-        obj = getattr(importlib.import_module(module), attr)
+        obj = getattr(_import_user_module(module, f"tool {name!r}"), attr, None)
+        if obj is None:
+            raise UnknownToolError(
+                f"tool {name!r}: module {module} has no attribute {attr!r}",
+                hint="name a user tool 'package.module:tool_name'",
+            )
         t = obj if isinstance(obj, Tool) else obj()
         if not isinstance(t, Tool):
-            raise ValueError(f"{name} is not a Tool (got {type(obj).__name__})")
+            raise UnknownToolError(f"{name} is not a Tool (got {type(obj).__name__})")
         return register_tool(t)
     if name not in _REGISTRY:
         _connect_pending_mcp()
     if name not in _REGISTRY:
-        raise KeyError(
+        raise UnknownToolError(
             f"unknown tool {name!r}; known tools: {', '.join(sorted(_REGISTRY))}. "
             "User tools are named 'package.module:tool_name'; an MCP server's tools are "
             "known once the server is given (--mcp CMD or mcp_servers: in the config)"
         )
     return _REGISTRY[name]
+
+
+def _import_user_module(module: str, what: str) -> Any:
+    """Import a module the user named; one that does not exist is a user error (an
+    ImportError raised inside an existing module is not: it keeps its traceback)."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not (module == exc.name or module.startswith(exc.name + ".")):
+            raise
+        raise UnknownToolError(
+            f"{what}: no module named {module!r}",
+            hint="install the package, or run from the folder that holds the module",
+        ) from None
 
 
 def load_tools(names: list[str], modules: list[str] = ()) -> list[Tool]:  # type: ignore[assignment]
@@ -610,7 +633,7 @@ def load_tools(names: list[str], modules: list[str] = ()) -> list[Tool]:  # type
     (``--mcp`` / ``mcp_servers:``, see :mod:`tracetune.tools.mcp`).
     """
     for module in modules:
-        importlib.import_module(module)
+        _import_user_module(module, "tool module")
     out: list[Tool] = []
     for n in names:
         found = _mcp_tools() if n == "mcp" else [get_tool(n)]
