@@ -89,7 +89,7 @@ def time_limit_callback(max_seconds: float) -> Any:
     """
     from transformers import TrainerCallback
 
-    class TimeLimit(TrainerCallback):  # type: ignore[misc]
+    class TimeLimit(TrainerCallback):
         def __init__(self) -> None:
             self.started: float | None = None
             self.stopped_at_step: int | None = None

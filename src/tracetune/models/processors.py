@@ -32,7 +32,7 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
         chat_template: str | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(
+        super().__init__(  # type: ignore[no-untyped-call]  # transformers leaves it unannotated
             image_processor, tokenizer, video_processor=None, chat_template=chat_template, **kwargs
         )
 
@@ -53,7 +53,7 @@ class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
         chat_template: str | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(
+        super().__init__(  # type: ignore[no-untyped-call]  # transformers leaves it unannotated
             image_processor, tokenizer, video_processor=None, chat_template=chat_template, **kwargs
         )
 

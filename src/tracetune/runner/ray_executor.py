@@ -267,15 +267,16 @@ def dumps_for_workers(obj: Any) -> bytes:
     states, writers and models travel as what to open or load, not as open handles."""
     from ray import cloudpickle
 
-    class _Pickler(cloudpickle.Pickler):  # type: ignore[misc,name-defined]
+    # ray's vendored cloudpickle carries no annotations: its calls are untyped.
+    class _Pickler(cloudpickle.Pickler):
         def reducer_override(self, value: Any) -> Any:
             special = _special_reduce(value)
             if special is not None:
                 return special
-            return super().reducer_override(value)
+            return super().reducer_override(value)  # type: ignore[no-untyped-call]
 
     buf = io.BytesIO()
-    _Pickler(buf, protocol=5).dump(obj)
+    _Pickler(buf, protocol=5).dump(obj)  # type: ignore[no-untyped-call]
     return buf.getvalue()
 
 

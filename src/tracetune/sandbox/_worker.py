@@ -62,7 +62,8 @@ class Channel:
                 if len(self.buf) >= 4 + size:
                     body = bytes(self.buf[4 : 4 + size])
                     del self.buf[: 4 + size]
-                    return json.loads(body)
+                    message: dict[str, Any] = json.loads(body)
+                    return message
             data, fds, _flags, _addr = socket.recv_fds(self.sock, 1 << 16, _MAX_FDS)
             self.fds.extend(fds)
             if not data:
@@ -699,10 +700,10 @@ class Policy:
         if isinstance(path, int):
             return None  # an already-open descriptor: it was checked when it was opened
         try:
-            path = os.fsdecode(os.fspath(path))
+            name = os.fsdecode(os.fspath(path))
         except TypeError:
             return None
-        return os.path.realpath(path)
+        return os.path.realpath(name)
 
     def _deny(self, message: str) -> None:
         self.violations.append(message)

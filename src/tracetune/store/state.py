@@ -209,7 +209,7 @@ class RunState:
         rows = self._run(
             "SELECT status, COUNT(*) FROM items WHERE stage=? GROUP BY status", (stage,)
         )
-        return dict(rows)  # type: ignore[arg-type]
+        return dict(rows)
 
     # -- response cache ----------------------------------------------------------------
     def cache_get(self, key: str) -> Any | None:

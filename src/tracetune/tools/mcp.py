@@ -627,8 +627,8 @@ class McpTool(Tool):
                 continue  # "not given": the server's default applies
             kind = props.get(key, {}).get("type")
             out[key] = _coerce(self.name, key, value, kind) if isinstance(kind, str) else value
-        from jsonschema import ValidationError as SchemaViolation  # type: ignore[import-untyped]
-        from jsonschema.validators import validator_for  # type: ignore[import-untyped]
+        from jsonschema import ValidationError as SchemaViolation
+        from jsonschema.validators import validator_for
 
         try:
             validator_for(self.parameters)(self.parameters).validate(out)

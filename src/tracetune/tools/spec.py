@@ -22,7 +22,7 @@ import types
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, BinaryIO, Literal, Union, get_args, get_origin, get_type_hints, overload
 
 from PIL import Image
 
@@ -528,6 +528,30 @@ class FunctionTool(Tool):
         return await coro
 
 
+@overload
+def tool(
+    fn: Callable[..., Any],
+    *,
+    name: str | None = None,
+    output_type: OutputType | None = None,
+    requires: tuple[str, ...] = (),
+    extra: str | None = None,
+    register: bool = True,
+) -> Tool: ...
+
+
+@overload
+def tool(
+    fn: None = None,
+    *,
+    name: str | None = None,
+    output_type: OutputType | None = None,
+    requires: tuple[str, ...] = (),
+    extra: str | None = None,
+    register: bool = True,
+) -> Callable[[Callable[..., Any]], Tool]: ...
+
+
 def tool(
     fn: Callable[..., Any] | None = None,
     *,
@@ -536,7 +560,7 @@ def tool(
     requires: tuple[str, ...] = (),
     extra: str | None = None,
     register: bool = True,
-) -> Any:
+) -> Tool | Callable[[Callable[..., Any]], Tool]:
     """Make a ``Tool`` from a typed function whose docstring describes it and its Args.
 
     A parameter annotated ``ToolContext`` receives the episode context and is not shown to

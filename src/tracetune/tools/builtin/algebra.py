@@ -110,7 +110,7 @@ def _fmt(value: Any) -> str:
         return f"{sympy.sstr(value)} ≈ {sympy.N(value, 10)}"
     if value.is_Rational and not value.is_Integer:
         return f"{value} ≈ {sympy.N(value, 10)}"
-    return sympy.sstr(value)
+    return str(sympy.sstr(value))
 
 
 def _jsonable(value: Any) -> Any:

@@ -100,7 +100,7 @@ def safe_eval(expression: str) -> float | int:
         raise ToolError(f"unsupported element in expression: {ast.dump(node)[:60]}")
 
     try:
-        value = ev(tree)
+        value: float | int = ev(tree)
     except ZeroDivisionError as exc:
         raise ToolError("division by zero") from exc
     except (OverflowError, ValueError, TypeError) as exc:

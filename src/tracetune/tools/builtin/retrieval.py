@@ -191,7 +191,7 @@ class CorpusIndex:
     def __init__(
         self, passages: list[Passage], embedder: Any = None, cache_dir: Path | None = None
     ) -> None:
-        import bm25s  # type: ignore[import-untyped]
+        import bm25s
 
         if not passages:
             raise ToolError("the search corpus has no text to index")
@@ -210,7 +210,7 @@ class CorpusIndex:
         ).hexdigest()[:24]
         cached = cache_dir / f"embeddings-{digest}.npy" if cache_dir else None
         if cached is not None and cached.exists():
-            emb = np.load(cached)
+            emb: np.ndarray = np.load(cached)
             if emb.shape[0] == len(texts):
                 return emb
         emb = np.asarray(

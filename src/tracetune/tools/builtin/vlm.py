@@ -57,7 +57,7 @@ async def ask_about_image(ctx: ToolContext, tool_name: str, image: str, prompt: 
     generation = await model.generate(
         messages, sampling=Sampling(temperature=0.0, max_tokens=int(options.get("max_tokens", 256)))
     )
-    answer = generation.text.strip()
+    answer: str = generation.text.strip()
     if not answer:
         raise ToolError(f"{tool_name}: the model returned an empty answer")
     return answer
