@@ -342,8 +342,15 @@ async def run_adapter(
             await adapter.stop()
         finally:
             await run.close()
-    scored = await adapter.score(run, items, result)
-    return run.finish(scored.reports, scored.headline, scored.trajectory_of, result, scored.extra)
+    try:
+        scored = await adapter.score(run, items, result)
+        return run.finish(
+            scored.reports, scored.headline, scored.trajectory_of, result, scored.extra
+        )
+    finally:
+        # The run's state file is complete now: closed here, not whenever the garbage
+        # collector drops it (which would rewrite the file later, under a reader).
+        run.trajectories.state.close()
 
 
 __all__ = [
