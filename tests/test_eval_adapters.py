@@ -256,6 +256,14 @@ def test_invalid_values_name_the_flag_and_yaml_fills_what_flags_leave(tmp_path: 
     )  # fmt: skip
     assert built.max_steps == 7 and built.tools == ["ocr", "calculator"]
     assert built.model == "openai:m" and built.max_time is None
+    # from the command line: a YAML value the flags leave unset is not hidden by a default
+    config.write_text(yaml.safe_dump({"max_steps": 0}))
+    from_yaml = CliRunner().invoke(
+        app, ["eval", "run", "gaia", "--model", "m", "--out", str(tmp_path / "g2"),
+              "--config", str(config)],
+    )  # fmt: skip
+    assert from_yaml.exit_code == 2
+    assert "--max-steps (YAML key max_steps)" in _said(from_yaml.output)
     # a key of another benchmark in the YAML is refused too
     config.write_text(yaml.safe_dump({"model": "m", "out": "o", "mode": "e2e"}))
     with pytest.raises(OptionsError, match="mode") as info:

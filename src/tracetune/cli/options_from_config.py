@@ -80,7 +80,8 @@ def field_flags(name: str, info: FieldInfo) -> tuple[str, ...]:
     return (_flag(name),)
 
 
-def _default_text(info: FieldInfo) -> str | None:
+def _default(info: FieldInfo) -> Any:
+    """The field's default as the option shows it (None: no default to show)."""
     if info.default is not PydanticUndefined:
         value = info.default
     elif info.default_factory is not None:
@@ -89,13 +90,7 @@ def _default_text(info: FieldInfo) -> str | None:
         return None
     if value is None or value == [] or value == {}:
         return None
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, Enum):
-        return str(value.value)
-    if isinstance(value, list | tuple):
-        return ",".join(map(str, value))
-    return str(value)
+    return value
 
 
 def _choices(name: str, values: list[str]) -> type[Enum]:
@@ -146,24 +141,30 @@ def config_params(
             meta = _TextField(field_flags(name, info), text[name])
         flags = field_flags(name, info)
         help_text = " ".join((info.description or "").split())
-        default = _default_text(info)
+        default = _default(info)
         if info.is_required():
             # Required unless a --config file gives it: checked when the config is built.
             help_text += " (required; or a --config key)"
         kind = str if meta is not None and meta.text else _option_type(info.annotation, name)
         if kind is bool:
             flags = tuple(f"{f}/--no-{f.removeprefix('--')}" for f in flags[:1]) + flags[1:]
+        if default is not None and isinstance(kind, type) and issubclass(kind, Enum):
+            default = kind(default.value if isinstance(default, Enum) else str(default))
+        elif isinstance(default, Path | Enum) or (meta is not None and meta.text):
+            default = None if default is None else str(getattr(default, "value", default))
         option = typer.Option(
             *flags,
             help=help_text,
-            show_default=default if default is not None else False,
+            show_default=default is not None,
             metavar=meta.metavar if meta is not None and meta.metavar else None,
         )
+        # The option shows the field's default; the command passes None for an option that
+        # was not given (see command_function), so a --config file can fill it.
         params.append(
             inspect.Parameter(
                 name,
                 inspect.Parameter.KEYWORD_ONLY,
-                default=None,
+                default=default,
                 annotation=typing.Annotated[kind | None, option],
             )
         )
@@ -174,13 +175,21 @@ def command_function(
     callback: Callable[..., Any], params: list[inspect.Parameter], doc: str | None = None
 ) -> Callable[..., Any]:
     """A function typer can register as a command: keyword parameters ``params`` (typer
-    annotations on them), calling ``callback(**values)``."""
+    annotations on them), calling ``callback(**values)``, where an option that was not given
+    on the command line (nor by its environment variable) is None."""
 
-    def command(**values: Any) -> Any:
+    def command(ctx: typer.Context, **values: Any) -> Any:
+        for name in values:
+            source = ctx.get_parameter_source(name)
+            if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
+                values[name] = None
         return callback(**values)
 
-    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    command.__annotations__ = {p.name: p.annotation for p in params}
+    context = inspect.Parameter(
+        "ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context
+    )
+    command.__signature__ = inspect.Signature([context, *params])  # type: ignore[attr-defined]
+    command.__annotations__ = {"ctx": typer.Context, **{p.name: p.annotation for p in params}}
     command.__doc__ = doc
     return command
 
