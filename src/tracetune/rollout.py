@@ -35,6 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from tracetune.agent.formats import ActionFormat, get_format, py_literal
 from tracetune.agent.loop import Agent
 from tracetune.agent.run import trajectory_id
+from tracetune.errors import ConfigError
+from tracetune.inputs import InputError
 from tracetune.judge.answers import judge_answer, numbers_equal, numbers_in
 from tracetune.models.base import ChatMessage, ChatModel, Generation, ModelOptions, Sampling
 from tracetune.runner import Drop, MeteredModel, StageResult, run_stage
@@ -424,7 +426,7 @@ def _require_code_executor() -> None:
     except ModuleNotFoundError as exc:
         if exc.name != "tracetune.agent.code":
             raise
-        raise ValueError(
+        raise ConfigError(
             "the code action format needs the sandboxed code executor "
             "(tracetune.agent.code), which this installation does not have; "
             "use --action-format json"
@@ -497,14 +499,14 @@ async def run_rollout(
     tasks, source = load_tasks(config.tasks, out.assets)
     tasks = [t for t in tasks if t.gold is not None]
     if not tasks:
-        raise ValueError(f"{config.tasks} has no tasks with a gold answer to check against")
+        raise InputError(f"{config.tasks} has no tasks with a gold answer to check against")
     if config.limit:
         tasks = tasks[: config.limit]
     gold = config.teacher == GOLD
     if gold:
         missing = [t.id for t in tasks if not t.gold_chain]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"{len(missing)} task(s) have no gold tool chain (e.g. {missing[0]}); the gold "
                 "teacher replays chains written by task programs (tracetune tasks programs)"
             )

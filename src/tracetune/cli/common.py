@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 import click
 import typer
@@ -19,6 +20,7 @@ from tracetune.errors import BAD_INPUT_EXIT, TracetuneError
 
 C = TypeVar("C", bound=BaseModel)
 T = TypeVar("T")
+P = ParamSpec("P")
 console = Console(stderr=True, soft_wrap=True)  # paths in messages stay whole, copyable
 
 
@@ -150,6 +152,18 @@ def _run_reporting_errors(invoke: Callable[[], T]) -> T:
         if isinstance(exc, TracetuneError):  # the user can fix it: no traceback
             report_error(exc)
         raise  # a bug: its traceback is what to report
+
+
+def reports_errors(command: Callable[P, T]) -> Callable[P, T]:
+    """A command function that reports errors by :func:`_run_reporting_errors` itself, for
+    the commands registered on the root (``tracetune rollout``), so the rule holds also
+    where the function is put into another Typer app."""
+
+    @functools.wraps(command)
+    def run(*args: P.args, **kwargs: P.kwargs) -> T:
+        return _run_reporting_errors(lambda: command(*args, **kwargs))
+
+    return run
 
 
 class ReportingCommand(TyperCommand):

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tracetune.cli.common import App, build_config, fail, run_async
+from tracetune.cli.common import App, build_config, run_async
 
 app = App(no_args_is_help=True, help="Step-wise exploration and preference pairs.")
 out_console = Console()
@@ -82,7 +82,6 @@ def explore(
     Writes explored trajectories (every step's candidates, observations and ranking) to OUT;
     `tracetune prefs build` turns them into preference pairs.
     """
-    from tracetune.models.base import BackendError
     from tracetune.prefs.explore import ExploreConfig, run_explore
     from tracetune.prefs.stats import prefs_stats
     from tracetune.timelimit import duration
@@ -112,11 +111,7 @@ def explore(
         backend={"base_url": base_url},
         judge_backend={"base_url": judge_base_url},
     )
-    try:
-        result, dataset = run_async(run_explore(cfg, progress=not quiet))
-    except (ValueError, FileNotFoundError, KeyError, BackendError) as exc:
-        fail(str(exc).strip("'\""))
-        return
+    result, dataset = run_async(run_explore(cfg, progress=not quiet))
     out_console.print(result.summary())
     print_stats(prefs_stats(dataset.root))
 
@@ -164,11 +159,7 @@ def build(
         include_faults=include_faults,
         max_pairs_per_step=max_pairs_per_step,
     )
-    try:
-        result, dataset = run_async(run_build(cfg, progress=not quiet))
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        fail(str(exc).strip("'\""))
-        return
+    result, dataset = run_async(run_build(cfg, progress=not quiet))
     out_console.print(result.summary())
     for reason, count in result.drop_reasons.items():
         out_console.print(f"  {count} x {reason}", highlight=False)
@@ -185,14 +176,8 @@ def stats(
     """Pairs per task and step and rejection reasons (pair datasets); steps, faults, judge
     fallbacks and the judge's agreement with the gold verifier (explored datasets)."""
     from tracetune.prefs.stats import prefs_stats
-    from tracetune.store import DatasetError
 
-    reports: list[dict[str, Any]] = []
-    for path in paths:
-        try:
-            reports.append(prefs_stats(path))
-        except (ValueError, DatasetError, FileNotFoundError) as exc:
-            fail(str(exc))
+    reports = [prefs_stats(path) for path in paths]
     if as_json:
         typer.echo(json.dumps(reports, indent=2))
         return

@@ -10,13 +10,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tracetune.cli.common import run_async
+from tracetune.cli.common import reports_errors, run_async
 
 console = Console()
 
 QUICKSTART_FAMILIES = ["receipt", "table", "chart", "form", "document", "compare"]
 
 
+@reports_errors
 def quickstart(
     out: Annotated[Path, typer.Option(help="Where everything is written.")] = Path(
         "runs/quickstart"

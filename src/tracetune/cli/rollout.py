@@ -11,11 +11,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tracetune.cli.common import RetryDroppedOpt, build_config, fail, run_async
+from tracetune.cli.common import RetryDroppedOpt, build_config, reports_errors, run_async
 
 out_console = Console()
 
 
+@reports_errors
 def rollout(
     tasks: Annotated[Path | None, typer.Option(help="Task dataset dir with gold answers.")] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory (resumable).")] = None,
@@ -71,7 +72,6 @@ def rollout(
 
     Writes OUT (kept trajectories), OUT/verdicts (every verdict, with reasons), OUT/rejected.
     """
-    from tracetune.models.base import BackendError
     from tracetune.rollout import RolloutConfig, rollout_summary, run_rollout
 
     # A dict, not ModelOptions: merged key by key into a YAML backend section.
@@ -102,12 +102,8 @@ def rollout(
     )
     from tracetune.runner.outcome import retrying_dropped
 
-    try:
-        with retrying_dropped(retry_dropped):
-            result, dataset = run_async(run_rollout(cfg, progress=not quiet))
-    except (ValueError, FileNotFoundError, KeyError, BackendError) as exc:
-        fail(str(exc).strip("'\""))
-        return
+    with retrying_dropped(retry_dropped):
+        result, dataset = run_async(run_rollout(cfg, progress=not quiet))
     summary = rollout_summary(dataset)
     if as_json:
         typer.echo(json.dumps({"stage": result.summary(), **summary}, indent=2))

@@ -7,9 +7,10 @@ from typing import Annotated
 
 import typer
 
-from tracetune.cli.common import console
+from tracetune.cli.common import console, reports_errors
 
 
+@reports_errors
 def serve_cmd(
     model: Annotated[str, typer.Argument(help="Model directory or hub id (base or merged).")],
     adapter: Annotated[

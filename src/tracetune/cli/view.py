@@ -7,9 +7,10 @@ from typing import Annotated
 
 import typer
 
-from tracetune.cli.common import fail
+from tracetune.cli.common import fail, reports_errors
 
 
+@reports_errors
 def view(
     dirs: Annotated[
         list[Path],

@@ -25,6 +25,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tracetune.agent.loop import Agent, Episode
+from tracetune.errors import InputFileError
+from tracetune.inputs import InputError
 from tracetune.models.base import ChatModel, ModelOptions, Sampling, load_model
 from tracetune.prefs.base import (
     Candidate,
@@ -387,17 +389,17 @@ async def run_explore(
 ) -> tuple[StageResult, Dataset[Trajectory]]:
     """Explore every task; tasks already explored in ``config.out`` are skipped."""
     if not config.tasks.exists():  # before the output directory is made
-        raise FileNotFoundError(f"no task dataset or JSONL file at {config.tasks}")
+        raise InputFileError(f"no task dataset or JSONL file at {config.tasks}")
     out: Dataset[Trajectory] = Dataset.create(config.out, Trajectory)
     tasks, source = load_tasks(config.tasks, out.assets)
     if config.limit:
         tasks = tasks[: config.limit]
     if not tasks:
-        raise ValueError(f"{config.tasks} holds no tasks")
+        raise InputError(f"{config.tasks} holds no tasks")
     if "gold" in config.verifier:
         missing = [t.id for t in tasks if t.gold is None or not t.gold_chain]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"{len(missing)} task(s) have no gold answer and chain (e.g. {missing[0]}); the "
                 "gold verifier needs task programs. Use --verifier llm-best with --judge SPEC"
             )

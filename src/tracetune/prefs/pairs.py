@@ -266,19 +266,16 @@ async def run_build(
     out: Dataset[PreferencePair] = Dataset.create(config.out, PreferencePair)
     inputs: list[Dataset[Trajectory]] = []
     for path in config.inputs:
-        try:
-            ds = Dataset.open(path)
-        except DatasetError as exc:
-            raise ValueError(str(exc)) from exc
+        ds = Dataset.open(path)
         if ds.record_type is not Trajectory:
-            raise ValueError(
+            raise DatasetError(
                 f"{path} holds {ds.record_type.kind} records; prefs build reads the explored "
                 "trajectories written by `tracetune prefs explore`"
             )
         inputs.append(ds)
     items = [(ds, t) for ds in inputs for t in ds]
     if not items:
-        raise ValueError(f"no explored trajectories in {', '.join(map(str, config.inputs))}")
+        raise DatasetError(f"no explored trajectories in {', '.join(map(str, config.inputs))}")
     skipped_total: Counter[str] = Counter()
 
     async def process(item: tuple[Dataset[Trajectory], Trajectory]) -> list[Any] | Drop:

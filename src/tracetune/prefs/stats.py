@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tracetune.schema import PreferencePair, Trajectory
-from tracetune.store import Dataset
+from tracetune.store import Dataset, DatasetError
 
 
 def agreement(gold: dict[str, Any], judge: dict[str, Any]) -> tuple[bool, int, int]:
@@ -131,7 +131,7 @@ def prefs_stats(path: Path) -> dict[str, Any]:
         return {"path": str(path), **pair_stats(dataset), "runs": runs}
     if dataset.record_type is Trajectory:
         return {"path": str(path), **explore_stats(dataset), "runs": runs}
-    raise ValueError(
+    raise DatasetError(
         f"{path} holds {dataset.record_type.kind} records; prefs stats reads explored "
         "trajectories (prefs explore) or pairs (prefs build)"
     )

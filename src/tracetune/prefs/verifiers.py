@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from tracetune.agent.formats import first_json_object
 from tracetune.agent.render import observation_text, task_text
+from tracetune.errors import ConfigError
 from tracetune.judge.answers import check_answer
 from tracetune.models.base import ChatMessage, ChatModel, Sampling
 from tracetune.models.replies import JudgeReplyError
@@ -398,7 +399,9 @@ class JudgeVerifier:
         max_observation_chars: int = 1500,
     ) -> None:
         if mode not in JUDGE_MODES:
-            raise ValueError(f"unknown judge mode {mode!r}; choose one of {', '.join(JUDGE_MODES)}")
+            raise ConfigError(
+                f"unknown judge mode {mode!r}; choose one of {', '.join(JUDGE_MODES)}"
+            )
         self.judge = judge
         self.mode = mode
         self.name = f"llm-{mode}"
@@ -564,10 +567,10 @@ def make_verifier(
 ) -> StepVerifier:
     """The verifier ``name`` names; ``gold`` with a judge also records the judge's ranking."""
     if name not in VERIFIERS:
-        raise ValueError(f"unknown step verifier {name!r}; choose one of: {', '.join(VERIFIERS)}")
+        raise ConfigError(f"unknown step verifier {name!r}; choose one of: {', '.join(VERIFIERS)}")
     needs_judge = "llm-" in name
     if needs_judge and judge is None:
-        raise ValueError(f"the {name} verifier needs a judge model: pass --judge SPEC")
+        raise ConfigError(f"the {name} verifier needs a judge model: pass --judge SPEC")
     gold = GoldVerifier(policy, greedy, max_steps, max_errors) if "gold" in name else None
     if judge is not None:
         mode = name.rsplit("llm-", 1)[1] if needs_judge else "rank"
