@@ -38,10 +38,7 @@ def init_tiny(
     from tracetune.models.tiny import init_tiny as build
 
     start = time.perf_counter()
-    try:
-        path = build(arch.value, out, seed=seed, image_size=image_size)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+    path = build(arch.value, out, seed=seed, image_size=image_size)
     params = json.loads((path / "tracetune_tiny.json").read_text())["parameters"]
     typer.echo(
         f"built tiny {arch.value}: {params:,} parameters in {time.perf_counter() - start:.1f} s, "
@@ -103,32 +100,29 @@ def init(
     from tracetune.models.tiny import SIZES, init_model, shape_with
 
     start = time.perf_counter()
-    try:
-        shape = shape_with(
-            SIZES[size.value],
-            hidden_size=hidden_size,
-            layers=layers,
-            heads=heads,
-            kv_heads=kv_heads,
-            intermediate_size=intermediate_size,
-            vision_depth=vision_depth,
-            vision_hidden_size=vision_hidden_size,
-            vision_heads=vision_heads,
-        )
-        corpus = (
-            corpus_from_datasets(tokenizer_corpus, limit=corpus_limit) if tokenizer_corpus else None
-        )
-        path = init_model(
-            arch.value,
-            out,
-            shape,
-            seed=seed,
-            image_size=image_size,
-            corpus=corpus,
-            vocab_size=vocab_size,
-        )
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+    shape = shape_with(
+        SIZES[size.value],
+        hidden_size=hidden_size,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        intermediate_size=intermediate_size,
+        vision_depth=vision_depth,
+        vision_hidden_size=vision_hidden_size,
+        vision_heads=vision_heads,
+    )
+    corpus = (
+        corpus_from_datasets(tokenizer_corpus, limit=corpus_limit) if tokenizer_corpus else None
+    )
+    path = init_model(
+        arch.value,
+        out,
+        shape,
+        seed=seed,
+        image_size=image_size,
+        corpus=corpus,
+        vocab_size=vocab_size,
+    )
     info = json.loads((path / "tracetune_tiny.json").read_text())
     source = f"{len(corpus)} records" if corpus else "the built-in corpus"
     typer.echo(
@@ -153,12 +147,7 @@ def merge(
 
     The result loads with transformers (from_pretrained), `local:OUT` and `vllm serve OUT`.
     """
-    from tracetune.models.base import BackendError
     from tracetune.models.local import merge_adapter
 
-    try:
-        path = merge_adapter(base, adapter, out)
-    except BackendError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from exc
+    path = merge_adapter(base, adapter, out)
     typer.echo(f"merged {adapter} into {base or 'its base'}: saved to {path}")

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tracetune.cli.common import App, build_config, fail, run_async
+from tracetune.cli.common import App, build_config, run_async
 
 app = App(no_args_is_help=True, help="Run whole pipelines from one config file.")
 out_console = Console()
@@ -28,16 +28,10 @@ def matrix(
 
     Rerunning resumes: finished stages are skipped. The report is written to OUT/report.json.
     """
-    from tracetune.models.base import BackendError
     from tracetune.prefs.matrix import MatrixConfig, run_matrix
-    from tracetune.train.data import TrainingDataError
 
     cfg = build_config(MatrixConfig, config, out=out)
-    try:
-        report = run_async(run_matrix(cfg, progress=not quiet))
-    except (ValueError, FileNotFoundError, KeyError, BackendError, TrainingDataError) as exc:
-        fail(str(exc).strip("'\""))
-        return
+    report = run_async(run_matrix(cfg, progress=not quiet))
     if as_json:
         typer.echo(json.dumps(report["stages"], indent=2, default=str))
         return

@@ -14,7 +14,8 @@ import typer
 import yaml  # type: ignore[import-untyped]
 from rich.console import Console
 
-from tracetune.cli.common import App, fail
+from tracetune.cli.common import App
+from tracetune.errors import ConfigError
 
 app = App(no_args_is_help=True)
 out_console = Console()
@@ -55,28 +56,18 @@ def _lora(r: int | None, alpha: int | None, targets: str | None) -> dict[str, An
 def _seconds(text: str | None) -> float | None:
     from tracetune.timelimit import parse_duration
 
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        fail(str(exc))
-        return None
+    return parse_duration(text)  # a ConfigError names the bad value
 
 
 def _run(kind: str, cfg: Any) -> None:
-    from tracetune.train.data import TrainingDataError
+    if kind == "sft":
+        from tracetune.train.sft import train_sft
 
-    try:
-        if kind == "sft":
-            from tracetune.train.sft import train_sft
+        result = train_sft(cfg)
+    else:
+        from tracetune.train.dpo import train_dpo
 
-            result = train_sft(cfg)
-        else:
-            from tracetune.train.dpo import train_dpo
-
-            result = train_dpo(cfg)
-    except (TrainingDataError, ValueError, FileNotFoundError) as exc:
-        fail(str(exc))
-        return
+        result = train_dpo(cfg)
     from accelerate import PartialState  # type: ignore[import-untyped]
 
     if not PartialState().is_main_process:  # one report under `accelerate launch`
@@ -196,7 +187,7 @@ def accelerate_config_path(name: str) -> Path:
     from importlib import resources
 
     if name not in ACCELERATE_CONFIGS:
-        raise ValueError(
+        raise ConfigError(
             f"unknown accelerate config {name!r}; choose {', '.join(ACCELERATE_CONFIGS)}"
         )
     ref = resources.files("tracetune").joinpath("data", "train_configs", ACCELERATE_CONFIGS[name])

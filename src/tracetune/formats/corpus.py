@@ -10,6 +10,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from tracetune.errors import ConfigError
 from tracetune.formats.chat import dialogue_chat, trajectory_chat
 from tracetune.schema import Dialogue, Trajectory
 from tracetune.store import Dataset
@@ -26,7 +27,7 @@ def corpus_from_datasets(paths: Iterable[str | Path], limit: int | None = None) 
     for path in paths:
         path = Path(path)
         if not (path / "manifest.json").is_file():
-            raise ValueError(
+            raise ConfigError(
                 f"--tokenizer-corpus {path} is not a tracetune dataset directory (no "
                 "manifest.json); pass a trajectory or dialogue dataset, e.g. the output of "
                 "`tracetune rollout`"
@@ -37,7 +38,7 @@ def corpus_from_datasets(paths: Iterable[str | Path], limit: int | None = None) 
         elif kind == "trajectory":
             chats = (trajectory_chat(t) for t in Dataset.open(path, Trajectory))
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"--tokenizer-corpus {path} holds {kind} records; pass trajectories or dialogues"
             )
         for chat in chats:
@@ -52,7 +53,7 @@ def corpus_from_datasets(paths: Iterable[str | Path], limit: int | None = None) 
             if limit is not None and len(texts) >= limit:
                 return texts
     if not texts:
-        raise ValueError(
+        raise ConfigError(
             f"--tokenizer-corpus: no trajectories or dialogues in {', '.join(map(str, paths))}"
         )
     return texts

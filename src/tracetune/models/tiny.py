@@ -28,6 +28,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from tracetune.errors import ConfigError
+
 TinyArch = Literal["qwen2_vl", "qwen2_5_vl", "llava", "idefics3"]
 TINY_ARCHS: tuple[str, ...] = get_args(TinyArch)
 
@@ -212,24 +214,24 @@ class ModelShape:
 
     def check(self) -> None:
         if self.hidden_size % self.heads:
-            raise ValueError(
+            raise ConfigError(
                 f"hidden_size={self.hidden_size} must be a multiple of heads={self.heads}"
             )
         if self.heads % self.kv_heads:
-            raise ValueError(f"heads={self.heads} must be a multiple of kv_heads={self.kv_heads}")
+            raise ConfigError(f"heads={self.heads} must be a multiple of kv_heads={self.kv_heads}")
         head_dim = self.hidden_size // self.heads
         if head_dim % 2 or head_dim < 8:
-            raise ValueError(
+            raise ConfigError(
                 f"head size hidden_size/heads = {head_dim} must be even and at least 8"
             )
         if self.vision_hidden_size % self.vision_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"vision_hidden_size={self.vision_hidden_size} must be a multiple of "
                 f"vision_heads={self.vision_heads}"
             )
         for name in ("layers", "intermediate_size", "vision_depth", "max_positions"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
+                raise ConfigError(f"{name} must be at least 1")
 
 
 TINY_SHAPE = ModelShape()
@@ -299,21 +301,21 @@ def init_model(
 
     if isinstance(shape, str):
         if shape not in SIZES:
-            raise ValueError(f"unknown size {shape!r}; choose one of {', '.join(SIZES)}")
+            raise ConfigError(f"unknown size {shape!r}; choose one of {', '.join(SIZES)}")
         size_name: str | None = shape
         shape = SIZES[shape]
     else:
         size_name = next((k for k, v in SIZES.items() if v == shape), None)
     shape.check()
     if image_size < 28 or image_size % 28:
-        raise ValueError(
+        raise ConfigError(
             f"image_size={image_size} must be a positive multiple of 28 (e.g. 56 or 112) so "
             "every family's patch grid divides it"
         )
     if vocab_size is None:
         vocab_size = VOCAB_SIZE if corpus is None else DEFAULT_VOCAB.get(size_name or "", 4096)
     if vocab_size < 300:
-        raise ValueError(f"vocab_size={vocab_size} is too small (256 byte symbols + specials)")
+        raise ConfigError(f"vocab_size={vocab_size} is too small (256 byte symbols + specials)")
     tokenizer = build_tokenizer(arch, vocab_size=vocab_size, corpus=corpus)
     builder = {
         "qwen2_vl": _build_qwen2_vl,
@@ -560,5 +562,5 @@ def _build_idefics3(tokenizer: Any, image_size: int, shape: ModelShape) -> tuple
 
 def _family(arch: str) -> _Family:
     if arch not in _FAMILIES:
-        raise ValueError(f"unknown tiny arch {arch!r}; choose one of {', '.join(TINY_ARCHS)}")
+        raise ConfigError(f"unknown tiny arch {arch!r}; choose one of {', '.join(TINY_ARCHS)}")
     return _FAMILIES[arch]

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tracetune.errors import ConfigError
 from tracetune.models.base import ModelOptions
 
 log = logging.getLogger(__name__)
@@ -284,7 +285,7 @@ async def run_matrix(config: MatrixConfig, progress: bool = True) -> dict[str, A
         summary = rollout_summary(gold)
         stages["gold_pass_rate"] = summary["pass_rate"]
     if gold_n == 0:
-        raise ValueError(f"no gold trajectory passed in {gold_dir}; nothing to train SFT on")
+        raise ConfigError(f"no gold trajectory passed in {gold_dir}; nothing to train SFT on")
     done("gold", trajectories=gold_n)
 
     # 3. SFT
@@ -311,7 +312,7 @@ async def run_matrix(config: MatrixConfig, progress: bool = True) -> dict[str, A
     # 5. pairs
     build_result, pairs = await run_build(config.build_config(explored.root), progress=progress)
     if len(pairs) == 0:
-        raise ValueError(
+        raise ConfigError(
             "exploration gave no preference pairs (every step's candidates were alike or all "
             "failed); sample more candidates (explore.k), raise explore.high_temperature, or "
             "train the SFT policy longer"

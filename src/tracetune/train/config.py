@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tracetune.errors import ConfigError
 from tracetune.train.families import LoraTargets
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
@@ -308,7 +309,7 @@ def _precision(precision: Precision) -> tuple[bool, bool]:
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return bf16, False
     if precision in ("bf16", "fp16") and not torch.cuda.is_available():
-        raise ValueError(f"precision={precision} needs a CUDA GPU; use 'auto' or 'fp32' on CPU")
+        raise ConfigError(f"precision={precision} needs a CUDA GPU; use 'auto' or 'fp32' on CPU")
     return precision == "bf16", precision == "fp16"
 
 
@@ -316,7 +317,7 @@ def _build(cls: type, kwargs: dict[str, Any], extra: dict[str, Any]) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(extra) - known)
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"unknown trl option(s) {unknown} for {cls.__name__}; see its documentation"
         )
     return cls(**{**kwargs, **extra})

@@ -14,6 +14,8 @@ import re
 from collections.abc import Callable
 from typing import Any, Literal
 
+from tracetune.errors import ConfigError
+
 VISION_MODULES = (
     "visual",
     "vision_tower",
@@ -78,7 +80,7 @@ def lora_target_regex(model: Any, targets: LoraTargets | list[str]) -> str:
     regex = rf"^(?!(?:.*\.)?(?:{vision})\.)(?:.*\.)?(?:{'|'.join(map(re.escape, leaves))})$"
     if not any(re.fullmatch(regex, n) for n in linear):
         sample = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in linear})[:20])
-        raise ValueError(
+        raise ConfigError(
             f"LoRA targets {targets!r} match no linear layer of the language model "
             f"({type(model).__name__}); its linear layers are named: {sample}. Pass "
             "lora.targets as a list of those names"
