@@ -264,11 +264,20 @@ def test_invalid_values_name_the_flag_and_yaml_fills_what_flags_leave(tmp_path: 
     )  # fmt: skip
     assert from_yaml.exit_code == 2
     assert "--max-steps (YAML key max_steps)" in _said(from_yaml.output)
-    # a key of another benchmark in the YAML is refused too
+    # a key of another benchmark in the YAML is refused too, naming whose it is
     config.write_text(yaml.safe_dump({"model": "m", "out": "o", "mode": "e2e"}))
-    with pytest.raises(OptionsError, match="mode") as info:
+    with pytest.raises(OptionsError, match="mode: not an option of GAIAConfig") as info:
         config_from_options(GAIAConfig, {}, config_file=config, extra={"bench": "gaia"})
     assert isinstance(info.value, TracetuneError) and info.value.hint
+    config.write_text(yaml.safe_dump({"judge": "openai:j"}))
+    foreign = CliRunner().invoke(
+        app, ["eval", "run", "gaia", "--model", "m", "--out", str(tmp_path / "g3"),
+              "--config", str(config)],
+    )  # fmt: skip
+    assert foreign.exit_code == 2
+    assert "judge: not an option of eval run gaia (an option of agentx only)" in _said(
+        foreign.output
+    )
 
 
 # -- the helper on a config of its own ------------------------------------------------------

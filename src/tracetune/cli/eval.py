@@ -254,15 +254,21 @@ class BenchCommand(TyperCommand):
 
 
 def _option_owners(flag: str) -> list[str]:
+    """The benchmarks that have the option ``flag`` (``--judge``) or YAML key (``judge``)."""
     from tracetune.cli.options_from_config import field_flags
     from tracetune.evaluate.adapter import ADAPTERS, adapter_class
 
     owners = []
     for name in ADAPTERS:
         fields = adapter_class(name).config_model.model_fields
-        if any(flag in field_flags(f, info) for f, info in fields.items()):
+        if flag in fields or any(flag in field_flags(f, info) for f, info in fields.items()):
             owners.append(name)
     return owners
+
+
+def _whose(key: str) -> str | None:
+    owners = _option_owners(key)
+    return f"an option of {', '.join(owners)} only" if owners else None
 
 
 def _first_paragraph(text: str | None) -> str:
@@ -335,7 +341,7 @@ app.add_typer(
 def _run_bench(name: str, values: dict[str, Any]) -> None:
     from tracetune.cli.common import console, report_error, run_async
     from tracetune.cli.options_from_config import config_from_options
-    from tracetune.cli.tools import _parse_options
+    from tracetune.cli.tools import parse_options
     from tracetune.engine.operators import OperatorUnavailable
     from tracetune.errors import TracetuneError
     from tracetune.evaluate.adapter import adapter_class
@@ -350,7 +356,7 @@ def _run_bench(name: str, values: dict[str, Any]) -> None:
         "adapter": str(adapter_dir) if adapter_dir else None,
         "stop": "none" if values.pop("no_stop") else None,
     }
-    options = _parse_options(values.pop("option"), values.pop("corpus"))
+    options = parse_options(values.pop("option"), values.pop("corpus"))
     config_file, quiet = values.pop("config"), values.pop("quiet")
     try:
         cfg = config_from_options(
@@ -359,6 +365,7 @@ def _run_bench(name: str, values: dict[str, Any]) -> None:
             config_file=config_file,
             extra={"bench": name, "backend": backend, "tool_options": options or None},
             what=f"eval run {name}",
+            unknown=_whose,
         )
         metrics = run_async(
             run_benchmark(cfg, progress=not quiet, notify=lambda m: console.print(m, markup=False))

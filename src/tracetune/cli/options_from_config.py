@@ -215,11 +215,19 @@ def option_values(model: type[BaseModel], values: Mapping[str, Any]) -> dict[str
     return out
 
 
-def _error_line(model: type[BaseModel], err: Any) -> str:
+def _error_line(
+    model: type[BaseModel],
+    err: Any,
+    what: str,
+    unknown: Callable[[str], str | None] | None = None,
+) -> str:
     loc = [str(p) for p in err["loc"]]
     message = str(err["msg"]).removeprefix("Value error, ")
     if not loc:
         return f"  {message}"
+    if err.get("type") == "extra_forbidden" and len(loc) == 1:
+        whose = unknown(loc[0]) if unknown is not None else None
+        return f"  {loc[0]}: not an option of {what}" + (f" ({whose})" if whose else "")
     info = model.model_fields.get(loc[0])
     if info is not None and len(loc) == 1:
         meta = _cli_meta(info)
@@ -229,15 +237,22 @@ def _error_line(model: type[BaseModel], err: Any) -> str:
     return f"  {'.'.join(loc)}: {message}"
 
 
-def validate_config(model: type[M], data: Mapping[str, Any], what: str | None = None) -> M:
+def validate_config(
+    model: type[M],
+    data: Mapping[str, Any],
+    what: str | None = None,
+    unknown: Callable[[str], str | None] | None = None,
+) -> M:
     """``model`` from ``data``; an invalid value raises :class:`OptionsError` naming each
-    bad option by its flag and YAML key."""
+    bad option by its flag and YAML key. ``unknown(key)`` may say whose a key that is not a
+    field is (e.g. another command's option)."""
+    what = what or model.__name__
     try:
         return model.model_validate(dict(data))
     except ValidationError as exc:
-        lines = [_error_line(model, err) for err in exc.errors()]
+        lines = [_error_line(model, err, what, unknown) for err in exc.errors()]
         raise OptionsError(
-            f"invalid options for {what or model.__name__}:\n" + "\n".join(lines),
+            f"invalid options for {what}:\n" + "\n".join(lines),
             hint="see --help for each option's type and default",
         ) from None
 
@@ -250,6 +265,7 @@ def config_from_options(
     extra: Mapping[str, Any] | None = None,
     what: str | None = None,
     read_file: Callable[[type[BaseModel], Path | None], dict[str, Any]] | None = None,
+    unknown: Callable[[str], str | None] | None = None,
 ) -> M:
     """The config from the YAML ``config_file`` (if any), the generated options that were
     set in ``values`` and the ``extra`` field values other options built, laid over it in
@@ -258,7 +274,7 @@ def config_from_options(
 
     data = (read_file or read_config_file)(model, config_file)
     flags = {**option_values(model, values), **(extra or {})}
-    return validate_config(model, merge_flags(data, flags), what)
+    return validate_config(model, merge_flags(data, flags), what, unknown)
 
 
 __all__ = [
