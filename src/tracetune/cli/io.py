@@ -63,8 +63,7 @@ def export_cmd(
     """
     from pydantic import ValidationError
 
-    from tracetune.formats.registry import ExportOptions, FormatError, export_dataset
-    from tracetune.store import DatasetError
+    from tracetune.formats.registry import ExportOptions, export_dataset
 
     try:
         options = ExportOptions(
@@ -79,11 +78,7 @@ def export_cmd(
     except ValidationError as exc:
         fail(_options_error(exc))
         return
-    try:
-        report = export_dataset(format, in_, out, options)
-    except (FormatError, DatasetError) as exc:
-        fail(str(exc))
-        return
+    report = export_dataset(format, in_, out, options)
     out_console.print(report.summary())
     for line in report.left_out_summary():
         out_console.print(line, highlight=False)
@@ -130,8 +125,7 @@ def import_cmd(
     """
     from pydantic import ValidationError
 
-    from tracetune.formats.registry import FormatError, ImportOptions, import_file
-    from tracetune.store import DatasetError
+    from tracetune.formats.registry import ImportOptions, import_file
 
     try:
         options = ImportOptions(
@@ -144,11 +138,7 @@ def import_cmd(
     except ValidationError as exc:
         fail(_options_error(exc))
         return
-    try:
-        report = import_file(format, in_, out, options)
-    except (FormatError, DatasetError) as exc:
-        fail(str(exc))
-        return
+    report = import_file(format, in_, out, options)
     out_console.print(report.summary())
     for rid, reason in report.skipped[:20]:
         out_console.print(f"  skipped {rid}: {reason}")

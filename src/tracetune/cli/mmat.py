@@ -15,7 +15,7 @@ import typer
 from pydantic import BaseModel
 from rich.console import Console
 
-from tracetune.cli.common import App, RetryDroppedOpt, build_config, fail, run_async, split_names
+from tracetune.cli.common import App, RetryDroppedOpt, build_config, run_async, split_names
 
 app = App(no_args_is_help=True)
 out_console = Console(soft_wrap=True)
@@ -70,24 +70,10 @@ def _backend(base_url: str | None) -> dict[str, Any]:
 
 
 def _run(coro: Any, retry_dropped: list[str] | None = None) -> Any:
-    from tracetune.engine import GrammarError, IngestError, OperatorUnavailable
-    from tracetune.models.base import BackendError
     from tracetune.runner.outcome import retrying_dropped
-    from tracetune.store import DatasetError
 
-    try:
-        with retrying_dropped(retry_dropped):
-            return run_async(coro)
-    except (
-        IngestError,
-        OperatorUnavailable,
-        DatasetError,
-        BackendError,
-        GrammarError,
-        FileNotFoundError,
-        ValueError,
-    ) as exc:
-        fail(str(exc).strip("'\""))
+    with retrying_dropped(retry_dropped):
+        return run_async(coro)
 
 
 def _report(result: Any, out: Path) -> None:

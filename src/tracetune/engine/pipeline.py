@@ -24,6 +24,7 @@ from tracetune.engine.operators import OperatorConfig
 from tracetune.engine.rationale import RationaleConfig, RationaleOptions, run_rationale
 from tracetune.engine.reflect import ReflectConfig, ReflectOptions, run_reflect
 from tracetune.engine.render import orr_from_rr, parse_rr
+from tracetune.errors import ConfigError
 from tracetune.models.base import ChatModel, ModelOptions
 from tracetune.runner import Drop, StageResult, run_stage
 from tracetune.schema import Dialogue
@@ -141,7 +142,7 @@ async def run_pipeline(
     summary: dict[str, Any] = {}
     if "ingest" in order:
         if config.source is None:
-            raise ValueError("the ingest stage needs `source:` (a QA dataset path)")
+            raise ConfigError("the ingest stage needs `source:` (a QA dataset path)")
         ingest_cfg = IngestConfig(
             source=config.source, out=paths["tasks"], **config.ingest.model_dump()
         )
