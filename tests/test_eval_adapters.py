@@ -168,7 +168,6 @@ def test_a_backend_failure_is_a_failed_item_retried_on_rerun(
 
     from tracetune.evaluate.adapter import run_adapter
     from tracetune.models.base import ModelOptions
-    from tracetune.runner import StageAborted
 
     with ScriptedOpenAIServer(_calculator_agent, failures=[503]) as server:
         config = SumsConfig(
@@ -184,7 +183,6 @@ def test_a_backend_failure_is_a_failed_item_retried_on_rerun(
         again = asyncio.run(run_adapter(config, progress=False))
     assert again["run"]["written"] == 1 and again["run"]["already_done"] == 1
     assert again["reports"]["sums"]["metrics"]["accuracy"] == 100.0
-    assert StageAborted  # the all-failed case aborts the stage (covered by test_eval_run)
 
 
 # -- the generated options ------------------------------------------------------------------

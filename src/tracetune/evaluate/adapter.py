@@ -27,10 +27,10 @@ from __future__ import annotations
 import copy
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -41,6 +41,9 @@ from tracetune.models.base import BackendError, ChatModel, ModelOptions
 from tracetune.runner import StageResult
 from tracetune.schema import Task, Trajectory
 from tracetune.store import AssetStore
+
+if TYPE_CHECKING:
+    from tracetune.evaluate.runs import RunContext
 
 # Benchmark name -> "module:AdapterClass". One line per benchmark.
 ADAPTERS: dict[str, str] = {
@@ -186,7 +189,7 @@ class BenchmarkAdapter(ABC, Generic[C]):
     # The agent loop an episode runs on (an adapter may subclass it, e.g. to lay out files).
     agent_class: ClassVar[type[Agent]] = Agent
     # Items per chunk of the trajectory dataset, at most.
-    max_chunk: ClassVar[int] = 16
+    max_chunk: int = 16
 
     def __init__(self, config: C) -> None:
         self.config = config
@@ -198,7 +201,7 @@ class BenchmarkAdapter(ABC, Generic[C]):
 
     # -- items -----------------------------------------------------------------------------
     @abstractmethod
-    async def load_items(self, run: Any) -> Sequence[Any]:
+    async def load_items(self, run: RunContext) -> Sequence[Any]:
         """The items to run (the ``limit`` applied), their gold written into the run
         directory; ``run`` is the :class:`~tracetune.evaluate.runs.RunContext`."""
 
@@ -214,11 +217,11 @@ class BenchmarkAdapter(ABC, Generic[C]):
         """How failures name the item."""
         return str(getattr(item, "id", item))
 
-    def sources(self, run: Any) -> list[AssetStore]:
+    def sources(self, run: RunContext) -> list[AssetStore]:
         """Asset stores the episodes read their inputs from (beside the run's own)."""
         return []
 
-    async def start(self, run: Any, controller: ChatModel) -> None:  # noqa: B027
+    async def start(self, run: RunContext, controller: ChatModel) -> None:  # noqa: B027
         """Set up what the episodes share (an inference engine, operators); once."""
 
     async def stop(self) -> None:  # noqa: B027
@@ -240,15 +243,16 @@ class BenchmarkAdapter(ABC, Generic[C]):
     def tool_options(self, item: Any) -> dict[str, Any]:
         return copy.deepcopy(self.config.tool_options)
 
-    def source(self, run: Any, item: Any) -> AssetStore:
+    def source(self, run: RunContext, item: Any) -> AssetStore:
         """Where the task's files are stored (default: the run's own assets)."""
         return run.trajectories.assets
 
-    async def episode(self, run: Any, item: Any, trajectory_id: str) -> Trajectory:
+    async def episode(self, run: RunContext, item: Any, trajectory_id: str) -> Trajectory:
         """One item's trajectory: by default an ``Agent`` episode on ``task(item)``; a
         backend failure raises (the item is retried on the next run)."""
         from tracetune.evaluate.runs import check_backend
 
+        assert run.model is not None  # loaded before the first episode
         agent = self.agent_class(
             run.model,
             list(self.tools(item)),
@@ -272,7 +276,7 @@ class BenchmarkAdapter(ABC, Generic[C]):
 
     # -- scoring ---------------------------------------------------------------------------
     @abstractmethod
-    async def score(self, run: Any, items: Sequence[Any], result: StageResult) -> Scored:
+    async def score(self, run: RunContext, items: Sequence[Any], result: StageResult) -> Scored:
         """Write predictions.jsonl in the benchmark's format and score every trajectory on
         disk (a rerun's report covers the whole run)."""
 
@@ -299,7 +303,7 @@ async def run_adapter(
     config: BenchConfig,
     model: ChatModel | None = None,
     progress: bool = True,
-    notify: Any = None,
+    notify: Callable[[str], None] | None = None,
     adapter: BenchmarkAdapter[Any] | None = None,
 ) -> dict[str, Any]:
     """Run ``config.bench`` through its adapter; returns the metrics document (also

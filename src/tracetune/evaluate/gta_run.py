@@ -346,7 +346,7 @@ class GTAAdapter(BenchmarkAdapter[GTAConfig]):
         self.metas = {qid: _tool_metas(self.raw_items[qid], gold[qid].where) for qid in ids}
         self.status = toolset_status(config.tool_options, tool_model=bool(config.tool_model))
         self.affected = affected_queries(self.gold, self.status) if config.mode == "e2e" else {}
-        self.max_chunk = 32 if config.mode == "step" else 16  # type: ignore[misc]
+        self.max_chunk = 32 if config.mode == "step" else 16
         self.fmt = JsonFormat()
 
     async def load_items(self, run: RunContext) -> Sequence[Any]:
