@@ -232,14 +232,10 @@ def run_tool(
     ] = False,
 ) -> None:
     """Run one tool and print its result; returned images are saved in the workdir."""
-    from tracetune.tools import ToolContext, ToolError, ToolFatal, get_tool
+    from tracetune.tools import ToolContext, get_tool
 
     _import_modules(module)
-    try:
-        tool = get_tool(name)
-    except (KeyError, ImportError, AttributeError, ValueError) as exc:
-        fail(str(exc).strip("'\""))
-        return
+    tool = get_tool(name)  # an unknown or unloadable name raises UnknownToolError
     workdir.mkdir(parents=True, exist_ok=True)
     props: dict[str, Any] = tool.parameters.get("properties", {})
     arguments: dict[str, Any] = {}
@@ -261,12 +257,9 @@ def run_tool(
     options = _parse_options(option, corpus)
     chat_model = None
     if model:
-        from tracetune.models.base import BackendError, ModelOptions, load_model
+        from tracetune.models.base import ModelOptions, load_model
 
-        try:
-            chat_model = load_model(model, ModelOptions(base_url=base_url))
-        except BackendError as exc:
-            fail(str(exc))
+        chat_model = load_model(model, ModelOptions(base_url=base_url))
     ctx = ToolContext(workdir=workdir.resolve(), model=chat_model, options=options)
 
     async def call() -> Any:
@@ -276,11 +269,7 @@ def run_tool(
             if chat_model is not None:
                 await chat_model.aclose()
 
-    try:
-        result = run_async(call())
-    except (ToolError, ToolFatal) as exc:  # ToolUnavailable's message names the extra
-        fail(str(exc))
-        return
+    result = run_async(call())  # a ToolError (ToolUnavailable names the extra) is reported
     saved = []
     for i, img in enumerate(result.images):
         path = _unique(workdir, f"{tool.name}_{i}" if len(result.images) > 1 else tool.name)
