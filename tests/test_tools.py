@@ -147,6 +147,22 @@ def test_ocr_reads_short_numbers_upright(ctx: ToolContext) -> None:
     assert "97" not in flipped
 
 
+def test_ocr_reads_a_cropped_caption_as_one_line(ctx: ToolContext) -> None:
+    """A faces task's caption strip (its gold crop, ~54 px high): read at its own size the
+    detector split the name into overlapping boxes ("Dmitri", "i Okafor")."""
+    import io
+
+    from tracetune.synth.programs import get_program
+
+    draft = get_program("faces").draft(277037331682973104)  # type: ignore[attr-defined]
+    collage = Image.open(io.BytesIO(draft.files[0].data)).convert("RGB")
+    strip = collage.crop(tuple(draft.steps[1].arguments["box"]))
+    result = run("ocr", ctx, image=put(ctx, "strip.png", strip))
+    assert result.text == draft.steps[2].expect[0] == "Dmitri Okafor"
+    (line,) = result.data["lines"]
+    assert 0 <= line["box"][0] < line["box"][2] <= strip.width  # boxes in the strip's pixels
+
+
 def test_ocr_on_a_blank_image_says_so(ctx: ToolContext) -> None:
     result = run("ocr", ctx, image=put(ctx, "blank.png", Image.new("RGB", (200, 100), "white")))
     assert result.text == "(no text found)" and result.data["lines"] == []

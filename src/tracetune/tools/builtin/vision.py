@@ -38,6 +38,10 @@ def reading_order(lines: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     return [sorted(row, key=lambda item: item["box"][0]) for row in rows]
 
 
+# Images whose shorter side is below this many pixels are read enlarged (see OCR.forward).
+SMALL_SIDE = 96
+
+
 class OCR(TypedTool):
     """RapidOCR (PP-OCR ONNX models from the wheel), one engine per process.
 
@@ -72,11 +76,20 @@ class OCR(TypedTool):
         options = tool_options(ctx, "ocr")
         img = rgb(ctx.image(image))
         upright = bool(options.get("upright", True))
-        out: Any = self.engine(np.asarray(img), use_cls=not upright)
+        # A thin strip (one cropped line of text) is read at twice its size: at ~50 px high
+        # the detector split "Dmitri Okafor" into overlapping boxes read "Dmitri" and
+        # "i Okafor"; doubled, it reads one line.
+        zoom = 2 if min(img.size) < SMALL_SIDE and max(img.size) <= 2048 else 1
+        if zoom > 1:
+            img_in = img.resize((img.width * zoom, img.height * zoom), Image.Resampling.LANCZOS)
+        else:
+            img_in = img
+        out: Any = self.engine(np.asarray(img_in), use_cls=not upright)
         lines: list[dict[str, Any]] = []
         if out.boxes is not None and out.txts:
             for poly, text, score in zip(out.boxes, out.txts, out.scores, strict=True):
-                xs, ys = [float(p[0]) for p in poly], [float(p[1]) for p in poly]
+                xs = [float(p[0]) / zoom for p in poly]
+                ys = [float(p[1]) / zoom for p in poly]
                 lines.append(
                     {
                         "text": str(text),
