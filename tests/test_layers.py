@@ -6,7 +6,8 @@ imported one. The check fails, naming the file, line and import, when
 
 - a module imports a module of a higher layer,
 - two units of the table import each other (a package cycle, even within one layer), or
-- a module imports another package's private name or private module (``_x``).
+- a module imports another module's private name or another package's private module
+  (``_x``).
 
 A shared helper that two layers need goes down to the lower one; an import hidden inside a
 function still counts, so it cannot dodge the check.
@@ -164,14 +165,15 @@ def check_layers(src: Path, layers: dict[str, int], top: str = "tracetune") -> l
             if not target_unit:
                 problems.append(f"{imp.where(src)}, which has no layer in the table")
                 continue
+            # A `_module` is private to its package; a `_name` is private to its module.
+            hidden = [n for n in imp.names if _private(n)]
             if _package(imp.target) != _package(module):
-                hidden = [p for p in imp.target.split(".") if _private(p)]
-                hidden += [n for n in imp.names if _private(n)]
-                if hidden:
-                    problems.append(
-                        f"{imp.where(src)}: private to another package ({', '.join(hidden)}); "
-                        "make it public or move it"
-                    )
+                hidden = [p for p in imp.target.split(".") if _private(p)] + hidden
+            if hidden:
+                problems.append(
+                    f"{imp.where(src)}: private to another module or package "
+                    f"({', '.join(hidden)}); make it public or move it"
+                )
             if layers[target_unit] > layers[unit]:
                 problems.append(
                     f"{imp.where(src)}: {unit} ({LAYER_NAMES.get(layers[unit])}) imports "
@@ -381,6 +383,20 @@ def test_private_names_and_modules_of_another_package_are_caught(tmp_path: Path)
     assert len(problems) == 2
     assert "pkg/mid/m.py:1: imports pkg.low.a (_helper): private" in problems[0]
     assert "pkg/mid/m.py:2: imports pkg.low._fs: private" in problems[1]
+
+
+def test_a_private_name_of_a_sibling_module_is_caught(tmp_path: Path) -> None:
+    src = _tree(
+        tmp_path,
+        {
+            "low/a.py": "def _helper():\n    return 1\n",
+            "low/_impl.py": "Z = 1\n",
+            "low/b.py": "from pkg.low._impl import Z\nfrom pkg.low.a import _helper\n",
+        },
+    )
+    problems = check_layers(src, PLANTED, top="pkg")
+    assert len(problems) == 1  # the package's own private module is fine
+    assert "pkg/low/b.py:2: imports pkg.low.a (_helper): private" in problems[0]
 
 
 def test_a_module_missing_from_the_table_is_reported(tmp_path: Path) -> None:

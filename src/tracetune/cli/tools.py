@@ -161,7 +161,8 @@ def _unique(workdir: Path, stem: str) -> Path:
     return path
 
 
-def _parse_options(option: list[str] | None, corpus: Path | None) -> dict[str, Any]:
+def parse_options(option: list[str] | None, corpus: Path | None) -> dict[str, Any]:
+    """Tool options from ``--option tool.key=value`` flags and ``--corpus``."""
     options: dict[str, Any] = {}
     for item in option or []:
         key, sep, raw = item.partition("=")
@@ -254,7 +255,7 @@ def run_tool(
         names = [_bring_in(p, workdir) for p in paths or []]
         if names and param in props and param not in arguments:
             arguments[param] = names[0]
-    options = _parse_options(option, corpus)
+    options = parse_options(option, corpus)
     chat_model = None
     if model:
         from tracetune.models.base import ModelOptions, load_model

@@ -36,9 +36,9 @@ from tracetune.formats.registry import (
     ExportReport,
     FormatError,
     MediaWriter,
-    _export_manifest,
-    _select_for_training,
+    export_manifest,
     register_exporter,
+    select_for_training,
 )
 from tracetune.schema import (
     Dialogue,
@@ -375,7 +375,7 @@ class HfExporter(Exporter):
         try:
             for record in dataset:
                 if not options.include_failed and kind == "trajectory":
-                    selected = _select_for_training(record, report)
+                    selected = select_for_training(record, report)
                     if selected is None:
                         continue
                     record = selected
@@ -418,7 +418,7 @@ class HfExporter(Exporter):
         report.images, report.files = media.images, media.files
         report.sources, report.num_bytes = dict(sources), num_bytes
         (out / "README.md").write_text(self.readme(report), encoding="utf-8")
-        manifest = _export_manifest(report)
+        manifest = export_manifest(report)
         manifest["shards"] = report.shards
         (out / "export.json").write_text(
             json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"

@@ -545,7 +545,7 @@ def export_dataset(
     with tmp.open("w", encoding="utf-8") as fh:
         for record in dataset:
             if not options.include_failed and kind == "trajectory":
-                selected = _select_for_training(record, report)
+                selected = select_for_training(record, report)
                 if selected is None:
                     continue
                 record = selected
@@ -569,13 +569,13 @@ def export_dataset(
         (out / name).write_text(text, encoding="utf-8")
     (out / "README.md").write_text(exporter.readme(report), encoding="utf-8")
     (out / "export.json").write_text(
-        json.dumps(_export_manifest(report), indent=2, ensure_ascii=False) + "\n",
+        json.dumps(export_manifest(report), indent=2, ensure_ascii=False) + "\n",
         encoding="utf-8",
     )
     return report
 
 
-def _select_for_training(record: Any, report: ExportReport) -> Any:
+def select_for_training(record: Any, report: ExportReport) -> Any:
     """The trajectory as ``train sft`` selects it (failed steps out), or None (left out)."""
     from tracetune.formats.selection import NOTHING_TO_TRAIN, skip_reason, without_failed_steps
 
@@ -591,7 +591,8 @@ def _select_for_training(record: Any, report: ExportReport) -> Any:
     return kept
 
 
-def _export_manifest(report: ExportReport) -> dict[str, Any]:
+def export_manifest(report: ExportReport) -> dict[str, Any]:
+    """What an export writes into its manifest: format, counts, skips, the tracetune version."""
     from tracetune import __version__
 
     return {

@@ -49,9 +49,8 @@ from typing import IO, Any, TypeVar
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tracetune.errors import TracetuneError
+from tracetune.errors import ConfigError, TracetuneError
 from tracetune.tools.spec import (
-    _REGISTRY,
     OutputType,
     Tool,
     ToolContext,
@@ -59,10 +58,12 @@ from tracetune.tools.spec import (
     ToolFatal,
     ToolResult,
     ToolTimeout,
-    _coerce,
-    _load_builtins,
+    coerce_argument,
+    load_builtin_tools,
+    lookup_tool,
     python_name,
     register_tool,
+    unregister_tool,
 )
 
 T = TypeVar("T")
@@ -157,7 +158,7 @@ def parse_server(value: str | dict[str, Any] | McpServer) -> McpServer:
                 try:
                     data = json.loads(text)
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{text!r} is not a JSON object: {exc}") from None
+                    raise ConfigError(f"{text!r} is not a JSON object: {exc}") from None
                 return McpServer.model_validate(data)
             if re.match(r"https?://", text):
                 return McpServer(url=text)
@@ -171,8 +172,8 @@ def parse_server(value: str | dict[str, Any] | McpServer) -> McpServer:
             + str(e["msg"]).removeprefix("Value error, ")
             for e in exc.errors()
         )
-        raise ValueError(f"invalid MCP server {value!r}: {problems}") from None
-    raise ValueError(
+        raise ConfigError(f"invalid MCP server {value!r}: {problems}") from None
+    raise ConfigError(
         f"an MCP server is a command line, a URL or a mapping of its fields, got {value!r}"
     )
 
@@ -626,7 +627,9 @@ class McpTool(Tool):
             if value is None and key not in required:
                 continue  # "not given": the server's default applies
             kind = props.get(key, {}).get("type")
-            out[key] = _coerce(self.name, key, value, kind) if isinstance(kind, str) else value
+            out[key] = (
+                coerce_argument(self.name, key, value, kind) if isinstance(kind, str) else value
+            )
         from jsonschema import ValidationError as SchemaViolation
         from jsonschema.validators import validator_for
 
@@ -787,9 +790,9 @@ def _start(spec: McpServer) -> None:
         with contextlib.suppress(BaseException):
             loop.run(server.close(), CLOSE_TIMEOUT_S)
         raise
-    _load_builtins()
+    load_builtin_tools()
     for t in tools:
-        existing = _REGISTRY.get(t.name)
+        existing = lookup_tool(t.name)
         if existing is not None and not (
             isinstance(existing, McpTool) and existing.server.spec.key() == spec.key()
         ):
@@ -847,8 +850,7 @@ def close_all() -> None:
         _export()
         for server in servers:
             for t in server.tools:
-                if _REGISTRY.get(t.name) is t:
-                    del _REGISTRY[t.name]
+                unregister_tool(t)
     if _LOOP is None or not servers:
         return
 

@@ -343,7 +343,7 @@ class Tool:
                 # Models write `question=None` / JSON null for "not given": use the default.
                 del out[key]
                 continue
-            out[key] = _coerce(self.name, key, value, props[key].get("type"))
+            out[key] = coerce_argument(self.name, key, value, props[key].get("type"))
         return out
 
     async def acall(self, ctx: ToolContext, arguments: dict[str, Any]) -> ToolResult:
@@ -421,7 +421,9 @@ def python_name(key: str) -> str:
     return f"{name}_" if keyword.iskeyword(name) else name
 
 
-def _coerce(tool: str, key: str, value: Any, kind: Any) -> Any:
+def coerce_argument(tool: str, key: str, value: Any, kind: Any) -> Any:
+    """A model's argument converted to the JSON-schema type ``kind`` where that is lossless
+    (``"3"`` for an integer), else a :class:`ToolError` that says what was expected."""
     if not isinstance(kind, str):  # a union of types (["string", "null"]) or none given
         return value
     try:
@@ -588,8 +590,19 @@ def register_tool(t: Tool) -> Tool:
     return t
 
 
+def lookup_tool(name: str) -> Tool | None:
+    """The tool registered under ``name`` now, if any (nothing is loaded or started)."""
+    return _REGISTRY.get(name)
+
+
+def unregister_tool(t: Tool) -> None:
+    """Forget ``t``, if it is still the tool registered under its name."""
+    if _REGISTRY.get(t.name) is t:
+        del _REGISTRY[t.name]
+
+
 def registered_tools() -> dict[str, Tool]:
-    _load_builtins()
+    load_builtin_tools()
     _connect_pending_mcp()
     return dict(sorted(_REGISTRY.items()))
 
@@ -606,13 +619,14 @@ def _connect_pending_mcp() -> None:
         mcp.connect_pending()
 
 
-def _load_builtins() -> None:
+def load_builtin_tools() -> None:
+    """Import the built-in tools, which registers them."""
     importlib.import_module("tracetune.tools.builtin")
 
 
 def get_tool(name: str) -> Tool:
     """A tool by registered name, or ``package.module:attr`` for a user's tool."""
-    _load_builtins()
+    load_builtin_tools()
     if ":" in name:
         module, attr = name.split(":", 1)
         obj = getattr(_import_user_module(module, f"tool {name!r}"), attr, None)

@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from tracetune.train.data import TrainingDataError, _spans
+from tracetune.train.data import TrainingDataError, mask_spans
 
 IGNORE_INDEX = -100
 
@@ -132,7 +132,7 @@ class AgentSFTCollator:
             turns = row.get("train_turns")
             if not turns or all(turns):
                 continue
-            spans = _spans((labels[i] != IGNORE_INDEX).tolist())
+            spans = mask_spans((labels[i] != IGNORE_INDEX).tolist())
             if len(spans) != len(turns):
                 raise TrainingDataError(
                     f"record {row.get('id')}: {len(spans)} labelled spans for {len(turns)} "

@@ -236,7 +236,7 @@ def _texts(messages: list[Row]) -> Iterator[tuple[int, str]]:
                 yield i, part["text"]
 
 
-def _spans(mask: Sequence[int]) -> list[tuple[int, int]]:
+def mask_spans(mask: Sequence[int]) -> list[tuple[int, int]]:
     """[start, end) of each run of ones."""
     spans, start = [], None
     for i, v in enumerate(mask):
@@ -390,7 +390,7 @@ def _check_sft_row(
     enc = checker.encode_chat(row["messages"], images)
     ids = enc["input_ids"][0].tolist()
     checker.check_image_tokens(row["id"], ids, enc, len(images))
-    spans = _spans(enc["assistant_masks"][0].tolist())
+    spans = mask_spans(enc["assistant_masks"][0].tolist())
     if len(spans) != len(row["train_turns"]):
         raise TrainingDataError(
             f"record {row['id']}: the chat template marks {len(spans)} assistant spans for "

@@ -20,14 +20,14 @@ from tracetune.train.data import DataReport, TrainingDataError, check_pair_rows,
 from tracetune.train.families import freeze_vision
 from tracetune.train.model import (
     TrainResult,
-    _local_or_id,
-    _with_time_limit,
     adapter_base,
     is_adapter_dir,
     load_for_training,
+    local_or_id,
     lora_config,
     resume_checkpoint,
     save_outputs,
+    with_time_limit,
 )
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def policy_start(config: DPOConfig) -> str:
     reused when the run is resumed.
     """
     if not is_adapter_dir(config.base):
-        return _local_or_id(config.base)
+        return local_or_id(config.base)
     from accelerate import PartialState  # type: ignore[import-untyped]
 
     # Under `accelerate launch` the main process merges; the others then reuse its output.
@@ -133,10 +133,10 @@ def train_dpo(config: DPOConfig, callbacks: list[Any] | None = None) -> TrainRes
     started = time.time()
     resume = resume_checkpoint(config)
     trainer, processor, report, start = build_dpo_trainer(
-        config, _with_time_limit(config, callbacks)
+        config, with_time_limit(config, callbacks)
     )
     trainer.train(resume_from_checkpoint=resume)
-    extra = {"sft_base": str(config.base)} if start != _local_or_id(config.base) else {}
+    extra = {"sft_base": str(config.base)} if start != local_or_id(config.base) else {}
     return save_outputs(trainer, processor, config, "dpo", start, report, started, extra)
 
 

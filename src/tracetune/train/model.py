@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tracetune.errors import ConfigError
 from tracetune.train.config import TrainOptions
 from tracetune.train.data import DataReport
 
@@ -27,14 +26,15 @@ def adapter_base(adapter: str | Path) -> str:
     cfg = json.loads((Path(adapter) / "adapter_config.json").read_text())
     base = cfg.get("base_model_name_or_path")
     if not base:
-        raise ConfigError(
+        raise ValueError(
             f"{adapter}/adapter_config.json does not name its base model; merge it with "
             "`tracetune model merge --base BASE --adapter DIR --out MERGED` and pass MERGED"
         )
     return str(base)
 
 
-def _local_or_id(name: str) -> str:
+def local_or_id(name: str) -> str:
+    """A model name as an absolute path when it is a local directory, else as given."""
     path = Path(name).expanduser()
     # Absolute paths end up in adapter_config.json, so `local:` finds the base from anywhere.
     return str(path.resolve()) if path.exists() else name
@@ -47,7 +47,7 @@ def load_for_training(options: TrainOptions, path: str | None = None) -> tuple[A
 
     from tracetune.models.processors import load_processor
 
-    name = _local_or_id(path or options.base)
+    name = local_or_id(path or options.base)
     bf16 = options.precision_flags()[0]
     if options.threads is not None:
         torch.set_num_threads(options.threads)
@@ -64,13 +64,13 @@ def load_for_training(options: TrainOptions, path: str | None = None) -> tuple[A
             trust_remote_code=options.trust_remote_code,
         )
     except OSError as exc:
-        raise ConfigError(
+        raise ValueError(
             f"cannot load {name}: {exc}\n(pass a checkpoint directory, or a hub id whose "
             "weights are in the local cache)"
         ) from exc
     if options.chat_template is not None:
         if not options.chat_template.is_file():
-            raise ConfigError(f"chat_template {options.chat_template} does not exist")
+            raise ValueError(f"chat_template {options.chat_template} does not exist")
         processor.chat_template = options.chat_template.read_text()
     tokenizer = getattr(processor, "tokenizer", processor)
     if tokenizer.pad_token is None:
@@ -95,7 +95,7 @@ def training_chat_template(processor: Any) -> str | None:
     if isinstance(template, dict):
         template = template.get("default")
     if not template:
-        raise ConfigError(
+        raise ValueError(
             "the processor has no chat template; pass chat_template: a Jinja file with "
             "{% generation %} markers around assistant turns"
         )
@@ -104,7 +104,7 @@ def training_chat_template(processor: Any) -> str | None:
     try:
         return get_training_chat_template(processor)
     except ValueError as exc:
-        raise ConfigError(
+        raise ValueError(
             "the model's chat template has no {% generation %} markers and TRL has no "
             "training version of it, so assistant turns cannot be told apart from the rest; "
             "pass chat_template: a copy of the template with {% generation %} ... "
@@ -155,13 +155,13 @@ def resume_checkpoint(options: TrainOptions) -> str | None:
     last = last_complete_checkpoint(ckpt_dir)
     if options.resume:
         if last is None:
-            raise ConfigError(
+            raise ValueError(
                 f"resume: no checkpoint in {ckpt_dir}; drop --resume to start a new run"
             )
         log.info("resuming from %s", last)
         return str(last)
     if last is not None:
-        raise ConfigError(
+        raise ValueError(
             f"{ckpt_dir} already holds {Path(last).name}; pass --resume to continue that run "
             "or choose another --out"
         )
@@ -200,7 +200,7 @@ class TrainResult:
         return f"load with --model {self.model_spec}"
 
 
-def _with_time_limit(config: Any, callbacks: list[Any] | None) -> list[Any] | None:
+def with_time_limit(config: Any, callbacks: list[Any] | None) -> list[Any] | None:
     """``callbacks`` plus a wall-clock limit when the config sets ``max_time``."""
     if config.max_time is None:
         return callbacks
@@ -215,7 +215,7 @@ def _carry_scratch_marker(base: str, out: Path) -> None:
 
     from tracetune.train.config import SCRATCH_MARKER, from_scratch
 
-    source = Path(_local_or_id(base))
+    source = Path(local_or_id(base))
     if from_scratch(source) and not (out / SCRATCH_MARKER).exists():
         found = source / SCRATCH_MARKER
         if found.is_file():

@@ -12,13 +12,13 @@ from tracetune.train.data import DataReport, TrainingDataError, check_sft_rows, 
 from tracetune.train.families import freeze_vision
 from tracetune.train.model import (
     TrainResult,
-    _local_or_id,
-    _with_time_limit,
     load_for_training,
+    local_or_id,
     lora_config,
     resume_checkpoint,
     save_outputs,
     training_chat_template,
+    with_time_limit,
 )
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,8 @@ def train_sft(config: SFTConfig, callbacks: list[Any] | None = None) -> TrainRes
     """
     started = time.time()
     resume = resume_checkpoint(config)
-    trainer, processor, report = build_sft_trainer(config, _with_time_limit(config, callbacks))
+    trainer, processor, report = build_sft_trainer(config, with_time_limit(config, callbacks))
     trainer.train(resume_from_checkpoint=resume)
     return save_outputs(
-        trainer, processor, config, "sft", _local_or_id(config.base), report, started
+        trainer, processor, config, "sft", local_or_id(config.base), report, started
     )
