@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tracetune.errors import ConfigError
 from tracetune.train.config import TrainOptions
 from tracetune.train.data import DataReport
 
@@ -26,7 +27,7 @@ def adapter_base(adapter: str | Path) -> str:
     cfg = json.loads((Path(adapter) / "adapter_config.json").read_text())
     base = cfg.get("base_model_name_or_path")
     if not base:
-        raise ValueError(
+        raise ConfigError(
             f"{adapter}/adapter_config.json does not name its base model; merge it with "
             "`tracetune model merge --base BASE --adapter DIR --out MERGED` and pass MERGED"
         )
@@ -64,13 +65,13 @@ def load_for_training(options: TrainOptions, path: str | None = None) -> tuple[A
             trust_remote_code=options.trust_remote_code,
         )
     except OSError as exc:
-        raise ValueError(
+        raise ConfigError(
             f"cannot load {name}: {exc}\n(pass a checkpoint directory, or a hub id whose "
             "weights are in the local cache)"
         ) from exc
     if options.chat_template is not None:
         if not options.chat_template.is_file():
-            raise ValueError(f"chat_template {options.chat_template} does not exist")
+            raise ConfigError(f"chat_template {options.chat_template} does not exist")
         processor.chat_template = options.chat_template.read_text()
     tokenizer = getattr(processor, "tokenizer", processor)
     if tokenizer.pad_token is None:
@@ -95,7 +96,7 @@ def training_chat_template(processor: Any) -> str | None:
     if isinstance(template, dict):
         template = template.get("default")
     if not template:
-        raise ValueError(
+        raise ConfigError(
             "the processor has no chat template; pass chat_template: a Jinja file with "
             "{% generation %} markers around assistant turns"
         )
@@ -104,7 +105,7 @@ def training_chat_template(processor: Any) -> str | None:
     try:
         return get_training_chat_template(processor)
     except ValueError as exc:
-        raise ValueError(
+        raise ConfigError(
             "the model's chat template has no {% generation %} markers and TRL has no "
             "training version of it, so assistant turns cannot be told apart from the rest; "
             "pass chat_template: a copy of the template with {% generation %} ... "
@@ -155,13 +156,13 @@ def resume_checkpoint(options: TrainOptions) -> str | None:
     last = last_complete_checkpoint(ckpt_dir)
     if options.resume:
         if last is None:
-            raise ValueError(
+            raise ConfigError(
                 f"resume: no checkpoint in {ckpt_dir}; drop --resume to start a new run"
             )
         log.info("resuming from %s", last)
         return str(last)
     if last is not None:
-        raise ValueError(
+        raise ConfigError(
             f"{ckpt_dir} already holds {Path(last).name}; pass --resume to continue that run "
             "or choose another --out"
         )
