@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
-from tracetune.errors import BAD_INPUT_EXIT, TracetuneError
+from tracetune.errors import BAD_INPUT_EXIT, ConfigError, TracetuneError
 
 C = TypeVar("C", bound=BaseModel)
 T = TypeVar("T")
@@ -78,16 +78,14 @@ def read_config_file(cls: type[BaseModel], config: Path | None) -> dict[str, Any
 
         try:  # where the stages run: not a field of the stage's own config
             executor.apply_yaml(data.pop("executor"))
-        except ValueError as exc:
-            fail(f"{config}: {exc}")
+        except ConfigError as exc:
+            raise ConfigError(f"{config}: {exc.message}") from None
     if "mcp_servers" in data and "mcp_servers" not in cls.model_fields:
         from tracetune.cli.mcp_options import connect_servers
 
         servers = data.pop("mcp_servers") or []
-        try:  # MCP servers whose tools join the registry: not a field of the stage's config
-            connect_servers(servers if isinstance(servers, list) else [servers], f"{config}: ")
-        except ValueError as exc:
-            fail(str(exc))
+        # MCP servers whose tools join the registry: not a field of the stage's config
+        connect_servers(servers if isinstance(servers, list) else [servers], f"{config}: ")
     return data
 
 

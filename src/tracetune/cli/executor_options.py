@@ -32,11 +32,12 @@ READ_ONLY = {"stats", "report", "render", "show"}
 
 def _callback(name: str) -> Any:
     def store(value: Any) -> Any:
+        from tracetune.errors import ConfigError
         from tracetune.runner import executor
 
         try:
             executor.set_flag(name, value)
-        except ValueError as exc:
+        except ConfigError as exc:  # shown as a usage error of the flag
             raise typer.BadParameter(str(exc).split("\n", 1)[-1].strip()) from None
         return value
 

@@ -42,20 +42,23 @@ MCP_HELP = (
 
 def connect_servers(values: list[Any], where: str = "") -> None:
     """Start ``values`` (``--mcp`` texts or ``mcp_servers:`` entries) now; raises
-    ``ValueError`` with one clear message when a server is wrong or fails to start."""
+    ``ConfigError`` with one clear message when a server is wrong or fails to start."""
+    from tracetune.errors import ConfigError
     from tracetune.tools import mcp
 
     try:
         mcp.connect(values)
-    except (ValueError, mcp.McpServerError) as exc:
-        raise ValueError(f"{where}{exc}") from None
+    except (ConfigError, mcp.McpServerError) as exc:
+        raise ConfigError(f"{where}{exc}") from None
 
 
 def _store(value: list[str] | None) -> list[str] | None:
+    from tracetune.errors import ConfigError
+
     if value:
         try:
             connect_servers(list(value))
-        except ValueError as exc:
+        except ConfigError as exc:  # shown as a usage error of --mcp
             raise typer.BadParameter(str(exc)) from None
     return value
 

@@ -24,6 +24,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tracetune.errors import ConfigError
+
 
 class ExecutorConfig(BaseModel):
     """Where a stage's items are processed (YAML key ``executor``)."""
@@ -113,7 +115,7 @@ def set_flag(name: str, value: Any) -> None:
 
 def apply_yaml(section: Any) -> None:
     """The ``executor`` key of a command's YAML (None: keep the one seen before), with the
-    command line's flags taking precedence. Raises ValueError naming what is wrong."""
+    command line's flags taking precedence. Raises ConfigError naming what is wrong."""
     global _yaml
     if section is not None:
         _yaml = section
@@ -124,7 +126,7 @@ def apply_yaml(section: Any) -> None:
         elif isinstance(_yaml, dict):
             data = dict(_yaml)
         else:
-            raise ValueError(
+            raise ConfigError(
                 "executor: must be 'local', 'ray' or a mapping such as "
                 "{kind: ray, address: auto, workers: 4}"
             )
@@ -137,4 +139,4 @@ def apply_yaml(section: Any) -> None:
         lines = [
             f"  executor.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
         ]
-        raise ValueError("invalid executor settings:\n" + "\n".join(lines)) from None
+        raise ConfigError("invalid executor settings:\n" + "\n".join(lines)) from None
