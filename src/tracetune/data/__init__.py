@@ -13,6 +13,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from tracetune.errors import InputFileError
+
 DATA_DIR = Path(__file__).resolve().parent
 
 RECEIPT_IMAGE = DATA_DIR / "receipt.png"
@@ -26,7 +28,7 @@ def sample_path(name: str) -> Path:
     path = DATA_DIR / name
     if not path.is_file():
         names = sorted(p.name for p in DATA_DIR.iterdir() if p.suffix not in (".py", ".pyc"))
-        raise FileNotFoundError(f"no bundled sample {name!r}; available: {', '.join(names)}")
+        raise InputFileError(f"no bundled sample {name!r}; available: {', '.join(names)}")
     return path
 
 

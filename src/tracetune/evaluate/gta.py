@@ -79,6 +79,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tracetune.errors import ConfigError
 from tracetune.evaluate.base import (
     ItemScore,
     ScoreReport,
@@ -288,9 +289,9 @@ class GTAScorer:
         embedder: SentenceEmbedder | str = "auto",
     ) -> None:
         if mode not in ("step", "e2e"):
-            raise ValueError(f"GTA mode must be 'step' or 'e2e', not {mode!r}")
+            raise ConfigError(f"GTA mode must be 'step' or 'e2e', not {mode!r}")
         if protocol not in ("official", "mat"):
-            raise ValueError(f"GTA protocol must be 'official' or 'mat', not {protocol!r}")
+            raise ConfigError(f"GTA protocol must be 'official' or 'mat', not {protocol!r}")
         self.mode = mode
         self.protocol = protocol
         self._embedder_spec = embedder

@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tracetune.errors import ITEMS_FAILED_EXIT, TracetuneError
+from tracetune.errors import ITEMS_FAILED_EXIT, ConfigError, TracetuneError
 from tracetune.models.base import ChatMessage, ChatModel, Generation, Sampling
 from tracetune.runner import outcome
 from tracetune.runner.executor import active_executor
@@ -353,7 +353,7 @@ async def run_stage(
     ``flush_interval_s`` seconds.
     """
     if concurrency < 1:
-        raise ValueError("concurrency must be at least 1")
+        raise ConfigError("concurrency must be at least 1")
     if (executor := active_executor()).kind == "ray":
         from tracetune.runner.ray_executor import run_stage_on_ray
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tracetune.errors import TracetuneError
+from tracetune.errors import ConfigError, TracetuneError
 from tracetune.sandbox._cgroup import Cgroup
 from tracetune.sandbox._workdir import CappedWorkdir
 from tracetune.schema import ErrorKind, StepError
@@ -54,7 +54,7 @@ LEVELS: dict[str, tuple[str, ...]] = {
 def _env_level() -> Literal["basic", "standard", "strict"]:
     value = os.environ.get("TRACETUNE_SANDBOX_MIN_LEVEL", "basic").strip().lower() or "basic"
     if value not in LEVELS:
-        raise ValueError(
+        raise ConfigError(
             f"TRACETUNE_SANDBOX_MIN_LEVEL={value!r}: choose one of {', '.join(LEVELS)}"
         )
     return value  # type: ignore[return-value]

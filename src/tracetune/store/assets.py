@@ -18,6 +18,7 @@ from typing import Any
 from PIL import Image
 from pydantic import BaseModel
 
+from tracetune.errors import InputFileError
 from tracetune.inputs import ImageInfo, check_image
 from tracetune.schema import FileRef
 
@@ -91,7 +92,7 @@ class AssetStore:
     ) -> FileRef:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"no such file: {path}")
+            raise InputFileError(f"no such file: {path}")
         return self.put_bytes(
             path.read_bytes(), name or path.name, description=description, where=str(path)
         )

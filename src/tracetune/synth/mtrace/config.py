@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tracetune.errors import ConfigError
 from tracetune.models.base import ModelOptions
 from tracetune.synth.mtrace.embed import EMBEDDERS
 
@@ -181,7 +182,7 @@ class SynthConfig(_Section):
         value = getattr(self, field) if field != "teacher" else self.rollout.teacher
         if not value:
             key = "rollout.teacher" if field == "teacher" else field
-            raise ValueError(
+            raise ConfigError(
                 f"synth {stage} needs a {field} model: set `{key}: openai:NAME` in the config "
                 f"(or --{field} on the command line)"
             )

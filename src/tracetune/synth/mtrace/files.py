@@ -29,6 +29,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from tracetune.errors import ConfigError
 from tracetune.models.base import ChatMessage, Sampling
 from tracetune.prompts import prompt_hash, render
 from tracetune.runner import Drop, StageResult
@@ -273,7 +274,7 @@ async def associate_files(config: SynthConfig, progress: bool = True) -> StageRe
     """Stage ``files``: OUT/queries -> OUT/tasks."""
     fc = config.files
     if fc.pool is None:
-        raise ValueError(
+        raise ConfigError(
             "synth files needs an image pool: set files.pool (or --pool); build "
             "one with `tracetune pool build`"
         )

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from tracetune.errors import ConfigError
 from tracetune.runner import StageResult
 from tracetune.runner.stats import StageStats, stage_stats
 from tracetune.synth.mtrace.config import LAYOUT, SynthConfig
@@ -47,9 +48,9 @@ def check_config(config: SynthConfig) -> None:
     ):
         config.need(field, stage)
     if config.queries.seeds is None:
-        raise ValueError("synth run needs seed examples: set queries.seeds")
+        raise ConfigError("synth run needs seed examples: set queries.seeds")
     if config.files.pool is None:
-        raise ValueError(
+        raise ConfigError(
             "synth run needs an image pool: set files.pool (build one with `tracetune pool build`)"
         )
     from tracetune.synth.mtrace.pool import Pool
