@@ -210,3 +210,55 @@ def test_an_aborted_stage_exits_3_with_its_hint(tmp_path: Path) -> None:
     assert done.returncode == ITEMS_FAILED_EXIT, done.stderr
     assert done.stderr.startswith("error: programs aborted: 4 of 4 items failed\nhint: ")
     assert "rerun" in done.stderr and "Traceback" not in done.stderr
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, list[str]]:
+    from tracetune.schema import Task
+    from tracetune.store import Dataset
+
+    plain = tmp_path / "plain"
+    Dataset.create(plain, Task).write_all([Task(id="t", query="no gold answer")])
+    missing, out = str(tmp_path / "missing.jsonl"), str(tmp_path / "out")
+    return {
+        "agent run": ["agent", "run", "--model", "openai:x", "--tasks", missing, "--out", out],
+        "rollout": ["rollout", "--tasks", str(plain), "--out", out],
+        "tools run": ["tools", "run", "teleport"],
+        "model init-tiny": [
+            "model",
+            "init-tiny",
+            "--arch",
+            "llava",
+            "--out",
+            out,
+            "--image-size",
+            "30",
+        ],  # fmt: skip
+        "prefs stats": ["prefs", "stats", str(plain)],
+        "data check": ["data", "check", str(tmp_path / "nowhere")],
+        "tasks stats": ["tasks", "stats", str(tmp_path / "nowhere")],
+    }
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "agent run",
+        "rollout",
+        "tools run",
+        "model init-tiny",
+        "prefs stats",
+        "data check",
+        "tasks stats",
+    ],  # fmt: skip
+)
+def test_bad_input_to_each_command_group_is_one_error_line_and_exit_2(
+    command: str, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from tracetune.cli import app
+
+    result = CliRunner().invoke(app, _bad_inputs(tmp_path)[command])
+    assert result.exit_code == BAD_INPUT_EXIT, result.output
+    assert isinstance(result.exception, SystemExit)  # not an exception escaping the command
+    assert result.output.startswith("error: ") and "Traceback" not in result.output
