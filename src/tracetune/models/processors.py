@@ -21,6 +21,8 @@ from typing import Any
 
 from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
 
+from tracetune.errors import ConfigError
+
 
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
     """``Qwen2VLProcessor`` without a video processor (which needs torchvision)."""
@@ -163,14 +165,14 @@ def set_pixel_budget(
     image_processor = getattr(processor, "image_processor", None)
     size = getattr(image_processor, "size", None)
     if image_processor is None or not hasattr(image_processor, "merge_size") or size is None:
-        raise ValueError(
+        raise ConfigError(
             f"max_pixels/min_pixels apply to Qwen-style processors; "
             f"{type(processor).__name__} resizes differently (see RECOMMENDED in "
             "tracetune.models.processors for its settings): drop max_pixels for this model"
         )
     for name, value in (("max_pixels", max_pixels), ("min_pixels", min_pixels)):
         if value is not None and value < 28 * 28:
-            raise ValueError(f"{name}={value} is below one 28x28 patch (784 pixels)")
+            raise ConfigError(f"{name}={value} is below one 28x28 patch (784 pixels)")
     new = dict(size.items()) if hasattr(size, "items") else dict(vars(size))
     if max_pixels is not None:
         new["longest_edge"] = max_pixels
@@ -179,7 +181,7 @@ def set_pixel_budget(
     if min_pixels is not None:
         new["shortest_edge"] = min_pixels
     if new.get("shortest_edge", 0) > new.get("longest_edge", float("inf")):
-        raise ValueError(
+        raise ConfigError(
             f"min_pixels ({new['shortest_edge']}) exceeds max_pixels ({new['longest_edge']})"
         )
     image_processor.size = type(size)(**new) if not isinstance(size, dict) else new

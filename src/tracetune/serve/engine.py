@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tracetune.errors import ConfigError
 from tracetune.models.base import Sampling
 from tracetune.models.local import LocalVLM, cut_at_stop, token_id_set
 
@@ -108,7 +109,7 @@ class BatchEngine:
 
     def __init__(self, model: LocalVLM, max_batch_rows: int = 32, max_wait_s: float = 0.002):
         if max_batch_rows < 1:
-            raise ValueError("max_batch_rows must be at least 1")
+            raise ConfigError("max_batch_rows must be at least 1")
         self.model = model
         self.max_batch_rows = max_batch_rows
         self.max_wait_s = max_wait_s

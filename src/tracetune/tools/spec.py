@@ -27,7 +27,7 @@ from typing import Any, BinaryIO, Literal, Union, get_args, get_origin, get_type
 from PIL import Image
 
 from tracetune import safefs
-from tracetune.errors import TracetuneError
+from tracetune.errors import ConfigError, TracetuneError
 
 OutputType = Literal["text", "number", "json", "image", "file"]
 
@@ -493,7 +493,7 @@ class FunctionTool(Tool):
         self.name = name or fn.__name__
         description, arg_help = parse_docstring(fn.__doc__ or "")
         if not description:
-            raise ValueError(
+            raise ConfigError(
                 f"tool {self.name!r} needs a docstring: it is the model-facing description"
             )
         self.description = description
@@ -585,7 +585,7 @@ _REGISTRY: dict[str, Tool] = {}
 def register_tool(t: Tool) -> Tool:
     """Make ``t`` nameable in configs; a later registration under the same name wins."""
     if not t.name or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", t.name):
-        raise ValueError(f"tool name {t.name!r} must be a Python identifier")
+        raise ConfigError(f"tool name {t.name!r} must be a Python identifier")
     _REGISTRY[t.name] = t
     return t
 
