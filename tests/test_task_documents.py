@@ -11,7 +11,6 @@ document kind the programs draw (pdf, docx, xlsx) is converted here by the real
 
 from __future__ import annotations
 
-import asyncio
 import io
 import random
 import zipfile
@@ -19,13 +18,9 @@ from collections import Counter
 from pathlib import Path
 
 import docx
-import pytest
 
-from tracetune.rollout import RolloutConfig, find_value, run_rollout
-from tracetune.schema import Task, Verdict
-from tracetune.store import Dataset
+from tracetune.rollout import find_value
 from tracetune.synth.programs import get_program
-from tracetune.synth.programs.generate import ProgramsConfig, generate_tasks
 from tracetune.synth.programs.render import docx_bytes
 from tracetune.tools import get_tool
 
@@ -79,7 +74,7 @@ def test_the_xml_parser_markitdown_needs_keeps_namespaces() -> None:
 def test_every_document_kind_shows_what_the_gold_step_expects() -> None:
     """Seeds of the document program covering pdf, docx and xlsx reports and staff sheets,
     each read by the real inspect_file, must contain every value the gold step checks (the
-    50-seed gold rollout below covers the rest)."""
+    50-task gold rollout of every family in test_task_families.py covers the rest)."""
     program = get_program("document")
     tool = get_tool("inspect_file")
     tool.ensure_ready()
@@ -93,26 +88,3 @@ def test_every_document_kind_shows_what_the_gold_step_expects() -> None:
         assert not missing, (seed, file.name, missing, markdown[:400])
         kinds[Path(file.name).suffix] += 1
     assert set(kinds) == {".pdf", ".docx", ".xlsx"}, kinds
-
-
-@pytest.mark.slow
-def test_document_family_gold_rollout_passes_on_50_seeds(tmp_path: Path) -> None:
-    """The document family, 50 tasks (50 task seeds: pdf, docx and xlsx reports, staff
-    sheets), rolled out by the gold teacher with the real tools: every one must pass.
-
-    Measured on two cores shared with other jobs: 14 s to draw the tasks and 21 s to roll
-    them out at load average 14; 189 s for the whole test at load average 24. Marked slow.
-    """
-    tasks, out = tmp_path / "tasks", tmp_path / "gold"
-    asyncio.run(
-        generate_tasks(
-            ProgramsConfig(out=tasks, n=50, seed=1, families=["document"]), progress=False
-        )
-    )
-    asyncio.run(run_rollout(RolloutConfig(tasks=tasks, out=out), progress=False))
-    verdicts = Dataset.open(out / "verdicts", Verdict).records()
-    assert len(verdicts) == 50
-    failed = {v.target_id: v.reasons for v in verdicts if not v.passed}
-    assert not failed, failed
-    kinds = Counter(t.metadata["file_type"] for t in Dataset.open(tasks, Task).records())
-    assert set(kinds) == {"pdf", "docx", "xlsx"}, kinds
