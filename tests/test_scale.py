@@ -377,3 +377,53 @@ def test_batched_usage_and_cache_are_seen_by_other_readers_and_survive_exit(
     assert fresh.usage("t").completion_tokens == 5 and fresh.cache_get("k2") == [2]
     for state in (writer, reader, fresh):
         state.close()
+
+
+def test_agent_run_streams_its_tasks_and_checks_the_file_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task file is checked whole before any episode (a bad line fails the run with nothing
+    done), then its tasks are built as the run reaches them, not all up front."""
+    from tracetune.agent.run import AgentRunConfig, run_agent
+    from tracetune.errors import TracetuneError
+    from tracetune.store import tasks as tasks_mod
+    from tracetune.testing import ScriptedChatModel
+
+    n = 300
+    rows = [{"query": f"What is {i} + 1?"} for i in range(n)]
+    tasks_file = tmp_path / "tasks.jsonl"
+    bad = [*rows[:250], {"query": "Read this.", "images": ["missing.png"]}, *rows[250:]]
+    tasks_file.write_text("".join(json.dumps(r) + "\n" for r in bad))
+    config = AgentRunConfig(
+        model="scripted:instant",
+        out=tmp_path / "agent",
+        tasks=tasks_file,
+        tools=["calculator"],
+        max_steps=1,
+        concurrency=4,
+    )
+    answer = 'Thought: done.\nAction: {"name": "final_answer", "arguments": {"answer": "1"}}'
+    with pytest.raises(TracetuneError, match=r"tasks.jsonl:251: task file .*missing.png"):
+        asyncio.run(run_agent(config, model=ScriptedChatModel(lambda m: answer), progress=False))
+    assert not Dataset.open(tmp_path / "agent").chunk_files()
+
+    tasks_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    built: list[int] = []
+    seen_at_first_call: list[int] = []
+    real = tasks_mod.task_from_inputs
+
+    def counting(*args: object, **kwargs: object) -> object:
+        built.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    def reply(messages: object) -> str:
+        if not seen_at_first_call:
+            seen_at_first_call.append(len(built))
+        return answer
+
+    monkeypatch.setattr(tasks_mod, "task_from_inputs", counting)
+    result, _ = asyncio.run(
+        run_agent(config, model=ScriptedChatModel(reply, spec="scripted:instant"), progress=False)
+    )
+    assert result.written == n and len(built) == n
+    assert seen_at_first_call[0] <= 2 * config.concurrency  # not all 300 before the first

@@ -13,8 +13,8 @@ from tracetune.errors import ConfigError, InputFileError
 from tracetune.models.base import ChatModel, ModelOptions, Sampling, load_model
 from tracetune.runner import Budget, MeteredModel, StageResult, run_stage
 from tracetune.schema import Task, Trajectory
-from tracetune.store import AssetStore, Dataset
-from tracetune.store.tasks import load_tasks, task_from_inputs
+from tracetune.store import Dataset
+from tracetune.store.tasks import TaskSource, task_from_inputs, task_source
 from tracetune.tools import load_tools
 
 DEFAULT_TOOLS = ["calculator", "image_crop"]
@@ -65,16 +65,14 @@ def trajectory_id(task: Task, controller: str, action_format: str, sample: int) 
     return "traj-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def prepare_tasks(
-    config: AgentRunConfig, out: Dataset[Trajectory]
-) -> tuple[list[Task], AssetStore]:
+def prepare_tasks(config: AgentRunConfig, out: Dataset[Trajectory]) -> TaskSource:
     if (config.task is None) == (config.tasks is None):
         raise ConfigError("give exactly one of --task TEXT or --tasks PATH")
     if config.task is not None:
         task = task_from_inputs(config.task, list(config.images), out.assets, tools=None)
-        return [task], out.assets
+        return TaskSource(1, out.assets, lambda: iter([task]))
     assert config.tasks is not None
-    return load_tasks(config.tasks, out.assets)
+    return task_source(config.tasks, out.assets)
 
 
 async def run_agent(
@@ -85,7 +83,8 @@ async def run_agent(
         # Checked before the output directory is created, so a typo leaves nothing behind.
         raise InputFileError(f"no task dataset or JSONL file at {config.tasks}")
     out: Dataset[Trajectory] = Dataset.create(config.out, Trajectory)
-    tasks, source = prepare_tasks(config, out)
+    tasks = prepare_tasks(config, out)  # streamed: read as the run reaches them
+    source = tasks.assets
     tools = load_tools(config.tools, config.tool_modules)
     model = model or load_model(config.model, config.backend.for_stage(config.concurrency))
     metered = MeteredModel(model, out.state, "agent")
@@ -99,7 +98,7 @@ async def run_agent(
     agent = Agent(
         metered, tools, config.action_format, config.max_steps, config.max_errors, sampling
     )
-    items = [(task, s) for task in tasks for s in range(config.samples)]
+    items = ((task, s) for task in tasks for s in range(config.samples))
 
     async def process(item: tuple[Task, int]) -> Trajectory:
         task, sample = item
@@ -122,7 +121,7 @@ async def run_agent(
             budget=Budget(max_cost_usd=config.max_cost_usd, max_tokens=config.max_total_tokens),
             sources=[source],
             progress=progress,
-            total=len(items),
+            total=len(tasks) * config.samples,
         )
     finally:
         await model.aclose()
