@@ -72,6 +72,27 @@ def test_a_tracetune_error_shows_its_message_and_hint_and_keeps_its_builtin_base
     assert type(again) is InputFileError and str(again) == str(missing)
 
 
+def test_errors_with_their_own_arguments_survive_pickling() -> None:
+    """Ray workers and rendering processes send errors back pickled: a subclass whose
+    __init__ takes other arguments keeps its message, fields, hint and errno."""
+    import errno
+
+    from tracetune.formats.registry import MissingMediaError
+    from tracetune.inputs import ImageError
+    from tracetune.runner.outcome import DiskFullError, disk_full
+    from tracetune.runner.ray_executor import RayExecutorError
+
+    image = pickle.loads(pickle.dumps(ImageError("broken_image", "a.png is corrupt")))
+    assert (image.reason, str(image)) == ("broken_image", "a.png is corrupt")
+    media = pickle.loads(pickle.dumps(MissingMediaError(Path("a.png"), " (copy images/)")))
+    assert (media.path, str(media)) == (Path("a.png"), "missing file a.png (copy images/)")
+    ray = pickle.loads(pickle.dumps(RayExecutorError("a node died", exit_code=3)))
+    assert (ray.exit_code, ray.message) == (3, "a node died")
+    full = pickle.loads(pickle.dumps(DiskFullError("disk full while writing t1")))
+    assert full.errno == errno.ENOSPC and disk_full(full) == "disk full while writing t1"
+    assert full.hint and "free space" in str(full)
+
+
 def test_exit_codes_and_the_public_name() -> None:
     assert (OK_EXIT, CRASH_EXIT, BAD_INPUT_EXIT, ITEMS_FAILED_EXIT) == (0, 1, 2, 3)
     assert tracetune.TracetuneError is TracetuneError

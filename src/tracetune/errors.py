@@ -53,10 +53,30 @@ class TracetuneError(Exception):
         if hint is not None:
             self.hint = hint
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Rebuilt without calling __init__, so subclasses whose __init__ takes other
+        # arguments (a path, a reason) cross process boundaries intact, hint included.
+        state = dict(self.__dict__)
+        if isinstance(self, OSError):  # errno and the file names are slots, not in __dict__
+            state.update(errno=self.errno, filename=self.filename, filename2=self.filename2)
+        return (_rebuild, (type(self), self.args, state))
+
     def __str__(self) -> str:
         # the message as given (KeyError's own str() would quote it)
-        message = self.message if isinstance(self.message, str) else super().__str__()
+        message = getattr(self, "message", None)
+        if not isinstance(message, str):
+            message = super().__str__()
         return f"{message}\nhint: {self.hint}" if self.hint else message
+
+
+def _rebuild(
+    cls: type[TracetuneError], args: tuple[object, ...], state: dict[str, object]
+) -> TracetuneError:
+    exc = cls.__new__(cls, *args)
+    exc.args = args
+    for name, value in state.items():
+        setattr(exc, name, value)
+    return exc
 
 
 class ConfigError(TracetuneError, ValueError):
