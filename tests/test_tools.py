@@ -214,6 +214,19 @@ def test_face_detection_counts_two_faces_and_none_in_blank_or_text(ctx: ToolCont
     assert [round(v / 3) for v in big.data["faces"][0]["box"]] == pytest.approx(left, abs=6)
 
 
+def test_face_detection_finds_the_face_on_a_collage_of_light_cards(ctx: ToolContext) -> None:
+    """A faces task whose collage is three text cards and one photo: equalizing contrast
+    over the whole image flattened the face and neither cascade fired."""
+    import io
+
+    from tracetune.synth.programs import get_program
+
+    draft = get_program("faces").draft(4284998744955836833)  # type: ignore[attr-defined]
+    collage = Image.open(io.BytesIO(draft.files[0].data))
+    result = run("face_detection", ctx, image=put(ctx, "collage.png", collage))
+    assert result.data["count"] == draft.metadata["faces"] == 1
+
+
 def test_face_detection_is_safe_from_several_threads_at_once(ctx: ToolContext) -> None:
     """Episodes run tools on threads; one shared OpenCV cascade used by two threads at once
     fails an assertion in its scale data, so calls on images of different sizes overlap."""

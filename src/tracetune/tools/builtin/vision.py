@@ -127,8 +127,12 @@ class FaceDetection(TypedTool):
     is false, the ``default`` cascade must agree (IoU > 0.3). Measured on scikit-image's
     sample images, alt2 alone found one false face (in a cell micrograph) which agreement
     removed; on its 100 LFW face crops (upscaled, padded) recall went from 88 to 85, and
-    none of its 100 non-face crops was taken for a face either way. Images larger than
-    ``max_side`` (default 1280) are searched downscaled: Haar cost grows with the pixels.
+    none of its 100 non-face crops was taken for a face either way. Contrast is evened out
+    locally (CLAHE) rather than over the whole image: on those 100 LFW crops (upscaled to
+    200 px, on a 320 px grey canvas) recall with agreement went from 92 to 95, still with no
+    false face; on a collage of light cards global equalization had hidden the one face.
+    Images larger than ``max_side`` (default 1280) are searched downscaled: Haar cost grows
+    with the pixels.
     """
 
     name = "face_detection"
@@ -166,7 +170,10 @@ class FaceDetection(TypedTool):
             img = img.resize(
                 (round(img.width * shrink), round(img.height * shrink)), Image.Resampling.BILINEAR
             )
-        gray = cv2.equalizeHist(np.asarray(img))
+        # Contrast evened out locally (CLAHE), not over the whole image: on a collage that is
+        # mostly light cards, global equalization flattened the one photo's face and neither
+        # cascade found it.
+        gray = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(np.asarray(img))
         min_side = max(20, round(float(options.get("min_size", 0.05)) * min(gray.shape)))
         scale = float(options.get("scale_factor", 1.1))
 
