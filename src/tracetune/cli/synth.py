@@ -51,7 +51,6 @@ def load_config(config: Path | None, **flags: Any) -> Any:
 def _run(
     cfg: Any, stages: list[str], quiet: bool, as_json: bool, retry: list[str] | None = None
 ) -> None:
-    from tracetune.errors import TracetuneError
     from tracetune.runner.outcome import retrying_dropped
     from tracetune.runner.stats import stage_stats, stats_json, stats_table
     from tracetune.synth.mtrace.config import LAYOUT
@@ -72,16 +71,8 @@ def _run(
                 break
         return results
 
-    try:
-        with retrying_dropped(retry):
-            run_async(go())
-    except ValueError as exc:
-        if isinstance(exc, TracetuneError):
-            raise  # reported by the CLI's one rule, with its hint
-        # The query stage's seed and benchmark file readers (synth/mtrace/queries.py) still
-        # raise plain ValueErrors naming the file; shown as user errors until they raise
-        # TracetuneErrors.
-        fail(str(exc))
+    with retrying_dropped(retry):
+        run_async(go())
     dirs = [d for d, s in LAYOUT if s in stages]
     rows = [r for d in dict.fromkeys(dirs) for r in stage_stats(cfg.dir(d))]
     if as_json:

@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from tracetune.inputs import read_text
+from tracetune.errors import ConfigError
+from tracetune.inputs import InputError, read_text
 from tracetune.models.base import Sampling
 from tracetune.prompts import prompt_hash, render
 from tracetune.runner import Drop, StageResult, outcome, run_stage
@@ -56,7 +57,7 @@ PROMPT = "mtrace/queries.jinja"
 def read_seeds(path: Path, known_tools: set[str]) -> list[dict[str, Any]]:
     """Seed examples ``{query, tools}`` from JSONL; tools must be in the catalogue."""
     if not path.is_file():
-        raise ValueError(f"seed file {path} does not exist (JSONL of {{query, tools}})")
+        raise InputError(f"seed file {path} does not exist (JSONL of {{query, tools}})")
     seeds = []
     for lineno, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
@@ -64,24 +65,24 @@ def read_seeds(path: Path, known_tools: set[str]) -> list[dict[str, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            raise InputError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
         if (
             not isinstance(row, dict)
             or not isinstance(row.get("query"), str)
             or not isinstance(row.get("tools"), list)
         ):
-            raise ValueError(
+            raise InputError(
                 f'{path}:{lineno}: each seed needs a "query" string and a "tools" list'
             )
         unknown = sorted(set(map(str, row["tools"])) - known_tools)
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"{path}:{lineno}: seed uses tools {unknown} that are not in the catalogue "
                 f"(queries.tools: {', '.join(sorted(known_tools))}); add them or fix the seed"
             )
         seeds.append({"query": row["query"], "tools": [str(t) for t in row["tools"]]})
     if not seeds:
-        raise ValueError(f"seed file {path} has no examples")
+        raise InputError(f"seed file {path} has no examples")
     return seeds
 
 
@@ -114,16 +115,16 @@ def benchmark_questions(path: Path) -> list[str]:
         for name in ("dataset.json", "metadata.jsonl"):
             if (path / name).is_file():
                 return benchmark_questions(path / name)
-        raise ValueError(f"benchmark folder {path} has no dataset.json (GTA) or metadata.jsonl")
+        raise InputError(f"benchmark folder {path} has no dataset.json (GTA) or metadata.jsonl")
     if not path.is_file():
-        raise ValueError(f"benchmark file {path} does not exist")
+        raise InputError(f"benchmark file {path} does not exist")
     text = read_text(path)  # names the file when it is not UTF-8
     rows: list[Any]
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(
+            raise InputError(
                 f"benchmark file {path} is not valid JSON ({exc.msg}, line {exc.lineno})"
             ) from None
         rows = list(data.values()) if isinstance(data, dict) else list(data)
@@ -134,12 +135,12 @@ def benchmark_questions(path: Path) -> list[str]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                    raise InputError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
     else:
         rows = [line for line in text.splitlines() if line.strip()]
     questions = [q for q in map(_row_question, rows) if q and q.strip()]
     if not questions:
-        raise ValueError(
+        raise InputError(
             f"found no questions in {path}: rows need one of {', '.join(_QUESTION_KEYS)} "
             "(or GTA dialogs)"
         )
@@ -230,7 +231,7 @@ async def generate_queries(config: SynthConfig, progress: bool = True) -> StageR
     """Stage ``queries.generate``: OUT/candidates."""
     qc = config.queries
     if qc.seeds is None:
-        raise ValueError("synth queries needs seed examples: set queries.seeds (or --seeds)")
+        raise ConfigError("synth queries needs seed examples: set queries.seeds (or --seeds)")
     spec = config.need("generator", "queries")
     tools: list[Tool] = load_tools(qc.tools)
     known = {t.name for t in tools}
@@ -253,7 +254,7 @@ async def generate_queries(config: SynthConfig, progress: bool = True) -> StageR
                 f"({hit['benchmark']}, similarity {hit['similarity']})"
                 for n, hit in copies[:3]
             )
-            raise ValueError(
+            raise InputError(
                 f"{len(copies)} seed example(s) in {qc.seeds} are benchmark questions: "
                 f"{shown}. Remove them (or pass --no-decontaminate)"
             )
