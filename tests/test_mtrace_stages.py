@@ -766,3 +766,48 @@ def test_trajectory_judge_sees_the_images_steps_returned_after_the_tasks(tmp_pat
     )
     assert sum(part["type"] == "image" for part in seen[0]) == 1
     assert "crop.png" not in seen[0][-1]["text"]
+
+
+def test_python_docx_file_code_runs_in_the_sandbox_and_reads_back(tmp_path: Path) -> None:
+    """The file-code prompt asks for python-docx for .docx files: such code must run in the
+    file sandbox, pass the file checks, and read back through the real inspect_file (a
+    hand-built package of three parts did not: markitdown found no body element)."""
+    from tracetune.prompts import render
+    from tracetune.sandbox import Sandbox, SandboxLimits, ToolReply
+    from tracetune.synth.mtrace.files import CODE_PRELUDE, check_bytes, normalize_file
+    from tracetune.tools import get_tool
+
+    prompt = render(
+        "mtrace/file_code.jinja",
+        file_name="memo.docx",
+        file_type="docx",
+        file_content="a memo",
+        error=None,
+    )
+    assert "python-docx" in prompt and "zipfile" not in prompt
+    code = (
+        "import docx\n"
+        "d = docx.Document()\n"
+        "d.add_heading('Budget memo', level=1)\n"
+        "d.add_paragraph('Groceries: 40 dollars.')\n"
+        "d.save('memo.docx')\n"
+    )
+
+    async def no_tools(name: str, arguments: dict[str, object]) -> ToolReply:
+        return ToolReply(error="no tools")
+
+    async def make() -> bytes:
+        workdir = tmp_path / "work"
+        workdir.mkdir()
+        limits = SandboxLimits(timeout_s=60.0)
+        async with await Sandbox.start(workdir, [], no_tools, limits) as sandbox:
+            result = await sandbox.execute(CODE_PRELUDE + code)
+        assert result.error is None, result.error
+        return (workdir / "memo.docx").read_bytes()
+
+    data = normalize_file(asyncio.run(make()))
+    assert check_bytes("memo.docx", data, "docx") is None
+    tool = get_tool("inspect_file")
+    tool.ensure_ready()
+    markdown = tool.to_markdown(Path("memo.docx"), data)  # type: ignore[attr-defined]
+    assert "# Budget memo" in markdown and "Groceries: 40 dollars." in markdown
