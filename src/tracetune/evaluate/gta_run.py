@@ -58,6 +58,7 @@ from tracetune.evaluate.runs import (
     write_json,
     write_jsonl,
 )
+from tracetune.inputs import InputError
 from tracetune.models.base import ChatMessage, ChatModel
 from tracetune.prompts import prompt_hash, render
 from tracetune.runner import StageResult
@@ -297,7 +298,7 @@ class GTAAgent(Agent):
             for ref in task.files:
                 target = (workdir / ref.name).resolve()
                 if workdir.resolve() not in target.parents:
-                    raise ValueError(f"file name {ref.name!r} leaves the working directory")
+                    raise InputError(f"file name {ref.name!r} leaves the working directory")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source.path(ref), target)
         except BaseException:

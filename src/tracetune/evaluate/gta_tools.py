@@ -45,9 +45,11 @@ from typing import Any, Literal
 
 from PIL import Image
 
+from tracetune.evaluate.base import ScoringInputError
 from tracetune.safefs import read_beneath
 from tracetune.tools import Tool, ToolContext, ToolError, ToolResult, ToolUnavailable, get_tool
 from tracetune.tools.builtin.support import font, tool_options
+from tracetune.tools.spec import UnknownToolError
 
 Status = Literal["available", "approximate", "unavailable"]
 
@@ -159,12 +161,15 @@ class GTATool(Tool):
 
     def check_signature(self, names: Any = None, where: str = "its schema") -> None:
         """Raise ValueError when ``forward`` cannot take an argument named in ``names``
-        (default: the schema's properties), or misses a required one's default."""
+        (default: the schema's properties), or misses a required one's default: a
+        :class:`ScoringInputError` when ``names`` come from a query's tool metadata (the
+        data is wrong), a plain ValueError for the tool's own schema (the code is)."""
+        error = ValueError if names is None else ScoringInputError
         taken = self.forward_arguments()
         shown = set(names if names is not None else self.parameters.get("properties", {}))
         if taken is not None and not shown <= taken:
             missing = ", ".join(sorted(shown - taken))
-            raise ValueError(
+            raise error(
                 f"GTA tool {self.name}: {where} shows argument(s) {missing} that tracetune's "
                 f"wrapper cannot take (it takes {', '.join(sorted(taken))})"
             )
@@ -712,7 +717,9 @@ for _tool in GTA_TOOLS.values():
 def gta_tool(name: str, meta: dict[str, Any] | None = None) -> GTATool:
     """The GTA tool ``name``, shown with a query's tool metadata when given."""
     if name not in GTA_TOOLS:
-        raise KeyError(f"{name!r} is not a GTA tool; GTA's tools: {', '.join(GTA_TOOL_NAMES)}")
+        raise UnknownToolError(
+            f"{name!r} is not a GTA tool; GTA's tools: {', '.join(GTA_TOOL_NAMES)}"
+        )
     tool = GTA_TOOLS[name]
     return tool.with_meta(meta) if meta else tool
 

@@ -31,6 +31,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
+from tracetune.errors import InputFileError
 from tracetune.evaluate.adapter import BenchConfig, BenchmarkAdapter, CliFlag, Scored
 from tracetune.evaluate.base import ItemScore, ScoreReport, percent
 from tracetune.evaluate.learning import (
@@ -486,7 +487,7 @@ async def teacher_forced(
         for store in resolver_store:
             if store.has(ref):
                 return store.path(ref)
-        raise FileNotFoundError(f"image {ref.name} is in neither the input nor output assets")
+        raise InputFileError(f"image {ref.name} is in neither the input nor output assets")
 
     fmt = teacher.fmt
     system = fmt.system_prompt(tools)
