@@ -35,6 +35,7 @@ from tracetune.rollout import RolloutConfig, run_rollout
 from tracetune.runner import executor as executor_mod
 from tracetune.runner.executor import ExecutorConfig, use_executor
 from tracetune.runner.ray_executor import RayExecutorError, fold_worker_states
+from tracetune.schema import Task
 from tracetune.store import Dataset, RunState
 from tracetune.synth.programs.generate import ProgramsConfig, generate_tasks
 from tracetune.testing.openai_server import ScriptedOpenAIServer
@@ -441,3 +442,26 @@ def test_output_dir_not_shared_is_detected(
         assert not records(tmp / "out")
     finally:
         cluster.restart_node(1)
+
+
+def test_task_programs_with_workers_on_ray_draw_what_one_process_draws(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """``tasks programs --workers N`` on Ray: the actors draw (no process pool is built on
+    the driver) and the tasks, their ids and their files are those of an in-process run."""
+    if not IN_NAMESPACE:
+        return rerun_in_namespace(request)
+    cluster = request.getfixturevalue("cluster")
+    tmp = tmp_path_factory.mktemp("programs")
+
+    def drawn(root: Path) -> dict[str, tuple[str, list[str]]]:
+        return {t.id: (t.query, [f.sha256 for f in t.files]) for t in Dataset.open(root, Task)}
+
+    config = ProgramsConfig(out=tmp / "local", n=6, seed=5, families=["receipt", "sign"])
+    asyncio.run(generate_tasks(config, progress=False))
+    with on_ray(cluster, workers=2):
+        ray_config = config.model_copy(update={"out": tmp / "ray", "workers": 2})
+        result, _ = asyncio.run(generate_tasks(ray_config, progress=False))
+    assert result.written == 6
+    assert drawn(tmp / "ray") == drawn(tmp / "local")
+    assert len(records(tmp / "ray")) == 6

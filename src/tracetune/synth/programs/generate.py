@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from tracetune.runner import StageResult, run_stage
+from tracetune.runner.executor import active_executor
 from tracetune.schema import Task
 from tracetune.store import Dataset
 from tracetune.synth.programs.base import (
@@ -50,7 +51,11 @@ class ProgramsConfig(BaseModel):
     programs_modules: list[str] = Field(
         default_factory=list, description="Python modules to import first (they register programs)."
     )
-    workers: int = Field(default=1, ge=1, description="Processes rendering tasks in parallel.")
+    workers: int = Field(
+        default=1,
+        ge=1,
+        description="Processes rendering tasks in parallel (on Ray, the actors do instead).",
+    )
 
 
 @dataclass(frozen=True)
@@ -102,7 +107,9 @@ async def generate_tasks(
     modules = tuple(config.programs_modules)
     pool: Executor | None = None
     futures: dict[int, Future[TaskDraft]] = {}
-    if config.workers > 1 and len(todo) > 1:
+    # On Ray the actors draw the tasks (as many as --ray-workers); a process pool is the
+    # in-process executor's way to use more cores.
+    if config.workers > 1 and len(todo) > 1 and active_executor().kind != "ray":
         pool = ProcessPoolExecutor(config.workers)
     ahead = iter(todo)
 
