@@ -18,6 +18,7 @@ from typing import Literal
 
 from tracetune.errors import ConfigError, TracetuneError
 from tracetune.models.base import Completion
+from tracetune.models.replies import find_json
 from tracetune.models.toolcalls import parse_tool_calls, render_tool_call
 from tracetune.prompts import prompt_hash, render
 from tracetune.schema import Action, ToolCall
@@ -44,16 +45,11 @@ def _thought(text: str) -> str:
 
 
 def first_json_object(text: str) -> tuple[dict[str, object], int, int] | None:
-    """The first balanced ``{...}`` in ``text`` that parses as a JSON object."""
-    decoder = json.JSONDecoder()
-    for match in re.finditer(r"\{", text):
-        try:
-            obj, end = decoder.raw_decode(text, match.start())
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            return obj, match.start(), end
-    return None
+    """The first JSON object in ``text`` with its start and end, or None: the reply rules of
+    :func:`tracetune.models.replies.find_json` (a broken or cut-off value is never mined for
+    a nested object)."""
+    found = find_json(text, dict)
+    return None if found is None else (found.value, found.start, found.end)
 
 
 # Rendered system prompts by template and tool list: an agent renders the same prompt for

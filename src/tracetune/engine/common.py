@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tracetune.errors import TracetuneError
 from tracetune.models.base import ChatModel, ModelOptions
+from tracetune.models.replies import MalformedOutput, extract_json
 from tracetune.runner import MeteredModel, StageResult
 from tracetune.schema import Task
 from tracetune.store import Dataset
@@ -67,22 +66,15 @@ async def close_models(*models: ChatModel) -> None:
         await model.aclose()
 
 
-class ReplyError(TracetuneError, ValueError):
-    """A model reply that is not the JSON object asked for."""
+ReplyError = MalformedOutput
+"""A model reply that is not the JSON object asked for: the one error type of model replies
+(:class:`tracetune.models.replies.MalformedOutput`), under the name the engine's stages use."""
 
 
 def json_object(text: str) -> dict[str, Any]:
-    """The JSON object in a model reply (code fences and text around it are tolerated)."""
-    stripped = re.sub(r"^\s*```(?:json)?\s*|\s*```\s*$", "", text.strip())
-    start, end = stripped.find("{"), stripped.rfind("}")
-    if start < 0 or end <= start:
-        raise ReplyError("no JSON object found")
-    try:
-        value = json.loads(stripped[start : end + 1])
-    except json.JSONDecodeError as exc:
-        raise ReplyError(f"invalid JSON: {exc.msg} at column {exc.colno}") from None
-    if not isinstance(value, dict):
-        raise ReplyError("the JSON is not an object")
+    """The JSON object in a model reply (code fences and text around it are tolerated), by
+    :func:`tracetune.models.replies.extract_json`'s rules; else :class:`MalformedOutput`."""
+    value: dict[str, Any] = extract_json(text, dict)
     return value
 
 

@@ -41,11 +41,9 @@ asked-for length); a malformed reply is sent back with the problem stated, up to
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import json
 import math
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +59,7 @@ from tracetune.evaluate.base import (
 )
 from tracetune.evaluate.gaia import normalize_str
 from tracetune.models.base import ChatModel, Sampling
-from tracetune.models.replies import JudgeReplyError
+from tracetune.models.replies import JudgeReplyError, MalformedOutput, extract_json
 from tracetune.prompts import prompt_hash, render
 
 METRICS = (
@@ -211,20 +209,11 @@ def load_agentx_predictions(path: str | Path) -> dict[str, tuple[str, AgentXPred
 
 # -- judge replies ---------------------------------------------------------------------------
 def _json_object(text: str) -> dict[str, Any]:
-    text = re.sub(r"```(?:json|python)?", "", text)
-    start, end = text.find("{"), text.rfind("}")
-    if start < 0 or end <= start:
-        raise JudgeReplyError("no JSON object found in the reply")
-    blob = text[start : end + 1]
-    try:
-        value = json.loads(blob)
-    except json.JSONDecodeError:
-        try:  # judges often answer with a Python dict ('single quotes')
-            value = ast.literal_eval(blob)
-        except (ValueError, SyntaxError) as exc:
-            raise JudgeReplyError(f"the object is not valid JSON: {blob[:200]!r}") from exc
-    if not isinstance(value, dict):
-        raise JudgeReplyError("the reply is not a JSON object")
+    try:  # judges often answer with a Python dict ('single quotes')
+        value = extract_json(text, dict, python_literals=True)
+    except MalformedOutput as exc:
+        detail = f": {exc.message}" if "{" in text else ""
+        raise JudgeReplyError(f"no JSON object found in the reply{detail}") from None
     return {str(k).lower(): v for k, v in value.items()}
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from tracetune.errors import TracetuneError
 from tracetune.models.base import ChatModel, Sampling
+from tracetune.models.replies import MalformedOutput
 from tracetune.prompts import prompt_hash, render
 from tracetune.schema import Task, Verdict
 from tracetune.store import AssetStore
@@ -20,8 +20,9 @@ from tracetune.store import AssetStore
 PROMPT = "mtrace/verify_task.jinja"
 
 
-class MalformedVerdict(TracetuneError, ValueError):
-    """The judge's answer could not be read as a verdict."""
+class MalformedVerdict(MalformedOutput):
+    """The judge's answer could not be read as a verdict (a model reply that is not what
+    was asked for, like every :class:`~tracetune.models.replies.MalformedOutput`)."""
 
 
 def yes(value: Any, field: str) -> bool:

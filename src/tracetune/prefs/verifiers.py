@@ -22,12 +22,11 @@ import json
 import re
 from typing import Any, Protocol
 
-from tracetune.agent.formats import first_json_object
 from tracetune.agent.render import observation_text, task_text
 from tracetune.errors import ConfigError
 from tracetune.judge.answers import check_answer
 from tracetune.models.base import ChatMessage, ChatModel, Sampling
-from tracetune.models.replies import JudgeReplyError
+from tracetune.models.replies import JudgeReplyError, find_json
 from tracetune.prefs.base import (
     Candidate,
     Ranking,
@@ -313,10 +312,10 @@ class GoldVerifier:
 # -- LLM judge -----------------------------------------------------------------------------
 def parse_judge_reply(text: str, mode: str, k: int) -> tuple[list[float], list[str], str]:
     """Scores (higher is better), per-candidate reasons and the judge's thought."""
-    found = first_json_object(text)
+    found = find_json(text, dict)
     if found is None:
         raise JudgeReplyError("the reply holds no JSON object")
-    obj = found[0]
+    obj = found.value
     thought = str(obj.get("thought", ""))
     raw_reasons = obj.get("reasons")
     reasons = ["" for _ in range(k)]
