@@ -3,6 +3,7 @@ hint, exit 2), anything else is a bug that keeps its traceback (exit 1)."""
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typer.testing import CliRunner
 
 from tracetune.cli import app
 from tracetune.cli.eval import app as eval_app
-from tracetune.errors import BAD_INPUT_EXIT, MissingPackage, TracetuneError
+from tracetune.errors import BAD_INPUT_EXIT, ITEMS_FAILED_EXIT, MissingPackage, TracetuneError
 
 
 def _said(output: str) -> str:
@@ -33,6 +34,23 @@ def test_a_bug_inside_eval_run_keeps_its_traceback(
     assert result.exit_code == 1
     assert isinstance(result.exception, KeyError)  # not turned into "error: metric"
     assert "error: metric" not in _said(result.output)
+
+
+def test_an_unreachable_endpoint_fails_the_item_as_in_agent_run(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])  # closed once the block ends: nothing listens
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('{"id": "t0", "query": "Say ok", "answer": "ok"}\n')
+    config = tmp_path / "eval.yaml"
+    config.write_text(f"backend: {{base_url: 'http://127.0.0.1:{port}/v1', max_retries: 0}}\n")
+    args = ["eval", "run", "programs", "--model", "openai:m", "--data", str(tasks)]
+    args += ["--out", str(tmp_path / "r"), "--config", str(config), "--quiet"]
+    result = CliRunner().invoke(app, args)
+    said = _said(result.output)
+    assert result.exit_code == ITEMS_FAILED_EXIT, result.output  # a failed item, not bad input
+    assert "1 of 1 items failed" in said and "Connection error" in said
+    assert "Traceback" not in said
 
 
 def test_bad_data_for_eval_run_is_reported_with_exit_2_also_from_the_eval_app_alone(
