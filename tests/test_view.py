@@ -431,6 +431,21 @@ def test_compare_view_lists_the_items_that_changed(
     assert visitor.problems == []
 
 
+def test_a_programs_run_page_shows_the_learning_metrics(viewer: ViewerServer, browser: Any) -> None:
+    """An eval run of task programs reports how a controller learns (valid actions, right
+    first tool beside the majority-tool baseline, tool and argument accuracy): the run's
+    page shows them with its accuracy."""
+    visitor = Visitor(browser, viewer.base)
+    page = visitor.open("/index.html")
+    runs = [h for h in _links(page) if h.endswith("oracle/index.html")]
+    assert runs, _links(page)
+    page.goto(runs[0], wait_until="load")
+    text = page.content()
+    for metric in ("accuracy", "valid_actions", "first_tool_macro", "majority_first_tool_macro"):
+        assert f">{metric}<" in text, metric
+    assert visitor.problems == []
+
+
 def test_run_state_links_drop_reasons_to_their_items(viewer: ViewerServer, browser: Any) -> None:
     visitor = Visitor(browser, viewer.base)
     page = visitor.open("/d/teacher/state.html")
