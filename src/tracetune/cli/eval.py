@@ -176,12 +176,12 @@ def _score(
     try:
         judge_model = load_model(judge)
     except BackendError as exc:
-        fail(f"cannot load judge {judge!r}: {exc}")
+        fail(f"cannot load judge {judge!r}: {exc.message}", hint=exc.hint)
         return None
     try:
         return score_agentx(gold, predictions, judge_model)
     except BackendError as exc:  # a judge that fails for good fails the run: no silent zeros
-        fail(f"judge {judge!r} failed: {exc}")
+        fail(f"judge {judge!r} failed: {exc.message}", hint=exc.hint)
         return None
 
 
