@@ -40,6 +40,7 @@ LAYERS: dict[str, int] = {
     "tracetune.inputs": LOW,
     "tracetune.safefs": LOW,
     "tracetune.timelimit": LOW,
+    "tracetune.cliflag": LOW,
     "tracetune.schema": LOW,
     "tracetune.store": LOW,
     "tracetune.models": LOW,

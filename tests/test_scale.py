@@ -60,7 +60,7 @@ def test_help_shows_the_concurrency_default() -> None:
     result = CliRunner().invoke(app, ["agent", "run", "--help"])
     text = " ".join(result.output.replace("│", " ").split())  # rich wraps help in a box
     assert "--concurrency" in text
-    assert "Model requests in flight, and episodes run at once (default 4)." in text
+    assert "Model requests in flight, and episodes run at once. [default: 4]" in text
 
 
 async def _upper(task: Task) -> Task:

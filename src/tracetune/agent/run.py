@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from tracetune.agent.loop import Agent
+from tracetune.cliflag import CliFlag
 from tracetune.errors import ConfigError, InputFileError
 from tracetune.models.base import ChatModel, ModelOptions, Sampling, load_model
 from tracetune.runner import Budget, MeteredModel, StageResult, run_stage
@@ -28,13 +29,16 @@ class AgentRunConfig(BaseModel):
     model: str = Field(description="Controller spec: 'openai:NAME' or 'local:PATH_OR_HUB_ID'.")
     out: Path = Field(description="Output trajectory dataset directory (resumable).")
     task: str | None = Field(default=None, description="A single task's query text.")
-    images: list[Path] = Field(default_factory=list, description="Images for --task.")
+    images: Annotated[list[Path], CliFlag("--image")] = Field(
+        default_factory=list, description="Image for --task (repeatable)."
+    )
     tasks: Path | None = Field(
         default=None, description="A task dataset directory or a JSONL of {query, images, ...}."
     )
     tools: list[str] = Field(
         default_factory=lambda: list(DEFAULT_TOOLS),
-        description="Tool names (registered, or 'package.module:tool').",
+        description="Tool names, comma-separated or repeated (registered, or "
+        "'package.module:tool').",
     )
     tool_modules: list[str] = Field(
         default_factory=list, description="Python modules to import first (they register tools)."
@@ -46,7 +50,7 @@ class AgentRunConfig(BaseModel):
     max_errors: int = Field(default=3, ge=1, description="Failed steps allowed per episode.")
     samples: int = Field(default=1, ge=1, description="Trajectories per task.")
     temperature: float = Field(default=0.0, ge=0, description="Sampling temperature.")
-    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
     max_tokens: int = Field(default=512, ge=1, description="Max new tokens per step.")
     seed: int | None = Field(
         default=None, description="Sampling seed, where the backend supports it."
@@ -54,9 +58,14 @@ class AgentRunConfig(BaseModel):
     concurrency: int = Field(
         default=4, ge=1, description="Model requests in flight, and episodes run at once."
     )
-    max_cost_usd: float | None = Field(default=None, description="Stop after this much spend.")
+    max_cost_usd: Annotated[float | None, CliFlag("--max-cost", "--max-cost-usd")] = Field(
+        default=None, description="Stop after this much spend (USD)."
+    )
     max_total_tokens: int | None = Field(default=None, description="Stop after this many tokens.")
-    backend: ModelOptions = Field(default_factory=ModelOptions, description="Backend options.")
+    backend: Annotated[ModelOptions, CliFlag(skip=True)] = Field(
+        default_factory=ModelOptions,
+        description="Backend options (CLI: --base-url, --adapter, --no-stop).",
+    )
 
 
 def trajectory_id(task: Task, controller: str, action_format: str, sample: int) -> str:

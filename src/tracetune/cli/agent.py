@@ -3,43 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.panel import Panel
 
-from tracetune.cli.common import App, build_config, run_async, split_names
+from tracetune.cli.common import App, run_async
 
 app = App(no_args_is_help=True)
 out_console = Console()
 
 
-@app.command("run")
-def run(
-    model: Annotated[
-        str | None, typer.Option(help="Controller: openai:NAME or local:PATH.")
-    ] = None,
-    out: Annotated[Path | None, typer.Option(help="Output trajectory dataset directory.")] = None,
-    task: Annotated[str | None, typer.Option(help="One task's query text.")] = None,
-    image: Annotated[list[Path] | None, typer.Option(help="Image for --task (repeatable).")] = None,
-    tasks: Annotated[Path | None, typer.Option(help="Task dataset dir or JSONL file.")] = None,
-    tools: Annotated[str | None, typer.Option(help="Comma-separated tool names.")] = None,
-    action_format: Annotated[str | None, typer.Option(help="json, code or tools.")] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Step budget per episode.")] = None,
-    max_errors: Annotated[int | None, typer.Option(help="Failed steps allowed.")] = None,
-    samples: Annotated[int | None, typer.Option(help="Trajectories per task.")] = None,
-    temperature: Annotated[float | None, typer.Option(help="Sampling temperature.")] = None,
-    max_tokens: Annotated[int | None, typer.Option(help="Max new tokens per step.")] = None,
-    concurrency: Annotated[
-        int | None,
-        typer.Option(help="Model requests in flight, and episodes run at once (default 4)."),
-    ] = None,
+# Backend settings are a nested section of the config: their flags are declared here,
+# merged key by key into a YAML `backend:` section. Every other option comes from a field
+# of AgentRunConfig (tracetune.agent.run), declared there once.
+def _backend_options(
     base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint URL.")] = None,
     adapter: Annotated[
         Path | None, typer.Option(help="LoRA adapter dir for local: models.")
     ] = None,
-    max_cost: Annotated[float | None, typer.Option(help="Stop after this many USD.")] = None,
     no_stop: Annotated[
         bool,
         typer.Option(
@@ -48,43 +31,60 @@ def run(
             "them here instead. YAML: backend: {stop: none}.",
         ),
     ] = False,
-    config: Annotated[Path | None, typer.Option(help="YAML file with these options.")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="YAML file with these options (keys: the field names, e.g. max_cost_usd, "
+            "images; backend settings under backend:); flags given override it."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="No transcript or progress bar.")] = False,
 ) -> None:
-    """Run an agent on one task (--task) or many (--tasks); rerunning skips finished work."""
-    from tracetune.agent.run import AgentRunConfig, run_agent
+    """Carries the backend, --config and --quiet options (never run)."""
 
-    # A dict, not ModelOptions: merged key by key into a YAML backend section.
-    backend = {
-        "base_url": base_url,
-        "adapter": str(adapter) if adapter else None,
-        "stop": "none" if no_stop else None,
-    }
-    cfg = build_config(
-        AgentRunConfig,
-        config,
-        model=model,
-        out=out,
-        task=task,
-        images=image,
-        tasks=tasks,
-        tools=split_names(tools),
-        action_format=action_format,
-        max_steps=max_steps,
-        max_errors=max_errors,
-        samples=samples,
-        temperature=temperature,
-        max_tokens=max_tokens,
-        concurrency=concurrency,
-        max_cost_usd=max_cost,
-        backend=backend,
-    )
-    result, dataset = run_async(run_agent(cfg, progress=not quiet))
-    if not quiet and len(dataset) <= 3:
-        for trajectory in dataset:
-            print_transcript(trajectory)
-    out_console.print(result.summary())
-    out_console.print(f"trajectories: {dataset.root} ({len(dataset)} records)")
+
+def _run_command() -> None:
+    import inspect
+
+    from tracetune.agent.run import AgentRunConfig
+    from tracetune.cli.options_from_config import command_function, config_params
+
+    shared = inspect.signature(_backend_options, eval_str=True).parameters.values()
+    params = [
+        *config_params(AgentRunConfig),
+        *(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in shared),
+    ]
+
+    def callback(**values: Any) -> None:
+        from tracetune.agent.run import run_agent
+        from tracetune.cli.options_from_config import config_from_options
+
+        adapter = values.pop("adapter")
+        backend = {  # a dict, not ModelOptions: merged key by key into YAML's backend
+            "base_url": values.pop("base_url"),
+            "adapter": str(adapter) if adapter else None,
+            "stop": "none" if values.pop("no_stop") else None,
+        }
+        config_file, quiet = values.pop("config"), bool(values.pop("quiet"))
+        cfg = config_from_options(
+            AgentRunConfig,
+            values,
+            config_file=config_file,
+            extra={"backend": backend},
+            what="agent run",
+        )
+        result, dataset = run_async(run_agent(cfg, progress=not quiet))
+        if not quiet and len(dataset) <= 3:
+            for trajectory in dataset:
+                print_transcript(trajectory)
+        out_console.print(result.summary())
+        out_console.print(f"trajectories: {dataset.root} ({len(dataset)} records)")
+
+    doc = "Run an agent on one task (--task) or many (--tasks); rerunning skips finished work."
+    app.command("run")(command_function(callback, params, doc))
+
+
+_run_command()
 
 
 def print_transcript(trajectory: object) -> None:

@@ -35,8 +35,10 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Generic, TypeVar
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from tracetune.agent.loop import Agent, EpisodeBackendError
+from tracetune.cliflag import CliFlag
 from tracetune.errors import ConfigError
 from tracetune.evaluate.base import ScoreReport
+from tracetune.inputs import InputError
 from tracetune.models.base import BackendError, ChatModel, ModelOptions
 from tracetune.runner import StageResult
 from tracetune.schema import Task, Trajectory
@@ -69,25 +71,6 @@ def _duration(value: Any) -> Any:
 
         return parse_duration(value)
     return value
-
-
-class CliFlag:
-    """Command-line metadata of a config field, for ``Annotated[...]``: the flags that name
-    it (default ``--field-name``), the type its text is read as (``str`` for a field whose
-    validator parses text, such as a duration), or ``skip`` for a field the command line
-    sets another way."""
-
-    def __init__(
-        self,
-        *flags: str,
-        text: bool = False,
-        skip: bool = False,
-        metavar: str | None = None,
-    ) -> None:
-        self.flags = flags
-        self.text = text
-        self.skip = skip
-        self.metavar = metavar
 
 
 class BenchConfig(BaseModel):
@@ -316,6 +299,12 @@ async def run_adapter(
     adapter.check()
     run = RunContext(config, notify)
     items = list(await adapter.load_items(run))
+    if not items:  # a run over nothing would report 0 written and exit 0
+        raise InputError(
+            f"{config.data} holds no {config.bench} items to run",
+            hint=f"point --data at the benchmark's data in the layout `eval run {config.bench}`"
+            " reads (see `--help`)",
+        )
     run.write_run(adapter.run_info())
     controller = run.load_models(model)
     spec = controller.spec

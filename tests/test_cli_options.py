@@ -1,0 +1,143 @@
+"""Commands whose options are generated from their config models: every field is an option
+under its flag, --help shows its default, and flags layer over a --config YAML file."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+import yaml  # type: ignore[import-untyped]
+from pydantic import BaseModel
+from typer.testing import CliRunner
+
+from tracetune.cli import app
+from tracetune.cli.options_from_config import _cli_meta, _default, field_flags
+
+
+def _said(text: str) -> str:
+    return " ".join(text.replace("│", " ").split())  # rich draws the help in a box
+
+
+def _help(*args: str) -> str:
+    result = CliRunner().invoke(app, [*args, "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    return _said(result.output)
+
+
+def _command(*path: str) -> Any:
+    command: Any = typer.main.get_command(app)
+    for name in path:
+        command = command.commands[name]
+    return command
+
+
+def _models() -> dict[tuple[str, ...], type[BaseModel]]:
+    from tracetune.agent.run import AgentRunConfig
+
+    return {("agent", "run"): AgentRunConfig}
+
+
+@pytest.mark.parametrize("path", list(_models()), ids=" ".join)
+def test_every_field_is_an_option_showing_its_default(path: tuple[str, ...]) -> None:
+    model = _models()[path]
+    params = {p.name: p for p in _command(*path).params}
+    shown = 0
+    for name, info in model.model_fields.items():
+        meta = _cli_meta(info)
+        if meta is not None and meta.skip:
+            assert name not in params, f"{name} is set another way, not by its own flag"
+            continue
+        param = params[name]
+        assert field_flags(name, info)[0] in param.opts, name
+        assert (info.description or "").split()[0] in (param.help or ""), name
+        default = _default(info)
+        if default is None:
+            assert not param.show_default, name
+            continue
+        shown += 1
+        assert param.show_default, name
+        value = param.default
+        value = [getattr(v, "value", v) for v in value] if isinstance(value, list) else value
+        expected = [str(v) for v in default] if isinstance(default, list) else default
+        got = [str(v) for v in value] if isinstance(value, list) else getattr(value, "value", value)
+        assert got == (str(expected) if isinstance(expected, Path) else expected), name
+    assert shown >= 3
+    assert _help(*path).count("[default:") >= shown
+
+
+def test_agent_run_help_names_its_flags_with_their_defaults() -> None:
+    text = _help("agent", "run")
+    for pattern in (
+        r"--max-steps <int> Step budget per episode\. \[default: 8\]",
+        r"--action-format <json\|code\|tools> How actions are written\. \[default: json\]",
+        r"--tools <list\[str\]> .*\[default: calculator, image_crop\]",
+        r"--concurrency <int> Model requests in flight, and episodes run at once\. "
+        r"\[default: 4\]",
+        r"--max-cost\S* <float> Stop after this much spend \(USD\)\.",
+        r"--image <list\[Path\]> Image for --task",
+        r"--base-url <str>",
+        r"--no-stop",
+        r"--executor",
+    ):
+        assert re.search(pattern, text), pattern
+
+
+def test_agent_run_flags_lay_over_the_yaml_config(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import tracetune.agent.run as run_module
+
+    seen: list[Any] = []
+
+    async def fake_run(cfg: Any, progress: bool = True) -> Any:
+        seen.append(cfg)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(run_module, "run_agent", fake_run)
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": "openai:from-yaml",
+                "out": str(tmp_path / "out"),
+                "max_steps": 5,
+                "samples": 2,
+                "max_cost_usd": 1.5,
+                "backend": {"base_url": "http://127.0.0.1:9/v1", "timeout_s": 7},
+            }
+        )
+    )
+    image = tmp_path / "a.png"
+    result = CliRunner().invoke(
+        app,
+        ["agent", "run", "--config", str(config), "--task", "q", "--image", str(image),
+         "--tools", "calculator,image_crop", "--tools", "ocr", "--max-steps", "3",
+         "--max-cost", "0.5", "--adapter", str(tmp_path / "lora"), "--no-stop", "--quiet"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (cfg,) = seen
+    assert cfg.model == "openai:from-yaml" and cfg.out == tmp_path / "out"
+    assert cfg.max_steps == 3 and cfg.samples == 2  # the flag wins; YAML fills the rest
+    assert cfg.max_cost_usd == 0.5 and cfg.images == [image] and cfg.task == "q"
+    assert cfg.tools == ["calculator", "image_crop", "ocr"]
+    # --adapter / --no-stop merge into YAML's backend section key by key
+    assert cfg.backend.base_url == "http://127.0.0.1:9/v1" and cfg.backend.timeout_s == 7
+    assert cfg.backend.adapter == str(tmp_path / "lora") and cfg.backend.stop == "none"
+    assert cfg.action_format == "json" and cfg.concurrency == 4  # unset: the model's default
+
+
+def test_agent_run_bad_value_names_the_flag_and_yaml_key(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["agent", "run", "--model", "openai:m", "--out", str(tmp_path), "--task", "q",
+         "--max-steps", "0"],
+        terminal_width=200,
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    text = _said(result.output)
+    assert "invalid options for agent run" in text
+    assert "--max-steps (YAML key max_steps)" in text
+    assert not (tmp_path / "state.sqlite").exists()
