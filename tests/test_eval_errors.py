@@ -66,6 +66,23 @@ def test_bad_data_for_eval_run_is_reported_with_exit_2_also_from_the_eval_app_al
         assert "nowhere" in said
 
 
+@pytest.mark.parametrize("bench", ["gta", "agentx"])
+def test_a_benchmark_file_with_no_items_is_an_error_not_an_empty_run(
+    bench: str, tmp_path: Path
+) -> None:
+    """An empty GTA dataset.json or Agent-X data.json (``{}``) is no run at all: exit 2
+    naming the file, rather than "0 written" and exit 0."""
+    data = tmp_path / "bench"
+    data.mkdir()
+    (data / ("dataset.json" if bench == "gta" else "data.json")).write_text("{}")
+    out = tmp_path / "run"
+    args = ["eval", "run", bench, "--model", "openai:m", "--out", str(out), "--data", str(data)]
+    result = CliRunner().invoke(app, args)
+    said = _said(result.output)
+    assert result.exit_code == BAD_INPUT_EXIT, result.output
+    assert "holds no" in said and str(data) in said and "Traceback" not in said
+
+
 def test_eval_score_reports_bad_files_and_a_missing_embedder_package(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
