@@ -36,8 +36,9 @@ def _command(*path: str) -> Any:
 
 def _models() -> dict[tuple[str, ...], type[BaseModel]]:
     from tracetune.agent.run import AgentRunConfig
+    from tracetune.rollout import RolloutConfig
 
-    return {("agent", "run"): AgentRunConfig}
+    return {("agent", "run"): AgentRunConfig, ("rollout",): RolloutConfig}
 
 
 @pytest.mark.parametrize("path", list(_models()), ids=" ".join)
@@ -141,3 +142,49 @@ def test_agent_run_bad_value_names_the_flag_and_yaml_key(tmp_path: Path) -> None
     assert "invalid options for agent run" in text
     assert "--max-steps (YAML key max_steps)" in text
     assert not (tmp_path / "state.sqlite").exists()
+
+
+def test_rollout_flags_lay_over_the_yaml_config(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import tracetune.rollout as rollout_module
+
+    seen: list[Any] = []
+
+    async def fake_run(cfg: Any, progress: bool = True) -> Any:
+        seen.append(cfg)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(rollout_module, "run_rollout", fake_run)
+    config = tmp_path / "rollout.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {"tasks": str(tmp_path / "tasks"), "out": str(tmp_path / "out"), "max_time": "1h",
+             "require_tools": False, "tool_modules": ["a.mod"], "backend": {"timeout_s": 9}}
+        )
+    )  # fmt: skip
+    base = ["rollout", "--config", str(config), "--quiet"]
+    result = CliRunner().invoke(
+        app,
+        [*base, "--teacher", "openai:t", "--tool-module", "b.mod", "--tool-modules", "c.mod",
+         "--max-time", "10m", "--max-cost-usd", "2", "--no-keep-rejected",
+         "--base-url", "http://127.0.0.1:9/v1"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (cfg,) = seen
+    assert cfg.tasks == tmp_path / "tasks" and cfg.teacher == "openai:t"
+    assert cfg.tool_modules == ["b.mod", "c.mod"] and cfg.max_time == 600
+    assert cfg.max_cost_usd == 2 and cfg.keep_rejected is False
+    assert cfg.require_tools is False  # YAML's, no flag given
+    assert cfg.backend.base_url == "http://127.0.0.1:9/v1" and cfg.backend.timeout_s == 9
+    assert cfg.concurrency == 2 and cfg.seed == 0  # the model's defaults
+
+    seen.clear()
+    assert CliRunner().invoke(app, base).exit_code == 0
+    assert seen[0].max_time == 3600 and seen[0].tool_modules == ["a.mod"]  # YAML alone
+
+    bad = CliRunner().invoke(app, [*base, "--max-time", "soon"], terminal_width=200)
+    assert bad.exit_code == 2, bad.output
+    assert "--max-time (YAML key max_time): --max-time 'soon' is not a duration" in _said(
+        bad.output
+    )

@@ -28,13 +28,14 @@ import random
 import re
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from tracetune.agent.formats import ActionFormat, get_format, py_literal
 from tracetune.agent.loop import Agent
 from tracetune.agent.run import trajectory_id
+from tracetune.cliflag import CliFlag
 from tracetune.errors import ConfigError
 from tracetune.inputs import InputError
 from tracetune.judge.answers import judge_answer, numbers_equal, numbers_in
@@ -43,11 +44,16 @@ from tracetune.runner import Drop, MeteredModel, StageResult, run_stage
 from tracetune.schema import Action, Step, Task, ToolCall, Trajectory, Verdict
 from tracetune.store import AssetStore, Dataset
 from tracetune.store.tasks import load_tasks
-from tracetune.timelimit import TimedBudget
+from tracetune.timelimit import TimedBudget, parse_duration
 from tracetune.tools import Tool, load_tools
 
 GOLD = "gold"
 STAGE = "rollout"
+
+
+def _seconds(value: Any) -> Any:
+    """A duration's text (``10m``) as seconds; numbers are left to the field's checks."""
+    return parse_duration(value) if isinstance(value, str) else value
 
 
 class RolloutConfig(BaseModel):
@@ -57,12 +63,17 @@ class RolloutConfig(BaseModel):
 
     tasks: Path = Field(description="Task dataset directory (or JSONL) with gold answers.")
     out: Path = Field(description="Output directory: passing trajectories, verdicts/, rejected/.")
-    teacher: str = Field(default=GOLD, description="'gold' (replay gold chains) or a model spec.")
+    teacher: str = Field(
+        default=GOLD,
+        description="'gold' replays the gold tool chains, or a model spec (openai:NAME, "
+        "local:PATH).",
+    )
     action_format: Literal["json", "code", "tools"] = Field(
         default="json", description="How actions are written."
     )
-    tool_modules: list[str] = Field(
-        default_factory=list, description="Python modules to import first (they register tools)."
+    tool_modules: Annotated[list[str], CliFlag("--tool-module", "--tool-modules")] = Field(
+        default_factory=list,
+        description="Python module to import first, which registers tools (repeatable).",
     )
     corpus: Path | None = Field(
         default=None, description="Search corpus for tasks that use search (default: the task's)."
@@ -83,15 +94,21 @@ class RolloutConfig(BaseModel):
     concurrency: int = Field(
         default=2, ge=1, description="Model requests in flight, and episodes run at once."
     )
-    max_cost_usd: float | None = Field(default=None, description="Stop after this much spend.")
-    max_time: float | None = Field(
+    max_cost_usd: Annotated[float | None, CliFlag("--max-cost", "--max-cost-usd")] = Field(
+        default=None, description="Stop after this much spend (USD)."
+    )
+    max_time: Annotated[
+        float | None, CliFlag(text=True, metavar="DURATION"), BeforeValidator(_seconds)
+    ] = Field(
         default=None,
         gt=0,
-        description="Start no new item after this many seconds; the items in flight finish "
-        "and are saved, and a rerun continues (CLI: --max-time 10m).",
+        description="Start no new item after this long (seconds, or 600, 10m, 1.5h); the items "
+        "in flight finish and are saved, and a rerun continues.",
     )
     limit: int | None = Field(default=None, ge=1, description="Only the first N tasks.")
-    backend: ModelOptions = Field(default_factory=ModelOptions, description="Backend options.")
+    backend: Annotated[ModelOptions, CliFlag(skip=True)] = Field(
+        default_factory=ModelOptions, description="Backend options (CLI: --base-url)."
+    )
 
 
 # -- thoughts ------------------------------------------------------------------------------
