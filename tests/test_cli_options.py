@@ -36,9 +36,14 @@ def _command(*path: str) -> Any:
 
 def _models() -> dict[tuple[str, ...], type[BaseModel]]:
     from tracetune.agent.run import AgentRunConfig
+    from tracetune.prefs.explore import ExploreConfig
     from tracetune.rollout import RolloutConfig
 
-    return {("agent", "run"): AgentRunConfig, ("rollout",): RolloutConfig}
+    return {
+        ("agent", "run"): AgentRunConfig,
+        ("rollout",): RolloutConfig,
+        ("prefs", "explore"): ExploreConfig,
+    }
 
 
 @pytest.mark.parametrize("path", list(_models()), ids=" ".join)
@@ -188,3 +193,46 @@ def test_rollout_flags_lay_over_the_yaml_config(
     assert "--max-time (YAML key max_time): --max-time 'soon' is not a duration" in _said(
         bad.output
     )
+
+
+def test_prefs_explore_flags_lay_over_the_yaml_config(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import tracetune.prefs.explore as explore_module
+
+    seen: list[Any] = []
+
+    async def fake_run(cfg: Any, progress: bool = True) -> Any:
+        seen.append(cfg)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(explore_module, "run_explore", fake_run)
+    config = tmp_path / "explore.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {"tasks": str(tmp_path / "tasks"), "out": str(tmp_path / "out"), "policy": "openai:p",
+             "k": 3, "judge_backend": {"timeout_s": 5}}
+        )
+    )  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        ["prefs", "explore", "--config", str(config), "--verifier", "llm-best", "--judge",
+         "openai:j", "--judge-base-url", "http://127.0.0.1:9/v1", "--max-cost", "1",
+         "--max-time", "1.5h", "--gold-anchor", "--temperatures", "0.5",
+         "--temperatures", "1.0", "--temperatures", "1.2", "--quiet"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (cfg,) = seen
+    assert cfg.policy == "openai:p" and cfg.k == 3 and cfg.verifier == "llm-best"
+    assert cfg.max_cost_usd == 1 and cfg.max_time == 5400 and cfg.gold_anchor is True
+    assert cfg.temperatures == [0.5, 1.0, 1.2]
+    assert cfg.judge_backend.base_url == "http://127.0.0.1:9/v1"
+    assert cfg.judge_backend.timeout_s == 5 and cfg.backend.base_url is None
+    assert cfg.top_p == 0.8 and cfg.low_samples == 1  # the model's defaults
+
+    bad = CliRunner().invoke(
+        app, ["prefs", "explore", "--config", str(config), "--verifier", "coin"],
+        terminal_width=200,
+    )  # fmt: skip
+    assert bad.exit_code == 2, bad.output
+    assert "verifier must be one of" in _said(bad.output)

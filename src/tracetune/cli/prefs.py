@@ -16,104 +16,64 @@ app = App(no_args_is_help=True, help="Step-wise exploration and preference pairs
 out_console = Console()
 
 
-@app.command("explore")
-def explore(
-    tasks: Annotated[Path | None, typer.Option(help="Task dataset dir (or JSONL).")] = None,
-    policy: Annotated[
-        str | None,
-        typer.Option(
-            help="Policy spec: local:DIR (e.g. the SFT output) or openai:NAME (--base-url for "
-            "a vLLM endpoint)."
-        ),
-    ] = None,
-    verifier: Annotated[
-        str | None,
-        typer.Option(
-            help="Step verifier: gold, llm-best, llm-rank, llm-score, gold+llm-best, "
-            "gold+llm-rank, gold+llm-score."
-        ),
-    ] = None,
-    judge: Annotated[
-        str | None,
-        typer.Option(
-            help="Judge model spec for llm-* verifiers; with gold it audits (for agreement)."
-        ),
-    ] = None,
-    k: Annotated[int | None, typer.Option("--k", help="Candidates per step.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output directory (resumable).")] = None,
-    action_format: Annotated[str | None, typer.Option(help="json, code or tools.")] = None,
-    low_temperature: Annotated[
-        float | None, typer.Option(help="Temperature of the first --low-samples candidates.")
-    ] = None,
-    high_temperature: Annotated[
-        float | None, typer.Option(help="Temperature of the other candidates.")
-    ] = None,
-    low_samples: Annotated[
-        int | None, typer.Option(help="Candidates at the low temperature.")
-    ] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Step budget per episode.")] = None,
-    max_tokens: Annotated[int | None, typer.Option(help="Max new tokens per candidate.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Base sampling seed.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N tasks.")] = None,
-    concurrency: Annotated[
-        int | None,
-        typer.Option(help="Model requests in flight, and tasks explored at once (default 2)."),
-    ] = None,
+# Backend settings are nested sections of the config: their URL flags are declared here,
+# merged into the YAML `backend:` / `judge_backend:` sections. Every other setting comes
+# from a field of ExploreConfig (tracetune.prefs.explore), declared there once.
+def _explore_options(
     base_url: Annotated[str | None, typer.Option(help="Policy's OpenAI-compatible URL.")] = None,
     judge_base_url: Annotated[str | None, typer.Option(help="Judge's endpoint URL.")] = None,
-    max_cost: Annotated[float | None, typer.Option(help="Stop after this many USD.")] = None,
-    max_time: Annotated[
-        str | None,
-        typer.Option(help="Start no new item after this long (600, 10m, 1.5h); rerun resumes."),
-    ] = None,
-    gold_anchor: Annotated[
-        bool | None,
+    config: Annotated[
+        Path | None,
         typer.Option(
-            "--gold-anchor/--no-gold-anchor",
-            help="Task programs: also offer the gold chain's next step as a candidate.",
+            help="YAML file with these options (keys: the field names, e.g. max_cost_usd; "
+            "backend settings under backend: and judge_backend:); flags given override it."
         ),
     ] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML file with these options.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
-    """Explore tasks step by step: K candidates per step, each run on its own fork of the
+    """Carries the options that are not config fields (never run)."""
+
+
+def _explore(**values: Any) -> None:
+    from tracetune.cli.options_from_config import config_from_options
+    from tracetune.prefs.explore import ExploreConfig, run_explore
+    from tracetune.prefs.stats import prefs_stats
+
+    # Dicts, not ModelOptions: merged key by key into the YAML backend sections.
+    backends = {
+        "backend": {"base_url": values.pop("base_url")},
+        "judge_backend": {"base_url": values.pop("judge_base_url")},
+    }
+    config_file, quiet = values.pop("config"), bool(values.pop("quiet"))
+    cfg = config_from_options(
+        ExploreConfig, values, config_file=config_file, extra=backends, what="prefs explore"
+    )
+    result, dataset = run_async(run_explore(cfg, progress=not quiet))
+    out_console.print(result.summary())
+    print_stats(prefs_stats(dataset.root))
+
+
+def _explore_command() -> None:
+    import inspect
+
+    from tracetune.cli.options_from_config import command_function, config_params
+    from tracetune.prefs.explore import ExploreConfig
+
+    shared = inspect.signature(_explore_options, eval_str=True).parameters.values()
+    params = [
+        *config_params(ExploreConfig),
+        *(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in shared),
+    ]
+    doc = """Explore tasks step by step: K candidates per step, each run on its own fork of the
     episode, ranked by a step verifier; the best is committed.
 
     Writes explored trajectories (every step's candidates, observations and ranking) to OUT;
     `tracetune prefs build` turns them into preference pairs.
     """
-    from tracetune.prefs.explore import ExploreConfig, run_explore
-    from tracetune.prefs.stats import prefs_stats
-    from tracetune.timelimit import duration
+    app.command("explore")(command_function(_explore, params, doc))
 
-    cfg = build_config(
-        ExploreConfig,
-        config,
-        tasks=tasks,
-        policy=policy,
-        verifier=verifier,
-        judge=judge,
-        k=k,
-        out=out,
-        action_format=action_format,
-        low_temperature=low_temperature,
-        high_temperature=high_temperature,
-        low_samples=low_samples,
-        max_steps=max_steps,
-        max_tokens=max_tokens,
-        seed=seed,
-        limit=limit,
-        concurrency=concurrency,
-        max_cost_usd=max_cost,
-        max_time=duration(max_time),
-        gold_anchor=gold_anchor,
-        # Dicts, not ModelOptions: merged key by key into YAML backend sections.
-        backend={"base_url": base_url},
-        judge_backend={"base_url": judge_base_url},
-    )
-    result, dataset = run_async(run_explore(cfg, progress=not quiet))
-    out_console.print(result.summary())
-    print_stats(prefs_stats(dataset.root))
+
+_explore_command()
 
 
 @app.command("build")

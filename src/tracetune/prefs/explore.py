@@ -20,11 +20,12 @@ import hashlib
 import secrets
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from tracetune.agent.loop import Agent, Episode
+from tracetune.cliflag import CliFlag
 from tracetune.errors import InputFileError
 from tracetune.inputs import InputError
 from tracetune.models.base import ChatModel, ModelOptions, Sampling, load_model
@@ -42,11 +43,16 @@ from tracetune.runner import MeteredModel, StageResult, run_stage
 from tracetune.schema import Task, Trajectory, Usage
 from tracetune.store import AssetStore, Dataset
 from tracetune.store.tasks import load_tasks
-from tracetune.timelimit import TimedBudget
+from tracetune.timelimit import TimedBudget, parse_duration
 from tracetune.tools import load_tools
 
 STAGE = "explore"
 STOP = ("\nObservation:",)
+
+
+def _seconds(value: Any) -> Any:
+    """A duration's text (``10m``) as seconds; numbers are left to the field's checks."""
+    return parse_duration(value) if isinstance(value, str) else value
 
 
 class ExploreConfig(BaseModel):
@@ -108,17 +114,23 @@ class ExploreConfig(BaseModel):
     concurrency: int = Field(
         default=2, ge=1, description="Model requests in flight, and tasks explored at once."
     )
-    max_cost_usd: float | None = Field(default=None, description="Stop after this much spend.")
-    max_time: float | None = Field(
+    max_cost_usd: Annotated[float | None, CliFlag("--max-cost", "--max-cost-usd")] = Field(
+        default=None, description="Stop after this much spend (USD)."
+    )
+    max_time: Annotated[
+        float | None, CliFlag(text=True, metavar="DURATION"), BeforeValidator(_seconds)
+    ] = Field(
         default=None,
         gt=0,
-        description="Start no new item after this many seconds; the items in flight finish "
-        "and are saved, and a rerun continues (CLI: --max-time 10m).",
+        description="Start no new item after this long (seconds, or 600, 10m, 1.5h); the items "
+        "in flight finish and are saved, and a rerun continues.",
     )
     max_total_tokens: int | None = Field(default=None, description="Stop after this many tokens.")
-    backend: ModelOptions = Field(default_factory=ModelOptions, description="Policy backend.")
-    judge_backend: ModelOptions = Field(
-        default_factory=ModelOptions, description="Judge backend options."
+    backend: Annotated[ModelOptions, CliFlag(skip=True)] = Field(
+        default_factory=ModelOptions, description="Policy backend (CLI: --base-url)."
+    )
+    judge_backend: Annotated[ModelOptions, CliFlag(skip=True)] = Field(
+        default_factory=ModelOptions, description="Judge backend options (CLI: --judge-base-url)."
     )
 
     @model_validator(mode="after")
