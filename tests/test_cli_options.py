@@ -38,11 +38,13 @@ def _models() -> dict[tuple[str, ...], type[BaseModel]]:
     from tracetune.agent.run import AgentRunConfig
     from tracetune.prefs.explore import ExploreConfig
     from tracetune.rollout import RolloutConfig
+    from tracetune.synth.programs.generate import ProgramsConfig
 
     return {
         ("agent", "run"): AgentRunConfig,
         ("rollout",): RolloutConfig,
         ("prefs", "explore"): ExploreConfig,
+        ("tasks", "programs"): ProgramsConfig,
     }
 
 
@@ -236,3 +238,30 @@ def test_prefs_explore_flags_lay_over_the_yaml_config(
     )  # fmt: skip
     assert bad.exit_code == 2, bad.output
     assert "verifier must be one of" in _said(bad.output)
+
+
+def test_tasks_programs_flags_lay_over_the_yaml_config(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import tracetune.synth.programs.generate as generate_module
+
+    seen: list[Any] = []
+
+    async def fake_generate(cfg: Any, progress: bool = True) -> Any:
+        seen.append(cfg)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(generate_module, "generate_tasks", fake_generate)
+    config = tmp_path / "programs.yaml"
+    config.write_text(yaml.safe_dump({"out": str(tmp_path / "out"), "n": 7, "seed": 3}))
+    result = CliRunner().invoke(
+        app,
+        ["tasks", "programs", "--config", str(config), "--families", "chart,table",
+         "--families", "map", "--programs-module", "a.mod", "--n", "9", "--quiet"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (cfg,) = seen
+    assert cfg.n == 9 and cfg.seed == 3 and cfg.workers == 1
+    assert cfg.families == ["chart", "table", "map"] and cfg.programs_modules == ["a.mod"]
+    listed = CliRunner().invoke(app, ["tasks", "programs", "--list"])  # needs no --out
+    assert listed.exit_code == 0 and "chart" in listed.output and not seen[1:]

@@ -4,60 +4,72 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from tracetune.cli.common import App, build_config, run_async, split_names
+from tracetune.cli.common import App, run_async
 
 app = App(no_args_is_help=True)
 out_console = Console()
 
 
-@app.command("programs")
-def programs(
-    out: Annotated[Path | None, typer.Option(help="Output task dataset directory.")] = None,
-    n: Annotated[int | None, typer.Option(help="How many tasks to generate.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Run seed (same seed, same tasks).")] = None,
-    families: Annotated[
-        str | None, typer.Option(help="Comma-separated program names (default: all; see --list).")
-    ] = None,
-    programs_module: Annotated[
-        list[str] | None,
-        typer.Option(help="Module that registers your own programs with @program (repeatable)."),
-    ] = None,
-    workers: Annotated[int | None, typer.Option(help="Rendering processes.")] = None,
+def _programs_options(
     list_programs: Annotated[bool, typer.Option("--list", help="List the programs, exit.")] = False,
-    config: Annotated[Path | None, typer.Option(help="YAML file with these options.")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="YAML file with these options (keys: the field names, e.g. programs_modules); "
+            "flags given override it."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
-    """Generate tasks whose answers and tool chains are known by construction; rerunning
-    skips the tasks already written."""
+    """Carries the options that are not config fields (never run)."""
+
+
+def _programs(**values: Any) -> None:
+    from tracetune.cli.options_from_config import config_from_options
     from tracetune.synth.programs import load_program_modules, registered_programs
     from tracetune.synth.programs.generate import ProgramsConfig, generate_tasks
 
-    if list_programs:
-        load_program_modules(programs_module or [])
+    config_file, quiet = values.pop("config"), bool(values.pop("quiet"))
+    if values.pop("list_programs"):
+        load_program_modules(list(values.get("programs_modules") or []))
         table = Table("program", "tools", "what it draws")
         for name, prog in registered_programs().items():
             table.add_row(name, ", ".join(prog.tools), prog.description)
         out_console.print(table)
         return
-    cfg = build_config(
-        ProgramsConfig,
-        config,
-        out=out,
-        n=n,
-        seed=seed,
-        families=split_names(families),
-        programs_modules=programs_module,
-        workers=workers,
+    cfg = config_from_options(
+        ProgramsConfig, values, config_file=config_file, what="tasks programs"
     )
     result, dataset = run_async(generate_tasks(cfg, progress=not quiet))
     out_console.print(result.summary())
     out_console.print(f"tasks: {dataset.root} ({len(dataset)} records)")
+
+
+def _programs_command() -> None:
+    """``tasks programs``: its options generated from ProgramsConfig's fields (declared
+    there once), plus --list, --config and --quiet."""
+    import inspect
+
+    from tracetune.cli.options_from_config import command_function, config_params
+    from tracetune.synth.programs.generate import ProgramsConfig
+
+    shared = inspect.signature(_programs_options, eval_str=True).parameters.values()
+    params = [
+        *config_params(ProgramsConfig),
+        *(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in shared),
+    ]
+    doc = """Generate tasks whose answers and tool chains are known by construction; rerunning
+    skips the tasks already written."""
+    app.command("programs")(command_function(_programs, params, doc))
+
+
+_programs_command()
 
 
 @app.command("stats")

@@ -14,10 +14,11 @@ from collections import Counter
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tracetune.cliflag import CliFlag
 from tracetune.runner import StageResult, run_stage
 from tracetune.runner.executor import active_executor
 from tracetune.schema import Task
@@ -46,10 +47,15 @@ class ProgramsConfig(BaseModel):
     n: int = Field(default=100, ge=1, description="How many tasks to generate.")
     seed: int = Field(default=0, description="Run seed; the same seed gives the same tasks.")
     families: list[str] = Field(
-        default_factory=list, description="Program names to draw from (default: all)."
+        default_factory=list,
+        description="Program names to draw from, comma-separated or repeated (default: all; "
+        "see --list).",
     )
-    programs_modules: list[str] = Field(
-        default_factory=list, description="Python modules to import first (they register programs)."
+    programs_modules: Annotated[list[str], CliFlag("--programs-module", "--programs-modules")] = (
+        Field(
+            default_factory=list,
+            description="Module that registers your own programs with @program (repeatable).",
+        )
     )
     workers: int = Field(
         default=1,
