@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from tracetune.agent.formats import ActionFormat, get_format, py_literal
 from tracetune.agent.loop import Agent
@@ -44,16 +44,11 @@ from tracetune.runner import Drop, MeteredModel, StageResult, run_stage
 from tracetune.schema import Action, Step, Task, ToolCall, Trajectory, Verdict
 from tracetune.store import AssetStore, Dataset
 from tracetune.store.tasks import load_tasks
-from tracetune.timelimit import TimedBudget, parse_duration
+from tracetune.timelimit import MaxTime, TimedBudget
 from tracetune.tools import Tool, load_tools
 
 GOLD = "gold"
 STAGE = "rollout"
-
-
-def _seconds(value: Any) -> Any:
-    """A duration's text (``10m``) as seconds; numbers are left to the field's checks."""
-    return parse_duration(value) if isinstance(value, str) else value
 
 
 class RolloutConfig(BaseModel):
@@ -97,9 +92,7 @@ class RolloutConfig(BaseModel):
     max_cost_usd: Annotated[float | None, CliFlag("--max-cost", "--max-cost-usd")] = Field(
         default=None, description="Stop after this much spend (USD)."
     )
-    max_time: Annotated[
-        float | None, CliFlag(text=True, metavar="DURATION"), BeforeValidator(_seconds)
-    ] = Field(
+    max_time: MaxTime = Field(
         default=None,
         gt=0,
         description="Start no new item after this long (seconds, or 600, 10m, 1.5h); the items "

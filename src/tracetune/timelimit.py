@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, PrivateAttr
+from pydantic import BeforeValidator, Field, PrivateAttr
 
+from tracetune.cliflag import CliFlag
 from tracetune.errors import ConfigError
 from tracetune.runner import Budget
 from tracetune.schema import Usage
@@ -43,6 +44,19 @@ def parse_duration(text: str | float | int | None) -> float | None:
     if seconds <= 0:
         raise ConfigError(f"--max-time must be positive, got {text!r}")
     return seconds
+
+
+def seconds_from_text(value: Any) -> Any:
+    """A duration's text (``10m``) as seconds, for a config field's validator; numbers are
+    left to the field's own checks."""
+    return parse_duration(value) if isinstance(value, str) else value
+
+
+MaxTime = Annotated[
+    float | None, CliFlag(text=True, metavar="DURATION"), BeforeValidator(seconds_from_text)
+]
+"""A config field's type for a time budget: seconds, or text such as ``600``, ``10m`` or
+``1.5h`` (in YAML or from ``--max-time``)."""
 
 
 def duration(text: str | None) -> float | None:

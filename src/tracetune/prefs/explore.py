@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tracetune.agent.loop import Agent, Episode
 from tracetune.cliflag import CliFlag
@@ -43,16 +43,11 @@ from tracetune.runner import MeteredModel, StageResult, run_stage
 from tracetune.schema import Task, Trajectory, Usage
 from tracetune.store import AssetStore, Dataset
 from tracetune.store.tasks import load_tasks
-from tracetune.timelimit import TimedBudget, parse_duration
+from tracetune.timelimit import MaxTime, TimedBudget
 from tracetune.tools import load_tools
 
 STAGE = "explore"
 STOP = ("\nObservation:",)
-
-
-def _seconds(value: Any) -> Any:
-    """A duration's text (``10m``) as seconds; numbers are left to the field's checks."""
-    return parse_duration(value) if isinstance(value, str) else value
 
 
 class ExploreConfig(BaseModel):
@@ -117,9 +112,7 @@ class ExploreConfig(BaseModel):
     max_cost_usd: Annotated[float | None, CliFlag("--max-cost", "--max-cost-usd")] = Field(
         default=None, description="Stop after this much spend (USD)."
     )
-    max_time: Annotated[
-        float | None, CliFlag(text=True, metavar="DURATION"), BeforeValidator(_seconds)
-    ] = Field(
+    max_time: MaxTime = Field(
         default=None,
         gt=0,
         description="Start no new item after this long (seconds, or 600, 10m, 1.5h); the items "
