@@ -590,22 +590,22 @@ async def test_a_setsid_daemon_does_not_survive_close(tmp_path: Path, cgroup: bo
 
 HOG = """
 import os, time
-pids = []
 for i in range(4):
-    pid = os.fork()
-    if pid == 0:
+    if os.fork() == 0:
         block = b"x" * (200 << 20)
-        open(f"held{i}", "w").write("ok")
-        time.sleep(3)
+        time.sleep(2.5)
+        open(f"held{i}", "w").write("ok")  # only a child that kept its 200 MB to the end
         os._exit(0)
-    pids.append(pid)
-time.sleep(2)
+    time.sleep(0.3)
+time.sleep(3)
 print(sorted(n for n in os.listdir(".") if n.startswith("held")))
 """
 
 
 @async_test
 async def test_memory_is_capped_for_the_whole_process_tree(tmp_path: Path) -> None:
+    """RAM and swap together: on a host with swap, a cap on RAM alone lets all four children
+    keep their memory (swapped out), which is how this once failed on a CI host."""
     workdir = tmp_path / "work"
     workdir.mkdir()
     limits = SandboxLimits(timeout_s=20.0, memory_mb=512, audit_hook=False)
@@ -614,15 +614,61 @@ async def test_memory_is_capped_for_the_whole_process_tree(tmp_path: Path) -> No
         if not sb.isolation.get("cgroup"):
             pytest.skip(f"no cgroup on this host: {sb.isolation.get('cgroup_detail')}")
         result = await sb.execute(HOG)
-        if result.error is not None:
+        if result.error is not None:  # the worker itself was one of those killed
             assert result.error.kind == ErrorKind.MEMORY, result.error
         held = len(list(workdir.glob("held*")))
         assert held <= 2, result  # 4 x 200 MB against a 512 MB cap for all of them
         assert sb.cgroup is not None
         peak = sb.cgroup.memory_peak()
         assert peak is None or peak <= 512 * 1024 * 1024
+        # On a host with swap, the cap must hold for RAM and swap together; the report says how.
+        assert sb.isolation["cgroup_swap"] == sb.cgroup.swap != ""
     finally:
         await sb.close()
+
+
+HOG_REPORT = """
+import os, sys, time
+sys.stdin.read(1)  # wait until the test has put this process in the group
+pids = []
+for i in range(4):
+    pid = os.fork()
+    if pid == 0:
+        block = b"x" * (200 << 20)
+        time.sleep(4)
+        os._exit(0)
+    pids.append(pid)
+    time.sleep(0.3)
+print(sum(os.waitpid(pid, 0)[1] == 9 for pid in pids))  # children ended by SIGKILL
+"""
+
+
+def test_the_swap_watchdog_keeps_a_group_under_its_cap(tmp_path: Path) -> None:
+    """Where the kernel cannot count swap per group, the watchdog must: here the kernel's cap
+    (2 GB) never fires, so only the watchdog's 512 MB cap can stop 4 x 200 MB."""
+    from tracetune.sandbox import _cgroup
+
+    group, why = _cgroup.Cgroup.create(2048 << 20, 16)
+    if group is None:
+        pytest.skip(f"no cgroup on this host: {why}")
+    guard = _cgroup._SwapGuard()
+    hog = subprocess.Popen(
+        [sys.executable, "-c", HOG_REPORT],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        group.add(hog.pid)
+        guard.watch(group, 512 << 20)
+        out, _ = hog.communicate("x", timeout=30)
+        assert hog.returncode == 0, out
+        assert int(out) >= 2, out  # 600 MB would be over the cap: two of the four must go
+        assert group.memory_used() <= 512 << 20
+    finally:
+        guard.forget(group)
+        hog.kill()
+        group.remove()
 
 
 # -- 5. Unix sockets of the host user ------------------------------------------------------------

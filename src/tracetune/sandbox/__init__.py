@@ -51,7 +51,9 @@ prints them, and the active ones are logged when the first sandbox starts):
    answers ENOSYS (its flags are out of a filter's reach) and libc falls back to ``clone``.
 7. **cgroup** (v2, or v1 hierarchies; root or a delegated ``$TRACETUNE_CGROUP``): a group per
    sandbox (and per fork) with ``pids.max = max_processes``, ``memory_mb`` for the whole
-   process tree (no swap), an optional ``cpus`` quota; on close every process in it is
+   process tree, RAM and swap together (``memory.swap.max``/``memsw`` and, on v1,
+   ``memory.swappiness = 0``; a watchdog thread where the kernel does not count swap per
+   group), an optional ``cpus`` quota; on close every process in it is
    killed, a double-forked ``setsid`` daemon included. Without a cgroup, the worker's own
    network namespace is swept instead: every process in it is killed.
 8. **Size-capped working directory** (root hosts): a tmpfs with ``size=workdir_mb`` is

@@ -15,6 +15,14 @@ Both layouts are supported and detected at start:
 
 Where neither can be created (no root and no delegation, a read-only /sys/fs/cgroup), the
 sandbox runs without this layer and says why in ``Sandbox.isolation``.
+
+**Swap.** A memory cap that counts only RAM lets a group on a host with swap hold far more
+than its cap (the excess is swapped out). The cap covers swap through ``memory.swap.max = 0``
+(v2) or ``memory.memsw.limit_in_bytes`` (v1), and on v1 also ``memory.swappiness = 0`` (no
+swapping when the group reaches its cap). Where the kernel offers none of these (swap
+accounting switched off) and the host has swap, a watchdog thread sums each such group's RAM
+and its members' swap every 50 ms and SIGKILLs the largest member when the sum passes the cap,
+as the kernel's OOM killer would. ``Cgroup.swap`` says which of these holds.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import contextlib
 import os
 import secrets
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -80,6 +89,8 @@ class Cgroup:
     def __init__(self, version: str, dirs: dict[str, Path]) -> None:
         self.version = version
         self.dirs = dirs  # controller -> group directory ("" for v2)
+        # How swap is kept inside the memory cap (see the module docstring).
+        self.swap = ""
 
     @classmethod
     def create(
@@ -97,6 +108,12 @@ class Cgroup:
                 group = cls._create_v1(name, memory_bytes, pids_max, cpus)
         except OSError as exc:
             return None, f"{why}: could not create a group ({exc.strerror or exc})"
+        if not group.swap:
+            if _host_swap_bytes() == 0:
+                group.swap = "no swap on this host"
+            else:
+                _GUARD.watch(group, memory_bytes)
+                group.swap = "watchdog (the kernel does not account swap per group)"
         return group, why
 
     @classmethod
@@ -117,6 +134,7 @@ class Cgroup:
             _write(group / "memory.max", str(memory_bytes))
             if (group / "memory.swap.max").exists():
                 _write(group / "memory.swap.max", "0")
+                made.swap = "memory.swap.max = 0"
             if cpus is not None and (group / "cpu.max").exists():
                 _write(group / "cpu.max", f"{int(cpus * 100_000)} 100000")
         except OSError:
@@ -142,10 +160,16 @@ class Cgroup:
                 dirs[controller] = group
             _write(dirs["pids"] / "pids.max", str(pids_max))
             _write(dirs["memory"] / "memory.limit_in_bytes", str(memory_bytes))
+            swap = []
             memsw = dirs["memory"] / "memory.memsw.limit_in_bytes"
             if memsw.exists():
                 with contextlib.suppress(OSError):
                     _write(memsw, str(memory_bytes))
+                    swap.append("memory.memsw.limit_in_bytes")
+            with contextlib.suppress(OSError):
+                _write(dirs["memory"] / "memory.swappiness", "0")
+                swap.append("memory.swappiness = 0")
+            made.swap = ", ".join(swap)
             if cpus is not None and "cpu" in dirs:
                 _write(dirs["cpu"] / "cpu.cfs_quota_us", str(int(cpus * 100_000)))
         except OSError:
@@ -165,6 +189,15 @@ class Cgroup:
             with contextlib.suppress(OSError):
                 found.update(int(x) for x in (group / "cgroup.procs").read_text().split())
         return sorted(found)
+
+    def memory_used(self) -> int:
+        """RAM charged to the group now, in bytes (0 where the kernel does not say)."""
+        group = self.dirs.get("memory", self.dirs.get(""))
+        for name in ("memory.current", "memory.usage_in_bytes"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if group is not None:
+                    return int((group / name).read_text().split()[0])
+        return 0
 
     def memory_peak(self) -> int | None:
         """Most memory the group has held, in bytes (None where the kernel does not say)."""
@@ -223,6 +256,7 @@ class Cgroup:
 
     def remove(self) -> None:
         """Kill what is left and delete the group's directories."""
+        _GUARD.forget(self)
         if self.pids():
             self.kill()
         for group in self.dirs.values():
@@ -250,6 +284,76 @@ def _kill_member(pid: int, group: Cgroup) -> None:
         pass
     finally:
         os.close(pidfd)
+
+
+def _host_swap_bytes() -> int:
+    """SwapTotal of this host, in bytes (0 without swap or without /proc/meminfo)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("SwapTotal:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _proc_memory(pid: int) -> tuple[int, int]:
+    """(resident, swapped-out) bytes of one process ((0, 0) once it is gone)."""
+    found = {"VmRSS:": 0, "VmSwap:": 0}
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key = line.split(maxsplit=1)[0] if line else ""
+            if key in found:
+                found[key] = int(line.split()[1]) * 1024
+    return found["VmRSS:"], found["VmSwap:"]
+
+
+class _SwapGuard:
+    """One daemon thread that keeps RAM plus swap of each watched group under its cap."""
+
+    interval_s = 0.05
+
+    def __init__(self) -> None:
+        self._groups: dict[int, tuple[Cgroup, int]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, group: Cgroup, cap_bytes: int) -> None:
+        with self._lock:
+            self._groups[id(group)] = (group, cap_bytes)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="tracetune-swap-guard", daemon=True
+                )
+                self._thread.start()
+
+    def forget(self, group: Cgroup) -> None:
+        with self._lock:
+            self._groups.pop(id(group), None)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                watched = list(self._groups.values())
+            for group, cap in watched:
+                self.check(group, cap)
+            time.sleep(self.interval_s)
+
+    @staticmethod
+    def check(group: Cgroup, cap_bytes: int) -> int | None:
+        """SIGKILL the largest member if the group holds more than ``cap_bytes`` of RAM and
+        swap together; the pid killed, or None."""
+        members = {pid: _proc_memory(pid) for pid in group.pids()}
+        if not members:
+            return None
+        # RAM from the kernel's count (pages shared after fork counted once), swap per process.
+        swapped = sum(swap for _, swap in members.values())
+        if group.memory_used() + swapped <= cap_bytes:
+            return None
+        victim = max(members, key=lambda pid: sum(members[pid]))
+        _kill_member(victim, group)
+        return victim
+
+
+_GUARD = _SwapGuard()
 
 
 def _controllers(group: Path) -> list[str]:

@@ -101,7 +101,8 @@ def layers(isolation: dict[str, Any]) -> list[tuple[str, bool, str]]:
         (
             "cgroup",
             bool(isolation.get("cgroup")),
-            f"{isolation.get('cgroup')}: pids and memory for the whole tree, killed whole"
+            f"{isolation.get('cgroup')}: pids and memory for the whole tree (swap kept inside "
+            f"the cap by {isolation.get('cgroup_swap') or 'nothing'}), killed whole"
             if isolation.get("cgroup")
             else str(isolation.get("cgroup_detail") or "not available"),
         ),
@@ -633,6 +634,7 @@ class Sandbox:
         self.isolation = dict(isolation) if isinstance(isolation, dict) else {}
         self.isolation["cgroup"] = self.cgroup.version if self.cgroup is not None else ""
         self.isolation["cgroup_detail"] = self._cgroup_note
+        self.isolation["cgroup_swap"] = self.cgroup.swap if self.cgroup is not None else ""
         self.isolation["workdir_cap"] = self._capped_note if self._capped is not None else ""
         self.isolation["workdir_cap_detail"] = self._capped_note
         level = isolation_level(self.isolation)
