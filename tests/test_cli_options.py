@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 import typer
 import yaml  # type: ignore[import-untyped]
@@ -14,6 +15,7 @@ from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from tracetune.cli import app
+from tracetune.cli.executor_options import executor_params
 from tracetune.cli.options_from_config import _cli_meta, _default, field_flags
 
 
@@ -29,8 +31,10 @@ def _help(*args: str) -> str:
 
 def _command(*path: str) -> Any:
     command: Any = typer.main.get_command(app)
-    for name in path:
-        command = command.commands[name]
+    ctx = click.Context(command)
+    for name in path:  # get_command: `eval run`'s benchmarks are loaded when asked for
+        command = command.get_command(ctx, name)
+        ctx = click.Context(command, parent=ctx)
     return command
 
 
@@ -265,3 +269,147 @@ def test_tasks_programs_flags_lay_over_the_yaml_config(
     assert cfg.families == ["chart", "table", "map"] and cfg.programs_modules == ["a.mod"]
     listed = CliRunner().invoke(app, ["tasks", "programs", "--list"])  # needs no --out
     assert listed.exit_code == 0 and "chart" in listed.output and not seen[1:]
+
+
+def _stage_commands() -> dict[tuple[str, ...], type[BaseModel]]:
+    from tracetune.evaluate.adapter import ADAPTERS, adapter_class
+
+    commands = {path: model for path, model in _models().items() if path != ("tasks", "programs")}
+    for bench in ADAPTERS:
+        commands[("eval", "run", bench)] = adapter_class(bench).config_model
+    return commands
+
+
+def test_every_stage_shares_one_declaration_of_the_run_options() -> None:
+    """out, concurrency, limit and the budgets are StageOptions' fields, so each command
+    shows the same flags with the same help (a command may only redefine a default)."""
+    from tracetune.stageoptions import StageOptions
+
+    shared = {"--limit", "--max-cost", "--max-total-tokens", "--max-time", "--concurrency"}
+    helps: dict[str, set[str]] = {}
+    for path, model in _stage_commands().items():
+        assert issubclass(model, StageOptions), path
+        for param in _command(*path).params:
+            flag = next((o for o in param.opts if o in shared), None)
+            if flag is not None:
+                helps.setdefault(flag, set()).add(str(param.help))
+        text = _help(*path)
+        assert re.search(r"--max-time DURATION Start no new item after this long", text), path
+    assert set(helps) == shared
+    assert all(len(h) == 1 for flag, h in helps.items() if flag != "--concurrency"), helps
+
+
+def test_agent_run_stops_at_its_limit_and_budget(tmp_path: Path) -> None:
+    from tracetune.agent.run import AgentRunConfig, run_agent
+    from tracetune.cli.common import run_async
+    from tracetune.testing import ScriptedChatModel
+
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(f'{{"query": "What is {i} + 1?"}}\n' for i in range(5)))
+    answer = 'Thought: done.\nAction: {"name": "final_answer", "arguments": {"answer": "1"}}'
+    model = ScriptedChatModel(lambda messages: answer, spec="scripted:a")
+    config = AgentRunConfig(model="scripted:a", out=tmp_path / "a", tasks=tasks, limit=2)
+    result, dataset = run_async(run_agent(config, model=model, progress=False))
+    assert result.written == 2 and len(dataset) == 2
+    # The rest run when the limit goes, and what was done is not done again.
+    again = config.model_copy(update={"limit": None, "max_time": 1e-9})
+    result, dataset = run_async(run_agent(again, model=model, progress=False))
+    assert result.stopped and len(dataset) < 5, result.summary()
+    rest = config.model_copy(update={"limit": None})
+    result, dataset = run_async(run_agent(rest, model=model, progress=False))
+    assert (result.skipped, result.written, len(dataset)) == (2, 3, 5), result.summary()
+
+
+def _sectioned() -> dict[tuple[str, ...], tuple[type[BaseModel], tuple[str, ...], set[str]]]:
+    """Commands whose options are a config's fields and one nested section's:
+    path -> (config, sections with options, fields set only in YAML)."""
+    from tracetune.engine.infer import InferConfig
+    from tracetune.engine.ingest import IngestConfig
+    from tracetune.engine.pipeline import MMATRunConfig, RenderConfig
+    from tracetune.engine.rationale import RationaleConfig
+    from tracetune.engine.reflect import ReflectConfig
+    from tracetune.synth.mtrace import SynthConfig
+
+    synth_sections = {"queries", "files", "verify_tasks", "rollout", "verify_trajectories"}
+    yaml_only = {"backend", *synth_sections}
+    table: dict[tuple[str, ...], tuple[type[BaseModel], tuple[str, ...], set[str]]] = {
+        ("synth", name.replace("_", "-")): (SynthConfig, (name,), yaml_only)
+        for name in synth_sections
+    }
+    table[("synth", "run")] = (SynthConfig, (), yaml_only)
+    table[("mmat", "ingest")] = (IngestConfig, ("columns",), set())
+    table[("mmat", "rationale")] = (RationaleConfig, ("operators",), {"backend"})
+    table[("mmat", "reflect")] = (ReflectConfig, (), {"backend"})
+    table[("mmat", "render")] = (RenderConfig, (), set())
+    table[("mmat", "infer")] = (InferConfig, ("operators",), {"backend"})
+    table[("mmat", "run")] = (
+        MMATRunConfig,
+        (),
+        {"backend", "operators", "ingest", "rationale", "reflect"},
+    )
+    return table
+
+
+@pytest.mark.parametrize("path", list(_sectioned()), ids=" ".join)
+def test_sectioned_commands_take_each_field_of_the_config_and_its_section(
+    path: tuple[str, ...],
+) -> None:
+    model, sections, yaml_only = _sectioned()[path]
+    params = {p.name: p for p in _command(*path).params}
+    wanted = {(n, i) for n, i in model.model_fields.items() if n not in yaml_only | set(sections)}
+    for section in sections:
+        inner = model.model_fields[section].annotation
+        assert isinstance(inner, type) and issubclass(inner, BaseModel)
+        wanted |= {
+            (n, i)
+            for n, i in inner.model_fields.items()
+            if (n == section or n not in model.model_fields)
+            and not getattr(_cli_meta(i), "skip", False)
+        }
+    for name, info in wanted:
+        assert field_flags(name, info)[0] in params[name].opts, (path, name)
+        assert params[name].show_default == (_default(info) is not None), (path, name)
+    others = set(params) - {n for n, _ in wanted} - {p.name for p in executor_params()}
+    assert others <= {"base_url", "config", "quiet", "as_json", "retry_dropped", "mcp"}, others
+    assert ("base_url" in others) == ("backend" in model.model_fields)
+
+
+def test_synth_flags_lay_over_the_yaml_config(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import tracetune.cli.synth as synth_cli
+
+    seen: list[Any] = []
+    monkeypatch.setattr(synth_cli, "_run", lambda cfg, stages, *rest: seen.append((cfg, stages)))
+    config = tmp_path / "synth.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "out": str(tmp_path / "run"),
+                "generator": "openai:gen",
+                "max_cost_usd": 2.0,
+                "queries": {"batches": 3, "per_batch": 4, "max_tokens": 99},
+                "backend": {"base_url": "http://127.0.0.1:9/v1", "timeout_s": 7},
+            }
+        )
+    )
+    bench = tmp_path / "gta.json"
+    result = CliRunner().invoke(
+        app,
+        ["synth", "queries", "--config", str(config), "--per-batch", "6", "--max-cost", "0.5",
+         "--tools", "ocr,calculator", "--benchmark", str(bench), "--no-decontaminate",
+         "--max-tokens", "1000", "--base-url", "http://127.0.0.1:8/v1"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    ((cfg, stages),) = seen
+    assert stages == ["queries.generate", "queries.filter"]
+    assert cfg.generator == "openai:gen" and cfg.max_cost_usd == 0.5 and cfg.max_tokens == 1000
+    q = cfg.queries
+    assert (q.batches, q.per_batch, q.max_tokens) == (3, 6, 99)  # flag wins, YAML fills the rest
+    assert q.tools == ["ocr", "calculator"] and q.benchmarks == [bench] and not q.decontaminate
+    assert cfg.backend.base_url == "http://127.0.0.1:8/v1" and cfg.backend.timeout_s == 7
+    # A bad value names its flag; a section option of another stage is not an option here.
+    bad = CliRunner().invoke(app, ["synth", "files", "--config", str(config), "--max-files", "0"])
+    assert bad.exit_code == 2 and "files.max_files" in bad.output, bad.output
+    other = CliRunner().invoke(app, ["synth", "files", "--config", str(config), "--batches", "2"])
+    assert other.exit_code == 2 and "--batches" in other.output

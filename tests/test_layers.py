@@ -41,6 +41,7 @@ LAYERS: dict[str, int] = {
     "tracetune.safefs": LOW,
     "tracetune.timelimit": LOW,
     "tracetune.cliflag": LOW,
+    "tracetune.stageoptions": LOW,
     "tracetune.schema": LOW,
     "tracetune.store": LOW,
     "tracetune.models": LOW,

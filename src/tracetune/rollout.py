@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from tracetune.agent.formats import ActionFormat, get_format, py_literal
 from tracetune.agent.loop import Agent
@@ -39,22 +39,20 @@ from tracetune.cliflag import CliFlag
 from tracetune.errors import ConfigError
 from tracetune.inputs import InputError
 from tracetune.judge.answers import judge_answer, numbers_equal, numbers_in
-from tracetune.models.base import ChatMessage, ChatModel, Generation, ModelOptions, Sampling
+from tracetune.models.base import ChatMessage, ChatModel, Generation, Sampling
 from tracetune.runner import Drop, MeteredModel, StageResult, run_stage
 from tracetune.schema import Action, Step, Task, ToolCall, Trajectory, Verdict
+from tracetune.stageoptions import StageOptions
 from tracetune.store import AssetStore, Dataset
 from tracetune.store.tasks import load_tasks
-from tracetune.timelimit import MaxTime, TimedBudget
 from tracetune.tools import Tool, load_tools
 
 GOLD = "gold"
 STAGE = "rollout"
 
 
-class RolloutConfig(BaseModel):
+class RolloutConfig(StageOptions):
     """Configuration of ``tracetune rollout`` (YAML keys are these field names)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     tasks: Path = Field(description="Task dataset directory (or JSONL) with gold answers.")
     out: Path = Field(description="Output directory: passing trajectories, verdicts/, rejected/.")
@@ -86,22 +84,6 @@ class RolloutConfig(BaseModel):
     max_errors: int = Field(default=3, ge=1, description="Failed steps allowed per episode.")
     temperature: float = Field(default=0.0, ge=0, description="Sampling temperature.")
     max_tokens: int = Field(default=512, ge=1, description="Max new tokens per step.")
-    concurrency: int = Field(
-        default=2, ge=1, description="Model requests in flight, and episodes run at once."
-    )
-    max_cost_usd: Annotated[float | None, CliFlag("--max-cost", "--max-cost-usd")] = Field(
-        default=None, description="Stop after this much spend (USD)."
-    )
-    max_time: MaxTime = Field(
-        default=None,
-        gt=0,
-        description="Start no new item after this long (seconds, or 600, 10m, 1.5h); the items "
-        "in flight finish and are saved, and a rerun continues.",
-    )
-    limit: int | None = Field(default=None, ge=1, description="Only the first N tasks.")
-    backend: Annotated[ModelOptions, CliFlag(skip=True)] = Field(
-        default_factory=ModelOptions, description="Backend options (CLI: --base-url)."
-    )
 
 
 # -- thoughts ------------------------------------------------------------------------------
@@ -592,7 +574,7 @@ async def run_rollout(
             process=process,
             out=out,
             concurrency=config.concurrency,
-            budget=TimedBudget(max_cost_usd=config.max_cost_usd, max_seconds=config.max_time),
+            budget=config.budget(),
             sources=[source],
             progress=progress,
             total=len(items),

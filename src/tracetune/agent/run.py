@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+from itertools import islice
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from tracetune.agent.loop import Agent
 from tracetune.cliflag import CliFlag
 from tracetune.errors import ConfigError, InputFileError
-from tracetune.models.base import ChatModel, ModelOptions, Sampling, load_model
-from tracetune.runner import Budget, MeteredModel, StageResult, run_stage
+from tracetune.models.base import ChatModel, Sampling, load_model
+from tracetune.runner import MeteredModel, StageResult, run_stage
 from tracetune.schema import Task, Trajectory
+from tracetune.stageoptions import StageOptions
 from tracetune.store import Dataset
 from tracetune.store.tasks import TaskSource, task_from_inputs, task_source
 from tracetune.tools import load_tools
@@ -21,13 +23,14 @@ from tracetune.tools import load_tools
 DEFAULT_TOOLS = ["calculator", "image_crop"]
 
 
-class AgentRunConfig(BaseModel):
+class AgentRunConfig(StageOptions):
     """Configuration of ``tracetune agent run`` (YAML keys are these field names)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(description="Controller spec: 'openai:NAME' or 'local:PATH_OR_HUB_ID'.")
     out: Path = Field(description="Output trajectory dataset directory (resumable).")
+    concurrency: int = Field(
+        default=4, ge=1, description="Model requests in flight, and episodes run at once."
+    )
+    model: str = Field(description="Controller spec: 'openai:NAME' or 'local:PATH_OR_HUB_ID'.")
     task: str | None = Field(default=None, description="A single task's query text.")
     images: Annotated[list[Path], CliFlag("--image")] = Field(
         default_factory=list, description="Image for --task (repeatable)."
@@ -54,17 +57,6 @@ class AgentRunConfig(BaseModel):
     max_tokens: int = Field(default=512, ge=1, description="Max new tokens per step.")
     seed: int | None = Field(
         default=None, description="Sampling seed, where the backend supports it."
-    )
-    concurrency: int = Field(
-        default=4, ge=1, description="Model requests in flight, and episodes run at once."
-    )
-    max_cost_usd: Annotated[float | None, CliFlag("--max-cost", "--max-cost-usd")] = Field(
-        default=None, description="Stop after this much spend (USD)."
-    )
-    max_total_tokens: int | None = Field(default=None, description="Stop after this many tokens.")
-    backend: Annotated[ModelOptions, CliFlag(skip=True)] = Field(
-        default_factory=ModelOptions,
-        description="Backend options (CLI: --base-url, --adapter, --no-stop).",
     )
 
 
@@ -107,7 +99,8 @@ async def run_agent(
     agent = Agent(
         metered, tools, config.action_format, config.max_steps, config.max_errors, sampling
     )
-    items = ((task, s) for task in tasks for s in range(config.samples))
+    runs = len(tasks) if config.limit is None else min(len(tasks), config.limit)
+    items = ((task, s) for task in islice(tasks, runs) for s in range(config.samples))
 
     async def process(item: tuple[Task, int]) -> Trajectory:
         task, sample = item
@@ -127,10 +120,10 @@ async def run_agent(
             process=process,
             out=out,
             concurrency=config.concurrency,
-            budget=Budget(max_cost_usd=config.max_cost_usd, max_tokens=config.max_total_tokens),
+            budget=config.budget(),
             sources=[source],
             progress=progress,
-            total=len(tasks) * config.samples,
+            total=runs * config.samples,
         )
     finally:
         await model.aclose()

@@ -97,6 +97,25 @@ def _choices(name: str, values: list[str]) -> type[Enum]:
     return Enum(name, {v: v for v in values}, type=str)  # type: ignore[return-value]
 
 
+def _literal_text(annotation: Any) -> bool:
+    """A ``Literal`` of strings (a list of them reads as text: ``--x a,b``)."""
+    inner = _strip_optional(annotation)
+    return typing.get_origin(inner) is Literal and all(
+        isinstance(a, str) for a in typing.get_args(inner)
+    )
+
+
+def _list_choices(annotation: Any) -> list[str]:
+    """The choices of a ``list[Literal[...]]`` field (empty for any other)."""
+    inner = _strip_optional(annotation)
+    args = typing.get_args(inner) if typing.get_origin(inner) in (list, tuple, set) else ()
+    return (
+        [str(a) for a in typing.get_args(_strip_optional(args[0]))]
+        if args and _literal_text(args[0])
+        else []
+    )
+
+
 def _option_type(annotation: Any, name: str) -> Any:
     """The type typer reads a field's text as (``X | None``: typer's option default is
     None, so an unset option is told apart from a set one)."""
@@ -104,6 +123,8 @@ def _option_type(annotation: Any, name: str) -> Any:
     origin = typing.get_origin(inner)
     if origin in (list, tuple, set, frozenset):
         args = typing.get_args(inner)
+        if args and _literal_text(args[0]):
+            return list[str]  # "a,b" or repeated; the model checks each choice
         item = _option_type(args[0] if args else str, name)
         return list[item]  # type: ignore[valid-type]
     if origin is Literal:
@@ -141,6 +162,9 @@ def config_params(
             meta = _TextField(field_flags(name, info), text[name])
         flags = field_flags(name, info)
         help_text = " ".join((info.description or "").split())
+        choices = _list_choices(info.annotation)
+        if choices:
+            help_text += f" Any of: {', '.join(choices)} (a,b or repeated)."
         default = _default(info)
         if info.is_required():
             # Required unless a --config file gives it: checked when the config is built.
@@ -169,6 +193,36 @@ def config_params(
             )
         )
     return params
+
+
+def section_model(model: type[BaseModel], section: str) -> type[BaseModel]:
+    """The model of ``model``'s nested section field ``section``."""
+    annotation = _strip_optional(model.model_fields[section].annotation)
+    if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        raise TypeError(f"{model.__name__}.{section} is not a nested config section")
+    return annotation
+
+
+def _outer_names(model: type[BaseModel], section: str) -> set[str]:
+    """``model``'s field names that a field of ``section`` may not take as its flag (the
+    section's own name may: ``operators: {operators: [...]}`` reads as ``--operators``)."""
+    return set(model.model_fields) - {section}
+
+
+def section_params(model: type[BaseModel], section: str) -> list[inspect.Parameter]:
+    """Options for the fields of ``model``'s section ``section`` (a YAML mapping under that
+    key). A section field named like another of ``model``'s fields gets no option: the flag
+    means the outer field, and the section's stays a YAML key."""
+    inner = section_model(model, section)
+    return config_params(inner, skip=set(inner.model_fields) & _outer_names(model, section))
+
+
+def pop_section(model: type[BaseModel], section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """Take the options :func:`section_params` made out of ``values``; returns those that
+    were set, for ``config_from_options(extra={section: ...})``."""
+    inner = section_model(model, section)
+    own = [name for name in inner.model_fields if name not in _outer_names(model, section)]
+    return option_values(inner, {name: values.pop(name) for name in own if name in values})
 
 
 def command_function(
@@ -207,7 +261,7 @@ def option_values(model: type[BaseModel], values: Mapping[str, Any]) -> dict[str
         if isinstance(value, list | tuple):
             item = typing.get_args(_strip_optional(info.annotation))
             value = [v.value if isinstance(v, Enum) else v for v in value]
-            if item and item[0] is str:
+            if item and (item[0] is str or _literal_text(item[0])):
                 value = [part.strip() for v in value for part in str(v).split(",") if part.strip()]
         elif isinstance(value, Enum):
             value = value.value
@@ -284,5 +338,8 @@ __all__ = [
     "config_params",
     "field_flags",
     "option_values",
+    "pop_section",
+    "section_model",
+    "section_params",
     "validate_config",
 ]

@@ -15,37 +15,17 @@ from rich.console import Console
 from tracetune.cli.common import (
     App,
     RetryDroppedOpt,
-    build_config,
     fail,
     run_async,
-    split_names,
 )
 
 app = App(no_args_is_help=True)
 out_console = Console()
 
 ConfigOpt = Annotated[Path | None, typer.Option(help="YAML SynthConfig (flags override it).")]
-OutOpt = Annotated[Path | None, typer.Option(help="Run directory (resumable).")]
 BaseUrlOpt = Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint URL.")]
-ConcurrencyOpt = Annotated[
-    int | None,
-    typer.Option(help="Model requests in flight, and items run at once, per stage (default 4)."),
-]
-MaxCostOpt = Annotated[float | None, typer.Option(help="Stop the run at this many USD.")]
-MaxTokensOpt = Annotated[int | None, typer.Option(help="Stop the run at this many tokens.")]
-EmbedderOpt = Annotated[str | None, typer.Option(help="Embedder: minilm (default) or hashing.")]
 QuietOpt = Annotated[bool, typer.Option(help="No progress bars.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the stage statistics as JSON.")]
-
-
-def load_config(config: Path | None, **flags: Any) -> Any:
-    """The SynthConfig from YAML with the flags that were set merged in."""
-    from tracetune.synth.mtrace import SynthConfig
-
-    base_url = flags.pop("base_url", None)
-    if base_url:
-        flags["backend"] = {"base_url": base_url}
-    return build_config(SynthConfig, config, **flags)
 
 
 def _run(
@@ -90,248 +70,122 @@ def _print_reasons(rows: list[Any]) -> None:
             out_console.print(f"  {row.stage}: failed: {error}", highlight=False)
 
 
-@app.command("queries")
-def queries(
-    out: OutOpt = None,
-    seeds: Annotated[Path | None, typer.Option(help='Seed JSONL of {"query", "tools"}.')] = None,
-    generator: Annotated[str | None, typer.Option(help="Generator model spec.")] = None,
-    tools: Annotated[str | None, typer.Option(help="Comma-separated tool catalogue.")] = None,
-    batches: Annotated[int | None, typer.Option(help="Generator calls.")] = None,
-    per_batch: Annotated[int | None, typer.Option(help="Queries per call.")] = None,
-    few_shot: Annotated[int | None, typer.Option(help="Seed examples drawn per call.")] = None,
-    temperature: Annotated[float | None, typer.Option(help="Generator temperature.")] = None,
-    topics: Annotated[str | None, typer.Option(help="Comma-separated topics.")] = None,
-    tool_quota: Annotated[int | None, typer.Option(help="Max queries kept per tool.")] = None,
-    topic_quota: Annotated[int | None, typer.Option(help="Max queries kept per topic.")] = None,
-    dedup_threshold: Annotated[
-        float | None, typer.Option(help="Similarity at which a query is a near-duplicate.")
-    ] = None,
-    benchmark: Annotated[
-        list[Path] | None,
-        typer.Option(
-            help="Benchmark file to decontaminate against (GTA dataset.json, GAIA "
-            "metadata.jsonl, JSONL of questions; repeatable)."
-        ),
-    ] = None,
-    decontaminate: Annotated[
-        bool | None,
-        typer.Option("--decontaminate/--no-decontaminate", help="Drop benchmark near-copies."),
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the few-shot draws.")] = None,
-    embedder: EmbedderOpt = None,
+# Every option of a stage command is a field: the chain's own (SynthConfig: out, models,
+# budgets) and the fields of that stage's section (``queries:``, ``files:`` ... in YAML).
+# A section field named like a chain field (each section's per-call ``max_tokens``) stays
+# YAML-only, since --max-tokens is the run's token budget.
+_SECTIONS = ("queries", "files", "verify_tasks", "rollout", "verify_trajectories")
+
+
+def _command_options(
     base_url: BaseUrlOpt = None,
-    concurrency: ConcurrencyOpt = None,
-    max_cost: MaxCostOpt = None,
-    max_tokens: MaxTokensOpt = None,
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
     retry_dropped: RetryDroppedOpt = None,
 ) -> None:
+    """Carries the options that are not config fields (never run)."""
+
+
+def _stage_command(
+    name: str,
+    stages: list[str] | None,
+    section: str | None,
+    doc: str,
+    config_argument: bool = False,
+) -> None:
+    """Register ``tracetune synth NAME``, running ``stages`` (None: the whole chain)."""
+    import inspect
+
+    from tracetune.cli.options_from_config import (
+        command_function,
+        config_from_options,
+        config_params,
+        pop_section,
+        section_params,
+    )
+    from tracetune.synth.mtrace import SynthConfig
+
+    shared = inspect.signature(_command_options, eval_str=True).parameters.values()
+    params = [
+        *config_params(SynthConfig, skip={"backend", *_SECTIONS}),
+        *(section_params(SynthConfig, section) if section else []),
+        *(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in shared),
+    ]
+    if config_argument:
+        params = [p for p in params if p.name != "config"]
+        params.insert(
+            0,
+            inspect.Parameter(
+                "config",
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=Annotated[
+                    Path,
+                    typer.Argument(help="YAML SynthConfig of the whole chain."),
+                ],
+            ),
+        )
+
+    def callback(**values: Any) -> None:
+        from tracetune.synth.mtrace.pipeline import STAGES
+
+        extra: dict[str, Any] = {"backend": {"base_url": values.pop("base_url")}}
+        config_file, quiet = values.pop("config"), bool(values.pop("quiet"))
+        as_json, retry = bool(values.pop("as_json")), values.pop("retry_dropped")
+        if section:
+            extra[section] = pop_section(SynthConfig, section, values)
+        cfg = config_from_options(
+            SynthConfig, values, config_file=config_file, extra=extra, what=f"synth {name}"
+        )
+        _run(cfg, stages or [stage for stage, _ in STAGES], quiet, as_json, retry)
+
+    app.command(name)(command_function(callback, params, doc))
+
+
+_stage_command(
+    "queries",
+    ["queries.generate", "queries.filter"],
+    "queries",
     """Generate queries from seeds and the tool catalogue, then drop malformed ones,
     benchmark near-copies, near-duplicates and those over quota (OUT/candidates,
-    OUT/queries)."""
-    cfg = load_config(
-        config,
-        out=out,
-        generator=generator,
-        embedder=embedder,
-        base_url=base_url,
-        concurrency=concurrency,
-        max_cost_usd=max_cost,
-        max_tokens=max_tokens,
-        queries={
-            "seeds": seeds,
-            "tools": split_names(tools),
-            "batches": batches,
-            "per_batch": per_batch,
-            "few_shot": few_shot,
-            "temperature": temperature,
-            "topics": split_names(topics),
-            "tool_quota": tool_quota,
-            "topic_quota": topic_quota,
-            "dedup_threshold": dedup_threshold,
-            "benchmarks": benchmark,
-            "decontaminate": decontaminate,
-            "seed": seed,
-        },
-    )
-    _run(cfg, ["queries.generate", "queries.filter"], quiet, as_json, retry_dropped)
-
-
-@app.command("files")
-def files(
-    out: OutOpt = None,
-    pool: Annotated[Path | None, typer.Option(help="Image pool (tracetune pool build).")] = None,
-    generator: Annotated[str | None, typer.Option(help="Generator model spec.")] = None,
-    max_files: Annotated[int | None, typer.Option(help="Most files per task.")] = None,
-    image_reuse_cap: Annotated[
-        int | None, typer.Option(help="Most tasks that may share one pool image.")
-    ] = None,
-    code_retries: Annotated[
-        int | None, typer.Option(help="Rewrites of a file's failing code.")
-    ] = None,
-    base_url: BaseUrlOpt = None,
-    concurrency: ConcurrencyOpt = None,
-    max_cost: MaxCostOpt = None,
-    max_tokens: MaxTokensOpt = None,
-    config: ConfigOpt = None,
-    quiet: QuietOpt = False,
-    as_json: JsonOpt = False,
-    retry_dropped: RetryDroppedOpt = None,
-) -> None:
+    OUT/queries).""",
+)
+_stage_command(
+    "files",
+    ["files"],
+    "files",
     """Give each query a solving scenario and its files: pool images retrieved by
-    embedding, other files made by model-written code in the sandbox (OUT/tasks)."""
-    cfg = load_config(
-        config,
-        out=out,
-        generator=generator,
-        base_url=base_url,
-        concurrency=concurrency,
-        max_cost_usd=max_cost,
-        max_tokens=max_tokens,
-        files={
-            "pool": pool,
-            "max_files": max_files,
-            "image_reuse_cap": image_reuse_cap,
-            "code_retries": code_retries,
-        },
-    )
-    _run(cfg, ["files"], quiet, as_json, retry_dropped)
-
-
-@app.command("verify-tasks")
-def verify_tasks_cmd(
-    out: OutOpt = None,
-    judge: Annotated[str | None, typer.Option(help="Judge model spec.")] = None,
-    repair: Annotated[
-        bool | None,
-        typer.Option(
-            "--repair/--no-repair", help="Re-verify once with the judge's rewritten query."
-        ),
-    ] = None,
-    base_url: BaseUrlOpt = None,
-    concurrency: ConcurrencyOpt = None,
-    max_cost: MaxCostOpt = None,
-    max_tokens: MaxTokensOpt = None,
-    config: ConfigOpt = None,
-    quiet: QuietOpt = False,
-    as_json: JsonOpt = False,
-    retry_dropped: RetryDroppedOpt = None,
-) -> None:
+    embedding, other files made by model-written code in the sandbox (OUT/tasks).""",
+)
+_stage_command(
+    "verify-tasks",
+    ["verify_tasks"],
+    "verify_tasks",
     """Judge each task's query against its files (images as images, documents as
-    markdown); repair or drop the rejected ones (OUT/verified, OUT/verified/verdicts)."""
-    cfg = load_config(
-        config,
-        out=out,
-        judge=judge,
-        base_url=base_url,
-        concurrency=concurrency,
-        max_cost_usd=max_cost,
-        max_tokens=max_tokens,
-        verify_tasks={"repair": repair},
-    )
-    _run(cfg, ["verify_tasks"], quiet, as_json, retry_dropped)
-
-
-@app.command("rollout")
-def rollout_cmd(
-    out: OutOpt = None,
-    teacher: Annotated[str | None, typer.Option(help="Teacher model spec (any backend).")] = None,
-    tool_model: Annotated[
-        str | None,
-        typer.Option(
-            help="VLM behind visual_qa/caption/inspect_file questions (default: teacher)."
-        ),
-    ] = None,
-    action_format: Annotated[str | None, typer.Option(help="code (default) or json.")] = None,
-    samples: Annotated[int | None, typer.Option(help="Trajectories per task.")] = None,
-    temperature: Annotated[float | None, typer.Option(help="Teacher temperature.")] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Step budget per episode.")] = None,
-    corpus: Annotated[Path | None, typer.Option(help="Search corpus for `search`.")] = None,
-    base_url: BaseUrlOpt = None,
-    concurrency: ConcurrencyOpt = None,
-    max_cost: MaxCostOpt = None,
-    max_tokens: MaxTokensOpt = None,
-    config: ConfigOpt = None,
-    quiet: QuietOpt = False,
-    as_json: JsonOpt = False,
-    retry_dropped: RetryDroppedOpt = None,
-) -> None:
+    markdown); repair or drop the rejected ones (OUT/verified, OUT/verified/verdicts).""",
+)
+_stage_command(
+    "rollout",
+    ["rollout"],
+    "rollout",
     """Roll out the teacher on the verified tasks with the full tool set (code actions run
-    in the sandbox) (OUT/trajectories)."""
-    cfg = load_config(
-        config,
-        out=out,
-        base_url=base_url,
-        concurrency=concurrency,
-        max_cost_usd=max_cost,
-        max_tokens=max_tokens,
-        rollout={
-            "teacher": teacher,
-            "tool_model": tool_model,
-            "action_format": action_format,
-            "samples": samples,
-            "temperature": temperature,
-            "max_steps": max_steps,
-            "corpus": corpus,
-        },
-    )
-    _run(cfg, ["rollout"], quiet, as_json, retry_dropped)
-
-
-@app.command("verify-trajectories")
-def verify_trajectories_cmd(
-    out: OutOpt = None,
-    judge: Annotated[str | None, typer.Option(help="Judge model spec.")] = None,
-    base_url: BaseUrlOpt = None,
-    concurrency: ConcurrencyOpt = None,
-    max_cost: MaxCostOpt = None,
-    max_tokens: MaxTokensOpt = None,
-    config: ConfigOpt = None,
-    quiet: QuietOpt = False,
-    as_json: JsonOpt = False,
-    retry_dropped: RetryDroppedOpt = None,
-) -> None:
+    in the sandbox) (OUT/trajectories).""",
+)
+_stage_command(
+    "verify-trajectories",
+    ["verify_trajectories"],
+    "verify_trajectories",
     """Judge every trajectory (tools, query, images, steps, answer; gold answers checked
-    exactly); keep the ones that pass (OUT/final, OUT/final/verdicts)."""
-    cfg = load_config(
-        config,
-        out=out,
-        judge=judge,
-        base_url=base_url,
-        concurrency=concurrency,
-        max_cost_usd=max_cost,
-        max_tokens=max_tokens,
-    )
-    _run(cfg, ["verify_trajectories"], quiet, as_json, retry_dropped)
-
-
-@app.command("run")
-def run_cmd(
-    config: Annotated[Path, typer.Argument(help="YAML SynthConfig of the whole chain.")],
-    out: OutOpt = None,
-    base_url: BaseUrlOpt = None,
-    concurrency: ConcurrencyOpt = None,
-    max_cost: MaxCostOpt = None,
-    max_tokens: MaxTokensOpt = None,
-    quiet: QuietOpt = False,
-    as_json: JsonOpt = False,
-    retry_dropped: RetryDroppedOpt = None,
-) -> None:
+    exactly); keep the ones that pass (OUT/final, OUT/final/verdicts).""",
+)
+_stage_command(
+    "run",
+    None,
+    None,
     """Run the whole chain: queries, files, verify-tasks, rollout, verify-trajectories.
-    Rerunning resumes; a budget stop ends the run cleanly."""
-    from tracetune.synth.mtrace.pipeline import STAGES
-
-    cfg = load_config(
-        config,
-        out=out,
-        base_url=base_url,
-        concurrency=concurrency,
-        max_cost_usd=max_cost,
-        max_tokens=max_tokens,
-    )
-    _run(cfg, [name for name, _ in STAGES], quiet, as_json, retry_dropped)
+    Rerunning resumes; a budget stop ends the run cleanly.""",
+    config_argument=True,
+)
 
 
 @app.command("stats")

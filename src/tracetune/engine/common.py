@@ -6,30 +6,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from tracetune.models.base import ChatModel, ModelOptions
 from tracetune.models.replies import MalformedOutput, extract_json
 from tracetune.runner import MeteredModel, StageResult
 from tracetune.schema import Task
+from tracetune.stageoptions import RunOptions
 from tracetune.store import Dataset
 
 
-class StageOptions(BaseModel):
-    """Settings every engine stage shares: concurrency, limits and budgets."""
-
-    model_config = ConfigDict(extra="forbid")
+class EngineOptions(RunOptions):
+    """Settings every engine stage shares (:class:`RunOptions`, four samples at once)."""
 
     concurrency: int = Field(
         default=4, ge=1, description="Model requests in flight, and samples run at once."
-    )
-    limit: int | None = Field(default=None, ge=1, description="Only the first N inputs.")
-    max_cost_usd: float | None = Field(default=None, description="Stop after this much spend.")
-    max_total_tokens: int | None = Field(
-        default=None, description="Stop after this many model tokens (prompt + completion)."
-    )
-    backend: ModelOptions = Field(
-        default_factory=ModelOptions, description="Backend options for the stage's models."
     )
 
 

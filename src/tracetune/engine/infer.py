@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from tracetune.engine.common import (
-    StageOptions,
+    EngineOptions,
     choices_of,
     close_models,
     load_stage_models,
@@ -40,7 +40,7 @@ from tracetune.engine.trace import RAG
 from tracetune.judge.vqa import extract_answer
 from tracetune.models.base import ChatMessage, ChatModel, Sampling, text_message
 from tracetune.prompts import render
-from tracetune.runner import Budget, StageResult, run_stage
+from tracetune.runner import StageResult, run_stage
 from tracetune.schema import Dialogue, Message, Provenance, Task
 from tracetune.store import AssetStore, Dataset
 
@@ -48,7 +48,7 @@ STAGE = "mmat-infer"
 Mode = Literal["rr", "orr"]
 
 
-class InferOptions(StageOptions):
+class InferOptions(EngineOptions):
     """How a tuned model is run."""
 
     model: str = Field(description="Model spec of the tuned model (local:DIR, openai:NAME).")
@@ -247,7 +247,7 @@ async def run_infer(
             process=process,
             out=out,
             concurrency=config.concurrency,
-            budget=Budget(max_cost_usd=config.max_cost_usd, max_tokens=config.max_total_tokens),
+            budget=config.budget(),
             sources=[tasks_ds.assets],
             progress=progress,
             total=len(tasks),

@@ -27,11 +27,12 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from tracetune.cliflag import CliFlag
 from tracetune.errors import TracetuneError
 from tracetune.inputs import ImageError, check_image, decode_text, read_json, read_text
 from tracetune.prompts import prompt_hash, render
@@ -78,15 +79,21 @@ class ColumnMapping(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    image: str = Field(default="image", description="Column with image path(s) or bytes.")
-    question: str = Field(default="question", description="Column with the question text.")
-    answer: str = Field(default="answer", description="Column with the answer (or answers).")
-    choices: str | None = Field(
+    image: Annotated[str, CliFlag("--image-col")] = Field(
+        default="image", description="Column with image path(s) or bytes."
+    )
+    question: Annotated[str, CliFlag("--question-col")] = Field(
+        default="question", description="Column with the question text."
+    )
+    answer: Annotated[str, CliFlag("--answer-col")] = Field(
+        default="answer", description="Column with the answer (or answers)."
+    )
+    choices: Annotated[str | None, CliFlag("--choices-col")] = Field(
         default=None,
         description="Column with the options (list, JSON or 'a|b|c'); default "
         "'choices' or 'options' when present.",
     )
-    id: str | None = Field(
+    id: Annotated[str | None, CliFlag("--id-col")] = Field(
         default=None, description="Column with a stable item id; default 'id' when present."
     )
 
@@ -110,7 +117,7 @@ class IngestOptions(BaseModel):
     name: str | None = Field(
         default=None, description="Source name recorded on tasks (default: the file name)."
     )
-    answer_style: bool = Field(
+    answer_style: Annotated[bool, CliFlag("--style")] = Field(
         default=True, description="Append an answer-style constraint to short-answer questions."
     )
     short_answer_words: int = Field(

@@ -16,11 +16,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from tracetune.agent.render import file_names
+from tracetune.cliflag import CliFlag
 from tracetune.engine.grammar import clean_result
 from tracetune.engine.trace import OPERATOR_NAMES, OperatorCall, RagCall
 from tracetune.errors import TracetuneError
@@ -73,7 +74,7 @@ class OperatorConfig(BaseModel):
         default="hybrid", description="Local ranking: BM25 + MiniLM fused, or one of them."
     )
     top_k: int = Field(default=3, ge=1, le=20, description="Passages per retrieval.")
-    tool_options: dict[str, dict[str, Any]] = Field(
+    tool_options: Annotated[dict[str, dict[str, Any]], CliFlag(skip=True)] = Field(
         default_factory=dict,
         description="Extra per-tool settings, e.g. {'object_localization': {'threshold': 0.2}}.",
     )

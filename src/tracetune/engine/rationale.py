@@ -18,8 +18,8 @@ from pathlib import Path
 from pydantic import Field
 
 from tracetune.engine.common import (
+    EngineOptions,
     ReplyError,
-    StageOptions,
     answer_agrees,
     choices_of,
     close_models,
@@ -35,14 +35,14 @@ from tracetune.engine.render import mmat_prompt_hash, rr_dialogue, rr_dialogue_i
 from tracetune.engine.trace import RAG, Rationale, RationaleStep
 from tracetune.models.base import ChatMessage, ChatModel, Sampling, text_message
 from tracetune.prompts import render
-from tracetune.runner import Budget, Drop, StageResult, run_stage
+from tracetune.runner import Drop, StageResult, run_stage
 from tracetune.schema import Dialogue, Provenance, Task
 from tracetune.store import AssetStore, Dataset
 
 STAGE = "mmat-rationale"
 
 
-class RationaleOptions(StageOptions):
+class RationaleOptions(EngineOptions):
     """How the teacher writes rationales."""
 
     teacher: str = Field(default="openai:gpt-4o-mini", description="Model spec of the teacher VLM.")
@@ -285,7 +285,7 @@ async def run_rationale(
             process=writer.write,
             out=out,
             concurrency=config.concurrency,
-            budget=Budget(max_cost_usd=config.max_cost_usd, max_tokens=config.max_total_tokens),
+            budget=config.budget(),
             sources=[tasks_ds.assets],
             progress=progress,
             total=len(tasks),

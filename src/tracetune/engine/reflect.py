@@ -23,8 +23,8 @@ from typing import Literal
 from pydantic import Field
 
 from tracetune.engine.common import (
+    EngineOptions,
     ReplyError,
-    StageOptions,
     close_models,
     json_object,
     load_stage_models,
@@ -37,7 +37,7 @@ from tracetune.engine.render import mmat_prompt_hash, rr_dialogue
 from tracetune.engine.trace import Rationale, Reflection
 from tracetune.models.base import ChatModel, Sampling, text_message
 from tracetune.prompts import render
-from tracetune.runner import Budget, Drop, StageResult, run_stage
+from tracetune.runner import Drop, StageResult, run_stage
 from tracetune.schema import Dialogue, Provenance, Verdict
 from tracetune.store import AssetStore, Dataset
 
@@ -50,7 +50,7 @@ def _all_checks() -> list[Check]:
     return ["unsupported", "math"]
 
 
-class ReflectOptions(StageOptions):
+class ReflectOptions(EngineOptions):
     """How rationales are judged and repaired."""
 
     judge: str = Field(default="openai:gpt-4o-mini", description="Model spec of the judge.")
@@ -257,7 +257,7 @@ async def run_reflect(
             process=reflector.process,
             out=out,
             concurrency=config.concurrency,
-            budget=Budget(max_cost_usd=config.max_cost_usd, max_tokens=config.max_total_tokens),
+            budget=config.budget(),
             sources=[source.assets],
             progress=progress,
             total=len(items),

@@ -32,16 +32,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Generic, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import Field
 
 from tracetune.agent.loop import Agent, EpisodeBackendError
 from tracetune.cliflag import CliFlag
 from tracetune.errors import ConfigError
 from tracetune.evaluate.base import ScoreReport
 from tracetune.inputs import InputError
-from tracetune.models.base import BackendError, ChatModel, ModelOptions
+from tracetune.models.base import BackendError, ChatModel
 from tracetune.runner import StageResult
 from tracetune.schema import Task, Trajectory
+from tracetune.stageoptions import StageOptions
 from tracetune.store import AssetStore
 
 if TYPE_CHECKING:
@@ -65,31 +66,20 @@ class UnknownBenchmark(ConfigError, KeyError):
         return ConfigError.__str__(self)
 
 
-def _duration(value: Any) -> Any:
-    if isinstance(value, str):
-        from tracetune.timelimit import parse_duration
-
-        return parse_duration(value)
-    return value
-
-
-class BenchConfig(BaseModel):
+class BenchConfig(StageOptions):
     """The options every benchmark run shares (YAML keys are these field names)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     # Fields that may change between a run and its rerun: where and how fast it runs, and
     # how much of it runs now. Every other field is part of the run's identity.
     # A benchmark's config adds its own (``VOLATILE = BenchConfig.VOLATILE | {...}``).
     VOLATILE: ClassVar[frozenset[str]] = frozenset(
-        {"out", "concurrency", "limit", "max_cost_usd", "max_time", "backend"}
+        {"out", "concurrency", "limit", "max_cost_usd", "max_total_tokens", "max_time", "backend"}
     )
 
     bench: Annotated[str, CliFlag(skip=True)] = Field(description="Benchmark to run.")
     model: str = Field(
         description="Controller spec: 'openai:NAME' or 'local:PATH_OR_HUB_ID' (base or tuned)."
     )
-    out: Path = Field(description="Run directory (resumable; rerun to finish a killed run).")
     data: Path | None = Field(default=None, description="The benchmark's data.")
     tool_model: str | None = Field(
         default=None,
@@ -105,25 +95,6 @@ class BenchConfig(BaseModel):
     max_errors: int = Field(default=3, ge=1, description="Failed steps allowed per episode.")
     temperature: float = Field(default=0.0, ge=0, description="Sampling temperature.")
     max_tokens: int = Field(default=512, ge=1, description="Max new tokens per step.")
-    concurrency: int = Field(
-        default=2, ge=1, description="Model requests in flight, and episodes run at once."
-    )
-    limit: int | None = Field(default=None, ge=1, description="Only the first N items.")
-    max_cost_usd: Annotated[float | None, CliFlag("--max-cost", "--max-cost-usd")] = Field(
-        default=None, ge=0, description="Stop after this much spend (USD)."
-    )
-    max_time: Annotated[
-        float | None, CliFlag(text=True, metavar="DURATION"), BeforeValidator(_duration)
-    ] = Field(
-        default=None,
-        gt=0,
-        description="Start no new item after this long (seconds, or 600, 10m, 1.5h); the "
-        "items in flight finish and are saved, and a rerun continues.",
-    )
-    backend: Annotated[ModelOptions, CliFlag(skip=True)] = Field(
-        default_factory=ModelOptions,
-        description="Backend options (CLI: --base-url, --adapter, --no-stop).",
-    )
 
     def run_mode(self) -> str | None:
         """The mode run.json and metrics.json name beside the benchmark (GTA's protocol)."""

@@ -317,9 +317,7 @@ class RunContext:
         )
 
     def budget(self) -> Budget:
-        from tracetune.timelimit import TimedBudget
-
-        return TimedBudget(max_cost_usd=self.config.max_cost_usd, max_seconds=self.config.max_time)
+        return self.config.budget()
 
     async def run_items(
         self,

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from tracetune.agent.loop import Agent, Episode
 from tracetune.cliflag import CliFlag
@@ -41,19 +41,17 @@ from tracetune.prefs.memo import DETERMINISTIC, MemoTool, memoized
 from tracetune.prefs.verifiers import VERIFIERS, StepVerifier, make_verifier, prompts_hash
 from tracetune.runner import MeteredModel, StageResult, run_stage
 from tracetune.schema import Task, Trajectory, Usage
+from tracetune.stageoptions import StageOptions
 from tracetune.store import AssetStore, Dataset
 from tracetune.store.tasks import load_tasks
-from tracetune.timelimit import MaxTime, TimedBudget
 from tracetune.tools import load_tools
 
 STAGE = "explore"
 STOP = ("\nObservation:",)
 
 
-class ExploreConfig(BaseModel):
+class ExploreConfig(StageOptions):
     """Configuration of ``tracetune prefs explore`` (YAML keys are these field names)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     tasks: Path = Field(description="Task dataset directory (or JSONL) to explore on.")
     out: Path = Field(description="Output directory of explored trajectories (resumable).")
@@ -99,28 +97,11 @@ class ExploreConfig(BaseModel):
         "make the same call on the same file contents (e.g. K identical OCR calls run once).",
     )
     judge_retries: int = Field(default=2, ge=0, description="Retries of a malformed judge reply.")
-    limit: int | None = Field(default=None, ge=1, description="Only the first N tasks.")
     tool_modules: list[str] = Field(
         default_factory=list, description="Python modules to import first (they register tools)."
     )
     corpus: Path | None = Field(
         default=None, description="Search corpus for tasks that use search (default: the task's)."
-    )
-    concurrency: int = Field(
-        default=2, ge=1, description="Model requests in flight, and tasks explored at once."
-    )
-    max_cost_usd: Annotated[float | None, CliFlag("--max-cost", "--max-cost-usd")] = Field(
-        default=None, description="Stop after this much spend (USD)."
-    )
-    max_time: MaxTime = Field(
-        default=None,
-        gt=0,
-        description="Start no new item after this long (seconds, or 600, 10m, 1.5h); the items "
-        "in flight finish and are saved, and a rerun continues.",
-    )
-    max_total_tokens: int | None = Field(default=None, description="Stop after this many tokens.")
-    backend: Annotated[ModelOptions, CliFlag(skip=True)] = Field(
-        default_factory=ModelOptions, description="Policy backend (CLI: --base-url)."
     )
     judge_backend: Annotated[ModelOptions, CliFlag(skip=True)] = Field(
         default_factory=ModelOptions, description="Judge backend options (CLI: --judge-base-url)."
@@ -466,11 +447,7 @@ async def run_explore(
             process=process,
             out=out,
             concurrency=config.concurrency,
-            budget=TimedBudget(
-                max_cost_usd=config.max_cost_usd,
-                max_tokens=config.max_total_tokens,
-                max_seconds=config.max_time,
-            ),
+            budget=config.budget(),
             sources=[source],
             progress=progress,
             total=len(tasks),

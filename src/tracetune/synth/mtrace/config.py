@@ -7,10 +7,11 @@ and each ``tracetune synth STAGE`` command runs one, with flags overriding the Y
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tracetune.cliflag import CliFlag
 from tracetune.errors import ConfigError
 from tracetune.models.base import ModelOptions
 from tracetune.synth.mtrace.embed import EMBEDDERS
@@ -76,7 +77,7 @@ class QueriesConfig(_Section):
         description="Near-duplicate search: exact, ann (an HNSW index, sub-linear per query), "
         "or auto (exact while the kept set is small, then ann).",
     )
-    benchmarks: list[Path] = Field(
+    benchmarks: Annotated[list[Path], CliFlag("--benchmark", "--benchmarks")] = Field(
         default_factory=list,
         description="Benchmark files to decontaminate against: GTA dataset.json, GAIA "
         "metadata.jsonl, or a JSONL/JSON/TXT of questions.",
@@ -160,7 +161,9 @@ class SynthConfig(_Section):
     concurrency: int = Field(
         default=4, ge=1, description="Model requests in flight, and items run at once, per stage."
     )
-    max_cost_usd: float | None = Field(default=None, description="Stop the run at this spend.")
+    max_cost_usd: Annotated[float | None, CliFlag("--max-cost", "--max-cost-usd")] = Field(
+        default=None, ge=0, description="Stop the run at this spend (USD)."
+    )
     max_tokens: int | None = Field(default=None, description="Stop the run at this many tokens.")
     max_failures: int = Field(
         default=10, ge=0, description="Failed items (exceptions) a stage tolerates..."
