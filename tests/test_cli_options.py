@@ -41,10 +41,12 @@ def _command(*path: str) -> Any:
 def _models() -> dict[tuple[str, ...], type[BaseModel]]:
     from tracetune.agent.run import AgentRunConfig
     from tracetune.prefs.explore import ExploreConfig
+    from tracetune.prefs.pairs import BuildConfig
     from tracetune.rollout import RolloutConfig
     from tracetune.synth.programs.generate import ProgramsConfig
 
     return {
+        ("prefs", "build"): BuildConfig,
         ("agent", "run"): AgentRunConfig,
         ("rollout",): RolloutConfig,
         ("prefs", "explore"): ExploreConfig,
@@ -274,7 +276,11 @@ def test_tasks_programs_flags_lay_over_the_yaml_config(
 def _stage_commands() -> dict[tuple[str, ...], type[BaseModel]]:
     from tracetune.evaluate.adapter import ADAPTERS, adapter_class
 
-    commands = {path: model for path, model in _models().items() if path != ("tasks", "programs")}
+    commands = {
+        path: model
+        for path, model in _models().items()
+        if path not in (("tasks", "programs"), ("prefs", "build"))
+    }
     for bench in ADAPTERS:
         commands[("eval", "run", bench)] = adapter_class(bench).config_model
     return commands

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tracetune.cli.common import App, build_config, run_async
+from tracetune.cli.common import App, run_async
 
 app = App(no_args_is_help=True, help="Step-wise exploration and preference pairs.")
 out_console = Console()
@@ -76,54 +76,44 @@ def _explore_command() -> None:
 _explore_command()
 
 
-@app.command("build")
-def build(
-    inputs: Annotated[
-        list[Path] | None, typer.Option("--in", help="Explored trajectory dir (repeatable).")
-    ] = None,
-    out: Annotated[Path | None, typer.Option(help="Output pair dataset dir.")] = None,
-    margin: Annotated[
-        float | None, typer.Option(help="Reject candidates scored this far below the chosen one.")
-    ] = None,
-    similarity: Annotated[
-        str | None, typer.Option(help="Similarity measure: bleu, jaccard or ratio.")
-    ] = None,
-    threshold: Annotated[
-        float | None,
-        typer.Option(help="Reject lower-ranked candidates less similar than this (0 disables)."),
-    ] = None,
-    include_faults: Annotated[
-        bool | None,
-        typer.Option(
-            "--include-faults/--no-include-faults",
-            help="Pair candidates with format faults or execution errors.",
-        ),
-    ] = None,
-    max_pairs_per_step: Annotated[int | None, typer.Option(help="Pairs per step at most.")] = None,
+def _build_options(
     config: Annotated[Path | None, typer.Option(help="YAML file with these options.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
-    """Build step-wise preference pairs (chosen = the verifier's best) from explored
-    trajectories; `tracetune train dpo --pairs OUT` trains on them."""
+    """Carries the options that are not BuildConfig fields (never run)."""
+
+
+def _build(**values: Any) -> None:
+    from tracetune.cli.options_from_config import config_from_options
     from tracetune.prefs.pairs import BuildConfig, run_build
     from tracetune.prefs.stats import prefs_stats
 
-    cfg = build_config(
-        BuildConfig,
-        config,
-        inputs=inputs,
-        out=out,
-        margin=margin,
-        similarity=similarity,
-        threshold=threshold,
-        include_faults=include_faults,
-        max_pairs_per_step=max_pairs_per_step,
-    )
+    config_file, quiet = values.pop("config"), bool(values.pop("quiet"))
+    cfg = config_from_options(BuildConfig, values, config_file=config_file, what="prefs build")
     result, dataset = run_async(run_build(cfg, progress=not quiet))
     out_console.print(result.summary())
     for reason, count in result.drop_reasons.items():
         out_console.print(f"  {count} x {reason}", highlight=False)
     print_stats(prefs_stats(dataset.root))
+
+
+def _build_command() -> None:
+    import inspect
+
+    from tracetune.cli.options_from_config import command_function, config_params
+    from tracetune.prefs.pairs import BuildConfig
+
+    shared = inspect.signature(_build_options, eval_str=True).parameters.values()
+    params = [
+        *config_params(BuildConfig),
+        *(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in shared),
+    ]
+    doc = """Build step-wise preference pairs (chosen = the verifier's best) from explored
+    trajectories; `tracetune train dpo --pairs OUT` trains on them."""
+    app.command("build")(command_function(_build, params, doc))
+
+
+_build_command()
 
 
 @app.command("stats")

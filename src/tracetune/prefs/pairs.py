@@ -27,10 +27,11 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tracetune.cliflag import CliFlag
 from tracetune.runner import Drop, StageResult, run_stage
 from tracetune.schema import PreferencePair, Step, Trajectory
 from tracetune.store import Dataset, DatasetError
@@ -44,7 +45,7 @@ class BuildConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    inputs: list[Path] = Field(
+    inputs: Annotated[list[Path], CliFlag("--in", "--inputs")] = Field(
         min_length=1, description="Explored trajectory directories (from prefs explore)."
     )
     out: Path = Field(description="Output preference-pair dataset directory (resumable).")
