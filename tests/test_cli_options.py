@@ -416,6 +416,6 @@ def test_synth_flags_lay_over_the_yaml_config(
     assert cfg.backend.base_url == "http://127.0.0.1:8/v1" and cfg.backend.timeout_s == 7
     # A bad value names its flag; a section option of another stage is not an option here.
     bad = CliRunner().invoke(app, ["synth", "files", "--config", str(config), "--max-files", "0"])
-    assert bad.exit_code == 2 and "files.max_files" in bad.output, bad.output
+    assert bad.exit_code == 2 and "--max-files (YAML key files.max_files)" in _said(bad.output)
     other = CliRunner().invoke(app, ["synth", "files", "--config", str(config), "--batches", "2"])
     assert other.exit_code == 2 and "--batches" in other.output

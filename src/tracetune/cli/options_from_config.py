@@ -288,6 +288,17 @@ def _error_line(
         if meta is None or not meta.skip:
             where = f"{field_flags(loc[0], info)[0]} (YAML key {loc[0]})"
             return f"  {where}: {message}"
+    if info is not None and len(loc) >= 2:  # a field of a section: its flag, if it has one
+        inner = _strip_optional(info.annotation)
+        field = (
+            inner.model_fields.get(loc[1])
+            if isinstance(inner, type) and issubclass(inner, BaseModel)
+            else None
+        )
+        has_flag = loc[1] not in _outer_names(model, loc[0])  # not YAML-only (see sections)
+        if field is not None and has_flag and not getattr(_cli_meta(field), "skip", False):
+            flag = field_flags(loc[1], field)[0]
+            return f"  {flag} (YAML key {'.'.join(loc[:2])}): {message}"
     return f"  {'.'.join(loc)}: {message}"
 
 
