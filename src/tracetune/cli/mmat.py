@@ -75,6 +75,9 @@ def _command(
         pop_section,
         section_params,
     )
+    from tracetune.cli.options_from_config import (
+        config_argument as with_config_argument,
+    )
 
     has_backend = "backend" in model.model_fields
     shared = inspect.signature(_command_options, eval_str=True).parameters.values()
@@ -84,18 +87,11 @@ def _command(
         *(
             p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
             for p in shared
-            if (has_backend or p.name != "base_url")
-            and not (config_argument and p.name == "config")
+            if has_backend or p.name != "base_url"
         ),
     ]
     if config_argument:
-        argument = typer.Argument(help=f"YAML file of a {model.__name__}.")
-        params.insert(
-            0,
-            inspect.Parameter(
-                "config", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[Path, argument]
-            ),
-        )
+        params = with_config_argument(params, f"YAML file of a {model.__name__}.")
 
     def callback(**values: Any) -> None:
         extra: dict[str, Any] = {s: pop_section(model, s, values) for s in sections}

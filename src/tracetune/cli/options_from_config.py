@@ -195,6 +195,17 @@ def config_params(
     return params
 
 
+def config_argument(params: list[inspect.Parameter], help: str) -> list[inspect.Parameter]:
+    """``params`` with the ``config`` YAML file as the command's first, required argument
+    (``tracetune synth run CONFIG``) instead of a ``--config`` option."""
+    argument = inspect.Parameter(
+        "config",
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=typing.Annotated[Path, typer.Argument(help=help)],
+    )
+    return [argument, *(p for p in params if p.name != "config")]
+
+
 def section_model(model: type[BaseModel], section: str) -> type[BaseModel]:
     """The model of ``model``'s nested section field ``section``."""
     annotation = _strip_optional(model.model_fields[section].annotation)
@@ -345,6 +356,7 @@ def config_from_options(
 __all__ = [
     "OptionsError",
     "command_function",
+    "config_argument",
     "config_from_options",
     "config_params",
     "field_flags",

@@ -104,6 +104,9 @@ def _stage_command(
         pop_section,
         section_params,
     )
+    from tracetune.cli.options_from_config import (
+        config_argument as with_config_argument,
+    )
     from tracetune.synth.mtrace import SynthConfig
 
     shared = inspect.signature(_command_options, eval_str=True).parameters.values()
@@ -113,18 +116,7 @@ def _stage_command(
         *(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in shared),
     ]
     if config_argument:
-        params = [p for p in params if p.name != "config"]
-        params.insert(
-            0,
-            inspect.Parameter(
-                "config",
-                inspect.Parameter.KEYWORD_ONLY,
-                annotation=Annotated[
-                    Path,
-                    typer.Argument(help="YAML SynthConfig of the whole chain."),
-                ],
-            ),
-        )
+        params = with_config_argument(params, "YAML SynthConfig of the whole chain.")
 
     def callback(**values: Any) -> None:
         from tracetune.synth.mtrace.pipeline import STAGES
