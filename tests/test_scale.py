@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -206,6 +207,66 @@ def test_ann_index_moves_from_exact_search_at_its_limit_and_answers_alike() -> N
     assert auto.approximate and not exact.approximate
 
 
+def test_ann_index_in_the_background_answers_as_one_rebuilt_from_the_same_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch is searched exactly by the first search after it and then goes into the
+    graph (in a child process): an index searched once between batches, as the query filter
+    does, answers as one rebuilt from the same batches without searches (a resumed filter),
+    empty batches included; and it finds planted copies in every batch."""
+    import numpy as np
+
+    from tracetune.synth.mtrace import neardup
+
+    monkeypatch.setattr(neardup, "PENDING_ROWS", 40)  # batches above this go in at once
+    rng = np.random.default_rng(3)
+    dim = 96  # above ANN_DIM: the graph holds projections
+
+    def unit(rows: np.ndarray) -> np.ndarray:
+        return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+    sizes = [30, 0, 25, 60, 0, 0, 12, 40, 1, 35, 0, 20]
+    batches = [unit(rng.standard_normal((n, dim))) for n in sizes]
+    everything = np.concatenate(batches)
+    queries = unit(rng.standard_normal((50, dim)))  # no clear nearest: the graph decides
+    with neardup.NearestIndex(dim, "ann", background=True) as searched:
+        seen = 0
+        for done, batch in enumerate(batches):
+            if seen:  # noisy copies of earlier vectors (the latest batch's among them)
+                picks = rng.integers(0, seen, 20)
+                noisy = unit(everything[picks] + 0.03 * rng.standard_normal((20, dim)))
+                sims, found = searched.nearest_many(np.concatenate([noisy, queries]))
+                assert (found[:20] == picks).all()
+                assert np.allclose(sims[:20], np.sum(noisy * everything[picks], axis=1), atol=2e-3)
+                if done in (2, 6, len(batches) - 1):  # after an empty batch, and at the end
+                    with neardup.NearestIndex(dim, "ann", background=True) as rebuilt:
+                        for earlier in batches[:done]:
+                            rebuilt.add_many(earlier)
+                        theirs = rebuilt.nearest_many(queries)
+                    assert (found[20:] == theirs[1]).all(), done
+                    assert np.allclose(sims[20:], theirs[0], atol=1e-6)
+            searched.add_many(batch)
+            seen += len(batch)
+        # The graph's process killed under it: a clear error, not a hang.
+        searched._graph._process.kill()  # type: ignore[union-attr]
+        with pytest.raises(RuntimeError, match="ended unexpectedly.*rerun"):
+            searched.nearest_many(queries)
+
+
+def _graph_processes(cwd: Path) -> list[int]:
+    """Graph processes started from ``cwd`` (they inherit their parent's)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            where = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        if entry.name.isdigit() and b"serve_graph" in cmdline and where == str(cwd):
+            found.append(int(entry.name))
+    return found
+
+
 FILTER_SCRIPT = """
 import asyncio, sys
 from tracetune.synth.mtrace.queries import filter_queries
@@ -237,7 +298,9 @@ def test_ann_filter_killed_at_random_moments_and_resumed_keeps_the_same_set(
     data = tmp_path / "killed" / "run" / "queries" / "data"
     partial = []
     for round_ in range(3):
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path
+        )
         # Killed a random moment after the run has written more than before (whatever the
         # machine's load), so each kill lands mid-run with work on disk and in flight.
         deadline = time.monotonic() + 120
@@ -249,10 +312,15 @@ def test_ann_filter_killed_at_random_moments_and_resumed_keeps_the_same_set(
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         partial.append(len(Dataset.open(data.parent, Task)))
-    final = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    final = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert final.returncode == 0, final.stderr
     assert _filter_outcome(filter_run(tmp_path / "killed", n, "ann")) == _filter_outcome(reference)
     assert any(0 < p < len(_filter_outcome(reference)[0]) for p in partial), partial
+    # The graph processes of the killed runs ended with them (their stdin closed).
+    deadline = time.monotonic() + 10
+    while _graph_processes(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _graph_processes(tmp_path) == []
 
 
 @pytest.mark.parametrize("bits", [4, 16, 20])

@@ -11,6 +11,13 @@ rescored on the full vectors, stored as float16 (1M 1024-d vectors in ~2 GB). Se
 then cost about log(n) instead of n. ``method="exact"`` keeps exact search at any size;
 ``"ann"`` uses the graph from the first vector.
 
+With ``background=True`` (an index that grows while it is searched) the graph lives in a
+child process, and a batch added is searched exactly by the first search after it, then
+goes into the graph there, while the caller works on that search's answers. Answers then
+follow the sequence of ``add_many`` calls (empty ones included) and of the first search
+after each: a run that searches once between adds answers as one resumed from the same
+adds (each add puts the batch before it into the graph).
+
 :class:`HashIndex` finds a 64-bit perceptual hash within ``bits`` bits of an earlier one
 by multi-index hashing: the hash is cut into m blocks, and two hashes that differ in at
 most ``bits`` bits differ in at most ``bits // m`` bits on at least one block (pigeonhole),
@@ -21,8 +28,12 @@ lookups at a million hashes). Exact: the same answers as a full scan.
 from __future__ import annotations
 
 import math
+import os
+import pickle
+import subprocess
+import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, Generic, Literal, TypeVar
 
 import numpy as np
@@ -48,6 +59,9 @@ ANN_DIM = 64
 PROJECTION_SEED = 13
 # Rows per block of stored full vectors.
 BLOCK_ROWS = 65536
+# A batch of at most this many rows waits for the next search or batch (searched exactly
+# meanwhile) before it goes into the graph; a larger one goes in at once.
+PENDING_ROWS = 4096
 
 
 @contextmanager
@@ -63,49 +77,22 @@ def single_blas_thread() -> Iterator[None]:
         yield
 
 
-class NearestIndex:
-    """The most similar of the unit vectors added so far (cosine), exact or approximate.
+class _Graph:
+    """The HNSW graph over the projected vectors, and the full vectors (float16) that its
+    candidates are rescored on."""
 
-    Approximate search walks an HNSW graph over a fixed random projection of the vectors to
-    ``ANN_DIM`` dimensions (cheap distances), then rescores the ``ANN_K`` candidates it
-    returns against the full vectors (kept as float16), so the reported similarity is the
-    full embedding's, not the projection's.
-    """
+    def __init__(self, dim: int) -> None:
+        from usearch.index import Index
 
-    def __init__(
-        self, dim: int, method: SearchMethod = "auto", exact_limit: int | None = None
-    ) -> None:
-        if method not in SEARCH_METHODS:
-            raise ValueError(f"unknown search method {method!r}; choose one of {SEARCH_METHODS}")
         self.dim = dim
-        self.method = method
-        self.exact_limit = (
-            exact_limit if exact_limit is not None else max(1, EXACT_LIMIT_CELLS // max(1, dim))
-        )
-        self._matrix = np.zeros((16, dim), dtype=np.float32)
-        self._count = 0
-        self._ann: Any = None
-        self._blocks: list[np.ndarray] = []  # full vectors (float16) once approximate
-        self._projection: np.ndarray | None = None
+        self.blocks: list[np.ndarray] = []
+        self.projection: np.ndarray | None = None
         if dim > ANN_DIM:
             # Fixed seed: every run (and every resume) projects alike.
             rng = np.random.default_rng(PROJECTION_SEED)
-            self._projection = rng.standard_normal((dim, ANN_DIM)).astype(np.float32)
-        if method == "ann":
-            self._ann = self._new_ann()
-
-    def __len__(self) -> int:
-        return self._count
-
-    @property
-    def approximate(self) -> bool:
-        return self._ann is not None
-
-    def _new_ann(self) -> Any:
-        from usearch.index import Index
-
-        return Index(
-            ndim=ANN_DIM if self._projection is not None else self.dim,
+            self.projection = rng.standard_normal((dim, ANN_DIM)).astype(np.float32)
+        self.ann = Index(
+            ndim=ANN_DIM if self.projection is not None else dim,
             metric="cos",
             dtype="f16",
             connectivity=CONNECTIVITY,
@@ -114,25 +101,220 @@ class NearestIndex:
         )
 
     def _project(self, vectors: np.ndarray) -> np.ndarray:
-        projected = vectors if self._projection is None else vectors @ self._projection
+        vectors = vectors.astype(np.float32)
+        projected = vectors if self.projection is None else vectors @ self.projection
         return np.ascontiguousarray(projected, dtype=np.float32)
 
-    def _keep(self, first: int, vectors: np.ndarray) -> None:
+    def insert(self, first: int, vectors: np.ndarray) -> None:
+        """Add ``vectors`` (float16) at positions ``first``, ``first + 1``, ..."""
         # Fixed-size blocks: growing never copies what is stored (no transient doubling).
         done = 0
         while done < len(vectors):
             block, row = divmod(first + done, BLOCK_ROWS)
-            if block == len(self._blocks):
-                self._blocks.append(np.zeros((BLOCK_ROWS, self.dim), dtype=np.float16))
+            if block == len(self.blocks):
+                self.blocks.append(np.zeros((BLOCK_ROWS, self.dim), dtype=np.float16))
             take = min(BLOCK_ROWS - row, len(vectors) - done)
-            self._blocks[block][row : row + take] = vectors[done : done + take]
+            self.blocks[block][row : row + take] = vectors[done : done + take]
             done += take
-
-    def _ann_add(self, first: int, vectors: np.ndarray) -> None:
-        self._keep(first, vectors)
         keys = np.arange(first, first + len(vectors), dtype=np.uint64)
         # One thread: inserted in order, so the same vectors make the same graph every time.
-        self._ann.add(keys, self._project(vectors), threads=1)
+        self.ann.add(keys, self._project(vectors), threads=1)
+
+    def search(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each row, the best of the ``ANN_K`` candidates, rescored on the full vectors:
+        ``(similarities, positions)``, ``0.0`` and ``-1`` while the graph is empty."""
+        rows = len(vectors)
+        if len(self.ann) == 0:
+            return np.zeros(rows, dtype=np.float32), np.full(rows, -1, dtype=np.int64)
+        k = min(ANN_K, len(self.ann))
+        matches = self.ann.search(self._project(vectors), k, threads=0)
+        # One query comes back as Matches, several as BatchMatches (with counts per row).
+        counts = getattr(matches, "counts", None)
+        counts = np.asarray([len(matches.keys)] if counts is None else counts).reshape(rows, 1)
+        found = np.arange(k)[None, :] < counts
+        keys = np.asarray(matches.keys, dtype=np.int64).reshape(rows, -1)[:, :k]
+        if keys.shape[1] < k:
+            keys = np.pad(keys, ((0, 0), (0, k - keys.shape[1])))
+        keys = np.where(found, keys, 0)
+        gathered = np.empty((rows * k, self.dim), dtype=np.float16)
+        flat = keys.reshape(-1)
+        for block in np.unique(flat // BLOCK_ROWS):
+            mask = flat // BLOCK_ROWS == block
+            gathered[mask] = self.blocks[int(block)][flat[mask] % BLOCK_ROWS]
+        sims = np.einsum(
+            "rkd,rd->rk", gathered.reshape(rows, k, self.dim).astype(np.float32), vectors
+        )
+        sims = np.where(found, sims, -np.inf)
+        # Highest similarity first (to 6 decimals); the earliest added wins a tie.
+        order = np.lexsort((keys, -np.round(sims, 6)), axis=-1)[:, 0]
+        picked = np.arange(rows)
+        best_sims = sims[picked, order].astype(np.float32)
+        best_keys = keys[picked, order]
+        none = ~found.any(axis=1)
+        best_sims[none], best_keys[none] = 0.0, -1
+        return best_sims, best_keys
+
+    def close(self) -> None:
+        pass
+
+
+class _GraphProcess:
+    """A :class:`_Graph` in a child process, so that an insert runs there, on a core of its
+    own, while this process goes on (usearch takes the GIL back after every vector, so a
+    thread would wait on the caller's Python work). Messages are pickled over the child's
+    stdin and stdout; the child answers searches only, in the order it was sent work, and
+    exits when its stdin closes (this process ending, killed or not, included)."""
+
+    def __init__(self, dim: int) -> None:
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+            # one BLAS thread: the same projections as in this process
+            "OPENBLAS_NUM_THREADS": "1",
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+        }
+        code = f"from tracetune.synth.mtrace.neardup import serve_graph; serve_graph({dim})"
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+        )
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        stdin = self._process.stdin
+        assert stdin is not None
+        try:
+            pickle.dump(message, stdin, protocol=5)
+            stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise self._gone() from None
+
+    def _gone(self) -> RuntimeError:
+        code = self._process.wait()
+        return RuntimeError(
+            f"the near-duplicate search process ended unexpectedly (exit code {code}; "
+            "killed for memory?); rerun the command to resume from the last finished block"
+        )
+
+    def insert(self, first: int, vectors: np.ndarray) -> None:
+        self._send(("insert", first, vectors))
+
+    def search(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self._send(("search", vectors))
+        stdout = self._process.stdout
+        assert stdout is not None
+        try:
+            reply = pickle.load(stdout)
+        except (EOFError, OSError, pickle.UnpicklingError):
+            raise self._gone() from None
+        if reply[0] != "ok":
+            raise RuntimeError(f"near-duplicate search failed in its process: {reply[1]}")
+        return reply[1], reply[2]
+
+    def close(self) -> None:
+        if self._process.poll() is None:
+            with suppress(OSError):
+                self._send(("close",))
+        for stream in (self._process.stdin, self._process.stdout):
+            if stream is not None:
+                with suppress(OSError):
+                    stream.close()
+        try:
+            self._process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+
+def serve_graph(dim: int) -> None:
+    """The child side of :class:`_GraphProcess`: a graph, fed over stdin until it closes."""
+    reader = sys.stdin.buffer
+    writer = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # stray prints go to stderr, never into the replies
+    graph = _Graph(dim)
+    failed: str | None = None
+    while True:
+        try:
+            message = pickle.load(reader)
+        except EOFError:
+            return
+        if message[0] == "close":
+            return
+        try:
+            if failed is not None:
+                raise RuntimeError(failed)
+            if message[0] == "insert":
+                graph.insert(message[1], message[2])
+                continue
+            reply: tuple[Any, ...] = ("ok", *graph.search(message[1]))
+        except Exception as error:  # reported with the next search's answer
+            failed = failed or f"{type(error).__name__}: {error}"
+            if message[0] == "insert":
+                continue
+            reply = ("error", failed)
+        pickle.dump(reply, writer, protocol=5)
+        writer.flush()
+
+
+class NearestIndex:
+    """The most similar of the unit vectors added so far (cosine), exact or approximate.
+
+    Approximate search walks an HNSW graph over a fixed random projection of the vectors to
+    ``ANN_DIM`` dimensions (cheap distances), then rescores the ``ANN_K`` candidates it
+    returns against the full vectors (kept as float16), so the reported similarity is the
+    full embedding's, not the projection's. With ``background=True`` the graph lives in a
+    child process, where each batch's insert overlaps the caller's work after the first
+    search that follows it (see the module's notes); :meth:`close` ends that process.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        method: SearchMethod = "auto",
+        exact_limit: int | None = None,
+        background: bool = False,
+    ) -> None:
+        if method not in SEARCH_METHODS:
+            raise ValueError(f"unknown search method {method!r}; choose one of {SEARCH_METHODS}")
+        self.dim = dim
+        self.method = method
+        self.background = background
+        self.exact_limit = (
+            exact_limit if exact_limit is not None else max(1, EXACT_LIMIT_CELLS // max(1, dim))
+        )
+        self._matrix = np.zeros((16, dim), dtype=np.float32)
+        self._count = 0
+        self._graph: _Graph | _GraphProcess | None = None
+        # In the background: the latest batch (its first position, float16 rows), searched
+        # exactly until the first search after it, or the next batch, puts it into the graph.
+        self._pending: tuple[int, np.ndarray] | None = None
+        if method == "ann":
+            self._graph = self._new_graph()
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __enter__(self) -> NearestIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def approximate(self) -> bool:
+        return self._graph is not None
+
+    def close(self) -> None:
+        """End the graph's process, if it has one (searches after this fail)."""
+        if self._graph is not None:
+            self._graph.close()
+
+    def _new_graph(self) -> _Graph | _GraphProcess:
+        return _GraphProcess(self.dim) if self.background else _Graph(self.dim)
+
+    def _flush(self) -> None:
+        if self._pending is not None and self._graph is not None:
+            (first, vectors), self._pending = self._pending, None
+            self._graph.insert(first, vectors)
 
     def add(self, vector: np.ndarray) -> int:
         """Add one vector; returns its position (0, 1, 2, ... in the order added)."""
@@ -143,11 +325,14 @@ class NearestIndex:
     def add_many(self, vectors: np.ndarray) -> None:
         """Add the rows of ``vectors`` in order (positions continue from ``len(self)``)."""
         vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, self.dim)
-        if not len(vectors):
-            return
         first = self._count
-        if self._ann is not None:
-            self._ann_add(first, vectors)
+        if self._graph is not None:
+            # An empty batch counts too: the batch before it goes into the graph.
+            self._flush()
+            if self.background and 0 < len(vectors) <= PENDING_ROWS:
+                self._pending = (first, vectors.astype(np.float16))
+            elif len(vectors):
+                self._graph.insert(first, vectors.astype(np.float16))
         else:
             needed = first + len(vectors)
             if needed > len(self._matrix):
@@ -156,13 +341,11 @@ class NearestIndex:
                 self._matrix = grown
             self._matrix[first:needed] = vectors
             if self.method == "auto" and needed > self.exact_limit:
-                self._move_to_ann(needed)
+                self._graph = self._new_graph()
+                # in order: the same graph every time
+                self._graph.insert(0, self._matrix[:needed].astype(np.float16))
+                self._matrix = np.zeros((0, self.dim), dtype=np.float32)
         self._count += len(vectors)
-
-    def _move_to_ann(self, count: int) -> None:
-        self._ann = self._new_ann()
-        self._ann_add(0, self._matrix[:count])  # in order: the same graph every time
-        self._matrix = np.zeros((0, self.dim), dtype=np.float32)
 
     def nearest(self, vector: np.ndarray) -> tuple[float, int]:
         """``(similarity, position)`` of the most similar vector added; ``(0.0, -1)`` if none."""
@@ -177,37 +360,20 @@ class NearestIndex:
         rows = len(vectors)
         if self._count == 0 or rows == 0:
             return np.zeros(rows, dtype=np.float32), np.full(rows, -1, dtype=np.int64)
-        if self._ann is None:
+        if self._graph is None:
             sims = vectors @ self._matrix[: self._count].T
             best = sims.argmax(axis=1)  # the first maximum: the earliest added
             return sims[np.arange(rows), best], best.astype(np.int64)
-        k = min(ANN_K, self._count)
-        matches = self._ann.search(self._project(vectors), k, threads=0)
-        # One query comes back as Matches, several as BatchMatches (with counts per row).
-        counts = getattr(matches, "counts", None)
-        counts = np.asarray([len(matches.keys)] if counts is None else counts).reshape(rows, 1)
-        found = np.arange(k)[None, :] < counts
-        keys = np.asarray(matches.keys, dtype=np.int64).reshape(rows, -1)[:, :k]
-        if keys.shape[1] < k:
-            keys = np.pad(keys, ((0, 0), (0, k - keys.shape[1])))
-        keys = np.where(found, keys, 0)
-        # Rescore the candidates on the stored full vectors.
-        gathered = np.empty((rows * k, self.dim), dtype=np.float16)
-        flat = keys.reshape(-1)
-        for block in np.unique(flat // BLOCK_ROWS):
-            mask = flat // BLOCK_ROWS == block
-            gathered[mask] = self._blocks[int(block)][flat[mask] % BLOCK_ROWS]
-        sims = np.einsum(
-            "rkd,rd->rk", gathered.reshape(rows, k, self.dim).astype(np.float32), vectors
-        )
-        sims = np.where(found, sims, -np.inf)
-        # Highest similarity first (to 6 decimals); the earliest added wins a tie.
-        order = np.lexsort((keys, -np.round(sims, 6)), axis=-1)[:, 0]
-        picked = np.arange(rows)
-        best_sims = sims[picked, order].astype(np.float32)
-        best_keys = keys[picked, order]
-        none = ~found.any(axis=1)
-        best_sims[none], best_keys[none] = 0.0, -1
+        best_sims, best_keys = self._graph.search(vectors)
+        if self._pending is not None:  # the latest batch, exactly; the graph wins a tie
+            first, latest = self._pending
+            sims = vectors @ latest.astype(np.float32).T
+            inner = sims.argmax(axis=1)
+            inner_sims = sims[np.arange(rows), inner]
+            closer = (best_keys < 0) | (np.round(inner_sims, 6) > np.round(best_sims, 6))
+            best_sims = np.where(closer, inner_sims, best_sims).astype(np.float32)
+            best_keys = np.where(closer, inner + first, best_keys).astype(np.int64)
+            self._flush()  # inserted while the caller works on these answers
         return best_sims, best_keys
 
 

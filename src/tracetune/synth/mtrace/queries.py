@@ -23,6 +23,7 @@ import random
 import re
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -371,10 +372,14 @@ class QueryFilter:
         width = embedder.encode(["."]).shape[1]
         self.seed_index = NearestIndex(width, qc.dedup_search)
         self.seed_index.add_many(encode_in_batches(embedder, [s["query"] for s in self.seeds]))
-        self.kept_index = NearestIndex(width, qc.dedup_search)
+        # It grows as it is searched: its graph's inserts run in a process of their own.
+        self.kept_index = NearestIndex(width, qc.dedup_search, background=True)
         self.kept_ids: list[str] = []  # by position in kept_index
         self.tool_counts: Counter[str] = Counter()
         self.topic_counts: Counter[str] = Counter()
+
+    def close(self) -> None:
+        self.kept_index.close()
 
     def _encode(self, tasks: list[Task]) -> np.ndarray:
         return self.embedder.encode([t.query for t in tasks])
@@ -387,9 +392,10 @@ class QueryFilter:
             self.topic_counts[str(task.metadata.get("topic"))] += 1
 
     def absorb(self, kept: list[Task]) -> None:
-        """Take in the kept queries of a block decided by an earlier run."""
-        if kept:
-            self._keep(kept, self._encode(kept))
+        """Take in the kept queries of a block decided by an earlier run (none kept is
+        taken in too: the index answers as it did when it saw the same blocks)."""
+        vectors = self._encode(kept) if kept else np.zeros((0, self.kept_index.dim), np.float32)
+        self._keep(kept, vectors)
 
     def decide(self, block: list[Task]) -> Iterator[tuple[Task, Task | Drop]]:
         """Each candidate of ``block`` (in order) with its outcome, decided as it is asked
@@ -492,7 +498,7 @@ async def filter_queries(config: SynthConfig, progress: bool = True) -> StageRes
     # One block after another, in generation order, in this process: whether a query is a
     # near-duplicate depends on what was kept before it, and that must not depend on
     # scheduling, executors or resumes. One BLAS thread: the same sums every run.
-    with single_blas_thread(), use_executor("local"):
+    with single_blas_thread(), use_executor("local"), closing(query_filter):
         return await run_stage(
             FILTER,
             decided(),
