@@ -151,6 +151,24 @@ def test_every_public_error_class_is_a_tracetune_error_but_control_flow() -> Non
         n.rsplit(".", 1)[1] for n in CONTROL_FLOW}]  # fmt: skip
 
 
+def test_a_bad_tools_list_is_a_user_error_with_the_expected_shape_as_hint() -> None:
+    from tracetune.models.toolcalls import validate_tools
+
+    for tools, words in [
+        ("calculator", "must be a list"),
+        ([{"type": "function", "function": {"name": ""}}], r"tools\[0\]\.function needs"),
+        ([{"type": "function", "function": {"name": "f", "parameters": []}}], "JSON schema"),
+    ]:
+        with pytest.raises(TracetuneError, match=words) as caught:
+            validate_tools(tools)
+        assert isinstance(caught.value, ValueError)  # callers catching ValueError still do
+        assert caught.value.hint and "'parameters'" in caught.value.hint
+    assert validate_tools([{"function": {"name": "f"}}])[0]["function"]["parameters"] == {
+        "type": "object",
+        "properties": {},
+    }
+
+
 # -- the command line ---------------------------------------------------------------------------
 def test_a_user_error_prints_message_and_hint_and_exits_2_without_a_traceback(
     tmp_path: Path,

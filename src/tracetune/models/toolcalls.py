@@ -20,6 +20,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from tracetune.errors import TracetuneError
+
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.S)
@@ -84,19 +86,28 @@ def tools_system_block(tools: list[dict[str, Any]]) -> str:
     )
 
 
+class ToolSchemaError(TracetuneError, ValueError):
+    """A request's ``tools`` that are not a list of OpenAI-style function tools."""
+
+    hint = (
+        "give each tool as {'type': 'function', 'function': {'name': ..., 'description': "
+        "..., 'parameters': {JSON schema}}}"
+    )
+
+
 def validate_tools(tools: Any) -> list[dict[str, Any]]:
     """``tools`` of a request, checked: a list of ``{"type": "function", "function": {...}}``."""
     if not isinstance(tools, list):
-        raise ValueError("'tools' must be a list of {'type': 'function', 'function': {...}}")
+        raise ToolSchemaError("'tools' must be a list of {'type': 'function', 'function': {...}}")
     out = []
     for i, t in enumerate(tools):
         fn = t.get("function") if isinstance(t, dict) else None
         if not isinstance(t, dict) or t.get("type", "function") != "function" or not fn:
-            raise ValueError(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}")
+            raise ToolSchemaError(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}")
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise ValueError(f"tools[{i}].function needs a non-empty string 'name'")
+            raise ToolSchemaError(f"tools[{i}].function needs a non-empty string 'name'")
         params = fn.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(params, dict):
-            raise ValueError(f"tools[{i}].function.parameters must be a JSON schema object")
+            raise ToolSchemaError(f"tools[{i}].function.parameters must be a JSON schema object")
         out.append({"type": "function", "function": {**fn, "parameters": params}})
     return out
