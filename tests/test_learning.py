@@ -187,6 +187,37 @@ def test_step_mode_metrics_on_a_hand_made_set() -> None:
     assert {r["id"] for r in rows} == {"r1", "r2", "r3", "d1"}
 
 
+def test_a_gold_prefix_is_reused_only_for_the_very_same_task() -> None:
+    """Step mode's --gold-prefixes: a replay of a task with the same id but other images
+    (programs rendered by another version) is replayed again, not reused with files this
+    run does not have."""
+    from tracetune.evaluate.programs_run import usable_replay
+    from tracetune.schema import FileRef, GoldAnswer, Task, ToolCall, Trajectory
+
+    chart = FileRef(sha256="a" * 64, name="chart.png", mime="image/png")
+    task = Task(
+        id="prog-1",
+        query="Which bar is tallest?",
+        files=[chart],
+        gold=GoldAnswer(value="Oslo"),
+        gold_chain=[ToolCall(name="ocr", arguments={"image": "chart.png"})],
+        metadata={"family": "chart"},
+    )
+    store = object()
+    relabelled = task.model_copy(update={"metadata": {"family": "chart", "note": "x"}})
+    same = Trajectory(id="t1", task=relabelled, controller="gold")
+    assert usable_replay(task, (same, store)) == (same, store)  # metadata may differ
+    redrawn = task.model_copy(update={"files": [chart.model_copy(update={"sha256": "b" * 64})]})
+    assert (
+        usable_replay(task, (Trajectory(id="t2", task=redrawn, controller="gold"), store)) is None
+    )
+    reworded = task.model_copy(update={"query": "Which bar is shortest?"})
+    assert (
+        usable_replay(task, (Trajectory(id="t3", task=reworded, controller="gold"), store)) is None
+    )
+    assert usable_replay(task, None) is None
+
+
 def test_argument_matching_rules() -> None:
     assert value_matches("12.5 *3", "12.5 * 3", "expression")
     assert not value_matches("12.5 * 4", "12.5 * 3", "expression")

@@ -431,6 +431,22 @@ def gold_replays(path: Any) -> dict[str, tuple[Trajectory, Any]]:
     return found
 
 
+# What makes two versions of a task the same task for a gold replay (its metadata may differ).
+_TASK_CONTENT = {"query", "files", "tools", "gold", "gold_chain"}
+
+
+def usable_replay(
+    task: Task, replay: tuple[Trajectory, Any] | None
+) -> tuple[Trajectory, Any] | None:
+    """``replay`` if it was made for this very task, else None (replayed again): a task
+    program of the same id rendered by another tracetune version can hold other images,
+    and a prefix from those would name files this run does not have."""
+    if replay is None:
+        return None
+    earlier = replay[0].task.model_dump(mode="json", include=_TASK_CONTENT)
+    return replay if earlier == task.model_dump(mode="json", include=_TASK_CONTENT) else None
+
+
 def programs_step_mode(config: ProgramsConfig | EvalRunConfig) -> bool:
     """Whether a programs run is in step mode (``ProgramsConfig``: ``mode: step``; the flat
     ``EvalRunConfig``: ``mode: step`` set explicitly, its default being GTA's)."""
@@ -469,6 +485,7 @@ async def teacher_forced(
     if not task.gold_chain:
         raise EvalRunError(f"task {task.id} has no gold chain; step mode needs one")
     teacher = GoldTeacher(tools, action_format)
+    replay = usable_replay(task, replay)
     if replay is not None:
         earlier, store = replay
         gold = earlier.model_copy(deep=True)
