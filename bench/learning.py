@@ -191,7 +191,12 @@ def main() -> None:
     p.add_argument("--epochs", type=float, default=30.0, help="Most epochs (time usually ends it).")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--max-tokens", type=int, default=48, help="Max new tokens per step.")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=96,
+        help="Max new tokens per step (a thought and an action).",
+    )
     p.add_argument("--max-steps", type=int, default=5, help="Step budget per episode.")
     p.add_argument("--explore-tasks", type=int, default=40)
     p.add_argument("--explore-time", default="8m")

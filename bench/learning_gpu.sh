@@ -23,6 +23,6 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 "$PY" bench/learning.py --out "$OUT" \
   --train 1000 --heldout 100 --size 100m \
   --sft-time 20m --epochs 40 --batch-size 32 --lr 3e-4 --threads 0 \
-  --max-tokens 64 --max-steps 6 \
+  --max-tokens 96 --max-steps 6 \
   --explore-tasks 200 --explore-time 15m --k 4 --dpo-time 10m --dpo-lr 1e-5 \
   --curve 100,300,1000 --curve-time 10m
