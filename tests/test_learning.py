@@ -21,14 +21,11 @@ from typer.testing import CliRunner
 from tracetune.agent.formats import JsonFormat
 from tracetune.agent.loop import Agent
 from tracetune.cli.model import app as model_app
-from tracetune.evaluate.learning import (
-    majority_baseline,
-    step_mode_metrics,
-    value_matches,
-)
+from tracetune.evaluate.learning import majority_baseline, step_mode_metrics
 from tracetune.evaluate.programs_run import run_programs, score_programs
 from tracetune.evaluate.runs import EvalRunConfig
 from tracetune.formats.corpus import corpus_from_datasets
+from tracetune.judge.arguments import arguments_match, value_matches
 from tracetune.models.tiny import (
     SIZES,
     ModelShape,
@@ -219,13 +216,29 @@ def test_a_gold_prefix_is_reused_only_for_the_very_same_task() -> None:
 
 
 def test_argument_matching_rules() -> None:
-    assert value_matches("12.5 *3", "12.5 * 3", "expression")
-    assert not value_matches("12.5 * 4", "12.5 * 3", "expression")
-    assert value_matches("Receipt.PNG", "receipt.png")
-    assert value_matches([0, 0, 10, 10.0], [0, 0, 10, 10])
-    assert not value_matches([0, 0, 10], [0, 0, 10, 10])
+    """One rule for the learning metrics and the step-wise verifiers (gold value first)."""
+    assert value_matches("12.5 * 3", "12.5 *3", "expression")
+    assert not value_matches("12.5 * 3", "12.5 * 4", "expression")
+    assert not value_matches("a b", "ab")  # only an expression drops its spaces
+    assert value_matches("receipt.png", "Receipt.PNG")
+    assert value_matches(1200, "1,200") and value_matches("42", 42)
+    assert not value_matches(1200, 1201) and not value_matches("yes", True)
+    # boxes by overlap: the same box, a shifted one (IoU 0.68), a disjoint one
+    assert value_matches([0, 0, 10, 10], [0, 0, 10, 10.0])
+    assert value_matches([0, 0, 20, 20], [1, 1, 21, 21])
+    assert not value_matches([0, 0, 20, 20], [20, 20, 40, 40])
+    assert not value_matches([0, 0, 10, 10], [0, 0, 10])
+    assert value_matches(["a", "b", "c"], ["A", "b", "c"])
+    assert not value_matches(["a", "b", "c"], ["a", "b"])
     # an image an earlier step produced: its real name is only known at run time
-    assert value_matches("crop_a.png", "image_crop_step1_0.png")
+    assert value_matches("image_crop_step1_0.png", "crop_a.png")
+    assert not value_matches("image_crop_step1_0.png", " ")
+    assert not value_matches("a.png", "b.png")
+    # every gold argument must be there; extra (optional) ones are allowed; dicts recurse
+    assert arguments_match({"image": "a.png"}, {"image": "A.png", "lang": "en"})
+    assert not arguments_match({"image": "a.png", "lang": "en"}, {"image": "a.png"})
+    assert arguments_match({"opts": {"k": 3}}, {"opts": {"k": "3"}})
+    assert not arguments_match({"opts": {"k": 3}}, {"opts": {"k": 4}})
     assert majority_baseline([]) == (None, 0.0, 0.0)
 
 

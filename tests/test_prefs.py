@@ -861,7 +861,7 @@ def test_gold_checks_arguments_where_a_gold_step_has_no_output_to_compare(
     tmp_path: Path,
 ) -> None:
     """A crop's output has no expected text: its box must overlap the gold box instead."""
-    from tracetune.prefs.verifiers import arguments_match
+    from tracetune.judge.arguments import arguments_match
     from tracetune.schema import GoldAnswer, ToolCall
 
     assert arguments_match({"box": [0, 0, 20, 20]}, {"box": [1, 1, 21, 21]})

@@ -15,9 +15,8 @@ against the gold chain a task program knows by construction:
   shows as first-tool numbers *above* these baselines.
 - ``tool_accuracy``: per gold step (the chain, then ``final_answer``), the share where the
   step at the same position calls the same tool; ``argument_accuracy``: the same tool
-  *and* matching arguments (strings compared without case and spacing, numbers by value,
-  a calculator expression without spaces, a final answer with the answer checker; a gold
-  argument that names an image an earlier step produced matches any file name).
+  *and* matching arguments (:func:`tracetune.judge.arguments.arguments_match`, the rule the
+  step-wise verifiers use too; a final answer is checked with the answer checker).
 - ``accuracy`` (answer accuracy), ``accuracy_given_gold_tools`` (among episodes that called
   every gold tool) and ``completed`` (episodes that gave any final answer).
 
@@ -30,17 +29,15 @@ All metrics are percentages.
 
 from __future__ import annotations
 
-import math
-import re
 from collections import Counter, defaultdict
 from typing import Any
 
 from tracetune.judge.answers import check_answer
+from tracetune.judge.arguments import arguments_match
 from tracetune.schema import ErrorKind, GoldAnswer, Step, Trajectory
 
 FINAL = "final_answer"
 _INVALID = {ErrorKind.PARSE, ErrorKind.UNKNOWN_TOOL, ErrorKind.TOOL_ARGUMENTS}
-_PRODUCED = re.compile(r"^\w+_step\d+_\d+\.png$")
 
 LEARNING_PERCENT = [
     "valid_actions",
@@ -84,51 +81,6 @@ def gold_steps(task_gold_chain: list[dict[str, Any]], gold: dict[str, Any]) -> l
     return steps
 
 
-def _norm_text(value: str, compact: bool = False) -> str:
-    text = " ".join(value.lower().split())
-    return text.replace(" ", "") if compact else text
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value.replace(",", "").strip())
-        except ValueError:
-            return None
-    return None
-
-
-def value_matches(predicted: Any, gold: Any, key: str = "") -> bool:
-    """Whether one argument value matches the gold one (see the module docstring)."""
-    if isinstance(gold, str) and _PRODUCED.match(gold):
-        return isinstance(predicted, str) and bool(predicted.strip())
-    if isinstance(gold, list | tuple):
-        return (
-            isinstance(predicted, list | tuple)
-            and len(predicted) == len(gold)
-            and all(value_matches(p, g) for p, g in zip(predicted, gold, strict=True))
-        )
-    if isinstance(gold, dict):
-        return isinstance(predicted, dict) and arguments_match(predicted, gold)
-    gold_num, pred_num = _number(gold), _number(predicted)
-    if gold_num is not None and pred_num is not None and not isinstance(gold, str):
-        return math.isclose(gold_num, pred_num, rel_tol=1e-6, abs_tol=1e-9)
-    if isinstance(gold, str) and isinstance(predicted, str | int | float):
-        return _norm_text(str(predicted), key == "expression") == _norm_text(
-            gold, key == "expression"
-        )
-    return bool(predicted == gold)
-
-
-def arguments_match(predicted: dict[str, Any], gold: dict[str, Any]) -> bool:
-    """Every gold argument present with a matching value (extra optional arguments allowed)."""
-    return all(k in predicted and value_matches(predicted[k], v, k) for k, v in gold.items())
-
-
 def step_correct(
     action: dict[str, Any], gold_step: dict[str, Any], gold_row: dict[str, Any]
 ) -> tuple[bool, bool]:
@@ -144,7 +96,7 @@ def step_correct(
             choices=gold_row.get("choices"),
         )
         return True, bool(check.score)
-    return True, arguments_match(arguments, gold_step["arguments"])
+    return True, arguments_match(gold_step["arguments"], arguments)
 
 
 def _macro(per_family: dict[str, list[float]]) -> float:
@@ -290,7 +242,6 @@ STEP_PERCENT = [
 __all__ = [
     "LEARNING_PERCENT",
     "STEP_PERCENT",
-    "arguments_match",
     "episode_scores",
     "gold_steps",
     "learning_metrics",
@@ -298,5 +249,4 @@ __all__ = [
     "step_action",
     "step_mode_metrics",
     "trajectory_actions",
-    "value_matches",
 ]

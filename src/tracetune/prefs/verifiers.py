@@ -19,12 +19,12 @@
 from __future__ import annotations
 
 import json
-import re
 from typing import Any, Protocol
 
 from tracetune.agent.render import observation_text, task_text
 from tracetune.errors import ConfigError
 from tracetune.judge.answers import check_answer
+from tracetune.judge.arguments import arguments_match
 from tracetune.models.base import ChatMessage, ChatModel, Sampling
 from tracetune.models.replies import JudgeReplyError, find_json
 from tracetune.prefs.base import (
@@ -105,50 +105,6 @@ def _has_expectations(note: dict[str, Any]) -> bool:
         or note.get("expect_number") is not None
         or (note.get("expect_count") is not None)
     )
-
-
-_PRODUCED_IMAGE = re.compile(r"_step\d+_\d+\.png$")
-
-
-def _box(value: Any) -> list[float] | None:
-    if isinstance(value, list) and len(value) == 4:
-        try:
-            return [float(v) for v in value]
-        except (TypeError, ValueError):
-            return None
-    return None
-
-
-def _iou(a: list[float], b: list[float]) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def arguments_match(gold: dict[str, Any], given: dict[str, Any], min_iou: float = 0.5) -> bool:
-    """Whether a call's arguments are the gold call's: boxes overlap by ``min_iou``,
-    images an earlier step produced may carry another name (each branch names its own),
-    everything else is equal (text compared without case and spacing)."""
-    for key, want in gold.items():
-        if key not in given:
-            return False
-        got = given[key]
-        if isinstance(want, str) and _PRODUCED_IMAGE.search(want):
-            if not isinstance(got, str):
-                return False
-            continue
-        want_box, got_box = _box(want), _box(got)
-        if want_box is not None:
-            if got_box is None or _iou(want_box, got_box) < min_iou:
-                return False
-        elif isinstance(want, str):
-            if " ".join(str(got).lower().split()) != " ".join(want.lower().split()):
-                return False
-        elif got != want:
-            return False
-    return True
 
 
 class GoldVerifier:
