@@ -334,6 +334,7 @@ def _sectioned() -> dict[tuple[str, ...], tuple[type[BaseModel], tuple[str, ...]
     from tracetune.engine.pipeline import MMATRunConfig, RenderConfig
     from tracetune.engine.rationale import RationaleConfig
     from tracetune.engine.reflect import ReflectConfig
+    from tracetune.prefs.matrix import MatrixConfig
     from tracetune.synth.mtrace import SynthConfig
 
     synth_sections = {"queries", "files", "verify_tasks", "rollout", "verify_trajectories"}
@@ -352,6 +353,11 @@ def _sectioned() -> dict[tuple[str, ...], tuple[type[BaseModel], tuple[str, ...]
         MMATRunConfig,
         (),
         {"backend", "operators", "ingest", "rationale", "reflect"},
+    )
+    table[("run", "matrix")] = (
+        MatrixConfig,
+        ("eval",),
+        {"tasks", "heldout", "sft", "explore", "pairs", "dpo"},
     )
     return table
 
@@ -380,6 +386,42 @@ def test_sectioned_commands_take_each_field_of_the_config_and_its_section(
     assert ("base_url" in others) == ("backend" in model.model_fields)
 
 
+def test_run_matrix_options_lay_over_its_yaml(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import tracetune.prefs.matrix as matrix
+
+    seen: list[Any] = []
+
+    async def fake_run(cfg: Any, progress: bool = True) -> dict[str, Any]:
+        seen.append(cfg)
+        return {"stages": {}, "elapsed_s": 0}
+
+    monkeypatch.setattr(matrix, "run_matrix", fake_run)
+    config = tmp_path / "matrix.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "out": str(tmp_path / "m"),
+                "base": "tiny:qwen2_vl",
+                "tasks": {"n": 6},
+                "eval": {"max_steps": 3, "max_tokens": 40},
+            }
+        )
+    )
+    result = CliRunner().invoke(
+        app,
+        ["run", "matrix", str(config), "--max-tokens", "24", "--action-format", "code",
+         "--explore-tasks", "2", "--json", "--quiet"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (cfg,) = seen
+    assert cfg.action_format == "code" and cfg.explore_tasks == 2 and cfg.tasks.n == 6
+    assert (cfg.eval.max_steps, cfg.eval.max_tokens) == (3, 24)  # the flag wins, YAML the rest
+    bad = CliRunner().invoke(app, ["run", "matrix", str(config), "--max-steps", "0"])
+    assert bad.exit_code == 2 and "--max-steps (YAML key eval.max_steps)" in _said(bad.output)
+
+
 def test_synth_flags_lay_over_the_yaml_config(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -404,12 +446,14 @@ def test_synth_flags_lay_over_the_yaml_config(
         app,
         ["synth", "queries", "--config", str(config), "--per-batch", "6", "--max-cost", "0.5",
          "--tools", "ocr,calculator", "--benchmark", str(bench), "--no-decontaminate",
-         "--max-tokens", "1000", "--base-url", "http://127.0.0.1:8/v1"],
+         "--max-total-tokens", "1000", "--max-time", "2m",
+         "--base-url", "http://127.0.0.1:8/v1"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     ((cfg, stages),) = seen
     assert stages == ["queries.generate", "queries.filter"]
-    assert cfg.generator == "openai:gen" and cfg.max_cost_usd == 0.5 and cfg.max_tokens == 1000
+    assert cfg.generator == "openai:gen" and cfg.max_cost_usd == 0.5
+    assert cfg.max_total_tokens == 1000 and cfg.max_time == 120
     q = cfg.queries
     assert (q.batches, q.per_batch, q.max_tokens) == (3, 6, 99)  # flag wins, YAML fills the rest
     assert q.tools == ["ocr", "calculator"] and q.benchmarks == [bench] and not q.decontaminate
@@ -419,3 +463,14 @@ def test_synth_flags_lay_over_the_yaml_config(
     assert bad.exit_code == 2 and "--max-files (YAML key files.max_files)" in _said(bad.output)
     other = CliRunner().invoke(app, ["synth", "files", "--config", str(config), "--batches", "2"])
     assert other.exit_code == 2 and "--batches" in other.output
+    # --max-tokens is a stage's tokens per call, as in every command; the run's token budget
+    # is --max-total-tokens (its older YAML key max_tokens still reads)
+    seen.clear()
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump({"out": str(tmp_path / "run"), "max_tokens": 500}))
+    result = CliRunner().invoke(
+        app, ["synth", "queries", "--config", str(old), "--max-tokens", "77"]
+    )
+    assert result.exit_code == 0, result.output
+    ((cfg, _),) = seen
+    assert cfg.queries.max_tokens == 77 and cfg.max_total_tokens == 500

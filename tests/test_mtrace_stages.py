@@ -8,6 +8,7 @@ import asyncio
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -246,7 +247,7 @@ def test_check_file_refuses_links_and_wrong_contents(tmp_path: Path) -> None:
 
 def test_budget_stops_the_chain_cleanly_and_a_rerun_goes_on(tmp_path: Path) -> None:
     with ScriptedOpenAIServer(Script()) as srv:
-        config = _config(tmp_path, srv.base_url, max_tokens=600)
+        config = _config(tmp_path, srv.base_url, max_total_tokens=600)
         results = asyncio.run(run_chain(config, progress=False))
         assert results[-1].stopped and "token budget reached" in results[-1].stopped
         assert len(results) < 6
@@ -260,8 +261,22 @@ def test_budget_stops_the_chain_cleanly_and_a_rerun_goes_on(tmp_path: Path) -> N
         calls = srv.calls
         again = asyncio.run(run_chain(config, progress=False))
         assert srv.calls == calls and "token budget reached" in str(again[-1].stopped)
-        resumed = config.model_copy(update={"max_tokens": None})
+        resumed = config.model_copy(update={"max_total_tokens": None})
         results = asyncio.run(run_chain(resumed, progress=False))
+    assert [r.stopped for r in results] == [None] * 6
+    assert len(Dataset.open(tmp_path / "run" / "final", Trajectory)) == 2
+
+
+def test_time_budget_is_the_whole_commands(tmp_path: Path) -> None:
+    """--max-time counts from the command's start (the config), not from each stage's."""
+    with ScriptedOpenAIServer(Script()) as srv:
+        config = _config(tmp_path, srv.base_url, max_time=0.2)
+        time.sleep(0.3)  # spent before the chain starts: no stage may start an item
+        results = asyncio.run(run_chain(config, progress=False))
+        assert len(results) == 1 and "time budget reached" in str(results[0].stopped)
+        assert srv.calls == 0 and results[0].written == 0
+        fresh = _config(tmp_path, srv.base_url, max_time="10m")
+        results = asyncio.run(run_chain(fresh, progress=False))
     assert [r.stopped for r in results] == [None] * 6
     assert len(Dataset.open(tmp_path / "run" / "final", Trajectory)) == 2
 

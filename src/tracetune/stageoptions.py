@@ -2,7 +2,8 @@
 once, the backend it calls, and when it stops (items, spend, tokens, time).
 
 A stage's config subclasses :class:`StageOptions` (or :class:`RunOptions`, for a section
-that a pipeline gives its output directory) and adds its own fields; it may redeclare
+that a pipeline gives its output directory; or :class:`RunBudgets`, for a chain of stages
+where "the first N items" has no single meaning) and adds its own fields; it may redeclare
 a shared one to say what it means there (``out``'s description, a different default
 ``concurrency``). The command line gets one option per field from the config
 (``tracetune.cli.options_from_config``), so ``--max-cost``, ``--max-time`` and the rest read
@@ -21,17 +22,15 @@ from tracetune.models.base import ModelOptions
 from tracetune.timelimit import MaxTime, TimedBudget
 
 
-class RunOptions(BaseModel):
-    """How an item stage runs: at once, how many items, until which budget, on which
-    backend (YAML keys are these field names). A section of a pipeline's config uses it
-    without ``out``, which the pipeline sets."""
+class RunBudgets(BaseModel):
+    """How a run's stages run: how much at once, until which budget, on which backend (YAML
+    keys are these field names)."""
 
     model_config = ConfigDict(extra="forbid")
 
     concurrency: int = Field(
         default=2, ge=1, description="Model requests in flight, and items run at once."
     )
-    limit: int | None = Field(default=None, ge=1, description="Only the first N items.")
     max_cost_usd: Annotated[float | None, CliFlag("--max-cost", "--max-cost-usd")] = Field(
         default=None, ge=0, description="Stop after this much spend (USD)."
     )
@@ -60,10 +59,17 @@ class RunOptions(BaseModel):
         )
 
 
+class RunOptions(RunBudgets):
+    """:class:`RunBudgets` and how many items: how an item stage runs. A section of a
+    pipeline's config uses it without ``out``, which the pipeline sets."""
+
+    limit: int | None = Field(default=None, ge=1, description="Only the first N items.")
+
+
 class StageOptions(RunOptions):
     """:class:`RunOptions` and where the stage writes."""
 
     out: Path = Field(description="Output directory (resumable: rerun to finish a killed run).")
 
 
-__all__ = ["RunOptions", "StageOptions"]
+__all__ = ["RunBudgets", "RunOptions", "StageOptions"]

@@ -17,7 +17,7 @@ import re
 import time
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, PrivateAttr
+from pydantic import BeforeValidator, Field
 
 from tracetune.cliflag import CliFlag
 from tracetune.errors import ConfigError
@@ -75,14 +75,18 @@ class TimedBudget(Budget):
     max_seconds: float | None = Field(
         default=None, description="Start no new item after this many seconds."
     )
-    _started: float = PrivateAttr(default_factory=time.monotonic)
+    started: float = Field(
+        default_factory=time.monotonic,
+        description="When the clock started (time.monotonic()); the stages of one command "
+        "share it, so the limit is the whole command's.",
+    )
 
     def exceeded(self, usage: Usage) -> str | None:
         why = super().exceeded(usage)
         if why is not None:
             return why
         if self.max_seconds is not None:
-            elapsed = time.monotonic() - self._started
+            elapsed = time.monotonic() - self.started
             if elapsed >= self.max_seconds:
                 return (
                     f"time budget reached ({elapsed:.0f} s >= {self.max_seconds:.0f} s); rerun "

@@ -4,33 +4,39 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from tracetune.cli.common import App, build_config, run_async
+from tracetune.cli.common import App, run_async
 
 app = App(no_args_is_help=True, help="Run whole pipelines from one config file.")
 out_console = Console()
 
 
-@app.command("matrix")
-def matrix(
-    config: Annotated[Path, typer.Argument(help="YAML file of the loop (MatrixConfig keys).")],
-    out: Annotated[Path | None, typer.Option(help="Override the config's out directory.")] = None,
+# The loop's own fields and its ``eval:`` section are options; the stages' sections (sft:,
+# explore:, pairs:, dpo:) and the two program sets (tasks:, heldout:) are YAML mappings.
+_MATRIX_SECTIONS = ("tasks", "heldout", "sft", "explore", "pairs", "dpo", "eval")
+
+
+def _matrix_options(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
-    """The MATRIX loop: task programs -> gold trajectories -> SFT -> step-wise exploration
-    with the SFT policy -> preference pairs -> DPO -> held-out evaluation (exact gold checks).
+    """Carries the options that are not config fields (never run)."""
 
-    Rerunning resumes: finished stages are skipped. The report is written to OUT/report.json.
-    """
+
+def _matrix(config: Path, values: dict[str, Any]) -> None:
+    from tracetune.cli.options_from_config import config_from_options, pop_section
     from tracetune.prefs.matrix import MatrixConfig, run_matrix
 
-    cfg = build_config(MatrixConfig, config, out=out)
+    as_json, quiet = bool(values.pop("as_json")), bool(values.pop("quiet"))
+    extra = {"eval": pop_section(MatrixConfig, "eval", values)}
+    cfg = config_from_options(
+        MatrixConfig, values, config_file=config, extra=extra, what="run matrix"
+    )
     report = run_async(run_matrix(cfg, progress=not quiet))
     if as_json:
         typer.echo(json.dumps(report["stages"], indent=2, default=str))
@@ -60,3 +66,40 @@ def matrix(
             highlight=False,
         )
     out_console.print(f"report: {cfg.out / 'report.json'}", highlight=False)
+
+
+def _register_matrix() -> None:
+    import inspect
+
+    from tracetune.cli.options_from_config import (
+        command_function,
+        config_argument,
+        config_params,
+        section_params,
+    )
+    from tracetune.prefs.matrix import MatrixConfig
+
+    shared = inspect.signature(_matrix_options, eval_str=True).parameters.values()
+    params = config_argument(
+        [
+            *config_params(MatrixConfig, skip=set(_MATRIX_SECTIONS)),
+            *section_params(MatrixConfig, "eval"),
+            *(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in shared),
+        ],
+        "YAML file of the loop (MatrixConfig keys; options override them).",
+    )
+
+    def callback(**values: Any) -> None:
+        _matrix(values.pop("config"), values)
+
+    doc = """The MATRIX loop: task programs -> gold trajectories -> SFT -> step-wise exploration
+    with the SFT policy -> preference pairs -> DPO -> held-out evaluation (exact gold checks).
+
+    Rerunning resumes: finished stages are skipped. The report is written to OUT/report.json.
+    Each stage's own options are YAML sections (tasks:, heldout:, sft:, explore:, pairs:,
+    dpo:); the loop's fields and its evaluation's are options too.
+    """
+    app.command("matrix")(command_function(callback, params, doc))
+
+
+_register_matrix()

@@ -71,9 +71,8 @@ def _print_reasons(rows: list[Any]) -> None:
 
 
 # Every option of a stage command is a field: the chain's own (SynthConfig: out, models,
-# budgets) and the fields of that stage's section (``queries:``, ``files:`` ... in YAML).
-# A section field named like a chain field (each section's per-call ``max_tokens``) stays
-# YAML-only, since --max-tokens is the run's token budget.
+# budgets) and the fields of that stage's section (``queries:``, ``files:`` ... in YAML):
+# --max-tokens is the stage's tokens per call, --max-total-tokens the whole run's budget.
 _SECTIONS = ("queries", "files", "verify_tasks", "rollout", "verify_trajectories")
 
 

@@ -7,7 +7,7 @@ import hashlib
 import json
 import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import Field
 
@@ -17,6 +17,10 @@ from tracetune.models.replies import extract_json as extract_json
 from tracetune.runner import Budget, MeteredModel, StageResult, run_stage
 from tracetune.schema import Usage
 from tracetune.store import AssetStore, Dataset, RunState
+from tracetune.timelimit import TimedBudget
+
+if TYPE_CHECKING:
+    from tracetune.synth.mtrace.config import SynthConfig
 
 T = TypeVar("T")
 
@@ -66,7 +70,7 @@ def spent_elsewhere(config: Any, current: Dataset[Any]) -> Usage:
     return total
 
 
-class RunBudget(Budget):
+class RunBudget(TimedBudget):
     """The run's budget as one stage sees it: its own spend plus the other stages'."""
 
     elsewhere: Usage = Field(default_factory=Usage, description="The other stages' spend.")
@@ -77,15 +81,12 @@ class RunBudget(Budget):
         return super().exceeded(usage.add(self.elsewhere))
 
 
-def stage_budget(config: Any, out: Dataset[Any]) -> Budget:
-    """The run's budget (``max_cost_usd``, ``max_tokens``) for the stage writing ``out``."""
-    if config.max_cost_usd is None and config.max_tokens is None:
-        return Budget()
-    return RunBudget(
-        max_cost_usd=config.max_cost_usd,
-        max_tokens=config.max_tokens,
-        elsewhere=spent_elsewhere(config, out),
-    )
+def stage_budget(config: SynthConfig, out: Dataset[Any]) -> Budget:
+    """The run's budget (spend, tokens, time) for the stage writing ``out``."""
+    budget = config.budget()
+    if budget.unlimited:
+        return budget
+    return RunBudget(**budget.model_dump(), elsewhere=spent_elsewhere(config, out))
 
 
 async def run_synth_stage(

@@ -6,15 +6,17 @@ and each ``tracetune synth STAGE`` command runs one, with flags overriding the Y
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr
 
 from tracetune.cliflag import CliFlag
 from tracetune.errors import ConfigError
-from tracetune.models.base import ModelOptions
+from tracetune.stageoptions import RunBudgets
 from tracetune.synth.mtrace.embed import EMBEDDERS
+from tracetune.timelimit import TimedBudget
 
 DEFAULT_TOOLS = [
     "ocr",
@@ -149,8 +151,11 @@ class VerifyTrajectoriesConfig(_Section):
     max_tokens: int = Field(default=1024, ge=16, description="Max tokens per judge call.")
 
 
-class SynthConfig(_Section):
-    """The whole M-TRACE chain: queries -> files -> verified tasks -> trajectories -> final."""
+class SynthConfig(RunBudgets):
+    """The whole M-TRACE chain: queries -> files -> verified tasks -> trajectories -> final.
+
+    The budgets (``max_cost_usd``, ``max_total_tokens``, ``max_time``) are the whole run's:
+    the spend of every stage's directory counts, and the clock starts with the command."""
 
     out: Path = Field(description="Run directory; each stage writes a sub-directory of it.")
     generator: str | None = Field(
@@ -161,22 +166,36 @@ class SynthConfig(_Section):
     concurrency: int = Field(
         default=4, ge=1, description="Model requests in flight, and items run at once, per stage."
     )
-    max_cost_usd: Annotated[float | None, CliFlag("--max-cost", "--max-cost-usd")] = Field(
-        default=None, ge=0, description="Stop the run at this spend (USD)."
+    # The run's token budget, --max-total-tokens as in every command (--max-tokens is a
+    # stage's tokens per call). ``max_tokens``, its YAML key before that, still reads.
+    max_total_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        validation_alias=AliasChoices("max_total_tokens", "max_tokens"),
+        description="Stop the run after this many tokens (prompts and completions, all stages).",
     )
-    max_tokens: int | None = Field(default=None, description="Stop the run at this many tokens.")
     max_failures: int = Field(
         default=10, ge=0, description="Failed items (exceptions) a stage tolerates..."
     )
     max_failure_rate: float = Field(
         default=0.5, ge=0, le=1, description="...once they are also more than this share."
     )
-    backend: ModelOptions = Field(default_factory=ModelOptions, description="Backend options.")
     queries: QueriesConfig = Field(default_factory=QueriesConfig)
     files: FilesConfig = Field(default_factory=FilesConfig)
     verify_tasks: VerifyTasksConfig = Field(default_factory=VerifyTasksConfig)
     rollout: TeacherConfig = Field(default_factory=TeacherConfig)
     verify_trajectories: VerifyTrajectoriesConfig = Field(default_factory=VerifyTrajectoriesConfig)
+
+    _started: float = PrivateAttr(default_factory=time.monotonic)
+
+    def budget(self) -> TimedBudget:
+        """The budget's limits, on a clock that started with this config (the command)."""
+        return TimedBudget(
+            max_cost_usd=self.max_cost_usd,
+            max_tokens=self.max_total_tokens,
+            max_seconds=self.max_time,
+            started=self._started,
+        )
 
     def dir(self, name: str) -> Path:
         return self.out / name

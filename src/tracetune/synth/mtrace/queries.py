@@ -48,6 +48,7 @@ from tracetune.synth.mtrace.common import (
 from tracetune.synth.mtrace.config import SynthConfig
 from tracetune.synth.mtrace.embed import Embedder, load_embedder
 from tracetune.synth.mtrace.neardup import NearestIndex, SearchMethod, single_blas_thread
+from tracetune.timelimit import TimedBudget
 from tracetune.tools import Tool, load_tools
 
 GENERATE = "queries.generate"
@@ -506,6 +507,8 @@ async def filter_queries(config: SynthConfig, progress: bool = True) -> StageRes
             process=process,
             out=out,
             concurrency=1,
+            # the filter spends nothing: of the run's budgets only its clock applies here
+            budget=TimedBudget(max_seconds=config.max_time, started=config.budget().started),
             max_failures=config.max_failures,
             max_failure_rate=config.max_failure_rate,
             progress=progress,
