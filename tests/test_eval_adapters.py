@@ -38,7 +38,7 @@ from tracetune.evaluate.adapter import (
     adapter_class,
 )
 from tracetune.evaluate.base import ItemScore, ScoreReport, percent
-from tracetune.evaluate.runs import EvalRunConfig, EvalRunError, stable_id, write_jsonl
+from tracetune.evaluate.runs import EvalRunError, bench_config, stable_id, write_jsonl
 from tracetune.runner import StageResult
 from tracetune.schema import Task, Trajectory
 from tracetune.store import Dataset
@@ -344,20 +344,25 @@ def test_a_field_the_command_line_cannot_take_must_say_so() -> None:
         config_params(Bad)
 
 
-# -- the flat Python config ------------------------------------------------------------------
-def test_flat_config_becomes_the_benchmarks_own_and_refuses_foreign_options(
+# -- configs by benchmark name (the Python API) ---------------------------------------------
+def test_bench_config_builds_the_benchmarks_own_and_refuses_foreign_options(
     tmp_path: Path,
 ) -> None:
-    gta = EvalRunConfig(bench="gta", model="m", out=tmp_path, mode="e2e").for_bench()
+    gta = bench_config("gta", model="m", out=tmp_path, mode="e2e")
     assert type(gta).__name__ == "GTAConfig" and gta.mode == "e2e"  # type: ignore[attr-defined]
-    programs = EvalRunConfig(bench="programs", model="m", out=tmp_path).for_bench()
+    programs = bench_config("programs", model="m", out=tmp_path)
     assert programs.mode == "e2e"  # type: ignore[attr-defined]  # whole episodes by default
-    stepped = EvalRunConfig(bench="programs", model="m", out=tmp_path, mode="step").for_bench()
+    stepped = bench_config("programs", model="m", out=tmp_path, mode="step")
     assert stepped.mode == "step"  # type: ignore[attr-defined]
-    with pytest.raises(EvalRunError, match="judge: not an option of gaia"):
-        EvalRunConfig(bench="gaia", model="m", out=tmp_path, judge="openai:j").for_bench()
+    with pytest.raises(EvalRunError, match="judge: not an option of gaia") as foreign:
+        bench_config("gaia", model="m", out=tmp_path, judge="openai:j")
+    takes = str(foreign.value.hint).removeprefix("gaia takes: ").split(", ")
+    assert {"model", "out", "data", "tools", "action_format"} <= set(takes)
+    assert "judge" not in takes and "bench" not in takes
     with pytest.raises(EvalRunError, match="action_format: not an option of gta"):
-        EvalRunConfig(bench="gta", model="m", out=tmp_path, action_format="code").for_bench()
+        bench_config("gta", model="m", out=tmp_path, action_format="code")
+    with pytest.raises(EvalRunError, match="invalid options for gta: max_steps"):
+        bench_config("gta", model="m", out=tmp_path, max_steps=0)
     with pytest.raises(ConfigError, match="no benchmark named 'nope'"):
         adapter_class("nope")
 

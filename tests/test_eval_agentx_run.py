@@ -14,8 +14,9 @@ import pytest
 from typer.testing import CliRunner
 
 from tracetune.cli import app
+from tracetune.evaluate.adapter import BenchConfig
 from tracetune.evaluate.agentx_run import AGENTX_TO_GTA, metadata_tools
-from tracetune.evaluate.runs import EvalRunConfig, EvalRunError, headline_summary, run_benchmark
+from tracetune.evaluate.runs import EvalRunError, bench_config, headline_summary, run_benchmark
 from tracetune.models.base import ModelOptions
 from tracetune.testing import ScriptedOpenAIServer
 from tracetune.view.report import build_report
@@ -89,9 +90,9 @@ def judge(body: dict[str, Any]) -> str:
     return json.dumps({"score": score, "justification": "scripted"})
 
 
-def _config(tmp_path: Path, server: ScriptedOpenAIServer, **kw: Any) -> EvalRunConfig:
-    return EvalRunConfig(
-        bench="agentx",
+def _config(tmp_path: Path, server: ScriptedOpenAIServer, **kw: Any) -> BenchConfig:
+    return bench_config(
+        "agentx",
         model="openai:m",
         out=tmp_path / "run",
         data=kw.pop("data", DATA),
@@ -100,7 +101,7 @@ def _config(tmp_path: Path, server: ScriptedOpenAIServer, **kw: Any) -> EvalRunC
     )
 
 
-def _run(config: EvalRunConfig, notes: list[str] | None = None) -> dict[str, Any]:
+def _run(config: BenchConfig, notes: list[str] | None = None) -> dict[str, Any]:
     return asyncio.run(
         run_benchmark(config, progress=False, notify=(notes.append if notes is not None else None))
     )
@@ -223,7 +224,7 @@ def test_agentx_missing_image_names_the_record(tmp_path: Path) -> None:
             _run(_config(tmp_path, agent, data=data))
         assert not agent.requests
     with pytest.raises(EvalRunError, match="data.json does not exist"):
-        _run(EvalRunConfig(bench="agentx", model="openai:m", out=tmp_path / "r", data=tmp_path))
+        _run(bench_config("agentx", model="openai:m", out=tmp_path / "r", data=tmp_path))
 
 
 def test_agentx_cli_and_tool_names(tmp_path: Path) -> None:

@@ -13,8 +13,9 @@ import pytest
 from typer.testing import CliRunner
 
 from tracetune.cli import app
+from tracetune.evaluate.adapter import BenchConfig
 from tracetune.evaluate.gta_tools import GTA_TOOL_NAMES, GTA_TOOLS, toolset_status
-from tracetune.evaluate.runs import EvalRunConfig, EvalRunError, headline_summary, run_benchmark
+from tracetune.evaluate.runs import EvalRunError, bench_config, headline_summary, run_benchmark
 from tracetune.models.base import ModelOptions
 from tracetune.runner import StageAborted
 from tracetune.schema import Task, Trajectory
@@ -66,7 +67,7 @@ def gta_gold_replay(body: dict[str, Any]) -> str:
     return _action("final_answer", {"answer": gold["content"]})
 
 
-def _run(config: EvalRunConfig, notes: list[str] | None = None) -> dict[str, Any]:
+def _run(config: BenchConfig, notes: list[str] | None = None) -> dict[str, Any]:
     return asyncio.run(
         run_benchmark(config, progress=False, notify=(notes.append if notes is not None else None))
     )
@@ -154,8 +155,8 @@ def test_gta_step_with_a_tiny_local_model_completes_and_scores(
 
 def test_gta_step_gold_replay_scores_perfect_tools_and_resumes(tmp_path: Path) -> None:
     with ScriptedOpenAIServer(gta_gold_replay) as server:
-        config = EvalRunConfig(
-            bench="gta",
+        config = bench_config(
+            "gta",
             model="openai:m",
             out=tmp_path / "run",
             data=GTA,
@@ -194,8 +195,8 @@ def test_gta_rerun_refuses_changed_data_or_budgets_and_resumes_a_moved_folder(
     data = tmp_path / "gta"
     shutil.copytree(GTA, data)
     with ScriptedOpenAIServer(gta_gold_replay) as server:
-        config = EvalRunConfig(
-            bench="gta",
+        config = bench_config(
+            "gta",
             model="openai:m",
             out=tmp_path / "run",
             data=data,
@@ -225,8 +226,8 @@ def test_gta_rerun_refuses_changed_data_or_budgets_and_resumes_a_moved_folder(
 def test_backend_outage_is_retried_on_rerun_not_scored_as_wrong(tmp_path: Path) -> None:
     notes: list[str] = []
     with ScriptedOpenAIServer(gta_gold_replay, failures=[503, 503]) as server:
-        config = EvalRunConfig(
-            bench="gta",
+        config = bench_config(
+            "gta",
             model="openai:m",
             out=tmp_path / "run",
             data=GTA,
@@ -251,8 +252,8 @@ def test_backend_outage_is_retried_on_rerun_not_scored_as_wrong(tmp_path: Path) 
     with ScriptedOpenAIServer(
         lambda body: _action("final_answer", {"answer": "37"}), failures=[503]
     ) as server:
-        gaia = EvalRunConfig(
-            bench="gaia",
+        gaia = bench_config(
+            "gaia",
             model="openai:m",
             out=tmp_path / "gaia",
             data=GAIA / "metadata.jsonl",
@@ -276,8 +277,8 @@ def test_gta_step_unparseable_and_unknown_tools_are_errors(tmp_path: Path) -> No
         return "I am not sure." if turn == 0 else "Thought: adding up\nThey cost 20 dollars."
 
     with ScriptedOpenAIServer(bad) as server:
-        config = EvalRunConfig(
-            bench="gta",
+        config = bench_config(
+            "gta",
             model="openai:m",
             out=tmp_path / "run",
             data=GTA,
@@ -303,8 +304,8 @@ def test_gta_step_unparseable_and_unknown_tools_are_errors(tmp_path: Path) -> No
 def test_gta_e2e_runs_gta_tools_and_scores_affected_queries_apart(tmp_path: Path) -> None:
     notes: list[str] = []
     with ScriptedOpenAIServer(gta_gold_replay) as server:
-        config = EvalRunConfig(
-            bench="gta",
+        config = bench_config(
+            "gta",
             model="openai:m",
             out=tmp_path / "run",
             data=GTA,
@@ -489,8 +490,8 @@ def test_gaia_reads_the_attached_file_and_searches(tmp_path: Path) -> None:
         return _action("final_answer", {"answer": "apples, pears"})
 
     with ScriptedOpenAIServer(agent) as server:
-        config = EvalRunConfig(
-            bench="gaia",
+        config = bench_config(
+            "gaia",
             model="openai:m",
             out=tmp_path / "run",
             data=GAIA / "metadata.jsonl",
@@ -503,8 +504,8 @@ def test_gaia_reads_the_attached_file_and_searches(tmp_path: Path) -> None:
 
 
 def test_gaia_without_a_search_corpus_says_how_to_give_one(tmp_path: Path) -> None:
-    config = EvalRunConfig(
-        bench="gaia", model="openai:m", out=tmp_path / "run", data=GAIA / "metadata.jsonl"
+    config = bench_config(
+        "gaia", model="openai:m", out=tmp_path / "run", data=GAIA / "metadata.jsonl"
     )
     with pytest.raises(EvalRunError, match="--corpus"):
         _run(config)
@@ -564,8 +565,8 @@ def test_programs_heldout_split_with_a_tiny_local_model(tiny_model: str, tmp_pat
 def test_programs_gold_replay_is_exactly_right(tmp_path: Path) -> None:
     from tracetune.evaluate.programs_run import heldout_split
 
-    config = EvalRunConfig(
-        bench="programs", model="openai:m", out=tmp_path / "run", n=2, families=["receipt", "table"]
+    config = bench_config(
+        "programs", model="openai:m", out=tmp_path / "run", n=2, families=["receipt", "table"]
     )
     tasks = heldout_split(config, Dataset.create(tmp_path / "split", Task))
     by_query = {t.query: t for t in tasks}

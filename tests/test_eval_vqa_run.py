@@ -13,7 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from tracetune.cli import app
-from tracetune.evaluate.runs import EvalRunConfig, EvalRunError, run_benchmark
+from tracetune.evaluate.adapter import BenchConfig
+from tracetune.evaluate.runs import EvalRunError, bench_config, run_benchmark
 from tracetune.models.base import ModelOptions
 from tracetune.schema import Trajectory
 from tracetune.store import Dataset
@@ -28,7 +29,7 @@ def _api_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "test")
 
 
-def _run(config: EvalRunConfig) -> dict[str, Any]:
+def _run(config: BenchConfig) -> dict[str, Any]:
     return asyncio.run(run_benchmark(config, progress=False))
 
 
@@ -54,8 +55,8 @@ def direct(body: dict[str, Any]) -> str:
 
 def test_vqa_direct_scores_every_kind_and_resumes(tmp_path: Path) -> None:
     with ScriptedOpenAIServer(direct) as server:
-        config = EvalRunConfig(
-            bench="vqa",
+        config = bench_config(
+            "vqa",
             model="openai:m",
             out=tmp_path / "run",
             data=VQA / "vqa.jsonl",
@@ -102,8 +103,8 @@ def rr(body: dict[str, Any]) -> str:
 
 def test_vqa_rr_runs_the_mmat_loop_with_real_ocr(tmp_path: Path) -> None:
     with ScriptedOpenAIServer(rr) as server:
-        config = EvalRunConfig(
-            bench="vqa",
+        config = bench_config(
+            "vqa",
             model="openai:tuned",
             out=tmp_path / "run",
             data=VQA / "vqa.jsonl",
@@ -170,8 +171,8 @@ def test_dynvqa_orr_token_recall_from_the_cli_and_its_report(tmp_path: Path) -> 
 
 
 def test_vqa_wrong_layouts_say_what_rows_look_like(tmp_path: Path) -> None:
-    def config(data: Path, name: str) -> EvalRunConfig:
-        return EvalRunConfig(bench="dynvqa", model="openai:m", out=tmp_path / name, data=data)
+    def config(data: Path, name: str) -> BenchConfig:
+        return bench_config("dynvqa", model="openai:m", out=tmp_path / name, data=data)
 
     web = tmp_path / "web.jsonl"
     row = {"question_id": "q", "image_url": "https://x/y.jpg", "question": "?", "answer": ["a"]}
@@ -189,4 +190,4 @@ def test_vqa_wrong_layouts_say_what_rows_look_like(tmp_path: Path) -> None:
     with pytest.raises(EvalRunError, match="not a .jsonl or .json file"):
         _run(config(VQA, "c"))
     with pytest.raises(EvalRunError, match="--data"):
-        _run(EvalRunConfig(bench="vqa", model="openai:m", out=tmp_path / "d"))
+        _run(bench_config("vqa", model="openai:m", out=tmp_path / "d"))

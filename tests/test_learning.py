@@ -23,7 +23,7 @@ from tracetune.agent.loop import Agent
 from tracetune.cli.model import app as model_app
 from tracetune.evaluate.learning import majority_baseline, step_mode_metrics
 from tracetune.evaluate.programs_run import run_programs, score_programs
-from tracetune.evaluate.runs import EvalRunConfig
+from tracetune.evaluate.runs import bench_config
 from tracetune.formats.corpus import corpus_from_datasets
 from tracetune.judge.arguments import arguments_match, value_matches
 from tracetune.models.tiny import (
@@ -340,8 +340,8 @@ def test_valid_actions_rise_after_sft_on_a_few_dozen_trajectories(tmp_path: Path
     )  # fmt: skip
 
     def evaluate(path: Path, name: str) -> dict[str, Any]:
-        cfg = EvalRunConfig(
-            bench="programs", model=f"local:{path}", out=tmp_path / name,
+        cfg = bench_config(
+            "programs", model=f"local:{path}", out=tmp_path / name,
             data=heldout.root, max_tokens=12, max_steps=2, max_errors=2,
         )  # fmt: skip
         return asyncio.run(run_programs(cfg, progress=False))["reports"]["programs"]["metrics"]

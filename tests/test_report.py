@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tracetune.cli import app
-from tracetune.evaluate.runs import EvalRunConfig, run_benchmark
+from tracetune.evaluate.runs import bench_config, run_benchmark
 from tracetune.models.base import ModelOptions
 from tracetune.testing import ScriptedOpenAIServer
 from tracetune.view.report import ReportError, build_report
@@ -63,8 +63,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     dirs = []
     for name, responder in (("replay", gold_replay), ("guess", always_wrong)):
         with ScriptedOpenAIServer(responder) as server:
-            config = EvalRunConfig(
-                bench="gta",
+            config = bench_config(
+                "gta",
                 model=f"openai:{name}",
                 out=root / name,
                 data=GTA,
@@ -75,8 +75,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
             asyncio.run(run_benchmark(config, progress=False))
         dirs.append(root / name)
     with ScriptedOpenAIServer(always_wrong) as server:
-        config = EvalRunConfig(
-            bench="programs",
+        config = bench_config(
+            "programs",
             model="openai:guess",
             out=root / "programs",
             n=2,

@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 
 from tracetune.cli import app
 from tracetune.evaluate.agentx_run import VIDEO_FRAMES, media_names
-from tracetune.evaluate.runs import EvalRunConfig, EvalRunError, run_benchmark
+from tracetune.evaluate.runs import EvalRunError, bench_config, run_benchmark
 from tracetune.models.base import ModelOptions
 from tracetune.testing import ScriptedOpenAIServer
 
@@ -125,8 +125,8 @@ def test_run_reads_file_path_images_lists_and_video_frames(tmp_path: Path) -> No
 
     notes: list[str] = []
     with ScriptedOpenAIServer(controller) as server:
-        config = EvalRunConfig(
-            bench="agentx",
+        config = bench_config(
+            "agentx",
             model="openai:m",
             out=tmp_path / "run",
             data=data.parent,
@@ -155,8 +155,8 @@ def test_missing_media_stops_the_run_before_any_model_call(tmp_path: Path) -> No
     raw["0005"] = _record("", "no media at all")
     data.write_text(json.dumps(raw))
     with ScriptedOpenAIServer(lambda body: "unused") as server:
-        config = EvalRunConfig(
-            bench="agentx",
+        config = bench_config(
+            "agentx",
             model="openai:m",
             out=tmp_path / "run",
             data=data,

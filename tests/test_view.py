@@ -63,7 +63,7 @@ def _user_text(body: dict[str, Any]) -> str:
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from tracetune.cli.quickstart import quickstart
     from tracetune.engine import MMATRunConfig, OperatorConfig, run_pipeline
-    from tracetune.evaluate.runs import EvalRunConfig, run_benchmark
+    from tracetune.evaluate.runs import bench_config, run_benchmark
     from tracetune.models.base import ModelOptions
     from tracetune.rollout import RolloutConfig, run_rollout
     from tracetune.synth.programs.generate import ProgramsConfig, generate_tasks
@@ -118,8 +118,8 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     with ScriptedOpenAIServer(oracle) as server:
         asyncio.run(
             run_benchmark(
-                EvalRunConfig(
-                    bench="programs",
+                bench_config(
+                    "programs",
                     model="openai:oracle",
                     out=root / "runs" / "oracle",
                     data=qs / "matrix" / "heldout",

@@ -71,7 +71,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "build_pairs": ("tracetune.prefs.pairs", "run_build"),
     "MatrixConfig": ("tracetune.prefs.matrix", "MatrixConfig"),
     "run_matrix": ("tracetune.prefs.matrix", "run_matrix"),
-    "EvalRunConfig": ("tracetune.evaluate.runs", "EvalRunConfig"),
+    "bench_config": ("tracetune.evaluate.runs", "bench_config"),
     "run_benchmark": ("tracetune.evaluate.runs", "run_benchmark"),
     # training
     "SFTConfig": ("tracetune.train.config", "SFTConfig"),
@@ -120,7 +120,7 @@ __all__ = [
     "build_pairs",
     "MatrixConfig",
     "run_matrix",
-    "EvalRunConfig",
+    "bench_config",
     "run_benchmark",
     "SFTConfig",
     "DPOConfig",
@@ -150,7 +150,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from tracetune.engine.pipeline import MMATRunConfig
     from tracetune.engine.pipeline import run_pipeline as run_mmat
     from tracetune.errors import TracetuneError
-    from tracetune.evaluate.runs import EvalRunConfig, run_benchmark
+    from tracetune.evaluate.runs import bench_config, run_benchmark
     from tracetune.models import ChatModel, ModelOptions, Sampling, load_model
     from tracetune.prefs.explore import ExploreConfig, run_explore
     from tracetune.prefs.matrix import MatrixConfig, run_matrix

@@ -22,7 +22,7 @@ from tracetune.evaluate.gta import (
     score_gta,
 )
 from tracetune.evaluate.gta_tools import GTA_TOOLS, toolset_status
-from tracetune.evaluate.runs import RUN_BENCHMARKS, EvalRunConfig, run_benchmark
+from tracetune.evaluate.runs import RUN_BENCHMARKS, bench_config, run_benchmark
 from tracetune.evaluate.vqa import score_vqa
 from tracetune.judge.vqa import (
     extract_answer,
@@ -41,7 +41,7 @@ __all__ = [
     "run_adapter",
     "GTA_TOOLS",
     "RUN_BENCHMARKS",
-    "EvalRunConfig",
+    "bench_config",
     "run_benchmark",
     "toolset_status",
     "GTAScorer",

@@ -50,7 +50,6 @@ from tracetune.evaluate.agentx import (
 from tracetune.evaluate.base import ScoreReport, index_unique, read_records
 from tracetune.evaluate.gta_tools import GTA_TOOLS, GTATool, ToolStatus, gta_tool, toolset_status
 from tracetune.evaluate.runs import (
-    EvalRunConfig,
     EvalRunError,
     Notify,
     RunContext,
@@ -588,7 +587,7 @@ class AgentXAdapter(BenchmarkAdapter[AgentXConfig]):
 
 
 async def run_agentx(
-    config: AgentXConfig | EvalRunConfig,
+    config: AgentXConfig,
     model: ChatModel | None = None,
     progress: bool = True,
     notify: Notify | None = None,
@@ -597,9 +596,7 @@ async def run_agentx(
     """Run Agent-X; ``judge``: a loaded judge model (default: load ``config.judge``)."""
     from tracetune.evaluate.adapter import run_adapter
 
-    bench = config.for_bench() if isinstance(config, EvalRunConfig) else config
-    assert isinstance(bench, AgentXConfig)
-    return await run_adapter(bench, model, progress, notify, AgentXAdapter(bench, judge))
+    return await run_adapter(config, model, progress, notify, AgentXAdapter(config, judge))
 
 
 __all__ = [

@@ -23,7 +23,6 @@ from tracetune.evaluate.adapter import BenchConfig, BenchmarkAdapter, Scored
 from tracetune.evaluate.base import read_jsonl, require
 from tracetune.evaluate.gaia import score_gaia
 from tracetune.evaluate.runs import (
-    EvalRunConfig,
     EvalRunError,
     Notify,
     RunContext,
@@ -59,7 +58,7 @@ class GAIAConfig(BenchConfig):
     )
 
 
-def gaia_tools(config: GAIAConfig | EvalRunConfig) -> list[str]:
+def gaia_tools(config: GAIAConfig) -> list[str]:
     names = list(config.tools) or list(DEFAULT_TOOLS)
     if not config.tools and config.tool_model:
         names.append("visual_qa")
@@ -178,7 +177,7 @@ class GAIAAdapter(BenchmarkAdapter[GAIAConfig]):
 
 
 async def run_gaia(
-    config: GAIAConfig | EvalRunConfig,
+    config: GAIAConfig,
     model: ChatModel | None = None,
     progress: bool = True,
     notify: Notify | None = None,

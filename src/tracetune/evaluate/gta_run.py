@@ -49,7 +49,6 @@ from tracetune.evaluate.gta_tools import (
     toolset_status,
 )
 from tracetune.evaluate.runs import (
-    EvalRunConfig,
     EvalRunError,
     Notify,
     RunContext,
@@ -461,7 +460,7 @@ class GTAAdapter(BenchmarkAdapter[GTAConfig]):
 
 
 async def run_gta(
-    config: GTAConfig | EvalRunConfig,
+    config: GTAConfig,
     model: ChatModel | None = None,
     progress: bool = True,
     notify: Notify | None = None,

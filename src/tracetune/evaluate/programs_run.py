@@ -45,7 +45,6 @@ from tracetune.evaluate.learning import (
 )
 from tracetune.evaluate.runs import (
     EpisodeBackendError,
-    EvalRunConfig,
     EvalRunError,
     Notify,
     RunContext,
@@ -105,7 +104,7 @@ def heldout_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def heldout_split(config: ProgramsConfig | EvalRunConfig, out: Dataset[Task]) -> list[Task]:
+def heldout_split(config: ProgramsConfig, out: Dataset[Task]) -> list[Task]:
     """Draw (or reload) the held-out split: ``n`` tasks, round robin over the families."""
     from tracetune.synth.programs.base import get_program, program_task_id
     from tracetune.synth.programs.generate import resolve_families
@@ -406,7 +405,7 @@ class ProgramsAdapter(BenchmarkAdapter[ProgramsConfig]):
 
 
 async def run_programs(
-    config: ProgramsConfig | EvalRunConfig,
+    config: ProgramsConfig,
     model: ChatModel | None = None,
     progress: bool = True,
     notify: Notify | None = None,
@@ -447,14 +446,9 @@ def usable_replay(
     return replay if earlier == task.model_dump(mode="json", include=_TASK_CONTENT) else None
 
 
-def programs_step_mode(config: ProgramsConfig | EvalRunConfig) -> bool:
-    """Whether a programs run is in step mode (``ProgramsConfig``: ``mode: step``; the flat
-    ``EvalRunConfig``: ``mode: step`` set explicitly, its default being GTA's)."""
-    if isinstance(config, ProgramsConfig):
-        return config.mode == "step"
-    return (
-        config.bench == "programs" and "mode" in config.model_fields_set and config.mode == "step"
-    )
+def programs_step_mode(config: ProgramsConfig) -> bool:
+    """Whether a programs run is in step mode (``mode: step``)."""
+    return config.mode == "step"
 
 
 async def teacher_forced(

@@ -22,14 +22,12 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
-
-from pydantic import BaseModel, ConfigDict, Field
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tracetune.agent.loop import EpisodeBackendError  # noqa: F401  (raised by the runs)
 from tracetune.errors import ConfigError
 from tracetune.evaluate.base import ScoreReport
-from tracetune.models.base import ChatModel, ModelOptions, Sampling, load_model
+from tracetune.models.base import ChatModel, Sampling, load_model
 from tracetune.runner import Budget, MeteredModel, StageResult, run_stage
 from tracetune.schema import EvalRecord, Trajectory
 from tracetune.store import AssetStore, Dataset
@@ -38,7 +36,7 @@ if TYPE_CHECKING:
     from tracetune.evaluate.adapter import BenchConfig
 
 RUN_BENCHMARKS = ("gta", "gaia", "programs", "vqa", "dynvqa", "agentx")
-"""The benchmarks of the flat :class:`EvalRunConfig`; every registered adapter (including one
+"""The benchmarks tracetune ships adapters for; every registered adapter (including one
 added later) is in :data:`tracetune.evaluate.adapter.ADAPTERS`."""
 STAGE = "eval"
 T = TypeVar("T")
@@ -57,158 +55,29 @@ def check_backend(trajectory: Trajectory) -> Trajectory:
     return trajectory
 
 
-class EvalRunConfig(BaseModel):
-    """Every benchmark's options in one flat model (the Python API's ``run_benchmark``).
+def bench_config(bench: str, **options: Any) -> BenchConfig:
+    """The config of benchmark ``bench`` (its adapter's model) from keyword options: the
+    Python API's way to name a run, ``bench_config("gta", model=..., out=..., data=...)``.
+    An option the benchmark does not take, or a bad value, is an :class:`EvalRunError` that
+    lists what it takes."""
+    from pydantic import ValidationError
 
-    Each benchmark has a config model of its own (``adapter_class(bench).config_model``,
-    which ``tracetune eval run BENCH`` takes its options from); :meth:`for_bench` turns this
-    one into it, refusing options set here that the benchmark does not take.
-    """
+    from tracetune.evaluate.adapter import adapter_class
 
-    model_config = ConfigDict(extra="forbid")
-
-    bench: Literal["gta", "gaia", "programs", "vqa", "dynvqa", "agentx"] = Field(
-        description="Benchmark to run."
-    )
-    model: str = Field(description="Controller spec: 'openai:NAME' or 'local:PATH_OR_HUB_ID'.")
-    out: Path = Field(description="Run directory (resumable; rerun to finish a killed run).")
-    data: Path | None = Field(
-        default=None,
-        description="gta: the folder of dataset.json and its files; gaia: metadata.jsonl (its "
-        "attached files beside it); programs: a task dataset (default: a held-out split drawn "
-        "here); vqa/dynvqa: a JSONL/JSON file of {question_id, image, question, answer"
-        "[, choices]} rows, images beside it; agentx: Agent-X's data.json (or its folder), "
-        "images beside it.",
-    )
-    mode: Literal["step", "e2e"] = Field(
-        default="step",
-        description="gta: step (step-by-step, gold history) or e2e (end-to-end); programs: "
-        "e2e unless step is set explicitly (each gold step predicted from the gold prefix).",
-    )
-    answer_mode: Literal["direct", "rr", "orr"] = Field(
-        default="direct",
-        description="vqa/dynvqa: answer directly in one turn, or the MMAT way: rr (multi-turn "
-        "with operators) or orr (operator results first, one turn).",
-    )
-    action_format: Literal["json", "code", "tools"] = Field(
-        default="json", description="gaia/programs: how actions are written (gta: json)."
-    )
-    tool_model: str | None = Field(
-        default=None,
-        description="Model that vision tools ask (GTA ImageDescription, RegionAttribute"
-        "Description; visual_qa); none: those tools are reported unavailable.",
-    )
-    judge: str | None = Field(
-        default=None,
-        description="agentx: judge model spec for the judged metrics; none: only the "
-        "judge-free metrics (tool_precision, toolset_accuracy) are computed.",
-    )
-    judge_base_url: str | None = Field(
-        default=None,
-        description="agentx: OpenAI-compatible endpoint of the judge (default: the backend's).",
-    )
-    tools: list[str] = Field(
-        default_factory=list,
-        description="gaia: the agent's tools (default: search, inspect_file, ocr, calculator, "
-        "image_crop, plus visual_qa with a tool model); vqa/dynvqa in rr/orr mode: the MMAT "
-        "operators (default: all).",
-    )
-    tool_options: dict[str, dict[str, Any]] = Field(
-        default_factory=dict,
-        description="Per-tool settings, e.g. {'search': {'corpus': DIR}} (CLI: --option).",
-    )
-    embedder: str = Field(
-        default="auto",
-        description="gta: sentence embedder for subjective answers (auto, packaged or a path).",
-    )
-    max_steps: int = Field(default=10, ge=1, description="Step budget per episode.")
-    max_errors: int = Field(default=3, ge=1, description="Failed steps allowed per episode.")
-    temperature: float = Field(default=0.0, ge=0, description="Sampling temperature.")
-    max_tokens: int = Field(default=512, ge=1, description="Max new tokens per step.")
-    concurrency: int = Field(
-        default=2, ge=1, description="Model requests in flight, and episodes run at once."
-    )
-    limit: int | None = Field(default=None, ge=1, description="Only the first N items.")
-    max_cost_usd: float | None = Field(default=None, description="Stop after this much spend.")
-    max_time: float | None = Field(
-        default=None,
-        gt=0,
-        description="Start no new item after this many seconds; the items in flight finish "
-        "and are saved, and a rerun continues (CLI: --max-time 10m).",
-    )
-    gold_prefixes: Path | None = Field(
-        default=None,
-        description="programs, step mode: a trajectory dataset holding gold replays of the "
-        "same tasks (e.g. OUT/trajectories of an earlier step-mode run, or gold rollouts) to "
-        "take the gold prefixes from instead of replaying the gold chains again.",
-    )
-    n: int = Field(default=40, ge=1, description="programs: size of the held-out split.")
-    seed: int = Field(default=0, description="programs: seed of the held-out split.")
-    families: list[str] = Field(
-        default_factory=list, description="programs: task families (default: all)."
-    )
-    exclude: list[Path] = Field(
-        default_factory=list,
-        description="programs: task datasets (e.g. the training tasks) whose tasks never "
-        "enter the held-out split.",
-    )
-    backend: ModelOptions = Field(default_factory=ModelOptions, description="Backend options.")
-
-    def for_bench(self) -> BenchConfig:
-        """The benchmark's own config with these values; an option set here that the
-        benchmark does not take (to a value other than its default) is an error."""
-        from tracetune.evaluate.adapter import adapter_class
-
-        cls = adapter_class(self.bench).config_model
-        values: dict[str, Any] = {}
-        foreign: list[str] = []
-        for name, info in type(self).model_fields.items():
-            value = getattr(self, name)
-            if name in cls.model_fields:
-                values[name] = value
-            elif value != info.get_default(call_default_factory=True):
-                foreign.append(name)
-        if self.bench == "programs" and "mode" not in self.model_fields_set:
-            values["mode"] = "e2e"  # programs run whole episodes unless step is asked for
-        if foreign:
-            takes = ", ".join(n for n in cls.model_fields if n != "bench")
-            raise EvalRunError(
-                f"{', '.join(foreign)}: not an option of {self.bench}",
-                hint=f"{self.bench} takes: {takes}",
-            )
-        try:
-            return cls.model_validate(values)
-        except ValueError as exc:
-            raise EvalRunError(f"invalid options for {self.bench}: {exc}") from exc
-
-    def identity(self) -> dict[str, Any]:
-        """What must not change between a run and its rerun (else the results would mix).
-
-        Episodes are keyed by item id and controller, so everything else that shapes an
-        episode is here: the data (by content, so a moved folder still resumes), the tools
-        and their settings, the budgets and the held-out split's recipe.
-        """
-        keys = (
-            "bench",
-            "model",
-            "mode",
-            "answer_mode",
-            "action_format",
-            "tool_model",
-            "temperature",
-            "max_tokens",
-            "max_steps",
-            "max_errors",
-            "seed",
-            "n",
-            "tools",
-            "tool_options",
-            "families",
+    cls = adapter_class(bench).config_model
+    takes = ", ".join(n for n in cls.model_fields if n != "bench")
+    foreign = sorted(set(options) - set(cls.model_fields))
+    if foreign:
+        raise EvalRunError(
+            f"{', '.join(foreign)}: not an option of {bench}", hint=f"{bench} takes: {takes}"
         )
-        identity = {k: getattr(self, k) for k in keys}
-        identity["data"] = data_fingerprint(self.data)
-        identity["exclude"] = [data_fingerprint(p) for p in self.exclude]
-        return identity
+    try:
+        return cls.model_validate({**options, "bench": bench})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise EvalRunError(f"invalid options for {bench}: {problems}") from exc
 
 
 def data_fingerprint(path: Path | None) -> str | None:
@@ -433,15 +302,14 @@ def trajectories_by(dataset: Dataset[Trajectory], key: str) -> dict[str, list[Tr
 
 
 async def run_benchmark(
-    config: EvalRunConfig | BenchConfig,
+    config: BenchConfig,
     model: ChatModel | None = None,
     progress: bool = True,
     notify: Notify | None = None,
 ) -> dict[str, Any]:
     """Run ``config.bench`` through its adapter (:mod:`tracetune.evaluate.adapter`);
     returns the metrics document also written to metrics.json. ``config`` is the
-    benchmark's own config, or the flat :class:`EvalRunConfig`."""
+    benchmark's own config (:func:`bench_config` builds one by name)."""
     from tracetune.evaluate.adapter import run_adapter
 
-    bench = config.for_bench() if isinstance(config, EvalRunConfig) else config
-    return await run_adapter(bench, model, progress, notify)
+    return await run_adapter(config, model, progress, notify)

@@ -35,7 +35,6 @@ from tracetune.engine.render import mmat_prompt_hash
 from tracetune.evaluate.adapter import BenchConfig, BenchmarkAdapter, Scored
 from tracetune.evaluate.dynvqa import score_dynvqa
 from tracetune.evaluate.runs import (
-    EvalRunConfig,
     EvalRunError,
     Notify,
     RunContext,
@@ -344,7 +343,7 @@ class DynVQAAdapter(VQAAdapter):
 
 
 async def run_vqa(
-    config: VQAConfig | EvalRunConfig,
+    config: VQAConfig,
     model: ChatModel | None = None,
     progress: bool = True,
     notify: Notify | None = None,

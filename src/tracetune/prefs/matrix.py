@@ -214,8 +214,8 @@ def resolve_base(config: MatrixConfig) -> str:
 async def run_matrix(config: MatrixConfig, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) every stage of the loop; returns the report also written to
     ``out/report.json``."""
+    from tracetune.evaluate.programs_run import ProgramsConfig as HeldoutConfig
     from tracetune.evaluate.programs_run import heldout_split, run_programs
-    from tracetune.evaluate.runs import EvalRunConfig
     from tracetune.prefs.explore import run_explore
     from tracetune.prefs.pairs import run_build
     from tracetune.prefs.stats import prefs_stats
@@ -254,8 +254,7 @@ async def run_matrix(config: MatrixConfig, progress: bool = True) -> dict[str, A
     # The held-out split of the `programs` benchmark, drawn once for every policy: its own
     # seed namespace, and no task whose id is a training task's.
     heldout_dir = out / "heldout"
-    eval_base = EvalRunConfig(
-        bench="programs",
+    eval_base = HeldoutConfig(
         model="unset",
         out=out / "eval",
         n=config.heldout.n,
