@@ -328,6 +328,35 @@ def test_tool_stage_across_two_nodes_and_a_killed_driver(
     assert statuses(out, "rollout") == statuses(tmp / "local", "rollout")
 
 
+async def _slow_task(item: str) -> Task:
+    await asyncio.sleep(0.05)
+    return Task(id=f"t-{item}", query=item)
+
+
+def test_an_idle_actor_takes_work_from_the_longest_queue(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Every key hashes to the first actor's queue; the second takes from its tail, so both
+    work, and every item is still done once."""
+    if not IN_NAMESPACE:
+        return rerun_in_namespace(request)
+    from tracetune.runner import run_stage
+    from tracetune.runner.ray_executor import shard_of
+
+    cluster = request.getfixturevalue("cluster")
+    keys = [k for k in (f"k{i}" for i in range(200)) if shard_of(k, 2) == 0][:24]
+    out = Dataset.create(tmp_path / "d", Task)
+    with on_ray(cluster, workers=2, batch_size=2):
+        result = asyncio.run(
+            run_stage("slow", keys, key=str, process=_slow_task, out=out, progress=False)
+        )
+    assert result.written == len(keys)
+    ids = records(tmp_path / "d")
+    assert sorted(ids) == sorted(f"t-{k}" for k in keys)  # each once
+    tags = {p.name.split("-")[2] for p in worker_parts(tmp_path / "d")}
+    assert len(tags) == 2, tags  # both actors wrote
+
+
 def _questions(tasks: Path) -> dict[str, str]:
     return {t.query: t.gold.value for t in Dataset.open(tasks) if t.gold is not None}
 

@@ -168,6 +168,45 @@ def test_ocr_on_a_blank_image_says_so(ctx: ToolContext) -> None:
     assert result.text == "(no text found)" and result.data["lines"] == []
 
 
+def test_ocr_and_faces_keep_to_the_processs_thread_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ray actor of num_cpus=1 gets OMP_NUM_THREADS=1; ONNX Runtime and OpenCV do not read
+    it, so the tools pass it on (else two one-CPU actors each spin two threads per core)."""
+    import cv2
+    import rapidocr
+
+    from tracetune.tools.builtin.vision import OCR, FaceDetection, cpu_threads
+
+    for value, expected in (("", None), ("abc", None), ("0", None), ("3", 3)):
+        monkeypatch.setenv("OMP_NUM_THREADS", value)
+        assert cpu_threads() == expected
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert cpu_threads() is None
+
+    made: list[dict[str, Any]] = []
+    real = rapidocr.RapidOCR
+
+    def recording(*args: Any, params: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        made.append(dict(params or {}))
+        return real(*args, params=params, **kwargs)
+
+    monkeypatch.setattr(rapidocr, "RapidOCR", recording)
+    OCR().setup()  # no budget: the library's default
+    assert not any("threads" in key for key in made[-1])
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    ocr = OCR()
+    ocr.setup()
+    assert made[-1]["EngineConfig.onnxruntime.intra_op_num_threads"] == 1
+    assert made[-1]["EngineConfig.onnxruntime.inter_op_num_threads"] == 1
+    assert ocr.engine(np.full((40, 120, 3), 255, np.uint8)).txts in (None, ())  # still reads
+
+    before = cv2.getNumThreads()
+    try:
+        FaceDetection().setup()
+        assert cv2.getNumThreads() == 1
+    finally:
+        cv2.setNumThreads(before)
+
+
 def test_reading_order_groups_rows_then_columns() -> None:
     lines = [
         {"text": t, "box": b}

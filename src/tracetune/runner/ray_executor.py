@@ -7,12 +7,14 @@ happen::
     driver (this process)                      actor i (any node)
     ---------------------                      ------------------
     skip set from DIR/state.sqlite             loads the stage's tools and models once
-    shards the pending items by key            a StageCore over DIR with its own
-    sends batches, keeps 2 in flight/actor       part files  DIR/data/part-00000-<tag>-*.parquet
-    budget + failure threshold (its view)        run state   DIR/workers/<tag>.sqlite
-    one progress bar, drops, tokens, cost      an async HTTP client per model, bounded
-    folds the workers' states into             marks an item done only once the chunk
-      DIR/state.sqlite at the end                holding its records is on disk
+    shards the pending items by key into       a StageCore over DIR with its own
+      a queue per actor (an idle actor takes     part files  DIR/data/part-00000-<tag>-*.parquet
+      the tail of the longest one)               run state   DIR/workers/<tag>.sqlite
+    sends batches, keeps 2 in flight/actor     an async HTTP client per model, bounded
+    budget + failure threshold (its view)      marks an item done only once the chunk
+    one progress bar, drops, tokens, cost        holding its records is on disk
+    folds the workers' states into
+      DIR/state.sqlite at the end
 
 ``DIR`` must be on a filesystem every node mounts at the same path (NFS, a cluster
 filesystem): actors write there directly. The driver checks this before any item runs (a
@@ -583,7 +585,8 @@ class _UsageView:
 
 
 def shard_of(item_key: str, n: int) -> int:
-    """Which of ``n`` actors processes the item with this key (stable across runs)."""
+    """Which of ``n`` actors' queues the item with this key starts in (stable across runs;
+    an idle actor may take it from there)."""
     digest = hashlib.blake2b(item_key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") % n
 
@@ -732,9 +735,23 @@ async def run_stage_on_ray(
 
         def submit(i: int) -> None:
             batch = [queues[i].popleft() for _ in range(min(batch_size, len(queues[i])))]
+            if not batch:
+                batch = steal(i)
             if batch:
                 future = asyncio.ensure_future(_wait_ref(actors[i].run_batch.remote(batch)))
                 pending[future] = i
+
+        def steal(i: int) -> list[tuple[str, T]]:
+            # An actor whose own share is done takes from the tail of the longest queue: a
+            # hash split is uneven by a few percent and items differ in cost, so without
+            # this the last actor's remainder ran alone. Nothing queued was sent anywhere
+            # yet, so moving it cannot do an item twice (and a rerun recognises records
+            # by id, whichever actor wrote them).
+            if lost is not None:
+                return []
+            victim = max(range(n), key=lambda j: len(queues[j]))
+            take = min(batch_size, (len(queues[victim]) + 1) // 2)
+            return [queues[victim].pop() for _ in range(take)][::-1]
 
         for i in range(n):
             for _ in range(IN_FLIGHT_BATCHES):
