@@ -305,7 +305,7 @@ def test_tool_stage_across_two_nodes_and_a_killed_driver(
         from tracetune.rollout import RolloutConfig, run_rollout
         from tracetune.runner.executor import ExecutorConfig, use_executor
         with use_executor(ExecutorConfig(kind="ray", address={cluster.address!r}, workers=2,
-                                         batch_size=1, concurrency=1)):
+                                         batch_size=1, concurrency=1, flush_interval_s=0.2)):
             asyncio.run(run_rollout(RolloutConfig(tasks={str(tasks)!r}, out={str(out)!r}),
                                     progress=False))
         """

@@ -54,6 +54,13 @@ class ExecutorConfig(BaseModel):
     batch_size: int | None = Field(
         default=None, ge=1, description="Items sent to an actor per call (default: automatic)."
     )
+    flush_interval_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="How often an actor puts its finished items on disk and marks them done "
+        "(seconds; default: the stage's, 10 s): what a killed node loses at most of "
+        "each actor's work.",
+    )
     connect_timeout_s: float = Field(
         default=20.0, gt=0, description="How long to wait for the cluster to answer."
     )

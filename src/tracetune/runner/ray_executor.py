@@ -425,6 +425,7 @@ class StageWorker:
         )
         self._semaphore: asyncio.Semaphore | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self.flush_interval_s = float(core_options["flush_interval_s"])
 
     def ready(self) -> dict[str, Any]:
         return {"node": self.node, "host": self.host, "pid": os.getpid(), "error": self.error}
@@ -432,7 +433,7 @@ class StageWorker:
     async def _flusher(self) -> None:
         # A slow stage's finished items reach disk within flush_interval_s of each other.
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(min(1.0, self.flush_interval_s))
             if self.core.writer.due():
                 self.core.writer.flush()
 
@@ -699,7 +700,7 @@ async def run_stage_on_ray(
     core_options = {
         "chunk_size": chunk_size,
         "chunk_bytes": chunk_bytes,
-        "flush_interval_s": flush_interval_s,
+        "flush_interval_s": config.flush_interval_s or flush_interval_s,
     }
     actor_class = ray.remote(StageWorker)
     actors = [
