@@ -29,6 +29,7 @@ from tracetune.judge.arguments import arguments_match, value_matches
 from tracetune.models.tiny import (
     SIZES,
     ModelShape,
+    build_tokenizer,
     init_model,
     mrope_section,
 )
@@ -289,6 +290,37 @@ def test_bad_shapes_are_refused_with_the_reason(tmp_path: Path) -> None:
     )
     said = " ".join(result.output.replace("│", " ").split())
     assert result.exit_code != 0 and "no manifest.json" in said
+
+
+def test_digit_groups_make_every_short_digit_run_one_token() -> None:
+    corpus = ["Observation: Coffee 12.50\nTotal 2152 on 2024-05-11\n"] * 4
+    text = "Action: 12152 + 48.07 - 907 = 0.5"
+
+    def pieces(group: int, vocab: int) -> list[str]:
+        tok = build_tokenizer("qwen2_vl", vocab_size=vocab, corpus=corpus, digit_group=group)
+        ids = tok(text)["input_ids"]
+        assert tok.decode(ids) == text  # lossless
+        return [tok.decode([i]) for i in ids]
+
+    digits = [p for p in pieces(1, 800) if p.isdigit()]
+    assert digits == list("121524807907") + ["0", "5"]
+    # Runs cut left to right; runs never seen in the corpus (907, 48) are single tokens too.
+    assert [p for p in pieces(3, 2200) if p.isdigit()] == ["121", "52", "48", "07", "907", "0", "5"]
+    assert [p for p in pieces(2, 1200) if p.isdigit()] == [
+        "12",
+        "15",
+        "2",
+        "48",
+        "07",
+        "90",
+        "7",
+        "0",
+        "5",
+    ]
+    with pytest.raises(ValueError, match="at least 2124"):
+        build_tokenizer("qwen2_vl", vocab_size=2048, corpus=corpus, digit_group=3)
+    with pytest.raises(ValueError, match="must be 1, 2 or 3"):
+        build_tokenizer("qwen2_vl", vocab_size=2048, corpus=corpus, digit_group=4)
 
 
 # -- a miniature of the learning bench ----------------------------------------------------

@@ -72,6 +72,16 @@ def init(
         int | None,
         typer.Option(help="Tokenizer size (default: 768 built-in; 4096/8192/16384 by size)."),
     ] = None,
+    digit_group: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=3,
+            help="With --tokenizer-corpus: numbers become tokens of up to this many digits "
+            "(1: one per digit; 3: grouped by three, every 1-3 digit run one token, which "
+            "needs a vocabulary of at least 2,124).",
+        ),
+    ] = 1,
     hidden_size: Annotated[int | None, typer.Option(help="Text tower width.")] = None,
     layers: Annotated[int | None, typer.Option(help="Text tower layers.")] = None,
     heads: Annotated[int | None, typer.Option(help="Attention heads.")] = None,
@@ -122,6 +132,7 @@ def init(
         image_size=image_size,
         corpus=corpus,
         vocab_size=vocab_size,
+        digit_group=digit_group,
     )
     info = json.loads((path / "tracetune_tiny.json").read_text())
     source = f"{len(corpus)} records" if corpus else "the built-in corpus"

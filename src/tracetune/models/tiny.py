@@ -145,7 +145,10 @@ def chat_template(name: str) -> str:
 
 
 def build_tokenizer(
-    arch: str, vocab_size: int = VOCAB_SIZE, corpus: Sequence[str] | None = None
+    arch: str,
+    vocab_size: int = VOCAB_SIZE,
+    corpus: Sequence[str] | None = None,
+    digit_group: int = 1,
 ) -> Any:
     """A byte-level BPE tokenizer with ``arch``'s special tokens.
 
@@ -156,8 +159,24 @@ def build_tokenizer(
     may merge across words and a line that recurs in every sample (the system prompt, a
     tool's description, ``Action: {"name": "ocr", "arguments": {"image": "``) becomes one or
     a few tokens, while numbers stay one token per digit (copyable from observations).
+
+    ``digit_group`` (with a corpus): numbers are cut into runs of up to this many digits,
+    left to right, and every run of 1 to ``digit_group`` digits is one token (``2152`` is
+    ``215`` ``2`` at 3), as in tokenizers that group digits by three. A number is then
+    copied in fewer, more distinctive tokens. The vocabulary must hold the 10 + 100 (+ 1000)
+    digit runs besides the merges of the corpus.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    if not 1 <= digit_group <= 3:
+        raise ConfigError(f"digit_group={digit_group} must be 1, 2 or 3")
+    runs = [f"{i:0{k}d}" for k in range(2, digit_group + 1) for i in range(10**k)]
+    if corpus is None:
+        runs = []  # the built-in corpus (tests) keeps single digits
+    if runs and len(runs) + 1024 > vocab_size:
+        raise ConfigError(
+            f"vocab_size={vocab_size} is too small for digit_group={digit_group} "
+            f"({len(runs)} digit runs); use at least {len(runs) + 1024}"
+        )
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     fam = _family(arch)
@@ -170,14 +189,14 @@ def build_tokenizer(
         bpe.pre_tokenizer = pre_tokenizers.Sequence(
             [
                 pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"),
-                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.Split(Regex(rf"\d{{1,{digit_group}}}"), behavior="isolated"),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
             ]
         )
         lines = [_CORPUS, template, *corpus]
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=vocab_size - len(runs),
         special_tokens=fam.special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         min_frequency=1 if corpus is None else 2,
@@ -185,6 +204,9 @@ def build_tokenizer(
     )
     # Template words go into the corpus too, so rendered chats stay short.
     bpe.train_from_iterator(lines, trainer=trainer)
+    # Every digit run is one token whatever its frequency in the corpus: added tokens are
+    # matched leftmost-longest before pre-tokenization, which cuts runs left to right.
+    bpe.add_tokens([AddedToken(run, normalized=False) for run in runs])
     tok = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         eos_token=fam.eos,
@@ -280,6 +302,7 @@ def init_model(
     image_size: int = 112,
     corpus: Sequence[str] | None = None,
     vocab_size: int | None = None,
+    digit_group: int = 1,
 ) -> Path:
     """Build a randomly initialized ``arch`` VLM of a given shape, ready to train from scratch.
 
@@ -293,6 +316,8 @@ def init_model(
             :func:`tracetune.formats.corpus.corpus_from_datasets`); None: the
             small built-in corpus.
         vocab_size: Tokenizer size (default: 768 without a corpus, else by size, 4096 for 5m).
+        digit_group: With a corpus, numbers are tokens of up to this many digits (1-3; see
+            :func:`build_tokenizer`).
 
     Returns:
         ``out_dir``; ``tracetune_tiny.json`` in it records the shape and parameter count.
@@ -316,7 +341,7 @@ def init_model(
         vocab_size = VOCAB_SIZE if corpus is None else DEFAULT_VOCAB.get(size_name or "", 4096)
     if vocab_size < 300:
         raise ConfigError(f"vocab_size={vocab_size} is too small (256 byte symbols + specials)")
-    tokenizer = build_tokenizer(arch, vocab_size=vocab_size, corpus=corpus)
+    tokenizer = build_tokenizer(arch, vocab_size=vocab_size, corpus=corpus, digit_group=digit_group)
     builder = {
         "qwen2_vl": _build_qwen2_vl,
         "qwen2_5_vl": _build_qwen2_5_vl,
@@ -344,6 +369,7 @@ def init_model(
                 "shape": asdict(shape),
                 "vocab_size": len(tokenizer),
                 "tokenizer_corpus_texts": len(corpus) if corpus is not None else 0,
+                "digit_group": digit_group if corpus is not None else 1,
             },
             indent=2,
         )
