@@ -36,13 +36,7 @@ from tracetune.models.tiny import (
 from tracetune.schema import Action, GoldAnswer, Task, ToolCall, Trajectory, Usage
 from tracetune.store import Dataset
 from tracetune.testing.scripted import ScriptedChatModel
-from tracetune.timelimit import (
-    TimedBudget,
-    clock_schedule,
-    follow_time_limit,
-    parse_duration,
-    time_limit_callback,
-)
+from tracetune.timelimit import TimedBudget, parse_duration
 from tracetune.tools import load_tools
 from tracetune.train.config import DPOConfig, SFTConfig, from_scratch
 
@@ -430,39 +424,3 @@ def test_timed_budget_stops_new_items_after_its_time() -> None:
     time.sleep(0.06)
     assert "time budget reached" in (budget.exceeded(Usage()) or "")
     assert TimedBudget().unlimited
-
-
-def test_a_time_budget_runs_the_schedule_on_the_clock() -> None:
-    from types import SimpleNamespace
-
-    from transformers import get_cosine_schedule_with_warmup
-
-    def schedule() -> Any:
-        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        return get_cosine_schedule_with_warmup(opt, num_warmup_steps=10, num_training_steps=100)
-
-    planned = schedule().lr_lambdas[0]
-    sched = schedule()
-    spent = {"share": 0.0}
-    assert clock_schedule(sched, total_steps=100, warmup_steps=10, fraction=lambda: spent["share"])
-    factor = sched.lr_lambdas[0]
-    assert factor(5) == pytest.approx(planned(5)) == 0.5  # warmup stays on steps
-    spent["share"] = 0.5  # steps behind the clock: the clock leads
-    assert factor(5) == pytest.approx(0.5)
-    assert factor(20) == pytest.approx(planned(50)) and factor(20) < planned(20)
-    spent["share"] = 0.1  # steps ahead of the clock: steps lead
-    assert factor(60) == pytest.approx(planned(60))
-    spent["share"] = 1.0  # the budget is spent: the rate has decayed to the end
-    assert factor(30) == pytest.approx(0.0, abs=1e-9)
-    assert not clock_schedule(object(), 100, 10, lambda: 1.0)  # not a LambdaLR: untouched
-
-    # The callback binds to its trainer and makes the trainer's scheduler follow its clock.
-    callback = time_limit_callback(100.0)
-    trainer = SimpleNamespace(
-        callback_handler=SimpleNamespace(callbacks=[object(), callback]), lr_scheduler=schedule()
-    )
-    follow_time_limit(trainer)
-    args = SimpleNamespace(get_warmup_steps=lambda total: 10)
-    callback.on_train_begin(args, SimpleNamespace(max_steps=100), SimpleNamespace())
-    callback.started -= 50.0  # half the budget spent
-    assert trainer.lr_scheduler.lr_lambdas[0](20) == pytest.approx(planned(50))

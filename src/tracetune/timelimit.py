@@ -8,17 +8,13 @@ load; a time budget can. Both forms stop *cleanly*:
   the items not done yet.
 - :func:`time_limit_callback` is a ``transformers`` trainer callback: once the time is
   spent, training stops after the current optimizer step, and the model is saved as at the
-  end of a normal run. Once bound to its trainer (:func:`follow_time_limit`), it also runs
-  the learning-rate schedule on the clock: after warmup, the schedule is as far along as
-  the larger of the steps done and the time spent, so a run cut short by its budget ends
-  with the rate decayed (as a run of the planned length would), not at its middle.
+  end of a normal run (with the learning-rate schedule as planned for the full run).
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field
@@ -107,8 +103,7 @@ def time_limit_callback(max_seconds: float) -> Any:
     """A trainer callback that ends training after ``max_seconds`` of wall-clock time.
 
     Time counts from the start of training (model loading and data checks excluded). The
-    trainer then saves the final model as usual. Bound to its trainer with
-    :func:`follow_time_limit`, it also moves the learning-rate schedule by the clock.
+    trainer then saves the final model as usual.
     """
     from transformers import TrainerCallback
 
@@ -116,24 +111,10 @@ def time_limit_callback(max_seconds: float) -> Any:
         def __init__(self) -> None:
             self.started: float | None = None
             self.stopped_at_step: int | None = None
-            self.trainer: Any = None
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
             self.started = time.monotonic()
-            scheduler = getattr(self.trainer, "lr_scheduler", None)
-            if scheduler is not None and state.max_steps > 0:
-                clock_schedule(
-                    scheduler,
-                    total_steps=int(state.max_steps),
-                    warmup_steps=int(args.get_warmup_steps(state.max_steps)),
-                    fraction=self.fraction,
-                )
             return control
-
-        def fraction(self) -> float:
-            if self.started is None:
-                return 0.0
-            return min(1.0, (time.monotonic() - self.started) / max_seconds)
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
             if self.started is not None and time.monotonic() - self.started >= max_seconds:
@@ -144,46 +125,4 @@ def time_limit_callback(max_seconds: float) -> Any:
     return TimeLimit()
 
 
-def clock_schedule(
-    scheduler: Any, total_steps: int, warmup_steps: int, fraction: Callable[[], float]
-) -> bool:
-    """Make a ``LambdaLR`` schedule (every ``transformers`` schedule is one) follow the clock.
-
-    After ``warmup_steps``, each factor is taken at the step ``max(step, fraction() *
-    total_steps)``: the schedule is as far along as the larger of the steps done and the
-    share of the time budget spent. Returns False (and changes nothing) for a scheduler
-    without per-step factors.
-    """
-    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps schedulers
-    lambdas = getattr(inner, "lr_lambdas", None)
-    if not isinstance(lambdas, list):
-        return False
-
-    def on_clock(factor: Callable[[int], float]) -> Callable[[int], float]:
-        def timed(step: int) -> float:
-            if step < warmup_steps:
-                return factor(step)
-            return factor(max(step, min(total_steps, int(fraction() * total_steps))))
-
-        return timed
-
-    inner.lr_lambdas = [on_clock(f) for f in lambdas]
-    return True
-
-
-def follow_time_limit(trainer: Any) -> None:
-    """Bind ``trainer``'s time-limit callback (if any) to it, so the schedule follows the
-    clock (see :func:`time_limit_callback`)."""
-    for callback in trainer.callback_handler.callbacks:
-        if hasattr(callback, "stopped_at_step") and hasattr(callback, "trainer"):
-            callback.trainer = trainer
-
-
-__all__ = [
-    "TimedBudget",
-    "clock_schedule",
-    "duration",
-    "follow_time_limit",
-    "parse_duration",
-    "time_limit_callback",
-]
+__all__ = ["TimedBudget", "duration", "parse_duration", "time_limit_callback"]

@@ -81,9 +81,7 @@ class TrainOptions(BaseModel):
         default=None,
         gt=0,
         description="Stop training after this many seconds of training (after the step in "
-        "flight) and save the model as at the end of a normal run. After warmup the "
-        "learning-rate schedule follows the clock: it is as far along as the larger of the "
-        "steps done and the share of this time spent, so it has decayed when time ends.",
+        "flight) and save the model as at the end of a normal run.",
     )
     scheduler: str = Field(
         default="cosine", description="Learning-rate schedule (a transformers scheduler name)."

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tracetune.timelimit import follow_time_limit
 from tracetune.train.collate import PaddingStats
 from tracetune.train.config import DPOConfig
 from tracetune.train.data import DataReport, TrainingDataError, check_pair_rows, pair_rows
@@ -136,7 +135,6 @@ def train_dpo(config: DPOConfig, callbacks: list[Any] | None = None) -> TrainRes
     trainer, processor, report, start = build_dpo_trainer(
         config, with_time_limit(config, callbacks)
     )
-    follow_time_limit(trainer)
     trainer.train(resume_from_checkpoint=resume)
     extra = {"sft_base": str(config.base)} if start != local_or_id(config.base) else {}
     return save_outputs(trainer, processor, config, "dpo", start, report, started, extra)

@@ -6,7 +6,6 @@ import logging
 import time
 from typing import Any
 
-from tracetune.timelimit import follow_time_limit
 from tracetune.train.collate import AgentSFTCollator
 from tracetune.train.config import SFTConfig
 from tracetune.train.data import DataReport, TrainingDataError, check_sft_rows, sft_rows
@@ -93,7 +92,6 @@ def train_sft(config: SFTConfig, callbacks: list[Any] | None = None) -> TrainRes
     started = time.time()
     resume = resume_checkpoint(config)
     trainer, processor, report = build_sft_trainer(config, with_time_limit(config, callbacks))
-    follow_time_limit(trainer)
     trainer.train(resume_from_checkpoint=resume)
     return save_outputs(
         trainer, processor, config, "sft", local_or_id(config.base), report, started
