@@ -313,6 +313,8 @@ def test_digit_groups_make_every_short_digit_run_one_token() -> None:
     ]
     with pytest.raises(ValueError, match="at least 2124"):
         build_tokenizer("qwen2_vl", vocab_size=2048, corpus=corpus, digit_group=3)
+    with pytest.raises(ValueError, match="need a tokenizer corpus"):
+        build_tokenizer("qwen2_vl", vocab_size=4096, digit_group=2)
     with pytest.raises(ValueError, match="must be 1, 2 or 3"):
         build_tokenizer("qwen2_vl", vocab_size=2048, corpus=corpus, digit_group=4)
 

@@ -168,9 +168,9 @@ def build_tokenizer(
     """
     if not 1 <= digit_group <= 3:
         raise ConfigError(f"digit_group={digit_group} must be 1, 2 or 3")
+    if corpus is None and digit_group != 1:
+        raise ConfigError("digit groups need a tokenizer corpus (--tokenizer-corpus)")
     runs = [f"{i:0{k}d}" for k in range(2, digit_group + 1) for i in range(10**k)]
-    if corpus is None:
-        runs = []  # the built-in corpus (tests) keeps single digits
     if runs and len(runs) + 1024 > vocab_size:
         raise ConfigError(
             f"vocab_size={vocab_size} is too small for digit_group={digit_group} "
@@ -369,7 +369,7 @@ def init_model(
                 "shape": asdict(shape),
                 "vocab_size": len(tokenizer),
                 "tokenizer_corpus_texts": len(corpus) if corpus is not None else 0,
-                "digit_group": digit_group if corpus is not None else 1,
+                "digit_group": digit_group,
             },
             indent=2,
         )
