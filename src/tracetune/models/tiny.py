@@ -163,8 +163,8 @@ def build_tokenizer(
     ``digit_group`` (with a corpus): numbers are cut into runs of up to this many digits,
     left to right, and every run of 1 to ``digit_group`` digits is one token (``2152`` is
     ``215`` ``2`` at 3), as in tokenizers that group digits by three. A number is then
-    copied in fewer, more distinctive tokens. The vocabulary must hold the 10 + 100 (+ 1000)
-    digit runs besides the merges of the corpus.
+    copied in fewer, more distinctive tokens. The 100 two-digit (and 1,000 three-digit) runs
+    come out of ``vocab_size``, which must leave at least 1,024 tokens for the rest.
     """
     if not 1 <= digit_group <= 3:
         raise ConfigError(f"digit_group={digit_group} must be 1, 2 or 3")
