@@ -260,6 +260,80 @@ def test_loss_is_on_trained_assistant_turns_only(models: Any, tmp_path: Path) ->
     assert _loss(trainer, batch, asst["labels"]) != pytest.approx(base, abs=1e-6)
 
 
+def test_collator_cache_encodes_each_row_once_within_its_byte_budget(
+    models: Any, tmp_path: Path
+) -> None:
+    from tracetune.train.collate import AgentSFTCollator
+
+    data = crop_trajectories(tmp_path / "d", with_failed_step=True).root
+    cfg = SFTConfig(base=str(models("qwen2_vl")), data=[data], out=tmp_path / "o", **QUICK)
+    trainer, processor, _ = build_sft_trainer(cfg)
+    rows = [dict(trainer.train_dataset[i]) for i in range(3)]
+    template = training_chat_template(processor)
+    fresh = AgentSFTCollator(processor, template, cache=False)(rows)
+
+    def two_epochs(collator: AgentSFTCollator) -> None:
+        for _ in range(2):
+            batch = collator(rows)
+            assert set(batch) == set(fresh)
+            for key, value in fresh.items():
+                assert torch.equal(batch[key], value), key  # the cache changes no tensor
+
+    unbounded = AgentSFTCollator(processor, template)
+    two_epochs(unbounded)
+    assert unbounded.encoded == len(rows)  # each row once
+    first = AgentSFTCollator(processor, template)
+    first([rows[0]])
+    one_row = first.cached_bytes  # room for the first row, not for two
+    assert 0 < one_row < unbounded.cached_bytes
+    bounded = AgentSFTCollator(processor, template, cache_bytes=one_row)
+    two_epochs(bounded)
+    assert 0 < bounded.cached_bytes <= one_row
+    assert len(bounded.cache or {}) == 1
+    assert bounded.encoded == 1 + 2 * (len(rows) - 1)  # rows past the budget: every epoch
+
+
+def test_cpu_head_projects_only_labelled_positions_and_matches_trls_head(
+    models: Any, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForImageTextToText
+    from trl.trainer.utils import add_fused_lm_head
+
+    data = crop_trajectories(tmp_path / "d", with_failed_step=True).root
+    cfg = SFTConfig(
+        base=str(models("qwen2_vl")), data=[data], out=tmp_path / "o", full=True, **QUICK
+    )
+    trainer, _, _ = build_sft_trainer(cfg)
+    batch = trainer.data_collator([dict(trainer.train_dataset[i]) for i in range(3)])
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    assert 0 < labelled < batch["labels"][:, 1:].numel() // 2  # most positions carry no loss
+
+    # TRL's own fused head on the same weights, for reference.
+    reference = AutoModelForImageTextToText.from_pretrained(models("qwen2_vl"))
+    add_fused_lm_head(reference, outputs=("log_probs", "entropy", "is_top1"))
+    projected: list[int] = []
+    head = trainer.model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda _m, args, _o: projected.append(args[0].shape[0]))
+    ours = trainer.model(**batch, fused_lm_head=True)
+    hook.remove()
+    theirs = reference(**batch, fused_lm_head=True)
+
+    assert projected == [labelled]  # only the labelled positions reach the LM head
+    assert torch.allclose(ours.loss, theirs.loss, atol=1e-5)
+    for name in ("log_probs", "entropy"):
+        assert torch.allclose(getattr(ours, name), getattr(theirs, name), atol=1e-5), name
+    assert torch.equal(ours.is_top1, theirs.is_top1)
+    assert torch.equal(ours.label_mask, theirs.label_mask)
+    ours.loss.backward()
+    theirs.loss.backward()
+    grads = dict(reference.named_parameters())
+    for name, param in trainer.model.named_parameters():
+        if param.grad is not None:
+            assert torch.allclose(param.grad, grads[name].grad, atol=1e-6), name
+    # Without fused_lm_head the forward is the model's own (generation is unchanged).
+    assert trainer.model(**{k: v for k, v in batch.items() if k != "labels"}).logits is not None
+
+
 def test_placeholder_and_image_token_mismatches_name_the_record(
     models: Any, crops: Path, tmp_path: Path
 ) -> None:

@@ -8,7 +8,9 @@ counts padding, which the benchmark reports.
 
 Each row is encoded once (chat template, image loading and preprocessing, the loss mask)
 and kept: later epochs only pad and concatenate cached tensors, so the per-step cost is
-the model's arithmetic rather than re-rendering and re-reading every image. Batches whose
+the model's arithmetic rather than re-rendering and re-reading every image. The cache holds
+at most ``cache_bytes`` of tensors (4 GiB by default); rows past it are encoded again each
+epoch, so a dataset of millions of rows trains in bounded memory. Batches whose
 image tensors cannot simply be concatenated (a variable number of images per sample in a
 family that stacks them per sample, e.g. Idefics3) are encoded whole, as before.
 """
@@ -50,7 +52,11 @@ class AgentSFTCollator:
     """Batches SFT rows: pixel values, input ids, and labels on trained assistant turns."""
 
     def __init__(
-        self, processor: Any, chat_template: str | None = None, cache: bool = True
+        self,
+        processor: Any,
+        chat_template: str | None = None,
+        cache: bool = True,
+        cache_bytes: int = 4 << 30,
     ) -> None:
         from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
@@ -64,7 +70,9 @@ class AgentSFTCollator:
         tokenizer = getattr(processor, "tokenizer", processor)
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         self.cache: dict[str, dict[str, Any]] | None = {} if cache else None
-        self.encoded = 0  # rows encoded (a row once with the cache on)
+        self.cache_bytes = cache_bytes
+        self.cached_bytes = 0
+        self.encoded = 0  # rows encoded (a row once with the cache on, if it fits)
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         if self.cache is not None:
@@ -88,10 +96,16 @@ class AgentSFTCollator:
     def _encode_cached(self, row: dict[str, Any]) -> dict[str, Any]:
         assert self.cache is not None
         key = self._row_key(row)
-        if key not in self.cache:
-            single = self._encode([row])
-            self.cache[key] = {k: v for k, v in single.items() if hasattr(v, "shape")}
-        return self.cache[key]
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        single = self._encode([row])
+        tensors = {k: v for k, v in single.items() if hasattr(v, "shape")}
+        size = sum(int(t.numel()) * t.element_size() for t in tensors.values())
+        if self.cached_bytes + size <= self.cache_bytes:
+            self.cache[key] = tensors
+            self.cached_bytes += size
+        return tensors
 
     def _combine(self, encoded: list[dict[str, Any]]) -> dict[str, Any] | None:
         """Pad per-token tensors and concatenate image tensors; None when they do not fit."""

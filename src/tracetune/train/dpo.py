@@ -18,6 +18,7 @@ from tracetune.train.collate import PaddingStats
 from tracetune.train.config import DPOConfig
 from tracetune.train.data import DataReport, TrainingDataError, check_pair_rows, pair_rows
 from tracetune.train.families import freeze_vision
+from tracetune.train.lm_head import score_labelled_only_in
 from tracetune.train.model import (
     TrainResult,
     adapter_base,
@@ -125,6 +126,7 @@ def build_dpo_trainer(
         peft_config=peft_config,
         callbacks=callbacks,
     )
+    score_labelled_only_in(trainer)
     return trainer, processor, report, start
 
 

@@ -10,6 +10,7 @@ from tracetune.train.collate import AgentSFTCollator
 from tracetune.train.config import SFTConfig
 from tracetune.train.data import DataReport, TrainingDataError, check_sft_rows, sft_rows
 from tracetune.train.families import freeze_vision
+from tracetune.train.lm_head import score_labelled_only_in
 from tracetune.train.model import (
     TrainResult,
     load_for_training,
@@ -81,6 +82,7 @@ def build_sft_trainer(
         peft_config=peft_config,
         callbacks=callbacks,
     )
+    score_labelled_only_in(trainer)
     return trainer, processor, report
 
 
