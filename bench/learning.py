@@ -185,7 +185,8 @@ def main() -> None:
         "--threads",
         type=int,
         default=1,
-        help="CPU threads per process (OMP_NUM_THREADS); 1 is fastest on a shared machine.",
+        help="CPU threads per process (OMP_NUM_THREADS): every core on a quiet machine, 1 on a "
+        "shared one.",
     )
     p.add_argument("--sft-time", default="10m", help="SFT time budget.")
     p.add_argument("--epochs", type=float, default=30.0, help="Most epochs (time usually ends it).")
@@ -197,7 +198,9 @@ def main() -> None:
         default=96,
         help="Max new tokens per step (a thought and an action).",
     )
-    p.add_argument("--max-steps", type=int, default=5, help="Step budget per episode.")
+    p.add_argument(
+        "--max-steps", type=int, default=6, help="Step budget per episode (the longest gold chain)."
+    )
     p.add_argument("--explore-tasks", type=int, default=40)
     p.add_argument("--explore-time", default="8m")
     p.add_argument("--k", type=int, default=4)
