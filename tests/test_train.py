@@ -6,6 +6,7 @@ Everything runs on CPU with ~250K-parameter models built from config (no hub, no
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -330,7 +331,9 @@ def test_cpu_head_projects_only_labelled_positions_and_matches_trls_head(
     for name, param in trainer.model.named_parameters():
         if param.grad is not None:
             assert torch.allclose(param.grad, grads[name].grad, atol=1e-6), name
-    # Without fused_lm_head the forward is the model's own (generation is unchanged).
+    # Without fused_lm_head the forward is the model's own, with its signature, which
+    # `generate` checks its arguments against.
+    assert "pixel_values" in inspect.signature(trainer.model.forward).parameters
     assert trainer.model(**{k: v for k, v in batch.items() if k != "labels"}).logits is not None
 
 

@@ -17,6 +17,7 @@ losses) goes to TRL's head unchanged, as does everything on CUDA/XPU.
 
 from __future__ import annotations
 
+import functools
 import types
 from typing import Any
 
@@ -64,10 +65,14 @@ def score_labelled_only(model: Any) -> bool:
             text_config, "output_router_logits", False
         )
         if not fused_lm_head or head.weight.device.type in ("cuda", "xpu") or moe:
-            extra = {"labels": labels, "shift_labels": shift_labels}
-            extra["num_items_in_batch"] = num_items_in_batch
-            extra = {k: v for k, v in extra.items() if v is not None}
-            return fused(*args, fused_lm_head=fused_lm_head, **extra, **kwargs)
+            return fused(
+                *args,
+                fused_lm_head=fused_lm_head,
+                labels=labels,
+                shift_labels=shift_labels,
+                num_items_in_batch=num_items_in_batch,
+                **kwargs,
+            )
         kwargs["use_cache"] = False
         hidden = self.base_model(*args, **kwargs).last_hidden_state
         if shift_labels is None:
@@ -77,9 +82,10 @@ def score_labelled_only(model: Any) -> bool:
         hidden, labels = hidden.to(head.weight.device), labels.to(head.weight.device)
         return _scored(head, hidden, labels, num_items_in_batch)
 
-    wrapped = types.MethodType(forward, model)
-    wrapped.__func__._tracetune_compact = True  # type: ignore[attr-defined]
-    model.forward = wrapped
+    # The model's own signature, as TRL keeps it: `generate` checks its kwargs against it.
+    forward = functools.wraps(type(model).forward)(forward)
+    forward._tracetune_compact = True  # type: ignore[attr-defined]
+    model.forward = types.MethodType(forward, model)
     return True
 
 
