@@ -21,7 +21,13 @@ import functools
 import types
 from typing import Any
 
-_SCALED = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier")
+_SCALED = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
 """Text-config fields that change the logits after the projection (handled by TRL only)."""
 
 
@@ -47,8 +53,6 @@ def score_labelled_only(model: Any) -> bool:
         return False
     text_config = model.config.get_text_config()
     if any(getattr(text_config, name, None) not in (None, 1, 1.0) for name in _SCALED):
-        return False
-    if getattr(text_config, "logits_scaling", None) not in (None, 1, 1.0):
         return False
 
     def forward(
@@ -97,8 +101,7 @@ def _scored(head: Any, hidden: Any, labels: Any, num_items_in_batch: Any) -> Any
     mask = labels != -100
     targets = labels[mask]
     logits = head(hidden[mask]).float()
-    log_z = torch.logsumexp(logits, dim=-1)
-    log_probs_all = logits - log_z.unsqueeze(-1)
+    log_probs_all = torch.log_softmax(logits, dim=-1)
     token = log_probs_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     probs = log_probs_all.exp()
     entropy = -(probs * log_probs_all).sum(-1)
